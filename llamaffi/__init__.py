@@ -1,0 +1,73 @@
+"""llamaffi: a hand-written ctypes binding over a vendored llama.cpp.
+
+Two layers: :mod:`llamaffi._capi` mirrors ``llama.h`` one module per section, and the safe
+layer (:class:`Model`, :class:`Context`, :class:`Sampler`) owns lifetimes, validates arguments
+before C sees them and raises typed errors from :mod:`llamaffi.errors`.
+
+``import llamaffi`` does not load libllama; the first use of :class:`Model` (or
+:func:`build_info`) does, so :mod:`llamaffi.testing` works without a built library.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from llamaffi.errors import (
+    ClosedError,
+    ContextError,
+    DecodeError,
+    LibraryNotFoundError,
+    LlamaError,
+    ModelLoadError,
+    StateError,
+    TokenizeError,
+)
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from llamaffi.context import Context, Memory
+    from llamaffi.model import Model
+    from llamaffi.sampler import Sampler
+
+_LAZY = {
+    "Model": "llamaffi.model",
+    "Context": "llamaffi.context",
+    "Memory": "llamaffi.context",
+    "Sampler": "llamaffi.sampler",
+}
+
+__all__ = [
+    "ClosedError",
+    "Context",
+    "ContextError",
+    "DecodeError",
+    "LibraryNotFoundError",
+    "LlamaError",
+    "Memory",
+    "Model",
+    "ModelLoadError",
+    "Sampler",
+    "StateError",
+    "TokenizeError",
+    "__version__",
+    "build_info",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llamaffi' has no attribute {name!r}")
+
+
+def build_info() -> dict[str, Any]:
+    """What this build is: llama.cpp build number and commit, the pin, library path, features.
+
+    Loads libllama.
+    """
+    from llamaffi.info import collect
+
+    return collect()

@@ -1,0 +1,102 @@
+"""Find and load libllama (one place, one environment override) and declare C functions.
+
+``LLAMAFFI_LIB`` names a libllama shared library to use instead of the one built into the
+package (``llamaffi/lib/``). Its ``libggml*`` siblings are found through its RPATH.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from llamaffi.errors import LibraryNotFoundError
+
+ENV_LIB = "LLAMAFFI_LIB"
+LIB_DIR = Path(__file__).resolve().parent / "lib"
+_SUFFIX = {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
+
+
+def library_path() -> Path:
+    """The libllama file that will be (or was) loaded."""
+    override = os.environ.get(ENV_LIB)
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise LibraryNotFoundError(f"{ENV_LIB}={override} does not name a file")
+        return path
+    path = LIB_DIR / f"libllama{_SUFFIX}"
+    if not path.is_file():
+        raise LibraryNotFoundError(
+            f"libllama is not built: {path} is missing. Build it with `pip install -e .` "
+            f"(or `./dev test`), or point {ENV_LIB} at an existing libllama{_SUFFIX}."
+        )
+    return path
+
+
+def _load(name: str) -> ctypes.CDLL:
+    path = library_path().parent / f"{name}{_SUFFIX}"
+    # RTLD_GLOBAL: libllama and the ggml backends must share one copy of ggml's globals.
+    return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+
+
+def build_info() -> dict[str, Any]:
+    """What CMake recorded about this build (build number, commit, options), if present."""
+    info_file = library_path().parent / "build_info.json"
+    try:
+        data: dict[str, Any] = json.loads(info_file.read_text())
+    except (OSError, ValueError):
+        data = {}
+    return data
+
+
+libggml_base = _load("libggml-base")
+libggml = _load("libggml")
+libllama = _load("libllama")
+# ggml-cpu may be absent from a user-supplied build that uses dynamic backend loading.
+try:
+    libggml_cpu: ctypes.CDLL | None = _load("libggml-cpu")
+except OSError:
+    libggml_cpu = None
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """One declared C function: the library it lives in, its argument and result types."""
+
+    library: str
+    name: str
+    argtypes: tuple[Any, ...]
+    restype: Any
+
+
+#: Every function declared through :func:`c_function`, by C name (the ABI drift test reads it).
+DECLARED: dict[str, Declaration] = {}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def c_function(
+    name: str, argtypes: Sequence[Any], restype: Any, *, lib: ctypes.CDLL = libllama
+) -> Callable[[F], F]:
+    """Declare the C function ``name`` once; the decorated stub carries its docstring.
+
+    The stub's body is never run: the module-level name is bound to the ctypes function
+    itself, so calls cost no extra Python frame.
+    """
+
+    def decorator(stub: F) -> F:
+        fn = getattr(lib, name)
+        fn.argtypes = list(argtypes)
+        fn.restype = restype
+        fn.__doc__ = stub.__doc__
+        lib_name = Path(lib._name).name if lib._name else "?"
+        DECLARED[name] = Declaration(lib_name, name, tuple(argtypes), restype)
+        return fn  # type: ignore[no-any-return]
+
+    return decorator

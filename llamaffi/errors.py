@@ -1,0 +1,48 @@
+"""Exceptions raised by llamaffi.
+
+Every error derives from :class:`LlamaError`, and also from the builtin that fits, so that
+``except ValueError`` or ``except OSError`` keeps working. Errors from a C call carry the C
+function's name and its return code.
+"""
+
+from __future__ import annotations
+
+
+class LlamaError(Exception):
+    """Base class of every llamaffi error."""
+
+    def __init__(self, message: str, *, function: str | None = None, code: int | None = None):
+        detail = message
+        if function is not None:
+            detail = f"{function}: {message}" + (f" (code {code})" if code is not None else "")
+        super().__init__(detail)
+        self.function = function
+        self.code = code
+
+
+class LibraryNotFoundError(LlamaError, OSError):
+    """libllama is not built or not where ``LLAMAFFI_LIB`` says."""
+
+
+class ModelLoadError(LlamaError, OSError):
+    """A model file is missing, unreadable, not GGUF, or rejected by llama.cpp."""
+
+
+class ContextError(LlamaError, RuntimeError):
+    """llama.cpp could not create a context with the requested parameters."""
+
+
+class DecodeError(LlamaError, RuntimeError):
+    """``llama_decode``/``llama_encode`` failed; ``code`` is llama.cpp's return value."""
+
+
+class StateError(LlamaError, ValueError):
+    """A state buffer was rejected or could not be produced."""
+
+
+class TokenizeError(LlamaError, ValueError):
+    """Tokenisation or detokenisation failed."""
+
+
+class ClosedError(LlamaError, ValueError):
+    """The object was closed (or its parent was); using it would be a use-after-free."""

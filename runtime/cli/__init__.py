@@ -1,0 +1,60 @@
+"""Command line: ``python -m runtime <group> <command> ...``.
+
+Each group lives in its own module and registers its subcommands here; the handlers only
+parse arguments and call the runtime's public API (CLI -> runtime -> llamaffi -> C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from runtime.errors import MemoryRuntimeError
+
+# (group name, "module:function") registering that group's subparsers; imported lazily so that
+# `python -m runtime memory ...` never loads libllama and `snapshot ...` never loads onnxruntime.
+GROUPS: dict[str, tuple[str, str]] = {
+    "snapshot": ("runtime.cli.snapshot", "short-term memory: KV snapshot files"),
+    "memory": ("runtime.cli.memory", "long-term memory: embedded items + hnswlib index"),
+}
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """Build the parser; only the group named in ``argv`` (if any) is imported."""
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
+    wanted = next((a for a in argv if a in GROUPS), None)
+    for name, (module, help_text) in GROUPS.items():
+        sub = groups.add_parser(name, help=help_text)
+        if name == wanted:
+            register: Callable[[argparse.ArgumentParser], None] = importlib.import_module(
+                module
+            ).register
+            register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code (non-zero on any error)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(args_list)
+    args = parser.parse_args(args_list)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    handler = getattr(args, "func", None)
+    if handler is None:
+        parser.parse_args([*args_list, "--help"])
+        return 2
+    try:
+        rc: int = handler(args)
+    except MemoryRuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return rc

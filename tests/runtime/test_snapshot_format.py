@@ -1,0 +1,280 @@
+"""Snapshot header, codec and corruption handling on synthetic payloads (no libllama)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime import snapshot as S
+from runtime.errors import MemoryRuntimeError
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "snapshot-format.md"
+
+IDENTITY = S.CacheIdentity(
+    build_number=11312,
+    model_fingerprint="ab" * 32,
+    n_layer=2,
+    n_embd=64,
+    n_head=4,
+    n_head_kv=2,
+    n_seq_max=4,
+    type_k="f16",
+    type_v="f16",
+    flash_attn=False,
+    kv_unified=True,
+)
+
+
+def synthetic_raw(n: int = 50_001, seed: int = 0) -> np.ndarray:
+    """f16-like data with an odd length, so the shuffle's trailing byte is exercised."""
+    rng = np.random.default_rng(seed)
+    words = rng.standard_normal(n // 2).astype(np.float16).view(np.uint8)
+    return np.concatenate([words, np.array([7] * (n - words.size), dtype=np.uint8)])
+
+
+def make(raw: np.ndarray | None = None, **kwargs: object) -> S.Snapshot:
+    defaults: dict[str, object] = {
+        "identity": IDENTITY,
+        "tokens": list(range(1, 40)),
+        "seq_id": 0,
+        "pos_min": 0,
+        "pos_max": 38,
+        "n_ctx": 512,
+        "session_id": "sess-1",
+        "parent_id": "0123456789abcdef",
+        "codec": S.Codec(chunk_size=16 << 10),
+    }
+    defaults.update(kwargs)
+    return S.encode(synthetic_raw() if raw is None else raw, **defaults)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def snap() -> S.Snapshot:
+    return make()
+
+
+@pytest.fixture(scope="module")
+def blob(snap: S.Snapshot) -> bytes:
+    return snap.to_bytes()
+
+
+# -- shuffle filter ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 10, 4097])
+def test_shuffle_round_trip(n: int) -> None:
+    src = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    mid = np.empty_like(src)
+    back = np.empty_like(src)
+    S.shuffle2(src, mid)
+    S.unshuffle2(mid, back)
+    assert np.array_equal(back, src)
+
+
+def test_shuffle_puts_high_bytes_together() -> None:
+    src = np.array([0x01, 0xA1, 0x02, 0xA2, 0x03], dtype=np.uint8)
+    dst = np.empty_like(src)
+    S.shuffle2(src, dst)
+    assert dst.tolist() == [0x01, 0x02, 0xA1, 0xA2, 0x03]
+
+
+# -- header ---------------------------------------------------------------------------------
+
+
+def test_header_round_trip(snap: S.Snapshot) -> None:
+    packed = snap.header.pack()
+    assert len(packed) == snap.header.header_len
+    assert S.SnapshotHeader.unpack(packed) == snap.header
+
+
+def test_body_struct_matches_table() -> None:
+    assert S.MIN_HEADER_LEN == 48 + S._BODY.size
+    assert S._BODY.size == 168
+
+
+def test_docs_describe_every_field() -> None:
+    text = DOCS.read_text()
+    for name, _code in S.BODY_FIELDS_V1:
+        assert re.search(rf"`{name}`", text), f"docs/snapshot-format.md lacks field {name}"
+    for name in ("magic", "version", "flags", "header_len", "header_checksum"):
+        assert f"`{name}`" in text
+
+
+@pytest.mark.parametrize("filt", list(S.Filter))
+@pytest.mark.parametrize("level", [-1, 1, 3])
+def test_payload_round_trip(filt: S.Filter, level: int) -> None:
+    raw = synthetic_raw(70_001, seed=level)
+    snap = make(raw, codec=S.Codec(level=level, filter=filt, chunk_size=8 << 10, threads=2))
+    back = S.Snapshot.from_bytes(snap.to_bytes())
+    assert back.header == snap.header
+    assert np.array_equal(S.decode(back), raw)
+
+
+def test_empty_payload_round_trip() -> None:
+    snap = make(np.zeros(0, np.uint8), tokens=[], pos_min=-1, pos_max=-1)
+    back = S.Snapshot.from_bytes(snap.to_bytes())
+    assert back.header.raw_size == 0
+    assert S.decode(back).size == 0
+
+
+def test_context_kind() -> None:
+    snap = make(seq_id=-1, pos_min=-1, pos_max=-1)
+    assert snap.header.kind is S.StateKind.CONTEXT
+    assert S.Snapshot.from_bytes(snap.to_bytes()).header.kind is S.StateKind.CONTEXT
+
+
+def test_shuffle_helps_f16() -> None:
+    raw = synthetic_raw(400_000)
+    plain = make(raw, codec=S.Codec(filter=S.Filter.NONE)).header.compressed_size
+    shuffled = make(raw, codec=S.Codec(filter=S.Filter.SHUFFLE2)).header.compressed_size
+    assert shuffled < plain
+
+
+def test_encode_rejects_bad_input() -> None:
+    with pytest.raises(ValueError):
+        make(tokens=[-1])
+    with pytest.raises(ValueError):
+        make(session_id="x" * 200)
+    with pytest.raises(ValueError):
+        make(identity=dataclasses.replace(IDENTITY, type_k="a-very-long-type-name"))
+    with pytest.raises(ValueError):
+        S.Codec(chunk_size=3)
+
+
+def test_write_read_inspect_verify(tmp_path: Path, snap: S.Snapshot) -> None:
+    path = tmp_path / "a.kvsnap"
+    size = S.write(path, snap)
+    assert size == path.stat().st_size == snap.header.file_size
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert S.inspect(path) == snap.header
+    assert S.verify(path) == snap.header
+    assert np.array_equal(S.decode(S.read(path)), synthetic_raw())
+    assert [p.name for p in tmp_path.iterdir()] == ["a.kvsnap"]
+
+
+# -- versions -------------------------------------------------------------------------------
+
+
+def _with_version(blob: bytes, version: int) -> bytes:
+    return blob[:8] + struct.pack("<H", version) + blob[10:]
+
+
+@pytest.mark.parametrize("version", [0, 2, 7, 0xFFFF])
+def test_unknown_version_refused(blob: bytes, version: int) -> None:
+    with pytest.raises(S.UnsupportedVersion, match=f"version {version}"):
+        S.Snapshot.from_bytes(_with_version(blob, version))
+
+
+def test_unknown_magic_refused(blob: bytes) -> None:
+    with pytest.raises(S.CorruptSnapshot, match="not a KV snapshot") as info:
+        S.Snapshot.from_bytes(b"GGSQ" + blob[4:])
+    assert info.value.field == "magic"
+
+
+# -- corruption -------------------------------------------------------------------------------
+
+TYPED = (S.CorruptSnapshot, S.UnsupportedVersion)
+
+
+def test_every_header_byte_flip_is_caught(snap: S.Snapshot, blob: bytes) -> None:
+    """Every bit of every header byte: a flip there can never go unnoticed."""
+    header_len = snap.header.header_len
+    buf = bytearray(blob)
+    fields: set[str] = set()
+    for offset in range(header_len):
+        for bit in range(8):
+            buf[offset] ^= 1 << bit
+            with pytest.raises(TYPED) as info:
+                S.Snapshot.from_bytes(buf)
+            fields.add(getattr(info.value, "field", "version"))
+            buf[offset] ^= 1 << bit
+    assert {"magic", "version", "header_checksum", "flags"} <= fields
+
+
+def test_payload_byte_flips_are_caught(snap: S.Snapshot, blob: bytes) -> None:
+    header_len = snap.header.header_len
+    rng = np.random.default_rng(1)
+    buf = bytearray(blob)
+    for offset in rng.integers(header_len, len(blob), 300):
+        buf[offset] ^= 1 << int(rng.integers(8))
+        with pytest.raises(S.CorruptSnapshot) as info:
+            S.Snapshot.from_bytes(buf)
+        assert info.value.field.endswith(".checksum")
+        buf[offset] = blob[offset]
+
+
+def test_truncation_at_every_header_offset_and_in_payload(
+    snap: S.Snapshot, blob: bytes
+) -> None:
+    header_len = snap.header.header_len
+    offsets = list(range(header_len + 1))
+    offsets += np.linspace(header_len + 1, len(blob) - 1, 100).astype(int).tolist()
+    for n in offsets:
+        with pytest.raises(S.CorruptSnapshot) as info:
+            S.Snapshot.from_bytes(blob[:n])
+        assert info.value.field in {"file_size", "magic", "header_len"}
+
+
+def test_trailing_data_refused(blob: bytes) -> None:
+    with pytest.raises(S.CorruptSnapshot, match="trailing data"):
+        S.Snapshot.from_bytes(blob + b"\0")
+
+
+@pytest.mark.parametrize("data", [b"", b"\x89", os.urandom(10), os.urandom(100_000)])
+def test_garbage_refused(data: bytes) -> None:
+    with pytest.raises(S.CorruptSnapshot):
+        S.Snapshot.from_bytes(data)
+
+
+def test_garbage_after_magic_refused(blob: bytes) -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        junk = blob[:8] + rng.integers(0, 256, 400, dtype=np.uint8).tobytes()
+        with pytest.raises(TYPED):
+            S.Snapshot.from_bytes(junk)
+
+
+def test_valid_header_with_someone_elses_payload(snap: S.Snapshot) -> None:
+    other = make(synthetic_raw(seed=9), snapshot_id=snap.snapshot_id, created_ns=0)
+    frankenstein = snap.header.pack() + b"".join(bytes(c) for c in other.chunks)
+    with pytest.raises(S.CorruptSnapshot) as info:
+        S.Snapshot.from_bytes(frankenstein)
+    assert info.value.field in {"chunk[0].checksum", "file_size"}
+
+
+def test_forged_digest_still_caught_by_zstd(snap: S.Snapshot) -> None:
+    """A payload whose table checksum was recomputed is still checked by zstd itself."""
+    bad_chunk = bytearray(snap.chunks[0])
+    bad_chunk[len(bad_chunk) // 2] ^= 0xFF
+    chunks = (bytes(bad_chunk), *snap.chunks[1:])
+    entries = tuple(
+        S.ChunkEntry(len(c), __import__("hashlib").sha256(c).digest()) for c in chunks
+    )
+    forged = S.Snapshot(dataclasses.replace(snap.header, chunks=entries), chunks)
+    back = S.Snapshot.from_bytes(forged.to_bytes())
+    with pytest.raises(S.CorruptSnapshot) as info:
+        S.decode(back)
+    assert info.value.field.startswith("chunk[0].")
+
+
+def test_errors_are_typed() -> None:
+    err = S.CorruptSnapshot("magic", "x")
+    assert isinstance(err, ValueError) and isinstance(err, MemoryRuntimeError)
+    inc = S.IncompatibleSnapshot([("type_k", "q8_0", "f16")])
+    assert "type_k" in str(inc) and inc.differences == [("type_k", "q8_0", "f16")]
+
+
+def test_identity_differences() -> None:
+    other = dataclasses.replace(IDENTITY, type_k="q8_0", build_number=1)
+    assert IDENTITY.differences(other) == [("build_number", 11312, 1), ("type_k", "f16", "q8_0")]
+    assert IDENTITY.differences(other, allow_build_mismatch=True) == [
+        ("type_k", "f16", "q8_0")
+    ]
+    split = dataclasses.replace(IDENTITY, kv_unified=False, n_seq_max=2)
+    assert ("n_seq_max", 4, 2) in IDENTITY.differences(split)
