@@ -10,6 +10,7 @@ before C sees them and raises typed errors from :mod:`llamaffi.errors`.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from llamaffi.errors import (
@@ -24,6 +25,10 @@ from llamaffi.errors import (
 )
 
 __version__ = "0.1.0"
+
+# Library code never prints: llama.cpp's own log lines go to the "llamaffi.llama_cpp" logger,
+# silent unless the application configures logging.
+logging.getLogger("llamaffi").addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from llamaffi.context import Context, Memory

@@ -174,7 +174,8 @@ class Context:
     def __repr__(self) -> str:
         if self.closed:
             return "<Context closed>"
-        return f"<Context n_ctx={self.n_ctx} n_seq_max={self.n_seq_max} kv={self.type_k}/{self.type_v}>"
+        kv = f"{self.type_k}/{self.type_v}"
+        return f"<Context n_ctx={self.n_ctx} n_seq_max={self.n_seq_max} kv={kv}>"
 
     def _handle(self) -> int:
         if self._ptr is None:
@@ -364,12 +365,13 @@ class Context:
         ptr = self._handle()
         self._check_seq(seq_id)
         src = _as_u8(buf)
-        if src.size == 0:
-            # An empty buffer is never a valid state (llama.cpp #14434, #9173: short inputs).
-            raise StateError("empty state buffer", function="llama_state_seq_set_data_ext")
-        n = state.llama_state_seq_set_data_ext(
-            ptr, src.ctypes.data_as(_U8P), src.size, seq_id, flags
-        )
+        n = 0
+        if src.size:
+            # An empty buffer is never a valid state (llama.cpp #14434, #9173: short inputs):
+            # it is refused without calling C, with the same outcome as any failed restore.
+            n = state.llama_state_seq_set_data_ext(
+                ptr, src.ctypes.data_as(_U8P), src.size, seq_id, flags
+            )
         if n == 0:
             # llama.cpp #27068: a failed restore can leave cells behind; empty the sequence.
             memory.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
@@ -380,7 +382,9 @@ class Context:
         self._n_outputs = 0
         return int(n)
 
-    def seq_state_save_file(self, path: str | os.PathLike[str], seq_id: int, tokens: Sequence[int]) -> int:
+    def seq_state_save_file(
+        self, path: str | os.PathLike[str], seq_id: int, tokens: Sequence[int]
+    ) -> int:
         """llama.cpp's own sequence file (no checksum, no model identity); bytes written."""
         ptr = self._handle()
         self._check_seq(seq_id)
@@ -401,7 +405,11 @@ class Context:
         toks = np.empty(max(1, n_token_capacity), dtype=np.int32)
         count = ctypes.c_size_t(0)
         n = state.llama_state_seq_load_file(
-            ptr, os.fsencode(path), seq_id, toks.ctypes.data_as(_TOKP), toks.size,
+            ptr,
+            os.fsencode(path),
+            seq_id,
+            toks.ctypes.data_as(_TOKP),
+            toks.size,
             ctypes.byref(count),
         )
         if n == 0:
@@ -414,7 +422,9 @@ class Context:
         """llama.cpp's whole-context session file."""
         ptr = self._handle()
         toks = np.ascontiguousarray(tokens, dtype=np.int32)
-        if not state.llama_state_save_file(ptr, os.fsencode(path), toks.ctypes.data_as(_TOKP), toks.size):
+        if not state.llama_state_save_file(
+            ptr, os.fsencode(path), toks.ctypes.data_as(_TOKP), toks.size
+        ):
             raise StateError(f"could not write {path}", function="llama_state_save_file")
 
     def state_load_file(self, path: str | os.PathLike[str], n_token_capacity: int) -> list[int]:
@@ -456,7 +466,8 @@ class Memory:
     def _mem(self) -> int:
         try:
             self._ctx._handle()
-            return self._ctx._mem
+            mem: int = self._ctx._mem
+            return mem
         except ReferenceError:
             raise ClosedError("context is gone") from None
 
@@ -506,7 +517,9 @@ class Memory:
         self._seq(seq_id)
         self._range(p0, p1)
         if not memory.llama_memory_can_shift(mem):
-            raise ContextError("this memory cannot shift positions", function="llama_memory_seq_add")
+            raise ContextError(
+                "this memory cannot shift positions", function="llama_memory_seq_add"
+            )
         memory.llama_memory_seq_add(mem, seq_id, p0, p1, delta)
 
     def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
@@ -517,7 +530,9 @@ class Memory:
         if d <= 1:
             raise ValueError(f"d must be > 1, got {d}")
         if not memory.llama_memory_can_shift(mem):
-            raise ContextError("this memory cannot shift positions", function="llama_memory_seq_div")
+            raise ContextError(
+                "this memory cannot shift positions", function="llama_memory_seq_div"
+            )
         memory.llama_memory_seq_div(mem, seq_id, p0, p1, d)
 
     def pos_min(self, seq_id: int) -> int:

@@ -43,7 +43,7 @@ def collect() -> dict[str, Any]:
         "llamaffi": __version__,
         "build_number": built.get("build_number", pin.get("upstream", {}).get("build_number")),
         "commit": built.get("commit", pin.get("upstream", {}).get("commit")),
-        "pin": pin.get("sdist", {}),
+        "pin": built.get("pin", pin.get("sdist", {})),
         "library": str(library_path()),
         "ggml_native": built.get("ggml_native"),
         "ggml_cuda": built.get("ggml_cuda"),

@@ -302,7 +302,9 @@ class Model:
         if not 0 <= token < n_vocab:
             raise TokenizeError(f"token id {token} out of range [0, {n_vocab})")
 
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
         """Text to token ids. ``add_special`` adds BOS/EOS as the model asks."""
         if not isinstance(text, str):
             raise TypeError(f"text must be str, not {type(text).__name__}")
@@ -313,7 +315,9 @@ class Model:
         capacity = len(raw) + 2 * int(add_special) + 1
         for _ in range(2):
             out = (_types.llama_token * capacity)()
-            n = vocab.llama_tokenize(handle, raw, len(raw), out, capacity, add_special, parse_special)
+            n = vocab.llama_tokenize(
+                handle, raw, len(raw), out, capacity, add_special, parse_special
+            )
             if n == _INT32_MIN:
                 raise TokenizeError("token count overflows int32", function="llama_tokenize")
             if n >= 0:

@@ -17,7 +17,7 @@ class Sampler:
 
     Example::
 
-        s = Sampler().penalties(model.n_vocab, 64, 1.1).top_k(40).top_p(0.95).min_p(0.05).temp(0.8).dist(42)
+        s = Sampler().penalties(model.n_vocab, 64, 1.1).top_k(40).top_p(0.95).temp(0.8).dist(42)
         token = s.sample(ctx)
 
     The chain must end with a selecting sampler (:meth:`greedy` or :meth:`dist`).
@@ -28,7 +28,9 @@ class Sampler:
         params.no_perf = True
         ptr = sampler.llama_sampler_chain_init(params)
         if not ptr:
-            raise LlamaError("could not create a sampler chain", function="llama_sampler_chain_init")
+            raise LlamaError(
+                "could not create a sampler chain", function="llama_sampler_chain_init"
+            )
         self._ptr: int | None = ptr
         self._finalizer = weakref.finalize(self, sampler.llama_sampler_free, ptr)
         self.steps: list[str] = []
@@ -46,7 +48,9 @@ class Sampler:
     def _add(self, name: str, child: int | None) -> Sampler:
         chain = self._handle()
         if not child:
-            raise LlamaError(f"could not create the {name} sampler", function=f"llama_sampler_init_{name}")
+            raise LlamaError(
+                f"could not create the {name} sampler", function=f"llama_sampler_init_{name}"
+            )
         sampler.llama_sampler_chain_add(chain, child)  # the chain owns it from here
         self.steps.append(name)
         return self

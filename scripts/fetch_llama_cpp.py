@@ -114,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pin = load_pin()
     want = f"{pin['filename']} {pin['sha256']}\n"
-    if not args.force and STAMP.exists() and STAMP.read_text() == want:
-        if (VENDOR / "include" / "llama.h").exists():
-            print("fetch: vendor/llama.cpp is up to date")
-            return 0
+    up_to_date = STAMP.exists() and STAMP.read_text() == want
+    if not args.force and up_to_date and (VENDOR / "include" / "llama.h").exists():
+        print("fetch: vendor/llama.cpp is up to date")
+        return 0
     try:
         archive = download(pin, cache_dir())
         verify(archive, pin["sha256"])

@@ -14,6 +14,7 @@ from llamaffi._capi._types import (
 )
 from llamaffi._lib import c_function, libggml, libggml_base
 
+
 # LLAMA_API const char * llama_version(void);
 @c_function("llama_version", [], c_char_p)
 def llama_version() -> bytes:

@@ -47,7 +47,9 @@ def llama_memory_seq_add(mem: int, seq_id: int, p0: int, p1: int, delta: int) ->
 
 # LLAMA_API void llama_memory_seq_div(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0,
 #                                     llama_pos p1, int d);
-@c_function("llama_memory_seq_div", [llama_memory_t, llama_seq_id, llama_pos, llama_pos, c_int], None)
+@c_function(
+    "llama_memory_seq_div", [llama_memory_t, llama_seq_id, llama_pos, llama_pos, c_int], None
+)
 def llama_memory_seq_div(mem: int, seq_id: int, p0: int, p1: int, d: int) -> None:
     """Integer-divide positions [p0, p1) of ``seq_id`` by ``d`` (> 1)."""
 

@@ -104,7 +104,10 @@ def llama_sampler_init_temp(t: float) -> int | None:
     "llama_sampler_init_penalties", [c_int32, c_int32, c_float, c_float, c_float], llama_sampler_p
 )
 def llama_sampler_init_penalties(
-    n_vocab: int, penalty_last_n: int, penalty_repeat: float, penalty_freq: float,
+    n_vocab: int,
+    penalty_last_n: int,
+    penalty_repeat: float,
+    penalty_freq: float,
     penalty_present: float,
 ) -> int | None:
     """Repetition, frequency and presence penalties over the last ``penalty_last_n`` tokens."""

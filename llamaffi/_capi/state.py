@@ -53,7 +53,9 @@ def llama_state_load_file(
 # LLAMA_API bool llama_state_save_file(struct llama_context * ctx, const char * path_session,
 #     const llama_token * tokens, size_t n_token_count);
 @c_function("llama_state_save_file", [llama_context_p, c_char_p, llama_token_p, c_size_t], c_bool)
-def llama_state_save_file(ctx: int, path_session: bytes, tokens: object, n_token_count: int) -> bool:
+def llama_state_save_file(
+    ctx: int, path_session: bytes, tokens: object, n_token_count: int
+) -> bool:
     """Save the whole context state and ``tokens`` to a file."""
 
 
