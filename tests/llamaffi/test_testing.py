@@ -81,6 +81,12 @@ def assert_llama_geometry(reader: GGUFReader, geometry: dict[str, int], file_typ
     assert shapes(reader) == expected_shapes(**geometry)
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path: Path) -> GGUFReader:
+    """The tiny preset read back once (parsing 32000 tokens takes about a second)."""
+    return GGUFReader(tiny_model_path)
+
+
 # --- determinism -------------------------------------------------------------------------
 
 
@@ -89,9 +95,11 @@ def test_same_arguments_give_a_byte_identical_file(tiny_model_path: Path, tmp_pa
     assert sha256(again) == sha256(tiny_model_path)
 
 
-def test_another_seed_gives_other_weights(tiny_model_path: Path, other_model_path: Path) -> None:
+def test_another_seed_gives_other_weights(
+    tiny_model_path: Path, other_model_path: Path, tiny: GGUFReader
+) -> None:
     assert sha256(tiny_model_path) != sha256(other_model_path)
-    a, b = GGUFReader(tiny_model_path), GGUFReader(other_model_path)
+    a, b = tiny, GGUFReader(other_model_path)
     assert kv(a, "general.name") == "llamaffi-tiny-seed0"
     assert kv(b, "general.name") == "llamaffi-tiny-seed1"
     assert shapes(a) == shapes(b)
@@ -117,8 +125,8 @@ def test_each_tensor_has_its_own_stream(tmp_path: Path) -> None:
 # --- geometry and contents ---------------------------------------------------------------
 
 
-def test_tiny_preset_geometry(tiny_model_path: Path) -> None:
-    reader = GGUFReader(tiny_model_path)
+def test_tiny_preset_geometry(tiny: GGUFReader) -> None:
+    reader = tiny
     assert PRESETS["tiny"]["n_head_kv"] < PRESETS["tiny"]["n_head"]  # GQA is exercised
     assert_llama_geometry(reader, PRESETS["tiny"], file_type=1)
 
@@ -150,9 +158,8 @@ def test_explicit_arguments_override_the_preset(tmp_path: Path) -> None:
     assert kv(reader, "llama.context_length") == 512
 
 
-def test_weights_are_small_and_norms_are_one(tiny_model_path: Path) -> None:
-    reader = GGUFReader(tiny_model_path)
-    for t in reader.tensors:
+def test_weights_are_small_and_norms_are_one(tiny: GGUFReader) -> None:
+    for t in tiny.tensors:
         data = np.asarray(t.data, dtype=np.float32)
         assert np.isfinite(data).all(), t.name
         if t.name.endswith("norm.weight"):
@@ -171,8 +178,8 @@ def test_f32_weights(tmp_path: Path) -> None:
     assert shapes(reader) == expected_shapes(**SMALL)
 
 
-def test_tokenizer_is_copied_from_the_vocab(tiny_model_path: Path) -> None:
-    source, model = GGUFReader(find_vocab()), GGUFReader(tiny_model_path)
+def test_tokenizer_is_copied_from_the_vocab(tiny: GGUFReader) -> None:
+    source, model = GGUFReader(find_vocab()), tiny
 
     def tokenizer_keys(reader: GGUFReader) -> list[str]:
         return [k for k in reader.fields if k.startswith("tokenizer.ggml.")]
