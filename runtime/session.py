@@ -1,0 +1,350 @@
+"""A conversation's short-term memory: journal (truth) + KV sequence (cache) + snapshots.
+
+The order of every turn is: tokenize, **append to the journal (fsynced)**, decode into the
+session's KV sequence, then (every ``snapshot_every`` turns) capture a snapshot into the
+store. A crash at any point therefore loses nothing that was acknowledged: on
+:meth:`Session.resume`, the newest valid snapshot whose tokens are a prefix of the journal's
+is restored, and the journal's remaining tokens are decoded on top. With no usable snapshot,
+the whole journal is re-prefilled: slower, never wrong.
+
+:class:`SessionPool` keeps at most ``n_seq_max`` sessions resident in one context and
+suspends the least recently used one (snapshot, then free its KV cells) to make room, so idle
+sessions hold no KV memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from runtime import snapshot as snapshot_mod
+from runtime.errors import MemoryRuntimeError
+from runtime.journal import Entry, Journal
+from runtime.store import SnapshotStore, validate_session_id
+
+if TYPE_CHECKING:
+    from llamaffi import Context, Sampler
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_DIR = "journals"
+
+
+class SessionError(MemoryRuntimeError):
+    """A session operation failed."""
+
+
+@dataclass
+class ResumeReport:
+    """How :meth:`Session.resume` rebuilt the KV sequence.
+
+    Attributes:
+        source: ``snapshot`` (restored, plus journal replay of any newer turns), ``journal``
+            (full re-prefill) or ``empty`` (a new session).
+        n_tokens: tokens in the sequence afterwards (== the journal's).
+        restored_tokens: tokens that came from the snapshot.
+        replayed_tokens: tokens decoded from the journal.
+        seconds: wall time of the whole resume.
+        snapshot: the file restored, if any.
+        skipped: why newer snapshots were not used.
+    """
+
+    source: Literal["snapshot", "journal", "empty"]
+    n_tokens: int
+    restored_tokens: int
+    replayed_tokens: int
+    seconds: float
+    snapshot: Path | None = None
+    skipped: list[str] = field(default_factory=list)
+
+
+class Session:
+    """One conversation bound to sequence ``seq_id`` of ``ctx``.
+
+    Args:
+        ctx: the context holding the KV cache.
+        seq_id: the sequence this session uses.
+        session_id: a validated id (letters, digits, ``._-``; no path tricks).
+        root: the runtime's data directory; the journal is ``root/journals/<id>.log``.
+        store: where snapshots go (its writer lock is held by the caller).
+        snapshot_every: capture a snapshot after this many turns (0: only on suspend/close).
+        journal_fsync: fsync each journal append (leave on outside tests).
+    """
+
+    def __init__(
+        self,
+        ctx: Context,
+        seq_id: int,
+        session_id: str,
+        root: str | Path,
+        store: SnapshotStore,
+        *,
+        snapshot_every: int = 1,
+        journal_fsync: bool = True,
+    ) -> None:
+        self.ctx = ctx
+        self.seq_id = seq_id
+        self.session_id = validate_session_id(session_id)
+        self.store = store
+        self.snapshot_every = snapshot_every
+        self.journal = Journal(
+            Path(root) / JOURNAL_DIR / f"{self.session_id}.log", fsync=journal_fsync
+        )
+        self._resident = False
+        self._since_snapshot = 0
+        self._last_snapshot_id = ""
+
+    # -- resume -------------------------------------------------------------------------------
+
+    @property
+    def resident(self) -> bool:
+        """Whether the session's tokens are in the KV cache now."""
+        return self._resident
+
+    def resume(self, *, allow_build_mismatch: bool = False) -> ResumeReport:
+        """Rebuild the KV sequence from the newest valid snapshot plus the journal."""
+        start = time.perf_counter()
+        truth = self.journal.tokens()
+        self.ctx.memory.seq_rm(self.seq_id)
+        skipped: list[str] = []
+        restored, path = self._restore_best(truth, skipped, allow_build_mismatch)
+        replayed = self._replay(restored)
+        self._resident = True
+        self._since_snapshot = 1 if replayed else 0
+        source: Literal["snapshot", "journal", "empty"]
+        source = "snapshot" if path else ("journal" if truth else "empty")
+        report = ResumeReport(
+            source=source,
+            n_tokens=len(truth),
+            restored_tokens=restored,
+            replayed_tokens=replayed,
+            seconds=time.perf_counter() - start,
+            snapshot=path,
+            skipped=skipped,
+        )
+        logger.info(
+            "session %s resumed from %s: %d restored + %d replayed tokens in %.3f s",
+            self.session_id,
+            source,
+            restored,
+            replayed,
+            report.seconds,
+        )
+        return report
+
+    def _replay(self, restored: int) -> int:
+        """Decode the journal's tokens after the first ``restored``, one entry per call.
+
+        Decoding entry by entry repeats how :meth:`append` first decoded them, so user turns
+        come back bit for bit; a reply, first decoded token by token, comes back equal up to
+        float rounding (batched vs incremental evaluation).
+        """
+        offset = replayed = 0
+        for entry in self.journal:
+            end = offset + len(entry.tokens)
+            if end > restored and entry.tokens:
+                todo = entry.tokens[max(0, restored - offset) :]
+                self._decode(todo, pos=end - len(todo))
+                replayed += len(todo)
+            offset = end
+        return replayed
+
+    def _restore_best(
+        self, truth: list[int], skipped: list[str], allow_build_mismatch: bool
+    ) -> tuple[int, Path | None]:
+        # Each failed candidate is quarantined, so latest_valid moves on to an older one;
+        # the number of files bounds the attempts.
+        for _attempt in range(len(self.store.generations(self.session_id))):
+            stored = self.store.latest_valid(self.session_id)
+            if stored is None:
+                break
+            snap = stored.snapshot
+            tokens = list(snap.tokens)
+            try:
+                owner = snap.header.session_id
+                if owner and owner != self.session_id:
+                    raise snapshot_mod.SnapshotError(f"it belongs to session {owner!r}")
+                if tokens != truth[: len(tokens)]:
+                    raise snapshot_mod.SnapshotError("its tokens are not a prefix of the journal")
+                snapshot_mod.restore(
+                    self.ctx, snap, self.seq_id, allow_build_mismatch=allow_build_mismatch
+                )
+            except snapshot_mod.IncompatibleSnapshot as exc:
+                # Another model or cache layout: the file is fine, just not for this context.
+                skipped.append(f"{stored.path.name}: {exc}")
+                break
+            except snapshot_mod.SnapshotError as exc:
+                skipped.append(f"{stored.path.name}: {exc}")
+                if self.store.readonly:
+                    break
+                self.store.quarantine(stored.path, str(exc))
+                continue
+            self._last_snapshot_id = snap.header.snapshot_id
+            return len(tokens), stored.path
+        return 0, None
+
+    # -- turns --------------------------------------------------------------------------------
+
+    def _require_resident(self) -> None:
+        if not self._resident:
+            raise SessionError(f"session {self.session_id!r} is not resident: call resume()")
+
+    def _decode(self, tokens: Sequence[int], pos: int | None = None) -> None:
+        self.ctx.decode(tokens, seq_id=self.seq_id, pos=pos)
+
+    def append(self, role: str, text: str, *, meta: dict[str, object] | None = None) -> Entry:
+        """Journal one turn (durable on return), then decode it into the KV sequence."""
+        self._require_resident()
+        model = self.ctx.model
+        tokens = model.tokenize(self.format_turn(role, text), add_special=len(self.journal) == 0)
+        entry = self.journal.append(role, text, tokens, dict(meta or {}))
+        try:
+            self._decode(tokens)
+        except BaseException:
+            # The turn is journalled but the KV is behind the journal now: force a resume
+            # (which replays it) before the next use.
+            self._drop_kv()
+            raise
+        self._after_turn()
+        return entry
+
+    def reply(self, n_predict: int = 64, sampler: Sampler | None = None) -> Entry:
+        """Generate the assistant's next turn, journal it, and keep it in the KV sequence."""
+        self._require_resident()
+        model = self.ctx.model
+        prefix = model.tokenize("assistant:", add_special=False)
+        start = self.ctx.memory.pos_max(self.seq_id) + 1
+        try:
+            out = self.ctx.generate(prefix, n_predict, sampler, seq_id=self.seq_id)
+            kept = [t for t in out if not model.is_eog(t)]  # an EOG is sampled, not decoded
+            newline = model.tokenize("\n", add_special=False)
+            self._decode(newline)
+            # The journal holds exactly the tokens now in the KV sequence, so replay is exact.
+            # A crash before this append loses only a reply nobody was told about.
+            tokens = prefix + kept + newline
+            entry = self.journal.append("assistant", model.detokenize(kept), tokens)
+        except BaseException:
+            self.ctx.memory.seq_rm(self.seq_id, start, -1)  # KV back in step with the journal
+            raise
+        self._after_turn()
+        return entry
+
+    @staticmethod
+    def format_turn(role: str, text: str) -> str:
+        """How a turn is rendered into the sequence (one line per turn)."""
+        return f"{role}: {text}\n"
+
+    def _after_turn(self) -> None:
+        self._since_snapshot += 1
+        if self.snapshot_every and self._since_snapshot >= self.snapshot_every:
+            self.checkpoint()
+
+    # -- snapshots and residency ---------------------------------------------------------------
+
+    def checkpoint(self) -> Path:
+        """Capture the KV sequence into the store now; returns the file written."""
+        self._require_resident()
+        snap = snapshot_mod.capture(
+            self.ctx,
+            self.seq_id,
+            self.journal.tokens(),
+            session_id=self.session_id,
+            parent_id=self._last_snapshot_id,
+        )
+        path = self.store.save(self.session_id, snap)
+        self._last_snapshot_id = snap.header.snapshot_id
+        self._since_snapshot = 0
+        return path
+
+    def _drop_kv(self) -> None:
+        self.ctx.memory.seq_rm(self.seq_id)
+        self._resident = False
+
+    def suspend(self) -> None:
+        """Snapshot if anything is new, then free the sequence's KV cells."""
+        if not self._resident:
+            return
+        if self._since_snapshot:
+            self.checkpoint()
+        self._drop_kv()
+
+    def close(self) -> None:
+        """Suspend (if the context is still open) and close the journal."""
+        if not self.ctx.closed:
+            self.suspend()
+        self.journal.close()
+
+
+class SessionPool:
+    """Up to ``ctx.n_seq_max`` resident sessions over one context; LRU ones are suspended.
+
+    Args:
+        ctx: the shared context.
+        root: data directory (journals under ``root/journals``, snapshots under
+            ``root/snapshots``).
+        keep: snapshots kept per session.
+    """
+
+    def __init__(
+        self, ctx: Context, root: str | Path, *, keep: int = 3, snapshot_every: int = 1
+    ) -> None:
+        self.ctx = ctx
+        self.root = Path(root)
+        self.store = SnapshotStore(self.root / "snapshots", keep=keep)
+        self.snapshot_every = snapshot_every
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+
+    def get(self, session_id: str) -> tuple[Session, ResumeReport | None]:
+        """The session, made resident (resumed) if needed; the report says how, if it was."""
+        session = self._sessions.get(session_id)
+        if session is not None and session.resident:
+            self._sessions.move_to_end(session_id)
+            return session, None
+        seq_id = self._free_seq()
+        if session is None:
+            session = Session(
+                self.ctx,
+                seq_id,
+                session_id,
+                self.root,
+                self.store,
+                snapshot_every=self.snapshot_every,
+            )
+        session.seq_id = seq_id
+        report = session.resume()
+        self._sessions[session_id] = session
+        self._sessions.move_to_end(session_id)
+        return session, report
+
+    def _free_seq(self) -> int:
+        used = {s.seq_id for s in self._sessions.values() if s.resident}
+        free = [i for i in range(self.ctx.n_seq_max) if i not in used]
+        if free:
+            return free[0]
+        victim_id, victim = next((k, s) for k, s in self._sessions.items() if s.resident)
+        logger.info("suspending idle session %s to free seq %d", victim_id, victim.seq_id)
+        victim.suspend()
+        return victim.seq_id
+
+    def suspend_all(self) -> None:
+        """Snapshot and free every resident session."""
+        for session in self._sessions.values():
+            session.suspend()
+
+    def close(self) -> None:
+        """Suspend every session, close journals, release the store lock."""
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
+        self.store.close()
+
+    def __enter__(self) -> SessionPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,235 @@
+"""Sessions: resume from snapshot + journal, fall back to the journal, LRU suspension."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llamaffi import Context, Model
+from runtime.session import Session, SessionError, SessionPool
+from runtime.snapshot import FILE_SUFFIX
+
+TURNS = [
+    ("user", "My dog is called Biscuit and she loves the beach."),
+    ("user", "I moved to Lisbon in March."),
+    ("user", "Remind me to call the vet on Friday."),
+]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_path: Path) -> Iterator[Model]:
+    m = Model(tiny_model_path)
+    yield m
+    m.close()
+
+
+@pytest.fixture()
+def ctx(model: Model) -> Iterator[Context]:
+    c = model.context(n_ctx=1024, n_batch=128, n_seq_max=2, n_threads=2)
+    yield c
+    c.close()
+
+
+def next_logits(ctx: Context, seq_id: int, probe: list[int]) -> np.ndarray:
+    ctx.decode(probe, seq_id=seq_id)
+    return ctx.logits()
+
+
+def live_logits(ctx: Context, seq_id: int, probe: list[int]) -> np.ndarray:
+    """What the live (pre-crash) KV of ``seq_id`` predicts after ``probe``; KV unchanged."""
+    scratch = 1 - seq_id
+    ctx.memory.seq_rm(scratch)
+    ctx.memory.seq_cp(seq_id, scratch)
+    out = next_logits(ctx, scratch, probe)
+    ctx.memory.seq_rm(scratch)
+    return out
+
+
+def prefill_logits(ctx: Context, tokens: list[int], probe: list[int]) -> np.ndarray:
+    """Logits of a from-scratch batched prefill of ``tokens`` in seq 1."""
+    ctx.memory.seq_rm(1)
+    ctx.decode(tokens, seq_id=1)
+    out = next_logits(ctx, 1, probe)
+    ctx.memory.seq_rm(1)
+    return out
+
+
+def run_turns(pool: SessionPool, sid: str = "alice") -> list[int]:
+    session, report = pool.get(sid)
+    assert report is not None and report.source == "empty"
+    for role, text in TURNS:
+        session.append(role, text)
+    session.reply(n_predict=6)
+    return session.journal.tokens()
+
+
+def crash(pool: SessionPool) -> None:
+    """Drop the pool like a killed process would: no suspend, no final snapshot."""
+    for session in pool._sessions.values():
+        session.journal.close()
+    pool.store.close()
+
+
+def test_resume_from_snapshot_is_exact(ctx: Context, tmp_path: Path) -> None:
+    pool = SessionPool(ctx, tmp_path)
+    tokens = run_turns(pool)
+    probe = ctx.model.tokenize(" probe", add_special=False)
+    before = live_logits(ctx, 0, probe)
+    crash(pool)
+    ctx.memory.clear()
+
+    pool = SessionPool(ctx, tmp_path)
+    session, report = pool.get("alice")
+    assert report is not None
+    assert report.source == "snapshot"
+    assert report.n_tokens == len(tokens) == report.restored_tokens
+    assert report.replayed_tokens == 0
+    assert session.journal.tokens() == tokens
+    assert np.array_equal(next_logits(ctx, session.seq_id, probe), before)
+    pool.close()
+
+
+def test_turns_after_the_last_snapshot_are_replayed(ctx: Context, tmp_path: Path) -> None:
+    pool = SessionPool(ctx, tmp_path, snapshot_every=2)
+    session, _ = pool.get("bob")
+    for role, text in TURNS:  # snapshots after turn 2 only
+        session.append(role, text)
+    tokens = session.journal.tokens()
+    probe = [42]
+    before = live_logits(ctx, 0, probe)
+    crash(pool)
+    ctx.memory.clear()
+
+    pool = SessionPool(ctx, tmp_path)
+    session, report = pool.get("bob")
+    assert report is not None and report.source == "snapshot"
+    assert report.restored_tokens + report.replayed_tokens == len(tokens)
+    assert report.replayed_tokens == len(session.journal[2].tokens)
+    # a user turn replays with the same batching as when it was first decoded: bit-exact
+    assert np.array_equal(next_logits(ctx, session.seq_id, probe), before)
+    pool.close()
+
+
+def test_damaged_snapshot_falls_back_to_an_older_one(ctx: Context, tmp_path: Path) -> None:
+    pool = SessionPool(ctx, tmp_path, keep=5)
+    tokens = run_turns(pool)
+    probe = [7]
+    before = live_logits(ctx, 0, probe)
+    newest = pool.store.generations("alice")[0][1]
+    crash(pool)
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(data)
+    ctx.memory.clear()
+
+    pool = SessionPool(ctx, tmp_path, keep=5)
+    session, report = pool.get("alice")
+    assert report is not None and report.source == "snapshot"
+    assert report.snapshot != newest
+    assert report.replayed_tokens > 0  # the turns after the older snapshot
+    assert not newest.exists()  # quarantined
+    assert report.n_tokens == len(tokens)
+    # the replayed reply was first decoded token by token: equal up to float rounding
+    np.testing.assert_allclose(next_logits(ctx, session.seq_id, probe), before, atol=2e-3)
+    pool.close()
+
+
+def test_no_snapshot_rebuilds_from_the_journal(ctx: Context, tmp_path: Path) -> None:
+    pool = SessionPool(ctx, tmp_path)
+    tokens = run_turns(pool)
+    crash(pool)
+    for path in (tmp_path / "snapshots" / "alice").glob(f"*{FILE_SUFFIX}"):
+        path.unlink()
+    ctx.memory.clear()
+    pool = SessionPool(ctx, tmp_path)
+    session, report = pool.get("alice")
+    assert report is not None
+    assert (report.source, report.restored_tokens, report.replayed_tokens) == (
+        "journal",
+        0,
+        len(tokens),
+    )
+    probe = [9]
+    got = next_logits(ctx, session.seq_id, probe)
+    np.testing.assert_allclose(got, prefill_logits(ctx, tokens, probe), atol=2e-3)
+    pool.close()
+
+
+def plant(pool_root: Path, session_id: str, source: Path) -> Path:
+    target = pool_root / "snapshots" / session_id / f"{999999:012d}{FILE_SUFFIX}"
+    target.write_bytes(source.read_bytes())
+    return target
+
+
+def test_another_sessions_snapshot_is_not_used(ctx: Context, tmp_path: Path) -> None:
+    pool = SessionPool(ctx, tmp_path)
+    run_turns(pool, "alice")
+    run_turns(pool, "carol")  # same turns, same tokens: only the owner differs
+    carol_newest = pool.store.generations("carol")[0][1]
+    crash(pool)
+    planted = plant(tmp_path, "alice", carol_newest)
+    ctx.memory.clear()
+    pool = SessionPool(ctx, tmp_path)
+    _, report = pool.get("alice")
+    assert report is not None and report.source == "snapshot"
+    assert report.snapshot != planted
+    assert any("belongs to session 'carol'" in s for s in report.skipped)
+    assert not planted.exists()  # quarantined
+    pool.close()
+
+
+def test_snapshot_that_diverges_from_the_journal_is_not_used(ctx: Context, tmp_path: Path) -> None:
+    other_root = tmp_path / "other"
+    with SessionPool(ctx, other_root) as other:
+        session, _ = other.get("alice")
+        session.append("user", "A completely different conversation.")
+        foreign = other.store.generations("alice")[0][1]
+        ctx.memory.clear()
+        pool = SessionPool(ctx, tmp_path / "main")
+        run_turns(pool, "alice")
+        crash(pool)
+        planted = plant(tmp_path / "main", "alice", foreign)
+    ctx.memory.clear()
+    pool = SessionPool(ctx, tmp_path / "main")
+    _, report = pool.get("alice")
+    assert report is not None and report.source == "snapshot"
+    assert report.snapshot != planted
+    assert any("not a prefix of the journal" in s for s in report.skipped)
+    pool.close()
+
+
+def test_lru_suspension_frees_kv_and_resumes(ctx: Context, tmp_path: Path) -> None:
+    with SessionPool(ctx, tmp_path) as pool:  # n_seq_max=2
+        a, _ = pool.get("a")
+        a.append("user", "first session")
+        b, _ = pool.get("b")
+        b.append("user", "second session")
+        a_tokens = a.journal.tokens()
+        c, _ = pool.get("c")  # evicts "a", the least recently used
+        assert not a.resident and b.resident and c.resident
+        assert c.seq_id == 0  # took a's slot
+        assert ctx.memory.pos_max(0) == -1
+        a2, report = pool.get("a")  # evicts "b"
+        assert a2 is a and report is not None and report.source == "snapshot"
+        assert report.n_tokens == len(a_tokens)
+        assert not b.resident
+        with pytest.raises(SessionError):
+            b.append("user", "not resident")
+
+
+def test_session_ids_are_validated(ctx: Context, tmp_path: Path) -> None:
+    with SessionPool(ctx, tmp_path) as pool:
+        for bad in ("../escape", "", "a/b", ".hidden"):
+            with pytest.raises(ValueError):
+                pool.get(bad)
+
+
+def test_session_requires_resume(ctx: Context, tmp_path: Path) -> None:
+    with SessionPool(ctx, tmp_path) as pool:
+        session = Session(ctx, 0, "x", tmp_path, pool.store)
+        with pytest.raises(SessionError):
+            session.append("user", "hi")
+        session.journal.close()
