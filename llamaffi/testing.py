@@ -401,6 +401,7 @@ def _atomic_target(target: Path) -> Iterator[Path]:
     and the directory is fsynced; on any exception it is removed and ``target`` is untouched.
     (llamaffi cannot use runtime.fsutil: the dependency only goes runtime -> llamaffi.)
     """
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{_TMP_PREFIX}{target.name}.{secrets.token_hex(4)}")
     # Reserve the name with O_EXCL; GGUFWriter reopens it with "wb".
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))

@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Literal
 
 from runtime import snapshot as snapshot_mod
 from runtime.errors import MemoryRuntimeError
+from runtime.fsutil import atomic_write_bytes
 from runtime.journal import Entry, Journal
 from runtime.store import SnapshotStore, validate_session_id
 
 if TYPE_CHECKING:
     from llamaffi import Context, Sampler
+    from runtime.memory import MemoryStore
 
 logger = logging.getLogger(__name__)
 
@@ -348,3 +350,47 @@ class SessionPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def sync_longterm(
+    session: Session,
+    memory: MemoryStore,
+    *,
+    roles: Sequence[str] = ("user",),
+    importance: float = 0.5,
+) -> int:
+    """Add the session's journal entries that long-term memory does not have yet.
+
+    The journal is the truth for both memories: a crash between a journal append and the
+    matching :meth:`MemoryStore.add` is repaired here. A watermark file
+    (``journals/<id>.ingested``, the last journal seq ingested) keeps this cheap; the one entry
+    that may have been added just before a crash is looked up (by its ``journal_seq`` meta)
+    instead of being added twice. An entry's ``meta["importance"]`` overrides ``importance``.
+    Returns how many entries were added.
+    """
+    mark_path = session.journal.path.with_suffix(".ingested")
+    try:
+        mark = int(mark_path.read_text())
+    except (OSError, ValueError):
+        mark = -1
+    todo = [e for e in session.journal if e.seq > mark and e.role in roles and e.text.strip()]
+    if todo and _already_ingested(memory, session.session_id, todo[0]):
+        todo = todo[1:]
+    for entry in todo:
+        memory.add(
+            entry.text,
+            kind="turn",
+            session=session.session_id,
+            importance=float(entry.meta.get("importance", importance)),
+            meta={"journal_seq": entry.seq, "role": entry.role},
+            now=entry.created,
+        )
+    last = session.journal[-1].seq if len(session.journal) else -1
+    if last != mark:
+        atomic_write_bytes(mark_path, f"{last}\n".encode())
+    return len(todo)
+
+
+def _already_ingested(memory: MemoryStore, session_id: str, entry: Entry) -> bool:
+    hits = memory.search(entry.text, k=3, session=session_id, touch=False)
+    return any(h.meta.get("journal_seq") == entry.seq for h in hits)

@@ -233,3 +233,51 @@ def test_session_requires_resume(ctx: Context, tmp_path: Path) -> None:
         with pytest.raises(SessionError):
             session.append("user", "hi")
         session.journal.close()
+
+
+class HashEmbedder:
+    """A fast stand-in for MiniLM: deterministic unit vectors from a text hash."""
+
+    model_id = "hash-test"
+    dim = 16
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        import hashlib
+
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+            out[i] = v / np.linalg.norm(v)
+        return out
+
+
+def test_sync_longterm_catches_up_once(ctx: Context, tmp_path: Path) -> None:
+    from runtime.memory import MemoryStore
+    from runtime.session import sync_longterm
+
+    with (
+        SessionPool(ctx, tmp_path) as pool,
+        MemoryStore.open(tmp_path / "lt", HashEmbedder()) as memory,
+    ):
+        session, _ = pool.get("alice")
+        session.append("user", TURNS[0][1], meta={"importance": 0.9})
+        assert sync_longterm(session, memory) == 1
+        session.append("user", TURNS[1][1])
+        session.reply(n_predict=3)  # assistant turns are not ingested by default
+        # a crash right after memory.add but before the watermark was written:
+        mark = session.journal.path.with_suffix(".ingested")
+        memory.add(
+            TURNS[1][1],
+            kind="turn",
+            session="alice",
+            meta={"journal_seq": 1, "role": "user"},
+        )
+        mark.write_text("0\n")
+        session.append("user", TURNS[2][1])
+        assert sync_longterm(session, memory) == 1  # only turn 2: turn 1 was found, not re-added
+        assert sync_longterm(session, memory) == 0
+        texts = sorted(h.text for h in memory.search(TURNS[0][1], k=10, session="alice"))
+        assert texts == sorted(t for _, t in TURNS)
+        top = memory.search(TURNS[0][1], k=1)[0]
+        assert top.importance == pytest.approx(0.9) and top.meta["journal_seq"] == 0
