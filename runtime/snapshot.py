@@ -1037,6 +1037,16 @@ def iter_snapshot_files(directory: str | os.PathLike[str]) -> Iterator[Path]:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_live_seq(ctx: Context, seq_id: int) -> None:
+    # The format records whole-context states (seq_id -1, kind CONTEXT), but llamaffi's
+    # seq_state_get/set take only real sequences, so live capture/restore does too.
+    if not 0 <= seq_id < ctx.n_seq_max:
+        raise ValueError(
+            f"seq_id {seq_id} out of range [0, {ctx.n_seq_max}) (whole-context snapshots, "
+            "seq_id -1, cannot be captured or restored through llamaffi yet)"
+        )
+
+
 def capture(
     ctx: Context,
     seq_id: int,
@@ -1046,17 +1056,13 @@ def capture(
     parent_id: str = "",
     codec: Codec = DEFAULT_CODEC,
 ) -> Snapshot:
-    """Snapshot sequence ``seq_id`` of ``ctx`` (``-1``: every sequence) with its token ids.
+    """Snapshot sequence ``seq_id`` of ``ctx`` together with its token ids.
 
     ``tokens`` are stored in the header so that the snapshot alone is enough to re-prefill.
     """
-    if not -1 <= seq_id < ctx.n_seq_max:
-        raise ValueError(f"seq_id {seq_id} out of range [-1, {ctx.n_seq_max})")
+    _check_live_seq(ctx, seq_id)
     identity = CacheIdentity.from_context(ctx)
-    if seq_id >= 0:
-        pos_min, pos_max = ctx.memory.pos_min(seq_id), ctx.memory.pos_max(seq_id)
-    else:
-        pos_min, pos_max = -1, -1
+    pos_min, pos_max = ctx.memory.pos_min(seq_id), ctx.memory.pos_max(seq_id)
     if pos_min < 0 or pos_max < 0:
         pos_min = pos_max = -1
     raw = ctx.seq_state_get(seq_id)
@@ -1099,10 +1105,7 @@ def check_compatible(
 
 def _clear(ctx: Context, seq_id: int) -> None:
     try:
-        if seq_id == -1:
-            ctx.memory.clear()
-        else:
-            ctx.memory.seq_rm(seq_id, -1, -1)
+        ctx.memory.seq_rm(seq_id, -1, -1)
     except Exception:  # the original error matters more; log this one
         logger.exception("could not clear seq %d after a failed restore", seq_id)
 
@@ -1128,21 +1131,19 @@ def restore(
         raise IncompatibleSnapshot([("kind", "context", f"seq {target}")])
     if header.kind is StateKind.SEQUENCE and target == -1:
         raise IncompatibleSnapshot([("kind", "sequence", "context")])
-    if not -1 <= target < ctx.n_seq_max:
-        raise ValueError(f"seq_id {target} out of range [-1, {ctx.n_seq_max})")
+    _check_live_seq(ctx, target)
     check_compatible(ctx, header, allow_build_mismatch=allow_build_mismatch)
     raw = decode(snapshot, threads=threads)
     # llama.cpp #27068: a failed restore can leave cells behind, so every failure past this
     # point clears the sequence before the error propagates.
     try:
         ctx.seq_state_set(raw, target)
-        if target >= 0:
-            got = (ctx.memory.pos_min(target), ctx.memory.pos_max(target))
-            if got != (header.pos_min, header.pos_max):
-                raise RestoreError(
-                    f"restored seq {target} holds positions {got}, snapshot says "
-                    f"{(header.pos_min, header.pos_max)}"
-                )
+        got = (ctx.memory.pos_min(target), ctx.memory.pos_max(target))
+        if got != (header.pos_min, header.pos_max):
+            raise RestoreError(
+                f"restored seq {target} holds positions {got}, snapshot says "
+                f"{(header.pos_min, header.pos_max)}"
+            )
     except RestoreError:
         _clear(ctx, target)
         raise

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,8 @@ import pytest
 from runtime import snapshot as S
 from runtime.errors import MemoryRuntimeError
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "snapshot-format.md"
+REPO = Path(__file__).resolve().parents[2]
+DOCS = REPO / "docs" / "snapshot-format.md"
 
 IDENTITY = S.CacheIdentity(
     build_number=11312,
@@ -94,8 +99,8 @@ def test_header_round_trip(snap: S.Snapshot) -> None:
 
 
 def test_body_struct_matches_table() -> None:
-    assert S.MIN_HEADER_LEN == 48 + S._BODY.size
-    assert S._BODY.size == 168
+    assert 48 + S._BODY.size == S.MIN_HEADER_LEN
+    assert S._BODY.size == 154
 
 
 def test_docs_describe_every_field() -> None:
@@ -109,7 +114,7 @@ def test_docs_describe_every_field() -> None:
 @pytest.mark.parametrize("filt", list(S.Filter))
 @pytest.mark.parametrize("level", [-1, 1, 3])
 def test_payload_round_trip(filt: S.Filter, level: int) -> None:
-    raw = synthetic_raw(70_001, seed=level)
+    raw = synthetic_raw(70_001, seed=abs(level))
     snap = make(raw, codec=S.Codec(level=level, filter=filt, chunk_size=8 << 10, threads=2))
     back = S.Snapshot.from_bytes(snap.to_bytes())
     assert back.header == snap.header
@@ -209,9 +214,7 @@ def test_payload_byte_flips_are_caught(snap: S.Snapshot, blob: bytes) -> None:
         buf[offset] = blob[offset]
 
 
-def test_truncation_at_every_header_offset_and_in_payload(
-    snap: S.Snapshot, blob: bytes
-) -> None:
+def test_truncation_at_every_header_offset_and_in_payload(snap: S.Snapshot, blob: bytes) -> None:
     header_len = snap.header.header_len
     offsets = list(range(header_len + 1))
     offsets += np.linspace(header_len + 1, len(blob) - 1, 100).astype(int).tolist()
@@ -253,9 +256,7 @@ def test_forged_digest_still_caught_by_zstd(snap: S.Snapshot) -> None:
     bad_chunk = bytearray(snap.chunks[0])
     bad_chunk[len(bad_chunk) // 2] ^= 0xFF
     chunks = (bytes(bad_chunk), *snap.chunks[1:])
-    entries = tuple(
-        S.ChunkEntry(len(c), __import__("hashlib").sha256(c).digest()) for c in chunks
-    )
+    entries = tuple(S.ChunkEntry(len(c), hashlib.sha256(c).digest()) for c in chunks)
     forged = S.Snapshot(dataclasses.replace(snap.header, chunks=entries), chunks)
     back = S.Snapshot.from_bytes(forged.to_bytes())
     with pytest.raises(S.CorruptSnapshot) as info:
@@ -273,8 +274,77 @@ def test_errors_are_typed() -> None:
 def test_identity_differences() -> None:
     other = dataclasses.replace(IDENTITY, type_k="q8_0", build_number=1)
     assert IDENTITY.differences(other) == [("build_number", 11312, 1), ("type_k", "f16", "q8_0")]
-    assert IDENTITY.differences(other, allow_build_mismatch=True) == [
-        ("type_k", "f16", "q8_0")
-    ]
+    assert IDENTITY.differences(other, allow_build_mismatch=True) == [("type_k", "f16", "q8_0")]
     split = dataclasses.replace(IDENTITY, kv_unified=False, n_seq_max=2)
     assert ("n_seq_max", 4, 2) in IDENTITY.differences(split)
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_inspect(tmp_path: Path, snap: S.Snapshot, capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.cli import main
+
+    path = tmp_path / "a.kvsnap"
+    S.write(path, snap)
+    assert main(["snapshot", "inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "model_fingerprint" in out and "ab" * 32 in out and "shuffle2" in out
+    assert main(["snapshot", "inspect", "--json", "--tokens", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tokens"] == list(snap.tokens) and info["raw_size"] == snap.header.raw_size
+
+
+def test_cli_inspect_damaged(
+    tmp_path: Path, blob: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from runtime.cli import main
+
+    path = tmp_path / "bad.kvsnap"
+    path.write_bytes(blob[:20])
+    assert main(["snapshot", "inspect", str(path)]) == 1
+    assert "file_size" in capsys.readouterr().err
+    assert main(["snapshot", "inspect", str(tmp_path / "missing.kvsnap")]) == 1
+
+
+def test_cli_verify(tmp_path: Path, snap: S.Snapshot, blob: bytes) -> None:
+    good = tmp_path / "s" / "000000000001.kvsnap"
+    good.parent.mkdir()
+    S.write(good, snap)
+    cmd = [sys.executable, "-m", "runtime", "snapshot", "verify"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    ok = run(str(tmp_path))
+    assert ok.returncode == 0, ok.stderr
+    assert f"OK {good}" in ok.stdout
+
+    bad = tmp_path / "s" / "000000000002.kvsnap"
+    damaged = bytearray(blob)
+    damaged[-5] ^= 0x40
+    bad.write_bytes(bytes(damaged))
+    res = run(str(tmp_path))
+    assert res.returncode == 1
+    assert f"DAMAGED {bad}: field chunk[" in res.stdout and ".checksum" in res.stdout
+    assert f"OK {good}" in res.stdout
+
+    res = run(str(good), str(tmp_path / "nope.kvsnap"))
+    assert res.returncode == 1 and "unreadable" in res.stdout
+
+
+def test_cli_does_not_load_libllama(tmp_path: Path, snap: S.Snapshot) -> None:
+    path = tmp_path / "a.kvsnap"
+    S.write(path, snap)
+    code = (
+        "import sys; from runtime.cli import main; "
+        f"rc = main(['snapshot', 'verify', {str(path)!r}]); "
+        "assert 'llamaffi' not in sys.modules, 'libllama was loaded'; sys.exit(rc)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr

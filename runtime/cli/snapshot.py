@@ -1,0 +1,106 @@
+"""``python -m runtime snapshot inspect|verify``: look at and check KV snapshot files.
+
+Neither command loads libllama: both work from the file alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runtime import snapshot
+from runtime.snapshot import CorruptSnapshot, UnsupportedVersion
+
+_SHOWN_TOKENS = 16
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """Add the ``inspect`` and ``verify`` subcommands to the ``snapshot`` group's parser."""
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect_p = commands.add_parser(
+        "inspect", help="print a snapshot's header (the payload is not read)"
+    )
+    inspect_p.add_argument("file", type=Path, help="a .kvsnap file")
+    inspect_p.add_argument("--json", action="store_true", help="print the header as JSON")
+    inspect_p.add_argument("--tokens", action="store_true", help="print every token id")
+    inspect_p.set_defaults(func=cmd_inspect)
+
+    verify_p = commands.add_parser(
+        "verify",
+        help="check snapshot files completely (header, checksums, zstd frames); "
+        "exit 1 on any damage",
+    )
+    verify_p.add_argument(
+        "paths", type=Path, nargs="+", metavar="FILE|DIR", help="files, or directories to walk"
+    )
+    verify_p.add_argument("-q", "--quiet", action="store_true", help="report damage only")
+    verify_p.set_defaults(func=cmd_verify)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print the header of ``args.file``; exit 1 if it is unreadable or damaged."""
+    try:
+        header = snapshot.inspect(args.file)
+    except OSError as exc:
+        print(f"error: {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    info = header.to_dict()
+    tokens = list(header.tokens)
+    if args.json:
+        if args.tokens:
+            info["tokens"] = tokens
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    if args.tokens or len(tokens) <= _SHOWN_TOKENS:
+        shown = " ".join(map(str, tokens))
+    else:
+        shown = " ".join(map(str, tokens[:_SHOWN_TOKENS])) + f" ... ({len(tokens)} in all)"
+    print(f"{'tokens':<{width}}  {shown}")
+    return 0
+
+
+def _targets(paths: list[Path]) -> list[Path]:
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            out.extend(snapshot.iter_snapshot_files(path))
+        else:
+            out.append(path)
+    return out
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify every file (directories are walked for ``*.kvsnap``); exit 1 on any damage."""
+    damaged = 0
+    files = _targets(args.paths)
+    for path in files:
+        try:
+            header = snapshot.verify(path)
+        except CorruptSnapshot as exc:
+            damaged += 1
+            print(f"DAMAGED {path}: field {exc.field}: {exc}")
+            continue
+        except UnsupportedVersion as exc:
+            damaged += 1
+            print(f"DAMAGED {path}: field version: {exc}")
+            continue
+        except OSError as exc:
+            damaged += 1
+            print(f"DAMAGED {path}: unreadable: {exc.strerror or exc}")
+            continue
+        if not args.quiet:
+            print(
+                f"OK {path}: seq {header.seq_id}, {header.n_tokens} tokens, "
+                f"{header.raw_size} -> {header.file_size} bytes"
+            )
+    if not files:
+        print("no snapshot files found", file=sys.stderr)
+    elif not args.quiet or damaged:
+        print(f"{len(files)} checked, {damaged} damaged", file=sys.stderr)
+    return 1 if damaged else 0
