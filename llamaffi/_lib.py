@@ -7,6 +7,7 @@ package (``llamaffi/lib/``). Its ``libggml*`` siblings are found through its RPA
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import json
 import os
 import sys
@@ -41,8 +42,25 @@ def library_path() -> Path:
 
 def _load(name: str) -> ctypes.CDLL:
     path = library_path().parent / f"{name}{_SUFFIX}"
-    # RTLD_GLOBAL: libllama and the ggml backends must share one copy of ggml's globals.
-    return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    # RTLD_LOCAL (the default): the ggml libraries are shared through libllama's own
+    # DT_NEEDED entries; nothing of theirs needs to be global.
+    return ctypes.CDLL(str(path))
+
+
+def _preload_libstdcxx() -> None:
+    """Put the system libstdc++ in the global scope first, as a C++ executable would have it.
+
+    A CUDA build's libggml-cuda exports its own instances of libstdc++ templates; loaded
+    from Python (a C program), libllama's lookups found those before libstdc++'s and crashed
+    in ``llama_model::print_info`` (seen on an H200 with GGML_CUDA=on; LD_PRELOAD of
+    libstdc++ fixed it, and so does this).
+    """
+    if sys.platform.startswith("linux"):
+        name = ctypes.util.find_library("stdc++") or "libstdc++.so.6"
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            pass
 
 
 def build_info() -> dict[str, Any]:
@@ -55,9 +73,10 @@ def build_info() -> dict[str, Any]:
     return data
 
 
+_preload_libstdcxx()
+libllama = _load("libllama")
 libggml_base = _load("libggml-base")
 libggml = _load("libggml")
-libllama = _load("libllama")
 # ggml-cpu may be absent from a user-supplied build that uses dynamic backend loading.
 try:
     libggml_cpu: ctypes.CDLL | None = _load("libggml-cpu")
