@@ -6,6 +6,7 @@ package (``llamaffi/lib/``). Its ``libggml*`` siblings are found through its RPA
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -57,10 +58,8 @@ def _preload_libstdcxx() -> None:
     """
     if sys.platform.startswith("linux"):
         name = ctypes.util.find_library("stdc++") or "libstdc++.so.6"
-        try:
+        with contextlib.suppress(OSError):  # no libstdc++: nothing to interpose on
             ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-        except OSError:
-            pass
 
 
 def build_info() -> dict[str, Any]:

@@ -209,24 +209,33 @@ def build_bert_onnx(weights: Mapping[str, npt.NDArray[Any]], cfg: BertConfig) ->
     # embeddings: word + position (0..seq-1) + token type, then LayerNorm
     word = g.op(
         "Gather",
-        [g.init("embeddings.word_embeddings.weight", w("embeddings.word_embeddings.weight")),
-         "input_ids"],
+        [
+            g.init("embeddings.word_embeddings.weight", w("embeddings.word_embeddings.weight")),
+            "input_ids",
+        ],
     )
     # position embeddings 0..seq-1: a 1-D slice of the table (no Range/scalar gymnastics)
     seq_len = g.op("Shape", ["input_ids"], start=1, end=2)
     pos = g.op(
         "Slice",
-        [g.init("embeddings.position_embeddings.weight",
-                w("embeddings.position_embeddings.weight")),
-         g.init("const_zero_1d", np.array([0], dtype=np.int64)),
-         seq_len,
-         g.init("const_axis0_1d", np.array([0], dtype=np.int64))],
+        [
+            g.init(
+                "embeddings.position_embeddings.weight", w("embeddings.position_embeddings.weight")
+            ),
+            g.init("const_zero_1d", np.array([0], dtype=np.int64)),
+            seq_len,
+            g.init("const_axis0_1d", np.array([0], dtype=np.int64)),
+        ],
     )
     tok = g.op(
         "Gather",
-        [g.init("embeddings.token_type_embeddings.weight",
-                w("embeddings.token_type_embeddings.weight")),
-         "token_type_ids"],
+        [
+            g.init(
+                "embeddings.token_type_embeddings.weight",
+                w("embeddings.token_type_embeddings.weight"),
+            ),
+            "token_type_ids",
+        ],
     )
     x = layer_norm(g.op("Add", [g.op("Add", [word, pos]), tok]), "embeddings.LayerNorm")
 
@@ -246,7 +255,7 @@ def build_bert_onnx(weights: Mapping[str, npt.NDArray[Any]], cfg: BertConfig) ->
     for i in range(cfg.num_layers):
         p = f"encoder.layer.{i}"
 
-        def heads(name: str, perm: list[int], src: str = x) -> str:
+        def heads(name: str, perm: list[int], src: str = x, p: str = p) -> str:
             proj = linear(src, f"{p}.attention.self.{name}")
             return g.op("Transpose", [g.op("Reshape", [proj, split_shape])], perm=perm)
 
@@ -688,7 +697,9 @@ class Embedder:
             if "input_ids" not in names:
                 raise EmbedderError(f"{self.model_path} has no input_ids input: {names}")
             outputs = [o.name for o in session.get_outputs()]
-            self._output_name = "last_hidden_state" if "last_hidden_state" in outputs else outputs[0]
+            self._output_name = (
+                "last_hidden_state" if "last_hidden_state" in outputs else outputs[0]
+            )
             self._input_names = names
             self._session = session
         return self._session
@@ -767,7 +778,9 @@ class Embedder:
             raise EmbedderError(f"model produced width {out.shape[1]}, expected {self._dim}")
         self.last_stats = EmbedStats(len(texts), truncated, tokens, padded)
         if truncated:
-            log.debug("%d of %d inputs truncated to %d tokens", truncated, len(texts), self._max_length)
+            log.debug(
+                "%d of %d inputs truncated to %d tokens", truncated, len(texts), self._max_length
+            )
         return out
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import mmap
 import os
 import re
 import secrets
@@ -188,16 +187,45 @@ class Manifest:
             raise IndexFileError(f"manifest version {fields[1]} is not supported")
         if zlib.crc32(body) != crc:
             raise IndexFileError("manifest checksum mismatch")
-        (_, _, dim, space, m, efc, _, max_seq, max_tomb, live, slots, max_el, size, sid, sha,
-         name) = fields
+        (
+            _,
+            _,
+            dim,
+            space,
+            m,
+            efc,
+            _,
+            max_seq,
+            max_tomb,
+            live,
+            slots,
+            max_el,
+            size,
+            sid,
+            sha,
+            name,
+        ) = fields
         spaces = {v: k for k, v in SPACES.items()}
         blob_name = name.rstrip(b"\0").decode("ascii", "replace")
         if space not in spaces or not _BLOB_RE.match(blob_name):
             raise IndexFileError("manifest has a bad space code or blob name")
         if live > slots or slots > max_el or max_el > MAX_ELEMENTS_LIMIT:
             raise IndexFileError(f"manifest counts are inconsistent: {live}/{slots}/{max_el}")
-        return cls(dim, spaces[space], m, efc, max_seq, max_tomb, live, slots, max_el, size,
-                   sid, sha, blob_name)
+        return cls(
+            dim,
+            spaces[space],
+            m,
+            efc,
+            max_seq,
+            max_tomb,
+            live,
+            slots,
+            max_el,
+            size,
+            sid,
+            sha,
+            blob_name,
+        )
 
 
 def _sha256_fd(fd: int, size: int) -> bytes:
@@ -212,7 +240,9 @@ def _sha256_fd(fd: int, size: int) -> bytes:
     return h.digest()
 
 
-def validate_hnsw_blob(fd: int, size: int, *, dim: int, M: int, slots: int, max_elements: int) -> None:
+def validate_hnsw_blob(
+    fd: int, size: int, *, dim: int, M: int, slots: int, max_elements: int
+) -> None:
     """Check hnswlib's blob header and link-list framing against what we expect and the size.
 
     This is everything ``HierarchicalNSW::loadIndex`` trusts, so a file that passes cannot make
@@ -220,8 +250,21 @@ def validate_hnsw_blob(fd: int, size: int, *, dim: int, M: int, slots: int, max_
     """
     if size < HNSW_HEADER.size:
         raise IndexFileError(f"hnsw blob is {size} bytes, shorter than its header")
-    (off0, max_el, cur, per_el, label_off, data_off, maxlevel, entry, max_m, max_m0, m, mult,
-     _efc) = HNSW_HEADER.unpack(os.pread(fd, HNSW_HEADER.size, 0))
+    (
+        off0,
+        max_el,
+        cur,
+        per_el,
+        label_off,
+        data_off,
+        maxlevel,
+        entry,
+        max_m,
+        max_m0,
+        m,
+        mult,
+        _efc,
+    ) = HNSW_HEADER.unpack(os.pread(fd, HNSW_HEADER.size, 0))
     links0 = max_m0 * 4 + 4  # neighbour ids + the linklistsizeint
     expected = {
         "offsetLevel0": (off0, 0),
@@ -247,46 +290,55 @@ def validate_hnsw_blob(fd: int, size: int, *, dim: int, M: int, slots: int, max_
     level0_end = HNSW_HEADER.size + cur * per_el
     if level0_end > size:
         raise IndexFileError(f"hnsw blob is truncated: level-0 data ends at {level0_end} > {size}")
-    with mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else contextlib.nullcontext() as mm:
-        if cur:
-            _check_level0(mm, cur=cur, per_el=per_el, max_m0=max_m0)
-        levels = _check_upper_levels(mm, size, start=level0_end, cur=cur, max_m=max_m,
-                                     maxlevel=maxlevel)
+    if cur:
+        _check_level0(fd, cur=cur, per_el=per_el, max_m0=max_m0)
+    tail = os.pread(fd, size - level0_end, level0_end)
+    levels = _check_upper_levels(tail, level0_end, cur=cur, max_m=max_m, maxlevel=maxlevel)
     # hnswlib starts every search at the entry point on maxlevel: it must really live there
     if cur and (levels.get(entry, 0) != maxlevel or max(levels.values(), default=0) != maxlevel):
         raise IndexFileError(f"hnsw blob entry point {entry} is not on the top level {maxlevel}")
 
 
-def _check_level0(mm: Any, *, cur: int, per_el: int, max_m0: int) -> None:
+def _check_level0(fd: int, *, cur: int, per_el: int, max_m0: int) -> None:
     """Every level-0 neighbour count is at most maxM0 and every neighbour id is below cur."""
-    words = np.frombuffer(mm, dtype="<u4", count=cur * per_el // 4, offset=HNSW_HEADER.size)
-    table = words.reshape(cur, per_el // 4)
-    counts = table[:, 0] & 0xFFFF  # linklistsizeint: count in the low 16 bits, flags above
-    if int(counts.max()) > max_m0:
-        raise IndexFileError(f"hnsw blob has a level-0 neighbour count above {max_m0}")
-    neighbours = table[:, 1 : 1 + max_m0]
-    used = np.arange(max_m0)[None, :] < counts[:, None]
-    if bool((neighbours[used] >= cur).any()):
-        raise IndexFileError("hnsw blob has a level-0 neighbour id out of range")
+    rows_per_read = max(1, (8 << 20) // per_el)  # bounded memory: 8 MiB at a time
+    for first in range(0, cur, rows_per_read):
+        rows = min(rows_per_read, cur - first)
+        raw = os.pread(fd, rows * per_el, HNSW_HEADER.size + first * per_el)
+        if len(raw) != rows * per_el:
+            raise IndexFileError("hnsw blob is truncated in its level-0 data")
+        table = np.frombuffer(raw, dtype="<u4").reshape(rows, per_el // 4)
+        counts = table[:, 0] & 0xFFFF  # linklistsizeint: count in the low 16 bits, flags above
+        if int(counts.max()) > max_m0:
+            raise IndexFileError(f"hnsw blob has a level-0 neighbour count above {max_m0}")
+        used = np.arange(max_m0)[None, :] < counts[:, None]
+        if bool((table[:, 1 : 1 + max_m0][used] >= cur).any()):
+            raise IndexFileError("hnsw blob has a level-0 neighbour id out of range")
 
 
 def _check_upper_levels(
-    mm: Any, size: int, *, start: int, cur: int, max_m: int, maxlevel: int
+    tail: bytes, base: int, *, cur: int, max_m: int, maxlevel: int
 ) -> dict[int, int]:
-    """Walk the per-element link lists; returns {element: level} for elements above level 0."""
+    """Walk the per-element link lists (``tail`` starts at file offset ``base``).
+
+    Returns {element: level} for the elements above level 0.
+    """
     per_level = max_m * 4 + 4
+    size = len(tail)
     levels: dict[int, int] = {}
-    pos = start
+    pos = 0
     for i in range(cur):
         if pos + 4 > size:
             raise IndexFileError(f"hnsw blob is truncated in the link list of element {i}")
-        (n,) = _U32.unpack_from(mm, pos)
+        (n,) = _U32.unpack_from(tail, pos)
         pos += 4
         if n == 0:
             continue
         if n % per_level or n // per_level > max(maxlevel, 0) or pos + n > size:
-            raise IndexFileError(f"hnsw blob has a bad link list size {n} at offset {pos - 4}")
-        block = np.frombuffer(mm, dtype="<u4", count=n // 4, offset=pos).reshape(-1, max_m + 1)
+            raise IndexFileError(
+                f"hnsw blob has a bad link list size {n} at offset {base + pos - 4}"
+            )
+        block = np.frombuffer(tail, dtype="<u4", count=n // 4, offset=pos).reshape(-1, max_m + 1)
         counts = block[:, 0] & 0xFFFF
         if int(counts.max()) > max_m:
             raise IndexFileError(f"hnsw blob has a neighbour count above {max_m} (element {i})")
@@ -296,7 +348,9 @@ def _check_upper_levels(
         levels[i] = n // per_level
         pos += n
     if pos != size:
-        raise IndexFileError(f"hnsw blob framing ends at {pos}, but the file has {size} bytes")
+        raise IndexFileError(
+            f"hnsw blob framing ends at {base + pos}, but the file has {base + size} bytes"
+        )
     return levels
 
 
@@ -405,9 +459,7 @@ class HnswIndex:
                 while True:
                     try:
                         # one thread: a Python filter callback must not run on hnswlib's pool
-                        labels, dist = self._index.knn_query(
-                            q, k=k, num_threads=1, filter=filter
-                        )
+                        labels, dist = self._index.knn_query(q, k=k, num_threads=1, filter=filter)
                         break
                     except RuntimeError:
                         # fewer than k reachable (filter, or deleted slots): ask for fewer
@@ -420,8 +472,9 @@ class HnswIndex:
 
     # -- persistence ----------------------------------------------------------------------------
 
-    def save(self, directory: str | os.PathLike[str], *, store_id: bytes, max_seq: int,
-             max_tomb: int) -> Manifest:
+    def save(
+        self, directory: str | os.PathLike[str], *, store_id: bytes, max_seq: int, max_tomb: int
+    ) -> Manifest:
         """Publish the index: new blob under a new name, then the manifest, then prune.
 
         Returns the manifest written. The caller must hold the directory's write lock.
@@ -432,8 +485,10 @@ class HnswIndex:
         try:
             with self._lock:
                 self._index.save_index(str(tmp))
-                live, slots, max_el = self._live, int(self._index.element_count), int(
-                    self._index.max_elements
+                live, slots, max_el = (
+                    self._live,
+                    int(self._index.element_count),
+                    int(self._index.max_elements),
                 )
             fd = os.open(tmp, os.O_RDONLY)
             try:
@@ -469,8 +524,9 @@ class HnswIndex:
         return manifest
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], params: IndexParams, *,
-             store_id: bytes) -> tuple[HnswIndex, Manifest]:
+    def load(
+        cls, directory: str | os.PathLike[str], params: IndexParams, *, store_id: bytes
+    ) -> tuple[HnswIndex, Manifest]:
         """Validate and load the index saved in ``directory``; raise :class:`IndexFileError`.
 
         Every check (manifest, store id, parameters, blob size, sha256, hnswlib header and

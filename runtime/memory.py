@@ -146,9 +146,7 @@ class ScoringWeights:
 
     def score(self, similarity: float, recency: float, importance: float) -> float:
         """The weighted sum that ranks hits."""
-        return (
-            self.relevance * similarity + self.recency * recency + self.importance * importance
-        )
+        return self.relevance * similarity + self.recency * recency + self.importance * importance
 
 
 @dataclass(frozen=True)
@@ -455,10 +453,12 @@ class MemoryStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # also after a failed COMMIT (disk full): leave no transaction open behind us
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     def _count(self) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM items").fetchone()[0])
@@ -534,8 +534,17 @@ class MemoryStore:
                 cur = db.execute(
                     "INSERT INTO items (id, text, kind, session, created, accessed, importance,"
                     " meta, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (ids[i], text, kind, session, stamp, stamp, float(importances[i]),
-                     metas[i], vectors[i].astype("<f4").tobytes()),
+                    (
+                        ids[i],
+                        text,
+                        kind,
+                        session,
+                        stamp,
+                        stamp,
+                        float(importances[i]),
+                        metas[i],
+                        vectors[i].astype("<f4").tobytes(),
+                    ),
                 )
                 seqs.append(int(cur.lastrowid or 0))
         # committed: the ids are durable; the index follows (replay covers a crash here)
@@ -568,15 +577,18 @@ class MemoryStore:
     @staticmethod
     def _item(row: Sequence[Any]) -> MemoryItem:
         seq, item_id, text, kind, session, created, accessed, importance, meta = row
-        return MemoryItem(item_id, text, kind, session, created, accessed, importance,
-                          json.loads(meta), seq)
+        return MemoryItem(
+            item_id, text, kind, session, created, accessed, importance, json.loads(meta), seq
+        )
 
     def get(self, item_id: str) -> MemoryItem | None:
         """The memory with this id, or None."""
         with self._lock:
-            row = self._conn().execute(
-                f"SELECT {self._COLUMNS} FROM items WHERE id = ?", (item_id,)
-            ).fetchone()
+            row = (
+                self._conn()
+                .execute(f"SELECT {self._COLUMNS} FROM items WHERE id = ?", (item_id,))
+                .fetchone()
+            )
         return None if row is None else self._item(row)
 
     def search(
@@ -635,8 +647,8 @@ class MemoryStore:
             # small sets: exact scan beats the graph walk and never misses
             result: dict[int, float] = {}
             for seqs, vectors in self._iter_embeddings(f"WHERE {where}", tuple(args)):
-                sims = vectors @ vector
-                result.update(zip(seqs, (float(s) for s in sims), strict=True))
+                exact = vectors @ vector
+                result.update(zip(seqs, (float(s) for s in exact), strict=True))
             best = sorted(result.items(), key=lambda kv: -kv[1])[:pool]
             return dict(best)
         allowed_set = frozenset(allowed)
@@ -647,10 +659,12 @@ class MemoryStore:
         if not candidates:
             return []
         seqs = list(candidates)
-        rows = self._conn().execute(
-            f"SELECT {self._COLUMNS} FROM items WHERE seq IN ({', '.join('?' * len(seqs))})",
-            seqs,
-        ).fetchall()
+        rows: list[Any] = []
+        for i in range(0, len(seqs), 500):  # stay under SQLite's bound-parameter limit
+            part = seqs[i : i + 500]
+            marks = ", ".join("?" * len(part))
+            sql = f"SELECT {self._COLUMNS} FROM items WHERE seq IN ({marks})"
+            rows += self._conn().execute(sql, part).fetchall()
         hits = []
         for row in rows:  # a label SQLite no longer has (a stale index) simply drops out
             item = self._item(row)

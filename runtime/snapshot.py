@@ -398,9 +398,7 @@ class SnapshotHeader:
             "pos_min": self.pos_min,
             "pos_max": self.pos_max,
             "n_tokens": self.n_tokens,
-            "created": time.strftime(
-                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created_ns / 1_000_000_000)
-            ),
+            "created": _format_time_ns(self.created_ns),
             "snapshot_id": self.snapshot_id,
             "session_id": self.session_id,
             "parent_id": self.parent_id,
@@ -483,6 +481,13 @@ class SnapshotHeader:
                 source=source,
             )
         return _parse_body_v1(buf, header_len, source)
+
+
+def _format_time_ns(ns: int) -> str:
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1_000_000_000))
+    except (OverflowError, OSError, ValueError):
+        return f"invalid ({ns} ns)"
 
 
 def check_prefix(prefix: bytes, *, source: str | None = None) -> int:

@@ -69,7 +69,9 @@ SENTENCES: list[str] = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-dir", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("minilm_reference.npz"))
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).with_name("minilm_reference.npz")
+    )
     args = parser.parse_args()
 
     import sentence_transformers

@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from runtime.memory import MemoryStore  # noqa: E402
-from tests.runtime.memory_helpers import HashEmbedder  # noqa: E402
+from runtime.memory import MemoryStore
+from tests.runtime.memory_helpers import HashEmbedder
 
 
 def main() -> None:

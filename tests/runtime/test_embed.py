@@ -116,8 +116,9 @@ def test_huge_text_is_truncated_without_tokenising_it_all(embedder: Embedder) ->
     assert float(v[0] @ w[0]) >= 0.9999
 
 
-def test_from_dir_loads_a_plain_hf_style_directory(export_dir: Path, tmp_path: Path,
-                                                   embedder: Embedder) -> None:
+def test_from_dir_loads_a_plain_hf_style_directory(
+    export_dir: Path, tmp_path: Path, embedder: Embedder
+) -> None:
     plain = tmp_path / "hf" / "onnx"
     plain.mkdir(parents=True)
     shutil.copy(export_dir / MODEL_FILE, plain / MODEL_FILE)
@@ -152,7 +153,9 @@ def test_cache_is_reused_and_damage_re_exports(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_default_cache_location_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_cache_location_honours_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("LLAMAFFI_CACHE", str(tmp_path))
     e = Embedder.default()
     (d,) = [p for p in (tmp_path / "embedders").iterdir() if not p.name.startswith(".")]
@@ -168,8 +171,12 @@ def test_concurrent_first_use_does_not_corrupt_the_cache(tmp_path: Path) -> None
         "print(Embedder.from_dir(d).embed(['x']).shape)\n"
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(target), str(ROOT)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(target), str(ROOT)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     for p in procs:
@@ -194,8 +201,9 @@ def test_read_safetensors_rejects_bad_files(tmp_path: Path) -> None:
         read_safetensors(bad)
 
 
-def test_int8_variant_agrees_with_fp32(export_dir: Path, embedder: Embedder,
-                                       reference: tuple[list[str], np.ndarray, np.ndarray]) -> None:
+def test_int8_variant_agrees_with_fp32(
+    export_dir: Path, embedder: Embedder, reference: tuple[list[str], np.ndarray, np.ndarray]
+) -> None:
     from runtime.embed import quantize_int8
 
     q = Embedder.from_dir(export_dir, onnx_file=quantize_int8(export_dir).name)

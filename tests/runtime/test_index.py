@@ -52,12 +52,14 @@ def test_recall_at_10_on_20k_random_vectors_at_default_ef() -> None:
     index.add(data, range(20_000))
     truth = np.argsort(-(queries @ data.T), axis=1)[:, :10]
     found = [index.query(q, 10)[0] for q in queries]
-    recall = np.mean([len(set(f) & set(t.tolist())) / 10 for f, t in zip(found, truth, strict=True)])
+    recall = np.mean(
+        [len(set(f) & set(t.tolist())) / 10 for f, t in zip(found, truth, strict=True)]
+    )
     assert recall >= 0.95, recall
 
 
 def test_round_trip_and_query(tmp_path: Path) -> None:
-    index, data = saved(tmp_path)
+    _, data = saved(tmp_path)
     loaded, manifest = load(tmp_path)
     assert (manifest.max_seq, manifest.live, manifest.slots) == (200, 200, 200)
     assert len(loaded) == 200
@@ -131,7 +133,9 @@ def test_concurrent_add_and_query_are_serialised() -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(3)]
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=reader) for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -64,7 +64,12 @@ def test_add_get_delete_search(tmp_path: Path) -> None:
         item = store.get(a)
         assert item is not None
         assert (item.text, item.kind, item.session, item.importance, item.meta) == (
-            "alpha", "fact", "s1", 0.9, {"src": "x"})
+            "alpha",
+            "fact",
+            "s1",
+            0.9,
+            {"src": "x"},
+        )
         assert [h.id for h in store.search("beta", 1)] == [b]
         assert [h.id for h in store.search("beta", 5, session="s1")] == [a]
         assert [h.id for h in store.search("alpha", 5, kinds=["turn"])] == [b]
@@ -217,7 +222,9 @@ def _garbage_manifest(d: Path) -> None:
 @pytest.mark.parametrize(
     "damage", [_truncate, _garbage, _flip, _delete_blob, _delete_all, _garbage_manifest]
 )
-def test_damaged_index_is_rebuilt(tmp_path: Path, damage: object, caplog: pytest.LogCaptureFixture) -> None:
+def test_damaged_index_is_rebuilt(
+    tmp_path: Path, damage: object, caplog: pytest.LogCaptureFixture
+) -> None:
     items = fill(tmp_path, 40)
     damage(tmp_path)  # type: ignore[operator]
     with open_store(tmp_path) as store:
@@ -271,7 +278,9 @@ def test_second_writer_gets_a_clear_error(tmp_path: Path) -> None:
         )
         proc = subprocess.run(
             [sys.executable, "-c", code, str(tmp_path), str(ROOT)],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert proc.returncode == 3, proc.stderr
         assert "already open for writing" in proc.stdout
@@ -305,7 +314,10 @@ def test_kill_9_never_loses_an_acknowledged_add(tmp_path: Path) -> None:
     for _round in range(30):
         proc = subprocess.Popen(
             [sys.executable, str(CHILD), str(tmp_path), str(start)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
         )
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
@@ -330,15 +342,32 @@ def test_kill_9_never_loses_an_acknowledged_add(tmp_path: Path) -> None:
 # -- CLI --------------------------------------------------------------------------------------
 
 
-def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_round_trip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import runtime.cli.memory as cli_memory
     from runtime.cli import main
 
     monkeypatch.setattr(cli_memory, "_embedder", lambda args: HashEmbedder())
     d = str(tmp_path / "store")
-    assert main(["memory", "add", "--dir", d, "the sky is blue", "--kind", "fact",
-                 "--importance", "0.8", "--meta", '{"a": 1}']) == 0
+    assert (
+        main(
+            [
+                "memory",
+                "add",
+                "--dir",
+                d,
+                "the sky is blue",
+                "--kind",
+                "fact",
+                "--importance",
+                "0.8",
+                "--meta",
+                '{"a": 1}',
+            ]
+        )
+        == 0
+    )
     item_id = capsys.readouterr().out.strip()
     assert main(["memory", "search", "--dir", d, "the sky is blue", "-k", "3"]) == 0
     out = capsys.readouterr().out
@@ -350,3 +379,11 @@ def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert main(["memory", "add", "--dir", d, "x", "--meta", "{bad"]) == 2
     # search on a directory with no store is an error, not a traceback
     assert main(["memory", "search", "--dir", str(tmp_path / "none"), "q"]) == 1
+
+
+def test_large_k_returns_everything_in_order(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        store.add_many([f"entry {i}" for i in range(700)])
+        hits = store.search("entry 5", 650, touch=False)
+        assert len(hits) == 650 and hits[0].text == "entry 5"
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)

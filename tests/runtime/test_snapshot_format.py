@@ -348,3 +348,30 @@ def test_cli_does_not_load_libllama(tmp_path: Path, snap: S.Snapshot) -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 0, res.stderr
+
+
+def test_inspect_reads_header_only(tmp_path: Path, snap: S.Snapshot, blob: bytes) -> None:
+    """A damaged payload of the right size: inspect is happy, read and verify are not."""
+    header_len = snap.header.header_len
+    path = tmp_path / "a.kvsnap"
+    path.write_bytes(blob[:header_len] + bytes(len(blob) - header_len))
+    assert S.inspect(path) == snap.header
+    with pytest.raises(S.CorruptSnapshot, match="checksum"):
+        S.read(path)
+    with pytest.raises(S.CorruptSnapshot, match="checksum"):
+        S.verify(path)
+
+
+def test_verify_runs_zstd(tmp_path: Path, snap: S.Snapshot) -> None:
+    """verify() decompresses: a chunk whose table digest was forged still fails, by field."""
+    bad_chunk = bytearray(snap.chunks[1])
+    bad_chunk[len(bad_chunk) // 2] ^= 0xFF
+    chunks = (snap.chunks[0], bytes(bad_chunk), *snap.chunks[2:])
+    entries = tuple(S.ChunkEntry(len(c), hashlib.sha256(c).digest()) for c in chunks)
+    forged = S.Snapshot(dataclasses.replace(snap.header, chunks=entries), chunks)
+    path = tmp_path / "forged.kvsnap"
+    S.write(path, forged)
+    S.read(path)  # every SHA-256 matches
+    with pytest.raises(S.CorruptSnapshot) as info:
+        S.verify(path)
+    assert info.value.field.startswith("chunk[1].")

@@ -282,3 +282,14 @@ def test_enospc_real_filesystem(tiny_tmpfs: Path) -> None:
     with SnapshotStore(tiny_tmpfs / "store", keep=3) as store:
         before = store.save("s1", snap(0))
         _check_enospc_leaves_previous(store, before)
+
+
+def test_newer_version_skipped_not_quarantined(store: SnapshotStore) -> None:
+    store.save("s1", snap(0))
+    newest = store.save("s1", snap(1))
+    data = bytearray(newest.read_bytes())
+    data[8:10] = (2).to_bytes(2, "little")
+    newest.write_bytes(bytes(data))
+    latest = store.latest_valid("s1")
+    assert latest is not None and latest.generation == 1
+    assert newest.exists()
