@@ -182,9 +182,10 @@ class Context:
             raise ClosedError("context is closed")
         return self._ptr
 
-    def _check_seq(self, seq_id: int) -> None:
-        if not isinstance(seq_id, int) or not 0 <= seq_id < self.n_seq_max:
-            raise ValueError(f"seq_id must be an int in [0, {self.n_seq_max}), got {seq_id!r}")
+    def _check_seq(self, seq_id: int, allow_all: bool = False) -> None:
+        low = -1 if allow_all else 0
+        if not isinstance(seq_id, int) or not low <= seq_id < self.n_seq_max:
+            raise ValueError(f"seq_id must be an int in [{low}, {self.n_seq_max}), got {seq_id!r}")
 
     # -- decoding ---------------------------------------------------------------------------
 
@@ -327,21 +328,21 @@ class Context:
         return int(n)
 
     def seq_state_size(self, seq_id: int, flags: int = 0) -> int:
-        """Exact bytes :meth:`seq_state_get` will produce for ``seq_id``."""
+        """Exact bytes :meth:`seq_state_get` will produce for ``seq_id`` (-1: every seq)."""
         ptr = self._handle()
-        self._check_seq(seq_id)
+        self._check_seq(seq_id, allow_all=True)
         return int(state.llama_state_seq_get_size_ext(ptr, seq_id, flags))
 
     def seq_state_get(
         self, seq_id: int, flags: int = 0, out: npt.NDArray[np.uint8] | None = None
     ) -> npt.NDArray[np.uint8]:
-        """The state of one sequence, copied once into a Python-owned uint8 array.
+        """The state of one sequence (-1: all of them), copied once into a Python-owned array.
 
         Pass ``out`` (a writable, contiguous uint8 array at least :meth:`seq_state_size` long)
         to reuse a buffer; the returned array is then a view of it.
         """
         ptr = self._handle()
-        self._check_seq(seq_id)
+        self._check_seq(seq_id, allow_all=True)
         size = int(state.llama_state_seq_get_size_ext(ptr, seq_id, flags))
         if out is None:
             out = np.empty(size, dtype=np.uint8)
@@ -357,13 +358,13 @@ class Context:
         return out[:n]
 
     def seq_state_set(self, buf: Buffer, seq_id: int, flags: int = 0) -> int:
-        """Load a sequence state (from :meth:`seq_state_get`) into ``seq_id``.
+        """Load a sequence state (from :meth:`seq_state_get`) into ``seq_id`` (-1: all).
 
-        Returns the bytes read. On failure the sequence is left **empty**, never half-filled,
-        and :class:`StateError` is raised.
+        Returns the bytes read. On failure the sequence (for -1: the whole memory) is left
+        **empty**, never half-filled, and :class:`StateError` is raised.
         """
         ptr = self._handle()
-        self._check_seq(seq_id)
+        self._check_seq(seq_id, allow_all=True)
         src = _as_u8(buf)
         n = 0
         if src.size:
@@ -374,7 +375,10 @@ class Context:
             )
         if n == 0:
             # llama.cpp #27068: a failed restore can leave cells behind; empty the sequence.
-            memory.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+            if seq_id == -1:
+                memory.llama_memory_clear(self._mem, True)
+            else:
+                memory.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
             raise StateError(
                 f"sequence state of {src.size} bytes rejected; seq {seq_id} cleared",
                 function="llama_state_seq_set_data_ext",

@@ -1043,13 +1043,9 @@ def iter_snapshot_files(directory: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def _check_live_seq(ctx: Context, seq_id: int) -> None:
-    # The format records whole-context states (seq_id -1, kind CONTEXT), but llamaffi's
-    # seq_state_get/set take only real sequences, so live capture/restore does too.
-    if not 0 <= seq_id < ctx.n_seq_max:
-        raise ValueError(
-            f"seq_id {seq_id} out of range [0, {ctx.n_seq_max}) (whole-context snapshots, "
-            "seq_id -1, cannot be captured or restored through llamaffi yet)"
-        )
+    # -1 is a whole-context state (kind CONTEXT): every sequence at once.
+    if not -1 <= seq_id < ctx.n_seq_max:
+        raise ValueError(f"seq_id {seq_id} out of range [-1, {ctx.n_seq_max})")
 
 
 def capture(
@@ -1067,7 +1063,9 @@ def capture(
     """
     _check_live_seq(ctx, seq_id)
     identity = CacheIdentity.from_context(ctx)
-    pos_min, pos_max = ctx.memory.pos_min(seq_id), ctx.memory.pos_max(seq_id)
+    pos_min = pos_max = -1
+    if seq_id >= 0:  # a whole-context state has no single position range
+        pos_min, pos_max = ctx.memory.pos_min(seq_id), ctx.memory.pos_max(seq_id)
     if pos_min < 0 or pos_max < 0:
         pos_min = pos_max = -1
     raw = ctx.seq_state_get(seq_id)
@@ -1143,7 +1141,9 @@ def restore(
     # point clears the sequence before the error propagates.
     try:
         ctx.seq_state_set(raw, target)
-        got = (ctx.memory.pos_min(target), ctx.memory.pos_max(target))
+        got = (-1, -1)
+        if target >= 0:
+            got = (ctx.memory.pos_min(target), ctx.memory.pos_max(target))
         if got != (header.pos_min, header.pos_max):
             raise RestoreError(
                 f"restored seq {target} holds positions {got}, snapshot says "

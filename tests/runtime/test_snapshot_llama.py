@@ -150,6 +150,22 @@ def test_empty_sequence(model: Any) -> None:
         assert _is_empty(ctx, 1)
 
 
+def test_whole_context_round_trip(model: Any, tokens: list[int]) -> None:
+    with model.context(**CTX_ARGS) as ctx:
+        ctx.decode(tokens[:-1], seq_id=0)
+        ctx.decode(tokens[:5], seq_id=2)
+        snap = S.capture(ctx, -1, tokens[:-1])
+        assert snap.header.kind is S.StateKind.CONTEXT
+        ctx.decode(tokens[-1:], seq_id=0)
+        reference = ctx.logits()
+    with model.context(**CTX_ARGS) as ctx:
+        S.restore(ctx, S.Snapshot.from_bytes(snap.to_bytes()), -1)
+        assert ctx.memory.pos_max(2) == 4
+        assert np.array_equal(_next_logits(ctx, tokens, 0), reference)
+        with pytest.raises(ValueError):
+            S.restore(ctx, snap, 0)  # a whole-context snapshot goes into -1 only
+
+
 def test_bad_seq_ids(source: Source, victim: Any) -> None:
     with pytest.raises(ValueError):
         S.capture(victim, 4, [])
