@@ -686,6 +686,8 @@ class Embedder:
             if self._threads is not None:
                 opts.intra_op_num_threads = self._threads
             opts.inter_op_num_threads = 1
+            # ERROR and above only: the graph optimiser's shape-merge warnings are noise to users
+            opts.log_severity_level = 3
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             try:
                 session = ort.InferenceSession(

@@ -387,3 +387,25 @@ def test_large_k_returns_everything_in_order(tmp_path: Path) -> None:
         hits = store.search("entry 5", 650, touch=False)
         assert len(hits) == 650 and hits[0].text == "entry 5"
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_index_is_saved_periodically_and_tombstones_are_pruned(tmp_path: Path) -> None:
+    import sqlite3
+
+    from runtime.index import Manifest
+
+    with open_store(tmp_path, save_every=10) as store:
+        ids = store.add_many([f"row {i}" for i in range(4)])
+        assert not (tmp_path / MANIFEST_NAME).exists() or (
+            Manifest.from_bytes((tmp_path / MANIFEST_NAME).read_bytes()).max_seq == 0
+        )
+        for i in range(8):
+            store.add(f"more {i}")
+        manifest = Manifest.from_bytes((tmp_path / MANIFEST_NAME).read_bytes())
+        assert manifest.max_seq >= 10 and manifest.live == manifest.max_seq
+        store.delete(ids[0])
+        store.save_index()
+        manifest = Manifest.from_bytes((tmp_path / MANIFEST_NAME).read_bytes())
+        assert manifest.live == 11 and manifest.max_tomb == 1
+    with sqlite3.connect(tmp_path / "memory.sqlite3") as db:
+        assert db.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0] == 0
