@@ -25,7 +25,11 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """Build the parser; only the group named in ``argv`` (if any) is imported."""
     import importlib
 
-    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime",
+        description="Inspect and maintain the memory runtime's files: KV snapshots "
+        "(short-term memory) and the long-term memory store.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
     wanted = next((a for a in argv if a in GROUPS), None)
