@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from llamaffi.errors import (
+    ArgumentError,
     ClosedError,
     ContextError,
     DecodeError,
@@ -43,6 +44,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "ArgumentError",
     "ClosedError",
     "Context",
     "ContextError",

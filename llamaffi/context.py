@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from llamaffi._capi import _types, backend, batch, context, memory, state
-from llamaffi.errors import ClosedError, ContextError, DecodeError, StateError
+from llamaffi.errors import ArgumentError, ClosedError, ContextError, DecodeError, StateError
 
 if TYPE_CHECKING:
     from llamaffi.model import Model
@@ -185,7 +185,9 @@ class Context:
     def _check_seq(self, seq_id: int, allow_all: bool = False) -> None:
         low = -1 if allow_all else 0
         if not isinstance(seq_id, int) or not low <= seq_id < self.n_seq_max:
-            raise ValueError(f"seq_id must be an int in [{low}, {self.n_seq_max}), got {seq_id!r}")
+            raise ArgumentError(
+                f"seq_id must be an int in [{low}, {self.n_seq_max}), got {seq_id!r}"
+            )
 
     # -- decoding ---------------------------------------------------------------------------
 
@@ -211,18 +213,18 @@ class Context:
         """
         ptr = self._handle()
         self._check_seq(seq_id)
-        arr = np.asarray(tokens, dtype=np.int64)
-        if arr.ndim != 1 or arr.size == 0:
-            raise ValueError("tokens must be a non-empty flat sequence of ints")
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
+            raise ArgumentError("tokens must be a non-empty flat sequence of ints")
         if arr.min() < 0 or arr.max() >= self.n_vocab:
-            raise ValueError(f"token ids must be in [0, {self.n_vocab})")
+            raise ArgumentError(f"token ids must be in [0, {self.n_vocab})")
         if logits not in ("last", "all", "none"):
-            raise ValueError(f"logits must be 'last', 'all' or 'none', not {logits!r}")
+            raise ArgumentError(f"logits must be 'last', 'all' or 'none', not {logits!r}")
         if logits == "all" and arr.size > self.n_batch:
-            raise ValueError(f"logits='all' needs len(tokens) <= n_batch ({self.n_batch})")
+            raise ArgumentError(f"logits='all' needs len(tokens) <= n_batch ({self.n_batch})")
         start = self.memory.pos_max(seq_id) + 1 if pos is None else pos
         if start < 0:
-            raise ValueError(f"pos must be >= 0, got {start}")
+            raise ArgumentError(f"pos must be >= 0, got {start}")
         if start + arr.size > self.n_ctx:
             raise DecodeError(
                 f"{arr.size} tokens at position {start} exceed n_ctx={self.n_ctx}",
@@ -257,12 +259,16 @@ class Context:
                 raise DecodeError(reason, function="llama_decode", code=rc)
             self._n_outputs = int(out_view[:n].sum())
 
-    def logits(self, i: int = -1) -> npt.NDArray[np.float32]:
-        """A copy of the logits of output ``i`` of the last decode (``-1``: the last one)."""
-        ptr = self._handle()
+    def check_output(self, i: int) -> None:
+        """Raise IndexError unless the last decode kept output ``i`` (negative: from the end)."""
         n = self._n_outputs
         if not -n <= i < n:
             raise IndexError(f"output index {i} out of range: the last decode kept {n} outputs")
+
+    def logits(self, i: int = -1) -> npt.NDArray[np.float32]:
+        """A copy of the logits of output ``i`` of the last decode (``-1``: the last one)."""
+        ptr = self._handle()
+        self.check_output(i)
         row = batch.llama_get_logits_ith(ptr, i)
         if not row:
             raise DecodeError(f"no logits for output {i}", function="llama_get_logits_ith")
@@ -288,7 +294,7 @@ class Context:
             if len(tokens):
                 self.decode(tokens, seq_id=seq_id)
             elif self._n_outputs == 0:
-                raise ValueError("nothing to continue from: pass tokens or decode first")
+                raise ArgumentError("nothing to continue from: pass tokens or decode first")
             out: list[int] = []
             for _ in range(n_predict):
                 tok = smpl.sample(self, -1)
@@ -485,7 +491,7 @@ class Memory:
         if not (isinstance(p0, int) and isinstance(p1, int)):
             raise TypeError("positions must be ints")
         if p0 >= 0 and p1 >= 0 and p1 < p0:
-            raise ValueError(f"empty or reversed position range [{p0}, {p1})")
+            raise ArgumentError(f"empty or reversed position range [{p0}, {p1})")
 
     def clear(self, data: bool = True) -> None:
         """Remove every sequence (and zero the buffers when ``data``)."""
@@ -532,7 +538,7 @@ class Memory:
         self._seq(seq_id)
         self._range(p0, p1)
         if d <= 1:
-            raise ValueError(f"d must be > 1, got {d}")
+            raise ArgumentError(f"d must be > 1, got {d}")
         if not memory.llama_memory_can_shift(mem):
             raise ContextError(
                 "this memory cannot shift positions", function="llama_memory_seq_div"

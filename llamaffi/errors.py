@@ -44,5 +44,9 @@ class TokenizeError(LlamaError, ValueError):
     """Tokenisation or detokenisation failed."""
 
 
+class ArgumentError(LlamaError, ValueError):
+    """An argument was refused before C was called (seq id, position, token id, ...)."""
+
+
 class ClosedError(LlamaError, ValueError):
     """The object was closed (or its parent was); using it would be a use-after-free."""

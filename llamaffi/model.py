@@ -48,7 +48,8 @@ class _FingerprintCache:
         self._mem: dict[str, str] = {}
 
     @staticmethod
-    def _key(path: Path) -> str:
+    def key(path: Path) -> str:
+        """The identity of the file now: (device, inode, size, mtime)."""
         st = path.stat()
         return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
@@ -76,15 +77,20 @@ class _FingerprintCache:
         except OSError as exc:
             logger.debug("could not persist fingerprint cache: %s", exc)
 
-    def get(self, path: Path) -> str:
-        key = self._key(path)
+    def get(self, path: Path, expected_key: str | None = None) -> str:
+        key = self.key(path)
+        if expected_key is not None and key != expected_key:
+            raise ModelLoadError(
+                f"{path} was replaced or modified after it was loaded; its sha256 would not "
+                "describe the weights in memory (reload the model)"
+            )
         with self._lock:
             if key in self._mem:
                 return self._mem[key]
             cached = self._load_disk().get(key)
             if cached is None:
                 cached = _sha256_file(path)
-                if self._key(path) != key:
+                if self.key(path) != key:
                     raise ModelLoadError(f"{path} changed while it was being fingerprinted")
                 self._store_disk(key, cached)
             self._mem[key] = cached
@@ -153,6 +159,7 @@ class Model:
     ) -> None:
         self.path = Path(path)
         _check_gguf(self.path)
+        file_key = _FingerprintCache.key(self.path)
         ensure_backend()
         params = _backend_model_params()
         params.n_gpu_layers = int(n_gpu_layers)
@@ -165,6 +172,13 @@ class Model:
                 "log for its reason)",
                 function="llama_model_load_from_file",
             )
+        if _FingerprintCache.key(self.path) != file_key:
+            cmodel.llama_model_free(ptr)
+            raise ModelLoadError(f"{self.path} changed while it was being loaded")
+        # The identity of the file the weights came from: the fingerprint is only ever
+        # computed for this exact file, so a GGUF replaced on disk later cannot lend its sha256
+        # to snapshots of the model still in memory.
+        self._file_key = file_key
         self._ptr: int | None = ptr
         self._vocab: int = cmodel.llama_model_get_vocab(ptr) or 0
         self._children: weakref.WeakSet[Context] = weakref.WeakSet()
@@ -212,8 +226,12 @@ class Model:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 (hex) of the whole GGUF file; cached by (inode, size, mtime)."""
-        return _fingerprints.get(self.path)
+        """sha256 (hex) of the whole GGUF file; cached by (inode, size, mtime).
+
+        Raises :class:`ModelLoadError` if the file was replaced or modified since the model was
+        loaded (the hash would then describe other weights).
+        """
+        return _fingerprints.get(self.path, self._file_key)
 
     @property
     def desc(self) -> str:

@@ -113,7 +113,7 @@ class Sampler:
         chain = self._handle()
         if not self.steps or self.steps[-1] not in ("greedy", "dist"):
             raise LlamaError("the chain must end with greedy() or dist()")
-        ctx.logits(idx)  # validates idx against the outputs actually kept
+        ctx.check_output(idx)
         return int(sampler.llama_sampler_sample(chain, ctx._handle(), idx))
 
     def accept(self, token: int) -> None:

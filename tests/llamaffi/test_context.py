@@ -321,3 +321,12 @@ def test_context_keeps_its_model_alive(tiny_model_path: Path) -> None:
     c.decode([1, 2, 3])
     assert c.model.n_layer >= 1
     c.close()
+
+
+def test_float_token_ids_are_refused(ctx: Context) -> None:
+    from llamaffi.errors import ArgumentError
+
+    with pytest.raises(ArgumentError):
+        ctx.decode([1.7, 2.0])  # type: ignore[list-item]
+    with pytest.raises(ArgumentError):
+        ctx.decode(np.array([1, 2], dtype=np.float32))

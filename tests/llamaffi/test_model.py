@@ -76,17 +76,23 @@ def test_fingerprint_is_sha256_of_file(model: Model, tiny_model_path: Path) -> N
     assert model.fingerprint == expected  # second call comes from the cache
 
 
-def test_fingerprint_cache_notices_a_changed_file(tmp_path: Path, tiny_model_path: Path) -> None:
+def test_fingerprint_refuses_a_file_replaced_after_load(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
     copy = tmp_path / "copy.gguf"
     data = bytearray(tiny_model_path.read_bytes())
     copy.write_bytes(data)
     with Model(copy) as m:
         first = m.fingerprint
         data[-1] ^= 0xFF  # the last tensor byte: still a loadable file
-        copy.write_bytes(data)
-        os.utime(copy, ns=(1, 1))
-        assert m.fingerprint != first
-        assert m.fingerprint == hashlib.sha256(data).hexdigest()
+        replacement = tmp_path / "new.gguf"
+        replacement.write_bytes(data)
+        os.replace(replacement, copy)  # an upgrade dropped in while the process runs
+        with pytest.raises(ModelLoadError, match="replaced or modified"):
+            _ = m.fingerprint
+    with Model(copy) as reloaded:  # a fresh load fingerprints the new file, not the cache
+        assert reloaded.fingerprint != first
+        assert reloaded.fingerprint == hashlib.sha256(data).hexdigest()
 
 
 @pytest.mark.parametrize(
