@@ -24,8 +24,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from runtime.session import ResumeReport, Session, SessionPool
 
 SESSION = "alice"
 USER_TURNS = [
@@ -92,25 +96,29 @@ def child(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_child(args: argparse.Namespace, model_path: Path) -> int:
+def run_child(args: argparse.Namespace, model_path: Path) -> list[str]:
+    """Run the chatting child, kill it mid-turn; return the user turns it acknowledged."""
     cmd = [sys.executable, "-m", "runtime.demo", "--child", "--model", str(model_path)]
     cmd += ["--dir", str(args.dir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    acknowledged = 0
-    for line in proc.stdout:
+    acknowledged: list[str] = []
+    killed = False
+    for line in proc.stdout or ():
         kind, _, rest = line.rstrip("\n").partition(" ")
         if kind == "SAVED":
-            acknowledged += 1
-            _say(f"  user      {rest.partition(' ')[2]}")
+            acknowledged.append(rest.partition(" ")[2])
+            _say(f"  user      {acknowledged[-1]}")
         elif kind == "REPLY":
             _say(f"  assistant {rest.partition(' ')[2]}")
-        elif kind == "BEGIN" and acknowledged == KILL_AFTER:
+        elif kind == "BEGIN" and len(acknowledged) == KILL_AFTER:
             # The child is now inside a turn: journal write, decode or snapshot.
             time.sleep(0.01)
             proc.send_signal(signal.SIGKILL)
+            killed = True
             break
     proc.wait()
+    if not killed:
+        raise SystemExit(f"the chatting process ended early (exit {proc.returncode}); see above")
     turn = KILL_AFTER + 1
     _say(f"  >>> kill -9 (pid {proc.pid}, exit {proc.returncode}) in the middle of turn {turn}")
     return acknowledged
@@ -119,19 +127,27 @@ def run_child(args: argparse.Namespace, model_path: Path) -> int:
 # -- phase 2: resume -----------------------------------------------------------------------
 
 
-def resume(model_path: Path, run: Path, acknowledged: int) -> None:
+def _resumed(pool: SessionPool) -> tuple[Session, ResumeReport]:
+    session, report = pool.get(SESSION)
+    if report is None:  # a fresh pool always resumes; this would be a bug in the demo
+        raise SystemExit("the session was unexpectedly resident already")
+    return session, report
+
+
+def resume(model_path: Path, run: Path, acknowledged: list[str]) -> None:
     from runtime.session import SessionPool
 
     model, ctx = _open(model_path)
     with SessionPool(ctx, run, keep=3) as pool:
-        session, report = pool.get(SESSION)
-        assert report is not None
+        session, report = _resumed(pool)
         users = [e.text for e in session.journal if e.role == "user"]
+        intact = users[: len(acknowledged)] == acknowledged
         _say(
-            f"  journal: {len(session.journal)} entries, {len(users)} user turns "
-            f"(acknowledged before the kill: {acknowledged}) -> nothing lost: "
-            f"{len(users) >= acknowledged}"
+            f"  journal: {len(session.journal)} entries, {len(users)} user turns; all "
+            f"{len(acknowledged)} acknowledged before the kill are there, word for word: {intact}"
         )
+        if not intact:
+            raise SystemExit("an acknowledged turn was lost: this is a bug, please report it")
         _say(
             f"  resumed from {report.source}: {report.restored_tokens} tokens restored "
             f"+ {report.replayed_tokens} replayed in {report.seconds * 1000:.1f} ms "
@@ -172,8 +188,7 @@ def damage_and_resume(model_path: Path, run: Path) -> None:
     _say(f"  flipped one bit in {newest.name}")
     model, ctx = _open(model_path)
     with SessionPool(ctx, run, keep=3) as pool:
-        _, report = pool.get(SESSION)
-        assert report is not None
+        _, report = _resumed(pool)
         quarantined = sorted((newest.parent / "quarantine").glob("*.reason"))
         _say(
             f"  resumed from {report.source} "
@@ -182,7 +197,8 @@ def damage_and_resume(model_path: Path, run: Path) -> None:
             f"journal in {report.seconds * 1000:.1f} ms"
         )
         if quarantined:
-            _say(f"  quarantined: {quarantined[-1].read_text().strip()[:100]}")
+            reason = quarantined[-1].read_text().strip().split(": ", 1)[0]
+            _say(f"  quarantined {quarantined[-1].name.removesuffix('.reason')} ({reason})")
     model.close()
 
 
@@ -242,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
 
     model_path = _model_path(args)
     run = Path(args.dir) / "run"
-    shutil.rmtree(run, ignore_errors=True)
+    marker = run / ".llamaffi-demo"
+    if run.exists() and not marker.exists():
+        raise SystemExit(f"{run} exists and was not made by this demo; choose another --dir")
+    shutil.rmtree(run, ignore_errors=True)  # the previous demo run only (it has the marker)
     os.makedirs(run, exist_ok=True)
+    marker.touch()
     _say(f"model: {model_path}\n\n1. chatting in a child process, then kill -9")
     acknowledged = run_child(args, model_path)
     _say("\n2. a new process resumes the session")

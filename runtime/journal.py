@@ -10,8 +10,10 @@ Record layout (TFRecord-style, little-endian)::
 
 The payload is UTF-8 JSON (one :class:`Entry`). On open, the file is scanned: a clean EOF is
 normal; a torn last record (a crash mid-append: the file ends inside it, or its unwritten tail
-reads as zeros) is cut off with a warning; damage followed by more data is an error naming
-the byte offset, because silently dropping acknowledged turns is never acceptable.
+reads as zeros) was never acknowledged, so it is cut off with a warning, its bytes moved to
+``<journal>.torn-<offset>`` first. Any other damage (a bad checksum on a complete record,
+even the last one) is :class:`JournalCorrupt` naming the byte offset: dropping an
+acknowledged turn is never acceptable. ``readonly=True`` opens without ever writing.
 """
 
 from __future__ import annotations
@@ -125,10 +127,11 @@ def _scan(f: BinaryIO, path: Path, size: int) -> tuple[list[Entry], int]:
         if end > size:
             break  # torn inside the payload
         payload = f.read(length)
-        (crc,) = _TAIL.unpack(f.read(_TAIL.size))
+        tail = f.read(_TAIL.size)
+        (crc,) = _TAIL.unpack(tail)
         if zlib.crc32(payload) != crc:
-            if end == size:
-                break  # the last record, torn
+            if end == size and _looks_unwritten(payload + tail):
+                break  # the last record, torn: its end never reached the disk
             raise JournalCorrupt(path, offset, "payload checksum mismatch")
         try:
             entry = Entry.from_payload(payload)
@@ -139,6 +142,12 @@ def _scan(f: BinaryIO, path: Path, size: int) -> tuple[list[Entry], int]:
         entries.append(entry)
         offset = end
     return entries, offset
+
+
+def _looks_unwritten(record_end: bytes) -> bool:
+    """A record whose length reached the disk but whose last bytes did not reads as zeros
+    there (a file extended before its data blocks were written). A bit flip does not."""
+    return record_end.endswith(b"\0" * min(8, len(record_end)))
 
 
 def _rest_is_zero(f: BinaryIO, offset: int, size: int) -> bool:
@@ -160,28 +169,53 @@ class Journal:
         fsync: fsync after every append. Turn it off only for tests and benchmarks.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, fsync: bool = True, readonly: bool = False
+    ) -> None:
         self.path = Path(path)
         self._fsync = fsync
         self._lock = threading.Lock()
-        ensure_dir(self.path.parent)
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        self._f: BinaryIO | None = os.fdopen(fd, "r+b")
-        if created:
-            fsync_dir(self.path.parent)
-        size = os.fstat(fd).st_size
-        self._entries, good = _scan(self._f, self.path, size)
-        if good < size:
-            logger.warning(
-                "%s: dropping a torn last record (%d bytes at offset %d) left by a crash",
-                self.path,
-                size - good,
-                good,
-            )
-            self._f.truncate(good)
-            os.fsync(fd)
-        self._f.seek(good)
+        self.readonly = readonly
+        if readonly:
+            fd = os.open(self.path, os.O_RDONLY)
+        else:
+            ensure_dir(self.path.parent)
+            created = not self.path.exists()
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            if created:
+                fsync_dir(self.path.parent)
+        self._f: BinaryIO | None = os.fdopen(fd, "rb" if readonly else "r+b")
+        try:
+            size = os.fstat(fd).st_size
+            self._entries, good = _scan(self._f, self.path, size)
+            self._n_tokens = sum(len(e.tokens) for e in self._entries)
+            if good < size and not readonly:
+                self._cut_torn_tail(self._f, good, size)
+            self._f.seek(good)
+        except BaseException:
+            self.close()
+            raise
+
+    def _cut_torn_tail(self, f: BinaryIO, good: int, size: int) -> None:
+        """Move a torn last record aside (never destroy bytes), then truncate."""
+        f.seek(good)
+        rescued = f.read(size - good)
+        aside = self.path.with_name(f"{self.path.name}.torn-{good}")
+        with open(aside, "wb") as out:
+            out.write(rescued)
+            out.flush()
+            os.fsync(out.fileno())
+        logger.warning(
+            "%s: a crash left a torn last record (%d bytes at offset %d); it was never "
+            "acknowledged, so it is dropped (bytes kept in %s)",
+            self.path,
+            size - good,
+            good,
+            aside.name,
+        )
+        f.truncate(good)
+        os.fsync(f.fileno())
+        fsync_dir(self.path.parent)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -197,6 +231,11 @@ class Journal:
         """Every intact entry, oldest first (a copy)."""
         return list(self._entries)
 
+    @property
+    def n_tokens(self) -> int:
+        """Total tokens of all entries (kept up to date; O(1))."""
+        return self._n_tokens
+
     def tokens(self) -> list[int]:
         """All tokens of all entries, in order: the session's KV sequence."""
         return [t for e in self._entries for t in e.tokens]
@@ -211,6 +250,8 @@ class Journal:
         """Append one turn; it is durable (written and fsynced) when this returns."""
         if self._f is None:
             raise JournalError(f"{self.path} is closed")
+        if self.readonly:
+            raise JournalError(f"{self.path} was opened read-only")
         with self._lock:
             entry = Entry(
                 seq=len(self._entries),
@@ -235,6 +276,7 @@ class Journal:
                 self._f.truncate(start)
                 raise
             self._entries.append(entry)
+            self._n_tokens += len(entry.tokens)
             return entry
 
     def close(self) -> None:

@@ -14,10 +14,11 @@ sessions hold no KV memory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -26,7 +27,7 @@ from runtime import snapshot as snapshot_mod
 from runtime.errors import MemoryRuntimeError
 from runtime.fsutil import atomic_write_bytes
 from runtime.journal import Entry, Journal
-from runtime.store import SnapshotStore, validate_session_id
+from runtime.store import SnapshotStore, StoreError, validate_session_id
 
 if TYPE_CHECKING:
     from llamaffi import Context, Sampler
@@ -39,6 +40,14 @@ JOURNAL_DIR = "journals"
 
 class SessionError(MemoryRuntimeError):
     """A session operation failed."""
+
+
+class ContextFullError(SessionError):
+    """The turn does not fit the context window; nothing was journalled or decoded.
+
+    There is no automatic window policy yet: start a new session, raise ``n_ctx``, or
+    summarise into long-term memory and continue in a fresh session.
+    """
 
 
 @dataclass
@@ -76,6 +85,10 @@ class Session:
         store: where snapshots go (its writer lock is held by the caller).
         snapshot_every: capture a snapshot after this many turns (0: only on suspend/close).
         journal_fsync: fsync each journal append (leave on outside tests).
+        make_room: called with ``(session, n_tokens)`` before tokens are added, so that a pool
+            can suspend other sessions until the shared KV cache has the cells.
+
+    A Session (like the Context under it) is not thread-safe: use it from one thread.
     """
 
     def __init__(
@@ -88,6 +101,7 @@ class Session:
         *,
         snapshot_every: int = 1,
         journal_fsync: bool = True,
+        make_room: Callable[[Session, int], None] | None = None,
     ) -> None:
         self.ctx = ctx
         self.seq_id = seq_id
@@ -97,9 +111,28 @@ class Session:
         self.journal = Journal(
             Path(root) / JOURNAL_DIR / f"{self.session_id}.log", fsync=journal_fsync
         )
+        self._make_room = make_room
         self._resident = False
         self._since_snapshot = 0
         self._last_snapshot_id = ""
+        #: Snapshots that could not be written (the turn itself was safe in the journal).
+        self.snapshot_failures = 0
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the session (journal == KV sequence when resident)."""
+        return self.journal.n_tokens
+
+    def _reserve(self, n: int) -> None:
+        """Refuse ``n`` more tokens that do not fit; ask the pool for the KV cells."""
+        limit = self.ctx.n_ctx
+        if self.n_tokens + n > limit:
+            raise ContextFullError(
+                f"session {self.session_id!r} holds {self.n_tokens} tokens; {n} more would "
+                f"exceed n_ctx={limit}"
+            )
+        if self._make_room is not None:
+            self._make_room(self, n)
 
     # -- resume -------------------------------------------------------------------------------
 
@@ -112,6 +145,11 @@ class Session:
         """Rebuild the KV sequence from the newest valid snapshot plus the journal."""
         start = time.perf_counter()
         truth = self.journal.tokens()
+        if len(truth) > self.ctx.n_ctx:
+            raise ContextFullError(
+                f"session {self.session_id!r} holds {len(truth)} tokens, more than "
+                f"n_ctx={self.ctx.n_ctx}: open it with a larger context"
+            )
         self.ctx.memory.seq_rm(self.seq_id)
         skipped: list[str] = []
         restored, path = self._restore_best(truth, skipped, allow_build_mismatch)
@@ -176,8 +214,10 @@ class Session:
                 snapshot_mod.restore(
                     self.ctx, snap, self.seq_id, allow_build_mismatch=allow_build_mismatch
                 )
-            except snapshot_mod.IncompatibleSnapshot as exc:
-                # Another model or cache layout: the file is fine, just not for this context.
+            except (snapshot_mod.IncompatibleSnapshot, snapshot_mod.RestoreError) as exc:
+                # Another model or cache layout, or llama.cpp could not take it now (e.g. the
+                # cache is short of cells): the file may be fine, so it stays; the journal
+                # rebuilds the sequence instead.
                 skipped.append(f"{stored.path.name}: {exc}")
                 break
             except snapshot_mod.SnapshotError as exc:
@@ -204,6 +244,7 @@ class Session:
         self._require_resident()
         model = self.ctx.model
         tokens = model.tokenize(self.format_turn(role, text), add_special=len(self.journal) == 0)
+        self._reserve(len(tokens))
         entry = self.journal.append(role, text, tokens, dict(meta or {}))
         try:
             self._decode(tokens)
@@ -220,18 +261,29 @@ class Session:
         self._require_resident()
         model = self.ctx.model
         prefix = model.tokenize("assistant:", add_special=False)
+        newline = model.tokenize("\n", add_special=False)
+        room = self.ctx.n_ctx - self.n_tokens - len(prefix) - len(newline)
+        if room < 1:
+            raise ContextFullError(
+                f"session {self.session_id!r} has no room left for a reply "
+                f"({self.n_tokens} of n_ctx={self.ctx.n_ctx} tokens used)"
+            )
+        n_predict = min(n_predict, room)
+        self._reserve(len(prefix) + n_predict + len(newline))
         start = self.ctx.memory.pos_max(self.seq_id) + 1
         try:
             out = self.ctx.generate(prefix, n_predict, sampler, seq_id=self.seq_id)
             kept = [t for t in out if not model.is_eog(t)]  # an EOG is sampled, not decoded
-            newline = model.tokenize("\n", add_special=False)
             self._decode(newline)
             # The journal holds exactly the tokens now in the KV sequence, so replay is exact.
             # A crash before this append loses only a reply nobody was told about.
             tokens = prefix + kept + newline
             entry = self.journal.append("assistant", model.detokenize(kept), tokens)
         except BaseException:
-            self.ctx.memory.seq_rm(self.seq_id, start, -1)  # KV back in step with the journal
+            # Put the KV back in step with the journal; if that is impossible, drop it and
+            # let the next resume() rebuild it.
+            if not self.ctx.memory.seq_rm(self.seq_id, start, -1):
+                self._drop_kv()
             raise
         self._after_turn()
         return entry
@@ -244,7 +296,17 @@ class Session:
     def _after_turn(self) -> None:
         self._since_snapshot += 1
         if self.snapshot_every and self._since_snapshot >= self.snapshot_every:
+            self._try_checkpoint()
+
+    def _try_checkpoint(self) -> None:
+        """Snapshot now, but never fail a turn that is already safe in the journal."""
+        try:
             self.checkpoint()
+        except (snapshot_mod.SnapshotError, StoreError, OSError) as exc:
+            # The snapshot is only a cache of the journal: a failure (e.g. ENOSPC) costs a
+            # slower resume, not data. It is retried after the next turn.
+            self.snapshot_failures += 1
+            logger.warning("session %s: snapshot failed (%s); will retry", self.session_id, exc)
 
     # -- snapshots and residency ---------------------------------------------------------------
 
@@ -272,24 +334,32 @@ class Session:
         if not self._resident:
             return
         if self._since_snapshot:
-            self.checkpoint()
+            self._try_checkpoint()
         self._drop_kv()
 
     def close(self) -> None:
         """Suspend (if the context is still open) and close the journal."""
-        if not self.ctx.closed:
-            self.suspend()
-        self.journal.close()
+        try:
+            if not self.ctx.closed:
+                self.suspend()
+        finally:
+            self.journal.close()
 
 
 class SessionPool:
-    """Up to ``ctx.n_seq_max`` resident sessions over one context; LRU ones are suspended.
+    """Resident sessions over one context; the least recently used ones are suspended.
+
+    A session is resident while its tokens are in the KV cache. All resident sessions share
+    the context's ``n_ctx`` cells and ``n_seq_max`` sequences: before a session is resumed or
+    grows, the least recently used others are suspended (snapshot, then their cells freed, their
+    journal closed) until it fits. Idle sessions thus hold no KV memory and no open files.
 
     Args:
         ctx: the shared context.
         root: data directory (journals under ``root/journals``, snapshots under
             ``root/snapshots``).
         keep: snapshots kept per session.
+        snapshot_every: see :class:`Session`.
     """
 
     def __init__(
@@ -297,53 +367,99 @@ class SessionPool:
     ) -> None:
         self.ctx = ctx
         self.root = Path(root)
-        self.store = SnapshotStore(self.root / "snapshots", keep=keep)
         self.snapshot_every = snapshot_every
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        # Hash the GGUF now (cached on disk by file identity), not inside the first turn.
+        self.model_fingerprint = ctx.model.fingerprint
+        self.store = SnapshotStore(self.root / "snapshots", keep=keep)
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # resident only, LRU first
 
     def get(self, session_id: str) -> tuple[Session, ResumeReport | None]:
-        """The session, made resident (resumed) if needed; the report says how, if it was."""
+        """The session, resumed if it was not resident; the report says how, if it was."""
         session = self._sessions.get(session_id)
-        if session is not None and session.resident:
+        if session is not None:
             self._sessions.move_to_end(session_id)
             return session, None
-        seq_id = self._free_seq()
-        if session is None:
-            session = Session(
-                self.ctx,
-                seq_id,
-                session_id,
-                self.root,
-                self.store,
-                snapshot_every=self.snapshot_every,
-            )
-        session.seq_id = seq_id
-        report = session.resume()
+        session = Session(
+            self.ctx,
+            -1,
+            session_id,
+            self.root,
+            self.store,
+            snapshot_every=self.snapshot_every,
+            make_room=self._make_room,
+        )
+        try:
+            if session.n_tokens > self.ctx.n_ctx:
+                raise ContextFullError(
+                    f"session {session_id!r} holds {session.n_tokens} tokens, more than "
+                    f"n_ctx={self.ctx.n_ctx}: open it with a larger context"
+                )
+            session.seq_id = self._free_seq()
+            self._make_room(session, session.n_tokens)
+            report = session.resume()
+        except BaseException:
+            session.journal.close()
+            raise
         self._sessions[session_id] = session
-        self._sessions.move_to_end(session_id)
         return session, report
 
+    def _used_cells(self, exclude: Session | None = None) -> int:
+        return sum(s.n_tokens for s in self._sessions.values() if s is not exclude)
+
+    def _make_room(self, session: Session, n_tokens: int) -> None:
+        """Suspend LRU sessions (never ``session``) until ``n_tokens`` more cells fit."""
+        mine = session.n_tokens if session.resident else 0
+        while self._used_cells(exclude=session) + mine + n_tokens > self.ctx.n_ctx:
+            victim = next((s for s in self._sessions.values() if s is not session), None)
+            if victim is None:
+                break  # alone and still too big: Session._reserve already refused that
+            self._evict(victim)
+
     def _free_seq(self) -> int:
-        used = {s.seq_id for s in self._sessions.values() if s.resident}
+        used = {s.seq_id for s in self._sessions.values()}
         free = [i for i in range(self.ctx.n_seq_max) if i not in used]
         if free:
             return free[0]
-        victim_id, victim = next((k, s) for k, s in self._sessions.items() if s.resident)
-        logger.info("suspending idle session %s to free seq %d", victim_id, victim.seq_id)
-        victim.suspend()
-        return victim.seq_id
+        victim = next(iter(self._sessions.values()))
+        seq_id = victim.seq_id
+        self._evict(victim)
+        return seq_id
 
-    def suspend_all(self) -> None:
-        """Snapshot and free every resident session."""
-        for session in self._sessions.values():
-            session.suspend()
+    def _evict(self, victim: Session) -> None:
+        logger.info("suspending idle session %s (seq %d)", victim.session_id, victim.seq_id)
+        del self._sessions[victim.session_id]
+        victim.close()
+
+    def suspend(self, session_id: str) -> None:
+        """Snapshot the session and free its KV cells and journal (no-op if not resident)."""
+        session = self._sessions.get(session_id)
+        if session is not None:
+            self._evict(session)
+
+    def delete(self, session_id: str) -> None:
+        """Forget a session: its KV cells, journal and snapshots. Long-term memory is separate
+        (its items carry the session id)."""
+        session = self._sessions.pop(validate_session_id(session_id), None)
+        if session is not None:
+            session._drop_kv()
+            session.journal.close()
+        journal = self.root / JOURNAL_DIR / f"{session_id}.log"
+        for path in (journal, journal.with_suffix(".ingested")):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self.store.delete_session(session_id)
 
     def close(self) -> None:
         """Suspend every session, close journals, release the store lock."""
-        for session in self._sessions.values():
-            session.close()
-        self._sessions.clear()
-        self.store.close()
+        try:
+            while self._sessions:
+                _, session = self._sessions.popitem(last=False)
+                try:
+                    session.close()
+                except Exception:  # keep closing the others; the journals hold the truth
+                    logger.exception("closing session %s failed", session.session_id)
+        finally:
+            self.store.close()
 
     def __enter__(self) -> SessionPool:
         return self
@@ -373,24 +489,30 @@ def sync_longterm(
         mark = int(mark_path.read_text())
     except (OSError, ValueError):
         mark = -1
-    todo = [e for e in session.journal if e.seq > mark and e.role in roles and e.text.strip()]
-    if todo and _already_ingested(memory, session.session_id, todo[0]):
-        todo = todo[1:]
-    for entry in todo:
-        memory.add(
-            entry.text,
-            kind="turn",
-            session=session.session_id,
-            importance=float(entry.meta.get("importance", importance)),
-            meta={"journal_seq": entry.seq, "role": entry.role},
-            now=entry.created,
-        )
-    last = session.journal[-1].seq if len(session.journal) else -1
-    if last != mark:
-        atomic_write_bytes(mark_path, f"{last}\n".encode())
-    return len(todo)
+    added = 0
+    first = True
+    for entry in session.journal:
+        if entry.seq <= mark:
+            continue
+        wanted = entry.role in roles and entry.text.strip()
+        # Only the first entry past the mark can already be in the store (a crash between
+        # its add and the mark update); every later one is known to be missing.
+        uncertain, first = first, False
+        if wanted and not (uncertain and _already_ingested(memory, session.session_id, entry)):
+            memory.add(
+                entry.text,
+                kind="turn",
+                session=session.session_id,
+                importance=float(entry.meta.get("importance", importance)),
+                meta={"journal_seq": entry.seq, "role": entry.role},
+                now=entry.created,
+            )
+            added += 1
+        atomic_write_bytes(mark_path, f"{entry.seq}\n".encode())
+        mark = entry.seq
+    return added
 
 
 def _already_ingested(memory: MemoryStore, session_id: str, entry: Entry) -> bool:
-    hits = memory.search(entry.text, k=3, session=session_id, touch=False)
+    hits = memory.search(entry.text, k=50, session=session_id, touch=False)
     return any(h.meta.get("journal_seq") == entry.seq for h in hits)

@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 #: Snapshots kept per session unless the store is opened with another ``keep``.
 DEFAULT_KEEP = 3
+#: Quarantined files kept per session (newest first); each is a whole KV snapshot.
+QUARANTINE_KEEP = 4
 #: Name of the per-session directory that receives damaged files.
 QUARANTINE_DIR = "quarantine"
 
@@ -220,7 +222,39 @@ class SnapshotStore:
         os.replace(path, target)
         atomic_write_bytes(target.with_name(target.name + ".reason"), f"{reason}\n".encode())
         fsync_dir(path.parent)
+        self._prune_quarantine(qdir)
         return target
+
+    @staticmethod
+    def _prune_quarantine(qdir: Path) -> None:
+        """Keep the newest :data:`QUARANTINE_KEEP` quarantined files: disk stays bounded."""
+        # Quarantined names end in ".<time_ns>"; zero-padding makes the string order numeric.
+        kept = sorted(
+            (p for p in qdir.iterdir() if not p.name.endswith(".reason")),
+            key=lambda p: p.name.rsplit(".", 1)[-1].zfill(24),
+            reverse=True,
+        )
+        for old in kept[QUARANTINE_KEEP:]:
+            for victim in (old, old.with_name(old.name + ".reason")):
+                with contextlib.suppress(FileNotFoundError):
+                    victim.unlink()
+
+    def delete_session(self, session_id: str) -> int:
+        """Delete every snapshot (and quarantined file) of the session; returns files removed."""
+        self._require_writable()
+        directory = self.session_dir(session_id)
+        if not directory.is_dir():
+            return 0
+        removed = 0
+        for path in sorted(directory.rglob("*"), reverse=True):  # files before their dirs
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
+                removed += 1
+        directory.rmdir()
+        fsync_dir(self.root)
+        return removed
 
     # -- reading ----------------------------------------------------------------------------
 

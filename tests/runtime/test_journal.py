@@ -49,9 +49,13 @@ def test_torn_tail_is_dropped_and_appends_continue(tmp_path: Path, cut: int) -> 
     full = path.stat().st_size
     assert full - size > 20
     os.truncate(path, size + cut)  # crash part-way through the 4th record
+    with Journal(path, readonly=True) as j:  # a read-only open never cuts anything
+        assert len(j) == 3
+    assert path.stat().st_size == size + cut
     with Journal(path) as j:
         assert len(j) == 3
         j.append("user", "after recovery", [4])
+    assert (tmp_path / f"journal.log.torn-{size}").stat().st_size == cut  # bytes kept aside
     assert path.stat().st_size > size
     with Journal(path) as j:
         assert [e.text for e in j][-1] == "after recovery" and len(j) == 4

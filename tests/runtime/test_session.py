@@ -213,11 +213,12 @@ def test_lru_suspension_frees_kv_and_resumes(ctx: Context, tmp_path: Path) -> No
         assert c.seq_id == 0  # took a's slot
         assert ctx.memory.pos_max(0) == -1
         a2, report = pool.get("a")  # evicts "b"
-        assert a2 is a and report is not None and report.source == "snapshot"
-        assert report.n_tokens == len(a_tokens)
+        assert report is not None and report.source == "snapshot"
+        assert report.n_tokens == len(a_tokens) and a2.journal.tokens() == a_tokens
         assert not b.resident
         with pytest.raises(SessionError):
             b.append("user", "not resident")
+        assert len(pool._sessions) == 2  # suspended sessions hold no journal or KV
 
 
 def test_session_ids_are_validated(ctx: Context, tmp_path: Path) -> None:
@@ -281,3 +282,134 @@ def test_sync_longterm_catches_up_once(ctx: Context, tmp_path: Path) -> None:
         assert texts == sorted(t for _, t in TURNS)
         top = memory.search(TURNS[0][1], k=1)[0]
         assert top.importance == pytest.approx(0.9) and top.meta["journal_seq"] == 0
+
+
+@pytest.fixture()
+def small_ctx(model: Model) -> Iterator[Context]:
+    c = model.context(n_ctx=256, n_batch=128, n_seq_max=4, n_threads=2)
+    yield c
+    c.close()
+
+
+def test_a_turn_that_does_not_fit_is_refused_before_the_journal(
+    small_ctx: Context, tmp_path: Path
+) -> None:
+    from runtime.session import ContextFullError
+
+    with SessionPool(small_ctx, tmp_path) as pool:
+        session, _ = pool.get("long")
+        with pytest.raises(ContextFullError):
+            for i in range(100):
+                session.append("user", f"turn number {i} of a conversation that keeps going")
+        n_entries, n_tokens = len(session.journal), session.n_tokens
+        assert n_tokens <= small_ctx.n_ctx
+        assert small_ctx.memory.pos_max(session.seq_id) == n_tokens - 1  # KV == journal
+        with pytest.raises(ContextFullError):
+            session.append("user", "still too long " * 20)
+        assert len(session.journal) == n_entries  # nothing journalled
+        session.reply(n_predict=1000)  # capped to the room that is left
+        assert session.n_tokens <= small_ctx.n_ctx
+    with SessionPool(small_ctx, tmp_path) as pool:  # and it still resumes
+        session, report = pool.get("long")
+        assert report is not None and report.n_tokens == session.n_tokens
+
+
+def test_pool_suspends_others_to_fit_the_shared_cache(small_ctx: Context, tmp_path: Path) -> None:
+    with SessionPool(small_ctx, tmp_path) as pool:
+        a, _ = pool.get("a")
+        for i in range(10):
+            a.append("user", f"session a says something fairly long, number {i}")
+        b, _ = pool.get("b")
+        for i in range(10):
+            b.append("user", f"session b says something fairly long, number {i}")
+        # 4 sequences but only 256 cells: a had to go for b to grow
+        assert a.n_tokens + b.n_tokens > small_ctx.n_ctx
+        assert not a.resident and b.resident
+        _, report = pool.get("a")
+        assert report is not None and report.n_tokens == a.n_tokens
+        assert not b.resident
+
+
+def test_snapshot_failure_never_fails_a_journalled_turn(
+    ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime.store import StoreWriteError
+
+    with SessionPool(ctx, tmp_path) as pool:
+        session, _ = pool.get("alice")
+
+        def enospc(*args: object, **kwargs: object) -> None:
+            raise StoreWriteError(28, "No space left on device")
+
+        monkeypatch.setattr(pool.store, "save", enospc)
+        entry = session.append("user", TURNS[0][1])  # no exception: the turn is safe
+        assert session.snapshot_failures == 1
+        assert session.journal[-1] == entry and session.resident
+        monkeypatch.undo()
+        session.append("user", TURNS[1][1])  # the next turn's snapshot succeeds
+        assert session.snapshot_failures == 1
+        assert pool.store.latest_valid("alice") is not None
+
+
+def test_restore_refused_by_llama_keeps_the_file(
+    ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime import snapshot as snapshot_mod
+
+    pool = SessionPool(ctx, tmp_path)
+    tokens = run_turns(pool)
+    files = pool.store.generations("alice")
+    crash(pool)
+    ctx.memory.clear()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise snapshot_mod.RestoreError("no free KV cells right now")
+
+    monkeypatch.setattr(snapshot_mod, "restore", refuse)
+    with SessionPool(ctx, tmp_path) as pool:
+        _, report = pool.get("alice")
+        assert report is not None and report.source == "journal"
+        assert report.replayed_tokens == len(tokens)
+        assert [p for _, p in files] == [p for _, p in pool.store.generations("alice")]
+
+
+def test_sync_longterm_never_duplicates_after_a_crash_mid_batch(
+    ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime.memory import MemoryStore
+    from runtime.session import sync_longterm
+
+    with (
+        SessionPool(ctx, tmp_path) as pool,
+        MemoryStore.open(tmp_path / "lt", HashEmbedder()) as memory,
+    ):
+        session, _ = pool.get("alice")
+        for _, text in TURNS:
+            session.append("user", text)
+        real_add = memory.add
+        calls = 0
+
+        def add_then_crash(*args: object, **kwargs: object) -> str:
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                raise KeyboardInterrupt  # the process dies before the third add
+            return real_add(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(memory, "add", add_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            sync_longterm(session, memory)
+        monkeypatch.undo()
+        assert sync_longterm(session, memory) == 1
+        texts = [h.text for h in memory.search(TURNS[0][1], k=10, session="alice")]
+        assert sorted(texts) == sorted(t for _, t in TURNS)
+
+
+def test_delete_forgets_a_session(ctx: Context, tmp_path: Path) -> None:
+    with SessionPool(ctx, tmp_path) as pool:
+        run_turns(pool, "gone")
+        pool.delete("gone")
+        assert not (tmp_path / "journals" / "gone.log").exists()
+        assert pool.store.generations("gone") == []
+        _, report = pool.get("gone")
+        assert report is not None and report.source == "empty"
