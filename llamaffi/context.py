@@ -73,6 +73,9 @@ class Context:
             the V layout of the cache and hence whether a saved state can be restored.
         kv_unified: one KV buffer shared by all sequences.
         embeddings: also extract embeddings.
+
+    A context is not thread-safe (nor is llama.cpp's): use it from one thread at a time, and
+    do not close its model while another thread decodes.
     """
 
     def __init__(
