@@ -711,7 +711,8 @@ class Embedder:
 
         Raises ``TypeError`` for ``None``, a non-list or a non-string item, and ``ValueError``
         for more than :data:`MAX_TEXTS_PER_CALL` texts. ``[]`` gives ``(0, dim)``. How many
-        inputs were truncated is in :attr:`last_stats` (and logged at DEBUG).
+        inputs were truncated is in :attr:`last_stats` (logged at DEBUG here;
+        ``MemoryStore.add`` warns).
         """
         if texts is None:
             raise TypeError("texts must be a list of str, not None")

@@ -32,7 +32,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,23 +153,17 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         """Encode with the CRC32 trailer."""
+        dim, space, m, efc, *counts_and_ids, name = astuple(self)
         body = MANIFEST.pack(
             MAGIC,
             VERSION,
-            self.dim,
-            SPACES[self.space],
-            self.M,
-            self.ef_construction,
-            0,
-            self.max_seq,
-            self.max_tomb,
-            self.live,
-            self.slots,
-            self.max_elements,
-            self.blob_size,
-            self.store_id,
-            self.blob_sha256,
-            self.blob_name.encode("ascii").ljust(32, b"\0"),
+            dim,
+            SPACES[space],
+            m,
+            efc,
+            0,  # reserved
+            *counts_and_ids,  # max_seq .. blob_sha256, in field order
+            name.encode("ascii").ljust(32, b"\0"),
         )
         return body + _CRC.pack(zlib.crc32(body))
 
@@ -187,45 +181,17 @@ class Manifest:
             raise IndexFileError(f"manifest version {fields[1]} is not supported")
         if zlib.crc32(body) != crc:
             raise IndexFileError("manifest checksum mismatch")
-        (
-            _,
-            _,
-            dim,
-            space,
-            m,
-            efc,
-            _,
-            max_seq,
-            max_tomb,
-            live,
-            slots,
-            max_el,
-            size,
-            sid,
-            sha,
-            name,
-        ) = fields
+        _magic, _version, dim, space, m, efc, _reserved, *counts_and_ids, name = fields
         spaces = {v: k for k, v in SPACES.items()}
         blob_name = name.rstrip(b"\0").decode("ascii", "replace")
         if space not in spaces or not _BLOB_RE.match(blob_name):
             raise IndexFileError("manifest has a bad space code or blob name")
-        if live > slots or slots > max_el or max_el > MAX_ELEMENTS_LIMIT:
-            raise IndexFileError(f"manifest counts are inconsistent: {live}/{slots}/{max_el}")
-        return cls(
-            dim,
-            spaces[space],
-            m,
-            efc,
-            max_seq,
-            max_tomb,
-            live,
-            slots,
-            max_el,
-            size,
-            sid,
-            sha,
-            blob_name,
-        )
+        out = cls(*(dim, spaces[space], m, efc, *counts_and_ids, blob_name))
+        if not out.live <= out.slots <= out.max_elements <= MAX_ELEMENTS_LIMIT:
+            raise IndexFileError(
+                f"manifest counts are inconsistent: {out.live}/{out.slots}/{out.max_elements}"
+            )
+        return out
 
 
 def _sha256_fd(fd: int, size: int) -> bytes:
@@ -454,21 +420,53 @@ class HnswIndex:
             k = min(k, self._live)
             if k <= 0:
                 return [], []
-            self._index.set_ef(max(ef or self.params.ef_search, k))
+            slots = int(self._index.element_count)
+            ef_now = max(ef or self.params.ef_search, k)
             try:
                 while True:
+                    self._index.set_ef(ef_now)
                     try:
                         # one thread: a Python filter callback must not run on hnswlib's pool
                         labels, dist = self._index.knn_query(q, k=k, num_threads=1, filter=filter)
-                        break
+                        return [int(x) for x in labels[0]], [float(1.0 - d) for d in dist[0]]
                     except RuntimeError:
-                        # fewer than k reachable (filter, or deleted slots): ask for fewer
-                        k //= 2
-                        if k == 0:
-                            return [], []
+                        # hnswlib found fewer than k: the beam was too narrow for the deleted
+                        # slots or the filter. Widen it; asking for fewer would drop real hits.
+                        if ef_now >= slots:
+                            break
+                        ef_now = min(slots, ef_now * 4)
             finally:
                 self._index.set_ef(self.params.ef_search)
-        return [int(x) for x in labels[0]], [float(1.0 - d) for d in dist[0]]
+            # a beam over every slot still came up short: fewer than k items pass the filter
+            # (or deletions split the graph); scan the live items exactly
+            return self._exact(q[0], k, filter)
+
+    def _exact(
+        self, q: FloatArray, k: int, filter: Callable[[int], bool] | None
+    ) -> tuple[list[int], list[float]]:
+        """Brute-force top ``k`` over the live labels passing ``filter``; hold the lock."""
+        labels: list[int] = []
+        rows: list[FloatArray] = []
+        for label in self._index.get_ids_list():
+            if filter is not None and not filter(int(label)):
+                continue
+            try:
+                (vec,) = self._index.get_items([int(label)], return_type="numpy")
+            except RuntimeError:  # marked deleted: hnswlib keeps the label until its slot is reused
+                continue
+            labels.append(int(label))
+            rows.append(np.asarray(vec, dtype=np.float32))
+        if not labels:
+            return [], []
+        data = np.stack(rows)
+        if self.params.space == "l2":
+            sims = 1.0 - ((data - q) ** 2).sum(axis=1)
+        elif self.params.space == "cosine":  # hnswlib stores cosine vectors normalised
+            sims = data @ (q / max(float(np.linalg.norm(q)), 1e-30))
+        else:
+            sims = data @ q
+        order = np.argsort(-sims, kind="stable")[:k]
+        return [labels[i] for i in order], [float(sims[i]) for i in order]
 
     # -- persistence ----------------------------------------------------------------------------
 

@@ -12,12 +12,15 @@ Search ranks a candidate pool from the index by
     score = w_relevance · cosine + w_recency · 0.5^(age / half_life) + w_importance · importance
 
 where ``age`` is the time since the item was last accessed (see :class:`ScoringWeights` and
-docs/long-term-memory.md for the defaults and why).
+docs/long-term-memory.md for the defaults and why). Access times set by searches are held in
+memory and written in batches (:data:`TOUCH_FLUSH_EVERY`, on save and on close); see
+:meth:`MemoryStore._flush_touches` for why that is safe.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -54,6 +57,9 @@ MAX_TEXT_CHARS = 100_000
 #: Filtered searches whose allowed set is at most this size scan it exactly in numpy.
 EXACT_FILTER_LIMIT = 4096
 _ROWS_PER_CHUNK = 10_000
+#: Access-time updates from searches are kept in memory and written after this many
+#: searches (and on save and close): a search no longer costs a synchronous write.
+TOUCH_FLUSH_EVERY = 64
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -286,6 +292,9 @@ class MemoryStore:
         self._max_seq = 0
         self._max_tomb = 0
         self._dirty = 0
+        # id -> latest access time not yet written to SQLite (see _flush_touches)
+        self._touches: dict[str, float] = {}
+        self._touch_searches = 0
         self.recovered = ""  # why the index was rebuilt on open ("" if it was not)
 
     # -- opening --------------------------------------------------------------------------------
@@ -464,6 +473,7 @@ class MemoryStore:
         return int(self._conn().execute("SELECT COUNT(*) FROM items").fetchone()[0])
 
     def _save(self) -> None:
+        self._flush_touches()
         self._idx().save(
             self.directory,
             store_id=self._store_id,
@@ -524,12 +534,33 @@ class MemoryStore:
         if not items:
             return []
         stamp = _to_epoch(now)
-        vectors = np.concatenate(
-            [self.embedder.embed(items[i : i + 1024]) for i in range(0, len(items), 1024)]
-        )
+        vectors = self._embed_all(items)
         ids = [str(uuid.uuid4()) for _ in items]
-        with self._lock, self._tx() as db:
-            seqs: list[int] = []
+        # one lock across the commit and the index add: a delete between the two would mark
+        # a label that is not in the index yet, and the add would then make it live again
+        with self._lock:
+            seqs = self._insert(ids, items, kind, session, stamp, importances, metas, vectors)
+            # committed: the ids are durable; the index follows (replay covers a crash here)
+            self._idx().add(vectors, seqs)
+            self._max_seq = max(self._max_seq, max(seqs))
+            self._dirty += len(seqs)
+            self._maybe_save()
+        return ids
+
+    def _insert(
+        self,
+        ids: list[str],
+        items: list[str],
+        kind: str,
+        session: str | None,
+        stamp: float,
+        importances: Sequence[float],
+        metas: list[str],
+        vectors: FloatArray,
+    ) -> list[int]:
+        """INSERT the rows in one transaction; returns their seqs. Hold the lock."""
+        seqs: list[int] = []
+        with self._tx() as db:
             for i, text in enumerate(items):
                 cur = db.execute(
                     "INSERT INTO items (id, text, kind, session, created, accessed, importance,"
@@ -547,13 +578,26 @@ class MemoryStore:
                     ),
                 )
                 seqs.append(int(cur.lastrowid or 0))
-        # committed: the ids are durable; the index follows (replay covers a crash here)
-        with self._lock:
-            self._idx().add(vectors, seqs)
-            self._max_seq = max(self._max_seq, max(seqs))
-            self._dirty += len(seqs)
-            self._maybe_save()
-        return ids
+        return seqs
+
+    def _embed_all(self, items: list[str]) -> FloatArray:
+        """Embed in chunks; warn once if the embedder truncated any text."""
+        parts: list[FloatArray] = []
+        truncated = 0
+        for i in range(0, len(items), 1024):
+            parts.append(self.embedder.embed(items[i : i + 1024]))
+            stats = getattr(self.embedder, "last_stats", None)
+            truncated += int(getattr(stats, "truncated", 0))
+        if truncated:
+            limit = getattr(self.embedder, "max_length", "max_length")
+            log.warning(
+                "%d of %d texts are longer than the embedder's %s tokens and were truncated: "
+                "search cannot find what comes after that (split long texts before adding)",
+                truncated,
+                len(items),
+                limit,
+            )
+        return np.concatenate(parts)
 
     def delete(self, item_id: str) -> bool:
         """Delete a memory; returns False if there was none with that id."""
@@ -589,7 +633,7 @@ class MemoryStore:
                 .execute(f"SELECT {self._COLUMNS} FROM items WHERE id = ?", (item_id,))
                 .fetchone()
             )
-        return None if row is None else self._item(row)
+        return None if row is None else self._accessed(self._item(row))
 
     def search(
         self,
@@ -604,7 +648,8 @@ class MemoryStore:
         """The ``k`` best memories for ``query`` by :class:`ScoringWeights`, best first.
 
         ``session`` and ``kinds`` restrict the candidates. ``touch`` updates the returned
-        items' last-access time to ``now`` (skipped on a read-only store).
+        items' last-access time to ``now`` (skipped on a read-only store); later searches and
+        :meth:`get` see it at once, SQLite gets it in the next batch (see :meth:`_flush_touches`).
         """
         text = _check_text(query)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -619,12 +664,49 @@ class MemoryStore:
             candidates = self._candidates(vector, pool, session, kind_list)
             hits = self._score(candidates, stamp)[:k]
             if touch and hits and not self.read_only:
-                with self._tx() as db:
-                    db.executemany(
-                        "UPDATE items SET accessed = MAX(accessed, ?) WHERE id = ?",
-                        [(stamp, h.id) for h in hits],
-                    )
+                self._touch([h.id for h in hits], stamp)
         return hits
+
+    def _touch(self, ids: Iterable[str], stamp: float) -> None:
+        """Record an access in memory; written by :meth:`_flush_touches`. Hold the lock."""
+        for item_id in ids:
+            self._touches[item_id] = max(stamp, self._touches.get(item_id, stamp))
+        self._touch_searches += 1
+        if self._touch_searches >= TOUCH_FLUSH_EVERY:
+            self._flush_touches()
+
+    def _flush_touches(self) -> None:
+        """Write the pending access times in one transaction. Hold the lock.
+
+        ``synchronous=NORMAL`` for this transaction only: in WAL mode that never corrupts the
+        database, it only lets a power loss undo this last commit, and access times are
+        ranking hints, not user data. The next FULL commit (an add or delete) syncs the WAL,
+        and with it this update. A crash before the flush loses at most
+        :data:`TOUCH_FLUSH_EVERY` searches' worth of access times, never an item.
+        """
+        if not self._touches or self.read_only:
+            self._touches.clear()
+            self._touch_searches = 0
+            return
+        db = self._conn()
+        db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self._tx() as tx:
+                tx.executemany(
+                    "UPDATE items SET accessed = MAX(accessed, ?) WHERE id = ?",
+                    [(stamp, item_id) for item_id, stamp in self._touches.items()],
+                )
+        finally:
+            db.execute("PRAGMA synchronous=FULL")
+        self._touches.clear()
+        self._touch_searches = 0
+
+    def _accessed(self, item: MemoryItem) -> MemoryItem:
+        """``item`` with its last access including any pending (unflushed) one."""
+        pending = self._touches.get(item.id)
+        if pending is None or pending <= item.accessed:
+            return item
+        return dataclasses.replace(item, accessed=pending)
 
     def _candidates(
         self, vector: FloatArray, pool: int, session: str | None, kinds: list[str] | None
@@ -667,7 +749,7 @@ class MemoryStore:
             rows += self._conn().execute(sql, part).fetchall()
         hits = []
         for row in rows:  # a label SQLite no longer has (a stale index) simply drops out
-            item = self._item(row)
+            item = self._accessed(self._item(row))
             sim = candidates[item.seq]
             rec = self.weights.recency_of(item.accessed, now)
             hits.append(
@@ -713,6 +795,7 @@ class MemoryStore:
                 "index_M": index.params.M,
                 "index_ef_search": index.params.ef_search,
                 "unsaved_changes": self._dirty,
+                "pending_access_times": len(self._touches),
                 "max_seq": self._max_seq,
                 "db_bytes": db_bytes,
                 "index_bytes": index_bytes,
@@ -742,6 +825,8 @@ class MemoryStore:
         """Save the index if it changed, close SQLite and release the lock; idempotent."""
         with self._lock:
             try:
+                if self._db is not None and not self.read_only:
+                    self._flush_touches()
                 if (
                     self._index is not None
                     and self._db is not None

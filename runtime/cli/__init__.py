@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 from runtime.errors import MemoryRuntimeError
 
+log = logging.getLogger(__name__)
+
 # (group name, "module:function") registering that group's subparsers; imported lazily so that
 # `python -m runtime memory ...` never loads libllama and `snapshot ...` never loads onnxruntime.
 GROUPS: dict[str, tuple[str, str]] = {
@@ -44,7 +46,13 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit code (non-zero on any error)."""
+    """Entry point; returns the process exit code.
+
+    0: success; 1: the runtime failed (damaged or locked store, I/O error); 2: bad input
+    (argparse's own usage errors, and any ``ValueError``/``TypeError`` the API raises for
+    arguments the parser let through). Every failure prints ``error: <message>`` on stderr;
+    ``-v`` adds the traceback of errors caught here.
+    """
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(args_list)
     args = parser.parse_args(args_list)
@@ -59,6 +67,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rc: int = handler(args)
     except MemoryRuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        # before ValueError: several runtime errors (a store written by another model) are
+        # ValueErrors too, but they are about the files, not the command line
+        return _fail(exc, 1)
+    except OSError as exc:
+        return _fail(exc, 1)
+    except (ValueError, TypeError) as exc:
+        # the API's argument checks, for anything the parser's type= functions did not catch
+        return _fail(exc, 2)
+    return rc
+
+
+def _fail(exc: BaseException, rc: int) -> int:
+    log.debug("command failed", exc_info=exc)
+    message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+    print(f"error: {where}{message}", file=sys.stderr)
     return rc

@@ -8,11 +8,54 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
 from runtime.embed import Embedder
-from runtime.memory import KINDS, MemoryStore
+from runtime.memory import KINDS, MAX_TEXT_CHARS, MemoryStore
+
+
+def _unit_interval(value: str) -> float:
+    """argparse type: a finite float in [0, 1]."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not (math.isfinite(number) and 0.0 <= number <= 1.0):
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1]")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return number
+
+
+def _json_object(value: str) -> dict[str, Any]:
+    """argparse type: a JSON object (the memory's metadata)."""
+    try:
+        obj = json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+def _text(value: str) -> str:
+    """argparse type: text that is not blank and not over MAX_TEXT_CHARS."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    if len(value) > MAX_TEXT_CHARS:
+        raise argparse.ArgumentTypeError(f"is {len(value)} characters; at most {MAX_TEXT_CHARS}")
+    return value
 
 
 def _embedder(args: argparse.Namespace) -> Embedder:
@@ -29,16 +72,14 @@ def cmd_add(args: argparse.Namespace) -> int:
     """Add one memory (or one per stdin line with ``-``); print the new ids."""
     if args.text == "-":
         texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+        if not texts:
+            print("error: no text on stdin", file=sys.stderr)
+            return 2
     else:
         texts = [args.text]
-    try:
-        meta = json.loads(args.meta) if args.meta else None
-    except ValueError as exc:
-        print(f"error: --meta is not JSON: {exc}", file=sys.stderr)
-        return 2
     with MemoryStore.open(args.dir, _embedder(args)) as store:
         ids = store.add_many(
-            texts, kind=args.kind, session=args.session, importance=args.importance, meta=meta
+            texts, kind=args.kind, session=args.session, importance=args.importance, meta=args.meta
         )
     for item_id in ids:
         print(item_id)
@@ -83,20 +124,24 @@ def register(parser: argparse.ArgumentParser) -> None:
             "--model-dir",
             help="a Hugging Face ONNX export directory (default: bundled all-MiniLM-L6-v2)",
         )
-        p.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
+        p.add_argument("--threads", type=_positive_int, default=None, help="onnxruntime threads")
         p.set_defaults(func=func)
         return p
 
     add = command("add", cmd_add, "add a memory; prints its id")
-    add.add_argument("text", help="the text to remember, or - for one memory per stdin line")
+    add.add_argument(
+        "text", type=_text, help="the text to remember, or - for one memory per stdin line"
+    )
     add.add_argument("--kind", choices=KINDS, default="fact")
     add.add_argument("--session", default=None)
-    add.add_argument("--importance", type=float, default=0.5, help="0..1 (default 0.5)")
-    add.add_argument("--meta", default=None, help="a JSON object stored with the memory")
+    add.add_argument("--importance", type=_unit_interval, default=0.5, help="0..1 (default 0.5)")
+    add.add_argument(
+        "--meta", type=_json_object, default=None, help="a JSON object stored with the memory"
+    )
 
     search = command("search", cmd_search, "search memories")
-    search.add_argument("query")
-    search.add_argument("-k", type=int, default=5)
+    search.add_argument("query", type=_text)
+    search.add_argument("-k", type=_positive_int, default=5, help="hits to print (default 5)")
     search.add_argument("--session", default=None)
     search.add_argument("--kind", action="append", choices=KINDS, help="repeatable")
     search.add_argument("--json", action="store_true", help="print JSON")

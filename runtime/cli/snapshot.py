@@ -1,6 +1,11 @@
 """``python -m runtime snapshot inspect|verify``: look at and check KV snapshot files.
 
 Neither command loads libllama: both work from the file alone.
+
+Exit codes: 0 when every file checked is sound, 1 when any is damaged or unreadable, 2 when a
+path given does not exist (nothing is checked then). ``verify`` on a directory that holds no
+snapshot files exits 0, as an empty store has nothing damaged, but says so on stderr (even
+with ``-q``), so that a wrong directory does not pass silently.
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     verify_p = commands.add_parser(
         "verify",
         help="check snapshot files completely (header, checksums, zstd frames); "
-        "exit 1 on any damage",
+        "exit 1 on any damage, 2 if a path does not exist",
+        description="Check snapshot files completely (header, checksums, zstd frames). "
+        "Exit 0 if every file is sound, 1 if any is damaged or unreadable, 2 if a path does "
+        "not exist. A directory with no *.kvsnap files is not an error: verify says so on "
+        "stderr and exits 0.",
     )
     verify_p.add_argument(
         "paths", type=Path, nargs="+", metavar="FILE|DIR", help="files, or directories to walk"
@@ -44,6 +53,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Print the header of ``args.file``; exit 1 if it is unreadable or damaged."""
     try:
         header = snapshot.inspect(args.file)
+    except FileNotFoundError:
+        print(f"error: {args.file}: no such file", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"error: {args.file}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -77,6 +89,11 @@ def _targets(paths: list[Path]) -> list[Path]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify every file (directories are walked for ``*.kvsnap``); exit 1 on any damage."""
+    missing = [path for path in args.paths if not path.exists()]
+    for path in missing:
+        print(f"error: {path}: no such file or directory", file=sys.stderr)
+    if missing:
+        return 2
     damaged = 0
     files = _targets(args.paths)
     for path in files:
@@ -100,7 +117,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 f"{header.raw_size} -> {header.file_size} bytes"
             )
     if not files:
-        print("no snapshot files found", file=sys.stderr)
+        where = ", ".join(str(path) for path in args.paths)
+        print(f"no snapshot files found in {where}: nothing to verify", file=sys.stderr)
     elif not args.quiet or damaged:
         print(f"{len(files)} checked, {damaged} damaged", file=sys.stderr)
     return 1 if damaged else 0

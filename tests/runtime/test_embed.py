@@ -219,3 +219,21 @@ def test_reference_file_matches_the_installed_weights() -> None:
     info = json.loads(str(np.load(REFERENCE)["info"]))
     assert info["torch"].startswith("2.13.0") and info["max_seq_length"] == 256
     assert info["weights_sha256"] == sha256_file(default_source_dir() / "model.safetensors")
+
+
+def test_memory_store_warns_when_the_real_embedder_truncates(
+    embedder: Embedder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from runtime.memory import MemoryStore
+
+    long_text = "the quick brown fox jumps over the lazy dog " * 80  # ~720 tokens
+    with (
+        MemoryStore.open(tmp_path, embedder) as store,
+        caplog.at_level(logging.WARNING, logger="runtime.memory"),
+    ):
+        store.add_many(["a short note", long_text])
+    (record,) = [r for r in caplog.records if r.name == "runtime.memory"]
+    assert record.levelno == logging.WARNING
+    assert "1 of 2 texts" in record.getMessage() and "256 tokens" in record.getMessage()

@@ -248,3 +248,36 @@ def test_trailing_garbage_is_rejected(tmp_path: Path) -> None:
     _reseal(tmp_path, blob_path(tmp_path).read_bytes() + b"\0" * 8)
     with pytest.raises(IndexFileError, match="framing"):
         load(tmp_path)
+
+
+def test_query_returns_every_allowed_item_when_the_filter_allows_fewer_than_k() -> None:
+    # the old loop halved k on each hnswlib RuntimeError: 7 allowed, k=10 gave only 5
+    index = HnswIndex(IndexParams(dim=8, M=8))
+    data = unit(100, 8, 7)
+    index.add(data, range(100))
+    allowed = {3, 17, 29, 41, 55, 68, 90}
+    labels, sims = index.query(data[3], 10, filter=allowed.__contains__)
+    assert set(labels) == allowed
+    assert labels[0] == 3 and sims == sorted(sims, reverse=True)
+
+
+def test_query_finds_every_live_item_among_many_deleted_at_a_narrow_beam() -> None:
+    index = HnswIndex(IndexParams(dim=8, M=4, ef_search=1))
+    data = unit(300, 8, 8)
+    index.add(data, range(300))
+    for label in range(290):
+        index.mark_deleted(label)
+    labels, sims = index.query(data[295], 10)
+    assert sorted(labels) == list(range(290, 300))
+    assert labels[0] == 295 and sims[0] == pytest.approx(1.0, abs=1e-5)
+    assert index.query(data[295], 10, filter=lambda label: label >= 298)[0] in (
+        [298, 299],
+        [299, 298],
+    )
+
+
+def test_manifest_round_trips_every_field() -> None:
+    m = Manifest(
+        16, "ip", 8, 100, 5, 6, 7, 8, 9, 10, b"s" * 16, b"h" * 32, "index-0123456789abcdef.hnsw"
+    )
+    assert Manifest.from_bytes(m.to_bytes()) == m

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from runtime.embed import EmbedStats
 from runtime.errors import LockedError
 from runtime.index import MANIFEST_NAME
 from runtime.memory import (
+    DB_NAME,
+    TOUCH_FLUSH_EVERY,
     ClosedError,
     MemoryStore,
     ReadOnlyError,
@@ -376,7 +385,10 @@ def test_cli_round_trip(
     assert '"items": 1' in capsys.readouterr().out
     assert main(["memory", "rebuild", "--dir", d]) == 0
     assert "1 items" in capsys.readouterr().out
-    assert main(["memory", "add", "--dir", d, "x", "--meta", "{bad"]) == 2
+    with pytest.raises(SystemExit) as exited:  # argparse's type= check: a usage error
+        main(["memory", "add", "--dir", d, "x", "--meta", "{bad"])
+    assert exited.value.code == 2
+    assert "--meta: not JSON" in capsys.readouterr().err
     # search on a directory with no store is an error, not a traceback
     assert main(["memory", "search", "--dir", str(tmp_path / "none"), "q"]) == 1
 
@@ -409,3 +421,111 @@ def test_index_is_saved_periodically_and_tombstones_are_pruned(tmp_path: Path) -
         assert manifest.live == 11 and manifest.max_tomb == 1
     with sqlite3.connect(tmp_path / "memory.sqlite3") as db:
         assert db.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0] == 0
+
+
+def _accessed_in_sqlite(directory: Path, item_id: str) -> float:
+    db = sqlite3.connect(f"file:{directory / DB_NAME}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT accessed FROM items WHERE id = ?", (item_id,)).fetchone()
+        return float(row[0])
+    finally:
+        db.close()
+
+
+def test_touches_are_batched_and_flushed_on_close(tmp_path: Path) -> None:
+    now = 1_800_000_000.0
+    store = open_store(tmp_path)
+    item_id = store.add("remember me", now=now - 10 * DAY)
+    store.search("remember me", 1, now=now)
+    # not written yet: a search costs no synchronous write ...
+    assert _accessed_in_sqlite(tmp_path, item_id) == now - 10 * DAY
+    # ... but recency already uses the pending access
+    hit = store.search("remember me", 1, now=now + 1, touch=False)[0]
+    assert hit.accessed == now and hit.recency == pytest.approx(1.0, abs=1e-5)
+    store.close()
+    assert _accessed_in_sqlite(tmp_path, item_id) == now
+
+
+def test_touches_are_flushed_every_n_searches(tmp_path: Path) -> None:
+    now = 1_800_000_000.0
+    with open_store(tmp_path) as store:
+        item_id = store.add("remember me", now=now - DAY)
+        for i in range(TOUCH_FLUSH_EVERY):
+            store.search("remember me", 1, now=now + i)
+        assert _accessed_in_sqlite(tmp_path, item_id) == now + TOUCH_FLUSH_EVERY - 1
+
+
+class TruncatingEmbedder(HashEmbedder):
+    """Reports texts over 20 characters as truncated, as the real embedder's last_stats does."""
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.last_stats = EmbedStats(len(texts), sum(len(t) > 20 for t in texts))
+        return super().embed(texts)
+
+
+def test_add_warns_once_when_texts_are_truncated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    embedder = TruncatingEmbedder()
+    store = MemoryStore.open(tmp_path, embedder)  # type: ignore[arg-type]
+    with store, caplog.at_level(logging.WARNING, logger="runtime.memory"):
+        store.add_many(["short", "x" * 30, "y" * 40])
+        store.add("short too")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "2 of 3 texts" in warnings[0].getMessage()
+    assert "256 tokens" in warnings[0].getMessage()
+
+
+class _HookedLock:
+    """An RLock that runs ``hook`` (once) when its owner releases it completely."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._depth = threading.local()
+        self.hook: Callable[[], None] | None = None
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._depth.n = getattr(self._depth, "n", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth.n -= 1
+        self._lock.release()
+        if self._depth.n == 0 and self.hook is not None:
+            hook, self.hook = self.hook, None
+            hook()
+
+
+def test_delete_right_after_the_add_commit_leaves_no_stale_label(tmp_path: Path) -> None:
+    # the first time add_many lets go of the store lock after its SQLite commit, another
+    # thread deletes the new item: add_many used to release the lock before its index add,
+    # so the delete missed the label and the add then made it live in the index
+    store = open_store(tmp_path)
+    lock = _HookedLock()
+    store._lock = lock  # type: ignore[assignment]
+    real_tx = store._tx
+
+    def delete_newest() -> None:
+        db = sqlite3.connect(f"file:{tmp_path / DB_NAME}?mode=ro", uri=True)
+        (item_id,) = db.execute("SELECT id FROM items ORDER BY seq DESC LIMIT 1").fetchone()
+        db.close()
+        thread = threading.Thread(target=store.delete, args=(item_id,))
+        thread.start()
+        thread.join(timeout=10)
+
+    @contextlib.contextmanager
+    def tx() -> Iterator[sqlite3.Connection]:
+        with real_tx() as db:
+            yield db
+        if lock.hook is None and not armed:
+            armed.append(True)
+            lock.hook = delete_newest
+
+    armed: list[bool] = []
+    store._tx = tx  # type: ignore[method-assign]
+    with store:
+        store.add("short-lived")
+        assert armed
+        assert len(store) == 0 and len(store._idx()) == 0
+        assert store.search("short-lived", 5, touch=False) == []
