@@ -54,7 +54,7 @@ def _sizes(saved: Saved) -> dict[str, Any]:
 def test_save_snapshot(
     benchmark: Any, prefilled: Any, saved: Saved, tmp_path: Path, bench_config: Any
 ) -> None:
-    """capture (get_data + shuffle + zstd + sha256) + atomic write + fsync (file and dir)."""
+    """capture (get_data + byte planes + zstd + xxh3) + atomic write + fsync (file and dir)."""
     path = tmp_path / "s.kvsnap"
 
     def save() -> int:
@@ -83,7 +83,7 @@ def test_save_llama_file(
 
 @pytest.mark.benchmark(group="restore")
 def test_restore_snapshot(benchmark: Any, prefilled: Any, saved: Saved, bench_config: Any) -> None:
-    """read + verify (header, sha256 per chunk) + decompress + unshuffle + set_data."""
+    """read + verify (header SHA-256, xxh3 per chunk) + decompress + merge planes + set_data."""
     ctx = prefilled.ctx
     benchmark(lambda: S.restore(ctx, S.read(saved.ours), 1))
     assert ctx.memory.pos_max(1) == len(prefilled.tokens) - 1
@@ -108,10 +108,12 @@ def test_restore_llama_file(
 
 CODECS = {
     "plain-zstd1": S.Codec(level=1, filter=S.Filter.NONE),
-    "shuffle-zstd-1": S.Codec(level=-1),
-    "shuffle-zstd1": S.Codec(level=1),
-    "shuffle-zstd3": S.Codec(level=3),
-    "shuffle-zstd1-4MiB": S.Codec(level=1, chunk_size=4 << 20),
+    "shuffle-zstd1": S.Codec(level=1, filter=S.Filter.SHUFFLE2),
+    "planes-zstd-1": S.Codec(level=-1),
+    "planes-zstd1": S.Codec(level=1),
+    "planes-zstd3": S.Codec(level=3),
+    "planes-zstd1-4MiB": S.Codec(level=1, chunk_size=4 << 20),
+    "planes-zstd1-256KiB": S.Codec(level=1, chunk_size=256 << 10),
 }
 
 
@@ -125,7 +127,7 @@ def raw_state(prefilled: Any) -> Any:
 def test_codec_encode(
     benchmark: Any, raw_state: Any, prefilled: Any, name: str, bench_config: Any
 ) -> None:
-    """Compression alone (shuffle + zstd + sha256) of the same state with each codec."""
+    """Compression alone (filter + zstd + xxh3) of the same state with each codec."""
     codec = CODECS[name]
     ident = S.CacheIdentity.from_context(prefilled.ctx)
 
@@ -146,11 +148,41 @@ def test_codec_encode(
 def test_codec_decode(
     benchmark: Any, raw_state: Any, prefilled: Any, name: str, bench_config: Any
 ) -> None:
-    """Decompression alone (zstd + unshuffle) into a fresh buffer."""
+    """Decompression alone (zstd + un-filter) into a fresh buffer."""
     ident = S.CacheIdentity.from_context(prefilled.ctx)
     snap = S.encode(
         raw_state, identity=ident, tokens=prefilled.tokens, seq_id=0, codec=CODECS[name]
     )
     out = benchmark(S.decode, snap)
     assert out.tobytes() == raw_state.tobytes()
+    benchmark.extra_info.update(bench_config.as_info())
+
+
+# -- where the restore time goes ----------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group="restore-steps")
+def test_step_read(benchmark: Any, saved: Saved, bench_config: Any) -> None:
+    """read: the file into one buffer, header checks, xxh3 of every chunk."""
+    snap = benchmark(S.read, saved.ours)
+    assert snap.header.file_size == saved.ours.stat().st_size
+    benchmark.extra_info.update(bench_config.as_info())
+
+
+@pytest.mark.benchmark(group="restore-steps")
+def test_step_decode(benchmark: Any, saved: Saved, bench_config: Any) -> None:
+    """decode: zstd + merge planes into a fresh raw-sized buffer."""
+    snap = S.read(saved.ours)
+    out = benchmark(S.decode, snap)
+    assert out.size == snap.header.raw_size
+    benchmark.extra_info.update(bench_config.as_info())
+
+
+@pytest.mark.benchmark(group="restore-steps")
+def test_step_state_set(benchmark: Any, prefilled: Any, raw_state: Any, bench_config: Any) -> None:
+    """llama_state_seq_set_data of the raw blob alone."""
+    ctx = prefilled.ctx
+    benchmark(ctx.seq_state_set, raw_state, 1)
+    assert ctx.memory.pos_max(1) == len(prefilled.tokens) - 1
+    ctx.memory.seq_rm(1, -1, -1)
     benchmark.extra_info.update(bench_config.as_info())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -89,6 +88,61 @@ def test_shuffle_puts_high_bytes_together() -> None:
     assert dst.tolist() == [0x01, 0x02, 0xA1, 0xA2, 0x03]
 
 
+# -- byte planes filter -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 10, 4097])
+def test_planes_round_trip(n: int) -> None:
+    src = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    low = np.empty((n + 1) // 2, np.uint8)
+    high = np.empty(n // 2, np.uint8)
+    S.split_planes(src, low, high)
+    assert np.array_equal(low, src[0::2]) and np.array_equal(high, src[1::2])
+    back = np.empty_like(src)
+    S.merge_planes(low, high, back)
+    assert np.array_equal(back, src)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 8 << 10, (8 << 10) + 1, (3 << 13) - 1, 70_001])
+def test_planes_chunk_table(n: int) -> None:
+    """Two frames per segment: even-offset bytes (ceil(L/2)), then odd-offset (floor(L/2))."""
+    chunk_size = 8 << 10
+    raw = synthetic_raw(n, seed=n)
+    snap = make(raw, codec=S.Codec(filter=S.Filter.PLANES2, chunk_size=chunk_size))
+    h = snap.header
+    n_segments = -(-n // chunk_size)
+    assert len(h.chunks) == len(snap.chunks) == 2 * n_segments == h.n_segments * 2
+    assert sum(h.chunk_raw_len(i) for i in range(len(h.chunks))) == n
+    for k in range(n_segments):
+        seg = raw[k * chunk_size : (k + 1) * chunk_size]
+        assert h.chunk_raw_len(2 * k) == (seg.size + 1) // 2
+        assert h.chunk_raw_len(2 * k + 1) == seg.size // 2
+        assert S.zstandard.ZstdDecompressor().decompress(snap.chunks[2 * k]) == seg[0::2].tobytes()
+        assert (
+            S.zstandard.ZstdDecompressor().decompress(snap.chunks[2 * k + 1]) == seg[1::2].tobytes()
+        )
+    back = S.Snapshot.from_bytes(snap.to_bytes())
+    assert np.array_equal(S.decode(back, threads=2), raw)
+
+
+@pytest.mark.parametrize("filt", list(S.Filter))
+def test_n_chunks_must_match_filter(snap: S.Snapshot, filt: S.Filter) -> None:
+    """A chunk table one entry short (or long) for the filter's frames per segment is refused."""
+    h = snap.header
+    chunks = h.chunks[:-1] if filt is h.filter else h.chunks
+    lying = dataclasses.replace(h, filter=filt, chunks=chunks)
+    if S.count_chunks(h.raw_size, h.chunk_size, filt) == len(chunks):
+        pytest.skip("this filter happens to need that many chunks")
+    with pytest.raises(S.CorruptSnapshot) as info:
+        S.SnapshotHeader.unpack(lying.pack())
+    assert info.value.field == "n_chunks"
+
+
+def test_default_codec_is_planes() -> None:
+    assert S.DEFAULT_CODEC.filter is S.Filter.PLANES2
+    assert S._CHUNK_ENTRY.size == 4 + 16
+
+
 # -- header ---------------------------------------------------------------------------------
 
 
@@ -134,11 +188,12 @@ def test_context_kind() -> None:
     assert S.Snapshot.from_bytes(snap.to_bytes()).header.kind is S.StateKind.CONTEXT
 
 
-def test_shuffle_helps_f16() -> None:
+def test_shuffle_and_planes_help_f16() -> None:
     raw = synthetic_raw(400_000)
     plain = make(raw, codec=S.Codec(filter=S.Filter.NONE)).header.compressed_size
     shuffled = make(raw, codec=S.Codec(filter=S.Filter.SHUFFLE2)).header.compressed_size
-    assert shuffled < plain
+    planes = make(raw, codec=S.Codec(filter=S.Filter.PLANES2)).header.compressed_size
+    assert shuffled < plain and planes < plain
 
 
 def test_encode_rejects_bad_input() -> None:
@@ -256,7 +311,7 @@ def test_forged_digest_still_caught_by_zstd(snap: S.Snapshot) -> None:
     bad_chunk = bytearray(snap.chunks[0])
     bad_chunk[len(bad_chunk) // 2] ^= 0xFF
     chunks = (bytes(bad_chunk), *snap.chunks[1:])
-    entries = tuple(S.ChunkEntry(len(c), hashlib.sha256(c).digest()) for c in chunks)
+    entries = tuple(S.ChunkEntry(len(c), S.chunk_digest(c)) for c in chunks)
     forged = S.Snapshot(dataclasses.replace(snap.header, chunks=entries), chunks)
     back = S.Snapshot.from_bytes(forged.to_bytes())
     with pytest.raises(S.CorruptSnapshot) as info:
@@ -289,7 +344,7 @@ def test_cli_inspect(tmp_path: Path, snap: S.Snapshot, capsys: pytest.CaptureFix
     S.write(path, snap)
     assert main(["snapshot", "inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "model_fingerprint" in out and "ab" * 32 in out and "shuffle2" in out
+    assert "model_fingerprint" in out and "ab" * 32 in out and "planes2" in out
     assert main(["snapshot", "inspect", "--json", "--tokens", str(path)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["tokens"] == list(snap.tokens) and info["raw_size"] == snap.header.raw_size
@@ -304,7 +359,8 @@ def test_cli_inspect_damaged(
     path.write_bytes(blob[:20])
     assert main(["snapshot", "inspect", str(path)]) == 1
     assert "file_size" in capsys.readouterr().err
-    assert main(["snapshot", "inspect", str(tmp_path / "missing.kvsnap")]) == 1
+    # a missing file is a usage error (2), not damage (1)
+    assert main(["snapshot", "inspect", str(tmp_path / "missing.kvsnap")]) == 2
 
 
 def test_cli_verify(tmp_path: Path, snap: S.Snapshot, blob: bytes) -> None:
@@ -333,7 +389,7 @@ def test_cli_verify(tmp_path: Path, snap: S.Snapshot, blob: bytes) -> None:
     assert f"OK {good}" in res.stdout
 
     res = run(str(good), str(tmp_path / "nope.kvsnap"))
-    assert res.returncode == 1 and "unreadable" in res.stdout
+    assert res.returncode == 2 and "no such file" in res.stderr
 
 
 def test_cli_does_not_load_libllama(tmp_path: Path, snap: S.Snapshot) -> None:
@@ -367,11 +423,11 @@ def test_verify_runs_zstd(tmp_path: Path, snap: S.Snapshot) -> None:
     bad_chunk = bytearray(snap.chunks[1])
     bad_chunk[len(bad_chunk) // 2] ^= 0xFF
     chunks = (snap.chunks[0], bytes(bad_chunk), *snap.chunks[2:])
-    entries = tuple(S.ChunkEntry(len(c), hashlib.sha256(c).digest()) for c in chunks)
+    entries = tuple(S.ChunkEntry(len(c), S.chunk_digest(c)) for c in chunks)
     forged = S.Snapshot(dataclasses.replace(snap.header, chunks=entries), chunks)
     path = tmp_path / "forged.kvsnap"
     S.write(path, forged)
-    S.read(path)  # every SHA-256 matches
+    S.read(path)  # every xxh3-128 digest matches
     with pytest.raises(S.CorruptSnapshot) as info:
         S.verify(path)
     assert info.value.field.startswith("chunk[1].")

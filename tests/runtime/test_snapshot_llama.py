@@ -127,7 +127,12 @@ def test_payload_is_llama_blob(tmp_path: Path, source: Source, tokens: list[int]
 
 def test_all_codecs_restore(model: Any, tokens: list[int], source: Source) -> None:
     raw = S.decode(source.snap)
-    for codec in (S.Codec(filter=S.Filter.NONE), S.Codec(level=19, chunk_size=4096)):
+    codecs = (
+        S.Codec(filter=S.Filter.NONE),
+        S.Codec(filter=S.Filter.SHUFFLE2),
+        S.Codec(filter=S.Filter.PLANES2, level=19, chunk_size=4096),
+    )
+    for codec in codecs:
         snap = S.encode(
             raw,
             identity=source.snap.header.identity,
