@@ -112,7 +112,14 @@ def test_query_latency_and_recall(
     p50, p99 = np.percentile(latencies, [50, 99]) * 1e3
     recall = float(np.mean(recalls))
     benchmark(index.query, queries[0], 10, ef=ef)  # type: ignore[operator]
-    info = {"N": N, "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "recall@10": recall}
+    info = {
+        "data": name,
+        "n": N,
+        "ef": ef,
+        "p50_ms": round(p50, 3),
+        "p99_ms": round(p99, 3),
+        "recall_at_10": recall,
+    }
     benchmark.extra_info.update(info)  # type: ignore[attr-defined]
     print(f"\n{name} N={N} ef={ef}: p50 {p50:.3f} ms, p99 {p99:.3f} ms, recall@10 {recall:.3f}")
     assert 0.0 <= recall <= 1.0
