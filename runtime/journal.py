@@ -279,6 +279,11 @@ class Journal:
             self._n_tokens += len(entry.tokens)
             return entry
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._f is None
+
     def close(self) -> None:
         """Close the file; safe to call twice."""
         if self._f is not None:

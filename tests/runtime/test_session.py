@@ -216,7 +216,7 @@ def test_lru_suspension_frees_kv_and_resumes(ctx: Context, tmp_path: Path) -> No
         assert report is not None and report.source == "snapshot"
         assert report.n_tokens == len(a_tokens) and a2.journal.tokens() == a_tokens
         assert not b.resident
-        with pytest.raises(SessionError):
+        with pytest.raises(SessionError, match=r"pool\.get"):
             b.append("user", "not resident")
         assert len(pool._sessions) == 2  # suspended sessions hold no journal or KV
 
