@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from llamaffi import Model
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +43,12 @@ def tiny_model_path(model_dir: Path) -> Path:
 def other_model_path(model_dir: Path) -> Path:
     """Same geometry as :func:`tiny_model_path`, another seed: a different model."""
     return _make(model_dir, "tiny-seed1", preset="tiny", seed=1)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_path: Path) -> Iterator[Model]:
+    """The tiny model loaded once per test module (closed after it)."""
+    from llamaffi import Model
+
+    with Model(tiny_model_path) as m:
+        yield m

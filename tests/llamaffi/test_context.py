@@ -14,13 +14,6 @@ from llamaffi.errors import ClosedError, ContextError, DecodeError, StateError
 PROMPT = "The memory of a long-running assistant must survive a crash, intact."
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_path: Path) -> Iterator[Model]:
-    m = Model(tiny_model_path)
-    yield m
-    m.close()
-
-
 @pytest.fixture()
 def ctx(model: Model) -> Iterator[Context]:
     c = model.context(n_ctx=512, n_batch=64, n_seq_max=4, n_threads=2)

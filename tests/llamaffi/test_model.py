@@ -13,13 +13,6 @@ from llamaffi import Model
 from llamaffi.errors import ClosedError, ModelLoadError, TokenizeError
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_path: Path) -> Model:
-    m = Model(tiny_model_path)
-    yield m
-    m.close()
-
-
 def test_version_is_exposed() -> None:
     assert llamaffi.__version__.count(".") == 2
 

@@ -19,13 +19,6 @@ TURNS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_path: Path) -> Iterator[Model]:
-    m = Model(tiny_model_path)
-    yield m
-    m.close()
-
-
 @pytest.fixture()
 def ctx(model: Model) -> Iterator[Context]:
     c = model.context(n_ctx=1024, n_batch=128, n_seq_max=2, n_threads=2)

@@ -21,12 +21,6 @@ CTX_ARGS: dict[str, Any] = {"n_ctx": 256, "n_batch": 256, "n_seq_max": 4, "n_thr
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_path: Path) -> Iterator[Any]:
-    with llamaffi.Model(tiny_model_path) as m:
-        yield m
-
-
-@pytest.fixture(scope="module")
 def other_model(other_model_path: Path) -> Iterator[Any]:
     with llamaffi.Model(other_model_path) as m:
         yield m
