@@ -153,7 +153,7 @@ def resume(model_path: Path, run: Path, acknowledged: list[str]) -> None:
             f"+ {report.replayed_tokens} replayed in {report.seconds * 1000:.1f} ms "
             f"({report.snapshot.name if report.snapshot else '-'})"
         )
-        tokens = session.journal.tokens()
+        tokens = session.tokens()
         probe = model.tokenize(" Biscuit", add_special=False)
         ctx.memory.seq_cp(session.seq_id, 1)
         ctx.decode(probe, seq_id=1)

@@ -36,6 +36,48 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 JOURNAL_DIR = "journals"
+#: Journal role of a context-window shift: ``meta["drop"] = [a, b)``, window token offsets.
+WINDOW_ROLE = "window"
+
+
+@dataclass
+class _Span:
+    """One journal entry's tokens inside the window: positions [start, start + length)."""
+
+    seq: int
+    start: int
+    length: int
+
+
+class _Window:
+    """The tokens in a session's KV sequence: the journal's, minus the ranges shifted out.
+
+    Positions stay contiguous: a token's index in :attr:`tokens` is its KV position.
+    """
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.spans: list[_Span] = []
+
+    def apply(self, entry: Entry) -> None:
+        """Advance the window by one journal entry."""
+        if entry.role == WINDOW_ROLE:
+            a, b = (int(x) for x in entry.meta["drop"])
+            self.drop(a, b)
+        elif entry.tokens:
+            self.spans.append(_Span(entry.seq, len(self.tokens), len(entry.tokens)))
+            self.tokens.extend(entry.tokens)
+
+    def drop(self, a: int, b: int) -> None:
+        """Remove positions [a, b) and close the gap."""
+        del self.tokens[a:b]
+        kept = []
+        for span in self.spans:
+            if span.start >= b:
+                kept.append(_Span(span.seq, span.start - (b - a), span.length))
+            elif span.start + span.length <= a:
+                kept.append(span)
+        self.spans = kept
 
 
 class SessionError(MemoryRuntimeError):
@@ -87,6 +129,12 @@ class Session:
         journal_fsync: fsync each journal append (leave on outside tests).
         make_room: called with ``(session, n_tokens)`` before tokens are added, so that a pool
             can suspend other sessions until the shared KV cache has the cells.
+        window: what to do when a turn does not fit ``n_ctx``: ``"shift"`` (default) drops
+            the oldest whole turns after the first one (kept: it is usually the system prompt)
+            from the KV sequence, shifting the rest down (llama.cpp's context shift); the drop
+            is journalled first, so a resume repeats it exactly. ``"refuse"`` raises
+            :class:`ContextFullError` instead. Dropped turns stay in the journal (and in
+            long-term memory, via :func:`sync_longterm`).
 
     A Session (like the Context under it) is not thread-safe: use it from one thread.
     """
@@ -102,8 +150,12 @@ class Session:
         snapshot_every: int = 1,
         journal_fsync: bool = True,
         make_room: Callable[[Session, int], None] | None = None,
+        window: Literal["shift", "refuse"] = "shift",
     ) -> None:
+        if window not in ("shift", "refuse"):
+            raise ValueError(f"window must be 'shift' or 'refuse', not {window!r}")
         self.ctx = ctx
+        self.window = window
         self.seq_id = seq_id
         self.session_id = validate_session_id(session_id)
         self.store = store
@@ -112,6 +164,9 @@ class Session:
             Path(root) / JOURNAL_DIR / f"{self.session_id}.log", fsync=journal_fsync
         )
         self._make_room = make_room
+        self._window = _Window()
+        for entry in self.journal:
+            self._window.apply(entry)
         self._resident = False
         self._since_snapshot = 0
         self._last_snapshot_id = ""
@@ -120,19 +175,62 @@ class Session:
 
     @property
     def n_tokens(self) -> int:
-        """Tokens in the session (journal == KV sequence when resident)."""
-        return self.journal.n_tokens
+        """Tokens in the session's window (== its KV sequence when resident)."""
+        return len(self._window.tokens)
+
+    def tokens(self) -> list[int]:
+        """The window's tokens, position by position (a copy)."""
+        return list(self._window.tokens)
 
     def _reserve(self, n: int) -> None:
-        """Refuse ``n`` more tokens that do not fit; ask the pool for the KV cells."""
+        """Make room for ``n`` more tokens (shifting the window if allowed), or refuse."""
         limit = self.ctx.n_ctx
         if self.n_tokens + n > limit:
-            raise ContextFullError(
-                f"session {self.session_id!r} holds {self.n_tokens} tokens; {n} more would "
-                f"exceed n_ctx={limit}"
-            )
+            if self.window != "shift" or n > limit:
+                raise ContextFullError(
+                    f"session {self.session_id!r} holds {self.n_tokens} tokens; {n} more "
+                    f"would exceed n_ctx={limit}"
+                )
+            self._shift(n)
         if self._make_room is not None:
             self._make_room(self, n)
+
+    def _shift(self, n: int) -> None:
+        """Drop the oldest whole turns after the first until ``n`` more tokens fit, with a
+        quarter of the context free afterwards so that shifts stay rare."""
+        limit = self.ctx.n_ctx
+        goal = min(limit - n, (3 * limit) // 4)
+        spans = self._window.spans
+        if not self.ctx.memory.can_shift() or len(spans) < 2:
+            raise ContextFullError(
+                f"session {self.session_id!r}: {n} more tokens do not fit n_ctx={limit} and "
+                "the window cannot shift"
+            )
+        a = b = spans[1].start
+        for span in spans[1:]:
+            if self.n_tokens - (b - a) <= goal:
+                break
+            b = span.start + span.length
+        if self.n_tokens - (b - a) + n > limit:
+            raise ContextFullError(
+                f"session {self.session_id!r}: even after dropping old turns, {n} more tokens "
+                f"do not fit n_ctx={limit}"
+            )
+        # Journal first: a crash after this line replays the same shift on resume.
+        entry = self.journal.append(WINDOW_ROLE, "", (), {"drop": [a, b]})
+        self._window.apply(entry)
+        if self._resident:
+            self._apply_drop(a, b)
+        logger.info(
+            "session %s: shifted the window, dropped positions [%d, %d)", self.session_id, a, b
+        )
+
+    def _apply_drop(self, a: int, b: int) -> None:
+        memory = self.ctx.memory
+        if not memory.seq_rm(self.seq_id, a, b):
+            self._drop_kv()
+            raise SessionError(f"llama.cpp could not remove positions [{a}, {b})")
+        memory.seq_add(self.seq_id, b, -1, -(b - a))
 
     # -- resume -------------------------------------------------------------------------------
 
@@ -144,7 +242,7 @@ class Session:
     def resume(self, *, allow_build_mismatch: bool = False) -> ResumeReport:
         """Rebuild the KV sequence from the newest valid snapshot plus the journal."""
         start = time.perf_counter()
-        truth = self.journal.tokens()
+        truth = self._window.tokens
         if len(truth) > self.ctx.n_ctx:
             raise ContextFullError(
                 f"session {self.session_id!r} holds {len(truth)} tokens, more than "
@@ -152,8 +250,8 @@ class Session:
             )
         self.ctx.memory.seq_rm(self.seq_id)
         skipped: list[str] = []
-        restored, path = self._restore_best(truth, skipped, allow_build_mismatch)
-        replayed = self._replay(restored)
+        after, restored, path = self._restore_best(skipped, allow_build_mismatch)
+        replayed = self._replay(after)
         self._resident = True
         self._since_snapshot = 1 if replayed else 0
         source: Literal["snapshot", "journal", "empty"]
@@ -177,26 +275,41 @@ class Session:
         )
         return report
 
-    def _replay(self, restored: int) -> int:
-        """Decode the journal's tokens after the first ``restored``, one entry per call.
+    def _replay(self, after: int) -> int:
+        """Repeat the journal's entries after entry ``after`` on the KV, one entry per call.
 
-        Decoding entry by entry repeats how :meth:`append` first decoded them, so user turns
+        This repeats exactly what :meth:`append` (and window shifts) first did, so user turns
         come back bit for bit; a reply, first decoded token by token, comes back equal up to
         float rounding (batched vs incremental evaluation).
         """
-        offset = replayed = 0
+        window = _Window()
+        replayed = 0
         for entry in self.journal:
-            end = offset + len(entry.tokens)
-            if end > restored and entry.tokens:
-                todo = entry.tokens[max(0, restored - offset) :]
-                self._decode(todo, pos=end - len(todo))
-                replayed += len(todo)
-            offset = end
+            window.apply(entry)
+            if entry.seq <= after:
+                continue
+            if entry.role == WINDOW_ROLE:
+                a, b = (int(x) for x in entry.meta["drop"])
+                self._apply_drop(a, b)
+            elif entry.tokens:
+                self._decode(entry.tokens, pos=len(window.tokens) - len(entry.tokens))
+                replayed += len(entry.tokens)
         return replayed
 
+    def _entry_of(self, tokens: list[int]) -> int | None:
+        """The last journal entry after which the window held exactly ``tokens``."""
+        window = _Window()
+        found = -1 if not tokens else None
+        for entry in self.journal:
+            window.apply(entry)
+            if len(window.tokens) == len(tokens) and window.tokens == tokens:
+                found = entry.seq
+        return found
+
     def _restore_best(
-        self, truth: list[int], skipped: list[str], allow_build_mismatch: bool
-    ) -> tuple[int, Path | None]:
+        self, skipped: list[str], allow_build_mismatch: bool
+    ) -> tuple[int, int, Path | None]:
+        """Restore the newest usable snapshot; return (its journal entry, tokens, file)."""
         # Each failed candidate is quarantined, so latest_valid moves on to an older one;
         # the number of files bounds the attempts.
         for _attempt in range(len(self.store.generations(self.session_id))):
@@ -209,8 +322,11 @@ class Session:
                 owner = snap.header.session_id
                 if owner and owner != self.session_id:
                     raise snapshot_mod.SnapshotError(f"it belongs to session {owner!r}")
-                if tokens != truth[: len(tokens)]:
-                    raise snapshot_mod.SnapshotError("its tokens are not a prefix of the journal")
+                after = self._entry_of(tokens)
+                if after is None:
+                    raise snapshot_mod.SnapshotError(
+                        "its tokens are not a prefix of the journal (at any entry)"
+                    )
                 snapshot_mod.restore(
                     self.ctx, snap, self.seq_id, allow_build_mismatch=allow_build_mismatch
                 )
@@ -227,8 +343,8 @@ class Session:
                 self.store.quarantine(stored.path, str(exc))
                 continue
             self._last_snapshot_id = snap.header.snapshot_id
-            return len(tokens), stored.path
-        return 0, None
+            return after, len(tokens), stored.path
+        return -1, 0, None
 
     # -- turns --------------------------------------------------------------------------------
 
@@ -251,6 +367,7 @@ class Session:
         tokens = model.tokenize(self.format_turn(role, text), add_special=len(self.journal) == 0)
         self._reserve(len(tokens))
         entry = self.journal.append(role, text, tokens, dict(meta or {}))
+        self._window.apply(entry)
         try:
             self._decode(tokens)
         except BaseException:
@@ -267,14 +384,19 @@ class Session:
         model = self.ctx.model
         prefix = model.tokenize("assistant:", add_special=False)
         newline = model.tokenize("\n", add_special=False)
-        room = self.ctx.n_ctx - self.n_tokens - len(prefix) - len(newline)
+        fixed = len(prefix) + len(newline)
+        if self.window == "shift":
+            # the window makes room by shifting; a reply may take up to half the context
+            room = self.ctx.n_ctx // 2 - fixed
+        else:
+            room = self.ctx.n_ctx - self.n_tokens - fixed
         if room < 1:
             raise ContextFullError(
                 f"session {self.session_id!r} has no room left for a reply "
                 f"({self.n_tokens} of n_ctx={self.ctx.n_ctx} tokens used)"
             )
         n_predict = min(n_predict, room)
-        self._reserve(len(prefix) + n_predict + len(newline))
+        self._reserve(fixed + n_predict)
         start = self.ctx.memory.pos_max(self.seq_id) + 1
         try:
             out = self.ctx.generate(prefix, n_predict, sampler, seq_id=self.seq_id)
@@ -284,6 +406,7 @@ class Session:
             # A crash before this append loses only a reply nobody was told about.
             tokens = prefix + kept + newline
             entry = self.journal.append("assistant", model.detokenize(kept), tokens)
+            self._window.apply(entry)
         except BaseException:
             # Put the KV back in step with the journal; if that is impossible, drop it and
             # let the next resume() rebuild it.
@@ -321,7 +444,7 @@ class Session:
         snap = snapshot_mod.capture(
             self.ctx,
             self.seq_id,
-            self.journal.tokens(),
+            self._window.tokens,
             session_id=self.session_id,
             parent_id=self._last_snapshot_id,
         )
@@ -364,15 +487,22 @@ class SessionPool:
         root: data directory (journals under ``root/journals``, snapshots under
             ``root/snapshots``).
         keep: snapshots kept per session.
-        snapshot_every: see :class:`Session`.
+        snapshot_every, window: see :class:`Session`.
     """
 
     def __init__(
-        self, ctx: Context, root: str | Path, *, keep: int = 3, snapshot_every: int = 1
+        self,
+        ctx: Context,
+        root: str | Path,
+        *,
+        keep: int = 3,
+        snapshot_every: int = 1,
+        window: Literal["shift", "refuse"] = "shift",
     ) -> None:
         self.ctx = ctx
         self.root = Path(root)
         self.snapshot_every = snapshot_every
+        self.window = window
         # Hash the GGUF now (cached on disk by file identity), not inside the first turn.
         self.model_fingerprint = ctx.model.fingerprint
         self.store = SnapshotStore(self.root / "snapshots", keep=keep)
@@ -392,6 +522,7 @@ class SessionPool:
             self.store,
             snapshot_every=self.snapshot_every,
             make_room=self._make_room,
+            window=self.window,
         )
         try:
             if session.n_tokens > self.ctx.n_ctx:

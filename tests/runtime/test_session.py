@@ -289,7 +289,7 @@ def test_a_turn_that_does_not_fit_is_refused_before_the_journal(
 ) -> None:
     from runtime.session import ContextFullError
 
-    with SessionPool(small_ctx, tmp_path) as pool:
+    with SessionPool(small_ctx, tmp_path, window="refuse") as pool:
         session, _ = pool.get("long")
         with pytest.raises(ContextFullError):
             for i in range(100):
@@ -302,9 +302,52 @@ def test_a_turn_that_does_not_fit_is_refused_before_the_journal(
         assert len(session.journal) == n_entries  # nothing journalled
         session.reply(n_predict=1000)  # capped to the room that is left
         assert session.n_tokens <= small_ctx.n_ctx
-    with SessionPool(small_ctx, tmp_path) as pool:  # and it still resumes
+    with SessionPool(small_ctx, tmp_path, window="refuse") as pool:  # and it still resumes
         session, report = pool.get("long")
         assert report is not None and report.n_tokens == session.n_tokens
+
+
+def test_the_window_shifts_and_resumes_exactly(small_ctx: Context, tmp_path: Path) -> None:
+    from runtime.journal import Journal
+    from runtime.session import WINDOW_ROLE
+
+    pool = SessionPool(small_ctx, tmp_path)  # window="shift" is the default
+    session, _ = pool.get("long")
+    first = session.append("system", "You are a helpful assistant.")
+    for i in range(60):
+        session.append("user", f"turn number {i} of a conversation that keeps going")
+    seq = session.seq_id
+    assert session.n_tokens <= small_ctx.n_ctx
+    window = session.tokens()
+    assert window[: len(first.tokens)] == list(first.tokens)  # the first turn is kept
+    assert small_ctx.memory.pos_min(seq) == 0
+    assert small_ctx.memory.pos_max(seq) == len(window) - 1  # positions stay contiguous
+    shifts = [e for e in session.journal if e.role == WINDOW_ROLE]
+    assert shifts and len(session.journal) == 61 + len(shifts)  # every turn is journalled
+    probe = [42]
+    before = live_logits(small_ctx, seq, probe)
+    crash(pool)
+    small_ctx.memory.clear()
+
+    pool = SessionPool(small_ctx, tmp_path)
+    session, report = pool.get("long")
+    assert report is not None and report.source == "snapshot"
+    assert session.tokens() == window
+    assert np.array_equal(next_logits(small_ctx, session.seq_id, probe), before)
+    crash(pool)
+
+    # without snapshots the journal replays every turn and every shift, bit for bit
+    for path in (tmp_path / "snapshots" / "long").glob(f"*{FILE_SUFFIX}"):
+        path.unlink()
+    small_ctx.memory.clear()
+    with SessionPool(small_ctx, tmp_path) as pool:
+        session, report = pool.get("long")
+        assert report is not None and report.source == "journal"
+        assert session.tokens() == window
+        assert np.array_equal(next_logits(small_ctx, session.seq_id, probe), before)
+    with Journal(tmp_path / "journals" / "long.log", readonly=True) as journal:
+        texts = [e.text for e in journal if e.role == "user"]
+        assert len(texts) == 60  # dropped turns are still in the journal
 
 
 def test_pool_suspends_others_to_fit_the_shared_cache(small_ctx: Context, tmp_path: Path) -> None:
