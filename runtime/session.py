@@ -1,15 +1,17 @@
 """A conversation's short-term memory: journal (truth) + KV sequence (cache) + snapshots.
 
-The order of every turn is: tokenize, **append to the journal (fsynced)**, decode into the
+The order of a user turn is: tokenize, **append to the journal (fsynced)**, decode into the
 session's KV sequence, then (every ``snapshot_every`` turns) capture a snapshot into the
-store. A crash at any point therefore loses nothing that was acknowledged: on
-:meth:`Session.resume`, the newest valid snapshot whose tokens are a prefix of the journal's
-is restored, and the journal's remaining tokens are decoded on top. With no usable snapshot,
-the whole journal is re-prefilled: slower, never wrong.
+store; a reply is generated first and journalled once complete. A context-window shift is a
+journal entry too, written before it is applied. A crash at any point therefore loses nothing
+that was acknowledged: on :meth:`Session.resume`, the newest valid snapshot whose tokens are
+the window after some journal entry is restored, and the later entries are repeated on top
+(decodes and shifts). With no usable snapshot the whole journal is repeated: slower, never
+wrong.
 
-:class:`SessionPool` keeps at most ``n_seq_max`` sessions resident in one context and
-suspends the least recently used one (snapshot, then free its KV cells) to make room, so idle
-sessions hold no KV memory.
+:class:`SessionPool` shares one context's ``n_ctx`` cells and ``n_seq_max`` sequences among
+the resident sessions and suspends the least recently used ones (snapshot, free their KV
+cells, close their journal) to make room, so idle sessions hold no KV memory and no files.
 """
 
 from __future__ import annotations
