@@ -275,10 +275,11 @@ class SnapshotStore:
                 logger.warning("skipping %s: %s", path, exc)
                 continue
             except CorruptSnapshot as exc:
-                logger.warning("damaged snapshot %s (%s): %s", path, exc.field, exc)
+                # the message already names the file and the field that failed
+                logger.warning("skipping damaged snapshot: %s", exc)
                 if not self.readonly and self._lock is not None:
                     moved = self.quarantine(path, f"{exc.field}: {exc}")
-                    logger.warning("quarantined %s as %s", path.name, moved)
+                    logger.warning("moved %s to %s", path.name, moved.parent)
                 continue
             except FileNotFoundError:
                 continue
