@@ -329,6 +329,7 @@ class Session:
                     raise snapshot_mod.SnapshotError(
                         "its tokens are not a prefix of the journal (at any entry)"
                     )
+                self._room_for_replay(after, len(tokens))
                 snapshot_mod.restore(
                     self.ctx, snap, self.seq_id, allow_build_mismatch=allow_build_mismatch
                 )
@@ -346,7 +347,25 @@ class Session:
                 continue
             self._last_snapshot_id = snap.header.snapshot_id
             return after, len(tokens), stored.path
+        self.ctx.memory.seq_rm(self.seq_id)
+        self._room_for_replay(-1, 0)
         return -1, 0, None
+
+    def _room_for_replay(self, after: int, start_len: int) -> None:
+        """Ask the pool for the most cells the replay after entry ``after`` will hold.
+
+        Before a journalled window shift the sequence was longer than it ends up, so the peak,
+        not the final window, must fit while the shift is repeated.
+        """
+        if self._make_room is None:
+            return
+        window = _Window()
+        peak = start_len
+        for entry in self.journal:
+            window.apply(entry)
+            if entry.seq > after:
+                peak = max(peak, len(window.tokens))
+        self._make_room(self, peak)
 
     # -- turns --------------------------------------------------------------------------------
 
@@ -533,8 +552,7 @@ class SessionPool:
                     f"n_ctx={self.ctx.n_ctx}: open it with a larger context"
                 )
             session.seq_id = self._free_seq()
-            self._make_room(session, session.n_tokens)
-            report = session.resume()
+            report = session.resume()  # asks _make_room for the cells its replay needs
         except BaseException:
             session.journal.close()
             raise

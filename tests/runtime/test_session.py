@@ -449,3 +449,30 @@ def test_delete_forgets_a_session(ctx: Context, tmp_path: Path) -> None:
         assert pool.store.generations("gone") == []
         _, report = pool.get("gone")
         assert report is not None and report.source == "empty"
+
+
+def test_replaying_a_shift_gets_room_for_the_longer_window_first(
+    small_ctx: Context, tmp_path: Path
+) -> None:
+    from runtime.session import WINDOW_ROLE
+
+    pool = SessionPool(small_ctx, tmp_path, snapshot_every=0)  # snapshots only on suspend
+    a, _ = pool.get("a")
+    a.append("system", "You are a helpful assistant.")
+    i = 0
+    while not any(e.role == WINDOW_ROLE for e in a.journal):
+        a.append("user", f"turn {i} " + "blah " * 15)
+        i += 1
+    a.append("user", "after the shift")
+    window = a.tokens()
+    crash(pool)  # no snapshot: a comes back from the journal, shift included
+    small_ctx.memory.clear()
+
+    with SessionPool(small_ctx, tmp_path, snapshot_every=0) as pool:
+        b, _ = pool.get("b")
+        while b.n_tokens < small_ctx.n_ctx - len(window) - 5:
+            b.append("user", "x")
+        a2, report = pool.get("a")  # the replay peaks above the final window: b must go
+        assert report is not None and report.source == "journal"
+        assert a2.tokens() == window
+        assert not b.resident
