@@ -270,10 +270,16 @@ class Journal:
                 self._f.flush()
                 if self._fsync:
                     os.fsync(self._f.fileno())
-            except OSError:
-                # Leave no partial record behind a failed append (e.g. ENOSPC).
-                self._f.seek(start)
-                self._f.truncate(start)
+            except BaseException:
+                # Leave no record behind an append that did not complete: ENOSPC, but also
+                # KeyboardInterrupt or a signal handler's exception escaping write/fsync.
+                # Otherwise the next append would reuse this seq and corrupt the journal.
+                try:
+                    self._f.seek(start)
+                    self._f.truncate(start)
+                except BaseException:
+                    f, self._f = self._f, None  # unusable now; reopening rescans the file
+                    f.close()
                 raise
             self._entries.append(entry)
             self._n_tokens += len(entry.tokens)

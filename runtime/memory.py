@@ -635,6 +635,25 @@ class MemoryStore:
             )
         return None if row is None else self._accessed(self._item(row))
 
+    def find(self, *, session: str | None, meta_key: str, value: str | int | float) -> list[str]:
+        """Ids of the session's memories whose ``meta[meta_key]`` equals ``value`` (exact).
+
+        For bookkeeping lookups such as "was journal entry 42 already ingested?".
+        """
+        if not meta_key.replace("_", "").isalnum():
+            raise ValueError(f"meta_key must be alphanumeric/underscore, got {meta_key!r}")
+        path = f"$.{meta_key}"
+        with self._lock:
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT id FROM items WHERE session IS ? AND json_extract(meta, ?) = ?",
+                    (session, path, value),
+                )
+                .fetchall()
+            )
+        return [str(r[0]) for r in rows]
+
     def search(
         self,
         query: str,

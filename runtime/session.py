@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from runtime import snapshot as snapshot_mod
 from runtime.errors import MemoryRuntimeError
 from runtime.fsutil import atomic_write_bytes
 from runtime.journal import Entry, Journal
-from runtime.store import SnapshotStore, StoreError, validate_session_id
+from runtime.store import SnapshotStore, validate_session_id
 
 if TYPE_CHECKING:
     from llamaffi import Context, Sampler
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 JOURNAL_DIR = "journals"
+#: Session snapshots are named ``j<journal seq>-<random>``: the journal entry they follow.
+SNAPSHOT_ID_PREFIX = "j"
 #: Journal role of a context-window shift: ``meta["drop"] = [a, b)``, window token offsets.
 WINDOW_ROLE = "window"
 
@@ -84,6 +87,16 @@ class _Window:
 
 class SessionError(MemoryRuntimeError):
     """A session operation failed."""
+
+
+def _journal_seq_of(snapshot_id: str) -> int | None:
+    """The journal seq a session snapshot id names (``j<seq>-<random>``), if it names one."""
+    head, sep, _ = snapshot_id.rpartition("-")  # the random tail has no "-"; the seq may
+    if sep and head.startswith(SNAPSHOT_ID_PREFIX):
+        number = head[len(SNAPSHOT_ID_PREFIX) :]
+        if number.lstrip("-").isdigit():
+            return int(number)
+    return None
 
 
 class ContextFullError(SessionError):
@@ -298,12 +311,19 @@ class Session:
                 replayed += len(entry.tokens)
         return replayed
 
-    def _entry_of(self, tokens: list[int]) -> int | None:
-        """The last journal entry after which the window held exactly ``tokens``."""
+    def _entry_of(self, tokens: list[int], claimed: int | None) -> int | None:
+        """The journal entry after which the window held exactly ``tokens``, or None.
+
+        ``claimed`` is the entry the snapshot says it follows (from its id); it is checked,
+        never trusted. Without one (a snapshot made elsewhere), the last matching entry is
+        taken: with repeated identical turns around a shift that guess can be wrong.
+        """
         window = _Window()
-        found = -1 if not tokens else None
+        found = -1 if not tokens and claimed in (None, -1) else None
         for entry in self.journal:
             window.apply(entry)
+            if claimed is not None and entry.seq != claimed:
+                continue
             if len(window.tokens) == len(tokens) and window.tokens == tokens:
                 found = entry.seq
         return found
@@ -324,7 +344,7 @@ class Session:
                 owner = snap.header.session_id
                 if owner and owner != self.session_id:
                     raise snapshot_mod.SnapshotError(f"it belongs to session {owner!r}")
-                after = self._entry_of(tokens)
+                after = self._entry_of(tokens, _journal_seq_of(snap.header.snapshot_id))
                 if after is None:
                     raise snapshot_mod.SnapshotError(
                         "its tokens are not a prefix of the journal (at any entry)"
@@ -407,8 +427,10 @@ class Session:
         newline = model.tokenize("\n", add_special=False)
         fixed = len(prefix) + len(newline)
         if self.window == "shift":
-            # the window makes room by shifting; a reply may take up to half the context
-            room = self.ctx.n_ctx // 2 - fixed
+            # the window makes room by shifting (never the first turn); a reply may take up to
+            # half the context
+            first = self._window.spans[0].length if self._window.spans else 0
+            room = min(self.ctx.n_ctx // 2, self.ctx.n_ctx - first - 1) - fixed
         else:
             room = self.ctx.n_ctx - self.n_tokens - fixed
         if room < 1:
@@ -451,7 +473,7 @@ class Session:
         """Snapshot now, but never fail a turn that is already safe in the journal."""
         try:
             self.checkpoint()
-        except (snapshot_mod.SnapshotError, StoreError, OSError) as exc:
+        except Exception as exc:
             # The snapshot is only a cache of the journal: a failure (e.g. ENOSPC) costs a
             # slower resume, not data. It is retried after the next turn.
             self.snapshot_failures += 1
@@ -462,12 +484,14 @@ class Session:
     def checkpoint(self) -> Path:
         """Capture the KV sequence into the store now; returns the file written."""
         self._require_resident()
+        last = self.journal[-1].seq if len(self.journal) else -1
         snap = snapshot_mod.capture(
             self.ctx,
             self.seq_id,
             self._window.tokens,
             session_id=self.session_id,
             parent_id=self._last_snapshot_id,
+            snapshot_id=f"{SNAPSHOT_ID_PREFIX}{last}-{secrets.token_hex(6)}",
         )
         path = self.store.save(self.session_id, snap)
         self._last_snapshot_id = snap.header.snapshot_id
@@ -554,6 +578,8 @@ class SessionPool:
             session.seq_id = self._free_seq()
             report = session.resume()  # asks _make_room for the cells its replay needs
         except BaseException:
+            if session.seq_id >= 0:  # no half-rebuilt cells left under a "free" seq id
+                self.ctx.memory.seq_rm(session.seq_id)
             session.journal.close()
             raise
         self._sessions[session_id] = session
@@ -636,8 +662,8 @@ def sync_longterm(
     The journal is the truth for both memories: a crash between a journal append and the
     matching :meth:`MemoryStore.add` is repaired here. A watermark file
     (``journals/<id>.ingested``, the last journal seq ingested) keeps this cheap; the one entry
-    that may have been added just before a crash is looked up (by its ``journal_seq`` meta)
-    instead of being added twice. An entry's ``meta["importance"]`` overrides ``importance``.
+    that may have been added just before a crash is looked up exactly (by its ``journal_seq``
+    meta) instead of being added twice. An entry's ``meta["importance"]`` overrides ``importance``.
     Returns how many entries were added.
     """
     mark_path = session.journal.path.with_suffix(".ingested")
@@ -670,5 +696,4 @@ def sync_longterm(
 
 
 def _already_ingested(memory: MemoryStore, session_id: str, entry: Entry) -> bool:
-    hits = memory.search(entry.text, k=50, session=session_id, touch=False)
-    return any(h.meta.get("journal_seq") == entry.seq for h in hits)
+    return bool(memory.find(session=session_id, meta_key="journal_seq", value=entry.seq))

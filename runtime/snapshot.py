@@ -1244,11 +1244,13 @@ def capture(
     *,
     session_id: str = "",
     parent_id: str = "",
+    snapshot_id: str | None = None,
     codec: Codec = DEFAULT_CODEC,
 ) -> Snapshot:
     """Snapshot sequence ``seq_id`` of ``ctx`` together with its token ids.
 
     ``tokens`` are stored in the header so that the snapshot alone is enough to re-prefill.
+    ``snapshot_id`` defaults to a random id; callers may put their own meaning in it.
     """
     _check_live_seq(ctx, seq_id)
     identity = CacheIdentity.from_context(ctx)
@@ -1267,6 +1269,7 @@ def capture(
         pos_max=pos_max,
         n_ctx=ctx.n_ctx,
         session_id=session_id,
+        snapshot_id=snapshot_id,
         parent_id=parent_id,
         codec=codec,
     )

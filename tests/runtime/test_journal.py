@@ -170,3 +170,26 @@ def test_kill_minus_9_never_loses_an_acknowledged_entry(tmp_path: Path) -> None:
             assert len(j) >= acknowledged + 1
             assert [e.seq for e in j] == list(range(len(j)))
     assert acknowledged > 20
+
+
+def test_interrupted_append_leaves_no_record_and_no_seq_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt (or a signal handler's exception) inside write/fsync."""
+    path = tmp_path / "journal.log"
+    j = Journal(path)
+    j.append("user", "first", [1])
+    real_fsync = os.fsync
+
+    def interrupted(fd: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        j.append("user", "never acknowledged", [2])
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    entry = j.append("user", "acknowledged", [3])
+    assert entry.seq == 1
+    j.close()
+    with Journal(path) as again:
+        assert [e.text for e in again] == ["first", "acknowledged"]

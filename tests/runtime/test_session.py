@@ -476,3 +476,68 @@ def test_replaying_a_shift_gets_room_for_the_longer_window_first(
         assert report is not None and report.source == "journal"
         assert a2.tokens() == window
         assert not b.resident
+
+
+def test_snapshot_ids_name_their_journal_entry(ctx: Context, tmp_path: Path) -> None:
+    from runtime.session import _journal_seq_of
+
+    with SessionPool(ctx, tmp_path) as pool:
+        session, _ = pool.get("alice")
+        session.append("user", TURNS[0][1])
+        session.append("user", TURNS[1][1])
+        stored = pool.store.latest_valid("alice")
+        assert stored is not None
+        assert _journal_seq_of(stored.snapshot.header.snapshot_id) == 1
+    assert _journal_seq_of("0123456789abcdef") is None  # a snapshot made elsewhere
+    assert _journal_seq_of("j-1-abcdef") == -1
+
+
+def test_a_snapshot_claiming_the_wrong_entry_is_not_used(ctx: Context, tmp_path: Path) -> None:
+    from runtime import snapshot as snapshot_mod
+
+    pool = SessionPool(ctx, tmp_path, keep=5)
+    session, _ = pool.get("alice")
+    for _, text in TURNS:
+        session.append("user", text)
+    newest = pool.store.generations("alice")[0][1]
+    snap = snapshot_mod.read(newest)
+    crash(pool)
+    # the same KV, relabelled as if taken after entry 0: its tokens do not match that point
+    forged = snapshot_mod.encode(
+        snapshot_mod.decode(snap),
+        identity=snap.header.identity,
+        tokens=snap.tokens,
+        seq_id=snap.seq_id,
+        pos_min=snap.header.pos_min,
+        pos_max=snap.header.pos_max,
+        n_ctx=snap.header.n_ctx,
+        session_id="alice",
+        snapshot_id="j0-forged",
+    )
+    planted = newest.with_name(f"{999999:012d}{FILE_SUFFIX}")
+    snapshot_mod.write(planted, forged)
+    ctx.memory.clear()
+    with SessionPool(ctx, tmp_path, keep=5) as pool:
+        _, report = pool.get("alice")
+        assert report is not None and report.snapshot != planted
+        assert any("not a prefix" in s for s in report.skipped)
+
+
+def test_sync_longterm_finds_the_uncertain_entry_among_many_equal_texts(
+    ctx: Context, tmp_path: Path
+) -> None:
+    from runtime.memory import MemoryStore
+    from runtime.session import sync_longterm
+
+    with (
+        SessionPool(ctx, tmp_path) as pool,
+        MemoryStore.open(tmp_path / "lt", HashEmbedder()) as memory,
+    ):
+        session, _ = pool.get("alice")
+        for _ in range(60):  # many equal texts that rank above the uncertain one
+            memory.add("ok", kind="turn", session="alice", importance=1.0)
+        entry = session.append("user", "ok")
+        memory.add("ok", kind="turn", session="alice", meta={"journal_seq": entry.seq})
+        # crash before the watermark: the entry is uncertain
+        assert sync_longterm(session, memory) == 0
+        assert len(memory.find(session="alice", meta_key="journal_seq", value=entry.seq)) == 1
