@@ -49,7 +49,6 @@ WINDOW_ROLE = "window"
 class _Span:
     """One journal entry's tokens inside the window: positions [start, start + length)."""
 
-    seq: int
     start: int
     length: int
 
@@ -70,7 +69,7 @@ class _Window:
             a, b = (int(x) for x in entry.meta["drop"])
             self.drop(a, b)
         elif entry.tokens:
-            self.spans.append(_Span(entry.seq, len(self.tokens), len(entry.tokens)))
+            self.spans.append(_Span(len(self.tokens), len(entry.tokens)))
             self.tokens.extend(entry.tokens)
 
     def drop(self, a: int, b: int) -> None:
@@ -79,7 +78,7 @@ class _Window:
         kept = []
         for span in self.spans:
             if span.start >= b:
-                kept.append(_Span(span.seq, span.start - (b - a), span.length))
+                kept.append(_Span(span.start - (b - a), span.length))
             elif span.start + span.length <= a:
                 kept.append(span)
         self.spans = kept
@@ -367,7 +366,7 @@ class Session:
                 continue
             self._last_snapshot_id = snap.header.snapshot_id
             return after, len(tokens), stored.path
-        self.ctx.memory.seq_rm(self.seq_id)
+        # resume() emptied the sequence, and a failed restore clears it again
         self._room_for_replay(-1, 0)
         return -1, 0, None
 
