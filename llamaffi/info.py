@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import tomllib
 from pathlib import Path
 from typing import Any
 
-_PIN = Path(__file__).resolve().parent.parent / "vendor" / "llama.cpp" / "pin.toml"
-
 
 def _pin() -> dict[str, Any]:
-    try:
-        with _PIN.open("rb") as f:
-            return tomllib.load(f)
-    except OSError:
-        return {}
+    """The pin installed with the package (``llamaffi/lib/pin.toml``), else the checkout's."""
+    candidates = [
+        Path(str(importlib.resources.files("llamaffi") / "lib" / "pin.toml")),
+        Path(__file__).resolve().parent.parent / "vendor" / "llama.cpp" / "pin.toml",
+    ]
+    for path in candidates:
+        try:
+            with path.open("rb") as f:
+                return tomllib.load(f)
+        except OSError:
+            continue
+    return {}
 
 
 def collect() -> dict[str, Any]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib.resources
 import logging
 import os
 import secrets
@@ -52,8 +53,20 @@ logger = logging.getLogger(__name__)
 #: Environment variable that points at the vocabulary GGUF to copy the tokenizer from.
 VOCAB_ENV: Final = "LLAMAFFI_VOCAB_GGUF"
 
-_REPO_ROOT: Final = Path(__file__).resolve().parent.parent
-_DEFAULT_VOCAB: Final = _REPO_ROOT / "vendor" / "llama.cpp" / "models" / "ggml-vocab-llama-spm.gguf"
+_VOCAB_NAME: Final = "ggml-vocab-llama-spm.gguf"
+
+
+def _default_vocab() -> Path:
+    """The vocabulary installed with the package (``llamaffi/lib/``, put there by the build).
+
+    Found through ``importlib.resources`` so that a wheel or sdist install works from any
+    directory; a source checkout whose build has not run yet falls back to the fetched tree.
+    """
+    packaged = Path(str(importlib.resources.files("llamaffi") / "lib" / _VOCAB_NAME))
+    if packaged.is_file():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "vendor" / "llama.cpp" / "models" / _VOCAB_NAME
+
 
 _GEOMETRY_KEYS: Final = ("n_layer", "n_embd", "n_head", "n_head_kv", "n_ff")
 
@@ -123,7 +136,8 @@ def find_vocab(vocab: str | os.PathLike[str] | None = None) -> Path:
     """Return the vocabulary GGUF to copy the tokenizer from.
 
     The first of: the ``vocab`` argument, ``$LLAMAFFI_VOCAB_GGUF``, and the Llama SPM
-    vocabulary in the pinned tree (``vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf``).
+    vocabulary installed with the package (``llamaffi/lib/ggml-vocab-llama-spm.gguf``, copied
+    there from the pinned tree by the build).
 
     Raises:
         FileNotFoundError: the chosen file does not exist; the message names the path and how
@@ -134,12 +148,12 @@ def find_vocab(vocab: str | os.PathLike[str] | None = None) -> Path:
     elif os.environ.get(VOCAB_ENV):
         path, source = Path(os.environ[VOCAB_ENV]), f"${VOCAB_ENV}"
     else:
-        path, source = _DEFAULT_VOCAB, "the pinned llama.cpp tree"
+        path, source = _default_vocab(), "the llamaffi package data"
     if not path.is_file():
         raise FileNotFoundError(
-            f"vocabulary GGUF not found: {path} (from {source}). Fetch the pinned llama.cpp "
-            f"source with `python scripts/fetch_llama_cpp.py`, or point ${VOCAB_ENV} at a copy "
-            "of models/ggml-vocab-llama-spm.gguf"
+            f"vocabulary GGUF not found: {path} (from {source}). Reinstall llamaffi (the build "
+            f"copies it from the pinned llama.cpp source), or point ${VOCAB_ENV} at a copy "
+            f"of models/{_VOCAB_NAME}"
         )
     return path
 
