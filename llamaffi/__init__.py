@@ -22,6 +22,7 @@ from llamaffi.errors import (
     LlamaError,
     ModelLoadError,
     StateError,
+    TemplateError,
     TokenizeError,
 )
 
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 logging.getLogger("llamaffi").addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
+    from llamaffi.chat import apply_template, builtin_templates
     from llamaffi.context import Context, Memory
     from llamaffi.model import Model
     from llamaffi.sampler import Sampler
@@ -41,6 +43,8 @@ _LAZY = {
     "Context": "llamaffi.context",
     "Memory": "llamaffi.context",
     "Sampler": "llamaffi.sampler",
+    "apply_template": "llamaffi.chat",
+    "builtin_templates": "llamaffi.chat",
 }
 
 __all__ = [
@@ -56,9 +60,12 @@ __all__ = [
     "ModelLoadError",
     "Sampler",
     "StateError",
+    "TemplateError",
     "TokenizeError",
     "__version__",
+    "apply_template",
     "build_info",
+    "builtin_templates",
 ]
 
 

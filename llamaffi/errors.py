@@ -50,3 +50,7 @@ class ArgumentError(LlamaError, ValueError):
 
 class ClosedError(LlamaError, ValueError):
     """The object was closed (or its parent was); using it would be a use-after-free."""
+
+
+class TemplateError(LlamaError, ValueError):
+    """llama.cpp does not know a chat template (or refused the messages given to it)."""

@@ -7,6 +7,28 @@ Nothing here checks arguments or owns memory; that is the job of :mod:`llamaffi.
     state.llama_state_seq_get_size(ctx_ptr, 0)
 """
 
-from llamaffi._capi import _types, backend, batch, context, memory, model, sampler, state, vocab
+from llamaffi._capi import (
+    _types,
+    backend,
+    batch,
+    chat,
+    context,
+    memory,
+    model,
+    sampler,
+    state,
+    vocab,
+)
 
-__all__ = ["_types", "backend", "batch", "context", "memory", "model", "sampler", "state", "vocab"]
+__all__ = [
+    "_types",
+    "backend",
+    "batch",
+    "chat",
+    "context",
+    "memory",
+    "model",
+    "sampler",
+    "state",
+    "vocab",
+]
