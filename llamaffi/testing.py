@@ -46,7 +46,17 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["CHAT_TEMPLATE", "PRESETS", "VOCAB_ENV", "find_vocab", "main", "make_model"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "GEMMA_CHAT_TEMPLATE",
+    "LLAMA3_CHAT_TEMPLATE",
+    "MISTRAL_CHAT_TEMPLATE",
+    "PRESETS",
+    "VOCAB_ENV",
+    "find_vocab",
+    "main",
+    "make_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +116,45 @@ CHAT_TEMPLATE: Final = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# Real templates of other families, copied verbatim from the pinned tree so that tests can
+# exercise llama.cpp's other formatters (each is recognised by llm_chat_detect_template).
+
+#: Meta-Llama-3-8B-Instruct, as in ``tests/test-chat-template.cpp`` ("Llama-3"); llama.cpp
+#: recognises it by ``<|start_header_id|>`` and formats it as ``llama3``.
+LLAMA3_CHAT_TEMPLATE: Final = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+)
+
+#: Mistral-7B-Instruct (v0.1/v0.2, before Mistral's "v1" tokenizer: ``[INST]`` without a
+#: system role), as in ``tests/test-chat-template.cpp``; llama.cpp formats it as ``llama2``.
+MISTRAL_CHAT_TEMPLATE: Final = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+    "{% endif %}{% endfor %}"
+)
+
+#: google/gemma-2-2b-it (``models/templates/google-gemma-2-2b-it.jinja``); no system role:
+#: llama.cpp's ``gemma`` formatter folds the system text into the first user turn.
+GEMMA_CHAT_TEMPLATE: Final = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class _Geometry:
@@ -152,8 +201,9 @@ def find_vocab(vocab: str | os.PathLike[str] | None = None) -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"vocabulary GGUF not found: {path} (from {source}). Reinstall llamaffi (the build "
-            f"copies it from the pinned llama.cpp source), or point ${VOCAB_ENV} at a copy "
-            f"of models/{_VOCAB_NAME}"
+            "copies it from the pinned llama.cpp source; in a source checkout, fetch that with "
+            f"`python scripts/fetch_llama_cpp.py`), or point ${VOCAB_ENV} at a copy of "
+            f"models/{_VOCAB_NAME}"
         )
     return path
 
@@ -171,6 +221,7 @@ def make_model(
     seed: int = 0,
     wtype: str = "f16",
     n_ctx_train: int = 2048,
+    chat_template: str | None = CHAT_TEMPLATE,
 ) -> Path:
     """Write a deterministic random-weight llama GGUF to ``path`` and return ``path``.
 
@@ -184,6 +235,9 @@ def make_model(
         seed: Non-negative; tensor ``i`` is drawn from ``numpy.random.default_rng([seed, i])``.
         wtype: ``"f16"`` or ``"f32"`` for the 2-D weights; norm weights are always f32 ones.
         n_ctx_train: Written as ``llama.context_length``.
+        chat_template: Written as ``tokenizer.chat_template`` (default: ChatML,
+            :data:`CHAT_TEMPLATE`; see also :data:`LLAMA3_CHAT_TEMPLATE`,
+            :data:`MISTRAL_CHAT_TEMPLATE`, :data:`GEMMA_CHAT_TEMPLATE`); ``None`` writes none.
 
     Raises:
         TypeError: a geometry value is missing.
@@ -200,13 +254,15 @@ def make_model(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     _check_positive("n_ctx_train", n_ctx_train)
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise ValueError(f"chat_template must be a str or None, got {chat_template!r}")
     target = Path(path)
     vocab_path = find_vocab(vocab)
 
     started = time.monotonic()
     name = f"llamaffi-{preset or 'custom'}-seed{seed}"
     with _atomic_target(target) as tmp:
-        _write_gguf(tmp, name, geometry, vocab_path, seed, wtype, n_ctx_train)
+        _write_gguf(tmp, name, geometry, vocab_path, seed, wtype, n_ctx_train, chat_template)
     logger.info(
         "wrote %s (%s, %.1f MB) in %.1f s",
         target,
@@ -360,13 +416,14 @@ def _write_gguf(
     seed: int,
     wtype: str,
     n_ctx_train: int,
+    chat_template: str | None,
 ) -> None:
     dtype, file_type = _WTYPES[wtype]
     writer = gguf.GGUFWriter(path, arch="llama")
     try:
         writer.add_name(name)
         writer.add_file_type(int(file_type))
-        n_vocab = _add_metadata(writer, geometry, vocab_path, n_ctx_train)
+        n_vocab = _add_metadata(writer, geometry, vocab_path, n_ctx_train, chat_template)
         specs = _tensor_specs(geometry, n_vocab)
         for spec in specs:
             spec_dtype = np.dtype(np.float32 if spec.is_norm else dtype)
@@ -387,7 +444,11 @@ def _write_gguf(
 
 
 def _add_metadata(
-    writer: gguf.GGUFWriter, geometry: _Geometry, vocab_path: Path, n_ctx_train: int
+    writer: gguf.GGUFWriter,
+    geometry: _Geometry,
+    vocab_path: Path,
+    n_ctx_train: int,
+    chat_template: str | None,
 ) -> int:
     """Add the llama hyperparameters and the tokenizer; return the vocabulary size."""
     tokenizer, n_vocab = _read_tokenizer(vocab_path)
@@ -403,7 +464,8 @@ def _add_metadata(
     writer.add_vocab_size(n_vocab)
     for kv in tokenizer:
         writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     return n_vocab
 
 
