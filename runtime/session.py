@@ -27,12 +27,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from runtime import snapshot as snapshot_mod
+from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
 from runtime.errors import MemoryRuntimeError
 from runtime.fsutil import atomic_write_bytes
 from runtime.journal import Entry, Journal
 from runtime.store import SnapshotStore, validate_session_id
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
     from llamaffi import Context, Sampler
     from runtime.memory import MemoryStore
 
@@ -47,10 +51,18 @@ WINDOW_ROLE = "window"
 
 @dataclass
 class _Span:
-    """One journal entry's tokens inside the window: positions [start, start + length)."""
+    """One journal entry's tokens inside the window: positions [start, start + length).
+
+    ``role`` and ``content`` are what a chat template renders for the entry (``content`` is the
+    text the model saw, e.g. a user turn with its retrieved memories; ``meta["content"]`` in
+    the journal when it differs from the entry's text). ``seq`` is the journal entry.
+    """
 
     start: int
     length: int
+    role: str = ""
+    content: str = ""
+    seq: int = -1
 
 
 class _Window:
@@ -69,18 +81,28 @@ class _Window:
             a, b = (int(x) for x in entry.meta["drop"])
             self.drop(a, b)
         elif entry.tokens:
-            self.spans.append(_Span(len(self.tokens), len(entry.tokens)))
+            content = str(entry.meta.get("content", entry.text))
+            span = _Span(len(self.tokens), len(entry.tokens), entry.role, content, entry.seq)
+            self.spans.append(span)
             self.tokens.extend(entry.tokens)
 
     def drop(self, a: int, b: int) -> None:
-        """Remove positions [a, b) and close the gap."""
+        """Remove positions [a, b) and close the gap.
+
+        A span cut by ``a`` keeps its head (a re-render that rewrote the tail of the window);
+        spans wholly inside [a, b) go.
+        """
         del self.tokens[a:b]
         kept = []
         for span in self.spans:
             if span.start >= b:
-                kept.append(_Span(span.start - (b - a), span.length))
+                kept.append(
+                    _Span(span.start - (b - a), span.length, span.role, span.content, span.seq)
+                )
             elif span.start + span.length <= a:
                 kept.append(span)
+            elif span.start < a:
+                kept.append(_Span(span.start, a - span.start, span.role, span.content, span.seq))
         self.spans = kept
 
 
@@ -143,6 +165,10 @@ class Session:
         journal_fsync: fsync each journal append (leave on outside tests).
         make_room: called with ``(session, n_tokens)`` before tokens are added, so that a pool
             can suspend other sessions until the shared KV cache has the cells.
+        policy: when to checkpoint (tokens/seconds since the last one); ``None`` keeps the
+            turn count ``snapshot_every``.
+        writer: the background writer that encodes and writes checkpoints (only the state copy
+            stays on the calling thread); ``None`` writes inline.
         window: what to do when a turn does not fit ``n_ctx``: ``"shift"`` (default) drops
             the oldest whole turns after the first one (kept: it is usually the system prompt)
             from the KV sequence, shifting the rest down (llama.cpp's context shift); the drop
@@ -165,9 +191,13 @@ class Session:
         journal_fsync: bool = True,
         make_room: Callable[[Session, int], None] | None = None,
         window: Literal["shift", "refuse"] = "shift",
+        policy: CheckpointPolicy | None = None,
+        writer: CheckpointWriter | None = None,
     ) -> None:
         if window not in ("shift", "refuse"):
             raise ValueError(f"window must be 'shift' or 'refuse', not {window!r}")
+        self.policy = policy
+        self._writer = writer
         self.ctx = ctx
         self.window = window
         self.seq_id = seq_id
@@ -183,6 +213,8 @@ class Session:
             self._window.apply(entry)
         self._resident = False
         self._since_snapshot = 0
+        self._new_tokens = 0  # tokens added since the last checkpoint
+        self._last_checkpoint = time.monotonic()
         self._last_snapshot_id = ""
         #: Snapshots that could not be written (the turn itself was safe in the journal).
         self.snapshot_failures = 0
@@ -222,7 +254,9 @@ class Session:
             )
         a = b = spans[1].start
         for span in spans[1:]:
-            if self.n_tokens - (b - a) <= goal:
+            # stop before a user turn (or an untyped one), never before a reply: the window
+            # must read as a conversation after the drop
+            if self.n_tokens - (b - a) <= goal and span.role != "assistant":
                 break
             b = span.start + span.length
         if self.n_tokens - (b - a) + n > limit:
@@ -268,6 +302,8 @@ class Session:
         replayed = self._replay(after)
         self._resident = True
         self._since_snapshot = 1 if replayed else 0
+        self._new_tokens = replayed
+        self._last_checkpoint = time.monotonic()
         source: Literal["snapshot", "journal", "empty"]
         source = "snapshot" if path else ("journal" if truth else "empty")
         report = ResumeReport(
@@ -415,7 +451,7 @@ class Session:
             # (which replays it) before the next use.
             self._drop_kv()
             raise
-        self._after_turn()
+        self._after_turn(len(tokens))
         return entry
 
     def reply(self, n_predict: int = 64, sampler: Sampler | None = None) -> Entry:
@@ -455,23 +491,190 @@ class Session:
             if not self.ctx.memory.seq_rm(self.seq_id, start, -1):
                 self._drop_kv()
             raise
-        self._after_turn()
+        self._after_turn(len(tokens))
         return entry
+
+    # -- template-driven turns (what runtime.Runtime uses) ------------------------------------
+
+    def messages(self) -> list[tuple[str, str]]:
+        """The window's turns as ``(role, content)``, oldest first: what a chat template
+        renders for the KV sequence as it is now."""
+        return [(span.role, span.content) for span in self._window.spans if span.role]
+
+    def window_seqs(self) -> set[int]:
+        """Journal entries whose tokens are (at least partly) in the window now."""
+        return {span.seq for span in self._window.spans}
+
+    @property
+    def first_turn(self) -> bool:
+        """Whether nothing has been journalled yet (the next tokens start the sequence)."""
+        return len(self.journal) == 0
+
+    def reserve(self, n_tokens: int) -> None:
+        """Make room for ``n_tokens`` more tokens now: shift the window (journalled) if
+        allowed, and let the pool free shared cells. Raises :class:`ContextFullError`."""
+        self._require_resident()
+        self._reserve(n_tokens)
+
+    def rewind(self, keep: int) -> None:
+        """Cut the window back to its first ``keep`` tokens (journalled first, like a shift).
+
+        For a chat template that does not render N+1 messages as an extension of N: the
+        caller re-renders, keeps the common token prefix and decodes the rest.
+        """
+        self._require_resident()
+        n = self.n_tokens
+        if not 0 <= keep <= n:
+            raise SessionError(f"rewind({keep}) outside the window of {n} tokens")
+        if keep == n:
+            return
+        entry = self.journal.append(WINDOW_ROLE, "", (), {"drop": [keep, n]})
+        self._window.apply(entry)
+        if not self.ctx.memory.seq_rm(self.seq_id, keep, -1):
+            self._drop_kv()
+            raise SessionError(f"llama.cpp could not remove positions [{keep}, {n})")
+
+    def append_tokens(
+        self,
+        role: str,
+        text: str,
+        tokens: Sequence[int],
+        *,
+        meta: dict[str, object] | None = None,
+    ) -> Entry:
+        """Journal a turn whose tokens the caller rendered (durable on return), then decode it.
+
+        Room must have been made with :meth:`reserve`. ``meta["content"]`` records what the
+        model saw when it differs from ``text`` (a user turn with retrieved memories).
+        """
+        self._require_resident()
+        tokens = list(tokens)
+        if not tokens:
+            raise SessionError("a turn needs at least one token")
+        if self.n_tokens + len(tokens) > self.ctx.n_ctx:
+            raise ContextFullError(
+                f"session {self.session_id!r}: {len(tokens)} more tokens exceed "
+                f"n_ctx={self.ctx.n_ctx}; reserve() first"
+            )
+        entry = self.journal.append(role, text, tokens, dict(meta or {}))
+        self._window.apply(entry)
+        try:
+            self._decode(tokens)
+        except BaseException:
+            self._drop_kv()  # journalled but not in the KV: the next resume replays it
+            raise
+        self._after_turn(len(tokens))
+        return entry
+
+    def generate(
+        self,
+        n_predict: int,
+        sampler: Sampler,
+        *,
+        close: Callable[[str], Sequence[int]],
+        stop: Sequence[str] = (),
+        clean: Callable[[str], str] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        meta: dict[str, object] | None = None,
+    ) -> tuple[Entry, str]:
+        """Generate the assistant's turn after the decoded prompt, journal it; return
+        ``(entry, finish_reason)`` with ``finish_reason`` ``"stop"``, ``"length"`` or
+        ``"cancelled"``.
+
+        Stops at an end-of-generation token (sampled, never decoded), at the first of the
+        ``stop`` strings (cut from the text), after ``n_predict`` tokens, or when
+        ``cancelled()`` turns true (the reply so far is kept and journalled, so the KV and the
+        journal stay equal). ``close(text)`` gives the tokens that end the turn in the
+        template (``<|im_end|>\\n`` in ChatML); they are decoded so the next turn extends
+        the sequence. ``on_text`` receives the reply's text as it grows, never a piece of a
+        stop string. The journal entry holds exactly the tokens decoded.
+        """
+        self._require_resident()
+        model, memory = self.ctx.model, self.ctx.memory
+        start = memory.pos_max(self.seq_id) + 1
+        holdback = max((len(x) for x in stop), default=1) - 1
+        decoded: list[int] = []
+        raw = b""
+        text = ""
+        emitted = 0
+        finish = "length"
+        try:
+            for _ in range(n_predict):
+                if cancelled is not None and cancelled():
+                    finish = "cancelled"
+                    break
+                token = sampler.sample(self.ctx, -1)
+                if model.is_eog(token):
+                    finish = "stop"
+                    break
+                raw += model.token_to_piece(token)
+                text = raw.decode("utf-8", "ignore")
+                cut = min((i for i in (text.find(x) for x in stop if x) if i >= 0), default=-1)
+                if cut >= 0:
+                    text = text[:cut]
+                    finish = "stop"
+                    break
+                self._decode([token])
+                decoded.append(token)
+                if on_text is not None:
+                    safe = len(text) - holdback
+                    if safe > emitted:
+                        on_text(text[emitted:safe])
+                        emitted = safe
+            reply = clean(text) if clean is not None else text.strip()
+            if on_text is not None and len(text.rstrip()) > emitted:
+                on_text(text.rstrip()[emitted:])
+            tail = list(close(reply))
+            if tail:
+                self._decode(tail)
+            tokens = decoded + tail
+            entry_meta = dict(meta or {})
+            entry_meta["finish"] = finish
+            entry = self.journal.append("assistant", reply, tokens, entry_meta)
+            self._window.apply(entry)
+        except BaseException:
+            # Put the KV back in step with the journal (nothing of this reply is journalled);
+            # if that is impossible, drop it and let the next resume() rebuild it.
+            if not memory.seq_rm(self.seq_id, start, -1):
+                self._drop_kv()
+            raise
+        self._after_turn(len(tokens))
+        return entry, finish
 
     @staticmethod
     def format_turn(role: str, text: str) -> str:
         """How a turn is rendered into the sequence (one line per turn)."""
         return f"{role}: {text}\n"
 
-    def _after_turn(self) -> None:
+    def _after_turn(self, n_tokens: int = 0) -> None:
         self._since_snapshot += 1
-        if self.snapshot_every and self._since_snapshot >= self.snapshot_every:
+        self._new_tokens += n_tokens
+        if self.policy is not None:
+            due = self.policy.due(self._new_tokens, time.monotonic() - self._last_checkpoint)
+        else:
+            due = bool(self.snapshot_every and self._since_snapshot >= self.snapshot_every)
+        if due:
             self._try_checkpoint()
 
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens added since the last checkpoint (what a crash now would replay)."""
+        return self._new_tokens
+
     def _try_checkpoint(self) -> None:
-        """Snapshot now, but never fail a turn that is already safe in the journal."""
+        """Snapshot now, but never fail a turn that is already safe in the journal.
+
+        With a background writer only the state copy happens here; the rest is queued.
+        """
         try:
-            self.checkpoint()
+            if self._writer is not None and not self._writer.closed:
+                self._writer.submit(self.session_id, self._capture_job())
+                self._since_snapshot = 0
+                self._new_tokens = 0
+                self._last_checkpoint = time.monotonic()
+            else:
+                self.checkpoint()
         except Exception as exc:
             # The snapshot is only a cache of the journal: a failure (e.g. ENOSPC) costs a
             # slower resume, not data. It is retried after the next turn.
@@ -480,9 +683,56 @@ class Session:
 
     # -- snapshots and residency ---------------------------------------------------------------
 
-    def checkpoint(self) -> Path:
-        """Capture the KV sequence into the store now; returns the file written."""
+    def _capture_job(self) -> Callable[[], Path]:
+        """Copy the sequence's state out now (caller thread); return the job that encodes and
+        writes it (any thread: it never touches the context)."""
         self._require_resident()
+        ctx, seq_id = self.ctx, self.seq_id
+        last = self.journal[-1].seq if len(self.journal) else -1
+        identity = snapshot_mod.CacheIdentity.from_context(ctx)
+        pos_min, pos_max = ctx.memory.pos_min(seq_id), ctx.memory.pos_max(seq_id)
+        if pos_min < 0 or pos_max < 0:
+            pos_min = pos_max = -1
+        raw: npt.NDArray[np.uint8] = ctx.seq_state_get(seq_id)
+        tokens = tuple(self._window.tokens)
+        snapshot_id = f"{SNAPSHOT_ID_PREFIX}{last}-{secrets.token_hex(6)}"
+        parent_id, n_ctx = self._last_snapshot_id, ctx.n_ctx
+        session_id, store = self.session_id, self.store
+        self._last_snapshot_id = snapshot_id
+
+        def job() -> Path:
+            snap = snapshot_mod.encode(
+                raw,
+                identity=identity,
+                tokens=tokens,
+                seq_id=seq_id,
+                pos_min=pos_min,
+                pos_max=pos_max,
+                n_ctx=n_ctx,
+                session_id=session_id,
+                parent_id=parent_id,
+                snapshot_id=snapshot_id,
+            )
+            return store.save(session_id, snap)
+
+        return job
+
+    def checkpoint(self) -> Path:
+        """Capture the KV sequence into the store now and wait for it; returns the file.
+
+        With a background writer the write still happens there (one writer per store), and
+        this waits for it.
+        """
+        self._require_resident()
+        if self._writer is not None and not self._writer.closed:
+            job = self._capture_job()
+            self._writer.discard(self.session_id)
+            self._writer.flush(self.session_id)
+            path = job()
+            self._since_snapshot = 0
+            self._new_tokens = 0
+            self._last_checkpoint = time.monotonic()
+            return path
         last = self.journal[-1].seq if len(self.journal) else -1
         snap = snapshot_mod.capture(
             self.ctx,
@@ -495,11 +745,20 @@ class Session:
         path = self.store.save(self.session_id, snap)
         self._last_snapshot_id = snap.header.snapshot_id
         self._since_snapshot = 0
+        self._new_tokens = 0
+        self._last_checkpoint = time.monotonic()
         return path
 
     def _drop_kv(self) -> None:
         self.ctx.memory.seq_rm(self.seq_id)
         self._resident = False
+
+    def discard(self) -> None:
+        """Free the KV cells and close the journal without a checkpoint (the session is being
+        deleted)."""
+        if not self.ctx.closed and self.seq_id >= 0:
+            self._drop_kv()
+        self.journal.close()
 
     def suspend(self) -> None:
         """Snapshot if anything is new, then free the sequence's KV cells."""
@@ -542,11 +801,25 @@ class SessionPool:
         keep: int = 3,
         snapshot_every: int = 1,
         window: Literal["shift", "refuse"] = "shift",
+        n_seq: int | None = None,
+        policy: CheckpointPolicy | None = None,
+        writer: CheckpointWriter | None = None,
+        journal_fsync: bool = True,
     ) -> None:
         self.ctx = ctx
         self.root = Path(root)
         self.snapshot_every = snapshot_every
         self.window = window
+        #: sequence ids 0 .. n_seq-1 are the pool's; the rest are left to the caller (scratch)
+        self.n_seq = ctx.n_seq_max if n_seq is None else n_seq
+        if not 1 <= self.n_seq <= ctx.n_seq_max:
+            raise SessionError(f"n_seq must be in [1, {ctx.n_seq_max}], got {self.n_seq}")
+        self.policy = policy
+        self.writer = writer
+        self.journal_fsync = journal_fsync
+        #: how the sessions resumed so far came back: source -> count
+        self.resumes: dict[str, int] = {"snapshot": 0, "journal": 0, "empty": 0}
+        self.last_resume: ResumeReport | None = None
         # Hash the GGUF now (cached on disk by file identity), not inside the first turn.
         self.model_fingerprint = ctx.model.fingerprint
         self.store = SnapshotStore(self.root / "snapshots", keep=keep)
@@ -555,9 +828,19 @@ class SessionPool:
     def get(self, session_id: str) -> tuple[Session, ResumeReport | None]:
         """The session, resumed if it was not resident; the report says how, if it was."""
         session = self._sessions.get(session_id)
+        if session is not None and session.journal.closed:
+            # Its journal closed itself (e.g. a failed append on a full disk): the KV may be
+            # ahead of the journal. Forget it here; it is reopened from disk below.
+            logger.warning("session %s: journal was closed; reopening it", session_id)
+            del self._sessions[session_id]
+            self.ctx.memory.seq_rm(session.seq_id)
+            session = None
         if session is not None:
             self._sessions.move_to_end(session_id)
             return session, None
+        if self.writer is not None:
+            # A checkpoint still in the writer's queue is this session's newest state.
+            self.writer.flush(validate_session_id(session_id))
         session = Session(
             self.ctx,
             -1,
@@ -565,8 +848,11 @@ class SessionPool:
             self.root,
             self.store,
             snapshot_every=self.snapshot_every,
+            journal_fsync=self.journal_fsync,
             make_room=self._make_room,
             window=self.window,
+            policy=self.policy,
+            writer=self.writer,
         )
         try:
             if session.n_tokens > self.ctx.n_ctx:
@@ -582,7 +868,28 @@ class SessionPool:
             session.journal.close()
             raise
         self._sessions[session_id] = session
+        self.resumes[report.source] = self.resumes.get(report.source, 0) + 1
+        self.last_resume = report
         return session, report
+
+    def resident(self) -> list[Session]:
+        """The resident sessions, least recently used first."""
+        return list(self._sessions.values())
+
+    def peek(self, session_id: str) -> Session | None:
+        """The session if it is resident, without resuming or reordering anything."""
+        return self._sessions.get(session_id)
+
+    def known(self) -> list[str]:
+        """Every session with a journal on disk, resident or not, sorted."""
+        directory = self.root / JOURNAL_DIR
+        if not directory.is_dir():
+            return []
+        return sorted(p.stem for p in directory.glob("*.log"))
+
+    def used_cells(self) -> int:
+        """KV cells held by resident sessions."""
+        return self._used_cells()
 
     def _used_cells(self, exclude: Session | None = None) -> int:
         return sum(s.n_tokens for s in self._sessions.values() if s is not exclude)
@@ -598,7 +905,7 @@ class SessionPool:
 
     def _free_seq(self) -> int:
         used = {s.seq_id for s in self._sessions.values()}
-        free = [i for i in range(self.ctx.n_seq_max) if i not in used]
+        free = [i for i in range(self.n_seq) if i not in used]
         if free:
             return free[0]
         victim = next(iter(self._sessions.values()))
@@ -609,7 +916,12 @@ class SessionPool:
     def _evict(self, victim: Session) -> None:
         logger.info("suspending idle session %s (seq %d)", victim.session_id, victim.seq_id)
         del self._sessions[victim.session_id]
-        victim.close()
+        try:
+            victim.close()
+        except Exception:
+            # Its cells must be freed whatever happened: the next get() reopens it from disk.
+            self.ctx.memory.seq_rm(victim.seq_id)
+            raise
 
     def suspend(self, session_id: str) -> None:
         """Snapshot the session and free its KV cells and journal (no-op if not resident)."""
@@ -621,9 +933,11 @@ class SessionPool:
         """Forget a session: its KV cells, journal and snapshots. Long-term memory is separate
         (its items carry the session id)."""
         session = self._sessions.pop(validate_session_id(session_id), None)
+        if self.writer is not None:
+            self.writer.discard(session_id)
+            self.writer.flush(session_id)
         if session is not None:
-            session._drop_kv()
-            session.journal.close()
+            session.discard()
         journal = self.root / JOURNAL_DIR / f"{session_id}.log"
         for path in (journal, journal.with_suffix(".ingested")):
             with contextlib.suppress(FileNotFoundError):
@@ -639,6 +953,8 @@ class SessionPool:
                     session.close()
                 except Exception:  # keep closing the others; the journals hold the truth
                     logger.exception("closing session %s failed", session.session_id)
+            if self.writer is not None:
+                self.writer.flush()  # the final checkpoints, before the store lock goes
         finally:
             self.store.close()
 
