@@ -36,6 +36,7 @@ import secrets
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,9 @@ __all__ = [
     "capture",
     "decode",
     "encode",
+    "identity_of",
     "inspect",
+    "max_state_size",
     "read",
     "restore",
     "verify",
@@ -274,12 +277,18 @@ class CacheIdentity:
 
     @classmethod
     def from_context(cls, ctx: Context) -> CacheIdentity:
-        """Read the identity of a live context (and its model and llama.cpp build)."""
-        import llamaffi
+        """The identity of a live context (and its model and llama.cpp build).
 
+        Computed once per context and cached (:func:`identity_of`): none of it can change
+        while the context lives.
+        """
+        return identity_of(ctx)
+
+    @classmethod
+    def _compute(cls, ctx: Context) -> CacheIdentity:
         model = ctx.model
         return cls(
-            build_number=int(llamaffi.build_info()["build_number"]),
+            build_number=_build_number(),
             model_fingerprint=str(model.fingerprint),
             n_layer=int(model.n_layer),
             n_embd=int(model.n_embd),
@@ -1017,11 +1026,13 @@ def _decompress_chunk(
     source: str | None,
 ) -> npt.NDArray[np.uint8]:
     """Decompress chunk ``i`` (zstd verifies its content checksum); check its exact length."""
+    expected = header.chunk_raw_len(i)
     try:
-        plain = dctx.decompress(chunk)
+        # the frame's declared size was checked against the header; the cap makes sure that
+        # nothing larger is ever allocated even so
+        plain = dctx.decompress(chunk, max_output_size=expected)
     except zstandard.ZstdError as exc:
         raise CorruptSnapshot(f"chunk[{i}].zstd_frame", str(exc), source=source) from None
-    expected = header.chunk_raw_len(i)
     if len(plain) != expected:
         raise CorruptSnapshot(
             f"chunk[{i}].raw_size",
@@ -1227,6 +1238,119 @@ def iter_snapshot_files(directory: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 # --------------------------------------------------------------------------------------------
+# Per-context facts: computed once per context, never per call
+# --------------------------------------------------------------------------------------------
+
+_facts_lock = threading.Lock()
+_identities: weakref.WeakKeyDictionary[Any, CacheIdentity] = weakref.WeakKeyDictionary()
+_state_bounds: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+_build: list[int] = []
+
+#: Bytes per element of each KV cache type, as (numerator, denominator): block size over
+#: elements per block (ggml's ``type_size / blck_size``). Unknown types count as f32, the
+#: widest type a KV cache can have, so the bound stays an upper bound.
+_KV_TYPE_BYTES: dict[str, tuple[int, int]] = {
+    "f32": (4, 1),
+    "f16": (2, 1),
+    "bf16": (2, 1),
+    "q8_0": (34, 32),
+    "q5_1": (24, 32),
+    "q5_0": (22, 32),
+    "q4_1": (20, 32),
+    "q4_0": (18, 32),
+    "iq4_nl": (18, 32),
+}
+
+
+def _build_number() -> int:
+    # llamaffi.build_info() parses the build string on every call; one process has one build.
+    if not _build:
+        import llamaffi
+
+        _build.append(int(llamaffi.build_info()["build_number"]))
+    return _build[0]
+
+
+def identity_of(ctx: Context) -> CacheIdentity:
+    """The :class:`CacheIdentity` of ``ctx``, computed on first use and cached per context."""
+    with _facts_lock:
+        found = _identities.get(ctx)
+    if found is None:
+        found = CacheIdentity._compute(ctx)
+        with _facts_lock:
+            _identities[ctx] = found
+    return found
+
+
+def _row_bytes(type_name: str, width: int) -> int:
+    num, den = _KV_TYPE_BYTES.get(type_name, (4, 1))
+    return -(-width * num // den)
+
+
+def _head_dims(ctx: Context) -> tuple[int, int]:
+    """K and V head sizes: the GGUF's ``<arch>.attention.key_length``/``value_length`` when
+    present (models whose head size is not ``n_embd / n_head``), else ``n_embd / n_head``."""
+    model = ctx.model
+    default = int(model.n_embd) // max(1, int(model.n_head))
+    arch = model.meta_val_str("general.architecture") or ""
+    dims = []
+    for name in ("key_length", "value_length"):
+        value = model.meta_val_str(f"{arch}.attention.{name}") if arch else None
+        try:
+            dims.append(max(default, int(value)) if value else default)
+        except ValueError:
+            dims.append(default)
+    return dims[0], dims[1]
+
+
+def max_state_size(ctx: Context) -> int:
+    """An upper bound on the bytes of any sequence state ``ctx`` can produce or take.
+
+    ``cells * (n_layer * (K row + V row) + per-cell metadata) + fixed overhead``, where
+    ``cells`` is what one KV stream can hold (``n_ctx`` for a unified cache), a row is
+    ``n_head_kv * head size`` elements of the cache type, the per-cell metadata (position,
+    seq count, cell extension, seq ids) is at most ``16 + 4 * n_seq_max`` bytes, and the
+    fixed part (stream, layer and type headers) at most ``64 KiB + 64 * n_layer * n_seq_max``.
+    It is computed once per context. llama.cpp cannot take a larger blob, so the reader refuses
+    a header whose ``raw_size`` exceeds it before allocating or decompressing anything.
+    """
+    with _facts_lock:
+        found = _state_bounds.get(ctx)
+    if found is not None:
+        return found
+    model = ctx.model
+    n_layer, n_head_kv, n_seq = int(model.n_layer), int(model.n_head_kv), int(ctx.n_seq_max)
+    head_k, head_v = _head_dims(ctx)
+    n_ctx = int(ctx.n_ctx)
+    cells = n_ctx
+    if not ctx.kv_unified:  # llama.cpp pads each stream to 256 cells (n_ctx_seq)
+        per_stream = -(-n_ctx // n_seq)
+        cells = max(n_ctx, -(-per_stream // 256) * 256)
+    per_cell = (
+        n_layer
+        * (_row_bytes(ctx.type_k, n_head_kv * head_k) + _row_bytes(ctx.type_v, n_head_kv * head_v))
+        + 16
+        + 4 * n_seq
+    )
+    bound = cells * per_cell + (64 << 10) + 64 * n_layer * n_seq
+    with _facts_lock:
+        _state_bounds[ctx] = bound
+    return bound
+
+
+def check_raw_size(header: SnapshotHeader, bound: int, *, source: str | None = None) -> None:
+    """Refuse (:class:`CorruptSnapshot`, field ``raw_size``) a header claiming more than
+    ``bound`` bytes of state (see :func:`max_state_size`): checked before any allocation."""
+    if header.raw_size > bound:
+        raise CorruptSnapshot(
+            "raw_size",
+            f"header claims {header.raw_size} bytes of state; this context's states are at "
+            f"most {bound} bytes",
+            source=source,
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # Live contexts
 # --------------------------------------------------------------------------------------------
 
@@ -1328,6 +1452,8 @@ def restore(
         raise IncompatibleSnapshot([("kind", "sequence", "context")])
     _check_live_seq(ctx, target)
     check_compatible(ctx, header, allow_build_mismatch=allow_build_mismatch)
+    # Bound before allocating: a header with a valid checksum can still claim 1 TiB.
+    check_raw_size(header, max_state_size(ctx))
     raw = decode(snapshot, threads=threads)
     # llama.cpp #27068: a failed restore can leave cells behind, so every failure past this
     # point clears the sequence before the error propagates.
