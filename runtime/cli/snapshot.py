@@ -2,6 +2,11 @@
 
 Neither command loads libllama: both work from the file alone.
 
+A directory that is a chunk store (``runtime.chunks.ChunkStore``: ``chunks/`` and
+``manifests/`` inside) is checked as one: every manifest, every chunk file (completely), and
+every reference; missing chunks and damaged files are damage, orphans (chunks no manifest
+names, left by a crash before garbage collection) are reported but are not.
+
 Exit codes: 0 when every file checked is sound, 1 when any is damaged or unreadable, 2 when a
 path given does not exist (nothing is checked then). ``verify`` on a directory that holds no
 snapshot files exits 0, as an empty store has nothing damaged, but says so on stderr (even
@@ -16,6 +21,7 @@ import sys
 from pathlib import Path
 
 from runtime import snapshot
+from runtime.chunks import ChunkStore
 from runtime.snapshot import CorruptSnapshot, UnsupportedVersion
 
 _SHOWN_TOKENS = 16
@@ -37,7 +43,9 @@ def register(parser: argparse.ArgumentParser) -> None:
         "verify",
         help="check snapshot files completely (header, checksums, zstd frames); "
         "exit 1 on any damage, 2 if a path does not exist",
-        description="Check snapshot files completely (header, checksums, zstd frames). "
+        description="Check snapshot files completely (header, checksums, zstd frames); a "
+        "chunk store directory is checked as one (manifests, chunks, references; missing "
+        "chunks are damage, orphans are reported). "
         "Exit 0 if every file is sound, 1 if any is damaged or unreadable, 2 if a path does "
         "not exist. A directory with no *.kvsnap files is not an error: verify says so on "
         "stderr and exits 0.",
@@ -77,14 +85,54 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _targets(paths: list[Path]) -> list[Path]:
-    out: list[Path] = []
+def _is_chunk_store(path: Path) -> bool:
+    return (path / "manifests").is_dir() or (path / "chunks").is_dir()
+
+
+def _chunk_stores(directory: Path) -> list[Path]:
+    """``directory`` itself and every directory below it that is a chunk store."""
+    found = [directory] if _is_chunk_store(directory) else []
+    for sub in sorted(directory.rglob("manifests")):
+        if sub.is_dir() and sub.parent != directory and sub.parent not in found:
+            found.append(sub.parent)
+    return found
+
+
+def _targets(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(plain snapshot files, chunk store roots) to check."""
+    files: list[Path] = []
+    stores: list[Path] = []
     for path in paths:
-        if path.is_dir():
-            out.extend(snapshot.iter_snapshot_files(path))
-        else:
-            out.append(path)
-    return out
+        if not path.is_dir():
+            files.append(path)
+            continue
+        roots = _chunk_stores(path)
+        stores.extend(roots)
+        inside = [root / "chunks" for root in roots] + [root / "quarantine" for root in roots]
+        for file in snapshot.iter_snapshot_files(path):
+            if not any(file.is_relative_to(d) for d in inside):
+                files.append(file)
+    return files, stores
+
+
+def _verify_chunk_store(root: Path, quiet: bool) -> tuple[int, int]:
+    """Check one chunk store; print what is wrong; return (items checked, damaged)."""
+    report = ChunkStore(root, readonly=True).verify()
+    for path, why in report.damaged_manifests:
+        print(f"DAMAGED {path}: manifest: {why}")
+    for key, why in report.damaged_chunks:
+        print(f"DAMAGED {root}: chunk {key}: {why}")
+    for path, key in report.missing:
+        print(f"MISSING {root}: chunk {key}, named by {path}")
+    for key in report.orphans:
+        print(f"ORPHAN {root}: chunk {key} (no manifest names it; harmless)")
+    damaged = len(report.damaged_manifests) + len(report.damaged_chunks) + len(report.missing)
+    if not quiet and report.ok:
+        print(
+            f"OK {root}: chunk store, {report.manifests} manifests, {report.chunks} chunks, "
+            f"{len(report.orphans)} orphans"
+        )
+    return report.manifests + report.chunks, damaged
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -95,7 +143,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if missing:
         return 2
     damaged = 0
-    files = _targets(args.paths)
+    files, stores = _targets(args.paths)
+    checked = len(files)
+    for root in stores:
+        n, bad = _verify_chunk_store(root, args.quiet)
+        checked += n
+        damaged += bad
     for path in files:
         try:
             header = snapshot.verify(path)
@@ -116,9 +169,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 f"OK {path}: seq {header.seq_id}, {header.n_tokens} tokens, "
                 f"{header.raw_size} -> {header.file_size} bytes"
             )
-    if not files:
+    if not files and not stores:
         where = ", ".join(str(path) for path in args.paths)
         print(f"no snapshot files found in {where}: nothing to verify", file=sys.stderr)
     elif not args.quiet or damaged:
-        print(f"{len(files)} checked, {damaged} damaged", file=sys.stderr)
+        print(f"{checked} checked, {damaged} damaged", file=sys.stderr)
     return 1 if damaged else 0
