@@ -1,0 +1,149 @@
+"""Bounded allocation on the snapshot read path: sizes are checked against the context first."""
+
+from __future__ import annotations
+
+import dataclasses
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+
+from runtime import snapshot as S
+
+llamaffi = pytest.importorskip("llamaffi")
+
+GiB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def ctx(model: Any) -> Iterator[Any]:
+    with model.context(n_ctx=512, n_batch=512, n_seq_max=2, n_threads=2) as c:
+        yield c
+
+
+def _forge(header: S.SnapshotHeader, frames: list[bytes], **changes: Any) -> S.Snapshot:
+    """A snapshot with valid checksums around ``frames`` (whatever they hold)."""
+    entries = tuple(S.ChunkEntry(len(f), S.chunk_digest(f)) for f in frames)
+    forged = dataclasses.replace(
+        header, chunks=entries, compressed_size=sum(e.size for e in entries), **changes
+    )
+    return S.Snapshot.from_bytes(S.Snapshot(forged, tuple(frames)).to_bytes())
+
+
+def _zero_frame(size: int, *, content_size: bool) -> bytes:
+    """A zstd frame of ``size`` zero bytes, made in 1 MiB steps (never ``size`` in memory)."""
+    cctx = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True)
+    obj = cctx.compressobj(size=size if content_size else -1)
+    block = bytes(1 << 20)
+    out = [obj.compress(block) for _ in range(size >> 20)]
+    out.append(obj.flush())
+    return b"".join(out)
+
+
+@pytest.fixture(scope="module")
+def small(ctx: Any, model: Any) -> S.Snapshot:
+    tokens = list(model.tokenize("The quick brown fox jumps over the lazy dog."))
+    ctx.decode(tokens, seq_id=0, logits="none")
+    snap = S.capture(ctx, 0, tokens)
+    ctx.memory.seq_rm(0)
+    return snap
+
+
+def _restore_peak(ctx: Any, snap: S.Snapshot) -> tuple[S.CorruptSnapshot, int]:
+    tracemalloc.start()
+    try:
+        with pytest.raises(S.CorruptSnapshot) as info:
+            S.restore(ctx, snap, 1)
+        return info.value, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_bound_covers_a_full_window(model: Any) -> None:
+    """The bound is above the real state of a full window, and not far above (f16 and q8_0)."""
+    for kwargs in ({}, {"type_k": "q8_0", "type_v": "q8_0", "flash_attn": True}):
+        with model.context(n_ctx=256, n_batch=256, n_seq_max=2, **kwargs) as c:
+            bound = S.max_state_size(c)
+            assert S.max_state_size(c) == bound  # cached per context
+            c.decode([5 + i % 100 for i in range(c.n_ctx)], seq_id=0, logits="none")
+            full = c.seq_state_size(0)
+            assert full <= bound <= 1.3 * full + (80 << 10), (kwargs, full, bound)
+
+
+def test_bound_non_unified(model: Any) -> None:
+    with model.context(n_ctx=512, n_batch=256, n_seq_max=2, kv_unified=False) as c:
+        c.decode([7] * 256, seq_id=1, logits="none")
+        assert c.seq_state_size(1) <= S.max_state_size(c)
+
+
+def test_identity_is_computed_once_per_context(ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = S.identity_of(ctx)
+    monkeypatch.setattr(llamaffi, "build_info", lambda: pytest.fail("build_info called again"))
+    assert S.CacheIdentity.from_context(ctx) is first
+
+
+def test_forged_terabyte_header_refused_without_allocating(ctx: Any, small: S.Snapshot) -> None:
+    raw = 1 << 40
+    chunk = S.MAX_CHUNK_SIZE
+    n = S.count_chunks(raw, chunk, S.Filter.PLANES2)
+    forged = _forge(small.header, [b"\x00" * 3] * n, raw_size=raw, chunk_size=chunk)
+    assert forged.header.raw_size == raw  # the checksums are all valid
+    err, peak = _restore_peak(ctx, forged)
+    assert err.field == "raw_size"
+    assert peak < 32 << 20
+    assert ctx.memory.pos_max(1) == -1
+
+
+def test_declared_gigabyte_frames_refused(ctx: Any, small: S.Snapshot) -> None:
+    """Frames that really expand to 1 GiB in all, declared honestly in a valid header."""
+    frame = _zero_frame(S.MAX_CHUNK_SIZE, content_size=True)
+    assert len(frame) < 1 << 20
+    forged = _forge(
+        small.header, [frame] * 4, raw_size=GiB, chunk_size=S.MAX_CHUNK_SIZE, filter=S.Filter.NONE
+    )
+    err, peak = _restore_peak(ctx, forged)
+    assert err.field == "raw_size" and peak < 32 << 20
+
+
+def test_zstd_bomb_without_content_size_refused(ctx: Any, small: S.Snapshot) -> None:
+    """A 1 GiB bomb in a header whose sizes are plausible: the frame check stops it first."""
+    bomb = _zero_frame(GiB, content_size=False)
+    header = small.header
+    frames = [bomb, *small.chunks[1:]]
+    forged = _forge(header, [bytes(f) for f in frames])
+    err, peak = _restore_peak(ctx, forged)
+    assert err.field.startswith("chunk[0]")
+    assert peak < 32 << 20
+
+
+def test_session_resume_quarantines_a_forged_snapshot(model: Any, tmp_path: Path) -> None:
+    from runtime.session import SessionPool
+
+    with model.context(n_ctx=1024, n_batch=128, n_seq_max=2, n_threads=2) as c:
+        pool = SessionPool(c, tmp_path, keep=5)
+        session, _ = pool.get("alice")
+        session.append("user", "My dog is called Biscuit and she loves the beach.")
+        session.append("user", "I moved to Lisbon in March.")
+        newest = pool.store.generations("alice")[0][1]
+        for s in pool._sessions.values():  # crash: no suspend, no final snapshot
+            s.journal.close()
+        pool.store.close()
+        real = S.read(newest)
+        n = S.count_chunks(1 << 40, S.MAX_CHUNK_SIZE, S.Filter.PLANES2)
+        forged = _forge(
+            real.header, [b"\x01" * 2] * n, raw_size=1 << 40, chunk_size=S.MAX_CHUNK_SIZE
+        )
+        newest.write_bytes(forged.to_bytes())
+        c.memory.clear()
+
+        pool = SessionPool(c, tmp_path, keep=5)
+        session, report = pool.get("alice")
+        assert report is not None and report.snapshot != newest
+        assert not newest.exists()
+        reasons = list((newest.parent / "quarantine").glob("*.reason"))
+        assert any("raw_size" in p.read_text() for p in reasons)
+        assert report.n_tokens == len(session.journal.tokens())
+        pool.close()
