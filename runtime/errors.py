@@ -19,6 +19,33 @@ class InvalidNameError(MemoryRuntimeError, ValueError):
     """A session id or other name that becomes part of a path is not allowed."""
 
 
+class PersistError(MemoryRuntimeError, OSError):
+    """A write to the data directory failed and left nothing partial behind.
+
+    ``errno`` and ``filename`` are kept; the message says what was (not) written and what to
+    do next.
+    """
+
+
+class DiskFullError(PersistError):
+    """A write failed because the disk (or quota) is full; retrying once space is freed works."""
+
+
+class UnsafePathError(MemoryRuntimeError, PermissionError):
+    """A path inside the data directory is a symlink (or not a regular file/directory).
+
+    The runtime never writes through a symlink it did not make: a planted link could make it
+    overwrite, truncate or delete files outside the data directory.
+    """
+
+
+class DamagedFileError(MemoryRuntimeError, ValueError):
+    """A file the runtime depends on is not what it should be (garbage, truncated, forged).
+
+    The message names the file and says what to do (rebuild it, or move it aside).
+    """
+
+
 class ModelNotFoundError(MemoryRuntimeError, FileNotFoundError):
     """A model name or path names nothing: no such file, or the package that ships it is missing.
 

@@ -23,6 +23,7 @@ hnswlib is not safe for concurrent add and query, so every call into it holds on
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -39,8 +40,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from runtime.errors import MemoryRuntimeError
-from runtime.fsutil import TMP_PREFIX, atomic_write_bytes, fsync_dir
+from runtime.errors import DiskFullError, MemoryRuntimeError, PersistError
+from runtime.fsutil import TMP_PREFIX, atomic_write_bytes, fsync_dir, open_nofollow
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,17 @@ _NO_ENTRY = 0xFFFFFFFF
 _MAX_LEVEL = 64
 #: A sanity cap on max_elements accepted from a file: far above any store this runtime makes.
 MAX_ELEMENTS_LIMIT = 1 << 32
+
+
+def capacity_bound(items: int) -> int:
+    """The largest capacity a saved index of at most ``items`` slots may claim.
+
+    :meth:`HnswIndex.add` grows to ``max(needed, 2 * capacity, 1024)`` and a rebuild sizes
+    ``1.25 * count``, so an honest index never claims more than twice its slots (or 1024);
+    the rest is headroom. hnswlib PR #677: its loader allocates whatever the file claims.
+    """
+    return 2 * max(0, items) + 2048
+
 
 FloatArray = npt.NDArray[np.float32]
 LabelArray = npt.NDArray[np.uint64]
@@ -481,6 +493,9 @@ class HnswIndex:
         blob_name = f"index-{secrets.token_hex(8)}.hnsw"
         tmp = d / f"{TMP_PREFIX}{blob_name}"
         try:
+            # create it 0600 (and never through a link) before hnswlib opens it: its ofstream
+            # would create it with the umask's mode, readable by others for a moment
+            os.close(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
             with self._lock:
                 self._index.save_index(str(tmp))
                 live, slots, max_el = (
@@ -488,14 +503,14 @@ class HnswIndex:
                     int(self._index.element_count),
                     int(self._index.max_elements),
                 )
-            fd = os.open(tmp, os.O_RDONLY)
+            fd = open_nofollow(tmp, os.O_RDWR)
             try:
                 os.fsync(fd)
                 size = os.fstat(fd).st_size
                 sha = _sha256_fd(fd, size)
+                self._check_saved(fd, size, tmp, slots=slots, max_elements=max_el)
             finally:
                 os.close(fd)
-            os.chmod(tmp, 0o600)  # hnswlib creates it with the umask's mode
             os.replace(tmp, d / blob_name)
             fsync_dir(d)
         except BaseException:
@@ -521,15 +536,47 @@ class HnswIndex:
         remove_unreferenced_blobs(d, keep=blob_name)
         return manifest
 
+    def _check_saved(
+        self, fd: int, size: int, path: Path, *, slots: int, max_elements: int
+    ) -> None:
+        """hnswlib's ofstream does not report a failed write (a full disk): check the blob."""
+        try:
+            validate_hnsw_blob(
+                fd,
+                size,
+                dim=self.params.dim,
+                M=self.params.M,
+                slots=slots,
+                max_elements=max_elements,
+            )
+        except IndexFileError as exc:
+            st = os.statvfs(fd)
+            if st.f_bavail * st.f_frsize < (1 << 20):
+                raise DiskFullError(
+                    errno.ENOSPC, f"disk full: hnswlib wrote an incomplete index ({exc})", str(path)
+                ) from exc
+            raise PersistError(
+                errno.EIO, f"hnswlib wrote an unreadable index ({exc})", str(path)
+            ) from exc
+
     @classmethod
     def load(
-        cls, directory: str | os.PathLike[str], params: IndexParams, *, store_id: bytes
+        cls,
+        directory: str | os.PathLike[str],
+        params: IndexParams,
+        *,
+        store_id: bytes,
+        max_slots: int | None = None,
     ) -> tuple[HnswIndex, Manifest]:
         """Validate and load the index saved in ``directory``; raise :class:`IndexFileError`.
 
         Every check (manifest, store id, parameters, blob size, sha256, hnswlib header and
         framing) runs on one open file descriptor, and hnswlib then reads that same file
         through ``/proc/self/fd``, so the file cannot change between the checks and the load.
+
+        ``max_slots`` is what the source of truth says the index can hold at most (the store's
+        highest item number ever): a manifest claiming more slots, or a capacity above
+        :func:`capacity_bound` of it, is refused before hnswlib allocates anything for it.
         """
         import hnswlib
 
@@ -543,6 +590,8 @@ class HnswIndex:
         m = Manifest.from_bytes(raw)
         if m.store_id != store_id:
             raise IndexFileError("index files belong to another store")
+        if max_slots is not None:
+            _check_capacity(m, max_slots)
         mismatched = [
             f"{name} {got} != {want}"
             for name, got, want in (
@@ -581,6 +630,20 @@ class HnswIndex:
         out = cls(params, _raw=index)
         out._live = m.live
         return out, m
+
+
+def _check_capacity(m: Manifest, max_slots: int) -> None:
+    """hnswlib PR #677: a checksummed manifest can still claim a huge capacity; refuse it."""
+    if m.slots > max_slots:
+        raise IndexFileError(
+            f"index claims {m.slots} slots, but the store has only ever held {max_slots} items"
+        )
+    bound = capacity_bound(max_slots)
+    if m.max_elements > bound:
+        raise IndexFileError(
+            f"index claims a capacity of {m.max_elements} for at most {max_slots} items "
+            f"(bound {bound}); not allocating it"
+        )
 
 
 def remove_unreferenced_blobs(directory: str | os.PathLike[str], *, keep: str | None) -> int:

@@ -11,13 +11,18 @@ Record layout (TFRecord-style, little-endian)::
 The payload is UTF-8 JSON (one :class:`Entry`). On open, the file is scanned: a clean EOF is
 normal; a torn last record (a crash mid-append: the file ends inside it, or its unwritten tail
 reads as zeros) was never acknowledged, so it is cut off with a warning, its bytes moved to
-``<journal>.torn-<offset>`` first. Any other damage (a bad checksum on a complete record,
-even the last one) is :class:`JournalCorrupt` naming the byte offset: dropping an
-acknowledged turn is never acceptable. ``readonly=True`` opens without ever writing.
+``<journal>.torn-<offset>`` first (``.torn-<offset>.<n>`` if that name is taken: a rescue
+file is never overwritten). Any other damage (a bad checksum on a complete record, even the
+last one) is :class:`JournalCorrupt` naming the byte offset: dropping an acknowledged turn is
+never acceptable. ``readonly=True`` opens without ever writing (and without the writer's
+lock).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import logging
 import os
@@ -30,8 +35,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from runtime.errors import MemoryRuntimeError
-from runtime.fsutil import FILE_MODE, ensure_dir, fsync_dir
+from runtime.errors import DiskFullError, MemoryRuntimeError, PersistError, UnsafePathError
+from runtime.fsutil import (
+    FULL_ERRNOS,
+    ensure_dir,
+    fsync_dir,
+    lock_exclusive,
+    open_nofollow,
+    warn_if_exposed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -159,14 +171,46 @@ def _rest_is_zero(f: BinaryIO, offset: int, size: int) -> bool:
     return True
 
 
+class JournalWriteError(JournalError, PersistError):
+    """An append failed (an I/O error); nothing of it was kept and the journal stays usable."""
+
+
+class JournalFullError(JournalWriteError, DiskFullError):
+    """An append failed because the disk is full; the next append works once space is freed."""
+
+
+def _write_error(exc: OSError, path: Path, what: str) -> JournalWriteError:
+    code = exc.errno or errno.EIO
+    if code in FULL_ERRNOS:
+        return JournalFullError(
+            code,
+            f"disk full: {what}; nothing of it was kept, retry once space is freed",
+            str(path),
+        )
+    return JournalWriteError(code, f"{what}: {exc.strerror or exc}", str(path))
+
+
 class Journal:
     """An append-only, fsynced journal of turns for one session (one file).
 
-    Not safe for two writers: the caller holds the directory lock (the session does).
+    A writer holds an exclusive ``flock`` on the file while it is open: a second writer (in
+    this process or another) gets :class:`runtime.errors.LockedError` naming the holder's pid.
+    ``readonly=True`` takes no lock and never writes, so it works while a writer is open (it
+    sees the entries appended before it opened).
+
+    Appends go straight to the file descriptor (no user-space buffer), so a failed append
+    (ENOSPC, EIO, an exception escaping write/fsync) is undone with one ``ftruncate`` back to
+    the end of the last good record: the journal stays open and usable, and the error is a
+    :class:`JournalWriteError` (:class:`JournalFullError`, a
+    :class:`runtime.errors.DiskFullError`, for a full disk) naming the file.
+
+    The journal file and its torn-tail rescue files are never opened through a symlink
+    (:class:`runtime.errors.UnsafePathError`) and are created mode 0600.
 
     Args:
         path: the journal file; created (mode 0600) if missing.
         fsync: fsync after every append. Turn it off only for tests and benchmarks.
+        readonly: open for reading only (no lock, no torn-tail cut).
     """
 
     def __init__(
@@ -176,46 +220,79 @@ class Journal:
         self._fsync = fsync
         self._lock = threading.Lock()
         self.readonly = readonly
+        self._fd: int | None = None
+        self._end = 0
         if readonly:
-            fd = os.open(self.path, os.O_RDONLY)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         else:
             ensure_dir(self.path.parent)
-            created = not self.path.exists()
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-            if created:
-                fsync_dir(self.path.parent)
-        self._f: BinaryIO | None = os.fdopen(fd, "rb" if readonly else "r+b")
+            warn_if_exposed(self.path.parent)
+            created = not os.path.lexists(self.path)
+            self._fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
         try:
-            size = os.fstat(fd).st_size
-            self._entries, good = _scan(self._f, self.path, size)
+            if not readonly:
+                lock_exclusive(self._fd, self.path)
+                if created:
+                    fsync_dir(self.path.parent)
+            size = os.fstat(self._fd).st_size
+            with io.FileIO(self._fd, "r", closefd=False) as raw:
+                reader = io.BufferedReader(raw, 1 << 16)
+                self._entries, good = _scan(reader, self.path, size)
             self._n_tokens = sum(len(e.tokens) for e in self._entries)
             if good < size and not readonly:
-                self._cut_torn_tail(self._f, good, size)
-            self._f.seek(good)
+                self._cut_torn_tail(self._fd, good, size)
+            self._end = good
         except BaseException:
             self.close()
             raise
 
-    def _cut_torn_tail(self, f: BinaryIO, good: int, size: int) -> None:
+    def _cut_torn_tail(self, fd: int, good: int, size: int) -> None:
         """Move a torn last record aside (never destroy bytes), then truncate."""
-        f.seek(good)
-        rescued = f.read(size - good)
-        aside = self.path.with_name(f"{self.path.name}.torn-{good}")
-        with open(aside, "wb") as out:
-            out.write(rescued)
-            out.flush()
-            os.fsync(out.fileno())
-        logger.warning(
-            "%s: a crash left a torn last record (%d bytes at offset %d); it was never "
-            "acknowledged, so it is dropped (bytes kept in %s)",
-            self.path,
-            size - good,
-            good,
-            aside.name,
-        )
-        f.truncate(good)
-        os.fsync(f.fileno())
-        fsync_dir(self.path.parent)
+        rescued = os.pread(fd, size - good, good)
+        try:
+            aside = self._write_rescue(good, rescued)
+            logger.warning(
+                "%s: a crash left a torn last record (%d bytes at offset %d); it was never "
+                "acknowledged, so it is dropped (bytes kept in %s)",
+                self.path,
+                size - good,
+                good,
+                aside.name,
+            )
+            os.ftruncate(fd, good)
+            os.fsync(fd)
+            fsync_dir(self.path.parent)
+        except UnsafePathError:
+            raise
+        except OSError as exc:
+            raise _write_error(exc, self.path, "could not set a torn last record aside") from exc
+
+    def _write_rescue(self, good: int, data: bytes) -> Path:
+        """Write ``data`` to a new ``<journal>.torn-<offset>[.<n>]`` file (0600, O_EXCL).
+
+        ``O_EXCL`` never follows a symlink and never replaces an earlier rescue file: a second
+        torn tail at the same offset, or a planted link, just moves on to the next name.
+        """
+        for attempt in range(1000):
+            suffix = f".torn-{good}" + (f".{attempt}" if attempt else "")
+            aside = self.path.with_name(self.path.name + suffix)
+            try:
+                out = open_nofollow(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                continue
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(out, view) :]
+                os.fsync(out)
+            except BaseException:
+                os.close(out)
+                with contextlib.suppress(OSError):
+                    os.unlink(aside)
+                raise
+            os.close(out)
+            return aside
+        raise JournalError(f"{self.path}: too many torn-tail rescue files at offset {good}")
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -247,8 +324,13 @@ class Journal:
         tokens: Sequence[int],
         meta: dict[str, Any] | None = None,
     ) -> Entry:
-        """Append one turn; it is durable (written and fsynced) when this returns."""
-        if self._f is None:
+        """Append one turn; it is durable (written and fsynced) when this returns.
+
+        On failure nothing of the record is kept, the journal stays open, and the next append
+        reuses the same seq; an ``OSError`` comes out as :class:`JournalWriteError` (or
+        :class:`JournalFullError` for a full disk) naming the file.
+        """
+        if self._fd is None:
             raise JournalError(f"{self.path} is closed")
         if self.readonly:
             raise JournalError(f"{self.path} was opened read-only")
@@ -264,37 +346,47 @@ class Journal:
             payload = entry.to_payload()
             if len(payload) > MAX_RECORD:
                 raise JournalError(f"entry of {len(payload)} bytes exceeds {MAX_RECORD}")
-            start = self._f.tell()
-            try:
-                self._f.write(_encode(payload))
-                self._f.flush()
-                if self._fsync:
-                    os.fsync(self._f.fileno())
-            except BaseException:
-                # Leave no record behind an append that did not complete: ENOSPC, but also
-                # KeyboardInterrupt or a signal handler's exception escaping write/fsync.
-                # Otherwise the next append would reuse this seq and corrupt the journal.
-                try:
-                    self._f.seek(start)
-                    self._f.truncate(start)
-                except BaseException:
-                    f, self._f = self._f, None  # unusable now; reopening rescans the file
-                    f.close()
-                raise
+            self._write_record(self._fd, _encode(payload), entry.seq)
             self._entries.append(entry)
             self._n_tokens += len(entry.tokens)
             return entry
 
+    def _write_record(self, fd: int, record: bytes, seq: int) -> None:
+        """Write and fsync one record at the end, or leave the file exactly as it was."""
+        start = self._end
+        try:
+            os.lseek(fd, start, os.SEEK_SET)
+            view = memoryview(record)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self._fsync:
+                os.fsync(fd)
+        except BaseException as exc:
+            # Leave no record behind an append that did not complete: ENOSPC, but also
+            # KeyboardInterrupt or a signal handler's exception escaping write/fsync.
+            # Otherwise the next append would reuse this seq and corrupt the journal. The
+            # fd is unbuffered, so the ftruncate cannot re-send bytes and fail again.
+            try:
+                os.ftruncate(fd, start)
+            except BaseException:
+                logger.exception("%s: could not cut a failed append; closing it", self.path)
+                self.close()  # reopening rescans the file and sets a torn tail aside
+                raise exc from None
+            if isinstance(exc, OSError):
+                raise _write_error(exc, self.path, f"could not append entry {seq}") from exc
+            raise
+        self._end = start + len(record)
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._f is None
+        return self._fd is None
 
     def close(self) -> None:
-        """Close the file; safe to call twice."""
-        if self._f is not None:
-            f, self._f = self._f, None
-            f.close()
+        """Close the file (which drops the writer's lock); safe to call twice."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
     def __enter__(self) -> Journal:
         return self

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import functools
 import json
 import logging
 import math
@@ -29,17 +31,24 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from runtime.errors import MemoryRuntimeError
-from runtime.fsutil import DirLock, ensure_dir, remove_stale_temps
+from runtime.errors import DamagedFileError, DiskFullError, MemoryRuntimeError, PersistError
+from runtime.fsutil import (
+    DirLock,
+    ensure_dir,
+    open_nofollow,
+    persist_error,
+    remove_stale_temps,
+    warn_if_exposed,
+)
 from runtime.index import (
     HnswIndex,
     IndexFileError,
@@ -114,6 +123,72 @@ class ClosedError(MemoryStoreError, ValueError):
 
 class ReadOnlyError(MemoryStoreError, PermissionError):
     """A write was attempted on a store opened with ``read_only=True``."""
+
+
+class DamagedStoreError(MemoryStoreError, DamagedFileError):
+    """``memory.sqlite3`` is garbage, truncated or not a memory store (the message says what
+    to do: move it aside to start empty, or restore it from a backup)."""
+
+
+class MemoryStoreIOError(MemoryStoreError, PersistError):
+    """SQLite (or an index save) could not write; ``filename`` is the file."""
+
+
+class MemoryStoreFullError(MemoryStoreIOError, DiskFullError):
+    """The disk is full: the write was rolled back; retry once space is freed."""
+
+
+# SQLite primary result codes (sqlite3.h) that this module tells apart
+_SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
+_SQLITE_IOERR = 10
+_SQLITE_CANTOPEN = 14
+_SQLITE_NOTADB = 26
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def sqlite_error(exc: sqlite3.Error, path: Path) -> MemoryStoreError:
+    """The runtime error for a raw SQLite error on the store at ``path`` (the db file)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = None if code is None else int(code) & 0xFF
+    text = str(exc)
+    if primary == _SQLITE_FULL or "disk is full" in text:
+        return MemoryStoreFullError(
+            errno.ENOSPC,
+            f"disk full: SQLite could not write ({text}); the change was rolled back, retry "
+            "once space is freed",
+            str(path),
+        )
+    if (
+        primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+        or "malformed" in text
+        or ("not a database" in text)
+    ):
+        return DamagedStoreError(
+            f"{path} is damaged or not a memory store ({text}): move it aside (with its -wal "
+            "and -shm files) to start an empty store, or restore it from a backup; the index "
+            "is rebuilt from it on open"
+        )
+    if primary in (_SQLITE_IOERR, _SQLITE_CANTOPEN) or "disk I/O" in text:
+        return MemoryStoreIOError(errno.EIO, f"SQLite I/O error: {text}", str(path))
+    return MemoryStoreError(f"{path}: SQLite error: {text}")
+
+
+def _sqlite_errors(
+    method: Callable[Concatenate[MemoryStore, _P], _R],
+) -> Callable[Concatenate[MemoryStore, _P], _R]:
+    """Raise :func:`sqlite_error`'s runtime error instead of a raw ``sqlite3.Error``."""
+
+    @functools.wraps(method)
+    def wrapper(self: MemoryStore, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise sqlite_error(exc, self.db_path) from exc
+
+    return wrapper  # type: ignore[return-value]  # functools' _Wrapped is not a Callable here
 
 
 @dataclass(frozen=True)
@@ -263,8 +338,11 @@ class MemoryStore:
                 dim=self._dim, M=M, ef_construction=ef_construction, ef_search=ef_search
             )
             self._open_index(params)
+        except sqlite3.Error as exc:
+            self._release()
+            raise sqlite_error(exc, self.db_path) from exc
         except BaseException:
-            self.close()
+            self._release()
             raise
         return self
 
@@ -279,6 +357,8 @@ class MemoryStore:
         if save_every < 1:
             raise ValueError(f"save_every must be positive, got {save_every}")
         self.directory = Path(directory)
+        #: the SQLite file (named in every error about it)
+        self.db_path = self.directory / DB_NAME
         self.embedder = embedder
         self.weights = weights
         self.save_every = save_every
@@ -295,6 +375,7 @@ class MemoryStore:
         # id -> latest access time not yet written to SQLite (see _flush_touches)
         self._touches: dict[str, float] = {}
         self._touch_searches = 0
+        self._save_retry_at = 0  # after a failed periodic save: retry at this many changes
         self.recovered = ""  # why the index was rebuilt on open ("" if it was not)
 
     # -- opening --------------------------------------------------------------------------------
@@ -309,19 +390,37 @@ class MemoryStore:
             )
         else:
             ensure_dir(self.directory)
+            warn_if_exposed(self.directory)
             self._dirlock = DirLock(self.directory).acquire()
             removed = remove_stale_temps(self.directory)
             if removed:
                 log.info("removed %d temp files left by a crashed writer", removed)
-            self._db = sqlite3.connect(
-                self.directory / DB_NAME, check_same_thread=False, isolation_level=None
-            )
+            self._prepare_db_files()
+            self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: an acknowledged add survives power loss too, not only a process crash
             self._db.execute("PRAGMA synchronous=FULL")
             self._create_schema()
         self._db.execute("PRAGMA busy_timeout=5000")
         self._check_meta()
+
+    def _prepare_db_files(self) -> None:
+        """Create ``memory.sqlite3`` 0600 ourselves and refuse symlinks before SQLite opens it.
+
+        SQLite would follow a planted link and create the file with the umask's mode (0644:
+        readable by every local user). It creates ``-wal``/``-shm`` with the database file's
+        mode, so a 0600 database gives 0600 companions; existing ones are narrowed here too.
+        We hold the directory lock, so nothing of ours races with this.
+        """
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            path = self.directory / f"{DB_NAME}{suffix}"
+            if suffix and not os.path.lexists(path):
+                continue
+            try:
+                fd = open_nofollow(path, os.O_RDWR | (os.O_CREAT if not suffix else 0))
+            except FileNotFoundError:
+                continue
+            os.close(fd)
 
     def _create_schema(self) -> None:
         db = self._conn()
@@ -344,20 +443,45 @@ class MemoryStore:
             raise
 
     def _check_meta(self) -> None:
-        meta = dict(self._conn().execute("SELECT key, value FROM meta").fetchall())
+        try:
+            meta = dict(self._conn().execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.OperationalError as exc:  # "no such table": some other SQLite file
+            raise DamagedStoreError(
+                f"{self.db_path} is not a memory store ({exc}): move it aside to start an empty "
+                "store there, or open the right directory"
+            ) from exc
         if meta.get("schema_version") != str(SCHEMA_VERSION):
             raise MemoryStoreError(f"unsupported schema version {meta.get('schema_version')}")
-        self._store_id = uuid.UUID(hex=meta["store_id"]).bytes
-        self._dim = int(meta["dim"])
+        try:
+            self._store_id = uuid.UUID(hex=meta["store_id"]).bytes
+            self._dim = int(meta["dim"])
+            if "model_id" not in meta:
+                raise KeyError("model_id")
+        except (KeyError, ValueError) as exc:
+            raise DamagedStoreError(
+                f"{self.db_path} has a damaged meta table ({exc!r}): move it aside to start an "
+                "empty store, or restore it from a backup"
+            ) from exc
         if meta["model_id"] != self.embedder.model_id or self._dim != self.embedder.dim:
             raise StoreMismatchError(
                 f"{self.directory} was written with {meta['model_id']} (dim {self._dim}); "
                 f"this embedder is {self.embedder.model_id} (dim {self.embedder.dim})"
             )
 
+    def _ever_inserted(self) -> int:
+        """The highest item seq SQLite ever handed out: an upper bound on the index's slots."""
+        db = self._conn()
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
+        top = db.execute("SELECT MAX(seq) FROM items").fetchone()
+        return max(int(row[0] or 0) if row else 0, int(top[0] or 0))
+
     def _open_index(self, params: IndexParams) -> None:
         try:
-            index, manifest = HnswIndex.load(self.directory, params, store_id=self._store_id)
+            # hnswlib PR #677: bound what the saved index claims by what SQLite holds, before
+            # hnswlib's loader allocates for it
+            index, manifest = HnswIndex.load(
+                self.directory, params, store_id=self._store_id, max_slots=self._ever_inserted()
+            )
         except IndexFileError as exc:
             self.recovered = str(exc)
             level = logging.INFO if str(exc) == "no index manifest" else logging.WARNING
@@ -474,20 +598,44 @@ class MemoryStore:
 
     def _save(self) -> None:
         self._flush_touches()
-        self._idx().save(
-            self.directory,
-            store_id=self._store_id,
-            max_seq=self._max_seq,
-            max_tomb=self._max_tomb,
-        )
+        try:
+            self._idx().save(
+                self.directory,
+                store_id=self._store_id,
+                max_seq=self._max_seq,
+                max_tomb=self._max_tomb,
+            )
+        except OSError as exc:
+            raise persist_error(
+                exc, self.directory, "could not save the index (SQLite still has every item)"
+            ) from exc
         # tombstones up to max_tomb are now in the saved index; keep the table bounded
         with self._tx() as db:
             db.execute("DELETE FROM tombstones WHERE op <= ?", (self._max_tomb,))
         self._dirty = 0
 
     def _maybe_save(self) -> None:
-        if self._dirty >= self.save_every:
+        """Save the index every ``save_every`` changes; a failure there never fails a write.
+
+        The change is committed to SQLite already (and is replayed into the index on the next
+        open), so a periodic save that fails (a full disk) is logged and retried
+        ``save_every`` changes later instead of being raised from an acknowledged add.
+        """
+        if self._dirty < max(self.save_every, self._save_retry_at):
+            return
+        try:
             self._save()
+        except (OSError, RuntimeError, sqlite3.Error) as exc:
+            self._save_retry_at = self._dirty + self.save_every
+            log.warning(
+                "could not save the index of %s (%s); committed items are safe in SQLite and "
+                "are replayed on the next open; retrying after %d more changes",
+                self.directory,
+                exc,
+                self.save_every,
+            )
+        else:
+            self._save_retry_at = 0
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -506,6 +654,7 @@ class MemoryStore:
             [text], kind=kind, session=session, importance=importance, meta=meta, now=now
         )[0]
 
+    @_sqlite_errors
     def add_many(
         self,
         texts: Sequence[str],
@@ -599,6 +748,7 @@ class MemoryStore:
             )
         return np.concatenate(parts)
 
+    @_sqlite_errors
     def delete(self, item_id: str) -> bool:
         """Delete a memory; returns False if there was none with that id."""
         with self._lock:
@@ -614,6 +764,20 @@ class MemoryStore:
             self._maybe_save()
             return True
 
+    def delete_session(self, session: str) -> int:
+        """Delete every memory of ``session``; returns how many went."""
+        with self._lock:
+            rows = self._conn().execute("SELECT id FROM items WHERE session = ?", (session,))
+            ids = [str(r[0]) for r in rows.fetchall()]
+        return sum(self.delete(item_id) for item_id in ids)
+
+    def touch(self, ids: Iterable[str], now: float | datetime | None = None) -> None:
+        """Record that the memories ``ids`` were used now (their recency restarts)."""
+        if self.read_only:
+            return
+        with self._lock:
+            self._touch(list(ids), _to_epoch(now))
+
     # -- reads ----------------------------------------------------------------------------------
 
     _COLUMNS = "seq, id, text, kind, session, created, accessed, importance, meta"
@@ -625,6 +789,7 @@ class MemoryStore:
             item_id, text, kind, session, created, accessed, importance, json.loads(meta), seq
         )
 
+    @_sqlite_errors
     def get(self, item_id: str) -> MemoryItem | None:
         """The memory with this id, or None."""
         with self._lock:
@@ -635,6 +800,7 @@ class MemoryStore:
             )
         return None if row is None else self._accessed(self._item(row))
 
+    @_sqlite_errors
     def find(self, *, session: str | None, meta_key: str, value: str | int | float) -> list[str]:
         """Ids of the session's memories whose ``meta[meta_key]`` equals ``value`` (exact).
 
@@ -654,6 +820,7 @@ class MemoryStore:
             )
         return [str(r[0]) for r in rows]
 
+    @_sqlite_errors
     def search(
         self,
         query: str,
@@ -791,6 +958,7 @@ class MemoryStore:
 
     # -- maintenance ----------------------------------------------------------------------------
 
+    @_sqlite_errors
     def stats(self) -> dict[str, Any]:
         """Counts and settings, for the CLI and for monitoring."""
         with self._lock:
@@ -828,12 +996,14 @@ class MemoryStore:
                 },
             }
 
+    @_sqlite_errors
     def rebuild(self) -> int:
         """Rebuild the index from SQLite (and save it); returns the item count."""
         with self._lock:
             self._rebuild(self._idx().params)
             return len(self._idx())
 
+    @_sqlite_errors
     def save_index(self) -> None:
         """Save the index now (normally done every ``save_every`` changes and on close)."""
         with self._lock:
@@ -841,8 +1011,14 @@ class MemoryStore:
             self._save()
 
     def close(self) -> None:
-        """Save the index if it changed, close SQLite and release the lock; idempotent."""
+        """Save the index if it changed, close SQLite and release the lock; idempotent.
+
+        Everything (the connection, the lock, the index) is released even when the final
+        writes fail (a full disk); then one :class:`MemoryStoreError` says what was not saved.
+        Nothing acknowledged is lost by that: SQLite has every committed item.
+        """
         with self._lock:
+            error: MemoryStoreError | None = None
             try:
                 if self._db is not None and not self.read_only:
                     self._flush_touches()
@@ -853,14 +1029,39 @@ class MemoryStore:
                     and self._dirty
                 ):
                     self._save()
+            except sqlite3.Error as exc:
+                error = sqlite_error(exc, self.db_path)
+                error.__cause__ = exc
+            except MemoryStoreError as exc:
+                error = exc
+            except (OSError, RuntimeError) as exc:
+                error = MemoryStoreIOError(
+                    getattr(exc, "errno", None) or errno.EIO,
+                    f"could not save the index on close: {exc}",
+                    str(self.directory),
+                )
+                error.__cause__ = exc
             finally:
-                self._index = None
-                if self._db is not None:
-                    db, self._db = self._db, None
-                    db.close()
-                if self._dirlock is not None:
-                    self._dirlock.release()
-                    self._dirlock = None
+                released = self._release()
+            if error is None:
+                error = released
+            if error is not None:
+                raise error
+
+    def _release(self) -> MemoryStoreError | None:
+        """Drop the index, close SQLite and release the lock; never raises (returns the error)."""
+        error: MemoryStoreError | None = None
+        self._index = None
+        if self._db is not None:
+            db, self._db = self._db, None
+            try:
+                db.close()
+            except sqlite3.Error as exc:
+                error = sqlite_error(exc, self.db_path)
+        if self._dirlock is not None:
+            lock, self._dirlock = self._dirlock, None
+            lock.release()
+        return error
 
     def __enter__(self) -> MemoryStore:
         return self
@@ -868,6 +1069,7 @@ class MemoryStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @_sqlite_errors
     def __len__(self) -> int:
         with self._lock:
             return self._count()

@@ -6,6 +6,11 @@ Layout::
     <root>/<session>/000000000042.kvsnap  snapshots, numbered by generation (newest = highest)
     <root>/<session>/quarantine/       damaged files moved aside by latest_valid, with a .reason
 
+Session and quarantine directories are the store's own: never followed when they are symlinks
+(writing into one, or deleting it, raises :class:`runtime.errors.UnsafePathError`, except that
+:meth:`SnapshotStore.delete_session` removes a symlinked session entry itself, never its
+target), and always mode 0700; every file is 0600.
+
 A new snapshot is always written under a new name (temp file, fsync, rename, fsync of the
 directory), so the last good snapshot is never replaced; old generations are deleted only
 after the new one is durable, keeping the newest ``keep`` per session.
@@ -14,6 +19,7 @@ after the new one is durable, keeping the newest ``keep`` per session.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -22,14 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime import snapshot as snapshot_mod
-from runtime.errors import InvalidNameError, MemoryRuntimeError
+from runtime.errors import InvalidNameError, MemoryRuntimeError, UnsafePathError
 from runtime.fsutil import (
     TMP_PREFIX,
     DirLock,
     atomic_write_bytes,
     ensure_dir,
     fsync_dir,
+    private_dir,
     remove_stale_temps,
+    warn_if_exposed,
 )
 from runtime.snapshot import CorruptSnapshot, Snapshot, UnsupportedVersion
 
@@ -114,6 +122,7 @@ class SnapshotStore:
         self._lock: DirLock | None = None
         if not readonly:
             self._lock = DirLock(ensure_dir(self.root)).acquire()
+            warn_if_exposed(self.root)
             self._remove_temps()
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -149,25 +158,39 @@ class SnapshotStore:
         """The directory of ``session_id`` (validated; not created)."""
         return self.root / validate_session_id(session_id)
 
+    def _own_dir(self, session_id: str) -> Path:
+        """:meth:`session_dir`, refusing a symlink there (:class:`UnsafePathError`)."""
+        directory = self.session_dir(session_id)
+        if directory.is_symlink():
+            raise UnsafePathError(
+                errno.ELOOP,
+                f"snapshot directory of session {session_id!r} is a symlink; the store never "
+                "follows one (remove it)",
+                str(directory),
+            )
+        return directory
+
     def sessions(self) -> list[str]:
         """Session ids that have a directory in the store, sorted."""
         if not self.root.is_dir():
             return []
         out = []
         for child in self.root.iterdir():
+            if child.is_symlink():
+                continue  # not ours: never followed
             if child.is_dir() and _SESSION_RE.fullmatch(child.name) and ".." not in child.name:
                 out.append(child.name)
         return sorted(out)
 
     def generations(self, session_id: str) -> list[tuple[int, Path]]:
         """``(generation, path)`` of every snapshot file of the session, newest first."""
-        directory = self.session_dir(session_id)
+        directory = self._own_dir(session_id)
         if not directory.is_dir():
             return []
         found = []
         for child in directory.iterdir():
             match = _FILE_RE.fullmatch(child.name)
-            if match and child.is_file():
+            if match and not child.is_symlink() and child.is_file():
                 found.append((int(match.group(1)), child))
         return sorted(found, reverse=True)
 
@@ -185,7 +208,7 @@ class SnapshotStore:
         own = snapshot.header.session_id
         if own and own != session_id:
             raise StoreError(f"snapshot belongs to session {own!r}, not {session_id!r}")
-        directory = ensure_dir(self.session_dir(session_id))
+        directory = private_dir(self._own_dir(session_id))
         remove_stale_temps(directory)
         existing = self.generations(session_id)
         generation = existing[0][0] + 1 if existing else 1
@@ -217,7 +240,7 @@ class SnapshotStore:
     def quarantine(self, path: Path, reason: str) -> Path:
         """Move a damaged file to the session's quarantine directory, with a ``.reason`` file."""
         self._require_writable()
-        qdir = ensure_dir(path.parent / QUARANTINE_DIR)
+        qdir = private_dir(path.parent / QUARANTINE_DIR)
         target = qdir / f"{path.name}.{time.time_ns()}"
         os.replace(path, target)
         atomic_write_bytes(target.with_name(target.name + ".reason"), f"{reason}\n".encode())
@@ -240,20 +263,31 @@ class SnapshotStore:
                     victim.unlink()
 
     def delete_session(self, session_id: str) -> int:
-        """Delete every snapshot (and quarantined file) of the session; returns files removed."""
+        """Delete every snapshot (and quarantined file) of the session; returns files removed.
+
+        Nothing is followed: a symlink in place of the session directory is removed itself
+        (with a warning) and its target is left alone; inside, the walk goes by directory file
+        descriptors with ``O_NOFOLLOW``, so a link (or a directory swapped for one) there is
+        unlinked, never entered.
+        """
         self._require_writable()
         directory = self.session_dir(session_id)
+        if directory.is_symlink():
+            logger.warning(
+                "snapshot directory %s is a symlink: removing the link only, not its target",
+                directory,
+            )
+            directory.unlink()
+            fsync_dir(self.root)
+            return 0
         if not directory.is_dir():
             return 0
-        removed = 0
-        for path in sorted(directory.rglob("*"), reverse=True):  # files before their dirs
-            if path.is_dir():
-                path.rmdir()
-            else:
-                path.unlink()
-                removed += 1
-        directory.rmdir()
-        fsync_dir(self.root)
+        root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            removed = _remove_tree(root_fd, directory.name)
+            os.fsync(root_fd)
+        finally:
+            os.close(root_fd)
         return removed
 
     # -- reading ----------------------------------------------------------------------------
@@ -290,3 +324,25 @@ class SnapshotStore:
         """Temp files in the session directory (left by an interrupted write)."""
         directory = self.session_dir(session_id)
         return sorted(directory.glob(f"{TMP_PREFIX}*")) if directory.is_dir() else []
+
+
+def _remove_tree(parent_fd: int, name: str) -> int:
+    """Remove directory ``name`` under ``parent_fd`` and everything in it, following nothing.
+
+    Returns how many non-directory entries were removed.
+    """
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+    removed = 0
+    try:
+        with os.scandir(fd) as it:
+            entries = list(it)
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                removed += _remove_tree(fd, entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+                removed += 1
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+    return removed
