@@ -94,6 +94,8 @@ _SIGNATURE_PROBES: Final = (
     ((("system", "Psys7q"), ("user", "Puser7q")), True),
 )
 _FOLD_SEPARATORS: Final = ("\n\n", "\n", " ", "")
+# Histories up to this long are always rendered whole (see ChatFormat._recent).
+_TAIL_MIN: Final = 4
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,9 @@ class ChatFormat:
     compares strings. Attributes beyond the contract: ``template`` (the text given to
     llama.cpp, ``None`` for plain), ``llama_cpp_name`` (llama.cpp's name of the formatter,
     e.g. ``"llama2"`` for the ``mistral`` family), ``incremental`` (whether the probe
-    conversation rendered turn by turn), and the BOS facts used by :meth:`tokenize`.
+    conversation rendered turn by turn), ``tail_safe`` (deltas and closes depend only on the
+    last turns, so they cost the same at any conversation length: checked against whole
+    renders on probe conversations), and the BOS facts used by :meth:`tokenize`.
     """
 
     name: str
@@ -147,6 +151,7 @@ class ChatFormat:
     template: str | None = None
     llama_cpp_name: str | None = None
     incremental: bool = True
+    tail_safe: bool = False
     add_bos: bool = False
     bos_token: int = -1
     bos_text: str = ""
@@ -209,6 +214,7 @@ class ChatFormat:
             stop_strings=probe._derive_stop_strings(),
             supports_system=probe._derive_supports_system(),
             incremental=probe._derive_incremental(),
+            tail_safe=probe._derive_tail_safe(),
         )
 
     @classmethod
@@ -219,6 +225,7 @@ class ChatFormat:
             False,
             _PLAIN_STOPS,
             True,
+            tail_safe=True,  # every message renders on its own
             add_bos=add_bos,
             bos_token=bos_token,
             bos_text=bos_text,
@@ -265,6 +272,46 @@ class ChatFormat:
             history += [user, Message("assistant", f"{_P_REPLY}{i}")]
         return True
 
+    def _derive_tail_safe(self) -> bool:
+        """Whether deltas and closes from the last turns equal those from whole renders."""
+        whole = dataclasses.replace(self, tail_safe=False)
+        tail = dataclasses.replace(self, tail_safe=True)
+        turns: list[Message] = []
+        for i in range(4):
+            turns += [Message("user", f" {_P_USER}{i} "), Message("assistant", f"{_P_REPLY}{i}")]
+        for conversation in ([Message("system", _P_SYSTEM), *turns], turns):
+            for k, message in enumerate(conversation):
+                history = conversation[:k]
+                if message.role == "user":
+                    same = tail.user_delta(history, message) == whole.user_delta(history, message)
+                elif message.role == "assistant":
+                    same = tail.assistant_close(history, message) == whole.assistant_close(
+                        history, message
+                    )
+                else:
+                    continue
+                if not same:
+                    return False
+        return True
+
+    def _recent(self, history: Sequence[Message]) -> Sequence[Message]:
+        """The part of ``history`` that a delta or a close is computed from.
+
+        All of it, unless the format is ``tail_safe``: then the messages from the last turn
+        boundary (a user message right after an assistant one, at least two messages back)
+        on, if no system message is among them. This keeps the per-turn cost independent
+        of the conversation's length.
+        """
+        if not self.tail_safe or len(history) <= _TAIL_MIN:
+            return history
+        for j in range(len(history) - 2, 0, -1):
+            if history[j].role == "user" and history[j - 1].role == "assistant":
+                tail = history[j:]
+                if any(m.role == "system" for m in tail):
+                    return history
+                return tail
+        return history
+
     # -- per call ----------------------------------------------------------------------------
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
@@ -284,6 +331,12 @@ class ChatFormat:
         incrementally. An empty history counts as rendering to ``""`` (nothing fed yet), so
         the first delta is the whole first prompt.
         """
+        recent = self._recent(history)
+        if recent is not history:
+            after = self.render([*recent, user], True)
+            before = self.render(recent, False)
+            if after.startswith(before):
+                return after[len(before) :], True
         after = self.render([*history, user], True)
         before = self.render(history, False) if history else ""
         if after.startswith(before):
@@ -324,8 +377,9 @@ class ChatFormat:
         return close
 
     def _close_from_renders(self, history: Sequence[Message], reply: Message) -> str | None:
-        prefix = self.render(history, True)
-        full = self.render([*history, reply], False)
+        recent = self._recent(history)
+        prefix = self.render(recent, True)
+        full = self.render([*recent, reply], False)
         if not full.startswith(prefix):
             return None
         rest = full[len(prefix) :]

@@ -327,3 +327,79 @@ def test_smollm2_renders_chatml(smollm2: Model) -> None:
     tokens = fmt.tokenize(smollm2, text, first=True)
     assert tokens[0] == smollm2.bos and tokens[1] != smollm2.bos
     assert tokens.count(smollm2.bos) == 3  # one per turn opener
+
+
+# -- per-turn cost ---------------------------------------------------------------------------
+
+
+class _Spy(ChatFormat):
+    """Records how many messages each render was given."""
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+        _SIZES.append(len(messages))
+        return super().render(messages, add_generation_prompt)
+
+
+_SIZES: list[int] = []
+
+
+def _long_history(n_turns: int) -> list[Message]:
+    history = [SYSTEM]
+    for i in range(n_turns):
+        history += [Message("user", f"question {i}"), Message("assistant", f"answer {i}")]
+    return history
+
+
+@pytest.mark.parametrize("key", FAMILIES)
+def test_per_turn_renders_do_not_grow_with_the_conversation(
+    formats: dict[str, ChatFormat], key: str
+) -> None:
+    fmt = formats[key]
+    assert fmt.tail_safe
+    spy = _Spy(**{f.name: getattr(fmt, f.name) for f in dataclasses.fields(fmt) if f.init})
+    history = _long_history(100)
+    _SIZES.clear()
+    delta, extends = spy.user_delta(history, Message("user", "next"))
+    user = Message("user", "next")
+    close = spy.assistant_close([*history, user], Message("assistant", "reply"))
+    assert _SIZES and max(_SIZES) <= 4
+    # ... and give what the whole renders give.
+    assert (delta, extends) == dataclasses.replace(fmt, tail_safe=False).user_delta(history, user)
+    assert close == dataclasses.replace(fmt, tail_safe=False).assistant_close(
+        [*history, user], Message("assistant", "reply")
+    )
+
+
+def test_tail_renders_match_whole_renders_for_every_builtin_formatter() -> None:
+    import random
+
+    from llamaffi import builtin_templates
+
+    rng = random.Random(0)
+    for name in builtin_templates():
+        tail = ChatFormat._from_template(name, add_bos=False, bos_token=-1, bos_text="")
+        if not tail.tail_safe:
+            continue
+        whole = dataclasses.replace(tail, tail_safe=False)
+        for _ in range(5):
+            conv = [SYSTEM] if rng.random() < 0.6 else []
+            for i in range(rng.randint(2, 6)):
+                conv.append(Message("user", rng.choice(["u", "  u ", "x\ny"]) + str(i)))
+                conv.append(Message("assistant", rng.choice(["a", " a ", "b\n"]) + str(i)))
+            if rng.random() < 0.3:
+                conv.insert(rng.randrange(1, len(conv)), Message("system", "late"))
+            for k, message in enumerate(conv):
+                history = conv[:k]
+                got: object
+                want: object
+                if message.role == "user":
+                    got, want = (
+                        tail.user_delta(history, message),
+                        whole.user_delta(history, message),
+                    )
+                elif message.role == "assistant":
+                    got = tail.assistant_close(history, message)
+                    want = whole.assistant_close(history, message)
+                else:
+                    continue
+                assert got == want, (name, k, conv)
