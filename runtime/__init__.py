@@ -1,9 +1,26 @@
 """The memory runtime: short-term (KV snapshots) and long-term (embedded items) memory.
 
-One module per concept: :mod:`runtime.snapshot` (file format), :mod:`runtime.store`
-(crash-safe snapshot directory), :mod:`runtime.embed` (ONNX MiniLM embedder),
+An application uses one object, :class:`runtime.Runtime` (:mod:`runtime.runtime`). One
+module per concept below it: :mod:`runtime.session` (journal-first sessions and the pool),
+:mod:`runtime.checkpoint` (policy and background writer), :mod:`runtime.template` (chat
+templates), :mod:`runtime.models` (model names), :mod:`runtime.snapshot` (file format),
+:mod:`runtime.store` (crash-safe snapshot directory), :mod:`runtime.embed` (ONNX MiniLM embedder),
 :mod:`runtime.index` (persisted hnswlib index), :mod:`runtime.memory` (long-term memory store),
 :mod:`runtime.fsutil` (atomic files and locks), :mod:`runtime.cli` (command line).
 """
 
-__all__: list[str] = []
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runtime.runtime import Reply, Runtime, Sampling
+
+__all__ = ["Reply", "Runtime", "Sampling"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import runtime` must not load libllama (the memory CLI never needs it).
+    if name in __all__:
+        from runtime import runtime as _runtime
+
+        return getattr(_runtime, name)
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")

@@ -541,11 +541,14 @@ class Session:
         tokens: Sequence[int],
         *,
         meta: dict[str, object] | None = None,
+        checkpoint: bool = True,
     ) -> Entry:
         """Journal a turn whose tokens the caller rendered (durable on return), then decode it.
 
         Room must have been made with :meth:`reserve`. ``meta["content"]`` records what the
         model saw when it differs from ``text`` (a user turn with retrieved memories).
+        ``checkpoint=False`` counts the tokens toward the policy but leaves the checkpoint to
+        the end of the reply (so a prompt is never delayed by a state copy).
         """
         self._require_resident()
         tokens = list(tokens)
@@ -563,7 +566,11 @@ class Session:
         except BaseException:
             self._drop_kv()  # journalled but not in the KV: the next resume replays it
             raise
-        self._after_turn(len(tokens))
+        if checkpoint:
+            self._after_turn(len(tokens))
+        else:
+            self._since_snapshot += 1
+            self._new_tokens += len(tokens)
         return entry
 
     def generate(

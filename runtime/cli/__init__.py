@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 # (group name, "module:function") registering that group's subparsers; imported lazily so that
 # `python -m runtime memory ...` never loads libllama and `snapshot ...` never loads onnxruntime.
 GROUPS: dict[str, tuple[str, str]] = {
+    "chat": ("runtime.cli.chat", "talk to the model with memory (a terminal, or a turn per line)"),
+    "stats": ("runtime.cli.stats", "what a runtime data directory holds (read-only)"),
     "snapshot": ("runtime.cli.snapshot", "short-term memory: KV snapshot files"),
     "memory": ("runtime.cli.memory", "long-term memory: embedded items + hnswlib index"),
 }

@@ -1,0 +1,60 @@
+"""Arguments shared by the commands that open a :class:`runtime.Runtime` (chat, serve)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.runtime import Runtime
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """``--dir``, ``--model`` and the sizes every runtime command takes."""
+    parser.add_argument("--dir", required=True, help="the runtime's data directory")
+    parser.add_argument(
+        "--model",
+        default="smollm2",
+        help="smollm2 (default), tiny (random weights, for tests) or a path to a GGUF file",
+    )
+    parser.add_argument("--n-ctx", type=positive_int, default=4096, help="KV cells (4096)")
+    parser.add_argument(
+        "--max-resident", type=positive_int, default=4, help="sessions kept in the KV cache (4)"
+    )
+    parser.add_argument(
+        "--no-memory", action="store_true", help="no long-term memory (no embedder)"
+    )
+    parser.add_argument(
+        "--checkpoint-tokens", type=int, default=None, help="checkpoint after N new tokens"
+    )
+
+
+def open_runtime(args: argparse.Namespace) -> Runtime:
+    """Open the runtime the arguments describe; progress lines go to stderr."""
+    from runtime.checkpoint import CheckpointPolicy
+    from runtime.runtime import Runtime
+
+    policy = CheckpointPolicy()
+    if args.checkpoint_tokens is not None:
+        policy = CheckpointPolicy(every_tokens=args.checkpoint_tokens)
+    return Runtime.open(
+        args.dir,
+        model=args.model,
+        n_ctx=args.n_ctx,
+        max_resident=args.max_resident,
+        embedder=False if args.no_memory else None,
+        checkpoint=policy,
+        progress=lambda line: print(f"runtime: {line}", file=sys.stderr, flush=True),
+    )
