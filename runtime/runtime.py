@@ -49,7 +49,13 @@ from typing import TYPE_CHECKING, Any
 
 from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
 from runtime.errors import MemoryRuntimeError
-from runtime.fsutil import DirLock, atomic_write_bytes, ensure_dir
+from runtime.fsutil import (
+    DirLock,
+    atomic_write_bytes,
+    ensure_dir,
+    private_dir,
+    warn_if_exposed,
+)
 from runtime.session import JOURNAL_DIR, ContextFullError, ResumeReport, Session, SessionPool
 from runtime.store import validate_session_id
 from runtime.template import ChatFormat, Message
@@ -332,6 +338,7 @@ class Runtime:
         if kw["kv_type"] not in ("f16", "q8_0"):
             raise RuntimeArgumentError("kv_type", f"must be 'f16' or 'q8_0', got {kw['kv_type']!r}")
         self.root = ensure_dir(root)
+        warn_if_exposed(self.root)
         self._dir_lock = DirLock(self.root, LOCK_NAME).acquire()
         self._stack = contextlib.ExitStack()
         self._stack.callback(self._dir_lock.release)
@@ -361,6 +368,7 @@ class Runtime:
             )
             #: the sequence the pool never uses: probes and stateless work
             self.scratch_seq = kw["max_resident"]
+            private_dir(ensure_dir(self.root / JOURNAL_DIR))
             self.policy: CheckpointPolicy = kw["checkpoint"]
             self._writer = CheckpointWriter() if self.policy.background else None
             if self._writer is not None:
@@ -492,7 +500,7 @@ class Runtime:
                 path = self.root / JOURNAL_DIR / f"{session_id}.log"
                 if not path.exists():
                     return []
-                journal = Journal(path, fsync=False)
+                journal = Journal(path, readonly=True)
                 try:
                     entries = list(journal)
                 finally:

@@ -427,8 +427,8 @@ class Session:
     def _require_resident(self) -> None:
         if self.journal.closed:
             raise SessionError(
-                f"session {self.session_id!r} was suspended and closed (by its pool, to free "
-                "memory): get it again with pool.get()"
+                f"session {self.session_id!r} is closed (suspended by its pool to free memory, "
+                "or its journal failed): get it again with pool.get()"
             )
         if not self._resident:
             raise SessionError(f"session {self.session_id!r} is not resident: call resume()")

@@ -1,0 +1,222 @@
+"""runtime.Runtime on the tiny random-weight model: the turn, prefix reuse, the directory
+lock, resume, eviction (replies equal whatever the slot count), overflow past 3x n_ctx with
+retrieval of dropped turns, stats, and argument errors that write nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime.checkpoint import CheckpointPolicy
+from runtime.errors import LockedError
+from runtime.runtime import Runtime, RuntimeArgumentError, read_stats
+
+GREEDY = {"temperature": 0.0, "max_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def embedder() -> object:
+    from runtime.embed import Embedder
+
+    return Embedder.default()
+
+
+@pytest.fixture
+def rt(tmp_path: Path, embedder: object) -> Iterator[Runtime]:
+    with Runtime.open(tmp_path / "data", model="tiny", n_ctx=1024, embedder=embedder) as r:
+        yield r
+
+
+def test_turn_is_journalled_and_reuses_the_prefix(rt: Runtime) -> None:
+    first = rt.chat("alice", "My dog is called Biscuit.", **GREEDY)
+    assert first.text == first.text.strip()
+    assert first.finish_reason in ("stop", "length")
+    assert first.completion_tokens >= 1
+    session = rt.pool.peek("alice")
+    assert session is not None
+    before = session.tokens()
+    second = rt.chat("alice", "What is my dog called?", **GREEDY)
+    after = session.tokens()
+    # only the new turn was decoded: the whole earlier window is a prefix of the new one
+    assert after[: len(before)] == before
+    assert second.cached_tokens == len(before)
+    assert second.prompt_tokens + second.completion_tokens == len(after) - len(before)
+    roles = [h["role"] for h in rt.history("alice")]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    texts = [h["text"] for h in rt.history("alice") if h["role"] == "user"]
+    assert texts == ["My dog is called Biscuit.", "What is my dog called?"]
+    for key in ("retrieval", "render", "prefill", "generation", "memory_write", "total"):
+        assert second.timings[key] >= 0.0
+
+
+def test_chat_template_markers_are_in_the_kv_not_in_the_reply(rt: Runtime) -> None:
+    reply = rt.chat("bob", "Hello there", **GREEDY)
+    assert "<|im_start|>" not in reply.text and "<|im_end|>" not in reply.text
+    session = rt.pool.peek("bob")
+    assert session is not None
+    rendered = rt.model.detokenize(session.tokens(), unparse_special=True)
+    assert "<|im_start|>system\n" in rendered
+    assert "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n" in rendered
+    assert rendered.endswith("<|im_end|>\n")  # the reply's end of turn is decoded too
+
+
+def test_bad_arguments_write_nothing(rt: Runtime) -> None:
+    cases = [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"stop": [""]}, "stop"),
+        ({"seed": "x"}, "seed"),
+    ]
+    for kwargs, name in cases:
+        with pytest.raises(RuntimeArgumentError) as info:
+            rt.chat("carol", "hi", **kwargs)  # type: ignore[arg-type]
+        assert info.value.field == name
+    with pytest.raises(RuntimeArgumentError):
+        rt.chat("carol", "   ")
+    with pytest.raises(ValueError):
+        rt.chat("../etc", "hi")
+    assert rt.history("carol") == []
+    assert not (rt.root / "journals" / "carol.log").exists()
+
+
+def test_second_open_names_the_holder(tmp_path: Path, embedder: object) -> None:
+    with Runtime.open(tmp_path, model="tiny", embedder=False):
+        code = (
+            "import sys\nfrom runtime.runtime import Runtime\n"
+            "try:\n    Runtime.open(sys.argv[1], model='tiny', embedder=False)\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True
+        ).stdout
+        assert out.startswith("LockedError"), out
+        assert str(__import__("os").getpid()) in out
+        with pytest.raises(LockedError):
+            Runtime.open(tmp_path, model="tiny", embedder=False)
+
+
+def test_close_is_idempotent_and_resume_comes_from_a_snapshot(
+    tmp_path: Path, embedder: object
+) -> None:
+    rt = Runtime.open(tmp_path, model="tiny", embedder=embedder)
+    rt.chat("dana", "I live in Lisbon.", **GREEDY)
+    tokens = rt.pool.peek("dana").tokens()  # type: ignore[union-attr]
+    rt.close()
+    rt.close()
+    assert rt.closed
+    with pytest.raises(ValueError):
+        rt.chat("dana", "hi")
+    with Runtime.open(tmp_path, model="tiny", embedder=embedder) as again:
+        reply = again.chat("dana", "Where do I live?", **GREEDY)
+        assert reply.resumed is not None
+        assert reply.resumed.source == "snapshot"  # the final checkpoint at close
+        assert reply.resumed.restored_tokens == len(tokens)
+        assert reply.resumed.replayed_tokens == 0
+        assert reply.cached_tokens == len(tokens)
+        stats = again.stats()
+        assert stats["resumes"]["snapshot"] == 1
+        assert stats["sessions"]["known"] == 1
+
+
+def _round_robin(root: Path, slots: int, embedder: object) -> list[str]:
+    replies = []
+    with Runtime.open(
+        root,
+        model="tiny",
+        n_ctx=2048,
+        max_resident=slots,
+        embedder=embedder,
+        checkpoint=CheckpointPolicy(every_tokens=10_000, every_seconds=0),
+    ) as rt:
+        for turn in range(3):
+            for s in range(6):
+                reply = rt.chat(f"s{s}", f"turn {turn} of session {s}: tell me more", **GREEDY)
+                replies.append(reply.text)
+        if slots < 6:
+            assert rt.stats()["resumes"]["snapshot"] > 0  # eviction really happened
+    return replies
+
+
+def test_eviction_keeps_replies_identical(tmp_path: Path, embedder: object) -> None:
+    """2 sequence slots and 6 sessions round-robin give the same replies as 6 slots."""
+    assert _round_robin(tmp_path / "two", 2, embedder) == _round_robin(
+        tmp_path / "six", 6, embedder
+    )
+
+
+def test_suspend_frees_cells(rt: Runtime) -> None:
+    rt.chat("erin", "A long enough message to hold some cells.", **GREEDY)
+    used = rt.stats()["kv"]["cells_used"]
+    assert used > 0
+    rt.suspend("erin")
+    assert rt.stats()["kv"]["cells_used"] == 0
+    assert rt.stats()["sessions"]["resident"] == 0
+    reply = rt.chat("erin", "and back", **GREEDY)
+    assert reply.resumed is not None and reply.resumed.source == "snapshot"
+
+
+def test_overflow_retrieves_dropped_turns(tmp_path: Path, embedder: object) -> None:
+    """A session driven past 3x n_ctx keeps answering; its early fact comes back through
+    retrieval once the turn has left the KV window."""
+    n_ctx = 256
+    with Runtime.open(tmp_path, model="tiny", n_ctx=n_ctx, embedder=embedder) as rt:
+        rt.chat("fay", "My dog is called Biscuit.", **GREEDY)
+        filler = [
+            "The weather was mild and grey all week long.",
+            "We painted the kitchen a pale shade of green.",
+            "The train to Porto left twelve minutes late.",
+            "I read three chapters of a novel about sailors.",
+        ]
+        i = 0
+        while rt.pool.peek("fay").journal.n_tokens < 3 * n_ctx:  # type: ignore[union-attr]
+            rt.chat("fay", filler[i % len(filler)] + f" ({i})", **GREEDY)
+            i += 1
+        session = rt.pool.peek("fay")
+        assert session is not None
+        assert session.n_tokens <= n_ctx
+        first_user = next(h for h in rt.history("fay") if h["role"] == "user")
+        assert first_user["seq"] not in session.window_seqs()  # the fact has left the window
+        reply = rt.chat("fay", "What is my dog called?", **GREEDY)
+        assert any("Biscuit" in m.text for m in reply.memories), reply.memories
+        assert "Biscuit" in rt.model.detokenize(session.tokens())  # it is in the prompt
+
+
+def test_near_duplicates_are_stored_once(rt: Runtime) -> None:
+    rt.chat("gus", "I like green tea.", **GREEDY)
+    rt.chat("gus", "I like green tea.", **GREEDY)
+    hits = rt.search("green tea", k=10, session="gus")
+    assert [h.text for h in hits].count("I like green tea.") == 1
+
+
+def test_retrieval_skips_turns_still_in_the_window(rt: Runtime) -> None:
+    rt.chat("hal", "My cat is called Tom.", **GREEDY)
+    reply = rt.chat("hal", "What is my cat called?", **GREEDY)
+    assert reply.memories == []  # the fact is in the KV window already
+
+
+def test_global_memories_reach_every_session(rt: Runtime) -> None:
+    rt.remember("The office wifi password is sunflower42.", importance=0.9)
+    reply = rt.chat("ivy", "What is the office wifi password?", **GREEDY)
+    assert any("sunflower42" in m.text for m in reply.memories)
+
+
+def test_stats_cli_reads_a_running_runtime(rt: Runtime) -> None:
+    rt.chat("jay", "hello", **GREEDY)
+    rt._write_stats(force=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "runtime", "stats", "--dir", str(rt.root), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    stats = json.loads(out)
+    assert stats["running"] is True
+    assert stats["sessions"]["known"] == 1
+    assert stats["journal"]["bytes"] > 0
+    assert read_stats(rt.root)["model"]["name"] == "tiny"
