@@ -954,7 +954,7 @@ class ChunkStore:
         """Read, verify and decode one chunk (on a worker thread; never touches a context)."""
         path = self.chunk_path(ref.key)
         try:
-            snap = snapshot_mod.read(path, threads=1)
+            snap = snapshot_mod.read(path, mapped=True)  # lives only for this call
         except FileNotFoundError:
             raise MissingChunk(ref.key, f"{path} does not exist") from None
         except (CorruptSnapshot, UnsupportedVersion) as exc:

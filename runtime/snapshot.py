@@ -31,6 +31,7 @@ import enum
 import hashlib
 import io
 import logging
+import mmap
 import os
 import secrets
 import struct
@@ -78,6 +79,7 @@ __all__ = [
     "max_state_size",
     "read",
     "restore",
+    "restore_file",
     "verify",
     "write",
 ]
@@ -1185,11 +1187,17 @@ def write(path: str | os.PathLike[str], snapshot: Snapshot) -> int:
     return size
 
 
-def read(path: str | os.PathLike[str], *, threads: int = 0) -> Snapshot:
+def read(path: str | os.PathLike[str], *, threads: int = 0, mapped: bool = False) -> Snapshot:
     """Read ``path`` and verify the header and every payload checksum.
 
     ``threads`` is accepted for compatibility and unused: the digests are checked on this
     thread (see :meth:`Snapshot.read_from`).
+
+    ``mapped=True`` maps the file (prefaulted with ``MAP_POPULATE``) instead of copying it:
+    the chunks are then views of the page cache, which saves one copy of the file. Use it
+    only for snapshots that do not outlive the call that reads them (:func:`restore_file`),
+    because a file truncated by someone else while it is mapped raises SIGBUS on access.
+    Files this module writes are never changed in place (they are replaced by rename).
 
     Raises :class:`CorruptSnapshot` (with ``field``), :class:`UnsupportedVersion`, or
     :class:`OSError` if the file cannot be opened.
@@ -1198,7 +1206,39 @@ def read(path: str | os.PathLike[str], *, threads: int = 0) -> Snapshot:
     # Unbuffered: the payload is read straight into its final buffer, no copy in between.
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        return Snapshot.read_from(f, size, source=source, threads=threads)
+        if not mapped or size < MIN_HEADER_LEN:  # mmap cannot map an empty file
+            return Snapshot.read_from(f, size, source=source, threads=threads)
+        # Check the header before mapping, so a damaged large file fails before the payload
+        # is touched, exactly as with read_from.
+        header = read_header(f, size, source=source)
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ)
+    view = memoryview(mm)
+    if bytes(view[: header.header_len]) != header.pack():
+        raise CorruptSnapshot("file_size", "file changed while being read", source=source)
+    return Snapshot._from_view(header, view, source)
+
+
+def restore_file(
+    ctx: Context,
+    path: str | os.PathLike[str],
+    seq_id: int | None = None,
+    *,
+    allow_build_mismatch: bool = False,
+    threads: int = 0,
+) -> SnapshotHeader:
+    """``restore(ctx, read(path), seq_id)`` through a memory map: the fast path.
+
+    The snapshot lives only for this call, so the mapping (see :func:`read`) is dropped
+    before it returns. Every check of :func:`read` and :func:`restore` applies. Returns the
+    header.
+    """
+    snap = read(path, mapped=True)
+    try:
+        restore(ctx, snap, seq_id, allow_build_mismatch=allow_build_mismatch, threads=threads)
+        return snap.header
+    finally:
+        del snap
 
 
 def inspect(path: str | os.PathLike[str]) -> SnapshotHeader:
