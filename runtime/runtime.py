@@ -74,9 +74,12 @@ STATS_FILE = "stats.json"
 SNAPSHOT_DIR = "snapshots"
 LONGTERM_DIR = "longterm"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant with a long memory. Answer briefly."
-#: How retrieved memories are put before the user's text (one ``- item`` line each).
-MEMORY_HEADER = "Earlier in our conversations I told you:"
-MEMORY_FOOTER = "Now:"
+#: How retrieved memories are put before the user's text: ``Context: <items>\nQuestion: <text>``.
+#: Measured on SmolLM2-135M with one fact per session put back by retrieval, 5 questions:
+#: this form answered 4/5, "I told you before: ..." 2/5, "You remember that I told you ..." 2/5,
+#: a bulleted "Earlier in our conversations I told you:" block 2/5.
+MEMORY_PREFIX = "Context: "
+QUESTION_PREFIX = "Question: "
 #: Cosine similarity above which a new user turn refreshes an existing memory instead of
 #: adding a second copy (all-MiniLM-L6-v2: paraphrases score ~0.8-0.9, repeats ~1.0).
 DEDUP_SIMILARITY = 0.95
@@ -989,8 +992,8 @@ def _check_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:
 def _with_memories(text: str, memories: Sequence[MemoryUsed]) -> str:
     if not memories:
         return text
-    lines = "\n".join(f"- {m.text}" for m in memories)
-    return f"{MEMORY_HEADER}\n{lines}\n\n{MEMORY_FOOTER} {text}"
+    context = " ".join(m.text.strip() for m in memories)
+    return f"{MEMORY_PREFIX}{context}\n{QUESTION_PREFIX}{text}"
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
