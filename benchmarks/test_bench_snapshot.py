@@ -186,3 +186,124 @@ def test_step_state_set(benchmark: Any, prefilled: Any, raw_state: Any, bench_co
     assert ctx.memory.pos_max(1) == len(prefilled.tokens) - 1
     ctx.memory.seq_rm(1, -1, -1)
     benchmark.extra_info.update(bench_config.as_info())
+
+
+# -- restore against the raw load at 1,024 and 4,096 tokens ------------------------------------
+#
+# Run the reported figures with (median of at least 5 rounds, side by side in one run):
+#   BENCH_FULL=1 .venv/bin/python -m pytest benchmarks/test_bench_snapshot.py -k sized \
+#       --benchmark-enable --benchmark-min-rounds=7 --benchmark-columns=min,median,rounds
+
+SIZES = (1024, 4096)
+
+
+@dataclasses.dataclass
+class Sized:
+    """A context holding ``n`` prompt tokens in seq 0, and the files of that state."""
+
+    ctx: Any
+    tokens: list[int]
+    ours: Path
+    raw: Path
+    chunks: Any  # a ChunkStore holding one manifest of seq 0 (session "bench")
+
+
+def sized_state(bench_model: Any, bench_config: Any, models_dir: Path, n: int) -> Any:
+    """A context with ``n`` prompt tokens in seq 0; the prefill is cached as a llama.cpp file.
+
+    Prefilling 4,096 tokens of ``tinyllama-geometry`` takes minutes on two cores, so the state
+    is saved next to the model (``<preset>-seed0-<n>.state``) and loaded on later runs.
+    """
+    from conftest import prompt_tokens
+
+    tokens = prompt_tokens(bench_model, n)
+    ctx = bench_model.context(
+        n_ctx=2 * n + 256, n_batch=512, n_seq_max=3, type_k="f16", type_v="f16"
+    )
+    cache = models_dir / f"{bench_config.preset}-seed0-{n}.state"
+    loaded = False
+    if cache.exists():
+        try:
+            loaded = ctx.seq_state_load_file(cache, 0, n + 1) == tokens
+        except Exception:  # a stale cache: prefill again
+            loaded = False
+    if not loaded:
+        ctx.memory.seq_rm(0)
+        ctx.decode(tokens, seq_id=0, logits="none")
+        ctx.seq_state_save_file(cache, 0, tokens)
+    return ctx, tokens
+
+
+@pytest.fixture(scope="module", params=SIZES, ids=[f"{n}tok" for n in SIZES])
+def sized(
+    request: pytest.FixtureRequest,
+    bench_model: Any,
+    bench_config: Any,
+    bench_models_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Sized]:
+    from runtime.chunks import ChunkStore
+
+    n = int(request.param)
+    ctx, tokens = sized_state(bench_model, bench_config, bench_models_dir, n)
+    directory = tmp_path_factory.mktemp(f"sized-{n}")
+    ours, raw = directory / "ours.kvsnap", directory / "raw.bin"
+    S.write(ours, S.capture(ctx, 0, tokens))
+    ctx.seq_state_save_file(raw, 0, tokens)
+    store = ChunkStore(directory / "chunks")
+    store.commit(
+        store.plan_capture(ctx, 0, tokens, scratch_seq=2, session_id="bench", journal_seq=0)
+    )
+    try:
+        yield Sized(ctx, tokens, ours, raw, store)
+    finally:
+        store.close()
+        ctx.close()
+
+
+def _sized_info(sized: Sized, bench_config: Any) -> dict[str, Any]:
+    return {
+        **bench_config.as_info(),
+        "n_tokens": len(sized.tokens),
+        "ours_bytes": sized.ours.stat().st_size,
+        "raw_bytes": sized.raw.stat().st_size,
+    }
+
+
+def _check_restored(sized: Sized) -> None:
+    assert sized.ctx.memory.pos_max(1) == len(sized.tokens) - 1
+    sized.ctx.memory.seq_rm(1, -1, -1)
+
+
+@pytest.mark.benchmark(group="restore-sized")
+def test_sized_restore_snapshot(benchmark: Any, sized: Sized, bench_config: Any) -> None:
+    """restore(ctx, read(path)): copy the file, verify, decompress, set."""
+    benchmark(lambda: S.restore(sized.ctx, S.read(sized.ours), 1))
+    _check_restored(sized)
+    benchmark.extra_info.update(_sized_info(sized, bench_config))
+
+
+@pytest.mark.benchmark(group="restore-sized")
+def test_sized_restore_file(benchmark: Any, sized: Sized, bench_config: Any) -> None:
+    """restore_file: the file mapped (no copy), verify, decompress, set."""
+    benchmark(lambda: S.restore_file(sized.ctx, sized.ours, 1))
+    _check_restored(sized)
+    benchmark.extra_info.update(_sized_info(sized, bench_config))
+
+
+@pytest.mark.benchmark(group="restore-sized")
+def test_sized_restore_chunks(benchmark: Any, sized: Sized, bench_config: Any) -> None:
+    """ChunkStore.restore: 256-token chunks, decoded ahead while llama.cpp sets the last one."""
+    man = sized.chunks.latest("bench")
+    benchmark(lambda: sized.chunks.restore(sized.ctx, man, 1, scratch_seq=2))
+    _check_restored(sized)
+    benchmark.extra_info.update(_sized_info(sized, bench_config), n_chunks=len(man.refs))
+
+
+@pytest.mark.benchmark(group="restore-sized")
+def test_sized_restore_llama_file(benchmark: Any, sized: Sized, bench_config: Any) -> None:
+    """llama_state_seq_load_file (no checks beyond llama.cpp's own)."""
+    capacity = len(sized.tokens) + 1
+    benchmark(lambda: sized.ctx.seq_state_load_file(sized.raw, 1, capacity))
+    _check_restored(sized)
+    benchmark.extra_info.update(_sized_info(sized, bench_config))

@@ -38,6 +38,7 @@ The format is described in ``docs/snapshot-format.md`` ("Chunked checkpoints").
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -534,6 +535,7 @@ class ChunkStore:
         self._pins: dict[int, frozenset[str]] = {}
         self._next_pin = 1
         self._counters = {"written_bytes": 0, "written_files": 0, "gc_files": 0}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         if not readonly:
             ensure_dir(self.root)
             if lock:
@@ -546,6 +548,9 @@ class ChunkStore:
     def close(self) -> None:
         """Release the lock; safe to call twice."""
         self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._dirlock is not None:
             self._dirlock.release()
             self._dirlock = None
@@ -1058,20 +1063,27 @@ class ChunkStore:
             for ref in refs:
                 self._set_chunk(ctx, self._load_chunk(manifest, ref), seq_id, scratch_seq)
             return
-        ahead = max(2, self.threads)
-        with concurrent.futures.ThreadPoolExecutor(self.threads, "kvchunk") as pool:
-            futures = [pool.submit(self._load_chunk, manifest, ref) for ref in refs[:ahead]]
-            try:
-                for i in range(len(refs)):
-                    raw = futures[i].result()
-                    futures[i] = None  # type: ignore[call-overload]
-                    if i + ahead < len(refs):
-                        futures.append(pool.submit(self._load_chunk, manifest, refs[i + ahead]))
-                    self._set_chunk(ctx, raw, seq_id, scratch_seq)
-            finally:
-                for fut in futures:
-                    if fut is not None:
-                        fut.cancel()
+        with self._lock:
+            if self._pool is None:  # one pool per store: starting threads per restore shows
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, "kvchunk")
+            pool = self._pool
+        # Decoding runs ``ahead`` chunks in front of this thread, which only hands finished
+        # chunks to llama.cpp (a ctypes call, so the GIL is free for the workers meanwhile).
+        ahead = self.threads + 1
+        futures = collections.deque(
+            pool.submit(self._load_chunk, manifest, ref) for ref in refs[:ahead]
+        )
+        try:
+            for i in range(len(refs)):
+                raw = futures.popleft().result()
+                if i + ahead < len(refs):
+                    futures.append(pool.submit(self._load_chunk, manifest, refs[i + ahead]))
+                self._set_chunk(ctx, raw, seq_id, scratch_seq)
+        finally:
+            for pending in futures:
+                if not pending.cancel():
+                    with contextlib.suppress(Exception):
+                        pending.result()  # let a running decode finish before we return
         del mem
 
     @staticmethod
