@@ -22,6 +22,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "stats": ("runtime.cli.stats", "what a runtime data directory holds (read-only)"),
     "snapshot": ("runtime.cli.snapshot", "short-term memory: KV snapshot files"),
     "memory": ("runtime.cli.memory", "long-term memory: embedded items + hnswlib index"),
+    "serve": ("runtime.cli.serve", "an OpenAI-compatible HTTP server (sessions survive it)"),
 }
 
 

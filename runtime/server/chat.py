@@ -1,0 +1,425 @@
+"""``/v1/chat/completions``: the request checked field by field, and the turn it becomes.
+
+With a session, the server holds the conversation. The client sends either only the new user
+message or the whole history; a history is compared with the session's journal (user and
+assistant texts, whitespace at the ends ignored) and only what the journal lacks is added.
+A history that contradicts the journal is a 409. Without a session the request is stateless:
+it runs in an ephemeral session (``tmp-<hex>``) that is deleted, with its files, after the
+reply; none of its turns reach long-term memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from runtime.runtime import MAX_STOP_STRINGS, MAX_TEXT_CHARS, RuntimeArgumentError, Sampling
+from runtime.server.errors import APIError, bad_request
+from runtime.session import ContextFullError
+from runtime.store import validate_session_id
+from runtime.template import Message
+
+if TYPE_CHECKING:
+    from runtime.runtime import Reply, Runtime
+
+#: Request fields accepted and ignored (documented as such).
+IGNORED_FIELDS = frozenset(
+    {
+        "model",
+        "user",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "parallel_tool_calls",
+        "store",
+        "metadata",
+        "service_tier",
+        "tool_choice",
+    }
+)
+#: Fields whose only supported value is the default.
+_ROLES = ("system", "developer", "user", "assistant")
+EPHEMERAL_PREFIX = "tmp-"
+
+
+@dataclass
+class ChatRequest:
+    """A checked chat request."""
+
+    session_id: str | None
+    system: str | None
+    turns: list[tuple[str, str]]  # (role, text), alternating, ending with a user message
+    sampling: Sampling
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    remember: bool
+    use_memory: bool
+    importance: float
+
+    @property
+    def text(self) -> str:
+        """The new user message."""
+        return self.turns[-1][1]
+
+
+def _number(body: Mapping[str, Any], name: str, *, integer: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_request(name, f"must be a number, got {type(value).__name__}")
+    if integer:
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise bad_request(name, f"must be an integer, got {value}")
+            value = int(value)
+    elif not math.isfinite(value):
+        raise bad_request(name, f"must be finite, got {value}")
+    return value
+
+
+def _bool(body: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request(name, f"must be a boolean, got {type(value).__name__}")
+    return value
+
+
+def check_text(value: object, param: str) -> str:
+    """A non-empty string of at most :data:`MAX_TEXT_CHARS` characters."""
+    if not isinstance(value, str):
+        raise bad_request(param, f"must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise bad_request(param, "must not be empty")
+    if len(value) > MAX_TEXT_CHARS:
+        raise bad_request(param, f"is {len(value)} characters; at most {MAX_TEXT_CHARS}")
+    return value
+
+
+def check_session_id(value: object, param: str) -> str:
+    """A valid session id (``runtime.store.validate_session_id``), as a 400 naming ``param``."""
+    if not isinstance(value, str):
+        raise bad_request(param, f"must be a string, got {type(value).__name__}")
+    if value.startswith(EPHEMERAL_PREFIX):
+        raise bad_request(param, f"ids starting with {EPHEMERAL_PREFIX!r} are reserved")
+    try:
+        return validate_session_id(value)
+    except ValueError as exc:
+        raise bad_request(param, str(exc)) from None
+
+
+def _content(message: Mapping[str, Any], i: int) -> str:
+    param = f"messages[{i}].content"
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise bad_request(f"{param}[{j}]", "only text parts are supported")
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise bad_request(f"{param}[{j}].text", "must be a string")
+            parts.append(text)
+        content = "".join(parts)
+    return check_text(content, param)
+
+
+def _messages(body: Mapping[str, Any]) -> tuple[str | None, list[tuple[str, str]]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages", "must be a non-empty array")
+    if len(messages) > 1000:
+        raise bad_request("messages", "at most 1000 messages")
+    system: list[str] = []
+    turns: list[tuple[str, str]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad_request(f"messages[{i}]", "must be an object")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise bad_request(
+                f"messages[{i}].role", f"must be one of {', '.join(_ROLES)}, got {role!r}"
+            )
+        if message.get("tool_calls"):
+            raise bad_request(f"messages[{i}].tool_calls", "tools are not supported")
+        text = _content(message, i)
+        if role in ("system", "developer"):
+            if turns:
+                raise bad_request(f"messages[{i}].role", "system messages must come first")
+            system.append(text)
+            continue
+        expected = "user" if not turns or turns[-1][0] == "assistant" else "assistant"
+        if role != expected:
+            raise bad_request(
+                f"messages[{i}].role", f"expected a {expected} message (turns alternate)"
+            )
+        turns.append((role, text))
+    if not turns or turns[-1][0] != "user":
+        raise bad_request("messages", "the last message must be from the user")
+    return ("\n\n".join(system) if system else None), turns
+
+
+def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, list) or len(items) > MAX_STOP_STRINGS:
+        raise bad_request("stop", f"must be a string or at most {MAX_STOP_STRINGS} strings")
+    for item in items:
+        if not isinstance(item, str) or not 1 <= len(item) <= 64:
+            raise bad_request("stop", "each stop string must be 1-64 characters")
+    return tuple(items)
+
+
+def parse_chat(
+    body: Mapping[str, Any], header_session: str | None, defaults: Sampling, n_ctx: int
+) -> ChatRequest:
+    """Check every field of a chat request; a 400 :class:`APIError` names the first bad one."""
+    if body.get("tools") or body.get("functions"):
+        raise bad_request("tools", "tools are not supported")
+    n = _number(body, "n", integer=True)
+    if n is not None and n != 1:
+        raise bad_request("n", f"only n=1 is supported, got {n}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = _number(body, name)
+        if value is not None and not -2.0 <= value <= 2.0:
+            raise bad_request(name, f"must be in [-2, 2], got {value}")  # accepted, ignored
+    session_id: str | None = None
+    if header_session is not None:
+        session_id = check_session_id(header_session, "X-Session-Id")
+    if body.get("session_id") is not None:
+        body_session = check_session_id(body["session_id"], "session_id")
+        if session_id is not None and body_session != session_id:
+            raise bad_request("session_id", "differs from the X-Session-Id header")
+        session_id = body_session
+    system, turns = _messages(body)
+
+    changes: dict[str, Any] = {}
+    max_tokens = _number(body, "max_completion_tokens", integer=True)
+    max_name = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, max_name = _number(body, "max_tokens", integer=True), "max_tokens"
+    if max_tokens is not None:
+        changes["max_tokens"] = max_tokens
+    for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+        value = _number(body, name)
+        if value is not None:
+            changes[name] = value
+    for name in ("top_k", "seed"):
+        value = _number(body, name, integer=True)
+        if value is not None:
+            changes[name] = value
+    try:
+        sampling = dataclasses.replace(defaults, **changes).check(n_ctx)
+    except RuntimeArgumentError as exc:
+        param = max_name if exc.field == "max_tokens" else exc.field
+        raise bad_request(param, str(exc).split(": ", 1)[-1]) from None
+
+    stream = _bool(body, "stream", False)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("stream_options", "must be an object")
+    include_usage = bool(options and _bool(options, "include_usage", False))
+    importance = _number(body, "importance")
+    if importance is not None and not 0.0 <= importance <= 1.0:
+        raise bad_request("importance", f"must be in [0, 1], got {importance}")
+    return ChatRequest(
+        session_id=session_id,
+        system=system,
+        turns=turns,
+        sampling=sampling,
+        stop=_stop(body),
+        stream=stream,
+        include_usage=include_usage,
+        remember=_bool(body, "remember", True) and session_id is not None,
+        use_memory=_bool(body, "use_memory", True),
+        importance=0.5 if importance is None else float(importance),
+    )
+
+
+# -- the conversation against the journal -------------------------------------------------------
+
+
+def missing_turns(
+    journal: Sequence[Mapping[str, Any]], turns: Sequence[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The turns of ``turns`` before its last (new) user message that the journal lacks.
+
+    ``journal`` is :meth:`Runtime.history`. A single message is always new. Raises a 409
+    :class:`APIError` when the two disagree, or when the journal holds turns the history
+    does not. A trailing user turn whose reply never came (the process died mid-reply) is
+    left out of the comparison: the client never saw it answered.
+    """
+    if len(turns) == 1:
+        return []
+    known = [(e["role"], e["text"]) for e in journal if e["role"] in ("user", "assistant")]
+    while known and known[-1][0] == "user":
+        known.pop()
+    prior = turns[:-1]
+    for i, ((role, text), (j_role, j_text)) in enumerate(zip(prior, known, strict=False)):
+        if role != j_role or text.strip() != j_text.strip():
+            raise APIError(
+                409,
+                f"messages: the history contradicts session turn {i + 1} ({j_role}: "
+                f"{_clip(j_text)!r}, got {role}: {_clip(text)!r}); send only the new user "
+                "message, or the history exactly as the server returned it",
+                param="messages",
+                code="history_conflict",
+            )
+    if len(known) > len(prior):
+        raise APIError(
+            409,
+            f"messages: the session has {len(known)} turns but the history sent has "
+            f"{len(prior)} before the new message; send only the new user message, or the "
+            "whole history (GET /v1/sessions/{id})",
+            param="messages",
+            code="history_conflict",
+        )
+    return list(prior[len(known) :])
+
+
+def _clip(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def inject_turns(
+    rt: Runtime,
+    session_id: str,
+    system: str | None,
+    turns: Sequence[tuple[str, str]],
+    *,
+    remember: bool,
+) -> int:
+    """Journal and decode ``turns`` (and a first system turn) as if they had been chatted.
+
+    Rendered exactly as :meth:`Runtime.chat` renders its turns (a user turn ends with the
+    assistant opener; an assistant turn is its text plus the template's close), so a later
+    chat continues the same KV. Returns the tokens decoded. Call under ``rt._lock``.
+    """
+    fmt = rt.format
+    session, _report = rt.pool.get(session_id)
+    decoded = 0
+    if session.first_turn:
+        text = system if system is not None else rt.system_prompt
+        if text and fmt.supports_system:
+            rendered = fmt.render([Message("system", text)], False)
+            tokens = fmt.tokenize(rt.model, rendered, first=True)
+            session.reserve(len(tokens))
+            session.append_tokens("system", text, tokens, checkpoint=False)
+            decoded += len(tokens)
+    meta: dict[str, object] = {} if remember else {"remember": False}
+    for role, text in turns:
+        history = [Message(r, c) for r, c in session.messages()]
+        if role == "user":
+            delta, extends = fmt.user_delta(history, Message("user", text))
+            if not extends:
+                raise APIError(
+                    400,
+                    f"messages: the {fmt.name} chat template cannot extend this session "
+                    "turn by turn; send only the new user message",
+                    param="messages",
+                )
+            tokens = fmt.tokenize(rt.model, delta, first=session.n_tokens == 0)
+        else:
+            close = fmt.assistant_close(history, Message("assistant", text))
+            tokens = fmt.tokenize(rt.model, text, first=False)
+            if close:
+                tokens += fmt.tokenize(rt.model, close, first=False)
+        if decoded + len(tokens) > rt.ctx.n_ctx - 16:
+            raise APIError(
+                400,
+                f"messages: the history does not fit in the context ({rt.ctx.n_ctx} tokens)",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        session.reserve(len(tokens) + 16)
+        session.append_tokens(role, text, tokens, meta=meta, checkpoint=False)
+        decoded += len(tokens)
+    return decoded
+
+
+def ephemeral_id() -> str:
+    """A fresh id for a stateless request's session."""
+    return f"{EPHEMERAL_PREFIX}{uuid.uuid4().hex}"
+
+
+def map_runtime_error(exc: Exception) -> APIError:
+    """A runtime exception raised during a turn, as an API error."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RuntimeArgumentError):
+        return bad_request(exc.field, str(exc).split(": ", 1)[-1])
+    if isinstance(exc, ContextFullError):
+        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+    return APIError(500, f"the turn failed: {type(exc).__name__}", code="internal_error")
+
+
+# -- responses ----------------------------------------------------------------------------------
+
+
+def usage(reply: Reply, injected: int) -> dict[str, Any]:
+    """OpenAI usage: ``prompt_tokens`` counts the cached ones too (``cached_tokens``)."""
+    prompt = reply.prompt_tokens + injected + reply.cached_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": reply.completion_tokens,
+        "total_tokens": prompt + reply.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": reply.cached_tokens},
+    }
+
+
+def completion(
+    cid: str, model: str, reply: Reply, injected: int, session_id: str | None
+) -> dict[str, Any]:
+    """The non-streamed response body."""
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply.text},
+                "finish_reason": reply.finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(reply, injected),
+        "session_id": session_id,
+        "system_fingerprint": None,
+    }
+
+
+def chunk(
+    cid: str,
+    model: str,
+    delta: dict[str, Any] | None,
+    finish: str | None = None,
+    *,
+    usage_body: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One streamed chunk (``delta=None``: the usage-only chunk with no choices)."""
+    body: dict[str, Any] = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": []
+        if delta is None
+        else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
+    if usage_body is not None:
+        body["usage"] = usage_body
+    return body
