@@ -221,7 +221,7 @@ class _Turn:
         """The turn itself (worker thread); an ephemeral session is deleted after it."""
         rt, req, p = self.state.rt, self.req, self.req.sampling
         try:
-            return rt.chat(
+            reply = rt.chat(
                 self.session_id,
                 req.text,
                 max_tokens=p.max_tokens,
@@ -238,6 +238,8 @@ class _Turn:
                 importance=req.importance,
                 use_memory=req.use_memory,
             )
+            self.state.metrics.turn(reply, self.injected)  # counted even when nobody listens
+            return reply
         finally:
             if self.ephemeral:
                 self.discard()
@@ -287,7 +289,6 @@ async def _chat(request: Request, state: ServerState) -> Response:
             reply: Reply = await asyncio.shield(task)
         finally:
             watcher.cancel()
-        state.metrics.turn(reply, turn.injected)
         return JSONResponse(chatmod.completion(cid, model, reply, turn.injected, out_sid))
 
     loop = asyncio.get_running_loop()
@@ -312,7 +313,6 @@ async def _chat(request: Request, state: ServerState) -> Response:
                 yield {"data": json.dumps(chatmod.map_runtime_error(exc).body())}
                 yield {"data": "[DONE]"}
                 return
-            state.metrics.turn(reply, turn.injected)
             yield {"data": json.dumps(chatmod.chunk(cid, model, {}, reply.finish_reason))}
             if req.include_usage:
                 u = chatmod.usage(reply, turn.injected)

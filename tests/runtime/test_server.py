@@ -1,0 +1,456 @@
+"""``runtime.server``: the real openai client and httpx against a real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from runtime.runtime import Runtime
+from runtime.server import create_app
+from runtime.server.scheduler import FairQueue, QueueFullError
+from tests.runtime.server_helpers import ServeProcess, ThreadServer
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    from runtime.embed import Embedder
+
+    root = tmp_path_factory.mktemp("serve")
+    with Runtime.open(
+        root / "data", model="tiny", embedder=Embedder.default(), n_ctx=2048, max_resident=2
+    ) as runtime:
+        yield runtime
+
+
+@pytest.fixture(scope="module")
+def server(rt: Runtime) -> Iterator[ThreadServer]:
+    with ThreadServer(create_app(rt, api_key=KEY, max_body=64 * 1024, max_queue=8)) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server: ThreadServer) -> Any:
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture
+def http(server: ThreadServer) -> Iterator[httpx.Client]:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.base, headers=headers, timeout=60) as c:
+        yield c
+
+
+def _history(http: httpx.Client, sid: str) -> list[dict[str, Any]]:
+    r = http.get(f"/v1/sessions/{sid}")
+    assert r.status_code == 200, r.text
+    return [h for h in r.json()["history"] if h["role"] != "system"]
+
+
+# -- the openai client --------------------------------------------------------------------------
+
+
+def test_non_streamed_chat_in_a_session(client: Any, http: httpx.Client) -> None:
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "My cat is called Miso."}],
+        max_tokens=8,
+        extra_headers={"X-Session-Id": "alice"},
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens > 0
+    assert r.usage.prompt_tokens > r.usage.prompt_tokens_details.cached_tokens >= 0
+    history = _history(http, "alice")
+    assert [h["role"] for h in history] == ["user", "assistant"]
+    assert history[0]["text"] == "My cat is called Miso."
+    assert history[1]["text"] == choice.message.content
+
+
+def test_streamed_chat_matches_the_journal(client: Any, http: httpx.Client) -> None:
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"session_id": "streamer"},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish in (["stop"], ["length"])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert _history(http, "streamer")[-1]["text"] == text
+
+
+def test_whole_history_appends_only_the_new_tail(client: Any, http: httpx.Client) -> None:
+    first = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "one"}],
+        max_tokens=4,
+        extra_headers={"X-Session-Id": "whole"},
+    )
+    messages = [
+        {"role": "system", "content": "ignored: the session has its system prompt"},
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "two"},
+    ]
+    second = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=4, extra_headers={"X-Session-Id": "whole"}
+    )
+    assert second.usage.prompt_tokens_details.cached_tokens > 0  # the KV prefix was reused
+    texts = [h["text"] for h in _history(http, "whole")]
+    assert texts == [
+        "one",
+        first.choices[0].message.content,
+        "two",
+        second.choices[0].message.content,
+    ]
+
+
+def test_a_new_session_takes_a_whole_history(client: Any, http: httpx.Client) -> None:
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=4, extra_headers={"X-Session-Id": "imported"}
+    )
+    full = http.get("/v1/sessions/imported").json()["history"]
+    assert [(h["role"], h["text"]) for h in full][:4] == [
+        ("system", "You are terse."),
+        ("user", "a"),
+        ("assistant", "b"),
+        ("user", "c"),
+    ]
+    assert full[4]["text"] == r.choices[0].message.content
+
+
+def test_stateless_request_leaves_no_session(client: Any, http: httpx.Client) -> None:
+    before = {s["id"] for s in http.get("/v1/sessions").json()["data"]}
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": "y"},
+            {"role": "user", "content": "z"},
+        ],
+        max_tokens=4,
+    )
+    assert r.choices[0].message.content is not None
+    assert r.usage.prompt_tokens > 0
+    after = {s["id"] for s in http.get("/v1/sessions").json()["data"]}
+    assert after == before
+
+
+def test_embeddings(client: Any) -> None:
+    r = client.embeddings.create(model="all-MiniLM-L6-v2", input=["a dog", "a puppy", "taxes"])
+    vectors = np.array([d.embedding for d in r.data], dtype=np.float32)
+    assert vectors.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+
+
+def test_models_health_and_metrics(client: Any, server: ThreadServer, http: httpx.Client) -> None:
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(f"{server.base}/health").json()["status"] == "ok"  # no key needed
+    metrics = http.get("/metrics").text
+    assert 'runtime_http_requests_total{endpoint="chat",status="200"}' in metrics
+    assert "runtime_queue_depth 0.0" in metrics
+    assert 'runtime_tokens_total{kind="completion"}' in metrics
+
+
+def test_memories_add_search_delete(http: httpx.Client) -> None:
+    r = http.post("/v1/memories", json={"text": "The vault code is 4711.", "importance": 0.9})
+    assert r.status_code == 201, r.text
+    item = r.json()["id"]
+    hits = http.get("/v1/memories/search", params={"q": "vault code", "k": 3}).json()["data"]
+    assert hits[0]["id"] == item and hits[0]["session"] is None
+    assert http.delete(f"/v1/memories/{item}").json()["deleted"] is True
+    gone = http.delete(f"/v1/memories/{item}")
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+
+
+def test_session_checkpoint_and_delete(client: Any, http: httpx.Client, rt: Runtime) -> None:
+    client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "remember the milk"}],
+        max_tokens=4,
+        extra_headers={"X-Session-Id": "doomed"},
+    )
+    r = http.post("/v1/sessions/doomed/checkpoint")
+    assert r.status_code == 200 and r.json()["files"], r.text
+    hits = http.get("/v1/memories/search", params={"q": "remember the milk", "session": "doomed"})
+    assert hits.json()["data"][0]["text"] == "remember the milk"
+    assert http.delete("/v1/sessions/doomed").json()["deleted"] is True
+    assert http.get("/v1/sessions/doomed").status_code == 404
+    assert "doomed" not in rt.sessions()
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def _chat(http: httpx.Client, body: dict[str, Any], **headers: str) -> httpx.Response:
+    return http.post("/v1/chat/completions", json=body, headers=headers)
+
+
+def _error(r: httpx.Response, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    err: dict[str, Any] = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+def test_wrong_or_missing_key_gets_401_that_reveals_nothing(server: ThreadServer) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    for headers in ({"Authorization": "Bearer wrong"}, {}, {"Authorization": KEY}):
+        r = httpx.post(f"{server.base}/v1/chat/completions", json=body, headers=headers)
+        err = _error(r, 401)
+        assert err["code"] == "invalid_api_key" and KEY not in r.text
+    assert httpx.get(f"{server.base}/v1/sessions").status_code == 401
+    assert httpx.get(f"{server.base}/metrics").status_code == 401
+
+
+def test_oversized_body_gets_413(http: httpx.Client) -> None:
+    big = {"messages": [{"role": "user", "content": "x" * (70 * 1024)}]}
+    assert _error(_chat(http, big), 413)["code"] == "body_too_large"
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the limit holds while reading
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(70):
+            yield b"x" * 1024
+        yield b'"}]}'
+
+    r = http.post("/v1/chat/completions", content=chunked())
+    assert _error(r, 413)["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "param"),
+    [
+        ({}, {"X-Session-Id": "../etc"}, "X-Session-Id"),
+        ({"session_id": ".hidden"}, {}, "session_id"),
+        ({"session_id": "tmp-mine"}, {}, "session_id"),
+        ({"session_id": "a", "max_tokens": 1}, {"X-Session-Id": "b"}, "session_id"),
+        ({"max_tokens": -1}, {"X-Session-Id": "badin"}, "max_tokens"),
+        ({"max_completion_tokens": 0}, {"X-Session-Id": "badin"}, "max_completion_tokens"),
+        ({"max_tokens": 1.5}, {"X-Session-Id": "badin"}, "max_tokens"),
+        ({"temperature": "hot"}, {"X-Session-Id": "badin"}, "temperature"),
+        ({"temperature": 99}, {"X-Session-Id": "badin"}, "temperature"),
+        ({"top_p": 0}, {"X-Session-Id": "badin"}, "top_p"),
+        ({"seed": -3}, {"X-Session-Id": "badin"}, "seed"),
+        ({"n": 2}, {"X-Session-Id": "badin"}, "n"),
+        ({"stop": [""]}, {"X-Session-Id": "badin"}, "stop"),
+        ({"stream": "yes"}, {"X-Session-Id": "badin"}, "stream"),
+        ({"importance": 2}, {"X-Session-Id": "badin"}, "importance"),
+        ({"messages": []}, {"X-Session-Id": "badin"}, "messages"),
+        (
+            {"messages": [{"role": "tool", "content": "x"}]},
+            {"X-Session-Id": "badin"},
+            "messages[0].role",
+        ),
+        (
+            {"messages": [{"role": "user", "content": ""}]},
+            {"X-Session-Id": "badin"},
+            "messages[0].content",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "x"}]},
+            {"X-Session-Id": "badin"},
+            "messages[0].role",
+        ),
+    ],
+)
+def test_bad_fields_get_400_naming_them_and_write_nothing(
+    http: httpx.Client, rt: Runtime, body: dict[str, Any], headers: dict[str, str], param: str
+) -> None:
+    request = {"messages": [{"role": "user", "content": "hi"}], **body}
+    err = _error(_chat(http, request, **headers), 400)
+    assert err["param"] == param and err["message"].startswith(param)
+    assert "badin" not in rt.sessions()
+
+
+def test_bad_json_and_query_parameters(http: httpx.Client) -> None:
+    r = http.post("/v1/chat/completions", content=b"{not json")
+    assert _error(r, 400)["code"] == "invalid_json"
+    assert _error(http.get("/v1/memories/search", params={"q": "x", "k": "0"}), 400)["param"] == "k"
+    assert (
+        _error(http.get("/v1/memories/search", params={"q": "x", "k": "many"}), 400)["param"] == "k"
+    )
+    assert _error(http.get("/v1/memories/search", params={"k": "1"}), 400)["param"] == "q"
+    assert _error(http.get("/v1/sessions/..x"), 400)["param"] == "session_id"
+    assert _error(http.post("/v1/embeddings", json={"input": [1, 2]}), 400)["param"] == "input[0]"
+    assert _error(http.get("/v1/nothing"), 404)["message"].startswith("no such endpoint")
+
+
+def test_history_that_contradicts_the_journal_gets_409(http: httpx.Client, rt: Runtime) -> None:
+    r = _chat(
+        http,
+        {"messages": [{"role": "user", "content": "first"}], "max_tokens": 4},
+        **{"X-Session-Id": "conflict"},
+    )
+    assert r.status_code == 200, r.text
+    before = rt.history("conflict")
+    wrong = [
+        {"role": "user", "content": "not what I said"},
+        {"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "next"},
+    ]
+    err = _error(_chat(http, {"messages": wrong}, **{"X-Session-Id": "conflict"}), 409)
+    assert err["code"] == "history_conflict" and "'first'" in err["message"]
+    short = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "?"}]
+    short.append({"role": "user", "content": "next"})
+    _error(_chat(http, {"messages": short}, **{"X-Session-Id": "conflict"}), 409)
+    assert rt.history("conflict") == before  # nothing written
+
+
+def test_full_queue_gets_503_with_retry_after(http: httpx.Client, server: ThreadServer) -> None:
+    state = server.server.config.app.state.server
+    limit, state.queue.max_waiting = state.queue.max_waiting, 0
+    state.queue._busy = True  # as if a turn were running
+    try:
+        r = _chat(http, {"messages": [{"role": "user", "content": "hi"}]}, **{"X-Session-Id": "q"})
+        err = _error(r, 503)
+        assert err["code"] == "queue_full" and r.headers["Retry-After"] == "1"
+    finally:
+        state.queue._busy = False
+        state.queue.max_waiting = limit
+
+
+def test_disconnect_mid_stream_keeps_the_partial_reply(
+    server: ThreadServer, http: httpx.Client
+) -> None:
+    body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 400, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}", "X-Session-Id": "gone"}
+    with httpx.stream(
+        "POST", f"{server.base}/v1/chat/completions", json=body, headers=headers
+    ) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")  # the first chunk; then we hang up
+    # the next request waits for the cancelled turn to release the runtime
+    r2 = _chat(
+        http,
+        {"messages": [{"role": "user", "content": "back"}], "max_tokens": 2},
+        **{"X-Session-Id": "gone"},
+    )
+    assert r2.status_code == 200, r2.text
+    roles = [h["role"] for h in _history(http, "gone")]
+    assert roles == ["user", "assistant", "user", "assistant"]  # the partial reply was journalled
+    metrics = http.get("/metrics").text
+    assert "runtime_chat_cancelled_total 1.0" in metrics  # stopped, not run to max_tokens
+
+
+# -- the queue ----------------------------------------------------------------------------------
+
+
+def test_fair_queue_alternates_between_sessions_and_is_bounded() -> None:
+    async def scenario() -> list[str]:
+        q = FairQueue(max_waiting=5)
+        order: list[str] = []
+        await q.acquire("first")  # holds the turn
+        waiters = [asyncio.ensure_future(_wait(q, k, order)) for k in ["a", "a", "a", "b", "c"]]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError):
+            await q.acquire("d")
+        q.release()
+        await asyncio.gather(*waiters)
+        assert not q.busy and q.waiting == 0
+        return order
+
+    assert asyncio.run(scenario()) == ["a", "b", "c", "a", "a"]
+
+
+async def _wait(q: FairQueue, key: str, order: list[str]) -> None:
+    await q.acquire(key)
+    order.append(key)
+    await asyncio.sleep(0)
+    q.release()
+
+
+def test_a_cancelled_waiter_leaves_the_queue() -> None:
+    async def scenario() -> None:
+        q = FairQueue(max_waiting=2)
+        await q.acquire("x")
+        waiter = asyncio.ensure_future(q.acquire("y"))
+        await asyncio.sleep(0)
+        assert q.waiting == 1
+        waiter.cancel()
+        await asyncio.sleep(0)
+        assert q.waiting == 0
+        q.release()
+        assert not q.busy
+
+    asyncio.run(scenario())
+
+
+# -- the process --------------------------------------------------------------------------------
+
+
+def test_session_continues_across_a_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    proc = ServeProcess(data).start()
+    try:
+        c = openai.OpenAI(base_url=f"{proc.base}/v1", api_key="none", max_retries=0)
+        first = c.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "My name is Ada."}],
+            max_tokens=6,
+            extra_headers={"X-Session-Id": "ada"},
+        )
+        assert proc.kill(signal.SIGKILL) == -signal.SIGKILL
+        proc.start()
+        history = [
+            {"role": "user", "content": "My name is Ada."},
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "What is my name?"},
+        ]
+        second = c.chat.completions.create(
+            model="tiny", messages=history, max_tokens=6, extra_headers={"X-Session-Id": "ada"}
+        )
+        assert second.choices[0].message.content is not None
+        session = httpx.get(f"{proc.base}/v1/sessions/ada").json()
+        texts = [h["text"] for h in session["history"] if h["role"] != "system"]
+        assert texts == [
+            "My name is Ada.",
+            first.choices[0].message.content,
+            "What is my name?",
+            second.choices[0].message.content,
+        ]
+        hits = httpx.get(
+            f"{proc.base}/v1/memories/search", params={"q": "name Ada", "session": "ada"}
+        )
+        assert "My name is Ada." in [h["text"] for h in hits.json()["data"]]
+        assert proc.kill(signal.SIGTERM) == 0  # graceful: final checkpoints, exit 0
+    finally:
+        if proc.proc is not None:
+            proc.kill()
+    assert any((data / "snapshots" / "ada").iterdir())
+    assert "Traceback" not in proc.log.read_text()
+
+
+def test_api_key_file_is_enforced_by_the_command(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    with ServeProcess(tmp_path / "data", "--api-key-file", str(key_file)) as proc:
+        assert httpx.get(f"{proc.base}/v1/models").status_code == 401
+        ok = httpx.get(f"{proc.base}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "tiny"
+        assert json.loads(httpx.get(f"{proc.base}/health").text)["status"] == "ok"
