@@ -93,8 +93,12 @@ def _chunk_stores(directory: Path) -> list[Path]:
     """``directory`` itself and every directory below it that is a chunk store."""
     found = [directory] if _is_chunk_store(directory) else []
     for sub in sorted(directory.rglob("manifests")):
-        if sub.is_dir() and sub.parent != directory and sub.parent not in found:
-            found.append(sub.parent)
+        root = sub.parent
+        if not sub.is_dir() or root == directory or root in found:
+            continue
+        # below the top level, only a directory that looks like a chunk store counts
+        if (root / "chunks").is_dir() or any(sub.rglob("*.kvman")):
+            found.append(root)
     return found
 
 
