@@ -204,6 +204,7 @@ class Sized:
     ctx: Any
     tokens: list[int]
     ours: Path
+    fast: Path  # the same state written with zstd level -1
     raw: Path
     chunks: Any  # a ChunkStore holding one manifest of seq 0 (session "bench")
 
@@ -249,13 +250,15 @@ def sized(
     directory = tmp_path_factory.mktemp(f"sized-{n}")
     ours, raw = directory / "ours.kvsnap", directory / "raw.bin"
     S.write(ours, S.capture(ctx, 0, tokens))
+    fast = directory / "fast.kvsnap"
+    S.write(fast, S.capture(ctx, 0, tokens, codec=S.Codec(level=-1)))
     ctx.seq_state_save_file(raw, 0, tokens)
     store = ChunkStore(directory / "chunks")
     store.commit(
         store.plan_capture(ctx, 0, tokens, scratch_seq=2, session_id="bench", journal_seq=0)
     )
     try:
-        yield Sized(ctx, tokens, ours, raw, store)
+        yield Sized(ctx, tokens, ours, fast, raw, store)
     finally:
         store.close()
         ctx.close()
@@ -289,6 +292,16 @@ def test_sized_restore_file(benchmark: Any, sized: Sized, bench_config: Any) -> 
     benchmark(lambda: S.restore_file(sized.ctx, sized.ours, 1))
     _check_restored(sized)
     benchmark.extra_info.update(_sized_info(sized, bench_config))
+
+
+@pytest.mark.benchmark(group="restore-sized")
+def test_sized_restore_file_level_minus1(benchmark: Any, sized: Sized, bench_config: Any) -> None:
+    """restore_file of a zstd level -1 snapshot (larger file, cheaper literals to decode)."""
+    benchmark(lambda: S.restore_file(sized.ctx, sized.fast, 1))
+    _check_restored(sized)
+    benchmark.extra_info.update(
+        _sized_info(sized, bench_config), fast_bytes=sized.fast.stat().st_size
+    )
 
 
 @pytest.mark.benchmark(group="restore-sized")
