@@ -38,28 +38,33 @@ class CheckpointPolicy:
         every_tokens: after this many new tokens since the last checkpoint (0: never by count).
         every_seconds: after this many seconds since the last checkpoint, at the end of the next
             turn (0: never by time).
+        idle_seconds: a session with unsaved tokens that has been idle this long is
+            checkpointed by the runtime's idle sweeper (0: off). This is what makes the usual
+            crash (a process killed while its sessions wait for their next message) resume
+            from a snapshot with nothing to replay.
         background: hand the write to the writer thread (``False``: write inline, as tests of
             the synchronous path do).
 
-    The defaults (256 tokens or 60 s) make a checkpoint every few turns of a chat: a crash
-    then replays at most ~256 tokens from the journal (tens of milliseconds on a small model),
-    while a turn does not pay for a full-state write each time.
+    The defaults (256 tokens, 60 s, 2 s idle) keep checkpoints off the hot path of a busy
+    session, while a session that pauses is saved within seconds: a crash replays at most
+    the turns of the last couple of seconds, or 256 tokens.
     """
 
     every_tokens: int = 256
     every_seconds: float = 60.0
+    idle_seconds: float = 2.0
     background: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.every_tokens, bool) or not isinstance(self.every_tokens, int):
             raise CheckpointError(f"every_tokens must be an int, got {self.every_tokens!r}")
-        if self.every_tokens < 0 or not self.every_seconds >= 0:
-            raise CheckpointError("every_tokens and every_seconds must be >= 0")
+        if self.every_tokens < 0 or not self.every_seconds >= 0 or not self.idle_seconds >= 0:
+            raise CheckpointError("every_tokens, every_seconds and idle_seconds must be >= 0")
 
     @classmethod
     def every_turn(cls) -> CheckpointPolicy:
         """Checkpoint after every turn (the most replay-free, and the most I/O)."""
-        return cls(every_tokens=1, every_seconds=0.0)
+        return cls(every_tokens=1, every_seconds=0.0, idle_seconds=0.0)
 
     def due(self, new_tokens: int, since_s: float) -> bool:
         """Whether a checkpoint is due after ``new_tokens`` tokens and ``since_s`` seconds."""

@@ -1,21 +1,29 @@
-"""The crash-and-resume memory demo: ``python -m runtime.demo [--model PATH]``.
+"""The crash-and-resume memory demo: ``python -m runtime.demo [--model smollm2|tiny|PATH]``.
 
-1. A child process chats (user turns + generated replies). Every turn is journalled and
-   fsynced, decoded into the session's KV sequence, snapshotted, and embedded into long-term
-   memory. The parent ``kill -9``s it in the middle of a turn.
-2. The parent resumes the session: the newest valid snapshot is restored and checked against
-   the journal; it compares the restore time with a full re-prefill of the same tokens.
-3. It damages the newest snapshot on disk and resumes again: the damaged file is quarantined
-   and the KV is rebuilt from an older snapshot plus the journal.
-4. It retrieves from long-term memory and puts the hits into the prompt.
+What it shows, on SmolLM2-135M-Instruct by default (about a minute on 2 cores):
 
-Without ``--model`` a tiny random-weight model is written first; its replies are gibberish
-(the weights are random) — the demo is about memory, not prose.
+1. A child process tells the assistant one distinctive fact in each of three sessions (one
+   salient fact per session: a 135M model mixes up several facts in one conversation), then
+   is ``kill -9``'d in the middle of a generation.
+2. A new process opens the same data directory. Each session resumes from its newest valid
+   snapshot plus the journal; the demo prints where it came from and how long it took, against
+   a re-prefill of the same tokens, and asks about the fact: the model answers from its
+   restored KV cache.
+3. A session with a small context window is driven until its first turn (the fact) has left
+   the window. Asked about it, the model gets it back through long-term memory retrieval; the
+   demo prints the memories used and the answer.
+4. An idle session is suspended to disk (its KV cells freed: the cell counts before and after
+   are printed), its newest snapshot is damaged on disk, and it resumes anyway: the damaged
+   file is quarantined and an older snapshot plus the journal rebuild it.
+
+``--model tiny`` runs the same steps on a random-weight model in seconds (its replies are
+gibberish: the demo is then about the memory machinery, not the answers).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -26,255 +34,223 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 if TYPE_CHECKING:
-    from runtime.session import ResumeReport, Session, SessionPool
+    from runtime.runtime import Runtime
 
-SESSION = "alice"
-USER_TURNS = [
-    ("My dog is called Biscuit and she is afraid of thunder.", 0.9),
-    ("I moved to Lisbon in March, near the river.", 0.7),
-    ("Remind me to call the vet on Friday about Biscuit's vaccine.", 0.8),
-    ("My sister Ana visits every second Sunday.", 0.6),
-    ("I prefer tea in the morning and coffee after lunch.", 0.4),
-    ("The project deadline moved to the 14th of December.", 0.8),
+FACTS = {
+    "alice": ("My dog is called Biscuit.", "What is my dog called?", "biscuit"),
+    "bruno": ("I work as a baker.", "What is my job?", "baker"),
+    "chen": ("My sister's name is Ana.", "What is my sister's name?", "ana"),
+}
+SMALL_TALK = "Nice weather today, isn't it?"
+LONG_ASK = "Tell me a long story about a lighthouse keeper."
+WINDOW_SESSION = "dora"
+WINDOW_FACT = ("My favourite colour is teal.", "What is my favourite colour?", "teal")
+FILLER = [
+    "The train this morning was twelve minutes late.",
+    "We painted the kitchen a pale shade of green.",
+    "I read three chapters of a novel about sailors.",
+    "The neighbours are building a wooden fence.",
 ]
-KILL_AFTER = 4  # acknowledged user turns before the kill
+MARKER = ".llamaffi-demo"
 
 
 def _say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def _model_path(args: argparse.Namespace) -> Path:
-    if args.model:
-        return Path(args.model)
-    from llamaffi.testing import make_model
+def _open(directory: Path, args: argparse.Namespace, n_ctx: int = 2048) -> Runtime:
+    from runtime.runtime import Runtime
 
-    path = Path(args.dir) / "models" / f"{args.preset}-seed0.gguf"
-    if not path.exists():
-        _say(f"writing a {args.preset} random-weight model to {path} (--model for your own)")
-        make_model(path, preset=args.preset, seed=0)
-    return path
+    return Runtime.open(directory, model=args.model, n_ctx=n_ctx, max_resident=3)
 
 
-def _open(model_path: Path, n_seq_max: int = 2):  # type: ignore[no-untyped-def]
-    from llamaffi import Model
-
-    model = Model(model_path)
-    ctx = model.context(n_ctx=2048, n_batch=512, n_seq_max=n_seq_max)
-    # Warm up (first-decode graph allocation) so the timings below compare like with like.
-    ctx.decode([model.bos if model.bos >= 0 else 0], seq_id=n_seq_max - 1)
-    ctx.memory.seq_rm(n_seq_max - 1)
-    return model, ctx
-
-
-# -- phase 1: the process that dies ---------------------------------------------------------
+# -- 1: the process that dies -----------------------------------------------------------------
 
 
 def child(args: argparse.Namespace) -> int:
-    """Chat until killed; print one line per acknowledged step."""
-    from runtime.embed import Embedder
-    from runtime.memory import MemoryStore
-    from runtime.session import SessionPool, sync_longterm
-
-    run = Path(args.dir) / "run"
-    _model, ctx = _open(Path(args.model))
-    memory = MemoryStore.open(run / "longterm", Embedder.default())
-    pool = SessionPool(ctx, run, keep=3)
-    session, _ = pool.get(SESSION)
-    for i, (text, importance) in enumerate(USER_TURNS):
-        _say(f"BEGIN {i}")
-        session.append("user", text, meta={"importance": importance})
-        sync_longterm(session, memory)
-        _say(f"SAVED {i} {text}")
-        entry = session.reply(n_predict=8)
-        _say(f"REPLY {i} {entry.text!r}")
-    _say("DONE")
-    time.sleep(60)  # wait to be killed
+    """Tell each session its fact, then start a long reply and wait to be killed."""
+    with _open(Path(args.dir) / "run", args) as rt:
+        for session, (fact, _q, _k) in FACTS.items():
+            for text in (fact, SMALL_TALK):
+                reply = rt.chat(session, text, max_tokens=32)
+                # printed only once chat() returned: the turn is in the journal (fsynced)
+                print("ACK " + json.dumps([session, text, reply.text]), flush=True)
+        print("LONG", flush=True)
+        rt.chat("story", LONG_ASK, max_tokens=400, on_token=lambda _t: print("TOK", flush=True))
+        print("DONE", flush=True)
+        time.sleep(60)
     return 0
 
 
-def run_child(args: argparse.Namespace, model_path: Path) -> list[str]:
-    """Run the chatting child, kill it mid-turn; return the user turns it acknowledged."""
-    cmd = [sys.executable, "-m", "runtime.demo", "--child", "--model", str(model_path)]
-    cmd += ["--dir", str(args.dir)]
+def run_child(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Run the child; kill -9 it a few tokens into its long reply. Returns the acknowledged
+    user turns."""
+    cmd = [sys.executable, "-m", "runtime.demo", "--child", "--model", args.model]
+    cmd += ["--dir", args.dir]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    acknowledged: list[str] = []
-    killed = False
+    acked: list[tuple[str, str]] = []
+    tokens = 0
     for line in proc.stdout or ():
         kind, _, rest = line.rstrip("\n").partition(" ")
-        if kind == "SAVED":
-            acknowledged.append(rest.partition(" ")[2])
-            _say(f"  user      {acknowledged[-1]}")
-        elif kind == "REPLY":
-            _say(f"  assistant {rest.partition(' ')[2]}")
-        elif kind == "BEGIN" and len(acknowledged) == KILL_AFTER:
-            # The child is now inside a turn: journal write, decode or snapshot.
-            time.sleep(0.01)
-            proc.send_signal(signal.SIGKILL)
-            killed = True
-            break
+        if kind == "ACK":
+            session, text, reply = json.loads(rest)
+            acked.append((session, text))
+            _say(f"  [{session}] user: {text}")
+            _say(f"  [{session}] assistant: {reply}")
+        elif kind == "LONG":
+            _say(f"  [story] user: {LONG_ASK}")
+        elif kind == "TOK":
+            tokens += 1
+            if tokens == 12:  # in the middle of the generation
+                proc.send_signal(signal.SIGKILL)
+                break
     proc.wait()
-    if not killed:
-        raise SystemExit(f"the chatting process ended early (exit {proc.returncode}); see above")
-    turn = KILL_AFTER + 1
-    _say(f"  >>> kill -9 (pid {proc.pid}, exit {proc.returncode}) in the middle of turn {turn}")
-    return acknowledged
+    if tokens < 12:
+        raise SystemExit(f"the chatting process ended early (exit {proc.returncode})")
+    _say(f"  >>> kill -9 (pid {proc.pid}) after {tokens} tokens of the reply")
+    return acked
 
 
-# -- phase 2: resume -----------------------------------------------------------------------
+# -- 2: resume --------------------------------------------------------------------------------
 
 
-def _resumed(pool: SessionPool) -> tuple[Session, ResumeReport]:
-    session, report = pool.get(SESSION)
-    if report is None:  # a fresh pool always resumes; this would be a bug in the demo
-        raise SystemExit("the session was unexpectedly resident already")
-    return session, report
-
-
-def resume(model_path: Path, run: Path, acknowledged: list[str]) -> None:
-    from runtime.session import SessionPool
-
-    model, ctx = _open(model_path)
-    with SessionPool(ctx, run, keep=3) as pool:
-        session, report = _resumed(pool)
-        users = [e.text for e in session.journal if e.role == "user"]
-        intact = users[: len(acknowledged)] == acknowledged
-        _say(
-            f"  journal: {len(session.journal)} entries, {len(users)} user turns; all "
-            f"{len(acknowledged)} acknowledged before the kill are there, word for word: {intact}"
-        )
-        if not intact:
-            raise SystemExit("an acknowledged turn was lost: this is a bug, please report it")
-        _say(
-            f"  resumed from {report.source}: {report.restored_tokens} tokens restored "
-            f"+ {report.replayed_tokens} replayed in {report.seconds * 1000:.1f} ms "
-            f"({report.snapshot.name if report.snapshot else '-'})"
-        )
-        tokens = session.tokens()
-        probe = model.tokenize(" Biscuit", add_special=False)
-        ctx.memory.seq_cp(session.seq_id, 1)
-        ctx.decode(probe, seq_id=1)
-        restored_logits = ctx.logits()
-        ctx.memory.seq_rm(1)
-        start = time.perf_counter()
-        ctx.decode(tokens, seq_id=1)
-        prefill_s = time.perf_counter() - start
-        ctx.decode(probe, seq_id=1)
-        diff = float(np.max(np.abs(ctx.logits() - restored_logits)))
-        ctx.memory.seq_rm(1)
-        size = report.snapshot.stat().st_size if report.snapshot else 0
-        raw = ctx.seq_state_size(session.seq_id)
-        _say(
-            f"  a full re-prefill of the same {len(tokens)} tokens takes {prefill_s * 1000:.1f} ms "
-            f"(on the tiny model both are milliseconds; `./dev bench` measures a 22-layer model)"
-        )
-        _say(f"  max |logit diff|, batched re-prefill vs restored KV: {diff:.2e} (float rounding)")
-        _say(f"  snapshot file {size:,} bytes for {raw:,} bytes of KV state")
-    model.close()
-
-
-def damage_and_resume(model_path: Path, run: Path) -> None:
-    from runtime.session import SessionPool
-    from runtime.store import SnapshotStore
-
-    with SnapshotStore(run / "snapshots", readonly=True) as store:
-        newest = store.generations(SESSION)[0][1]
-    data = bytearray(newest.read_bytes())
-    data[len(data) // 2] ^= 0x40
-    newest.write_bytes(data)
-    _say(f"  flipped one bit in {newest.name}")
-    model, ctx = _open(model_path)
-    with SessionPool(ctx, run, keep=3) as pool:
-        _, report = _resumed(pool)
-        quarantined = sorted((newest.parent / "quarantine").glob("*.reason"))
-        _say(
-            f"  resumed from {report.source} "
-            f"{report.snapshot.name if report.snapshot else ''}: "
-            f"{report.restored_tokens} restored + {report.replayed_tokens} replayed from the "
-            f"journal in {report.seconds * 1000:.1f} ms"
-        )
-        if quarantined:
-            reason = quarantined[-1].read_text().strip().split(": ", 1)[0]
-            _say(f"  quarantined {quarantined[-1].name.removesuffix('.reason')} ({reason})")
-    model.close()
-
-
-def recall(model_path: Path, run: Path) -> None:
-    from runtime.embed import Embedder
-    from runtime.memory import MemoryStore
-    from runtime.session import SessionPool, sync_longterm
-
-    question = "What is my dog's name, and what scares her?"
-    model, ctx = _open(model_path)
-    with (
-        SessionPool(ctx, run, keep=3) as pool,
-        MemoryStore.open(run / "longterm", Embedder.default()) as memory,
-    ):
-        session, _ = pool.get(SESSION)
-        added = sync_longterm(session, memory)
-        _say(
-            f"  caught up from the journal: {added} turn(s) the crash kept out of long-term memory"
-        )
-        w = memory.weights
-        _say(
-            f"  {len(memory)} items; query {question!r}; score = {w.relevance}*similarity "
-            f"+ {w.recency}*recency + {w.importance}*importance"
-        )
-        hits = memory.search(question, k=3, session=SESSION)
-        for hit in hits:
+def resume(args: argparse.Namespace, acked: list[tuple[str, str]]) -> None:
+    """Reopen, check every acknowledged turn, time restore vs re-prefill, ask each fact."""
+    run = Path(args.dir) / "run"
+    start = time.perf_counter()
+    with _open(run, args) as rt:
+        _say(f"  runtime opened in {time.perf_counter() - start:.1f} s")
+        for session in FACTS:
+            users = [h["text"] for h in rt.history(session) if h["role"] == "user"]
+            mine = [t for s, t in acked if s == session]
+            if users[: len(mine)] != mine:
+                raise SystemExit(f"an acknowledged turn of {session} was lost: this is a bug")
+        _say(f"  journal: all {len(acked)} acknowledged turns are there, word for word")
+        for session, (_fact, question, key) in FACTS.items():
+            reply = rt.chat(session, question, max_tokens=32)
+            r = reply.resumed
+            assert r is not None
+            prefill_ms = _reprefill_ms(rt, session, r.n_tokens)
             _say(
-                f"  {hit.score:.3f}  sim {hit.similarity:.3f} rec {hit.recency:.2f} "
-                f"imp {hit.importance:.1f}  {hit.text}"
+                f"  [{session}] resumed from {r.source}: {r.restored_tokens} tokens restored + "
+                f"{r.replayed_tokens} replayed in {r.seconds * 1000:.1f} ms "
+                f"(a re-prefill of the same {r.n_tokens} tokens: {prefill_ms:.0f} ms)"
             )
-        notes = "; ".join(h.text for h in hits)
-        session.append("system", f"Relevant memories: {notes}")
-        session.append("user", question)
-        reply = session.reply(n_predict=8)
-        _say(f"  the prompt now carries the memories; assistant: {reply.text!r}")
-    model.close()
+            verdict = "recalled" if key in reply.text.lower() else "not recalled"
+            _say(f"  [{session}] user: {question}")
+            _say(f"  [{session}] assistant: {reply.text}   <- {verdict} from the restored KV")
+
+
+def _reprefill_ms(rt: Runtime, session_id: str, n_tokens: int) -> float:
+    """Time a from-scratch prefill of the session's first ``n_tokens`` tokens (scratch seq)."""
+    session = rt.pool.peek(session_id)
+    assert session is not None
+    tokens = session.tokens()[:n_tokens]
+    if not tokens:
+        return 0.0
+    with rt._lock:  # the scratch sequence is the runtime's; nothing else runs now
+        start = time.perf_counter()
+        rt.ctx.decode(tokens, seq_id=rt.scratch_seq)
+        took = (time.perf_counter() - start) * 1000
+        rt.ctx.memory.seq_rm(rt.scratch_seq)
+    return took
+
+
+# -- 3: retrieval after the window moved on ---------------------------------------------------
+
+
+def window(args: argparse.Namespace) -> None:
+    """A small window: the first turn leaves it, and comes back through retrieval."""
+    fact, question, key = WINDOW_FACT
+    n_ctx = 256
+    with _open(Path(args.dir) / "small-window", args, n_ctx=n_ctx) as rt:
+        rt.chat(WINDOW_SESSION, fact, max_tokens=24)
+        _say(f"  [{WINDOW_SESSION}] user: {fact}   (n_ctx={rt.ctx.n_ctx})")
+        first = next(h["seq"] for h in rt.history(WINDOW_SESSION) if h["role"] == "user")
+        turns = 0
+        session = rt.pool.peek(WINDOW_SESSION)
+        while session is not None and first in session.window_seqs():
+            rt.chat(WINDOW_SESSION, FILLER[turns % len(FILLER)], max_tokens=24)
+            turns += 1
+        assert session is not None
+        _say(
+            f"  {turns} more turns later the window holds {session.n_tokens} tokens and the "
+            "first turn has shifted out of it"
+        )
+        reply = rt.chat(WINDOW_SESSION, question, max_tokens=32)
+        for m in reply.memories:
+            _say(f"  retrieved (similarity {m.similarity:.2f}, score {m.score:.2f}): {m.text}")
+        verdict = "recalled" if key in reply.text.lower() else "not recalled"
+        _say(f"  [{WINDOW_SESSION}] user: {question}")
+        _say(f"  [{WINDOW_SESSION}] assistant: {reply.text}   <- {verdict} through retrieval")
+
+
+# -- 4: suspend, damage, resume ---------------------------------------------------------------
+
+
+def suspend_and_damage(args: argparse.Namespace) -> None:
+    """Suspend an idle session (cells freed), damage its newest snapshot, resume anyway."""
+    from runtime.snapshot import FILE_SUFFIX
+
+    run = Path(args.dir) / "run"
+    with _open(run, args) as rt:
+        rt.chat("bruno", "Thanks, that is all for now.", max_tokens=16)
+        before = rt.stats()["kv"]["cells_used"]
+        rt.suspend("bruno")
+        after = rt.stats()["kv"]["cells_used"]
+        _say(f"  suspended idle session bruno: KV cells in use {before} -> {after}")
+        snaps = sorted((run / "snapshots" / "bruno").glob("*" + FILE_SUFFIX))
+        newest = snaps[-1]
+        data = bytearray(newest.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        newest.write_bytes(data)
+        _say(f"  flipped one bit in its newest snapshot {newest.name} ({len(snaps)} on disk)")
+        reply = rt.chat("bruno", "Are you still there?", max_tokens=16)
+        r = reply.resumed
+        assert r is not None
+        _say(
+            f"  resumed from {r.source} {r.snapshot.name if r.snapshot else ''}: "
+            f"{r.restored_tokens} restored + {r.replayed_tokens} replayed in "
+            f"{r.seconds * 1000:.1f} ms"
+        )
+        for why in r.skipped:
+            _say(f"  skipped and quarantined: {why}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the demo."""
     parser = argparse.ArgumentParser(prog="python -m runtime.demo", description=__doc__)
-    parser.add_argument("--model", help="your own GGUF (default: a tiny random-weight model)")
     parser.add_argument(
-        "--dir", default="demo-data", help="working directory (default: %(default)s)"
+        "--model", default="smollm2", help="smollm2 (default), tiny, or a path to a GGUF"
     )
     parser.add_argument(
-        "--preset",
-        default="tiny",
-        choices=["tiny", "tinyllama-geometry"],
-        help="generated model without --model (tinyllama-geometry: 2.2 GB, slow prefill)",
+        "--dir", default="demo-data", help="working directory (default: %(default)s)"
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="  [log] %(name)s: %(message)s")
     if args.child:
         return child(args)
-
-    model_path = _model_path(args)
-    run = Path(args.dir) / "run"
-    marker = run / ".llamaffi-demo"
-    if run.exists() and not marker.exists():
-        raise SystemExit(f"{run} exists and was not made by this demo; choose another --dir")
-    shutil.rmtree(run, ignore_errors=True)  # the previous demo run only (it has the marker)
-    os.makedirs(run, exist_ok=True)
+    root = Path(args.dir)
+    marker = root / MARKER
+    if root.exists() and any(root.iterdir()) and not marker.exists():
+        raise SystemExit(f"{root} exists and was not made by this demo; choose another --dir")
+    shutil.rmtree(root, ignore_errors=True)  # the previous demo run only (it has the marker)
+    os.makedirs(root, exist_ok=True)
     marker.touch()
-    _say(f"model: {model_path}\n\n1. chatting in a child process, then kill -9")
-    acknowledged = run_child(args, model_path)
-    _say("\n2. a new process resumes the session")
-    resume(model_path, run, acknowledged)
-    _say("\n3. damage the newest snapshot, resume again")
-    damage_and_resume(model_path, run)
-    _say("\n4. long-term memory: retrieve and put into the prompt")
-    recall(model_path, run)
+    start = time.perf_counter()
+    _say(f"model: {args.model}\n\n1. three sessions, one fact each, in a child process; kill -9")
+    acked = run_child(args)
+    _say("\n2. a new process resumes every session and asks about its fact")
+    resume(args, acked)
+    _say("\n3. a small window: the fact leaves the KV, retrieval brings it back")
+    window(args)
+    _say("\n4. an idle session is suspended to disk; a damaged snapshot is skipped")
+    suspend_and_damage(args)
     _say(
-        f"\nall data is in {run}/ (journals/, snapshots/, longterm/); "
-        "`python -m runtime snapshot verify` checks the snapshots"
+        f"\ndone in {time.perf_counter() - start:.0f} s; the data is in {root}/ "
+        "(journals/, snapshots/, longterm/ per runtime directory)"
     )
     return 0
 

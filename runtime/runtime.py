@@ -400,11 +400,35 @@ class Runtime:
             self._turns = 0
             self._opened = time.time()
             self._last_stats_write = 0.0
+            self._sweeper: threading.Thread | None = None
+            if self.policy.idle_seconds > 0:
+                self._sweeper = threading.Thread(
+                    target=self._sweep, name="runtime-idle-checkpoints", daemon=True
+                )
         except BaseException:
             self._stack.close()
             raise
         self._closed = False
         self._write_stats()
+        if self._sweeper is not None:
+            self._sweeper.start()
+
+    def _sweep(self) -> None:
+        """Checkpoint sessions that went idle with unsaved tokens (the idle sweeper thread).
+
+        It takes the runtime lock like any call (so it never runs inside a turn) and does only
+        the state copy; the write goes to the background writer.
+        """
+        idle = self.policy.idle_seconds
+        period = min(1.0, idle / 2)
+        while True:
+            time.sleep(period)
+            with self._lock:
+                if self._closed:
+                    return
+                for session in self.pool.resident():
+                    session.checkpoint_if_idle(idle)
+                self._write_stats()
 
     def _open_memory(self, embedder: TextEmbedder | bool | None) -> None:
         from runtime.memory import MemoryStore
@@ -538,6 +562,8 @@ class Runtime:
         self._require_open()
         with self._lock:
             self.pool.suspend(validate_session_id(session_id))
+        if self._writer is not None:
+            self._writer.flush(session_id)  # "suspended" means on disk
 
     def checkpoint(self, session_id: str | None = None) -> list[Path]:
         """Checkpoint one resident session (or all) now and wait for the files."""

@@ -215,6 +215,9 @@ class Session:
         self._since_snapshot = 0
         self._new_tokens = 0  # tokens added since the last checkpoint
         self._last_checkpoint = time.monotonic()
+        #: monotonic time of the last turn (for the idle sweeper)
+        self.last_active = time.monotonic()
+        self._shift_pending = False  # a window shift not yet applied by a decode
         self._last_snapshot_id = ""
         #: Snapshots that could not be written (the turn itself was safe in the journal).
         self.snapshot_failures = 0
@@ -279,6 +282,9 @@ class Session:
             self._drop_kv()
             raise SessionError(f"llama.cpp could not remove positions [{a}, {b})")
         memory.seq_add(self.seq_id, b, -1, -(b - a))
+        # llama.cpp rotates the shifted keys only at the next llama_decode: a state copied
+        # before that holds unrotated K and would restore wrong, so no checkpoint until then.
+        self._shift_pending = True
 
     # -- resume -------------------------------------------------------------------------------
 
@@ -435,6 +441,7 @@ class Session:
 
     def _decode(self, tokens: Sequence[int], pos: int | None = None) -> None:
         self.ctx.decode(tokens, seq_id=self.seq_id, pos=pos)
+        self._shift_pending = False
 
     def append(self, role: str, text: str, *, meta: dict[str, object] | None = None) -> Entry:
         """Journal one turn (durable on return), then decode it into the KV sequence."""
@@ -657,12 +664,23 @@ class Session:
     def _after_turn(self, n_tokens: int = 0) -> None:
         self._since_snapshot += 1
         self._new_tokens += n_tokens
+        self.last_active = time.monotonic()
         if self.policy is not None:
             due = self.policy.due(self._new_tokens, time.monotonic() - self._last_checkpoint)
         else:
             due = bool(self.snapshot_every and self._since_snapshot >= self.snapshot_every)
         if due:
             self._try_checkpoint()
+
+    def checkpoint_if_idle(self, idle_seconds: float) -> bool:
+        """Checkpoint (never failing) if tokens are unsaved and the session has been idle for
+        ``idle_seconds``; True if one was taken."""
+        if not self._resident or self.journal.closed or not self._since_snapshot:
+            return False
+        if time.monotonic() - self.last_active < idle_seconds:
+            return False
+        self._try_checkpoint()
+        return True
 
     @property
     def pending_tokens(self) -> int:
@@ -674,6 +692,9 @@ class Session:
 
         With a background writer only the state copy happens here; the rest is queued.
         """
+        if self._shift_pending:
+            logger.debug("session %s: shift not applied yet; checkpoint deferred", self.session_id)
+            return
         try:
             if self._writer is not None and not self._writer.closed:
                 self._writer.submit(self.session_id, self._capture_job())
@@ -694,6 +715,11 @@ class Session:
         """Copy the sequence's state out now (caller thread); return the job that encodes and
         writes it (any thread: it never touches the context)."""
         self._require_resident()
+        if self._shift_pending:
+            raise SessionError(
+                f"session {self.session_id!r}: a window shift is not applied until the next "
+                "decode; checkpoint after it"
+            )
         ctx, seq_id = self.ctx, self.seq_id
         last = self.journal[-1].seq if len(self.journal) else -1
         identity = snapshot_mod.CacheIdentity.from_context(ctx)
@@ -731,6 +757,11 @@ class Session:
         this waits for it.
         """
         self._require_resident()
+        if self._shift_pending:
+            raise SessionError(
+                f"session {self.session_id!r}: a window shift is not applied until the next "
+                "decode; checkpoint after it"
+            )
         if self._writer is not None and not self._writer.closed:
             job = self._capture_job()
             self._writer.discard(self.session_id)
