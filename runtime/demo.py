@@ -215,7 +215,11 @@ def suspend_and_damage(args: argparse.Namespace) -> None:
             f"{r.seconds * 1000:.1f} ms"
         )
         for why in r.skipped:
-            _say(f"  skipped and quarantined: {why}")
+            _say(f"  skipped: {why}")
+        quarantine = run / "snapshots" / "bruno" / "quarantine"
+        for reason in sorted(quarantine.glob("*.reason")):
+            text = reason.read_text().strip().split(": ", 1)[-1]
+            _say(f"  quarantined {reason.name.removesuffix('.reason')}: {text[:100]}")
 
 
 def main(argv: list[str] | None = None) -> int:
