@@ -176,9 +176,11 @@ class Reply:
         text: the reply, without template markers.
         finish_reason: ``"stop"`` (end of turn or a stop string), ``"length"`` (``max_tokens``)
             or ``"cancelled"``.
-        prompt_tokens: tokens decoded for this turn's prompt (the new part only).
+        prompt_tokens: tokens decoded for this turn's prompt (the new part only, with the
+            system prompt on a session's first turn).
         cached_tokens: tokens of the conversation reused from the KV cache (not re-prefilled).
-        completion_tokens: tokens of the reply (as decoded, including the end-of-turn marker).
+        completion_tokens: tokens generated for the reply (the template's end-of-turn marker,
+            decoded after it, is not counted).
         timings: milliseconds: ``resume``, ``retrieval``, ``render``, ``journal``,
             ``prefill``, ``generation``, ``memory_write``, ``checkpoint`` and ``total``.
         memories: the long-term memories put into the prompt.
@@ -670,9 +672,11 @@ class Runtime:
         content = _with_memories(text, memories)
         if session.first_turn and self.system_prompt and not self.format.supports_system:
             content = f"{self.system_prompt}\n\n{content}"  # e.g. Gemma: no system role
-        self._start_session(session)
+        n_before = session.n_tokens  # what the KV already held: reused, never re-prefilled
+        system_tokens = self._start_session(session)
         user = Message("user", content)
-        tokens, cached = self._render_user(session, user, params.max_tokens)
+        tokens, keep = self._render_user(session, user, params.max_tokens)
+        cached = min(keep, n_before)
         t3 = time.perf_counter()
         timings["render"] = (t3 - t2) * 1000
 
@@ -713,9 +717,9 @@ class Runtime:
             session_id=session_id,
             text=reply_entry.text,
             finish_reason=finish,
-            prompt_tokens=len(tokens),
+            prompt_tokens=len(tokens) + system_tokens,
             cached_tokens=cached,
-            completion_tokens=len(reply_entry.tokens),
+            completion_tokens=int(reply_entry.meta.get("generated", len(reply_entry.tokens))),
             timings=timings,
             memories=memories,
             resumed=report,
@@ -725,17 +729,18 @@ class Runtime:
         self._write_stats()
         return reply
 
-    def _start_session(self, session: Session) -> None:
-        """Journal the system prompt as the first turn of a new session."""
+    def _start_session(self, session: Session) -> int:
+        """Journal the system prompt as the first turn of a new session; its token count."""
         if not session.first_turn or not self.system_prompt or not self.format.supports_system:
-            return
+            return 0
         system = Message("system", self.system_prompt)
         text = self.format.render([system], False)
         tokens = self.format.tokenize(self.model, text, first=True)
         if not tokens:
-            return
+            return 0
         session.reserve(len(tokens))
         session.append_tokens("system", self.system_prompt, tokens, checkpoint=False)
+        return len(tokens)
 
     def _render_user(
         self, session: Session, user: Message, max_tokens: int

@@ -645,6 +645,7 @@ class Session:
             tokens = decoded + tail
             entry_meta = dict(meta or {})
             entry_meta["finish"] = finish
+            entry_meta["generated"] = len(decoded)
             entry = self.journal.append("assistant", reply, tokens, entry_meta)
             self._window.apply(entry)
         except BaseException:
