@@ -101,3 +101,46 @@ def prefilled(bench_model: Any, bench_config: BenchConfig) -> Iterator[Prefilled
     ) as ctx:
         ctx.decode(tokens, seq_id=0, logits="none")
         yield Prefilled(ctx, tokens)
+
+
+# -- the runtime and server benchmarks -------------------------------------------------------
+
+#: Models of ``test_bench_runtime`` and ``test_bench_server``: ``BENCH_MODEL`` is a
+#: comma-separated list of :func:`runtime.models.resolve_model` names (``tiny``, ``smollm2``)
+#: or GGUF paths. Default ``tiny`` (the fast mode); ``tiny,smollm2`` with ``BENCH_FULL=1``.
+RUNTIME_MODELS = tuple(
+    name.strip()
+    for name in os.environ.get("BENCH_MODEL", "tiny,smollm2" if FULL else "tiny").split(",")
+    if name.strip()
+)
+
+
+def require_model(name: str) -> str:
+    """``name`` if :func:`runtime.models.resolve_model` finds it; otherwise skip the test."""
+    from runtime.errors import ModelNotFoundError
+    from runtime.models import resolve_model
+
+    try:
+        resolve_model(name)
+    except ModelNotFoundError as exc:
+        pytest.skip(f"model {name!r} is not available: {exc}")
+    return name
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``, linear between the closest ranks."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    pos = (len(ordered) - 1) * q / 100.0
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+@pytest.fixture(scope="session")
+def bench_embedder() -> Any:
+    """all-MiniLM-L6-v2 (onnxruntime), loaded once for every runtime that uses long-term memory."""
+    from runtime.embed import Embedder
+
+    return Embedder.default()
