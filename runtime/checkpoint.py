@@ -78,6 +78,16 @@ class CheckpointPolicy:
 Job = Callable[[], Any]
 
 
+def _cancel(job: Job) -> None:
+    """Tell a job that will never run (replaced, discarded) to release what it holds."""
+    cancel = getattr(job, "cancel", None)
+    if cancel is not None:
+        try:
+            cancel()
+        except Exception:  # releasing a pin must not fail the caller
+            logger.exception("cancelling a checkpoint job failed")
+
+
 @dataclass
 class WriterStats:
     """What the writer did since it started."""
@@ -96,7 +106,8 @@ class CheckpointWriter:
     """One background thread that runs checkpoint jobs, newest per session only.
 
     A job is a callable that encodes and writes one checkpoint (it must not touch a llama.cpp
-    context). :meth:`submit` never blocks on I/O.
+    context); it may have a ``cancel()`` method, called when it is replaced or discarded
+    without running. :meth:`submit` never blocks on I/O.
     """
 
     def __init__(self, *, name: str = "runtime-checkpoint-writer") -> None:
@@ -113,9 +124,10 @@ class CheckpointWriter:
         with self._cond:
             if self._closed:
                 raise CheckpointError("the checkpoint writer is closed")
-            if key in self._pending:
+            old = self._pending.pop(key, None)
+            if old is not None:
                 self.stats.replaced += 1
-                del self._pending[key]
+                _cancel(old)
             self._pending[key] = job
             self.stats.pending = len(self._pending)
             self._cond.notify_all()
@@ -123,9 +135,11 @@ class CheckpointWriter:
     def discard(self, key: str) -> bool:
         """Drop ``key``'s pending job (if it has not started); True if one was dropped."""
         with self._cond:
-            dropped = self._pending.pop(key, None) is not None
+            job = self._pending.pop(key, None)
             self.stats.pending = len(self._pending)
-            return dropped
+        if job is not None:
+            _cancel(job)
+        return job is not None
 
     def busy(self, key: str) -> bool:
         """Whether ``key`` has a job pending or running."""
@@ -187,6 +201,8 @@ class CheckpointWriter:
             if self._closed:
                 return
             if not flush:
+                for job in self._pending.values():
+                    _cancel(job)
                 self._pending.clear()
             self._closed = True
             self._cond.notify_all()

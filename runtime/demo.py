@@ -191,8 +191,6 @@ def window(args: argparse.Namespace) -> None:
 
 def suspend_and_damage(args: argparse.Namespace) -> None:
     """Suspend an idle session (cells freed), damage its newest snapshot, resume anyway."""
-    from runtime.snapshot import FILE_SUFFIX
-
     run = Path(args.dir) / "run"
     with _open(run, args) as rt:
         rt.chat("bruno", "Thanks, that is all for now.", max_tokens=16)
@@ -200,12 +198,19 @@ def suspend_and_damage(args: argparse.Namespace) -> None:
         rt.suspend("bruno")
         after = rt.stats()["kv"]["cells_used"]
         _say(f"  suspended idle session bruno: KV cells in use {before} -> {after}")
-        snaps = sorted((run / "snapshots" / "bruno").glob("*" + FILE_SUFFIX))
-        newest = snaps[-1]
-        data = bytearray(newest.read_bytes())
+        chunks = rt.chunks
+        assert chunks is not None
+        manifests = chunks.manifests("bruno")
+        newest = manifests[0]
+        target = newest.tail or newest.chunks[-1]
+        path = chunks.chunk_path(target.key)
+        data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0x40
-        newest.write_bytes(data)
-        _say(f"  flipped one bit in its newest snapshot {newest.name} ({len(snaps)} on disk)")
+        path.write_bytes(data)
+        _say(
+            f"  its newest checkpoint (manifest {newest.generation}, {len(newest.refs)} chunks; "
+            f"{len(manifests)} checkpoints kept): flipped one bit in chunk {target.key[:12]}"
+        )
         reply = rt.chat("bruno", "Are you still there?", max_tokens=16)
         r = reply.resumed
         assert r is not None
@@ -216,10 +221,10 @@ def suspend_and_damage(args: argparse.Namespace) -> None:
         )
         for why in r.skipped:
             _say(f"  skipped: {why}")
-        quarantine = run / "snapshots" / "bruno" / "quarantine"
+        quarantine = run / "kv" / "quarantine"
         for reason in sorted(quarantine.glob("*.reason")):
             text = reason.read_text().strip().split(": ", 1)[-1]
-            _say(f"  quarantined {reason.name.removesuffix('.reason')}: {text[:100]}")
+            _say(f"  quarantined {reason.name.removesuffix('.reason')[:12]}: {text[:100]}")
 
 
 def main(argv: list[str] | None = None) -> int:

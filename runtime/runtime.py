@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
+from runtime.chunks import ChunkStore
 from runtime.errors import MemoryRuntimeError
 from runtime.fsutil import (
     DirLock,
@@ -72,6 +73,7 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = "runtime.lock"
 STATS_FILE = "stats.json"
 SNAPSHOT_DIR = "snapshots"
+CHUNK_DIR = "kv"
 LONGTERM_DIR = "longterm"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant with a long memory. Answer briefly."
 #: How retrieved memories are put before the user's text: ``Context: <items>\nQuestion: <text>``.
@@ -275,6 +277,8 @@ class Runtime:
         min_similarity: float = MIN_SIMILARITY,
         dedup_similarity: float = DEDUP_SIMILARITY,
         keep_snapshots: int = 2,
+        chunked: bool = True,
+        chunk_tokens: int = 256,
         journal_fsync: bool = True,
         progress: Callable[[str], None] | None = None,
     ) -> Runtime:
@@ -299,7 +303,13 @@ class Runtime:
             memory_k: long-term memories put into a prompt at most.
             min_similarity: memories less similar than this to the user's text are left out.
             dedup_similarity: a new turn this similar to a stored one refreshes it instead.
-            keep_snapshots: snapshot generations kept per session.
+            keep_snapshots: checkpoint generations kept per session (2: a damaged newest one
+                falls back to the previous one).
+            chunked: incremental checkpoints (``kv/``): the KV is stored as content-addressed
+                chunks of ``chunk_tokens`` positions plus a manifest per checkpoint, so a
+                checkpoint writes only the chunks added since the last one and equal prefixes
+                are stored once. ``False``: whole-sequence snapshots (``snapshots/``).
+            chunk_tokens: positions per chunk.
             journal_fsync: fsync every journal append (leave on outside tests).
             progress: called with a line for each long step (model load, replay, index).
 
@@ -324,6 +334,8 @@ class Runtime:
             min_similarity=min_similarity,
             dedup_similarity=dedup_similarity,
             keep_snapshots=keep_snapshots,
+            chunked=chunked,
+            chunk_tokens=chunk_tokens,
             journal_fsync=journal_fsync,
             progress=progress,
         )
@@ -378,6 +390,16 @@ class Runtime:
             self._writer = CheckpointWriter() if self.policy.background else None
             if self._writer is not None:
                 self._stack.callback(self._writer.close)
+            self.chunks: ChunkStore | None = None
+            if kw["chunked"]:
+                _int_field("chunk_tokens", kw["chunk_tokens"], 16, 1 << 16)
+                # the runtime's lock covers the whole directory
+                self.chunks = ChunkStore(
+                    self.root / CHUNK_DIR,
+                    chunk_tokens=kw["chunk_tokens"],
+                    keep=kw["keep_snapshots"],
+                    lock=False,
+                )
             self.pool = SessionPool(
                 self.ctx,
                 self.root,
@@ -386,6 +408,8 @@ class Runtime:
                 policy=self.policy,
                 writer=self._writer,
                 journal_fsync=kw["journal_fsync"],
+                chunks=self.chunks,
+                scratch_seq=self.scratch_seq,
             )
             self._stack.callback(self.pool.close)
             self.memory: MemoryStore | None = None
@@ -567,8 +591,9 @@ class Runtime:
         if self._writer is not None:
             self._writer.flush(session_id)  # "suspended" means on disk
 
-    def checkpoint(self, session_id: str | None = None) -> list[Path]:
-        """Checkpoint one resident session (or all) now and wait for the files."""
+    def checkpoint(self, session_id: str | None = None) -> int:
+        """Checkpoint one resident session (or all) now and wait for the files; returns how
+        many sessions were checkpointed (a suspended session is on disk already)."""
         self._require_open()
         with self._lock:
             targets = (
@@ -576,8 +601,8 @@ class Runtime:
                 if session_id is None
                 else [s for s in [self.pool.peek(validate_session_id(session_id))] if s]
             )
-            paths = [s.checkpoint() for s in targets if s.resident and s.n_tokens]
-        return paths
+            done = [s.checkpoint() for s in targets if s.resident and s.n_tokens]
+        return len(done)
 
     def delete_session(self, session_id: str, *, memories: bool = True) -> None:
         """Forget a session: KV, journal, snapshots and (by default) its long-term memories."""
@@ -962,7 +987,8 @@ class Runtime:
             },
             "kv": {"cells_used": self.pool.used_cells(), "n_ctx": self.ctx.n_ctx},
             "snapshots": {
-                "bytes": _du(self.root / SNAPSHOT_DIR),
+                "bytes": _du(self.root / SNAPSHOT_DIR) + _du(self.root / CHUNK_DIR),
+                "chunks": self.chunks.stats() if self.chunks is not None else None,
                 "written": writer.written if writer else None,
                 "failed": writer.failed if writer else None,
                 "replaced": writer.replaced if writer else None,
@@ -1066,7 +1092,9 @@ def read_stats(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     journals = root / JOURNAL_DIR
     known = sorted(p.stem for p in journals.glob("*.log")) if journals.is_dir() else []
     published.setdefault("sessions", {})["known"] = len(known)
-    published.setdefault("snapshots", {})["bytes"] = _du(root / SNAPSHOT_DIR)
+    published.setdefault("snapshots", {})["bytes"] = _du(root / SNAPSHOT_DIR) + _du(
+        root / CHUNK_DIR
+    )
     published.setdefault("journal", {})["bytes"] = _du(journals)
     published["running"] = _lock_holder(root) is not None
     published["data_dir"] = str(root.resolve())

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Literal
 
 from runtime import snapshot as snapshot_mod
 from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
+from runtime.chunks import ChunkError, ChunkStore, Lineage, PendingCheckpoint, shift_lineage
 from runtime.errors import MemoryRuntimeError
 from runtime.fsutil import atomic_write_bytes
 from runtime.journal import Entry, Journal
@@ -74,6 +75,8 @@ class _Window:
     def __init__(self) -> None:
         self.tokens: list[int] = []
         self.spans: list[_Span] = []
+        #: the window shifts so far, as chunk keys need them (runtime.chunks.shift_lineage)
+        self.lineage: Lineage = ()
 
     def apply(self, entry: Entry) -> None:
         """Advance the window by one journal entry."""
@@ -92,6 +95,7 @@ class _Window:
         A span cut by ``a`` keeps its head (a re-render that rewrote the tail of the window);
         spans wholly inside [a, b) go.
         """
+        self.lineage = shift_lineage(self.lineage, a, self.tokens[a:b])
         del self.tokens[a:b]
         kept = []
         for span in self.spans:
@@ -169,6 +173,10 @@ class Session:
             turn count ``snapshot_every``.
         writer: the background writer that encodes and writes checkpoints (only the state copy
             stays on the calling thread); ``None`` writes inline.
+        chunks: checkpoint into this chunk store (only the chunks not stored yet are copied and
+            written: a checkpoint costs what was added) instead of whole-sequence snapshots in
+            ``store``; resume reads its manifests first, then ``store``'s snapshots.
+        scratch_seq: the empty sequence the chunk store copies ranges through.
         window: what to do when a turn does not fit ``n_ctx``: ``"shift"`` (default) drops
             the oldest whole turns after the first one (kept: it is usually the system prompt)
             from the KV sequence, shifting the rest down (llama.cpp's context shift); the drop
@@ -193,11 +201,17 @@ class Session:
         window: Literal["shift", "refuse"] = "shift",
         policy: CheckpointPolicy | None = None,
         writer: CheckpointWriter | None = None,
+        chunks: ChunkStore | None = None,
+        scratch_seq: int = -1,
     ) -> None:
         if window not in ("shift", "refuse"):
             raise ValueError(f"window must be 'shift' or 'refuse', not {window!r}")
+        if chunks is not None and not 0 <= scratch_seq < ctx.n_seq_max:
+            raise ValueError("chunked checkpoints need a scratch sequence of the context")
         self.policy = policy
         self._writer = writer
+        self._chunks = chunks
+        self._scratch = scratch_seq
         self.ctx = ctx
         self.window = window
         self.seq_id = seq_id
@@ -372,7 +386,11 @@ class Session:
     def _restore_best(
         self, skipped: list[str], allow_build_mismatch: bool
     ) -> tuple[int, int, Path | None]:
-        """Restore the newest usable snapshot; return (its journal entry, tokens, file)."""
+        """Restore the newest usable checkpoint; return (its journal entry, tokens, file)."""
+        if self._chunks is not None:
+            found = self._restore_chunks(skipped, allow_build_mismatch)
+            if found is not None:
+                return found
         # Each failed candidate is quarantined, so latest_valid moves on to an older one;
         # the number of files bounds the attempts.
         for _attempt in range(len(self.store.generations(self.session_id))):
@@ -411,6 +429,47 @@ class Session:
         # resume() emptied the sequence, and a failed restore clears it again
         self._room_for_replay(-1, 0)
         return -1, 0, None
+
+    def _restore_chunks(
+        self, skipped: list[str], allow_build_mismatch: bool
+    ) -> tuple[int, int, Path | None] | None:
+        """Restore the newest chunked manifest that matches the journal and restores."""
+        assert self._chunks is not None
+        for man in self._chunks.manifests(self.session_id):
+            name = f"manifest {man.generation}"
+            tokens = list(man.tokens)
+            after = self._entry_of(tokens, man.journal_seq)
+            if after is None or man.lineage != self._lineage_after(after):
+                skipped.append(
+                    f"{name}: its tokens are not the window after journal entry {man.journal_seq}"
+                )
+                continue
+            self._room_for_replay(after, len(tokens))
+            try:
+                self._chunks.restore(
+                    self.ctx,
+                    man,
+                    self.seq_id,
+                    scratch_seq=self._scratch,
+                    allow_build_mismatch=allow_build_mismatch,
+                )
+            except ChunkError as exc:  # missing or damaged chunk (quarantined): an older one
+                skipped.append(f"{name}: {exc}")
+                continue
+            except (snapshot_mod.IncompatibleSnapshot, snapshot_mod.RestoreError) as exc:
+                skipped.append(f"{name}: {exc}")
+                return None
+            self._last_snapshot_id = f"{SNAPSHOT_ID_PREFIX}{man.journal_seq}"
+            return after, len(tokens), self._chunks.manifest_dir / self.session_id
+        return None
+
+    def _lineage_after(self, seq: int) -> Lineage:
+        window = _Window()
+        for entry in self.journal:
+            if entry.seq > seq:
+                break
+            window.apply(entry)
+        return window.lineage
 
     def _room_for_replay(self, after: int, start_len: int) -> None:
         """Ask the pool for the most cells the replay after entry ``after`` will hold.
@@ -712,7 +771,7 @@ class Session:
 
     # -- snapshots and residency ---------------------------------------------------------------
 
-    def _capture_job(self) -> Callable[[], Path]:
+    def _capture_job(self) -> Callable[[], object]:
         """Copy the sequence's state out now (caller thread); return the job that encodes and
         writes it (any thread: it never touches the context)."""
         self._require_resident()
@@ -723,6 +782,18 @@ class Session:
             )
         ctx, seq_id = self.ctx, self.seq_id
         last = self.journal[-1].seq if len(self.journal) else -1
+        if self._chunks is not None:
+            pending = self._chunks.plan_capture(
+                ctx,
+                seq_id,
+                self._window.tokens,
+                scratch_seq=self._scratch,
+                session_id=self.session_id,
+                journal_seq=last,
+                lineage=self._window.lineage,
+            )
+            self._last_snapshot_id = f"{SNAPSHOT_ID_PREFIX}{last}"
+            return _ChunkJob(self._chunks, pending)
         identity = snapshot_mod.CacheIdentity.from_context(ctx)
         pos_min, pos_max = ctx.memory.pos_min(seq_id), ctx.memory.pos_max(seq_id)
         if pos_min < 0 or pos_max < 0:
@@ -751,7 +822,7 @@ class Session:
 
         return job
 
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> object:
         """Capture the KV sequence into the store now and wait for it; returns the file.
 
         With a background writer the write still happens there (one writer per store), and
@@ -768,6 +839,12 @@ class Session:
             self._writer.discard(self.session_id)
             self._writer.flush(self.session_id)
             path = job()
+            self._since_snapshot = 0
+            self._new_tokens = 0
+            self._last_checkpoint = time.monotonic()
+            return path
+        if self._chunks is not None:
+            path = self._capture_job()()
             self._since_snapshot = 0
             self._new_tokens = 0
             self._last_checkpoint = time.monotonic()
@@ -816,6 +893,20 @@ class Session:
             self.journal.close()
 
 
+class _ChunkJob:
+    """A planned chunked checkpoint: run it to commit, cancel it to release its pins."""
+
+    def __init__(self, store: ChunkStore, pending: PendingCheckpoint) -> None:
+        self.store = store
+        self.pending = pending
+
+    def __call__(self) -> object:
+        return self.store.commit(self.pending)
+
+    def cancel(self) -> None:
+        self.store.discard(self.pending)
+
+
 class SessionPool:
     """Resident sessions over one context; the least recently used ones are suspended.
 
@@ -844,8 +935,12 @@ class SessionPool:
         policy: CheckpointPolicy | None = None,
         writer: CheckpointWriter | None = None,
         journal_fsync: bool = True,
+        chunks: ChunkStore | None = None,
+        scratch_seq: int = -1,
     ) -> None:
         self.ctx = ctx
+        self.chunks = chunks
+        self.scratch_seq = scratch_seq
         self.root = Path(root)
         self.snapshot_every = snapshot_every
         self.window = window
@@ -892,6 +987,8 @@ class SessionPool:
             window=self.window,
             policy=self.policy,
             writer=self.writer,
+            chunks=self.chunks,
+            scratch_seq=self.scratch_seq,
         )
         try:
             if session.n_tokens > self.ctx.n_ctx:
@@ -982,6 +1079,8 @@ class SessionPool:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         self.store.delete_session(session_id)
+        if self.chunks is not None:
+            self.chunks.delete_session(session_id)
 
     def close(self) -> None:
         """Suspend every session, close journals, release the store lock."""
@@ -996,6 +1095,8 @@ class SessionPool:
                 self.writer.flush()  # the final checkpoints, before the store lock goes
         finally:
             self.store.close()
+            if self.chunks is not None:
+                self.chunks.close()
 
     def __enter__(self) -> SessionPool:
         return self

@@ -519,14 +519,15 @@ async def _delete_session(request: Request, state: ServerState) -> Response:
 async def _checkpoint(request: Request, state: ServerState) -> Response:
     sid, rt = _sid(request), state.rt
 
-    def checkpoint() -> list[str]:
+    def checkpoint() -> int:
         with rt._lock:
             if not rt.session_info(sid)["exists"]:
                 raise not_found(f"session {sid}")
-            return [p.name for p in rt.checkpoint(sid)]
+            return rt.checkpoint(sid)
 
-    files = await state.run(sid, checkpoint)
-    return JSONResponse({"id": sid, "object": "session.checkpoint", "files": files})
+    written = await state.run(sid, checkpoint)
+    # 0: the session is not resident (suspended sessions are on disk already)
+    return JSONResponse({"id": sid, "object": "session.checkpoint", "checkpointed": written})
 
 
 async def _health(request: Request, state: ServerState) -> Response:
