@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 from runtime.embed import Embedder
@@ -58,6 +59,15 @@ def _text(value: str) -> str:
     return value
 
 
+def _store_dir(directory: str) -> Path:
+    """The store directory itself, or the ``longterm/`` store inside a runtime data directory."""
+    path = Path(directory)
+    inner = path / "longterm"
+    if not (path / "memory.sqlite3").exists() and inner.is_dir():
+        return inner
+    return path
+
+
 def _embedder(args: argparse.Namespace) -> Embedder:
     if args.model_dir:
         return Embedder.from_dir(args.model_dir, threads=args.threads)
@@ -77,7 +87,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             return 2
     else:
         texts = [args.text]
-    with MemoryStore.open(args.dir, _embedder(args)) as store:
+    with MemoryStore.open(_store_dir(args.dir), _embedder(args)) as store:
         ids = store.add_many(
             texts, kind=args.kind, session=args.session, importance=args.importance, meta=args.meta
         )
@@ -88,26 +98,27 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Print the best memories for a query (tab-separated, or JSON with ``--json``)."""
-    with MemoryStore.open(args.dir, _embedder(args), read_only=True) as store:
+    with MemoryStore.open(_store_dir(args.dir), _embedder(args), read_only=True) as store:
         hits = store.search(args.query, args.k, session=args.session, kinds=args.kind)
     if args.json:
         _print_json([h.__dict__ for h in hits])
     else:
         for h in hits:
-            print(f"{h.score:.4f}\t{h.similarity:.4f}\t{h.kind}\t{h.id}\t{h.text}")
+            session = h.session if h.session is not None else "-"
+            print(f"{h.score:.4f}\t{h.similarity:.4f}\t{session}\t{h.kind}\t{h.id}\t{h.text}")
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """Print the store's counts and settings as JSON."""
-    with MemoryStore.open(args.dir, _embedder(args), read_only=True) as store:
+    with MemoryStore.open(_store_dir(args.dir), _embedder(args), read_only=True) as store:
         _print_json(store.stats())
     return 0
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     """Rebuild the index from SQLite and save it."""
-    with MemoryStore.open(args.dir, _embedder(args)) as store:
+    with MemoryStore.open(_store_dir(args.dir), _embedder(args)) as store:
         count = store.rebuild()
     print(f"rebuilt the index: {count} items")
     return 0
@@ -119,7 +130,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     def command(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--dir", required=True, help="the store directory")
+        p.add_argument(
+            "--dir", required=True, help="the store directory, or a runtime data directory"
+        )
         p.add_argument(
             "--model-dir",
             help="a Hugging Face ONNX export directory (default: bundled all-MiniLM-L6-v2)",

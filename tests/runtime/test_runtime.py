@@ -224,3 +224,15 @@ def test_stats_cli_reads_a_running_runtime(rt: Runtime) -> None:
     assert stats["sessions"]["known"] == 1
     assert stats["journal"]["bytes"] > 0
     assert read_stats(rt.root)["model"]["name"] == "tiny"
+
+
+def test_memory_search_cli_accepts_a_runtime_dir(rt: Runtime) -> None:
+    rt.chat("kim", "My bicycle is painted orange.", **GREEDY)
+    out = subprocess.run(
+        [sys.executable, "-m", "runtime", "memory", "search", "--dir", str(rt.root), "bicycle"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    first = out.splitlines()[0].split("\t")
+    assert first[2] == "kim" and first[-1] == "My bicycle is painted orange.", out
