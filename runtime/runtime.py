@@ -426,34 +426,33 @@ class Runtime:
             self._turns = 0
             self._opened = time.time()
             self._last_stats_write = 0.0
-            self._sweeper: threading.Thread | None = None
-            if self.policy.idle_seconds > 0:
-                self._sweeper = threading.Thread(
-                    target=self._sweep, name="runtime-idle-checkpoints", daemon=True
-                )
+            self._sweeper = threading.Thread(
+                target=self._sweep, name="runtime-housekeeping", daemon=True
+            )
         except BaseException:
             self._stack.close()
             raise
         self._closed = False
-        self._write_stats()
-        if self._sweeper is not None:
-            self._sweeper.start()
+        self._write_stats(force=True)
+        self._sweeper.start()
 
     def _sweep(self) -> None:
-        """Checkpoint sessions that went idle with unsaved tokens (the idle sweeper thread).
+        """The housekeeping thread: checkpoint sessions that went idle with unsaved tokens,
+        and publish ``stats.json`` every few seconds (never inside a turn).
 
-        It takes the runtime lock like any call (so it never runs inside a turn) and does only
-        the state copy; the write goes to the background writer.
+        It takes the runtime lock like any call, so it never runs inside a turn, and does
+        only the state copy; the write goes to the background writer.
         """
         idle = self.policy.idle_seconds
-        period = min(1.0, idle / 2)
+        period = min(1.0, idle / 2) if idle > 0 else 1.0
         while True:
             time.sleep(period)
             with self._lock:
                 if self._closed:
                     return
-                for session in self.pool.resident():
-                    session.checkpoint_if_idle(idle)
+                if idle > 0:
+                    for session in self.pool.resident():
+                        session.checkpoint_if_idle(idle)
                 self._write_stats()
 
     def _open_memory(self, embedder: TextEmbedder | bool | None) -> None:
@@ -751,7 +750,6 @@ class Runtime:
             journal_seq=reply_entry.seq,
         )
         self._turn_ms.append(reply.runtime_ms)
-        self._write_stats()
         return reply
 
     def _start_session(self, session: Session) -> int:
@@ -1007,9 +1005,9 @@ class Runtime:
 
     def _write_stats(self, force: bool = False) -> None:
         """Publish :meth:`stats` to ``stats.json`` (for ``python -m runtime stats``), at most
-        every 2 s. Advisory: never fails a turn."""
+        every 5 s. Advisory: never fails anything."""
         now = time.monotonic()
-        if not force and now - self._last_stats_write < 2.0:
+        if not force and now - self._last_stats_write < 5.0:
             return
         self._last_stats_write = now
         try:
