@@ -110,6 +110,128 @@ def _ef(name: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
+def _with_prefix(benches: dict[str, dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    return [b for name, b in sorted(benches.items()) if name.startswith(prefix + "[")]
+
+
+def _spread(p: dict[str, Any]) -> str:
+    """``median (min–max)`` of a ``{p50_ms, min_ms, max_ms}`` dict, in ms."""
+    return f"{p['p50_ms']:.1f} ({p['min_ms']:.1f}–{p['max_ms']:.1f})"
+
+
+def runtime_table(benches: dict[str, dict[str, Any]]) -> list[str]:
+    """The runtime's own cost per turn (``Reply.runtime_ms``) against the 20 ms target."""
+    found = _with_prefix(benches, "test_runtime_cost_per_turn")
+    if not found:
+        return []
+    rows = [
+        "Runtime cost per short turn (`Reply.runtime_ms`: total minus resume, prefill and "
+        "generation), long-term memory on, ms: median (min–max)",
+        "",
+        "| model | turns | runtime p50 (min–max) | p95 | target p50 ≤ 20 ms | retrieval p50 "
+        "| render p50 | memory write p50 | whole turn p50 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for bench in found:
+        info = bench["extra_info"]
+        cost = info["runtime_ms"]
+        mark = "✓" if cost["p50_ms"] <= info.get("target_p50_ms", 20.0) else "✗"
+        rows.append(
+            f"| {info['model']} | {info['turns']} | {_spread(cost)} | {cost['p95_ms']:.1f} "
+            f"| {mark} | {info.get('retrieval_p50_ms', 0):.1f} "
+            f"| {info.get('render_p50_ms', 0):.1f} | {info.get('memory_write_p50_ms', 0):.1f} "
+            f"| {info['total_ms']['p50_ms']:.1f} |"
+        )
+    return rows
+
+
+def restart_table(benches: dict[str, dict[str, Any]]) -> list[str]:
+    """Time to the first token after a restart: restore against re-prefill."""
+    by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    for bench in _with_prefix(benches, "test_first_token_after_restart"):
+        info = bench["extra_info"]
+        by_model.setdefault(info["model"], {})[info["mode"]] = info
+    if not by_model:
+        return []
+    rows = [
+        "First token after a restart (runtime reopened, first `chat` to its first streamed "
+        "piece), ms: median (min–max)",
+        "",
+        "| model | session tokens | restore | its resume | re-prefill | its resume "
+        "| re-prefill / restore |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model, modes in by_model.items():
+        rest, pre = modes.get("restore"), modes.get("reprefill")
+        tokens = (rest or pre or {}).get("session_tokens", "?")
+        cells = []
+        for info in (rest, pre):
+            if info is None:
+                cells += ["–", "–"]
+            else:
+                cells += [_spread(info["first_token_ms"]), _spread(info["resume_ms"])]
+        ratio = "–"
+        if rest and pre:
+            ratio = f"{pre['first_token_ms']['p50_ms'] / rest['first_token_ms']['p50_ms']:.1f}×"
+        rows.append(f"| {model} | {tokens:,} | " + " | ".join(cells) + f" | {ratio} |")
+    return rows
+
+
+def policy_table(benches: dict[str, dict[str, Any]]) -> list[str]:
+    """Turn latency with a checkpoint every turn against the default policy."""
+    by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    for bench in _with_prefix(benches, "test_turn_latency_by_policy"):
+        info = bench["extra_info"]
+        by_model.setdefault(info["model"], {})[info["policy"]] = info
+    if not by_model:
+        return []
+    rows = [
+        'Turn latency by checkpoint policy (`timings["total"]`, the same scripted short '
+        "turns), ms: median (min–max)",
+        "",
+        "| model | default policy | checkpoints | every turn | checkpoints "
+        "| every turn / default |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for model, policies in by_model.items():
+        base, every = policies.get("default"), policies.get("every_turn")
+        cells = []
+        for info in (base, every):
+            if info is None:
+                cells += ["–", "–"]
+            else:
+                cells += [_spread(info["total_ms"]), str(info.get("checkpoints_written", "?"))]
+        ratio = "–"
+        if base and every:
+            ratio = f"{every['total_ms']['p50_ms'] / base['total_ms']['p50_ms']:.2f}×"
+        rows.append(f"| {model} | " + " | ".join(cells) + f" | {ratio} |")
+    return rows
+
+
+def server_table(benches: dict[str, dict[str, Any]]) -> list[str]:
+    """Requests/s and latency of short turns by concurrent sessions."""
+    found = _with_prefix(benches, "test_server_short_turns")
+    if not found:
+        return []
+    rows = [
+        "Server: short turns (`max_tokens=8`, non-streamed), one client thread per session, "
+        "uvicorn on loopback",
+        "",
+        "| model | sessions | max_resident | requests | requests/s | p50 | p99 "
+        "| resumes from snapshot |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    found.sort(key=lambda b: (b["extra_info"]["model"], b["extra_info"]["sessions"]))
+    for bench in found:
+        info = bench["extra_info"]
+        rows.append(
+            f"| {info['model']} | {info['sessions']} | {info['max_resident']} "
+            f"| {info['requests']} | {info['requests_per_s']:.2f} | {info['p50_ms']:.0f} ms "
+            f"| {info['p99_ms']:.0f} ms | {info.get('resumes', {}).get('snapshot', 0)} |"
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the tables for the JSON file named on the command line."""
     args = sys.argv[1:] if argv is None else argv
@@ -120,7 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     benches = _by_name(data)
     machine = data.get("machine_info", {})
     print(f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('node', '')}")
-    for table in (snapshot_table(benches), embed_table(benches), index_table(benches)):
+    tables = (
+        snapshot_table(benches),
+        embed_table(benches),
+        index_table(benches),
+        runtime_table(benches),
+        restart_table(benches),
+        policy_table(benches),
+        server_table(benches),
+    )
+    for table in tables:
         if table:
             print()
             print("\n".join(table))
