@@ -830,10 +830,12 @@ class MemoryStore:
         kinds: Iterable[str] | None = None,
         now: float | datetime | None = None,
         touch: bool = True,
+        global_only: bool = False,
     ) -> list[Hit]:
         """The ``k`` best memories for ``query`` by :class:`ScoringWeights`, best first.
 
-        ``session`` and ``kinds`` restrict the candidates. ``touch`` updates the returned
+        ``session`` and ``kinds`` restrict the candidates; ``global_only`` keeps only the
+        memories stored without a session. ``touch`` updates the returned
         items' last-access time to ``now`` (skipped on a read-only store); later searches and
         :meth:`get` see it at once, SQLite gets it in the next batch (see :meth:`_flush_touches`).
         """
@@ -847,7 +849,7 @@ class MemoryStore:
         vector = self.embedder.embed([text])[0]
         with self._lock:
             pool = max(4 * k, 40)
-            candidates = self._candidates(vector, pool, session, kind_list)
+            candidates = self._candidates(vector, pool, session, kind_list, global_only)
             hits = self._score(candidates, stamp)[:k]
             if touch and hits and not self.read_only:
                 self._touch([h.id for h in hits], stamp)
@@ -895,14 +897,21 @@ class MemoryStore:
         return dataclasses.replace(item, accessed=pending)
 
     def _candidates(
-        self, vector: FloatArray, pool: int, session: str | None, kinds: list[str] | None
+        self,
+        vector: FloatArray,
+        pool: int,
+        session: str | None,
+        kinds: list[str] | None,
+        global_only: bool = False,
     ) -> dict[int, float]:
         """seq -> cosine for up to ``pool`` candidates that pass the filters."""
-        if session is None and kinds is None:
+        if session is None and kinds is None and not global_only:
             labels, sims = self._idx().query(vector, pool)
             return dict(zip(labels, sims, strict=True))
         clauses, args = [], []
-        if session is not None:
+        if global_only:
+            clauses.append("session IS NULL")
+        elif session is not None:
             clauses.append("session = ?")
             args.append(session)
         if kinds is not None:

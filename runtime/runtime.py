@@ -6,7 +6,8 @@ An application opens one runtime over a data directory and calls :meth:`Runtime.
         reply = rt.chat("alice", "My dog is called Biscuit.")
         print(reply.text)
 
-The runtime owns the directory's layout (``journals/``, ``snapshots/``, ``longterm/``, one
+The runtime owns the directory's layout (``journals/``, ``kv/`` (chunked checkpoints),
+``snapshots/`` (whole-sequence snapshots, with ``chunked=False``), ``longterm/``, one
 ``runtime.lock`` naming the holder's pid), the model and its context, the session pool, the
 long-term memory store and the embedder. It recovers by itself: a session that is asked for
 is resumed from its newest valid snapshot plus the journal, and long-term memory catches up
@@ -89,6 +90,7 @@ DEDUP_SIMILARITY = 0.95
 MIN_SIMILARITY = 0.3
 MAX_STOP_STRINGS = 8
 MAX_TEXT_CHARS = 32_000
+MAX_EMBED_TEXTS = 256
 
 
 class RuntimeArgumentError(MemoryRuntimeError, ValueError):
@@ -229,21 +231,19 @@ class _CachedEmbedder:
     def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
         import numpy as np
 
-        with self._lock:
+        with self._lock:  # one embed at a time: the cache cannot change under a call
             missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if missing:
-            vectors = self.inner.embed(missing)
-            with self._lock:
-                for text, vec in zip(missing, vectors, strict=True):
-                    self._cache[text] = vec
-                    self._cache.move_to_end(text)
-                while len(self._cache) > self._size:
-                    self._cache.popitem(last=False)
-                return np.stack([self._cache[t] for t in texts]).astype(np.float32, copy=False)
-        with self._lock:
+            fresh: dict[str, Any] = {}
+            if missing:
+                fresh = dict(zip(missing, self.inner.embed(missing), strict=True))
+            rows = [fresh[t] if t in fresh else self._cache[t] for t in texts]
+            for text, vec in fresh.items():
+                self._cache[text] = vec
             for t in texts:
                 self._cache.move_to_end(t)
-            return np.stack([self._cache[t] for t in texts]).astype(np.float32, copy=False)
+            while len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return np.stack(rows).astype(np.float32, copy=False)
 
 
 class Runtime:
@@ -279,6 +279,7 @@ class Runtime:
         keep_snapshots: int = 2,
         chunked: bool = True,
         chunk_tokens: int = 256,
+        idle_suspend_s: float = 300.0,
         journal_fsync: bool = True,
         progress: Callable[[str], None] | None = None,
     ) -> Runtime:
@@ -302,7 +303,7 @@ class Runtime:
             n_threads: CPU threads (default: all usable).
             memory_k: long-term memories put into a prompt at most.
             min_similarity: memories less similar than this to the user's text are left out.
-            dedup_similarity: a new turn this similar to a stored one refreshes it instead.
+            dedup_similarity: a new turn this similar to a stored one is not stored again.
             keep_snapshots: checkpoint generations kept per session (2: a damaged newest one
                 falls back to the previous one).
             chunked: incremental checkpoints (``kv/``): the KV is stored as content-addressed
@@ -310,6 +311,8 @@ class Runtime:
                 checkpoint writes only the chunks added since the last one and equal prefixes
                 are stored once. ``False``: whole-sequence snapshots (``snapshots/``).
             chunk_tokens: positions per chunk.
+            idle_suspend_s: a session idle this long is suspended: checkpointed, its KV
+                cells freed (0: only when the cells or sequence slots are needed).
             journal_fsync: fsync every journal append (leave on outside tests).
             progress: called with a line for each long step (model load, replay, index).
 
@@ -336,6 +339,7 @@ class Runtime:
             keep_snapshots=keep_snapshots,
             chunked=chunked,
             chunk_tokens=chunk_tokens,
+            idle_suspend_s=idle_suspend_s,
             journal_fsync=journal_fsync,
             progress=progress,
         )
@@ -424,6 +428,10 @@ class Runtime:
             self._retrieval_ms: deque[float] = deque(maxlen=512)
             self._turn_ms: deque[float] = deque(maxlen=512)
             self._turns = 0
+            self._checked: set[str] = set()  # sessions whose ingestion was verified
+            self.idle_suspend_s = _num_field("idle_suspend_s", kw["idle_suspend_s"], 0.0, 1e9)
+            self._stats_key: tuple[int, ...] = ()
+            self._ingest_failures = 0
             self._opened = time.time()
             self._last_stats_write = 0.0
             self._sweeper = threading.Thread(
@@ -445,13 +453,19 @@ class Runtime:
         """
         idle = self.policy.idle_seconds
         period = min(1.0, idle / 2) if idle > 0 else 1.0
+        if self.idle_suspend_s:
+            period = min(period, max(0.05, self.idle_suspend_s / 2))
         while True:
             time.sleep(period)
             with self._lock:
                 if self._closed:
                     return
-                if idle > 0:
-                    for session in self.pool.resident():
+                now = time.monotonic()
+                for session in self.pool.resident():
+                    if self.idle_suspend_s and now - session.last_active >= self.idle_suspend_s:
+                        logger.info("session %s idle: suspending it", session.session_id)
+                        self.pool.suspend(session.session_id)
+                    elif idle > 0:
                         session.checkpoint_if_idle(idle)
                 self._write_stats()
 
@@ -527,7 +541,7 @@ class Runtime:
                     f"session {session_id}: re-prefilled {report.replayed_tokens} tokens from "
                     f"the journal in {report.seconds:.2f} s"
                 )
-            self._ingest(session)
+            self._safe_ingest(session)
         return session, report
 
     def sessions(self) -> list[str]:
@@ -578,9 +592,17 @@ class Runtime:
                 "window_tokens": session.n_tokens if session is not None else None,
                 "pending_tokens": session.pending_tokens if session is not None else None,
                 "journal_bytes": journal.stat().st_size if journal.exists() else 0,
-                "snapshot_bytes": _du(snaps),
+                "snapshot_bytes": _du(snaps) + self._chunk_bytes(session_id),
             }
         return info
+
+    def _chunk_bytes(self, session_id: str) -> int:
+        """Bytes of the chunk files the session's newest checkpoint names (shared chunks
+        count for every session that names them)."""
+        if self.chunks is None:
+            return 0
+        manifest = self.chunks.latest(session_id)
+        return manifest.file_size if manifest is not None else 0
 
     def suspend(self, session_id: str) -> None:
         """Checkpoint the session and free its KV cells now (it resumes on its next turn)."""
@@ -600,7 +622,9 @@ class Runtime:
                 if session_id is None
                 else [s for s in [self.pool.peek(validate_session_id(session_id))] if s]
             )
-            done = [s.checkpoint() for s in targets if s.resident and s.n_tokens]
+            done = [
+                s.checkpoint() for s in targets if s.resident and s.n_tokens and not s.shift_pending
+            ]
         return len(done)
 
     def delete_session(self, session_id: str, *, memories: bool = True) -> None:
@@ -718,7 +742,7 @@ class Runtime:
         sampler = self._make_sampler(params, session, entry.seq)
         try:
             reply_entry, finish = session.generate(
-                min(params.max_tokens, self._room(session)),
+                self._room(session, params.max_tokens),
                 sampler,
                 close=lambda reply: self._close_tokens(history, user, reply),
                 stop=self.format.stop_strings + stops,
@@ -732,7 +756,7 @@ class Runtime:
         timings["generation"] = (t5 - t4) * 1000
 
         if remember:
-            self._ingest(session)
+            self._safe_ingest(session)
         t6 = time.perf_counter()
         timings["memory_write"] = (t6 - t5) * 1000
         timings["total"] = (t6 - t0) * 1000
@@ -791,7 +815,7 @@ class Runtime:
                     len(window),
                 )
             before = len(session.journal)
-            session.reserve(len(tokens) + max_tokens + 16)
+            session.reserve(len(tokens) + self._reply_budget(max_tokens) + 16)
             if len(session.journal) == before:  # no window shift: the render stands
                 if keep < session.n_tokens:
                     session.rewind(keep)
@@ -801,8 +825,14 @@ class Runtime:
             session.rewind(keep)
         return tokens, keep
 
-    def _room(self, session: Session) -> int:
-        return max(1, self.ctx.n_ctx - session.n_tokens - 16)
+    def _reply_budget(self, max_tokens: int) -> int:
+        """Cells reserved for a reply: ``max_tokens``, but at most a quarter of the context, so
+        a client's large ``max_tokens`` does not shift most of the conversation out."""
+        return min(max_tokens, max(16, self.ctx.n_ctx // 4))
+
+    def _room(self, session: Session, max_tokens: int) -> int:
+        left = self.ctx.n_ctx - session.n_tokens - 16
+        return max(1, min(self._reply_budget(max_tokens), left))
 
     def _close_tokens(self, history: list[Message], user: Message, reply: str) -> list[int]:
         close = self.format.assistant_close([*history, user], Message("assistant", reply))
@@ -848,9 +878,8 @@ class Runtime:
             if hit.kind == "turn" and isinstance(seq, int) and seq in in_window:
                 continue  # the model sees this turn in its KV already
             hits[hit.id] = hit
-        for hit in self.memory.search(text, 4 * k, touch=False):
-            if hit.session is None:
-                hits[hit.id] = hit
+        for hit in self.memory.search(text, k, touch=False, global_only=True):
+            hits[hit.id] = hit
         chosen = sorted(
             (h for h in hits.values() if h.similarity >= self.min_similarity),
             key=lambda h: h.score,
@@ -859,6 +888,20 @@ class Runtime:
         if chosen:
             self.memory.touch([h.id for h in chosen])
         return [MemoryUsed(h.id, h.text, h.score, h.similarity, h.session, h.kind) for h in chosen]
+
+    def _safe_ingest(self, session: Session) -> None:
+        """:meth:`_ingest`, but a failure (disk full, damaged store) never fails a turn that is
+        already durable in the journal: the next call catches up."""
+        try:
+            self._ingest(session)
+        except Exception as exc:
+            self._checked.discard(session.session_id)
+            self._ingest_failures += 1
+            logger.warning(
+                "session %s: long-term memory write failed (%s); it catches up later",
+                session.session_id,
+                exc,
+            )
 
     def _ingest(self, session: Session) -> int:
         """Add the session's journalled user turns that long-term memory lacks (crash-safe).
@@ -880,6 +923,9 @@ class Runtime:
             return 0
         added = 0
         sid = session.session_id
+        # Entries past the watermark may have been added just before a crash (or a failed
+        # call); they are looked up once per session and process, then trusted.
+        check = sid not in self._checked
         for seq in range(mark + 1, len(journal)):
             entry = journal[seq]
             if (
@@ -888,7 +934,7 @@ class Runtime:
                 or entry.meta.get("remember") is False
             ):
                 continue
-            if self.memory.find(session=sid, meta_key="journal_seq", value=entry.seq):
+            if check and self.memory.find(session=sid, meta_key="journal_seq", value=entry.seq):
                 continue  # added before a crash took the watermark
             best = self.memory.search(entry.text, 1, session=sid, touch=False)
             if best and best[0].similarity >= self.dedup_similarity:
@@ -904,6 +950,7 @@ class Runtime:
             )
             added += 1
         atomic_write_bytes(mark_path, f"{len(journal) - 1}\n".encode())
+        self._checked.add(sid)
         return added
 
     def remember(
@@ -931,6 +978,8 @@ class Runtime:
         if self.memory is None:
             return []
         _int_field("k", k, 1, 1000)
+        if session is not None:
+            validate_session_id(session)
         return self.memory.search(_check_text(query), k, session=session, touch=False)
 
     def forget(self, item_id: str) -> bool:
@@ -948,6 +997,8 @@ class Runtime:
         items = [_check_text(t) for t in texts]
         if not items:
             raise RuntimeArgumentError("input", "at least one text is needed")
+        if len(items) > MAX_EMBED_TEXTS:
+            raise RuntimeArgumentError("input", f"at most {MAX_EMBED_TEXTS} texts per call")
         return self._embedder.inner.embed(items)
 
     # -- stats --------------------------------------------------------------------------------
@@ -1009,6 +1060,16 @@ class Runtime:
         now = time.monotonic()
         if not force and now - self._last_stats_write < 5.0:
             return
+        writer = self._writer.stats if self._writer is not None else None
+        key = (
+            self._turns,
+            writer.written if writer else 0,
+            len(self.pool.resident()),
+            sum(self.pool.resumes.values()),
+        )
+        if not force and key == self._stats_key:
+            return  # nothing new: no directory walk, no write
+        self._stats_key = key
         self._last_stats_write = now
         try:
             data = json.dumps(self._stats(), indent=1, sort_keys=True).encode()

@@ -743,6 +743,11 @@ class Session:
         return True
 
     @property
+    def shift_pending(self) -> bool:
+        """Whether a window shift waits for the next decode (no checkpoint until then)."""
+        return self._shift_pending
+
+    @property
     def pending_tokens(self) -> int:
         """Tokens added since the last checkpoint (what a crash now would replay)."""
         return self._new_tokens
@@ -962,12 +967,14 @@ class SessionPool:
     def get(self, session_id: str) -> tuple[Session, ResumeReport | None]:
         """The session, resumed if it was not resident; the report says how, if it was."""
         session = self._sessions.get(session_id)
-        if session is not None and session.journal.closed:
-            # Its journal closed itself (e.g. a failed append on a full disk): the KV may be
-            # ahead of the journal. Forget it here; it is reopened from disk below.
-            logger.warning("session %s: journal was closed; reopening it", session_id)
+        if session is not None and (session.journal.closed or not session.resident):
+            # Its journal closed itself (a failed append on a full disk), or a failed decode
+            # dropped its KV: the KV is not the journal's any more. Forget it here; it is
+            # reopened and resumed from disk below.
+            logger.warning("session %s: KV or journal was dropped; resuming it", session_id)
             del self._sessions[session_id]
             self.ctx.memory.seq_rm(session.seq_id)
+            session.journal.close()
             session = None
         if session is not None:
             self._sessions.move_to_end(session_id)

@@ -3,7 +3,8 @@
 Interactive (stdin is a terminal): the reply streams to stdout token by token.
 Piped: one turn per input line; stdout carries exactly one line per reply (newlines and
 backslashes inside it escaped as ``\\n`` and ``\\\\``), written only once the turn is durable
-in the journal. Banners, progress and logs go to stderr.
+in the journal. A turn that fails (too long for the context, say) prints its error on stderr
+and an empty line on stdout, and the chat goes on. Banners, progress and logs go to stderr.
 
 SIGTERM or SIGINT ends the current reply early (it is kept and journalled as cancelled),
 closes the runtime (final checkpoints) and exits 0. A second SIGINT exits at once (130),
@@ -22,6 +23,7 @@ from types import FrameType
 from typing import Any
 
 from runtime.cli.common import add_runtime_args, open_runtime
+from runtime.errors import MemoryRuntimeError
 
 
 class _Shutdown(Exception):
@@ -48,9 +50,13 @@ def escape_line(text: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """The chat loop; returns the exit code."""
+    from runtime.store import validate_session_id
+
+    validate_session_id(args.session)  # before the model loads
     interactive = sys.stdin.isatty()
     stop = threading.Event()
-    state = {"busy": False, "signals": 0}
+    # "reading": blocked in readline(), the only place a signal may unwind the loop
+    state = {"reading": False, "signals": 0}
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         state["signals"] += 1
@@ -62,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             )
             os._exit(130)
         stop.set()
-        if not state["busy"]:
+        if state["reading"]:
             raise _Shutdown
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -92,13 +98,18 @@ def _loop(
     while not stop.is_set():
         if interactive:
             print("you> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        state["reading"] = True
+        try:
+            if stop.is_set():
+                return
+            line = sys.stdin.readline()
+        finally:
+            state["reading"] = False
         if not line:
             return
         text = line.rstrip("\n")
         if not text.strip():
             continue
-        state["busy"] = True
         try:
             stream = _stream_to_stdout if interactive else None
             reply = rt.chat(
@@ -111,8 +122,14 @@ def _loop(
                 cancelled=stop.is_set,
                 remember=not args.no_remember,
             )
-        finally:
-            state["busy"] = False
+        except (MemoryRuntimeError, ValueError) as exc:
+            # one bad line (too long, does not fit the context) is not the end of the chat;
+            # nothing of it was acknowledged. Piped: an empty line keeps one line per turn.
+            print(f"chat: error: {exc}", file=sys.stderr, flush=True)
+            if not interactive:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            continue
         if interactive:
             print(flush=True)
             if reply.resumed is not None and reply.resumed.source != "empty":

@@ -37,7 +37,10 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
         "--no-memory", action="store_true", help="no long-term memory (no embedder)"
     )
     parser.add_argument(
-        "--checkpoint-tokens", type=int, default=None, help="checkpoint after N new tokens"
+        "--checkpoint-tokens",
+        type=positive_int,
+        default=None,
+        help="checkpoint after N new tokens (default 256)",
     )
 
 

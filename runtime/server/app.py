@@ -208,6 +208,10 @@ class _Turn:
             if self.ephemeral:
                 missing = list(req.turns[:-1])
                 is_new = True
+            elif len(req.turns) == 1 and req.system is None:
+                # only the new user message: nothing to compare, and no need to read the
+                # whole history of a long session on every request
+                missing, is_new = [], False
             else:
                 journal = rt.history(self.session_id)
                 missing = chatmod.missing_turns(journal, req.turns)
@@ -628,6 +632,11 @@ def serve(
 
     import uvicorn
 
+    # Stateless requests run in tmp-* sessions deleted after the reply; a crash may have
+    # left some behind, and "stateless" must not mean "kept on disk".
+    for sid in rt.sessions():
+        if sid.startswith(chatmod.EPHEMERAL_PREFIX):
+            rt.delete_session(sid)
     app = create_app(rt, api_key=api_key, max_body=max_body, max_queue=max_queue)
     state: ServerState = app.state.server
 
