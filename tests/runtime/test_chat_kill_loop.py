@@ -51,7 +51,9 @@ def _spawn(root: Path, session: str) -> subprocess.Popen[str]:
     )
 
 
-def _talk(proc: subprocess.Popen[str], rng: random.Random, acked: list[str]) -> None:
+def _talk(
+    proc: subprocess.Popen[str], rng: random.Random, acked: list[str], started: threading.Event
+) -> None:
     """Feed lines; record each one whose reply line came back (acknowledged)."""
     assert proc.stdin is not None and proc.stdout is not None
     try:
@@ -62,8 +64,11 @@ def _talk(proc: subprocess.Popen[str], rng: random.Random, acked: list[str]) -> 
             if not proc.stdout.readline():
                 return
             acked.append(line)
+            started.set()
     except (BrokenPipeError, OSError, ValueError):
         return
+    finally:
+        started.set()
 
 
 def _user_turns(root: Path, session: str) -> list[str]:
@@ -116,8 +121,10 @@ def _same_top1(restored: np.ndarray, clean: np.ndarray) -> bool:
 
 def test_chat_cli_survives_kill_9(tmp_path: Path) -> None:
     from runtime.embed import Embedder
+    from runtime.models import resolve_model
 
-    embedder = Embedder.default()
+    embedder = Embedder.default()  # exported once here, not inside a child that gets killed
+    resolve_model("tiny")  # likewise the generated model
     root = tmp_path / "data"
     rng = random.Random(1234)
     acked: dict[str, list[str]] = {s: [] for s in SESSIONS}
@@ -125,10 +132,13 @@ def test_chat_cli_survives_kill_9(tmp_path: Path) -> None:
     for kill in range(KILLS):
         session = SESSIONS[kill % len(SESSIONS)]
         proc = _spawn(root, session)
-        talker = threading.Thread(target=_talk, args=(proc, rng, acked[session]))
+        started = threading.Event()
+        talker = threading.Thread(target=_talk, args=(proc, rng, acked[session], started))
         talker.start()
-        # startup (model + embedder load) is ~1-2 s; kill somewhere in the turns after it
-        time.sleep(rng.uniform(1.0, 3.5))
+        # kill somewhere in the turns after the first reply (startup time varies a lot on a
+        # busy machine, and a kill before the first reply tests little)
+        started.wait(300)
+        time.sleep(rng.uniform(0.0, 1.5))
         proc.kill()
         proc.wait()
         talker.join(10)
