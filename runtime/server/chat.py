@@ -308,18 +308,21 @@ def inject_turns(
     """
     fmt = rt.format
     session, _report = rt.pool.get(session_id)
-    decoded = 0
+    # Plan every turn first (render, tokenize, check), so a history that cannot be imported
+    # gets its 400 before anything is journalled.
+    plan: list[tuple[str, str, list[int], dict[str, object]]] = []
+    history = [Message(r, c) for r, c in session.messages()]
+    n_tokens = session.n_tokens
     if session.first_turn:
         text = system if system is not None else rt.system_prompt
         if text and fmt.supports_system:
             rendered = fmt.render([Message("system", text)], False)
             tokens = fmt.tokenize(rt.model, rendered, first=True)
-            session.reserve(len(tokens))
-            session.append_tokens("system", text, tokens, checkpoint=False)
-            decoded += len(tokens)
+            plan.append(("system", text, tokens, {}))
+            history.append(Message("system", text))
+            n_tokens += len(tokens)
     meta: dict[str, object] = {} if remember else {"remember": False}
     for role, text in turns:
-        history = [Message(r, c) for r, c in session.messages()]
         if role == "user":
             delta, extends = fmt.user_delta(history, Message("user", text))
             if not extends:
@@ -329,21 +332,26 @@ def inject_turns(
                     "turn by turn; send only the new user message",
                     param="messages",
                 )
-            tokens = fmt.tokenize(rt.model, delta, first=session.n_tokens == 0)
+            tokens = fmt.tokenize(rt.model, delta, first=n_tokens == 0)
         else:
             close = fmt.assistant_close(history, Message("assistant", text))
             tokens = fmt.tokenize(rt.model, text, first=False)
             if close:
                 tokens += fmt.tokenize(rt.model, close, first=False)
-        if decoded + len(tokens) > rt.ctx.n_ctx - 16:
-            raise APIError(
-                400,
-                f"messages: the history does not fit in the context ({rt.ctx.n_ctx} tokens)",
-                param="messages",
-                code="context_length_exceeded",
-            )
+        plan.append((role, text, tokens, meta))
+        history.append(Message(role, text))
+        n_tokens += len(tokens)
+    if n_tokens - session.n_tokens > rt.ctx.n_ctx - 16:  # the window shifts for the rest
+        raise APIError(
+            400,
+            f"messages: the history does not fit in the context ({rt.ctx.n_ctx} tokens)",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    decoded = 0
+    for role, text, tokens, turn_meta in plan:
         session.reserve(len(tokens) + 16)
-        session.append_tokens(role, text, tokens, meta=meta, checkpoint=False)
+        session.append_tokens(role, text, tokens, meta=turn_meta, checkpoint=False)
         decoded += len(tokens)
     return decoded
 
