@@ -91,6 +91,8 @@ MIN_SIMILARITY = 0.3
 MAX_STOP_STRINGS = 8
 MAX_TEXT_CHARS = 32_000
 MAX_EMBED_TEXTS = 256
+#: the long-term ingestion watermark file is rewritten after this many journal entries
+MARK_EVERY = 16
 
 
 class RuntimeArgumentError(MemoryRuntimeError, ValueError):
@@ -429,6 +431,8 @@ class Runtime:
             self._turn_ms: deque[float] = deque(maxlen=512)
             self._turns = 0
             self._checked: set[str] = set()  # sessions whose ingestion was verified
+            self._marks: dict[str, int] = {}  # sid -> last journal seq ingested
+            self._written_marks: dict[str, int] = {}  # sid -> the value on disk
             self.idle_suspend_s = _num_field("idle_suspend_s", kw["idle_suspend_s"], 0.0, 1e9)
             self._stats_key: tuple[int, ...] = ()
             self._ingest_failures = 0
@@ -511,6 +515,7 @@ class Runtime:
                 return
             self._closed = True
             try:
+                self._flush_marks()
                 self._write_stats(force=True)
             finally:
                 self._stack.close()
@@ -632,6 +637,9 @@ class Runtime:
         self._require_open()
         with self._lock:
             self.pool.delete(validate_session_id(session_id))
+            self._marks.pop(session_id, None)
+            self._written_marks.pop(session_id, None)
+            self._checked.discard(session_id)
             if memories and self.memory is not None:
                 self.memory.delete_session(session_id)
 
@@ -915,14 +923,15 @@ class Runtime:
             return 0
         journal = session.journal
         mark_path = journal.path.with_suffix(".ingested")
+        sid = session.session_id
         try:
             mark = int(mark_path.read_text())
         except (OSError, ValueError):
             mark = -1
+        mark = max(mark, self._marks.get(sid, -1))
         if mark >= len(journal) - 1:
             return 0
         added = 0
-        sid = session.session_id
         # Entries past the watermark may have been added just before a crash (or a failed
         # call); they are looked up once per session and process, then trusted.
         check = sid not in self._checked
@@ -949,9 +958,28 @@ class Runtime:
                 now=entry.created,
             )
             added += 1
-        atomic_write_bytes(mark_path, f"{len(journal) - 1}\n".encode())
+        last = len(journal) - 1
+        self._marks[sid] = last
         self._checked.add(sid)
+        # The file is only a shortcut for the next process (entries past it are looked up
+        # before they are added), so it is written every MARK_EVERY entries and on close, not
+        # with two fsyncs on every turn.
+        if last - self._written_marks.get(sid, mark) >= MARK_EVERY:
+            self._write_mark(session.journal.path, last)
         return added
+
+    def _write_mark(self, journal_path: Path, last: int) -> None:
+        atomic_write_bytes(journal_path.with_suffix(".ingested"), f"{last}\n".encode())
+        self._written_marks[journal_path.stem] = last
+
+    def _flush_marks(self) -> None:
+        """Write every watermark that is behind (on close)."""
+        for sid, last in self._marks.items():
+            if self._written_marks.get(sid) != last:
+                try:
+                    self._write_mark(self.root / JOURNAL_DIR / f"{sid}.log", last)
+                except OSError as exc:  # only a shortcut: the next open looks entries up
+                    logger.warning("could not write the watermark of %s: %s", sid, exc)
 
     def remember(
         self,

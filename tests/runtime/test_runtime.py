@@ -236,3 +236,17 @@ def test_memory_search_cli_accepts_a_runtime_dir(rt: Runtime) -> None:
     ).stdout
     first = out.splitlines()[0].split("\t")
     assert first[2] == "kim" and first[-1] == "My bicycle is painted orange.", out
+
+
+def test_deleted_session_id_starts_afresh(rt: Runtime) -> None:
+    rt.chat("lee", "I collect blue stamps.", **GREEDY)
+    rt.delete_session("lee")
+    assert rt.history("lee") == [] and rt.search("stamps", k=5, session="lee") == []
+    rt.chat("lee", "I collect red coins.", **GREEDY)
+    assert [h.text for h in rt.search("collect", k=5, session="lee")] == ["I collect red coins."]
+
+
+def test_cached_embedder_handles_many_texts(rt: Runtime) -> None:
+    assert rt.memory is not None
+    ids = rt.memory.add_many([f"note number {i} about topic {i * 7}" for i in range(70)])
+    assert len(ids) == 70
