@@ -34,6 +34,7 @@ was told is saved is always in the journal, and the journal is the truth for bot
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -42,6 +43,7 @@ import os
 import statistics
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -352,6 +354,7 @@ class Runtime:
         from runtime.models import resolve_model, verify_pinned
 
         self._closed = True  # until everything is open
+        self._atexit: Callable[[], None] = lambda: None
         self._lock = threading.RLock()
         self._progress = kw["progress"]
         _int_field("n_ctx", kw["n_ctx"], 64, 1 << 20)
@@ -447,6 +450,21 @@ class Runtime:
         self._closed = False
         self._write_stats(force=True)
         self._sweeper.start()
+        # A runtime left open at interpreter exit is closed before llamaffi's finalizers free
+        # the context (atexit runs LIFO, and they registered first): its housekeeping thread
+        # would otherwise wake up on a freed context. Also writes the final checkpoints.
+        ref = weakref.ref(self)
+
+        def close_at_exit() -> None:
+            rt = ref()
+            if rt is not None and not rt._closed:
+                try:
+                    rt.close()
+                except Exception:  # at exit: log, never raise
+                    logger.exception("closing the runtime at exit failed")
+
+        self._atexit = close_at_exit
+        atexit.register(close_at_exit)
 
     def _sweep(self) -> None:
         """The housekeeping thread: checkpoint sessions that went idle with unsaved tokens,
@@ -514,6 +532,7 @@ class Runtime:
             if self._closed:
                 return
             self._closed = True
+            atexit.unregister(self._atexit)
             try:
                 self._flush_marks()
                 self._write_stats(force=True)

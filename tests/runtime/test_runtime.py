@@ -250,3 +250,18 @@ def test_cached_embedder_handles_many_texts(rt: Runtime) -> None:
     assert rt.memory is not None
     ids = rt.memory.add_many([f"note number {i} about topic {i * 7}" for i in range(70)])
     assert len(ids) == 70
+
+
+def test_a_runtime_left_open_is_closed_at_exit(tmp_path: Path) -> None:
+    """No crash at interpreter exit (the housekeeping thread never sees a freed context) and
+    the final checkpoint is written."""
+    code = (
+        "import sys\nfrom runtime.runtime import Runtime\n"
+        "rt = Runtime.open(sys.argv[1], model='tiny', embedder=False)\n"
+        "rt.chat('a', 'hello', max_tokens=4)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert list((tmp_path / "kv" / "manifests" / "a").glob("*.kvman"))
