@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 
 from llamaffi._capi import _types, backend
 
@@ -49,6 +50,13 @@ _init_lock = threading.Lock()
 _initialised = False
 
 
+class _ExitSentinel:
+    """Lives for the process; its finalizer runs at interpreter exit (see ensure_backend)."""
+
+
+_exit_sentinel = _ExitSentinel()
+
+
 def ensure_backend() -> None:
     """Install the log router and call ``llama_backend_init`` once per process."""
     global _initialised
@@ -58,5 +66,10 @@ def ensure_backend() -> None:
         if _initialised:
             return
         backend.llama_log_set(_c_log_callback, None)
+        # At interpreter exit, hand llama.cpp's log back to its own (stderr) logger: a line
+        # logged from a C++ destructor after Python is finalized must not call into the
+        # interpreter. weakref.finalize runs exit-time finalizers newest first, and this one
+        # is older than every model and context, so their frees still log through Python.
+        weakref.finalize(_exit_sentinel, backend.llama_log_set, _types.ggml_log_callback(), None)
         backend.llama_backend_init()
         _initialised = True
