@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from runtime.cli.common import positive_int
 from runtime.embed import Embedder
 from runtime.memory import KINDS, MAX_TEXT_CHARS, MemoryStore
 
@@ -25,17 +26,6 @@ def _unit_interval(value: str) -> float:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
     if not (math.isfinite(number) and 0.0 <= number <= 1.0):
         raise argparse.ArgumentTypeError(f"{value} is not in [0, 1]")
-    return number
-
-
-def _positive_int(value: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return number
 
 
@@ -137,7 +127,7 @@ def register(parser: argparse.ArgumentParser) -> None:
             "--model-dir",
             help="a Hugging Face ONNX export directory (default: bundled all-MiniLM-L6-v2)",
         )
-        p.add_argument("--threads", type=_positive_int, default=None, help="onnxruntime threads")
+        p.add_argument("--threads", type=positive_int, default=None, help="onnxruntime threads")
         p.set_defaults(func=func)
         return p
 
@@ -154,7 +144,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     search = command("search", cmd_search, "search memories")
     search.add_argument("query", type=_text)
-    search.add_argument("-k", type=_positive_int, default=5, help="hits to print (default 5)")
+    search.add_argument("-k", type=positive_int, default=5, help="hits to print (default 5)")
     search.add_argument("--session", default=None)
     search.add_argument("--kind", action="append", choices=KINDS, help="repeatable")
     search.add_argument("--json", action="store_true", help="print JSON")
