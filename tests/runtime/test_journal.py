@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.journal import Journal, JournalCorrupt, JournalError
+from runtime.journal import Journal, JournalCompacted, JournalCorrupt, JournalError
 
 
 def fill(path: Path, n: int = 5) -> list[list[int]]:
@@ -193,3 +193,118 @@ def test_interrupted_append_leaves_no_record_and_no_seq_gap(
     j.close()
     with Journal(path) as again:
         assert [e.text for e in again] == ["first", "acknowledged"]
+
+
+# -- segments -----------------------------------------------------------------------------------
+
+
+def _segmented(path: Path, n: int, per: int = 4) -> Journal:
+    j = Journal(path, segment_entries=per)
+    for i in range(n):
+        j.append("user", f"t{i}", [i, i + 1], {"i": i})
+    return j
+
+
+def test_segments_rotate_and_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "s.log"
+    with _segmented(path, 10) as j:
+        assert j.n_segments == 2 and len(j) == 10
+        assert [e.seq for e in j] == list(range(10))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        "s.log",
+        "s.log.000000000000.idx",
+        "s.log.000000000000.seg",
+        "s.log.000000000004.idx",
+        "s.log.000000000004.seg",
+    ]
+    with Journal(path, segment_entries=4) as j:
+        assert len(j) == 10 and j.n_tokens == 20
+        assert j[5].text == "t5" and j[-1].seq == 9 and j[0].meta == {"i": 0}
+        assert [e.seq for e in j.iter_from(3)] == list(range(3, 10))
+        assert j.tokens() == [t for i in range(10) for t in (i, i + 1)]
+        j.append("user", "more", [1])
+        assert j.n_tokens == 21
+    with Journal(path, readonly=True) as j:
+        assert len(j) == 11 and j[10].text == "more"
+
+
+def test_open_reads_only_the_active_segment(tmp_path: Path) -> None:
+    """A damaged sealed segment is not read at open (opens cost what the last segment
+    holds); reading an entry there still finds the damage, naming the file and offset."""
+    path = tmp_path / "s.log"
+    _segmented(path, 10).close()
+    seg = tmp_path / "s.log.000000000000.seg"
+    data = bytearray(seg.read_bytes())
+    data[-3] ^= 0xFF  # the last record's payload
+    seg.write_bytes(bytes(data))
+    with Journal(path, segment_entries=4) as j:
+        assert len(j) == 10 and j[9].text == "t9" and j[2].text == "t2"
+        with pytest.raises(JournalCorrupt, match=r"s\.log\.000000000000\.seg"):
+            j[3]
+
+
+def test_missing_or_damaged_index_is_rebuilt(tmp_path: Path) -> None:
+    path = tmp_path / "s.log"
+    _segmented(path, 9).close()
+    idx0 = tmp_path / "s.log.000000000000.idx"
+    idx4 = tmp_path / "s.log.000000000004.idx"
+    good = idx4.read_bytes()
+    idx0.unlink()
+    idx4.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with Journal(path, segment_entries=4) as j:
+        assert [e.text for e in j] == [f"t{i}" for i in range(9)]
+        assert j.n_tokens == 18
+    assert idx0.exists() and idx4.read_bytes() == good  # rewritten, identical
+
+
+@pytest.mark.parametrize("stage", ["index", "rename"])
+def test_crash_during_rotation_reopens_to_the_same_entries(tmp_path: Path, stage: str) -> None:
+    path = tmp_path / "s.log"
+    with _segmented(path, 3) as j:
+        j.rotate()
+    seg = tmp_path / "s.log.000000000000.seg"
+    if stage == "index":  # index published, active not yet renamed
+        os.rename(seg, path)
+    else:  # renamed, the new active file not yet created
+        path.unlink()
+    with Journal(path, segment_entries=4) as j:
+        assert [e.text for e in j] == ["t0", "t1", "t2"]
+        j.append("user", "t3", [3])
+        assert len(j) == 4
+    with Journal(path, segment_entries=4) as j:
+        assert [e.text for e in j] == ["t0", "t1", "t2", "t3"]
+
+
+def test_drop_segments_before_keeps_numbering(tmp_path: Path) -> None:
+    path = tmp_path / "s.log"
+    with _segmented(path, 10) as j:
+        freed = j.drop_segments_before(6)  # segment 4..7 holds 6: it stays
+        assert freed > 0 and j.first_seq == 4 and len(j) == 10
+        with pytest.raises(JournalCompacted):
+            j[1]
+        assert [e.seq for e in j] == list(range(4, 10))
+    assert not (tmp_path / "s.log.000000000000.seg").exists()
+    with Journal(path, segment_entries=4) as j:
+        assert j.first_seq == 4 and len(j) == 10 and j[4].text == "t4"
+        j.append("user", "t10", [10])
+        assert j[10].seq == 10
+
+
+def test_drop_never_loses_the_numbering(tmp_path: Path) -> None:
+    path = tmp_path / "s.log"
+    with _segmented(path, 8) as j:  # two full segments, an empty active file
+        j.drop_segments_before(100)
+        assert j.n_segments == 1 and len(j) == 8
+    with Journal(path, segment_entries=4) as j:
+        assert len(j) == 8
+        assert j.append("user", "next", [1]).seq == 8
+
+
+def test_remove_files_takes_every_segment(tmp_path: Path) -> None:
+    path = tmp_path / "s.log"
+    _segmented(path, 9).close()
+    (tmp_path / "s.log.torn-5").write_bytes(b"x")
+    (tmp_path / "other.log").write_bytes(b"")
+    assert Journal.remove_files(path) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.log"]
