@@ -3,8 +3,16 @@
 By default the benchmarks use the small ``tiny`` model and a short prompt, so that
 ``pytest benchmarks --benchmark-disable`` stays quick. ``BENCH_FULL=1`` switches to the
 ``tinyllama-geometry`` model (22 layers, 2048 wide, 4 KV heads) and a 1024-token prompt: the
-configuration the README reports. Models are cached under ``$LLAMAFFI_BENCH_MODELS``
-(default ``~/.cache/llamaffi/bench-models``).
+configuration the README reports. ``BENCH_CI=1`` is the CI mode: the ``tiny`` model, small
+sizes and one round of everything, only to prove that every benchmark runs. Models are cached
+under ``$LLAMAFFI_BENCH_MODELS`` (default ``~/.cache/llamaffi/bench-models``).
+
+The KV I/O suite (``test_bench_kvio.py``) runs over ``BENCH_MODEL`` (comma-separated model
+names or GGUF paths; default ``tinyllama-geometry,smollm2`` with ``BENCH_FULL=1``, else
+``tiny``) and ``BENCH_SIZES`` (comma-separated token counts; default ``256,1024,4096``).
+
+Every run records the machine (``pytest_benchmark_update_machine_info``): CPU model, cores,
+flags, ``OPENBLAS_CORETYPE``/``OMP_*`` state, load average, the llama.cpp build and the date.
 """
 
 from __future__ import annotations
@@ -18,6 +26,14 @@ from typing import Any
 import pytest
 
 FULL = os.environ.get("BENCH_FULL") == "1"
+#: CI mode: tiny model, smallest sizes, one round of every benchmark.
+CI = os.environ.get("BENCH_CI") == "1"
+
+
+def rounds(full: int) -> int:
+    """Rounds of a ``benchmark.pedantic`` call: ``full``, or 1 in CI mode."""
+    return 1 if CI else full
+
 
 #: (model preset, prompt tokens, n_ctx) for the default and the full configuration; n_ctx
 #: holds the prompt twice (seq 0 is the source, seq 1 the restore target).
@@ -136,6 +152,105 @@ def percentile(values: list[float], q: float) -> float:
     low = int(pos)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def _env_list(name: str, default: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in os.environ.get(name, default).split(",") if v.strip())
+
+
+#: Models of the KV I/O suite: names for :func:`runtime.models.resolve_model` or GGUF paths.
+KV_MODELS = _env_list(
+    "BENCH_MODEL", "tiny" if CI else ("tinyllama-geometry,smollm2" if FULL else "tiny")
+)
+#: Session lengths (tokens) of the KV I/O suite's size sweep.
+KV_SIZES = tuple(int(v) for v in _env_list("BENCH_SIZES", "256,512" if CI else "256,1024,4096"))
+
+
+# -- what every run records --------------------------------------------------------------------
+
+_CPU_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "neon",
+    "asimd",
+)
+
+
+def _cpuinfo() -> dict[str, Any]:
+    model, flags = "?", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model") and model == "?":
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+    return {
+        "model": model,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "simd_flags": [f for f in _CPU_FLAGS if f in flags],
+    }
+
+
+def machine_metadata() -> dict[str, Any]:
+    """What this run ran on: CPU, the thread-pool environment, load, llama.cpp build, date."""
+    import datetime
+    import platform
+
+    info: dict[str, Any] = {
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "cpu_detail": _cpuinfo(),
+        "env": {
+            name: os.environ.get(name, "(unset)")
+            for name in ("OPENBLAS_CORETYPE", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")
+        },
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "kernel": platform.release(),
+        "bench_mode": "ci" if CI else ("full" if FULL else "default"),
+        "kv_models": list(KV_MODELS),
+        "kv_sizes": list(KV_SIZES),
+    }
+    try:
+        import llamaffi
+
+        build = llamaffi.build_info()
+        info["llama_cpp_build"] = {
+            k: build.get(k)
+            for k in ("build_number", "commit", "pin", "ggml_native", "compiler", "system_info")
+        }
+    except Exception as exc:  # the machine info must not fail the run
+        info["llama_cpp_build"] = {"error": repr(exc)}
+    return info
+
+
+def pytest_benchmark_update_machine_info(config: Any, machine_info: dict[str, Any]) -> None:
+    """pytest-benchmark hook: add :func:`machine_metadata` to the JSON's ``machine_info``."""
+    machine_info["llamaffi"] = machine_metadata()
+
+
+def pytest_benchmark_update_json(config: Any, benchmarks: Any, output_json: dict[str, Any]) -> None:
+    """pytest-benchmark hook: the load average when the run ended (how shared the CPU was)."""
+    if hasattr(os, "getloadavg"):
+        output_json.setdefault("machine_info", {}).setdefault("llamaffi", {})[
+            "load_average_at_end"
+        ] = list(os.getloadavg())
 
 
 @pytest.fixture(scope="session")
