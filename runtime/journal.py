@@ -854,19 +854,16 @@ class Journal:
 
     @staticmethod
     def remove_files(path: str | os.PathLike[str]) -> int:
-        """Delete a journal's files (active, segments, indexes, torn-tail rescues); return how
-        many. The caller must hold (or have closed) the writer."""
-        p = Path(path)
-        pattern = re.compile(re.escape(p.name) + r"(\.\d{12}\.(seg|idx)|\.torn-\d+(\.\d+)?)?")
+        """Delete a journal's files (:func:`journal_files`); return how many. The caller must
+        hold (or have closed) the writer."""
         removed = 0
-        with contextlib.suppress(FileNotFoundError):
-            for name in os.listdir(p.parent):
-                if pattern.fullmatch(name):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(p.parent / name)  # never follows a symlink
-                        removed += 1
+        files = journal_files(path)
+        for file in files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(file)  # never follows a symlink
+                removed += 1
         if removed:
-            fsync_dir(p.parent)
+            fsync_dir(Path(path).parent)
         return removed
 
     @property
@@ -888,6 +885,31 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def journal_files(path: str | os.PathLike[str]) -> list[Path]:
+    """Every file of the journal whose active file is ``path``: the active file, its sealed
+    segments and indexes, and its torn-tail rescue files."""
+    p = Path(path)
+    pattern = re.compile(re.escape(p.name) + r"(\.\d{12}\.(seg|idx)|\.torn-\d+(\.\d+)?)?")
+    try:
+        names = os.listdir(p.parent)
+    except FileNotFoundError:
+        return []
+    return sorted(p.parent / name for name in names if pattern.fullmatch(name))
+
+
+def journal_sessions(directory: str | os.PathLike[str]) -> list[str]:
+    """The names of the journals in ``directory`` (``<name>.log``, or only its sealed
+    segments after a crash mid-rotation), sorted."""
+    names: set[str] = set()
+    pattern = re.compile(r"(.+)\.log(\.\d{12}\.seg)?")
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(directory):
+            m = pattern.fullmatch(entry)
+            if m:
+                names.add(m.group(1))
+    return sorted(names)
 
 
 class _Moved(Exception):

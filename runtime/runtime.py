@@ -60,6 +60,7 @@ from runtime.fsutil import (
     private_dir,
     warn_if_exposed,
 )
+from runtime.journal import journal_files, journal_sessions
 from runtime.session import JOURNAL_DIR, ContextFullError, ResumeReport, Session, SessionPool
 from runtime.store import validate_session_id
 from runtime.template import ChatFormat, Message
@@ -555,9 +556,9 @@ class Runtime:
         """The resident session (resumed if needed); long-term memory caught up on resume."""
         validate_session_id(session_id)
         if self.pool.peek(session_id) is None:
-            journal = self.root / JOURNAL_DIR / f"{session_id}.log"
-            if journal.exists() and journal.stat().st_size > 1 << 20:
-                self._say(f"resuming session {session_id} ({journal.stat().st_size:,} B journal)")
+            size = sum(f.stat().st_size for f in journal_files(self._journal_path(session_id)))
+            if size > 1 << 20:
+                self._say(f"resuming session {session_id} ({size:,} B journal)")
         session, report = self.pool.get(session_id)
         if report is not None:
             if report.replayed_tokens > 256:
@@ -567,6 +568,9 @@ class Runtime:
                 )
             self._safe_ingest(session)
         return session, report
+
+    def _journal_path(self, session_id: str) -> Path:
+        return self.root / JOURNAL_DIR / f"{session_id}.log"
 
     def sessions(self) -> list[str]:
         """Every session in the data directory (with a journal), sorted."""
@@ -587,8 +591,8 @@ class Runtime:
             if resident is not None:
                 entries = list(resident.journal)
             else:
-                path = self.root / JOURNAL_DIR / f"{session_id}.log"
-                if not path.exists():
+                path = self._journal_path(session_id)
+                if not journal_files(path):
                     return []
                 journal = Journal(path, readonly=True)
                 try:
@@ -605,17 +609,17 @@ class Runtime:
         """A session's state: resident or not, tokens in the window, journal size, snapshots."""
         self._require_open()
         validate_session_id(session_id)
-        journal = self.root / JOURNAL_DIR / f"{session_id}.log"
+        files = journal_files(self._journal_path(session_id))
         snaps = self.root / SNAPSHOT_DIR / session_id
         with self._lock:
             session = self.pool.peek(session_id)
             info: dict[str, Any] = {
                 "id": session_id,
-                "exists": journal.exists(),
+                "exists": bool(files),
                 "resident": session is not None,
                 "window_tokens": session.n_tokens if session is not None else None,
                 "pending_tokens": session.pending_tokens if session is not None else None,
-                "journal_bytes": journal.stat().st_size if journal.exists() else 0,
+                "journal_bytes": sum(f.stat().st_size for f in files),
                 "snapshot_bytes": _du(snaps) + self._chunk_bytes(session_id),
             }
         return info
@@ -1196,7 +1200,7 @@ def read_stats(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     except (OSError, ValueError):
         published = {}
     journals = root / JOURNAL_DIR
-    known = sorted(p.stem for p in journals.glob("*.log")) if journals.is_dir() else []
+    known = journal_sessions(journals)
     published.setdefault("sessions", {})["known"] = len(known)
     published.setdefault("snapshots", {})["bytes"] = _du(root / SNAPSHOT_DIR) + _du(
         root / CHUNK_DIR

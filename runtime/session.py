@@ -28,10 +28,23 @@ from typing import TYPE_CHECKING, Literal
 
 from runtime import snapshot as snapshot_mod
 from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
-from runtime.chunks import ChunkError, ChunkStore, Lineage, PendingCheckpoint, shift_lineage
+from runtime.chunks import (
+    ChunkError,
+    ChunkStore,
+    Lineage,
+    Manifest,
+    PendingCheckpoint,
+    shift_lineage,
+)
 from runtime.errors import MemoryRuntimeError
 from runtime.fsutil import atomic_write_bytes
-from runtime.journal import Entry, Journal
+from runtime.journal import (
+    DEFAULT_SEGMENT_ENTRIES,
+    Entry,
+    Journal,
+    JournalError,
+    journal_sessions,
+)
 from runtime.store import SnapshotStore, validate_session_id
 
 if TYPE_CHECKING:
@@ -177,6 +190,8 @@ class Session:
             written: a checkpoint costs what was added) instead of whole-sequence snapshots in
             ``store``; resume reads its manifests first, then ``store``'s snapshots.
         scratch_seq: the empty sequence the chunk store copies ranges through.
+        journal_segment_entries: the journal seals a segment every this many entries
+            (:class:`runtime.journal.Journal`).
         window: what to do when a turn does not fit ``n_ctx``: ``"shift"`` (default) drops
             the oldest whole turns after the first one (kept: it is usually the system prompt)
             from the KV sequence, shifting the rest down (llama.cpp's context shift); the drop
@@ -203,6 +218,7 @@ class Session:
         writer: CheckpointWriter | None = None,
         chunks: ChunkStore | None = None,
         scratch_seq: int = -1,
+        journal_segment_entries: int = DEFAULT_SEGMENT_ENTRIES,
     ) -> None:
         if window not in ("shift", "refuse"):
             raise ValueError(f"window must be 'shift' or 'refuse', not {window!r}")
@@ -219,12 +235,14 @@ class Session:
         self.store = store
         self.snapshot_every = snapshot_every
         self.journal = Journal(
-            Path(root) / JOURNAL_DIR / f"{self.session_id}.log", fsync=journal_fsync
+            Path(root) / JOURNAL_DIR / f"{self.session_id}.log",
+            fsync=journal_fsync,
+            segment_entries=journal_segment_entries,
         )
         self._make_room = make_room
-        self._window = _Window()
-        for entry in self.journal:
-            self._window.apply(entry)
+        #: readable manifests, newest first, read once for the window and the next resume
+        self._manifests: list[Manifest] | None = None
+        self._window = self._initial_window()
         self._resident = False
         self._since_snapshot = 0
         self._new_tokens = 0  # tokens added since the last checkpoint
@@ -300,6 +318,80 @@ class Session:
         # before that holds unrotated K and would restore wrong, so no checkpoint until then.
         self._shift_pending = True
 
+    # -- the window, from a checkpoint instead of the whole journal ---------------------------
+
+    def _chunk_manifests(self) -> list[Manifest]:
+        if self._chunks is None:
+            return []
+        if self._manifests is None:
+            self._manifests = self._chunks.manifests(self.session_id)
+        return self._manifests
+
+    def _initial_window(self) -> _Window:
+        """The window now: the newest checkpoint's window plus the entries after it, so that
+        opening a session costs what was said since its last checkpoint, not its age. With no
+        checkpoint that records its window (or none that checks out), the whole journal."""
+        for man in self._chunk_manifests():
+            base = self._window_of(man)
+            if base is not None:
+                for entry in self.journal.iter_from(man.journal_seq + 1):
+                    base.apply(entry)
+                return base
+        window = _Window()
+        for entry in self.journal:
+            window.apply(entry)
+        return window
+
+    def _window_of(self, man: Manifest) -> _Window | None:
+        """The window after entry ``man.journal_seq`` as the manifest records it
+        (``meta["window"]["spans"]``: ``[start, length, seq]`` per span), checked against the
+        journal: the spans must tile the manifest's tokens, and each must be the head of its
+        entry's tokens. None if it is missing or does not check out.
+
+        What the check cannot see without reading the whole journal is an entry *between*
+        spans that a shift dropped; the manifest body is checksummed, and the runtime only
+        ever writes the window it holds.
+        """
+        record = man.meta.get("window")
+        spans = record.get("spans") if isinstance(record, dict) else None
+        if not isinstance(spans, list) or not -1 <= man.journal_seq < len(self.journal):
+            return None
+        window = _Window()
+        window.tokens = list(man.tokens)
+        window.lineage = man.lineage
+        pos = 0
+        try:
+            for start, length, seq in spans:
+                if start != pos or length <= 0 or not 0 <= seq <= man.journal_seq:
+                    return None
+                entry = self.journal[seq]
+                if list(entry.tokens[:length]) != window.tokens[start : start + length]:
+                    return None
+                content = str(entry.meta.get("content", entry.text))
+                window.spans.append(_Span(start, length, entry.role, content, seq))
+                pos = start + length
+        except (TypeError, ValueError, LookupError, JournalError):
+            return None
+        return window if pos == len(window.tokens) else None
+
+    def _window_after(self, seq: int) -> _Window:
+        """The window after entry ``seq``, walking the journal from its start (the slow way,
+        for checkpoints that do not record their window)."""
+        window = _Window()
+        for entry in self.journal:
+            if entry.seq > seq:
+                break
+            window.apply(entry)
+        return window
+
+    @staticmethod
+    def _copy_window(window: _Window) -> _Window:
+        out = _Window()
+        out.tokens = list(window.tokens)
+        out.spans = list(window.spans)
+        out.lineage = window.lineage
+        return out
+
     # -- resume -------------------------------------------------------------------------------
 
     @property
@@ -318,8 +410,9 @@ class Session:
             )
         self.ctx.memory.seq_rm(self.seq_id)
         skipped: list[str] = []
-        after, restored, path = self._restore_best(skipped, allow_build_mismatch)
-        replayed = self._replay(after)
+        after, restored, path, base = self._restore_best(skipped, allow_build_mismatch)
+        self._manifests = None  # read again at the next resume: the store moves on
+        replayed = self._replay(after, base)
         self._resident = True
         self._since_snapshot = 1 if replayed else 0
         self._new_tokens = replayed
@@ -345,19 +438,18 @@ class Session:
         )
         return report
 
-    def _replay(self, after: int) -> int:
-        """Repeat the journal's entries after entry ``after`` on the KV, one entry per call.
+    def _replay(self, after: int, base: _Window) -> int:
+        """Repeat the journal's entries after entry ``after`` on the KV, one entry per call;
+        ``base`` is the window after entry ``after`` (it is not changed).
 
         This repeats exactly what :meth:`append` (and window shifts) first did, so user turns
         come back bit for bit; a reply, first decoded token by token, comes back equal up to
         float rounding (batched vs incremental evaluation).
         """
-        window = _Window()
+        window = self._copy_window(base)
         replayed = 0
-        for entry in self.journal:
+        for entry in self.journal.iter_from(after + 1):
             window.apply(entry)
-            if entry.seq <= after:
-                continue
             if entry.role == WINDOW_ROLE:
                 a, b = (int(x) for x in entry.meta["drop"])
                 self._apply_drop(a, b)
@@ -385,8 +477,9 @@ class Session:
 
     def _restore_best(
         self, skipped: list[str], allow_build_mismatch: bool
-    ) -> tuple[int, int, Path | None]:
-        """Restore the newest usable checkpoint; return (its journal entry, tokens, file)."""
+    ) -> tuple[int, int, Path | None, _Window]:
+        """Restore the newest usable checkpoint; return (its journal entry, tokens, file, the
+        window after that entry)."""
         if self._chunks is not None:
             found = self._restore_chunks(skipped, allow_build_mismatch)
             if found is not None:
@@ -408,7 +501,8 @@ class Session:
                     raise snapshot_mod.SnapshotError(
                         "its tokens are not a prefix of the journal (at any entry)"
                     )
-                self._room_for_replay(after, len(tokens))
+                base = self._window_after(after)
+                self._room_for_replay(after, base)
                 snapshot_mod.restore(
                     self.ctx, snap, self.seq_id, allow_build_mismatch=allow_build_mismatch
                 )
@@ -425,26 +519,32 @@ class Session:
                 self.store.quarantine(stored.path, str(exc))
                 continue
             self._last_snapshot_id = snap.header.snapshot_id
-            return after, len(tokens), stored.path
+            return after, len(tokens), stored.path, base
         # resume() emptied the sequence, and a failed restore clears it again
-        self._room_for_replay(-1, 0)
-        return -1, 0, None
+        empty = _Window()
+        self._room_for_replay(-1, empty)
+        return -1, 0, None, empty
 
     def _restore_chunks(
         self, skipped: list[str], allow_build_mismatch: bool
-    ) -> tuple[int, int, Path | None] | None:
+    ) -> tuple[int, int, Path | None, _Window] | None:
         """Restore the newest chunked manifest that matches the journal and restores."""
         assert self._chunks is not None
-        for man in self._chunks.manifests(self.session_id):
+        for man in self._chunk_manifests():
             name = f"manifest {man.generation}"
             tokens = list(man.tokens)
-            after = self._entry_of(tokens, man.journal_seq)
-            if after is None or man.lineage != self._lineage_after(after):
+            base = self._window_of(man)
+            if base is not None:
+                after: int | None = man.journal_seq
+            else:  # a manifest that does not record its window: check it the slow way
+                after = self._entry_of(tokens, man.journal_seq)
+                base = self._window_after(after) if after is not None else None
+            if after is None or base is None or man.lineage != base.lineage:
                 skipped.append(
                     f"{name}: its tokens are not the window after journal entry {man.journal_seq}"
                 )
                 continue
-            self._room_for_replay(after, len(tokens))
+            self._room_for_replay(after, base)
             try:
                 self._chunks.restore(
                     self.ctx,
@@ -460,31 +560,23 @@ class Session:
                 skipped.append(f"{name}: {exc}")
                 return None
             self._last_snapshot_id = f"{SNAPSHOT_ID_PREFIX}{man.journal_seq}"
-            return after, len(tokens), self._chunks.manifest_dir / self.session_id
+            return after, len(tokens), self._chunks.manifest_dir / self.session_id, base
         return None
 
-    def _lineage_after(self, seq: int) -> Lineage:
-        window = _Window()
-        for entry in self.journal:
-            if entry.seq > seq:
-                break
-            window.apply(entry)
-        return window.lineage
-
-    def _room_for_replay(self, after: int, start_len: int) -> None:
-        """Ask the pool for the most cells the replay after entry ``after`` will hold.
+    def _room_for_replay(self, after: int, base: _Window) -> None:
+        """Ask the pool for the most cells the replay after entry ``after`` will hold
+        (``base`` is the window after entry ``after``).
 
         Before a journalled window shift the sequence was longer than it ends up, so the peak,
         not the final window, must fit while the shift is repeated.
         """
         if self._make_room is None:
             return
-        window = _Window()
-        peak = start_len
-        for entry in self.journal:
+        window = self._copy_window(base)
+        peak = len(window.tokens)
+        for entry in self.journal.iter_from(after + 1):
             window.apply(entry)
-            if entry.seq > after:
-                peak = max(peak, len(window.tokens))
+            peak = max(peak, len(window.tokens))
         self._make_room(self, peak)
 
     # -- turns --------------------------------------------------------------------------------
@@ -796,6 +888,9 @@ class Session:
                 session_id=self.session_id,
                 journal_seq=last,
                 lineage=self._window.lineage,
+                meta={
+                    "window": {"spans": [[p.start, p.length, p.seq] for p in self._window.spans]}
+                },
             )
             self._last_snapshot_id = f"{SNAPSHOT_ID_PREFIX}{last}"
             return _ChunkJob(self._chunks, pending)
@@ -942,8 +1037,10 @@ class SessionPool:
         journal_fsync: bool = True,
         chunks: ChunkStore | None = None,
         scratch_seq: int = -1,
+        journal_segment_entries: int = DEFAULT_SEGMENT_ENTRIES,
     ) -> None:
         self.ctx = ctx
+        self.journal_segment_entries = journal_segment_entries
         self.chunks = chunks
         self.scratch_seq = scratch_seq
         self.root = Path(root)
@@ -996,6 +1093,7 @@ class SessionPool:
             writer=self.writer,
             chunks=self.chunks,
             scratch_seq=self.scratch_seq,
+            journal_segment_entries=self.journal_segment_entries,
         )
         try:
             if session.n_tokens > self.ctx.n_ctx:
@@ -1028,7 +1126,7 @@ class SessionPool:
         directory = self.root / JOURNAL_DIR
         if not directory.is_dir():
             return []
-        return sorted(p.stem for p in directory.glob("*.log"))
+        return journal_sessions(directory)
 
     def used_cells(self) -> int:
         """KV cells held by resident sessions."""
@@ -1082,9 +1180,9 @@ class SessionPool:
         if session is not None:
             session.discard()
         journal = self.root / JOURNAL_DIR / f"{session_id}.log"
-        for path in (journal, journal.with_suffix(".ingested")):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        Journal.remove_files(journal)  # the active file, its segments and rescue files
+        with contextlib.suppress(FileNotFoundError):
+            journal.with_suffix(".ingested").unlink()
         self.store.delete_session(session_id)
         if self.chunks is not None:
             self.chunks.delete_session(session_id)
