@@ -40,7 +40,6 @@ import contextlib
 import errno
 import hashlib
 import io
-import itertools
 import json
 import logging
 import os
@@ -54,6 +53,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import numpy as np
+import numpy.typing as npt
 
 from runtime.errors import DiskFullError, MemoryRuntimeError, PersistError, UnsafePathError
 from runtime.fsutil import (
@@ -264,7 +266,7 @@ class _Segment:
     index: Path
     count: int = -1
     n_tokens: int = -1
-    offsets: list[int] = field(default_factory=list)
+    offsets: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def loaded(self) -> bool:
@@ -277,7 +279,7 @@ class _Segment:
 
 def _pack_index(seg: _Segment, size: int) -> bytes:
     body = _IDX_HEAD.pack(_IDX_MAGIC, seg.first, seg.count, size, seg.n_tokens)
-    body += struct.pack(f"<{seg.count}Q", *seg.offsets)
+    body += np.asarray(seg.offsets, dtype="<u8").tobytes()
     return body + hashlib.sha256(body).digest()
 
 
@@ -290,12 +292,10 @@ def _unpack_index(data: bytes, seg: _Segment, size: int) -> bool:
         return False
     if len(data) != _IDX_HEAD.size + 8 * count + 32 or count == 0:
         return False
-    offsets = list(struct.unpack_from(f"<{count}Q", data, _IDX_HEAD.size))
-    if offsets[0] != 0 or any(b <= a for a, b in itertools.pairwise(offsets)):
+    offsets = np.frombuffer(data, dtype="<u8", count=count, offset=_IDX_HEAD.size)
+    if offsets[0] != 0 or int(offsets[-1]) >= size or not bool(np.all(np.diff(offsets) > 0)):
         return False
-    if offsets[-1] >= size:
-        return False
-    seg.count, seg.n_tokens, seg.offsets = count, n_tokens, offsets
+    seg.count, seg.n_tokens, seg.offsets = count, n_tokens, offsets.astype(np.int64)
     return True
 
 
@@ -479,7 +479,8 @@ class Journal:
         for i, off in enumerate(offsets):
             entry = _parse(_record_at(whole, seg.path, off), seg.path, off, seg.first + i)
             n_tokens += len(entry.tokens)
-        seg.count, seg.n_tokens, seg.offsets = len(offsets), n_tokens, offsets
+        seg.count, seg.n_tokens = len(offsets), n_tokens
+        seg.offsets = np.asarray(offsets, dtype=np.int64)
         if not self.readonly:
             try:
                 atomic_write_bytes(seg.index, _pack_index(seg, size))
@@ -506,7 +507,7 @@ class Journal:
             self._sealed_cache.move_to_end(seq)
             return cached
         seg = self._segment_of(seq)
-        off = seg.offsets[seq - seg.first]
+        off = int(seg.offsets[seq - seg.first])
         fd = open_nofollow(seg.path, os.O_RDONLY)
         try:
             head = os.pread(fd, _HEAD.size, off)
@@ -528,7 +529,7 @@ class Journal:
         finally:
             os.close(fd)
         for seq in range(max(start, seg.first), seg.end):
-            off = seg.offsets[seq - seg.first]
+            off = int(seg.offsets[seq - seg.first])
             yield _parse(_record_at(whole, seg.path, off), seg.path, off, seq)
 
     # -- torn tails ----------------------------------------------------------------------------
@@ -631,9 +632,12 @@ class Journal:
         seq = max(seq, 0)
         if seq < self.first_seq:
             raise JournalCompacted(f"{self.path}: entry {seq} was removed by journal retention")
-        for seg in list(self._segments):
-            self._load_segment(seg)
-            if seg.end <= seq:
+        segments = list(self._segments)
+        for i, seg in enumerate(segments):
+            # segments are contiguous: one that the next starts at or before ``seq`` is
+            # skipped without reading its index
+            following = segments[i + 1].first if i + 1 < len(segments) else self._first
+            if following <= seq:
                 continue
             if seg.first >= end:
                 return
@@ -788,7 +792,7 @@ class Journal:
                 self.path.with_name(_seg_name(name, first, "idx")),
                 count,
                 n_tokens,
-                list(self._offsets),
+                np.asarray(self._offsets, dtype=np.int64),
             )
             if os.path.lexists(seg.path):
                 raise JournalError(f"{seg.path} already exists")

@@ -1,0 +1,136 @@
+"""Resume cost against the journal's age: ``pool.get`` of a session with a current checkpoint.
+
+A session that runs for weeks has a long journal. With a current checkpoint, resuming it must
+cost what it replays (nothing here), not what the session ever said. The journal is built at
+1k, 10k and 100k entries (short turns, the window shifted as it fills, as a long chat does),
+with the KV of its final window checkpointed into the chunk store; then each round opens a
+fresh pool and times ``pool.get``. The figure to read is the ratio of 100k to 1k (issue 12:
+within 2x).
+
+Setup writes the journal straight through :class:`runtime.journal.Journal` (no decode per
+turn: a 100k-turn prefill would take an hour on this model) and decodes only the final window
+into the KV before the checkpoint; the checkpoint is therefore self-consistent (its tokens are
+the journal's window), which is all a resume checks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.conftest import CI, rounds
+from runtime.chunks import ChunkStore
+from runtime.journal import Journal
+from runtime.session import JOURNAL_DIR, WINDOW_ROLE, Session, SessionPool
+from runtime.store import SnapshotStore
+
+SIZES = (1_000, 10_000, 100_000)
+N_CTX = 512
+SCRATCH = 3
+CTX: dict[str, Any] = {"n_batch": 512, "n_seq_max": 4, "n_threads": 2, "kv_unified": True}
+
+
+def _write_journal(path: Path, n_entries: int, turn_tokens: int = 6) -> None:
+    """``n_entries`` journal entries: alternating user/assistant turns of ``turn_tokens`` ids,
+    and a window shift (journalled, as the runtime does) whenever the window would pass 3/4 of
+    ``N_CTX``; the shift drops the oldest turns after the first down to half of it."""
+    spans: list[int] = []  # token count per turn in the window
+    with Journal(path, fsync=False) as journal:
+        while len(journal) < n_entries:
+            i = len(journal)
+            if sum(spans) + turn_tokens > (3 * N_CTX) // 4 and len(spans) > 2:
+                a = b = spans[0]
+                keep = sum(spans)
+                while keep - (b - a) > N_CTX // 2 and len(spans) > 2:
+                    b += spans.pop(1)
+                journal.append(WINDOW_ROLE, "", (), {"drop": [a, b]})
+                continue
+            tokens = [10 + (i * 7 + j) % 180 for j in range(turn_tokens)]
+            journal.append("user" if i % 2 == 0 else "assistant", f"turn {i}", tokens)
+            spans.append(turn_tokens)
+
+
+@pytest.fixture(scope="module")
+def long_sessions(
+    bench_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """(context, root): one session per size, each with a checkpoint of its final window."""
+    from llamaffi import Model
+    from llamaffi.testing import make_model
+
+    path = bench_models_dir / "tiny-resume.gguf"
+    if not path.exists():
+        make_model(path, preset="tiny")
+    root = tmp_path_factory.mktemp("resume")
+    with Model(path) as model, model.context(n_ctx=N_CTX, **CTX) as ctx:
+        store = SnapshotStore(root / "snapshots")
+        chunks = ChunkStore(root / "kv")
+        for n in SIZES if not CI else SIZES[:2]:
+            sid = f"s{n}"
+            _write_journal(root / JOURNAL_DIR / f"{sid}.log", n)
+            # the first open walks the whole journal (no checkpoint yet): setup only
+            session = Session(ctx, 0, sid, root, store, chunks=chunks, scratch_seq=SCRATCH)
+            ctx.memory.seq_rm(0)
+            ctx.decode(session.tokens(), seq_id=0, pos=0)
+            session._resident = True  # the KV now holds the window: checkpoint it
+            session.checkpoint()
+            session.close()
+        chunks.close()
+        store.close()
+        yield ctx, root
+
+
+@pytest.mark.parametrize("n_entries", SIZES)
+def test_pool_get_with_current_checkpoint(
+    benchmark: Any, long_sessions: Any, n_entries: int
+) -> None:
+    """``pool.get`` (open journal, window from the checkpoint, restore its chunks)."""
+    if CI and n_entries == SIZES[-1]:
+        pytest.skip("CI mode: 100k entries take a minute to build")
+    ctx, root = long_sessions
+    sid = f"s{n_entries}"
+    reports = []
+
+    def setup() -> tuple[tuple[SessionPool], dict[str, Any]]:
+        ctx.memory.clear()
+        pool = SessionPool(ctx, root, n_seq=2, chunks=ChunkStore(root / "kv"), scratch_seq=SCRATCH)
+        return (pool,), {}
+
+    def run(pool: SessionPool) -> None:
+        _, report = pool.get(sid)
+        reports.append(report)
+        pool.close()
+
+    benchmark.pedantic(run, setup=setup, rounds=rounds(7), iterations=1)
+    report = reports[-1]
+    assert report is not None and report.source == "snapshot" and report.replayed_tokens == 0
+    journal_bytes = sum(
+        f.stat().st_size for f in (root / JOURNAL_DIR).glob(f"{sid}.log*") if f.is_file()
+    )
+    benchmark.extra_info.update(
+        {
+            "journal_entries": n_entries,
+            "journal_bytes": journal_bytes,
+            "window_tokens": report.n_tokens,
+            "resume_seconds": report.seconds,
+        }
+    )
+
+
+def test_full_walk_reference(benchmark: Any, long_sessions: Any) -> None:
+    """What every open paid before: reading and parsing every entry (10k here)."""
+    _, root = long_sessions
+    path = root / JOURNAL_DIR / "s10000.log"
+
+    def walk() -> int:
+        with Journal(path, readonly=True) as journal:
+            return sum(1 for _ in journal)
+
+    start = time.perf_counter()
+    assert walk() == 10_000
+    benchmark.extra_info["first_walk_seconds"] = time.perf_counter() - start
+    benchmark.pedantic(walk, rounds=rounds(3), iterations=1)
