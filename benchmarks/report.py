@@ -1,17 +1,24 @@
-"""Turn a pytest-benchmark JSON file into the README's benchmark tables.
+"""Turn a pytest-benchmark JSON file into the README's benchmark tables and charts.
 
-    python benchmarks/report.py .benchmarks/latest.json
+    python benchmarks/report.py .benchmarks/latest.json [--markdown OUT.md] [--charts DIR]
+        [--sizes 1024,4096]
 
 ``./dev bench`` runs the suites with ``--benchmark-json=.benchmarks/latest.json`` and then
-this script. Medians are reported; the targets come from the issues.
+this script. Medians are reported, with min–max where the spread matters; the targets come
+from the issues. ``--charts`` writes ``kvio-time.png`` and ``kvio-bytes.png`` (time and bytes
+against tokens, one line per method, one panel per model) and needs matplotlib (the ``bench``
+extra). ``--sizes`` picks the session lengths of the KV I/O headline table (default: all).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+import kvio_report
 
 
 def _by_name(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -233,16 +240,19 @@ def server_table(benches: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the tables for the JSON file named on the command line."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print(__doc__, file=sys.stderr)
-        return 2
-    data = json.loads(Path(args[0]).read_text())
+    """Print the tables for the JSON file named on the command line (and write the files)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path)
+    parser.add_argument("--markdown", type=Path, help="also write the report here")
+    parser.add_argument("--charts", type=Path, help="write the PNG charts into this directory")
+    parser.add_argument("--sizes", help="session lengths of the KV I/O headline table")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    data = json.loads(args.json.read_text())
     benches = _by_name(data)
-    machine = data.get("machine_info", {})
-    print(f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('node', '')}")
+    sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else None
+    out: list[str] = kvio_report.machine_lines(data)
     tables = (
+        *kvio_report.tables(data["benchmarks"], sizes),
         snapshot_table(benches),
         embed_table(benches),
         index_table(benches),
@@ -250,11 +260,19 @@ def main(argv: list[str] | None = None) -> int:
         restart_table(benches),
         policy_table(benches),
         server_table(benches),
+        kvio_report.other_table(data["benchmarks"]),
     )
     for table in tables:
         if table:
-            print()
-            print("\n".join(table))
+            out += ["", *table]
+    text = "\n".join(out) + "\n"
+    print(text, end="")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text)
+    if args.charts:
+        for path in kvio_report.charts(data["benchmarks"], args.charts):
+            print(f"chart: {path}", file=sys.stderr)
     return 0
 
 
