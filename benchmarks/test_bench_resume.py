@@ -15,6 +15,7 @@ the journal's window), which is all a resume checks.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.conftest import CI, rounds
+from benchmarks.conftest import CI, FULL, rounds
 from runtime.chunks import ChunkStore
 from runtime.journal import Journal
 from runtime.session import JOURNAL_DIR, WINDOW_ROLE, Session, SessionPool
@@ -134,3 +135,62 @@ def test_full_walk_reference(benchmark: Any, long_sessions: Any) -> None:
     assert walk() == 10_000
     benchmark.extra_info["first_walk_seconds"] = time.perf_counter() - start
     benchmark.pedantic(walk, rounds=rounds(3), iterations=1)
+
+
+def test_soak_turns_stay_flat(benchmark: Any, bench_models_dir: Path, tmp_path: Path) -> None:
+    """20 sessions, 20k short turns with ``BENCH_FULL=1`` (2k by default, 400 in CI mode,
+    ``BENCH_SOAK_TURNS`` to choose) round-robin over 3 sequences, so every turn resumes a
+    suspended session: turns/s and the resume time per tenth of the run must not fall as the
+    journals grow (the issue's soak fell from 32.3 to 14.8 turns/s)."""
+    from llamaffi import Model
+
+    path = bench_models_dir / "tiny-resume.gguf"
+    if not path.exists():
+        from llamaffi.testing import make_model
+
+        make_model(path, preset="tiny")
+    total = int(os.environ.get("BENCH_SOAK_TURNS", 400 if CI else 20_000 if FULL else 2_000))
+    block = max(total // 10, 1)
+    blocks: list[dict[str, float]] = []
+
+    def soak() -> None:
+        with Model(path) as model, model.context(n_ctx=N_CTX, **CTX) as ctx:
+            pool = SessionPool(
+                ctx,
+                tmp_path,
+                n_seq=3,
+                journal_fsync=False,
+                chunks=ChunkStore(tmp_path / "kv"),
+                scratch_seq=SCRATCH,
+                snapshot_every=1,
+            )
+            start, resume_s = time.perf_counter(), 0.0
+            for turn in range(total):
+                t0 = time.perf_counter()
+                session, report = pool.get(f"user{turn % 20}")
+                if report is not None:
+                    resume_s += time.perf_counter() - t0
+                tokens = [10 + (turn * 7 + j) % 180 for j in range(6)]
+                session.reserve(len(tokens))
+                session.append_tokens("user", f"turn {turn}", tokens)
+                if (turn + 1) % block == 0:
+                    now = time.perf_counter()
+                    blocks.append(
+                        {"turns_per_s": block / (now - start), "resume_ms": resume_s / block * 1e3}
+                    )
+                    start, resume_s = now, 0.0
+            pool.close()
+
+    benchmark.pedantic(soak, rounds=1, iterations=1)
+    first, last = blocks[0], blocks[-1]
+    benchmark.extra_info.update(
+        {
+            "turns": total,
+            "sessions": 20,
+            "first_block_turns_per_s": round(first["turns_per_s"], 1),
+            "last_block_turns_per_s": round(last["turns_per_s"], 1),
+            "first_block_resume_ms": round(first["resume_ms"], 2),
+            "last_block_resume_ms": round(last["resume_ms"], 2),
+            "blocks": blocks,
+        }
+    )
