@@ -1,0 +1,233 @@
+"""Resident sessions over one context: the least recently used are suspended to make room,
+so idle sessions hold no KV memory and no open files."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
+from runtime.chunks import (
+    ChunkStore,
+)
+from runtime.journal import (
+    DEFAULT_SEGMENT_ENTRIES,
+    Journal,
+    journal_sessions,
+)
+from runtime.store import SnapshotStore, validate_session_id
+
+if TYPE_CHECKING:
+    from llamaffi import Context
+
+
+from runtime.session.base import JOURNAL_DIR, ContextFullError, ResumeReport, SessionError
+from runtime.session.session import Session
+
+logger = logging.getLogger(__name__)
+
+
+class SessionPool:
+    """Resident sessions over one context; the least recently used ones are suspended.
+
+    A session is resident while its tokens are in the KV cache. All resident sessions share
+    the context's ``n_ctx`` cells and ``n_seq_max`` sequences: before a session is resumed or
+    grows, the least recently used others are suspended (snapshot, then their cells freed, their
+    journal closed) until it fits. Idle sessions thus hold no KV memory and no open files.
+
+    Args:
+        ctx: the shared context.
+        root: data directory (journals under ``root/journals``, snapshots under
+            ``root/snapshots``).
+        keep: snapshots kept per session.
+        snapshot_every, window: see :class:`Session`.
+    """
+
+    def __init__(
+        self,
+        ctx: Context,
+        root: str | Path,
+        *,
+        keep: int = 3,
+        snapshot_every: int = 1,
+        window: Literal["shift", "refuse"] = "shift",
+        n_seq: int | None = None,
+        policy: CheckpointPolicy | None = None,
+        writer: CheckpointWriter | None = None,
+        journal_fsync: bool = True,
+        chunks: ChunkStore | None = None,
+        scratch_seq: int = -1,
+        journal_segment_entries: int = DEFAULT_SEGMENT_ENTRIES,
+    ) -> None:
+        self.ctx = ctx
+        self.journal_segment_entries = journal_segment_entries
+        self.chunks = chunks
+        self.scratch_seq = scratch_seq
+        self.root = Path(root)
+        self.snapshot_every = snapshot_every
+        self.window = window
+        #: sequence ids 0 .. n_seq-1 are the pool's; the rest are left to the caller (scratch)
+        self.n_seq = ctx.n_seq_max if n_seq is None else n_seq
+        if not 1 <= self.n_seq <= ctx.n_seq_max:
+            raise SessionError(f"n_seq must be in [1, {ctx.n_seq_max}], got {self.n_seq}")
+        self.policy = policy
+        self.writer = writer
+        self.journal_fsync = journal_fsync
+        #: how the sessions resumed so far came back: source -> count
+        self.resumes: dict[str, int] = {"snapshot": 0, "journal": 0, "empty": 0}
+        self.last_resume: ResumeReport | None = None
+        # Hash the GGUF now (cached on disk by file identity), not inside the first turn.
+        self.model_fingerprint = ctx.model.fingerprint
+        self.store = SnapshotStore(self.root / "snapshots", keep=keep)
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # resident only, LRU first
+
+    def get(self, session_id: str) -> tuple[Session, ResumeReport | None]:
+        """The session, resumed if it was not resident; the report says how, if it was."""
+        session = self._sessions.get(session_id)
+        if session is not None and (session.journal.closed or not session.resident):
+            # Its journal closed itself (a failed append on a full disk), or a failed decode
+            # dropped its KV: the KV is not the journal's any more. Forget it here; it is
+            # reopened and resumed from disk below.
+            logger.warning("session %s: KV or journal was dropped; resuming it", session_id)
+            del self._sessions[session_id]
+            self.ctx.memory.seq_rm(session.seq_id)
+            session.journal.close()
+            session = None
+        if session is not None:
+            self._sessions.move_to_end(session_id)
+            return session, None
+        if self.writer is not None:
+            # A checkpoint still in the writer's queue is this session's newest state.
+            self.writer.flush(validate_session_id(session_id))
+        session = Session(
+            self.ctx,
+            -1,
+            session_id,
+            self.root,
+            self.store,
+            snapshot_every=self.snapshot_every,
+            journal_fsync=self.journal_fsync,
+            make_room=self._make_room,
+            window=self.window,
+            policy=self.policy,
+            writer=self.writer,
+            chunks=self.chunks,
+            scratch_seq=self.scratch_seq,
+            journal_segment_entries=self.journal_segment_entries,
+        )
+        try:
+            if session.n_tokens > self.ctx.n_ctx:
+                raise ContextFullError(
+                    f"session {session_id!r} holds {session.n_tokens} tokens, more than "
+                    f"n_ctx={self.ctx.n_ctx}: open it with a larger context"
+                )
+            session.seq_id = self._free_seq()
+            report = session.resume()  # asks _make_room for the cells its replay needs
+        except BaseException:
+            if session.seq_id >= 0:  # no half-rebuilt cells left under a "free" seq id
+                self.ctx.memory.seq_rm(session.seq_id)
+            session.journal.close()
+            raise
+        self._sessions[session_id] = session
+        self.resumes[report.source] = self.resumes.get(report.source, 0) + 1
+        self.last_resume = report
+        return session, report
+
+    def resident(self) -> list[Session]:
+        """The resident sessions, least recently used first."""
+        return list(self._sessions.values())
+
+    def peek(self, session_id: str) -> Session | None:
+        """The session if it is resident, without resuming or reordering anything."""
+        return self._sessions.get(session_id)
+
+    def known(self) -> list[str]:
+        """Every session with a journal on disk, resident or not, sorted."""
+        directory = self.root / JOURNAL_DIR
+        if not directory.is_dir():
+            return []
+        return journal_sessions(directory)
+
+    def used_cells(self) -> int:
+        """KV cells held by resident sessions."""
+        return self._used_cells()
+
+    def _used_cells(self, exclude: Session | None = None) -> int:
+        return sum(s.n_tokens for s in self._sessions.values() if s is not exclude)
+
+    def _make_room(self, session: Session, n_tokens: int) -> None:
+        """Suspend LRU sessions (never ``session``) until ``n_tokens`` more cells fit."""
+        mine = session.n_tokens if session.resident else 0
+        while self._used_cells(exclude=session) + mine + n_tokens > self.ctx.n_ctx:
+            victim = next((s for s in self._sessions.values() if s is not session), None)
+            if victim is None:
+                break  # alone and still too big: Session._reserve already refused that
+            self._evict(victim)
+
+    def _free_seq(self) -> int:
+        used = {s.seq_id for s in self._sessions.values()}
+        free = [i for i in range(self.n_seq) if i not in used]
+        if free:
+            return free[0]
+        victim = next(iter(self._sessions.values()))
+        seq_id = victim.seq_id
+        self._evict(victim)
+        return seq_id
+
+    def _evict(self, victim: Session) -> None:
+        logger.info("suspending idle session %s (seq %d)", victim.session_id, victim.seq_id)
+        del self._sessions[victim.session_id]
+        try:
+            victim.close()
+        except Exception:
+            # Its cells must be freed whatever happened: the next get() reopens it from disk.
+            self.ctx.memory.seq_rm(victim.seq_id)
+            raise
+
+    def suspend(self, session_id: str) -> None:
+        """Snapshot the session and free its KV cells and journal (no-op if not resident)."""
+        session = self._sessions.get(session_id)
+        if session is not None:
+            self._evict(session)
+
+    def delete(self, session_id: str) -> None:
+        """Forget a session: its KV cells, journal and snapshots. Long-term memory is separate
+        (its items carry the session id)."""
+        session = self._sessions.pop(validate_session_id(session_id), None)
+        if self.writer is not None:
+            self.writer.discard(session_id)
+            self.writer.flush(session_id)
+        if session is not None:
+            session.discard()
+        journal = self.root / JOURNAL_DIR / f"{session_id}.log"
+        Journal.remove_files(journal)  # the active file, its segments and rescue files
+        with contextlib.suppress(FileNotFoundError):
+            journal.with_suffix(".ingested").unlink()
+        self.store.delete_session(session_id)
+        if self.chunks is not None:
+            self.chunks.delete_session(session_id)
+
+    def close(self) -> None:
+        """Suspend every session, close journals, release the store lock."""
+        try:
+            while self._sessions:
+                _, session = self._sessions.popitem(last=False)
+                try:
+                    session.close()
+                except Exception:  # keep closing the others; the journals hold the truth
+                    logger.exception("closing session %s failed", session.session_id)
+            if self.writer is not None:
+                self.writer.flush()  # the final checkpoints, before the store lock goes
+        finally:
+            self.store.close()
+            if self.chunks is not None:
+                self.chunks.close()
+
+    def __enter__(self) -> SessionPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
