@@ -67,13 +67,14 @@ from runtime.fsutil import (
     fsync_dir,
     remove_stale_temps,
 )
-from runtime.snapshot import CacheIdentity, Codec, CorruptSnapshot, UnsupportedVersion
+from runtime.snapshot import CacheIdentity, Codec, CorruptSnapshot, Filter, UnsupportedVersion
 from runtime.store import validate_session_id
 
 if TYPE_CHECKING:
     from llamaffi import Context
 
 __all__ = [
+    "CHUNK_CODEC",
     "DEFAULT_CHUNK_TOKENS",
     "DEFAULT_KEEP",
     "MANIFEST_MAGIC",
@@ -98,6 +99,12 @@ logger = logging.getLogger(__name__)
 
 #: Tokens per chunk unless the store is opened with another ``chunk_tokens`` (LMCache's size).
 DEFAULT_CHUNK_TOKENS = 256
+#: The codec of chunk files unless the store is given another: zstd level -1, no filter, no
+#: zstd content checksum (the chunk table's xxh3-128 still covers every stored byte and is
+#: checked before a frame is decoded). It stores KV almost as is (0.98-0.99 of raw) and
+#: restores at 0.9-1.4x llama.cpp's raw load, where level 1 with byte planes saves 20% of the
+#: bytes for 3.5-4x; see docs/snapshot-format.md ("The codec of chunks").
+CHUNK_CODEC = Codec(level=-1, filter=Filter.NONE, checksum=False)
 #: Manifests kept per session: the newest, and one to fall back to if it is damaged.
 DEFAULT_KEEP = 2
 #: 8 bytes, built like the snapshot magic (high bit, CR LF).
@@ -484,7 +491,9 @@ class ChunkStore:
     Args:
         root: the store directory (created with mode 0700).
         chunk_tokens: positions per chunk (the key depends on it).
-        level: zstd level of chunk files.
+        level: zstd level of chunk files, with the byte-plane filter (``Codec(level=level)``);
+            ``None`` (default) means :data:`CHUNK_CODEC`.
+        codec: the whole codec of chunk files (overrides ``level``).
         keep: manifests kept per session (at least 1; 2 lets a damaged newest fall back).
         dedup: ``"global"`` (default) shares chunks of equal prefixes across sessions;
             ``"session"`` keys chunks per session (see docs: "Dedup and bit-exactness").
@@ -504,7 +513,8 @@ class ChunkStore:
         root: str | os.PathLike[str],
         *,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-        level: int = 1,
+        level: int | None = None,
+        codec: Codec | None = None,
         keep: int = DEFAULT_KEEP,
         dedup: Literal["global", "session"] = "global",
         readonly: bool = False,
@@ -519,7 +529,9 @@ class ChunkStore:
             raise ValueError("dedup must be 'global' or 'session'")
         self.root = Path(root)
         self.chunk_tokens = chunk_tokens
-        self.codec = Codec(level=level)
+        if codec is None:
+            codec = CHUNK_CODEC if level is None else Codec(level=level)
+        self.codec = codec
         self.keep = keep
         self.dedup = dedup
         self.readonly = readonly
@@ -959,7 +971,8 @@ class ChunkStore:
         """Read, verify and decode one chunk (on a worker thread; never touches a context)."""
         path = self.chunk_path(ref.key)
         try:
-            snap = snapshot_mod.read(path, mapped=True)  # lives only for this call
+            # lives only for this call; the digests are checked frame by frame by decode_into
+            snap = snapshot_mod.read(path, mapped=True, defer_digests=True)
         except FileNotFoundError:
             raise MissingChunk(ref.key, f"{path} does not exist") from None
         except (CorruptSnapshot, UnsupportedVersion) as exc:

@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zstandard
 
 from runtime import snapshot as S
 from runtime.chunks import (
+    CHUNK_CODEC,
     ChunkStore,
     CorruptChunk,
     MissingChunk,
@@ -99,6 +101,59 @@ def test_bit_identical_after_many_turns(model: Any, store: ChunkStore, n: int) -
         check_equal_restores(model, store, ctx, tokens, probe)
 
 
+@pytest.mark.slow
+def test_bit_identical_at_16k_tokens_across_a_window_shift(model: Any, store: ChunkStore) -> None:
+    """16k tokens in 97-token turns, checkpointed as the session grows; then a window shift
+    (keep 512, drop 4,096) and more turns: chunks, a full snapshot and the live context agree
+    bit for bit before and after the shift."""
+    n, keep, drop, more = 16_384, 512, 4096, 300
+    tokens = make_tokens(model, n + more + 2, seed=16)
+    probe, probe2 = tokens[-2], tokens[-1]
+    with model.context(n_ctx=n + 256, **CTX_ARGS) as ctx:
+        done = 0
+        for step in (1000, 4500, 9001, n):
+            build(ctx, tokens[done:step], turn=97)
+            done = step
+            assert checkpoint(store, ctx, tokens[:done], "s").n_tokens == done
+        check_equal_restores(model, store, ctx, tokens[:n], probe)
+        ctx.memory.seq_rm(SRC, keep, keep + drop)
+        ctx.memory.seq_add(SRC, keep + drop, -1, -drop)
+        build(ctx, tokens[n : n + more], turn=97)  # the decode that applies the shift to K
+        window = tokens[:keep] + tokens[keep + drop : n + more]
+        lineage = shift_lineage((), keep, tokens[keep : keep + drop])
+        after = checkpoint(store, ctx, window, "s", lineage=lineage)
+        assert after.n_tokens == n - drop + more
+        assert after.chunks[0].key == store.manifests("s")[1].chunks[0].key  # before the shift
+        check_equal_restores(model, store, ctx, window, probe2)
+
+
+def test_chunk_codec_and_older_chunks(model: Any, tmp_path: Path) -> None:
+    """New chunks use CHUNK_CODEC; chunks written with the former default (zstd 1, byte
+    planes, content checksums) still restore, mixed in one manifest, bit for bit."""
+    tokens = make_tokens(model, 900, seed=17)
+    root = tmp_path / "store"
+    with model.context(n_ctx=1024, **CTX_ARGS) as ctx:
+        build(ctx, tokens[:600])
+        with ChunkStore(root, level=1) as old:
+            first = checkpoint(old, ctx, tokens[:600], "s")
+        build(ctx, tokens[600:])
+        live = ctx.seq_state_get(SRC).tobytes()
+        with ChunkStore(root) as store:
+            assert store.codec == CHUNK_CODEC
+            man = checkpoint(store, ctx, tokens, "s")
+            assert man.chunks[0].key == first.chunks[0].key  # reused, not rewritten
+            old_header = S.inspect(store.chunk_path(man.chunks[0].key))
+            new_header = S.inspect(store.chunk_path(man.chunks[2].key))
+            assert (old_header.filter, old_header.level) == (S.Filter.PLANES2, 1)
+            assert (new_header.filter, new_header.level) == (S.Filter.NONE, -1)
+            frame = S.read(store.chunk_path(man.chunks[2].key)).chunks[0]
+            assert not zstandard.get_frame_parameters(bytes(frame)).has_checksum
+            assert store.verify().ok
+            with model.context(n_ctx=1024, **CTX_ARGS) as fresh:
+                store.restore(fresh, man, SRC, scratch_seq=SCRATCH)
+                assert fresh.seq_state_get(SRC).tobytes() == live
+
+
 def test_window_shift(model: Any, store: ChunkStore) -> None:
     tokens = make_tokens(model, 900, seed=3)
     keep, drop = 100, 300
@@ -176,6 +231,42 @@ def test_dedup_shared_prefix(model: Any, store: ChunkStore) -> None:
         with model.context(n_ctx=1600, **CTX_ARGS) as fresh:
             store.restore(fresh, b, 1, scratch_seq=3)
             assert fresh.seq_state_get(1).tobytes() == live
+
+
+def test_twenty_sessions_store_a_shared_system_prompt_once(model: Any, store: ChunkStore) -> None:
+    """20 sessions whose first 1,000 tokens are the same system prompt: its three full chunks
+    are written once, and stats() counts the 19 copies not stored."""
+    system = make_tokens(model, 1000, seed=20)
+    n_sessions, own_len = 20, 20  # 1,020 tokens: 3 full chunks and a 252-token tail
+    full = 1000 // store.chunk_tokens  # 3 chunks wholly inside the prompt
+    with model.context(n_ctx=2048, **CTX_ARGS) as ctx:
+        build(ctx, system, seq=0)
+        mans = []
+        for i in range(n_sessions):
+            ctx.memory.seq_cp(0, 1, -1, -1)  # the shared prompt's cells, as a runtime would
+            own = make_tokens(model, own_len, seed=100 + i)
+            build(ctx, own, seq=1)
+            pending = store.plan_capture(
+                ctx, 1, system + own, scratch_seq=3, session_id=f"s{i:02d}", journal_seq=1
+            )
+            assert pending.new_chunks == (full + 1 if i == 0 else 1)  # later: only the tail
+            mans.append(store.commit(pending))
+            ctx.memory.seq_rm(1, -1, -1)
+    shared = [r.key for r in mans[0].chunks]
+    assert len(shared) == full and all([r.key for r in m.chunks] == shared for m in mans)
+    tails = {m.tail.key for m in mans if m.tail is not None}
+    assert len(tails) == n_sessions
+    on_disk = {p.name.split(".")[0] for p in store.chunk_dir.rglob("*.kvsnap")}
+    assert on_disk == set(shared) | tails  # 3 + 20 files, not 4 x 20
+    shared_bytes = sum(r.file_size for r in mans[0].chunks)
+    tail_bytes = sum(m.tail.file_size for m in mans if m.tail is not None)
+    stats = store.stats()
+    assert stats["chunks"] == full + n_sessions
+    assert stats["sessions"] == n_sessions
+    assert stats["chunk_bytes"] == shared_bytes + tail_bytes
+    assert stats["logical_bytes"] == n_sessions * shared_bytes + tail_bytes
+    assert stats["dedup_saved_bytes"] == (n_sessions - 1) * shared_bytes
+    assert stats["chunk_bytes"] < 0.3 * stats["logical_bytes"]
 
 
 def test_session_dedup_scope_shares_nothing(model: Any, tmp_path: Path) -> None:
