@@ -1,0 +1,251 @@
+"""Journal records: the entry, its CRC-framed record on disk, the scan that checks frames,
+torn-tail rescue, and the journal's errors.
+
+Record layout (TFRecord-style, little-endian)::
+
+    u64 payload length | u32 crc32(length bytes) | payload | u32 crc32(payload)
+
+The payload is UTF-8 JSON (one :class:`Entry`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from runtime.errors import DiskFullError, MemoryRuntimeError, PersistError, UnsafePathError
+from runtime.fsutil import (
+    FULL_ERRNOS,
+    fsync_dir,
+    open_nofollow,
+)
+
+logger = logging.getLogger(__name__)
+
+_HEAD = struct.Struct("<QI")
+_TAIL = struct.Struct("<I")
+#: A record larger than this is refused on write and treated as damage on read.
+MAX_RECORD = 64 << 20
+
+
+class JournalError(MemoryRuntimeError):
+    """The journal cannot be used."""
+
+
+class JournalCorrupt(JournalError, ValueError):
+    """Damage in the middle of the journal (not a torn tail); ``offset`` is where it starts."""
+
+    def __init__(self, path: Path, offset: int, reason: str) -> None:
+        super().__init__(f"{path}: corrupt record at byte {offset}: {reason}")
+        self.path = path
+        self.offset = offset
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One journalled turn.
+
+    Attributes:
+        seq: 0-based position of the entry in the journal.
+        role: who spoke (``user``, ``assistant``, ``system``).
+        text: the text of the turn.
+        tokens: the exact token ids this turn appended to the session's KV sequence.
+        created: UNIX time of the append.
+        meta: free-form JSON-serialisable data.
+    """
+
+    seq: int
+    role: str
+    text: str
+    tokens: tuple[int, ...]
+    created: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_payload(self) -> bytes:
+        """The record payload (JSON, UTF-8)."""
+        doc = {
+            "v": 1,
+            "seq": self.seq,
+            "role": self.role,
+            "text": self.text,
+            "tokens": list(self.tokens),
+            "created": self.created,
+            "meta": self.meta,
+        }
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Entry:
+        """Parse a payload written by :meth:`to_payload`."""
+        doc = json.loads(payload)
+        if doc.get("v") != 1:
+            raise ValueError(f"unknown journal entry version {doc.get('v')!r}")
+        return cls(
+            seq=int(doc["seq"]),
+            role=str(doc["role"]),
+            text=str(doc["text"]),
+            tokens=tuple(int(t) for t in doc["tokens"]),
+            created=float(doc["created"]),
+            meta=dict(doc.get("meta") or {}),
+        )
+
+
+def _encode(payload: bytes) -> bytes:
+    length = struct.pack("<Q", len(payload))
+    return length + _TAIL.pack(zlib.crc32(length)) + payload + _TAIL.pack(zlib.crc32(payload))
+
+
+def _scan(f: BinaryIO, path: Path, size: int) -> tuple[list[int], int]:
+    """Check every record's frame and both checksums (no JSON is parsed); return the records'
+    offsets and the offset where good data ends."""
+    offsets: list[int] = []
+    offset = 0
+    while offset < size:
+        head = f.read(_HEAD.size)
+        if len(head) < _HEAD.size:
+            break  # torn inside the header
+        length, head_crc = _HEAD.unpack(head)
+        if zlib.crc32(head[:8]) != head_crc:
+            if _rest_is_zero(f, offset, size):
+                break  # an unwritten tail after a crash
+            raise JournalCorrupt(path, offset, "record header checksum mismatch")
+        if length > MAX_RECORD:
+            raise JournalCorrupt(path, offset, f"record length {length} exceeds {MAX_RECORD}")
+        end = offset + _HEAD.size + length + _TAIL.size
+        if end > size:
+            break  # torn inside the payload
+        payload = f.read(length)
+        tail = f.read(_TAIL.size)
+        (crc,) = _TAIL.unpack(tail)
+        if zlib.crc32(payload) != crc:
+            if end == size and _looks_unwritten(payload + tail):
+                break  # the last record, torn: its end never reached the disk
+            raise JournalCorrupt(path, offset, "payload checksum mismatch")
+        offsets.append(offset)
+        offset = end
+    return offsets, offset
+
+
+def _record_at(data: bytes | memoryview, path: Path, offset: int, base: int = 0) -> bytes:
+    """The payload of the record at file offset ``offset`` (``data`` starts at ``base``),
+    checked again: a segment may have been damaged since it was indexed."""
+    at = offset - base
+    if at < 0 or at + _HEAD.size > len(data):
+        raise JournalCorrupt(path, offset, "record is past the end of the file")
+    length, head_crc = _HEAD.unpack_from(data, at)
+    if zlib.crc32(data[at : at + 8]) != head_crc or length > MAX_RECORD:
+        raise JournalCorrupt(path, offset, "record header checksum mismatch")
+    start = at + _HEAD.size
+    if start + length + _TAIL.size > len(data):
+        raise JournalCorrupt(path, offset, "record is past the end of the file")
+    payload = bytes(data[start : start + length])
+    (crc,) = _TAIL.unpack_from(data, start + length)
+    if zlib.crc32(payload) != crc:
+        raise JournalCorrupt(path, offset, "payload checksum mismatch")
+    return payload
+
+
+def _parse(payload: bytes, path: Path, offset: int, seq: int) -> Entry:
+    try:
+        entry = Entry.from_payload(payload)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise JournalCorrupt(path, offset, f"unreadable entry: {exc}") from exc
+    if entry.seq != seq:
+        raise JournalCorrupt(path, offset, f"entry seq {entry.seq}, expected {seq}")
+    return entry
+
+
+def _looks_unwritten(record_end: bytes) -> bool:
+    """A record whose length reached the disk but whose last bytes did not reads as zeros
+    there (a file extended before its data blocks were written). A bit flip does not."""
+    return record_end.endswith(b"\0" * min(8, len(record_end)))
+
+
+def _rest_is_zero(f: BinaryIO, offset: int, size: int) -> bool:
+    f.seek(offset)
+    while chunk := f.read(1 << 16):
+        if chunk.count(0) != len(chunk):
+            return False
+    f.seek(size)
+    return True
+
+
+class JournalWriteError(JournalError, PersistError):
+    """An append failed (an I/O error); nothing of it was kept and the journal stays usable."""
+
+
+class JournalFullError(JournalWriteError, DiskFullError):
+    """An append failed because the disk is full; the next append works once space is freed."""
+
+
+def _write_error(exc: OSError, path: Path, what: str) -> JournalWriteError:
+    code = exc.errno or errno.EIO
+    if code in FULL_ERRNOS:
+        return JournalFullError(
+            code,
+            f"disk full: {what}; nothing of it was kept, retry once space is freed",
+            str(path),
+        )
+    return JournalWriteError(code, f"{what}: {exc.strerror or exc}", str(path))
+
+
+class JournalCompacted(JournalError, LookupError):
+    """The entry was in a segment that a retention policy deleted."""
+
+
+def cut_torn_tail(path: Path, fd: int, good: int, size: int) -> None:
+    """Move a torn last record aside (never destroy bytes), then truncate."""
+    rescued = os.pread(fd, size - good, good)
+    try:
+        aside = write_rescue(path, good, rescued)
+        logger.warning(
+            "%s: a crash left a torn last record (%d bytes at offset %d); it was never "
+            "acknowledged, so it is dropped (bytes kept in %s)",
+            path,
+            size - good,
+            good,
+            aside.name,
+        )
+        os.ftruncate(fd, good)
+        os.fsync(fd)
+        fsync_dir(path.parent)
+    except UnsafePathError:
+        raise
+    except OSError as exc:
+        raise _write_error(exc, path, "could not set a torn last record aside") from exc
+
+
+def write_rescue(path: Path, good: int, data: bytes) -> Path:
+    """Write ``data`` to a new ``<journal>.torn-<offset>[.<n>]`` file (0600, O_EXCL).
+
+    ``O_EXCL`` never follows a symlink and never replaces an earlier rescue file: a second
+    torn tail at the same offset, or a planted link, just moves on to the next name.
+    """
+    for attempt in range(1000):
+        suffix = f".torn-{good}" + (f".{attempt}" if attempt else "")
+        aside = path.with_name(path.name + suffix)
+        try:
+            out = open_nofollow(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            continue
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out, view) :]
+            os.fsync(out)
+        except BaseException:
+            os.close(out)
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
+            raise
+        os.close(out)
+        return aside
+    raise JournalError(f"{path}: too many torn-tail rescue files at offset {good}")
