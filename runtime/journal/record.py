@@ -22,11 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from runtime.errors import DiskFullError, MemoryRuntimeError, PersistError, UnsafePathError
-from runtime.fsutil import (
-    FULL_ERRNOS,
-    fsync_dir,
-    open_nofollow,
-)
+from runtime.fsutil import FULL_ERRNOS, fsync_dir, open_nofollow
 
 logger = logging.getLogger(__name__)
 

@@ -21,10 +21,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from runtime.fsutil import (
-    atomic_write_bytes,
-    open_nofollow,
-)
+from runtime.fsutil import atomic_write_bytes, open_nofollow
 from runtime.journal.record import (
     _HEAD,
     _TAIL,

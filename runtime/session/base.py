@@ -10,14 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
-from runtime.chunks import (
-    ChunkStore,
-    Manifest,
-)
+from runtime.chunks import ChunkStore, Manifest
 from runtime.errors import MemoryRuntimeError
-from runtime.journal import (
-    Journal,
-)
+from runtime.journal import Journal
 from runtime.store import SnapshotStore
 
 if TYPE_CHECKING:

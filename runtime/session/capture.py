@@ -11,10 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runtime import snapshot as snapshot_mod
-from runtime.chunks import (
-    ChunkStore,
-    PendingCheckpoint,
-)
+from runtime.chunks import ChunkStore, PendingCheckpoint
 
 if TYPE_CHECKING:
     import numpy as np

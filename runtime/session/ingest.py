@@ -8,9 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from runtime.fsutil import atomic_write_bytes
-from runtime.journal import (
-    Entry,
-)
+from runtime.journal import Entry
 
 if TYPE_CHECKING:
     from runtime.memory import MemoryStore

@@ -10,14 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
-from runtime.chunks import (
-    ChunkStore,
-)
-from runtime.journal import (
-    DEFAULT_SEGMENT_ENTRIES,
-    Journal,
-    journal_sessions,
-)
+from runtime.chunks import ChunkStore
+from runtime.journal import DEFAULT_SEGMENT_ENTRIES, Journal, journal_sessions
 from runtime.store import SnapshotStore, validate_session_id
 
 if TYPE_CHECKING:
@@ -93,8 +87,7 @@ class SessionPool:
             # reopened and resumed from disk below.
             logger.warning("session %s: KV or journal was dropped; resuming it", session_id)
             del self._sessions[session_id]
-            self.ctx.memory.seq_rm(session.seq_id)
-            session.journal.close()
+            session.discard()
             session = None
         if session is not None:
             self._sessions.move_to_end(session_id)
@@ -124,12 +117,10 @@ class SessionPool:
                     f"session {session_id!r} holds {session.n_tokens} tokens, more than "
                     f"n_ctx={self.ctx.n_ctx}: open it with a larger context"
                 )
-            session.seq_id = self._free_seq()
-            report = session.resume()  # asks _make_room for the cells its replay needs
+            # asks _make_room for the cells its replay needs
+            report = session.resume(seq_id=self._free_seq())
         except BaseException:
-            if session.seq_id >= 0:  # no half-rebuilt cells left under a "free" seq id
-                self.ctx.memory.seq_rm(session.seq_id)
-            session.journal.close()
+            session.discard()  # no half-rebuilt cells left under a "free" seq id
             raise
         self._sessions[session_id] = session
         self.resumes[report.source] = self.resumes.get(report.source, 0) + 1

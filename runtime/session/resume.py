@@ -6,23 +6,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from runtime import snapshot as snapshot_mod
-from runtime.chunks import (
-    ChunkError,
-    Manifest,
-)
-
-if TYPE_CHECKING:
-    pass
-
-
+from runtime.chunks import ChunkError, Manifest
 from runtime.session.base import (
     SNAPSHOT_ID_PREFIX,
     WINDOW_ROLE,
     ContextFullError,
     ResumeReport,
+    SessionError,
     _journal_seq_of,
     _SessionCore,
 )
@@ -56,8 +49,18 @@ class _ResumeMixin(_SessionCore):
             window.apply(entry)
         return window
 
-    def resume(self, *, allow_build_mismatch: bool = False) -> ResumeReport:
-        """Rebuild the KV sequence from the newest valid snapshot plus the journal."""
+    def resume(
+        self, *, seq_id: int | None = None, allow_build_mismatch: bool = False
+    ) -> ResumeReport:
+        """Rebuild the KV sequence from the newest valid snapshot plus the journal.
+
+        ``seq_id`` binds the session to that sequence first (a pool hands out a free one when
+        it resumes a session); by default the session keeps its own.
+        """
+        if seq_id is not None:
+            if not 0 <= seq_id < self.ctx.n_seq_max:
+                raise SessionError(f"seq_id must be in [0, {self.ctx.n_seq_max}), got {seq_id}")
+            self.seq_id = seq_id
         start = time.perf_counter()
         truth = self._window.tokens
         if len(truth) > self.ctx.n_ctx:

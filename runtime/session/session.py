@@ -23,27 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
-from runtime.chunks import (
-    ChunkStore,
-    Manifest,
-)
-from runtime.journal import (
-    DEFAULT_SEGMENT_ENTRIES,
-    Entry,
-    Journal,
-)
+from runtime.chunks import ChunkStore, Manifest
+from runtime.journal import DEFAULT_SEGMENT_ENTRIES, Entry, Journal
 from runtime.store import SnapshotStore, validate_session_id
 
 if TYPE_CHECKING:
     from llamaffi import Context, Sampler
 
 
-from runtime.session.base import (
-    JOURNAL_DIR,
-    WINDOW_ROLE,
-    ContextFullError,
-    SessionError,
-)
+from runtime.session.base import JOURNAL_DIR, WINDOW_ROLE, ContextFullError, SessionError
 from runtime.session.capture import _CaptureMixin
 from runtime.session.resume import _ResumeMixin
 
