@@ -1068,6 +1068,7 @@ class Runtime:
         mem_items = None
         if self.memory is not None:
             mem_items = self.memory.stats().get("items")
+        chunk_stats = self.chunks.stats() if self.chunks is not None else None
         return {
             "pid": os.getpid(),
             "updated": time.time(),
@@ -1088,7 +1089,9 @@ class Runtime:
             "kv": {"cells_used": self.pool.used_cells(), "n_ctx": self.ctx.n_ctx},
             "snapshots": {
                 "bytes": _du(self.root / SNAPSHOT_DIR) + _du(self.root / CHUNK_DIR),
-                "chunks": self.chunks.stats() if self.chunks is not None else None,
+                "chunks": chunk_stats,
+                # chunk bytes that sessions sharing a prefix (a system prompt) do not store again
+                "dedup_saved_bytes": chunk_stats["dedup_saved_bytes"] if chunk_stats else 0,
                 "written": writer.written if writer else None,
                 "failed": writer.failed if writer else None,
                 "replaced": writer.replaced if writer else None,
