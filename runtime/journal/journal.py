@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,7 @@ class Journal:
         self._active: dict[int, Entry] = {}  # parsed active entries, by seq
         self._sealed_cache: OrderedDict[int, Entry] = OrderedDict()
         self._segments: list[_Segment] = []
+        self._dropped: list[tuple[int, int]] = []
         self._n_tokens: int | None = None
         self._rotate_after = 0  # append count before a failed rotation is retried
         for _attempt in range(5):
@@ -128,6 +129,7 @@ class Journal:
 
     def _open(self) -> None:
         self._segments = list_segments(self.path)
+        self._dropped = self._load_dropped()
         if self.readonly:
             try:
                 self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -179,12 +181,10 @@ class Journal:
             except (ValueError, KeyError, TypeError) as exc:
                 raise JournalCorrupt(self.path, 0, f"unreadable entry: {exc}") from exc
             if seq != expected:
+                if seq > expected and self._was_dropped(expected, seq):
+                    return seq  # retention dropped the segments in between
                 if self.readonly and self._segments and seq > expected:
                     raise _Moved
-                if not self._segments and seq > 0:
-                    # older segments were dropped by retention: the active file says where
-                    # the journal resumes
-                    return seq
                 raise JournalCorrupt(
                     self.path, 0, f"entry seq {seq}, expected {expected} after the segments"
                 )
@@ -200,11 +200,57 @@ class Journal:
                 lo = mid
             else:
                 hi = mid - 1
-        seg = self._segments[lo]
-        _load(self, seg)
-        if not seg.first <= seq < seg.end:
-            raise JournalCompacted(f"{self.path}: entry {seq} was removed by journal retention")
+        seg = self._segments[lo] if self._segments else None
+        if seg is not None:
+            _load(self, seg)
+        if seg is None or not seg.first <= seq < seg.end:
+            if self._was_dropped(seq, seq + 1):
+                raise JournalCompacted(f"{self.path}: entry {seq} was removed by journal retention")
+            raise JournalCorrupt(self.path, 0, f"the segment holding entry {seq} is missing")
         return seg
+
+    # -- retention -----------------------------------------------------------------------------
+
+    @property
+    def _dropped_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".dropped")
+
+    def _load_dropped(self) -> list[tuple[int, int]]:
+        """The seq ranges retention removed (``<name>.dropped``, JSON), so that a gap they do
+        not explain (a segment file lost) is damage, not compaction."""
+        try:
+            fd = open_nofollow(self._dropped_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return []
+        try:
+            data = os.pread(fd, 1 << 20, 0)
+        finally:
+            os.close(fd)
+        try:
+            ranges = [(int(a), int(b)) for a, b in json.loads(data)["dropped"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise JournalCorrupt(self._dropped_path, 0, f"unreadable: {exc}") from None
+        return sorted(ranges)
+
+    def _was_dropped(self, a: int, b: int) -> bool:
+        """Whether retention dropped every seq in ``[a, b)``."""
+        for lo, hi in self._dropped:
+            if lo <= a < hi:
+                a = hi
+            if a >= b:
+                return True
+        return a >= b
+
+    def _record_dropped(self, ranges: list[tuple[int, int]]) -> None:
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted(self._dropped + ranges):
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        body = json.dumps({"dropped": [list(r) for r in merged]}).encode()
+        atomic_write_bytes(self._dropped_path, body)
+        self._dropped = merged
 
     def _sealed_entry(self, seq: int) -> Entry:
         cached = self._sealed_cache.get(seq)
@@ -242,7 +288,7 @@ class Journal:
 
     @property
     def first_seq(self) -> int:
-        """The oldest entry still stored (0 unless retention dropped segments)."""
+        """The oldest entry still stored (0 unless retention dropped the first segments)."""
         return self._segments[0].first if self._segments else self._first
 
     def __getitem__(self, index: int) -> Entry:
@@ -462,34 +508,52 @@ class Journal:
             self._end = 0
             self._rotate_after = 0
 
-    def drop_segments_before(self, seq: int) -> int:
-        """Delete sealed segments whose every entry is older than ``seq``; return bytes freed.
+    def drop_segments_before(self, seq: int, keep: Collection[int] = ()) -> int:
+        """Delete sealed segments whose every entry is older than ``seq`` and that hold none
+        of the entries in ``keep``; return the bytes freed.
 
-        The newest sealed segment always stays while the active file is empty, so that the
-        journal still knows where its numbering resumes. Dropped entries raise
-        :class:`JournalCompacted`; nothing else changes.
+        ``keep`` lets a segment in the middle of the history stay (a session's first turn,
+        pinned in its window, lives in segment 0 forever). The newest sealed segment always
+        stays while the active file is empty, so that the journal still knows where its
+        numbering resumes. Dropped entries raise :class:`JournalCompacted`; iteration skips
+        them; every other seq keeps its number.
         """
         freed = 0
         with self._lock:
             if self.readonly or self._fd is None:
                 raise JournalError(f"{self.path} is not open for writing")
             keep_last = not self._offsets
-            while self._segments:
-                seg = self._segments[0]
+            kept: list[_Segment] = []
+            gone: list[_Segment] = []
+            for i, seg in enumerate(self._segments):
                 _load(self, seg)
-                if seg.end > seq or (keep_last and len(self._segments) == 1):
-                    break
+                newest = i == len(self._segments) - 1
+                needed = any(seg.first <= k < seg.end for k in keep)
+                if seg.end > seq or needed or (keep_last and newest):
+                    kept.append(seg)
+                else:
+                    gone.append(seg)
+            if not gone:
+                return 0
+            # the record first: a crash after it leaves files that are simply still there
+            self._record_dropped([(seg.first, seg.end) for seg in gone])
+            for seg in gone:
                 for p in (seg.path, seg.index):
                     with contextlib.suppress(FileNotFoundError):
                         freed += os.lstat(p).st_size
                         os.unlink(p)
-                self._segments.pop(0)
                 self._n_tokens = None
-                for s in [s for s in self._sealed_cache if s < seg.end]:
+                for s in [s for s in self._sealed_cache if seg.first <= s < seg.end]:
                     del self._sealed_cache[s]
+            self._segments = kept
             if freed:
                 fsync_dir(self.path.parent)
         return freed
+
+    @property
+    def compacted(self) -> bool:
+        """Whether retention removed any entry."""
+        return bool(self._dropped)
 
     @staticmethod
     def remove_files(path: str | os.PathLike[str]) -> int:

@@ -182,9 +182,9 @@ def iter_segment(seg: _Segment, start: int, *, writable: bool) -> Iterator[Entry
 
 def journal_files(path: str | os.PathLike[str]) -> list[Path]:
     """Every file of the journal whose active file is ``path``: the active file, its sealed
-    segments and indexes, and its torn-tail rescue files."""
+    segments and indexes, its retention record and its torn-tail rescue files."""
     p = Path(path)
-    pattern = re.compile(re.escape(p.name) + r"(\.\d{12}\.(seg|idx)|\.torn-\d+(\.\d+)?)?")
+    pattern = re.compile(re.escape(p.name) + r"(\.\d{12}\.(seg|idx)|\.torn-\d+(\.\d+)?|\.dropped)?")
     try:
         names = os.listdir(p.parent)
     except FileNotFoundError:

@@ -165,6 +165,40 @@ class _CaptureMixin(_SessionCore):
         self._last_checkpoint = time.monotonic()
         return path
 
+    def journal_needs(self) -> tuple[int, set[int]] | None:
+        """What a resume can still need of the journal: every entry from ``from_seq`` on, and
+        the entries of each kept checkpoint's window (``(from_seq, window entries)``). None
+        when any kept checkpoint does not record its window, or when there is no chunked
+        checkpoint: then a resume may need a full replay, and nothing may be compacted."""
+        if self._chunks is None:
+            return None
+        manifests = self._chunks.manifests(self.session_id)
+        if not manifests:
+            return None
+        from_seq = len(self.journal)
+        window: set[int] = set()
+        for man in manifests:
+            record = man.meta.get("window")
+            spans = record.get("spans") if isinstance(record, dict) else None
+            if not isinstance(spans, list):
+                return None
+            window.update(int(span[2]) for span in spans)
+            from_seq = min(from_seq, man.journal_seq + 1)
+        return from_seq, window
+
+    def compact_journal(self, keep_from: int) -> int:
+        """Delete the journal's sealed segments that a resume no longer needs
+        (:meth:`journal_needs`) and that hold only entries older than ``keep_from`` (long-term
+        memory's ingestion mark + 1); return the bytes freed. This is the opt-in retention
+        policy: the history it removes lives on only in long-term memory."""
+        if self.journal.closed or self.journal.n_segments == 0:
+            return 0
+        needs = self.journal_needs()
+        if needs is None:
+            return 0
+        from_seq, window = needs
+        return self.journal.drop_segments_before(min(keep_from, from_seq), keep=window)
+
 
 class _ChunkJob:
     """A planned chunked checkpoint: run it to commit, cancel it to release its pins."""

@@ -44,6 +44,12 @@ class _ResumeMixin(_SessionCore):
                 for entry in self.journal.iter_from(man.journal_seq + 1):
                     base.apply(entry)
                 return base
+        if self.journal.compacted:
+            # retention removed old entries: the window is only known from a checkpoint
+            raise SessionError(
+                f"session {self.session_id!r}: journal retention removed old entries and no "
+                "checkpoint's window checks out against the rest"
+            )
         window = _Window()
         for entry in self.journal:
             window.apply(entry)
@@ -180,10 +186,44 @@ class _ResumeMixin(_SessionCore):
                 continue
             self._last_snapshot_id = snap.header.snapshot_id
             return after, len(tokens), stored.path, base
+        if self.journal.compacted:
+            return self._reprefill_window(skipped)
         # resume() emptied the sequence, and a failed restore clears it again
         empty = _Window()
         self._room_for_replay(-1, empty)
         return -1, 0, None, empty
+
+    def _reprefill_window(self, skipped: list[str]) -> tuple[int, int, Path | None, _Window]:
+        """No checkpoint restores, and journal retention removed the entries a full replay
+        would need: decode the newest checkpointed window's tokens afresh (its record checks
+        out against the journal even when its KV chunks are gone), then replay what followed.
+
+        The KV differs from the lost one only in what the shifted-out turns contributed; it is
+        a fresh prefill, so its lineage is empty (chunk keys then equal any fresh prefill's).
+        """
+        for man in self._chunk_manifests():
+            base = window_from_manifest(self.journal, man)
+            if base is None:
+                continue
+            base.lineage = ()
+            self._room_for_replay(man.journal_seq, base)
+            if base.tokens:
+                self._decode(base.tokens, pos=0)
+            window = base.copy()
+            for entry in self.journal.iter_from(man.journal_seq + 1):
+                window.apply(entry)
+            self._window = window
+            skipped.append(
+                "old journal entries were removed by retention: re-prefilled the "
+                f"{len(base.tokens)}-token window of manifest {man.generation}"
+            )
+            logger.warning("session %s: %s", self.session_id, skipped[-1])
+            return man.journal_seq, 0, None, base
+        raise SessionError(
+            f"session {self.session_id!r} cannot be rebuilt: journal retention removed old "
+            "entries and no checkpoint of its window is readable (its long-term memories "
+            "remain)"
+        )
 
     def _restore_chunks(
         self, skipped: list[str], allow_build_mismatch: bool

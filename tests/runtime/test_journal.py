@@ -308,3 +308,29 @@ def test_remove_files_takes_every_segment(tmp_path: Path) -> None:
     (tmp_path / "other.log").write_bytes(b"")
     assert Journal.remove_files(path) == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.log"]
+
+
+def test_drop_keeps_segments_holding_pinned_entries(tmp_path: Path) -> None:
+    path = tmp_path / "s.log"
+    with _segmented(path, 14) as j:  # segments 0..3, 4..7, 8..11; active 12, 13
+        assert not j.compacted
+        j.drop_segments_before(12, keep={1})
+        assert j.compacted and j.n_segments == 1 and j.first_seq == 0
+        assert [e.seq for e in j] == [0, 1, 2, 3, 12, 13]  # iteration skips the gap
+        with pytest.raises(JournalCompacted):
+            j[5]
+    with Journal(path, segment_entries=4) as j:
+        assert j.compacted and len(j) == 14 and j[1].text == "t1" and j[12].text == "t12"
+
+
+def test_a_lost_segment_is_damage_not_compaction(tmp_path: Path) -> None:
+    path = tmp_path / "s.log"
+    _segmented(path, 14).close()
+    (tmp_path / "s.log.000000000004.seg").unlink()  # not by retention: no .dropped record
+    with Journal(path, segment_entries=4) as j:
+        assert not j.compacted and j[2].text == "t2"
+        with pytest.raises(JournalCorrupt, match="segment holding entry 5 is missing"):
+            j[5]
+    (tmp_path / "s.log.000000000008.seg").unlink()  # the one before the active file
+    with pytest.raises(JournalCorrupt, match="expected"):
+        Journal(path, segment_entries=4)

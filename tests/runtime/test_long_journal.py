@@ -18,7 +18,7 @@ import pytest
 
 from runtime.chunks import ChunkStore
 from runtime.journal import JournalCorrupt
-from runtime.session import SessionPool
+from runtime.session import SessionError, SessionPool
 
 llamaffi = pytest.importorskip("llamaffi")
 
@@ -152,4 +152,89 @@ def test_a_forged_window_is_not_trusted(model: Any, tmp_path: Path) -> None:
         session, report = pool.get("s")
         assert session.tokens() == tokens and session.messages() == messages
         assert report is not None and report.source == "snapshot"
+        pool.close()
+
+
+# -- retention (opt-in) ---------------------------------------------------------------------------
+
+
+def _compacted(ctx: Any, root: Path) -> tuple[list[int], list[tuple[str, str]], int]:
+    pool = _pool(ctx, root)
+    _talk(pool, "s", 60)
+    session, _ = pool.get("s")
+    session.checkpoint()
+    needs = session.journal_needs()
+    assert needs is not None
+    from_seq, window = needs
+    assert window == session.window_seqs() and 0 in window  # the first turn stays pinned
+    segments = session.journal.n_segments
+    freed = session.compact_journal(keep_from=len(session.journal))
+    assert freed > 0 and session.journal.compacted
+    assert 0 < session.journal.n_segments < segments
+    for seq in window | set(range(from_seq, len(session.journal))):
+        assert session.journal[seq].seq == seq  # everything a resume needs is still there
+    tokens, messages = session.tokens(), session.messages()
+    pool.close()
+    return tokens, messages, from_seq
+
+
+def test_compaction_keeps_what_a_resume_needs(model: Any, tmp_path: Path) -> None:
+    with model.context(n_ctx=256, **CTX) as ctx:
+        tokens, messages, _ = _compacted(ctx, tmp_path)
+        pool = _pool(ctx, tmp_path)
+        session, report = pool.get("s")
+        assert report is not None and report.source == "snapshot"
+        assert session.tokens() == tokens and session.messages() == messages
+        _talk(pool, "s", 3, seed=2)  # and it goes on
+        pool.close()
+
+
+def test_compaction_is_bounded_by_keep_from(model: Any, tmp_path: Path) -> None:
+    with model.context(n_ctx=256, **CTX) as ctx:
+        pool = _pool(ctx, tmp_path)
+        _talk(pool, "s", 60)
+        session, _ = pool.get("s")
+        session.checkpoint()
+        assert session.compact_journal(keep_from=3) == 0  # long-term memory is behind
+        assert not session.journal.compacted
+        pool.close()
+
+
+def test_lost_checkpoint_after_compaction_reprefills_the_window(model: Any, tmp_path: Path) -> None:
+    """Every KV chunk lost and the old journal compacted away: the window recorded in the
+    manifest is decoded afresh (not bit-exact, but the same conversation), not an error."""
+    with model.context(n_ctx=256, **CTX) as ctx:
+        tokens, messages, _ = _compacted(ctx, tmp_path)
+        for chunk in (tmp_path / "kv" / "chunks").rglob("*"):
+            if chunk.is_file():
+                chunk.unlink()
+        pool = _pool(ctx, tmp_path)
+        session, report = pool.get("s")
+        assert report is not None and report.restored_tokens == 0
+        assert any("re-prefilled" in why for why in report.skipped)
+        assert session.tokens() == tokens and session.messages() == messages
+        assert ctx.memory.pos_max(session.seq_id) == len(tokens) - 1
+        _talk(pool, "s", 3, seed=3)
+        session, _ = pool.get("s")
+        session.checkpoint()
+        after = session.tokens()
+        pool.close()
+        pool = _pool(ctx, tmp_path)
+        session, report = pool.get("s")
+        assert report is not None and report.source == "snapshot"
+        assert session.tokens() == after
+        pool.close()
+
+
+def test_compacted_journal_without_any_checkpoint_is_a_clear_error(
+    model: Any, tmp_path: Path
+) -> None:
+    with model.context(n_ctx=256, **CTX) as ctx:
+        _compacted(ctx, tmp_path)
+        import shutil
+
+        shutil.rmtree(tmp_path / "kv" / "manifests")
+        pool = _pool(ctx, tmp_path)
+        with pytest.raises(SessionError, match="retention removed old entries"):
+            pool.get("s")
         pool.close()
