@@ -48,7 +48,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
 from runtime.chunks import ChunkStore
@@ -60,7 +60,12 @@ from runtime.fsutil import (
     private_dir,
     warn_if_exposed,
 )
-from runtime.journal import journal_files, journal_sessions
+from runtime.journal import (
+    DEFAULT_SEGMENT_ENTRIES,
+    JournalCompacted,
+    journal_files,
+    journal_sessions,
+)
 from runtime.session import JOURNAL_DIR, ContextFullError, ResumeReport, Session, SessionPool
 from runtime.store import validate_session_id
 from runtime.template import ChatFormat, Message
@@ -286,6 +291,8 @@ class Runtime:
         chunk_tokens: int = 256,
         idle_suspend_s: float = 300.0,
         journal_fsync: bool = True,
+        journal_retention: Literal["all", "window"] = "all",
+        journal_segment_entries: int = DEFAULT_SEGMENT_ENTRIES,
         progress: Callable[[str], None] | None = None,
     ) -> Runtime:
         """Open (creating if needed) the runtime in ``data_dir``.
@@ -319,6 +326,13 @@ class Runtime:
             idle_suspend_s: a session idle this long is suspended: checkpointed, its KV
                 cells freed (0: only when the cells or sequence slots are needed).
             journal_fsync: fsync every journal append (leave on outside tests).
+            journal_retention: ``"all"`` (default) keeps every journal segment: the whole
+                history stays readable and can be re-ingested. ``"window"`` (opt-in) lets
+                the housekeeping thread delete sealed segments (4,096 entries each) that no
+                kept checkpoint needs and long-term memory has already ingested; that
+                history then lives on only as long-term memories (see
+                :meth:`runtime.session.Session.compact_journal`).
+            journal_segment_entries: entries per sealed journal segment.
             progress: called with a line for each long step (model load, replay, index).
 
         Raises:
@@ -346,6 +360,8 @@ class Runtime:
             chunk_tokens=chunk_tokens,
             idle_suspend_s=idle_suspend_s,
             journal_fsync=journal_fsync,
+            journal_retention=journal_retention,
+            journal_segment_entries=journal_segment_entries,
             progress=progress,
         )
         return self
@@ -420,6 +436,9 @@ class Runtime:
                 journal_fsync=kw["journal_fsync"],
                 chunks=self.chunks,
                 scratch_seq=self.scratch_seq,
+                journal_segment_entries=_int_field(
+                    "journal_segment_entries", kw["journal_segment_entries"], 1, 1 << 24
+                ),
             )
             self._stack.callback(self.pool.close)
             self.memory: MemoryStore | None = None
@@ -438,6 +457,15 @@ class Runtime:
             self._marks: dict[str, int] = {}  # sid -> last journal seq ingested
             self._written_marks: dict[str, int] = {}  # sid -> the value on disk
             self.idle_suspend_s = _num_field("idle_suspend_s", kw["idle_suspend_s"], 0.0, 1e9)
+            if kw["journal_retention"] not in ("all", "window"):
+                raise RuntimeArgumentError(
+                    "journal_retention",
+                    f"must be 'all' or 'window', got {kw['journal_retention']!r}",
+                )
+            self.journal_retention: str = kw["journal_retention"]
+            self._compacted_at: dict[str, int] = {}  # sid -> sealed segments at the last try
+            #: journal bytes deleted by the retention policy since open
+            self.journal_bytes_compacted = 0
             self._stats_key: tuple[int, ...] = ()
             self._ingest_failures = 0
             self._opened = time.time()
@@ -488,9 +516,47 @@ class Runtime:
                     if self.idle_suspend_s and now - session.last_active >= self.idle_suspend_s:
                         logger.info("session %s idle: suspending it", session.session_id)
                         self.pool.suspend(session.session_id)
-                    elif idle > 0:
-                        session.checkpoint_if_idle(idle)
+                    else:
+                        if idle > 0:
+                            session.checkpoint_if_idle(idle)
+                        self._compact(session)
                 self._write_stats()
+
+    def compact_journals(self) -> int:
+        """Apply ``journal_retention="window"`` now to every resident session (the
+        housekeeping thread does it by itself); returns the bytes freed. A no-op under the
+        default ``"all"``."""
+        self._require_open()
+        with self._lock:
+            self._flush_marks()
+            before = self.journal_bytes_compacted
+            for session in self.pool.resident():
+                self._compacted_at.pop(session.session_id, None)
+                self._compact(session)
+            return self.journal_bytes_compacted - before
+
+    def _compact(self, session: Session) -> None:
+        """Apply ``journal_retention="window"`` to a resident session whose journal sealed a
+        segment since the last try. Bounded by what long-term memory has durably ingested
+        (the watermark on disk, not the one in memory: the next process starts from that)."""
+        if self.journal_retention != "window" or session.journal.closed:
+            return
+        sid = session.session_id
+        sealed = session.journal.n_segments
+        if sealed < 2 or self._compacted_at.get(sid) == sealed:
+            return
+        self._compacted_at[sid] = sealed
+        keep_from = len(session.journal)
+        if self.memory is not None:
+            keep_from = self._written_marks.get(sid, -1) + 1
+        try:
+            freed = session.compact_journal(keep_from)
+        except (OSError, MemoryRuntimeError) as exc:
+            logger.warning("session %s: journal compaction failed: %s", sid, exc)
+            return
+        if freed:
+            self.journal_bytes_compacted += freed
+            logger.info("session %s: journal retention freed %d bytes", sid, freed)
 
     def _open_memory(self, embedder: TextEmbedder | bool | None) -> None:
         from runtime.memory import MemoryStore
@@ -959,7 +1025,10 @@ class Runtime:
         # call); they are looked up once per session and process, then trusted.
         check = sid not in self._checked
         for seq in range(mark + 1, len(journal)):
-            entry = journal[seq]
+            try:
+                entry = journal[seq]
+            except JournalCompacted:
+                continue  # retention only drops what was ingested (by a durable watermark)
             if (
                 entry.role != "user"
                 or not entry.text.strip()
@@ -1100,7 +1169,11 @@ class Runtime:
                 "last_restore_ms": last.seconds * 1000 if last else None,
             },
             "resumes": dict(self.pool.resumes),
-            "journal": {"bytes": _du(self.root / JOURNAL_DIR)},
+            "journal": {
+                "bytes": _du(self.root / JOURNAL_DIR),
+                "retention": self.journal_retention,
+                "compacted_bytes": self.journal_bytes_compacted,
+            },
             "memory": {
                 "items": mem_items,
                 "retrieval_p50_ms": _p50(self._retrieval_ms),

@@ -265,3 +265,34 @@ def test_a_runtime_left_open_is_closed_at_exit(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert list((tmp_path / "kv" / "manifests" / "a").glob("*.kvman"))
+
+
+def test_journal_retention_window_keeps_memory_and_the_window(
+    tmp_path: Path, embedder: object
+) -> None:
+    """Opt-in retention: old segments go, the window and long-term memory stay, and the
+    session resumes; the default keeps every entry."""
+    kw = {"model": "tiny", "n_ctx": 256, "embedder": embedder, "journal_segment_entries": 8}
+    facts = [f"My locker number {i} is {1000 + i}." for i in range(30)]
+    with Runtime.open(tmp_path / "all", **kw) as rt:  # type: ignore[arg-type]
+        for fact in facts[:12]:
+            rt.chat("s", fact, **GREEDY)
+        assert rt.compact_journals() == 0  # "all": nothing is ever dropped
+        assert len(rt.history("s")) == 1 + 2 * 12
+    with Runtime.open(tmp_path / "win", journal_retention="window", **kw) as rt:  # type: ignore[arg-type]
+        for fact in facts:
+            rt.chat("s", fact, **GREEDY)
+        rt.checkpoint("s")
+        window = rt.pool.peek("s").tokens()  # type: ignore[union-attr]
+        freed = rt.compact_journals()
+        assert freed > 0 and rt.stats()["journal"]["compacted_bytes"] == freed
+        kept = rt.history("s")
+        assert 0 < len([h for h in kept if h["role"] == "user"]) < len(facts)
+        assert kept[0]["role"] == "system"  # the pinned first turn stays
+    with Runtime.open(tmp_path / "win", journal_retention="window", **kw) as rt:  # type: ignore[arg-type]
+        reply = rt.chat("s", "Which locker is number 0?", **GREEDY)
+        resumed = reply.resumed
+        assert resumed is not None and resumed.source == "snapshot"
+        assert resumed.restored_tokens == len(window) and resumed.replayed_tokens == 0
+        hits = rt.search(facts[0], k=1, session="s")
+        assert hits and hits[0].text == facts[0]  # dropped from the journal, not from memory
