@@ -63,9 +63,11 @@ def checkpoint(
 
 
 def check_equal_restores(
-    model: Any, store: ChunkStore, ctx: Any, tokens: list[int], probe: int
+    model: Any, store: ChunkStore, ctx: Any, tokens: list[int], probe: int, **ctx_args: Any
 ) -> None:
-    """Chunks, a full snapshot and the live context agree bit for bit (state and logits)."""
+    """Chunks, a full snapshot and the live context agree bit for bit (state and logits).
+
+    ``ctx_args``: extra arguments of the fresh contexts (the cache type of ``ctx``)."""
     live_blob = ctx.seq_state_get(SRC).tobytes()
     snap = S.capture(ctx, SRC, tokens)
     live = next_logits(ctx, SRC, probe)
@@ -73,12 +75,12 @@ def check_equal_restores(
     man = store.latest("s")
     assert man is not None and list(man.tokens) == tokens
     # a fresh context per restore, so that every sequence sits in the same cells
-    with model.context(n_ctx=ctx.n_ctx, **CTX_ARGS) as fresh:
+    with model.context(n_ctx=ctx.n_ctx, **CTX_ARGS, **ctx_args) as fresh:
         assert store.restore(fresh, man, 1, scratch_seq=SCRATCH) == tokens
         assert fresh.memory.pos_max(SCRATCH) == -1
         restored_blob = fresh.seq_state_get(1)
         from_chunks = next_logits(fresh, 1, probe)
-    with model.context(n_ctx=ctx.n_ctx, **CTX_ARGS) as fresh:
+    with model.context(n_ctx=ctx.n_ctx, **CTX_ARGS, **ctx_args) as fresh:
         S.restore(fresh, snap, 1)
         from_full = next_logits(fresh, 1, probe)
     # the chunked blob equals the live one except for the seq id recorded per cell
@@ -127,6 +129,30 @@ def test_bit_identical_at_16k_tokens_across_a_window_shift(model: Any, store: Ch
         check_equal_restores(model, store, ctx, window, probe2)
 
 
+@pytest.mark.slow
+def test_bit_identical_at_4k_tokens_on_smollm2(store: ChunkStore) -> None:
+    """The real model: 4,096 tokens of SmolLM2 (f16 KV, the runtime's layout) in 127-token
+    turns, checkpointed as the session grows, restore from chunks bit for bit."""
+    from runtime.errors import ModelNotFoundError
+    from runtime.models import resolve_model
+
+    try:
+        path = resolve_model("smollm2").path
+    except ModelNotFoundError as exc:
+        pytest.skip(f"SmolLM2 is not installed: {exc}")
+    with llamaffi.Model(path) as smol:
+        n = 4096
+        tokens = make_tokens(smol, n + 1, seed=22)
+        probe, tokens = tokens[-1], tokens[:-1]
+        with smol.context(n_ctx=n + 256, **CTX_ARGS) as ctx:
+            done = 0
+            for step in (700, 2049, n):
+                build(ctx, tokens[done:step], turn=127)
+                done = step
+                assert checkpoint(store, ctx, tokens[:done], "s").n_tokens == done
+            check_equal_restores(smol, store, ctx, tokens, probe)
+
+
 def test_chunk_codec_and_older_chunks(model: Any, tmp_path: Path) -> None:
     """New chunks use CHUNK_CODEC; chunks written with the former default (zstd 1, byte
     planes, content checksums) still restore, mixed in one manifest, bit for bit."""
@@ -152,6 +178,55 @@ def test_chunk_codec_and_older_chunks(model: Any, tmp_path: Path) -> None:
             with model.context(n_ctx=1024, **CTX_ARGS) as fresh:
                 store.restore(fresh, man, SRC, scratch_seq=SCRATCH)
                 assert fresh.seq_state_get(SRC).tobytes() == live
+
+
+def test_q8_0_cache_restores_bit_exactly_through_chunks(model: Any, store: ChunkStore) -> None:
+    """A q8_0 K/V cache (flash attention on, as the runtime sets it) built by small turns and
+    checkpointed incrementally restores from chunks bit for bit: state and next-token logits
+    equal the live context's and a full snapshot's. After a window shift the restored KV is
+    still the live KV, position by position, bit for bit; the logits then agree only to
+    rounding, because the live cache's cells are no longer in position order (a restore puts
+    them in order, and flash attention sums over cells in cell order)."""
+    q8: dict[str, Any] = {"type_k": "q8_0", "type_v": "q8_0", "flash_attn": True}
+    tokens = make_tokens(model, 1100, seed=21)
+    with model.context(n_ctx=1280, **CTX_ARGS, **q8) as ctx:
+        done = 0
+        for end in (300, 700, 1000):
+            build(ctx, tokens[done:end])
+            done = end
+            man = checkpoint(store, ctx, tokens[:end], "s")
+        assert S.inspect(store.chunk_path(man.chunks[0].key)).identity.type_k == "q8_0"
+        q8_bytes = man.chunks[0].raw_size
+        check_equal_restores(model, store, ctx, tokens[:1000], tokens[1000], **q8)
+        keep, drop = 100, 200
+        ctx.memory.seq_rm(SRC, keep, keep + drop)
+        ctx.memory.seq_add(SRC, keep + drop, -1, -drop)
+        build(ctx, tokens[1000:1090])
+        window = tokens[:keep] + tokens[keep + drop : 1090]
+        lineage = shift_lineage((), keep, tokens[keep : keep + drop])
+        after = checkpoint(store, ctx, window, "s", lineage=lineage)
+        live = next_logits(ctx, SRC, tokens[1090])
+        with (
+            model.context(n_ctx=1280, **CTX_ARGS, **q8) as fresh,
+            ChunkStore(store.root / "again") as again,
+        ):
+            store.restore(fresh, after, 1, scratch_seq=SCRATCH)
+            # the restored sequence, cut into chunks again: the same bytes as the live one's
+            pending = again.plan_capture(
+                fresh, 1, window, scratch_seq=SCRATCH, session_id="s", journal_seq=0
+            )
+            assert len(pending.chunks) == len(after.refs)
+            for ref, chunk in zip(after.refs, pending.chunks, strict=True):
+                assert chunk.raw is not None
+                assert chunk.raw.tobytes() == store._load_chunk(after, ref).tobytes()
+            again.discard(pending)
+            restored = next_logits(fresh, 1, tokens[1090])
+        assert int(restored.argmax()) == int(live.argmax())
+        assert float(np.abs(restored - live).max()) < 1e-2
+    with model.context(n_ctx=1280, **CTX_ARGS) as f16, ChunkStore(store.root / "f16") as other:
+        build(f16, tokens[:256])
+        f16_bytes = checkpoint(other, f16, tokens[:256], "s").chunks[0].raw_size
+    assert 0.5 < q8_bytes / f16_bytes < 0.56  # 34 bytes per 32 values against 64
 
 
 def test_window_shift(model: Any, store: ChunkStore) -> None:
