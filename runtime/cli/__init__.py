@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from runtime.errors import MemoryRuntimeError
+from runtime.errors import ArgumentError, ArgumentTypeError, MemoryRuntimeError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         rc: int = handler(args)
+    except (ArgumentError, ArgumentTypeError) as exc:
+        # the API's typed argument checks: runtime errors, but about the input, not the files
+        return _fail(exc, 2)
     except MemoryRuntimeError as exc:
         # before ValueError: several runtime errors (a store written by another model) are
         # ValueErrors too, but they are about the files, not the command line
