@@ -63,7 +63,8 @@ def test_twenty_sessions_share_the_system_prompt_chunks(tmp_path: Path) -> None:
     # on disk: the shared chunks once, plus what each session holds on its own
     own_keys = {r.key for m in mans if m is not None for r in m.refs} - {r.key for r in shared}
     assert chunk_stats["chunks"] == len(shared) + len(own_keys)
-    assert chunk_stats["chunk_bytes"] == chunk_stats["logical_bytes"] - chunk_stats[
-        "dedup_saved_bytes"
-    ]
+    assert (
+        chunk_stats["chunk_bytes"]
+        == chunk_stats["logical_bytes"] - chunk_stats["dedup_saved_bytes"]
+    )
     assert chunk_stats["chunk_bytes"] < 0.35 * chunk_stats["logical_bytes"]
