@@ -15,7 +15,8 @@ from typing import Any
 
 from runtime.cli.common import positive_int
 from runtime.embed import Embedder
-from runtime.memory import KINDS, MAX_TEXT_CHARS, MemoryStore
+from runtime.longterm import MemoryStore
+from runtime.longterm.db import KINDS, MAX_TEXT_CHARS
 
 
 def _unit_interval(value: str) -> float:

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 #: Largest number of texts one :meth:`Embedder.embed` call accepts; callers with more chunk.
 MAX_TEXTS_PER_CALL = 10_000
+#: :func:`embed_all` passes at most this many texts to one ``embed`` call.
+EMBED_ALL_CHUNK = 1024
 #: Texts are embedded in chunks of this many, so a large call never pads a huge tensor.
 DEFAULT_BATCH_SIZE = 64
 # Tokenising a 100 MB string costs memory and time before truncation applies; tokenise a prefix
@@ -66,6 +68,28 @@ class TextEmbedder(Protocol):
 
     def embed(self, texts: list[str]) -> FloatArray:
         """float32 ``(n, dim)`` unit vectors."""
+
+
+def embed_all(embedder: TextEmbedder, texts: list[str]) -> FloatArray:
+    """Embed any number of texts, :data:`EMBED_ALL_CHUNK` per call; warn once if any were
+    truncated (read from the embedder's ``last_stats`` and ``max_length`` where it has them).
+    """
+    parts: list[FloatArray] = []
+    truncated = 0
+    for i in range(0, len(texts), EMBED_ALL_CHUNK):
+        parts.append(embedder.embed(texts[i : i + EMBED_ALL_CHUNK]))
+        stats = getattr(embedder, "last_stats", None)
+        truncated += int(getattr(stats, "truncated", 0))
+    if truncated:
+        limit = getattr(embedder, "max_length", "max_length")
+        logger.warning(
+            "%d of %d texts are longer than the embedder's %s tokens and were truncated: "
+            "search cannot find what comes after that (split long texts before adding)",
+            truncated,
+            len(texts),
+            limit,
+        )
+    return np.concatenate(parts)
 
 
 @dataclass(frozen=True)
@@ -270,7 +294,7 @@ class Embedder:
         non-list or a non-string item, and :class:`runtime.errors.ArgumentError` (a
         ``ValueError``) for more than :data:`MAX_TEXTS_PER_CALL` texts. ``[]`` gives
         ``(0, dim)``. How many inputs were truncated is in :attr:`last_stats` (logged at DEBUG
-        here; ``MemoryStore.add`` warns).
+        here; :func:`embed_all`, which ``MemoryStore.add`` uses, warns).
         """
         if texts is None:
             raise ArgumentTypeError("texts must be a list of str, not None")

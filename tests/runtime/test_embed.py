@@ -231,9 +231,9 @@ def test_memory_store_warns_when_the_real_embedder_truncates(
     long_text = "the quick brown fox jumps over the lazy dog " * 80  # ~720 tokens
     with (
         MemoryStore.open(tmp_path, embedder) as store,
-        caplog.at_level(logging.WARNING, logger="runtime.memory"),
+        caplog.at_level(logging.WARNING, logger="runtime.embed.embedder"),
     ):
         store.add_many(["a short note", long_text])
-    (record,) = [r for r in caplog.records if r.name == "runtime.memory"]
+    (record,) = [r for r in caplog.records if r.name == "runtime.embed.embedder"]
     assert record.levelno == logging.WARNING
     assert "1 of 2 texts" in record.getMessage() and "256 tokens" in record.getMessage()

@@ -142,7 +142,7 @@ def test_filtered_search_over_a_large_allowed_set_uses_the_graph(tmp_path: Path)
     with open_store(tmp_path) as store:
         store.add_many([f"x{i}" for i in range(300)], session="a")
         target = store.add("needle", session="b")
-        import runtime.memory as memory
+        import runtime.longterm.index as memory
 
         old = memory.EXACT_FILTER_LIMIT
         memory.EXACT_FILTER_LIMIT = 10  # force the hnswlib filter path
@@ -468,7 +468,7 @@ def test_add_warns_once_when_texts_are_truncated(
 ) -> None:
     embedder = TruncatingEmbedder()
     store = MemoryStore.open(tmp_path, embedder)  # type: ignore[arg-type]
-    with store, caplog.at_level(logging.WARNING, logger="runtime.memory"):
+    with store, caplog.at_level(logging.WARNING, logger="runtime.embed.embedder"):
         store.add_many(["short", "x" * 30, "y" * 40])
         store.add("short too")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -1,0 +1,433 @@
+"""The long-term memory's source of truth: ``memory.sqlite3``, its schema and its transactions.
+
+Items live in SQLite; the hnswlib index (:mod:`runtime.longterm.index`) is derived from it and
+can always be rebuilt. A writer opens the file in WAL mode with ``synchronous=FULL``, so an
+acknowledged add survives power loss, not only a process crash. Deletes leave a row in
+``tombstones`` until the saved index has applied them.
+
+Everything here takes the :class:`sqlite3.Connection` as an argument: the store owns the one
+connection (and the directory lock), this module owns what is said through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import math
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from runtime.errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    DamagedStoreError,
+    MemoryStoreError,
+    MemoryStoreFullError,
+    MemoryStoreIOError,
+)
+from runtime.fsutil import open_nofollow
+
+DB_NAME = "memory.sqlite3"
+SCHEMA_VERSION = 1
+KINDS: tuple[str, ...] = ("turn", "fact", "summary")
+#: Rows read per query when streaming embeddings (bounded memory on a large store).
+ROWS_PER_CHUNK = 10_000
+#: Texts longer than this (in characters) are refused: memories are notes, not documents.
+MAX_TEXT_CHARS = 100_000
+#: Access-time updates from searches are kept in memory and written after this many
+#: searches (and on save and close): a search no longer costs a synchronous write.
+TOUCH_FLUSH_EVERY = 64
+
+FloatArray = npt.NDArray[np.float32]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT    NOT NULL UNIQUE,
+    text       TEXT    NOT NULL,
+    kind       TEXT    NOT NULL CHECK (kind IN ('turn', 'fact', 'summary')),
+    session    TEXT,
+    created    REAL    NOT NULL,
+    accessed   REAL    NOT NULL,
+    importance REAL    NOT NULL CHECK (importance >= 0.0 AND importance <= 1.0),
+    meta       TEXT    NOT NULL,
+    embedding  BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_session ON items (session);
+CREATE TABLE IF NOT EXISTS tombstones (
+    op  INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER NOT NULL
+);
+"""
+
+#: The columns of an item row, in :class:`MemoryItem`'s field order (seq first).
+COLUMNS = "seq, id, text, kind, session, created, accessed, importance, meta"
+
+# SQLite primary result codes (sqlite3.h) that this module tells apart
+_SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
+_SQLITE_IOERR = 10
+_SQLITE_CANTOPEN = 14
+_SQLITE_NOTADB = 26
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    """One stored memory."""
+
+    id: str
+    text: str
+    kind: str
+    session: str | None
+    created: float
+    accessed: float
+    importance: float
+    meta: dict[str, Any]
+    seq: int
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> MemoryItem:
+        """Decode a row selected with :data:`COLUMNS`."""
+        seq, item_id, text, kind, session, created, accessed, importance, meta = row
+        return cls(
+            item_id, text, kind, session, created, accessed, importance, json.loads(meta), seq
+        )
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """What the ``meta`` table says about the store."""
+
+    store_id: bytes
+    model_id: str
+    dim: int
+
+
+def sqlite_error(exc: sqlite3.Error, path: Path) -> MemoryStoreError:
+    """The runtime error for a raw SQLite error on the store at ``path`` (the db file)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = None if code is None else int(code) & 0xFF
+    text = str(exc)
+    if primary == _SQLITE_FULL or "disk is full" in text:
+        return MemoryStoreFullError(
+            errno.ENOSPC,
+            f"disk full: SQLite could not write ({text}); the change was rolled back, retry "
+            "once space is freed",
+            str(path),
+        )
+    if (
+        primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+        or "malformed" in text
+        or ("not a database" in text)
+    ):
+        return DamagedStoreError(
+            f"{path} is damaged or not a memory store ({text}): move it aside (with its -wal "
+            "and -shm files) to start an empty store, or restore it from a backup; the index "
+            "is rebuilt from it on open"
+        )
+    if primary in (_SQLITE_IOERR, _SQLITE_CANTOPEN) or "disk I/O" in text:
+        return MemoryStoreIOError(errno.EIO, f"SQLite I/O error: {text}", str(path))
+    return MemoryStoreError(f"{path}: SQLite error: {text}")
+
+
+# -- what a row may hold ------------------------------------------------------------------------
+
+
+def to_epoch(now: float | datetime | None) -> float:
+    """``now`` as seconds since the epoch (``None``: the current time)."""
+    if now is None:
+        return time.time()
+    if isinstance(now, datetime):
+        return now.timestamp()
+    if isinstance(now, (int, float)) and math.isfinite(now):
+        return float(now)
+    raise ArgumentTypeError(f"now must be a float timestamp or a datetime, got {now!r}")
+
+
+def check_text(text: object) -> str:
+    """``text`` if it may be stored (a non-blank str of at most :data:`MAX_TEXT_CHARS`)."""
+    if not isinstance(text, str):
+        raise ArgumentTypeError(f"text must be str, not {type(text).__name__}")
+    if not text.strip():
+        raise ArgumentError("text must not be empty")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ArgumentError(f"text is {len(text)} characters; at most {MAX_TEXT_CHARS}")
+    return text
+
+
+def check_fields(
+    kind: str, session: str | None, importance: float, meta: Mapping[str, Any] | None
+) -> str:
+    """Validate the shared fields of an add; returns the metadata as JSON."""
+    if kind not in KINDS:
+        raise ArgumentError(f"kind must be one of {KINDS}, got {kind!r}")
+    if session is not None and not isinstance(session, str):
+        raise ArgumentTypeError(f"session must be str or None, not {type(session).__name__}")
+    if isinstance(importance, bool) or not isinstance(importance, (int, float)):
+        raise ArgumentTypeError(f"importance must be a number, not {type(importance).__name__}")
+    if not (0.0 <= float(importance) <= 1.0):
+        raise ArgumentError(f"importance must be in [0, 1], got {importance}")
+    if meta is not None and not isinstance(meta, Mapping):
+        raise ArgumentTypeError(f"meta must be a mapping, not {type(meta).__name__}")
+    try:
+        return json.dumps(dict(meta or {}), allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ArgumentError(f"meta is not JSON-serialisable: {exc}") from None
+
+
+# -- opening ----------------------------------------------------------------------------------
+
+
+def connect_read_only(directory: Path) -> sqlite3.Connection:
+    """Open the store's database without writing anything (no lock, no schema)."""
+    path = directory / DB_NAME
+    if not path.is_file():
+        raise MemoryStoreError(f"{directory} holds no memory store")
+    return sqlite3.connect(
+        f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+    )
+
+
+def connect(directory: Path) -> sqlite3.Connection:
+    """Open (creating) the database for writing; the caller holds the directory lock."""
+    prepare_db_files(directory)
+    db = sqlite3.connect(directory / DB_NAME, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        # FULL: an acknowledged add survives power loss too, not only a process crash
+        db.execute("PRAGMA synchronous=FULL")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def prepare_db_files(directory: Path) -> None:
+    """Create ``memory.sqlite3`` 0600 ourselves and refuse symlinks before SQLite opens it.
+
+    SQLite would follow a planted link and create the file with the umask's mode (0644:
+    readable by every local user). It creates ``-wal``/``-shm`` with the database file's
+    mode, so a 0600 database gives 0600 companions; existing ones are narrowed here too.
+    The caller holds the directory lock, so nothing of ours races with this.
+    """
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        path = directory / f"{DB_NAME}{suffix}"
+        if suffix and not os.path.lexists(path):
+            continue
+        try:
+            fd = open_nofollow(path, os.O_RDWR | (os.O_CREAT if not suffix else 0))
+        except FileNotFoundError:
+            continue
+        os.close(fd)
+
+
+def create_schema(db: sqlite3.Connection, *, model_id: str, dim: int) -> None:
+    """Create the tables if missing and record a new store's id, model and width."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        defaults = {
+            "schema_version": str(SCHEMA_VERSION),
+            "store_id": uuid.uuid4().hex,
+            "model_id": model_id,
+            "dim": str(dim),
+        }
+        for key, value in defaults.items():
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def read_meta(db: sqlite3.Connection, path: Path) -> StoreMeta:
+    """Check the schema version and decode the meta table of the database at ``path``."""
+    try:
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.OperationalError as exc:  # "no such table": some other SQLite file
+        raise DamagedStoreError(
+            f"{path} is not a memory store ({exc}): move it aside to start an empty "
+            "store there, or open the right directory"
+        ) from exc
+    if meta.get("schema_version") != str(SCHEMA_VERSION):
+        raise MemoryStoreError(f"unsupported schema version {meta.get('schema_version')}")
+    try:
+        return StoreMeta(
+            store_id=uuid.UUID(hex=meta["store_id"]).bytes,
+            model_id=str(meta["model_id"]),
+            dim=int(meta["dim"]),
+        )
+    except (KeyError, ValueError) as exc:
+        raise DamagedStoreError(
+            f"{path} has a damaged meta table ({exc!r}): move it aside to start an "
+            "empty store, or restore it from a backup"
+        ) from exc
+
+
+# -- transactions and queries -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``; rolled back on any error, a failed COMMIT included."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        # also after a failed COMMIT (disk full): leave no transaction open behind us
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+
+
+def count(db: sqlite3.Connection) -> int:
+    """How many items the store holds."""
+    return int(db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+
+def ever_inserted(db: sqlite3.Connection) -> int:
+    """The highest item seq SQLite ever handed out: an upper bound on the index's slots."""
+    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
+    top = db.execute("SELECT MAX(seq) FROM items").fetchone()
+    return max(int(row[0] or 0) if row else 0, int(top[0] or 0))
+
+
+def insert_items(
+    db: sqlite3.Connection,
+    ids: Sequence[str],
+    texts: Sequence[str],
+    *,
+    kind: str,
+    session: str | None,
+    stamp: float,
+    importances: Sequence[float],
+    metas: Sequence[str],
+    vectors: FloatArray,
+) -> list[int]:
+    """INSERT one row per text inside the caller's transaction; returns their seqs."""
+    seqs: list[int] = []
+    for i, text in enumerate(texts):
+        cur = db.execute(
+            "INSERT INTO items (id, text, kind, session, created, accessed, importance,"
+            " meta, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                ids[i],
+                text,
+                kind,
+                session,
+                stamp,
+                stamp,
+                float(importances[i]),
+                metas[i],
+                vectors[i].astype("<f4").tobytes(),
+            ),
+        )
+        seqs.append(int(cur.lastrowid or 0))
+    return seqs
+
+
+def items_by_seq(db: sqlite3.Connection, seqs: Sequence[int]) -> list[MemoryItem]:
+    """The items with these seqs (those SQLite still has), in no particular order."""
+    rows: list[Any] = []
+    for i in range(0, len(seqs), 500):  # stay under SQLite's bound-parameter limit
+        part = list(seqs[i : i + 500])
+        marks = ", ".join("?" * len(part))
+        sql = f"SELECT {COLUMNS} FROM items WHERE seq IN ({marks})"
+        rows += db.execute(sql, part).fetchall()
+    return [MemoryItem.from_row(row) for row in rows]
+
+
+def iter_embeddings(
+    db: sqlite3.Connection, dim: int, where: str, args: tuple[Any, ...]
+) -> Iterator[tuple[list[int], FloatArray]]:
+    """(seqs, vectors) of the items matching ``where``, in seq order, in bounded chunks."""
+    last = -1
+    while True:
+        clause = f"{where} AND seq > ?" if where else "WHERE seq > ?"
+        rows = db.execute(
+            f"SELECT seq, embedding FROM items {clause} ORDER BY seq LIMIT ?",
+            (*args, last, ROWS_PER_CHUNK),
+        ).fetchall()
+        if not rows:
+            return
+        seqs = [int(r[0]) for r in rows]
+        yield seqs, decode_vectors([r[1] for r in rows], dim)
+        last = seqs[-1]
+
+
+def decode_vectors(blobs: Sequence[bytes], dim: int) -> FloatArray:
+    """Stored embeddings (little-endian float32) as an ``(n, dim)`` array; checks each width."""
+    width = dim * 4
+    for blob in blobs:
+        if len(blob) != width:
+            raise MemoryStoreError(f"stored embedding is {len(blob)} bytes, expected {width}")
+    return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dim)
+
+
+class AccessTimes:
+    """Last-access times set by searches, held in memory and written to SQLite in batches.
+
+    The caller holds the store's lock around every call.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, float] = {}  # id -> latest access not yet in SQLite
+        self._searches = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def record(self, ids: Iterable[str], stamp: float) -> bool:
+        """Note one search's accesses; True when :data:`TOUCH_FLUSH_EVERY` are pending."""
+        for item_id in ids:
+            self._pending[item_id] = max(stamp, self._pending.get(item_id, stamp))
+        self._searches += 1
+        return self._searches >= TOUCH_FLUSH_EVERY
+
+    def latest(self, item: MemoryItem) -> MemoryItem:
+        """``item`` with its last access including any pending (unflushed) one."""
+        pending = self._pending.get(item.id)
+        if pending is None or pending <= item.accessed:
+            return item
+        return dataclasses.replace(item, accessed=pending)
+
+    def clear(self) -> None:
+        """Forget the pending access times (a read-only store never writes them)."""
+        self._pending.clear()
+        self._searches = 0
+
+    def flush(self, db: sqlite3.Connection) -> None:
+        """Write the pending access times in one transaction.
+
+        ``synchronous=NORMAL`` for this transaction only: in WAL mode that never corrupts the
+        database, it only lets a power loss undo this last commit, and access times are
+        ranking hints, not user data. The next FULL commit (an add or delete) syncs the WAL,
+        and with it this update. A crash before the flush loses at most
+        :data:`TOUCH_FLUSH_EVERY` searches' worth of access times, never an item.
+        """
+        db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with transaction(db) as tx:
+                tx.executemany(
+                    "UPDATE items SET accessed = MAX(accessed, ?) WHERE id = ?",
+                    [(stamp, item_id) for item_id, stamp in self._pending.items()],
+                )
+        finally:
+            db.execute("PRAGMA synchronous=FULL")
+        self.clear()

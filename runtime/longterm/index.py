@@ -1,0 +1,240 @@
+"""The life cycle of a memory store's derived index: open, replay, rebuild, save.
+
+SQLite (:mod:`runtime.longterm.db`) is the source of truth; the hnswlib index
+(:mod:`runtime.longterm.hnsw`) is a cache of its vectors. The index is updated after each
+commit and saved every ``save_every`` changes and on close. On open the saved index is
+validated and loaded, its capacity bounded by what SQLite ever held (hnswlib PR #677), and
+every item newer than the highest sequence number it contains (and every delete newer than
+its last tombstone) is replayed from SQLite. A missing, corrupt or foreign index is rebuilt
+from SQLite with a warning; it never stops the store from opening.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from runtime.errors import IndexFileError
+from runtime.fsutil import persist_error
+from runtime.longterm import db as sql
+from runtime.longterm.hnsw import FloatArray, HnswIndex, IndexParams
+from runtime.longterm.manifest import remove_unreferenced_blobs
+
+logger = logging.getLogger(__name__)
+
+#: Filtered searches whose allowed set is at most this size scan it exactly in numpy.
+EXACT_FILTER_LIMIT = 4096
+
+
+class StoreIndex:
+    """The index of one store directory and how far it covers SQLite.
+
+    Constructing one opens it: the saved index is loaded and what it lacks replayed, or it
+    is rebuilt from SQLite (:attr:`recovered` says why). ``max_seq`` and ``max_tomb`` are the
+    highest item and tombstone the index holds; ``dirty`` counts the changes since the last
+    save. ``on_save`` runs first in every save (the store writes its pending access times
+    there). The caller serialises every call (the store's lock) and passes its open
+    connection to the ones that read SQLite.
+    """
+
+    hnsw: HnswIndex
+
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        directory: Path,
+        params: IndexParams,
+        *,
+        store_id: bytes,
+        save_every: int,
+        read_only: bool,
+        on_save: Callable[[], None],
+    ) -> None:
+        self.directory = directory
+        self.params = params
+        self.store_id = store_id
+        self.save_every = save_every
+        self.read_only = read_only
+        self._on_save = on_save
+        self.max_seq = 0
+        self.max_tomb = 0
+        self.dirty = 0
+        self._save_retry_at = 0  # after a failed periodic save: retry at this many changes
+        self.recovered = ""  # why the index was rebuilt on open ("" if it was not)
+        self._open(db)
+
+    def __len__(self) -> int:
+        """Items in the index (not marked deleted)."""
+        return len(self.hnsw)
+
+    # -- opening --------------------------------------------------------------------------------
+
+    def _open(self, db: sqlite3.Connection) -> None:
+        """Load the saved index and replay what it lacks, or rebuild it from SQLite."""
+        try:
+            # hnswlib PR #677: bound what the saved index claims by what SQLite holds, before
+            # hnswlib's loader allocates for it
+            index, manifest = HnswIndex.load(
+                self.directory,
+                self.params,
+                store_id=self.store_id,
+                max_slots=sql.ever_inserted(db),
+            )
+        except IndexFileError as exc:
+            self.recovered = str(exc)
+            level = logging.INFO if str(exc) == "no index manifest" else logging.WARNING
+            logger.log(level, "rebuilding the index of %s from SQLite: %s", self.directory, exc)
+            self.rebuild(db)
+            return
+        self.hnsw = index
+        self.max_seq, self.max_tomb = manifest.max_seq, manifest.max_tomb
+        replayed = self._replay(db)
+        count = sql.count(db)
+        if len(index) != count:
+            self.recovered = f"index has {len(index)} items after replay, SQLite has {count}"
+            logger.warning("rebuilding the index of %s: %s", self.directory, self.recovered)
+            self.rebuild(db)
+            return
+        if replayed:
+            logger.info("replayed %d changes into the index of %s", replayed, self.directory)
+        if not self.read_only:
+            remove_unreferenced_blobs(self.directory, keep=manifest.blob_name)
+            self.maybe_save(db)
+
+    def _replay(self, db: sqlite3.Connection) -> int:
+        """Apply items and deletes newer than the saved index; returns how many."""
+        done = 0
+        where = ("WHERE seq > ?", (self.max_seq,))
+        for seqs, vectors in sql.iter_embeddings(db, self.params.dim, *where):
+            self.hnsw.add(vectors, seqs)
+            self.max_seq = max(self.max_seq, int(seqs[-1]))
+            done += len(seqs)
+        for op, seq in db.execute(
+            "SELECT op, seq FROM tombstones WHERE op > ? ORDER BY op", (self.max_tomb,)
+        ):
+            self.hnsw.mark_deleted(seq)
+            self.max_tomb = op
+            done += 1
+        self.dirty += done
+        return done
+
+    def rebuild(self, db: sqlite3.Connection) -> None:
+        """Build the index afresh from every item in SQLite (and save it unless read-only)."""
+        count = sql.count(db)
+        index = HnswIndex(self.params, capacity=max(1024, int(count * 1.25)))
+        self.max_seq = 0
+        for seqs, vectors in sql.iter_embeddings(db, self.params.dim, "", ()):
+            index.add(vectors, seqs)
+            self.max_seq = max(self.max_seq, int(seqs[-1]))
+        row = db.execute("SELECT MAX(op) FROM tombstones").fetchone()
+        self.max_tomb = int(row[0] or 0)
+        self.hnsw = index
+        self.dirty = 0
+        if not self.read_only:
+            self.save(db)
+
+    # -- changes --------------------------------------------------------------------------------
+
+    def added(self, vectors: FloatArray, seqs: Sequence[int]) -> None:
+        """Index items just committed to SQLite under ``seqs``."""
+        self.hnsw.add(vectors, seqs)
+        self.max_seq = max(self.max_seq, max(seqs))
+        self.dirty += len(seqs)
+
+    def deleted(self, seq: int, op: int | None) -> None:
+        """Drop an item just deleted from SQLite; ``op`` is its tombstone's number."""
+        self.hnsw.mark_deleted(seq)
+        self.max_tomb = int(op or self.max_tomb)
+        self.dirty += 1
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def candidates(
+        self,
+        db: sqlite3.Connection,
+        vector: FloatArray,
+        pool: int,
+        *,
+        session: str | None,
+        kinds: list[str] | None,
+        global_only: bool = False,
+    ) -> dict[int, float]:
+        """seq -> cosine for up to ``pool`` candidates that pass the filters.
+
+        Unfiltered, the graph answers. Filtered, SQLite lists the allowed items: at most
+        :data:`EXACT_FILTER_LIMIT` of them are scanned exactly, more go to the graph walk
+        with the filter.
+        """
+        if session is None and kinds is None and not global_only:
+            labels, sims = self.hnsw.query(vector, pool)
+            return dict(zip(labels, sims, strict=True))
+        clauses, args = [], []
+        if global_only:
+            clauses.append("session IS NULL")
+        elif session is not None:
+            clauses.append("session = ?")
+            args.append(session)
+        if kinds is not None:
+            clauses.append(f"kind IN ({', '.join('?' * len(kinds))})")
+            args.extend(kinds)
+        where = " AND ".join(clauses)
+        allowed = [r[0] for r in db.execute(f"SELECT seq FROM items WHERE {where}", args)]
+        if len(allowed) <= EXACT_FILTER_LIMIT:
+            # small sets: exact scan beats the graph walk and never misses
+            result: dict[int, float] = {}
+            for seqs, vectors in sql.iter_embeddings(
+                db, self.params.dim, f"WHERE {where}", tuple(args)
+            ):
+                exact = vectors @ vector
+                result.update(zip(seqs, (float(s) for s in exact), strict=True))
+            best = sorted(result.items(), key=lambda kv: -kv[1])[:pool]
+            return dict(best)
+        allowed_set = frozenset(allowed)
+        labels, sims = self.hnsw.query(vector, pool, filter=allowed_set.__contains__)
+        return dict(zip(labels, sims, strict=True))
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save(self, db: sqlite3.Connection) -> None:
+        """Publish the index now, then drop the tombstones it has applied."""
+        self._on_save()
+        try:
+            self.hnsw.save(
+                self.directory,
+                store_id=self.store_id,
+                max_seq=self.max_seq,
+                max_tomb=self.max_tomb,
+            )
+        except OSError as exc:
+            raise persist_error(
+                exc, self.directory, "could not save the index (SQLite still has every item)"
+            ) from exc
+        # tombstones up to max_tomb are now in the saved index; keep the table bounded
+        with sql.transaction(db) as tx:
+            tx.execute("DELETE FROM tombstones WHERE op <= ?", (self.max_tomb,))
+        self.dirty = 0
+
+    def maybe_save(self, db: sqlite3.Connection) -> None:
+        """Save every ``save_every`` changes; a failure there never fails a write.
+
+        The change is committed to SQLite already (and is replayed into the index on the next
+        open), so a periodic save that fails (a full disk) is logged and retried
+        ``save_every`` changes later instead of being raised from an acknowledged add.
+        """
+        if self.dirty < max(self.save_every, self._save_retry_at):
+            return
+        try:
+            self.save(db)
+        except (OSError, RuntimeError, sqlite3.Error) as exc:
+            self._save_retry_at = self.dirty + self.save_every
+            logger.warning(
+                "could not save the index of %s (%s); committed items are safe in SQLite and "
+                "are replayed on the next open; retrying after %d more changes",
+                self.directory,
+                exc,
+                self.save_every,
+            )
+        else:
+            self._save_retry_at = 0
