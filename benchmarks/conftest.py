@@ -9,7 +9,8 @@ under ``$LLAMAFFI_BENCH_MODELS`` (default ``~/.cache/llamaffi/bench-models``).
 
 The KV I/O suite (``test_bench_kvio.py``) runs over ``BENCH_MODEL`` (comma-separated model
 names or GGUF paths; default ``tinyllama-geometry,smollm2`` with ``BENCH_FULL=1``, else
-``tiny``) and ``BENCH_SIZES`` (comma-separated token counts; default ``256,1024,4096``).
+``tiny``) and ``BENCH_SIZES`` (comma-separated token counts; default ``256,1024,4096,16384``;
+sessions above ``BENCH_PREFILL_MAX``, default 4096, are tiled from that state, not prefilled).
 
 Every run records the machine (``pytest_benchmark_update_machine_info``): CPU model, cores,
 flags, ``OPENBLAS_CORETYPE``/``OMP_*`` state, load average, the llama.cpp build and the date.

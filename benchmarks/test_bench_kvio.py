@@ -44,10 +44,13 @@ from conftest import CI, FULL, KV_MODELS, KV_SIZES, prompt_tokens, rounds
 from runtime import snapshot as S
 from runtime.chunks import ChunkStore
 
+#: Longer sessions than this are not prefilled (4,096 tokens of tinyllama-geometry took 134 s
+#: here, 16,384 would take over half an hour): their state is tiled from this one's.
+PREFILL_MAX = int(os.environ.get("BENCH_PREFILL_MAX", "4096"))
 #: Tokens added before the incremental checkpoint.
 ADDED = 64
 #: Session length of the codec grid and of the q8_0 case: the size closest to 1,024.
-CODEC_TOKENS = min(KV_SIZES, key=lambda n: abs(n - 1024))
+CODEC_TOKENS = min(KV_SIZES, key=lambda n: (abs(n - 1024), n))
 #: Rounds of the cheap benchmarks and of the slow ones (re-prefill, level 9).
 ROUNDS = rounds(5)
 SLOW_ROUNDS = rounds(3 if FULL else 2)
@@ -126,6 +129,7 @@ class KvCase:
     ours_file: Path  # a snapshot of seq 0, default codec
     directory: Path
     prefill_s: float | None  # seconds the prefill took, if it ran in this process
+    synthesized: bool = False  # tiled from the BENCH_PREFILL_MAX state, not prefilled
 
     @property
     def n(self) -> int:
@@ -140,6 +144,8 @@ class KvCase:
             "raw_bytes": self.raw_file.stat().st_size,
             "ours_bytes": self.ours_file.stat().st_size,
             "mode": "ci" if CI else ("full" if FULL else "default"),
+            "synthesized": self.synthesized,
+            "flash_attn": bool(self.ctx.flash_attn),
             **more,
         }
 
@@ -156,38 +162,88 @@ def _state_cache(models_dir: Path, lm: LoadedModel, kv_type: str, n: int) -> Pat
     return models_dir / f"kvio-{lm.path.stem}-{fingerprint}-{kv_type}-{n}.state"
 
 
+def _prefilled(
+    ctx: Any, lm: LoadedModel, tag: str, tokens: list[int], models_dir: Path
+) -> float | None:
+    """Fill seq 0 of ``ctx`` with ``tokens``: from the cached state file if it fits, else by
+    decoding them (and caching the result). Returns the seconds a decode took, else None."""
+    n = len(tokens)
+    cache = _state_cache(models_dir, lm, tag, n)
+    if cache.exists():
+        try:
+            if ctx.seq_state_load_file(cache, 0, n + 1) == tokens:
+                return None
+        except Exception:  # a stale cache (another build): prefill again
+            pass
+    ctx.memory.seq_rm(0, -1, -1)
+    start = time.perf_counter()
+    ctx.decode(tokens, seq_id=0, logits="none")
+    elapsed = time.perf_counter() - start
+    ctx.seq_state_save_file(cache, 0, tokens)
+    return elapsed
+
+
+def _tile(ctx: Any, base: Any, n_base: int, n: int) -> None:
+    """Seq 0 := ``n / n_base`` copies of the state ``base`` at consecutive positions.
+
+    Each copy is set into seq 1, shifted by ``k * n_base`` positions, shared into seq 0 and
+    dropped from seq 1. The K rows are not re-rotated (no decode runs), which does not matter
+    for I/O: the bytes are real KV of this model, in llama.cpp's own layout. The context must
+    use flash attention (V stored row per cell, like K): then a copy's rows of one layer are
+    ``n_base`` rows (over 1 MiB here) away from the next copy's, so no 1 MiB zstd frame holds
+    a repeat. With the transposed V of a non-flash-attention cache, each V row would hold the
+    copies a few kB apart and compress unrealistically well.
+    """
+    ctx.memory.seq_rm(0, -1, -1)
+    for k in range(n // n_base):
+        ctx.memory.seq_rm(1, -1, -1)
+        ctx.seq_state_set(base, 1)
+        if k:
+            ctx.memory.seq_add(1, 0, -1, k * n_base)
+        ctx.memory.seq_cp(1, 0, -1, -1)
+        ctx.memory.seq_rm(1, -1, -1)
+
+
 def _make_case(lm: LoadedModel, kv_type: str, n: int, models_dir: Path, tmp: Path) -> KvCase:
     tokens = prompt_tokens(lm.model, n)
+    synthesized = n > PREFILL_MAX
+    if synthesized and n % PREFILL_MAX:
+        pytest.skip(f"{n} tokens is not a multiple of BENCH_PREFILL_MAX={PREFILL_MAX}")
+    m = lm.model
+    row_bytes = int(m.n_head_kv) * (int(m.n_embd) // int(m.n_head)) * 2
+    if synthesized and PREFILL_MAX * row_bytes < S.DEFAULT_CODEC.chunk_size:
+        pytest.skip(
+            f"tiling {PREFILL_MAX}-token copies of {row_bytes}-byte rows would repeat inside "
+            "one zstd frame (unrealistic compression)"
+        )
+    # a quantized V cache needs flash attention, and so does tiling (see _tile)
+    flash_attn = kv_type != "f16" or synthesized
     ctx = lm.model.context(
         n_ctx=2 * n + ADDED + 256,
         n_batch=512,
         n_seq_max=3,
         type_k=kv_type,
         type_v=kv_type,
-        flash_attn=kv_type != "f16",  # a quantized V cache needs flash attention
+        flash_attn=flash_attn,
     )
-    cache = _state_cache(models_dir, lm, kv_type, n)
-    loaded = False
-    if cache.exists():
-        try:
-            loaded = ctx.seq_state_load_file(cache, 0, n + 1) == tokens
-        except Exception:  # a stale cache (another build): prefill again
-            loaded = False
+    tag = kv_type + ("-fa" if flash_attn and kv_type == "f16" else "")
     prefill_s = None
-    if not loaded:
-        ctx.memory.seq_rm(0, -1, -1)
-        start = time.perf_counter()
-        ctx.decode(tokens, seq_id=0, logits="none")
-        prefill_s = time.perf_counter() - start
-        ctx.seq_state_save_file(cache, 0, tokens)
+    if synthesized:
+        _prefilled(ctx, lm, tag, tokens[:PREFILL_MAX], models_dir)
+        base = ctx.seq_state_get(0)
+        _tile(ctx, base, PREFILL_MAX, n)
+        del base
+        assert ctx.memory.pos_max(0) == n - 1
+    else:
+        prefill_s = _prefilled(ctx, lm, tag, tokens, models_dir)
     raw, ours = tmp / "raw.bin", tmp / "ours.kvsnap"
     ctx.seq_state_save_file(raw, 0, tokens)
     S.write(ours, S.capture(ctx, 0, tokens))
-    return KvCase(lm, kv_type, ctx, tokens, raw, ours, tmp, prefill_s)
+    return KvCase(lm, kv_type, ctx, tokens, raw, ours, tmp, prefill_s, synthesized)
 
 
 CASES = [(m, "f16", n) for m in KV_MODELS for n in KV_SIZES]
-Q8_CASES = [(m, "q8_0", CODEC_TOKENS) for m in KV_MODELS]
+Q8_CASES = [(m, "q8_0", CODEC_TOKENS) for m in KV_MODELS if CODEC_TOKENS <= PREFILL_MAX]
 
 
 def _case_id(case: tuple[str, str, int]) -> str:
@@ -680,7 +736,7 @@ def peer(kv: KvCase) -> Iterator[PeerCase]:
         n_ctx=kv.n + ADDED + 256,
         n_batch=512,
         n_threads=max(1, len(os.sched_getaffinity(0))),
-        flash_attn=False,
+        flash_attn=bool(kv.ctx.flash_attn),  # the V layout of the state it loads
         verbose=False,
     )
     try:
@@ -758,6 +814,8 @@ def test_kvio_peer_load(benchmark: Any, kv16: KvCase, peer: PeerCase) -> None:
 def test_kvio_reprefill(benchmark: Any, kv16: KvCase) -> None:
     """Decode the same tokens into an empty seq 1 (logits of the last one): a restart's cost
     without snapshots."""
+    if kv16.synthesized:
+        pytest.skip(f"{kv16.n} tokens is above BENCH_PREFILL_MAX={PREFILL_MAX}: not prefilled")
     ctx = kv16.ctx
     _pedantic(
         benchmark,
