@@ -62,18 +62,20 @@ logger = logging.getLogger(__name__)
 class Runtime(_TurnMixin, _RecallMixin, _StatsMixin):
     """The LLM with memory: one model, one context, many sessions, one data directory.
 
-    Open it with :meth:`open`. It is thread-safe: every call that touches the llama.cpp
-    context is serialised on one lock (a context is not thread-safe).
+    ``Runtime(data_dir, model=...)`` opens it (``Runtime.open`` is the same call); use it as
+    a context manager or call :meth:`close`. It is thread-safe: every call that touches the
+    llama.cpp context is serialised on one lock (a context is not thread-safe).
     """
-
-    def __init__(self) -> None:
-        raise TypeError("use Runtime.open(data_dir, model=...)")
 
     # -- opening ------------------------------------------------------------------------------
 
     @classmethod
-    def open(
-        cls,
+    def open(cls, *args: Any, **kwargs: Any) -> Runtime:
+        """Open (creating if needed) the runtime: the same as ``Runtime(*args, **kwargs)``."""
+        return cls(*args, **kwargs)
+
+    def __init__(
+        self,
         data_dir: str | os.PathLike[str],
         model: str | os.PathLike[str] = "smollm2",
         *,
@@ -97,7 +99,7 @@ class Runtime(_TurnMixin, _RecallMixin, _StatsMixin):
         journal_retention: Literal["all", "window"] = "all",
         journal_segment_entries: int = DEFAULT_SEGMENT_ENTRIES,
         progress: Callable[[str], None] | None = None,
-    ) -> Runtime:
+    ) -> None:
         """Open (creating if needed) the runtime in ``data_dir``.
 
         Args:
@@ -142,7 +144,6 @@ class Runtime(_TurnMixin, _RecallMixin, _StatsMixin):
             runtime.errors.LockedError: another process has the directory open; the message
                 names its pid.
         """
-        self = object.__new__(cls)
         self._init(
             Path(data_dir),
             model,
@@ -167,7 +168,6 @@ class Runtime(_TurnMixin, _RecallMixin, _StatsMixin):
             journal_segment_entries=journal_segment_entries,
             progress=progress,
         )
-        return self
 
     def _init(self, root: Path, model_spec: str | os.PathLike[str], **kw: Any) -> None:
         from llamaffi import Model

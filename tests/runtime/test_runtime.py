@@ -296,3 +296,10 @@ def test_journal_retention_window_keeps_memory_and_the_window(
         assert resumed.restored_tokens == len(window) and resumed.replayed_tokens == 0
         hits = rt.search(facts[0], k=1, session="s")
         assert hits and hits[0].text == facts[0]  # dropped from the journal, not from memory
+
+
+def test_constructor_opens_like_open(tmp_path: Path) -> None:
+    with Runtime(tmp_path / "d", model="tiny", n_ctx=256, embedder=False) as rt:
+        assert rt.chat("s", "hi", **GREEDY).text is not None
+    with Runtime.open(tmp_path / "d", model="tiny", n_ctx=256, embedder=False) as rt:
+        assert [h["role"] for h in rt.history("s")][-2:] == ["user", "assistant"]
