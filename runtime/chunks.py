@@ -500,7 +500,10 @@ class ChunkStore:
         readonly: no lock, no writing, no quarantine, no temp-file cleanup.
         lock: take ``<root>/.lock`` (set False when the caller already holds a lock that
             covers this directory).
-        threads: worker threads for decoding chunks during :meth:`restore` (0: up to 4).
+        threads: worker threads decoding chunks ahead of the caller during :meth:`restore`;
+            1 decodes on the caller's thread, between the llama.cpp calls. 0 (default): one
+            per CPU but one (kept for the caller's llama.cpp calls), at most 4; so 1 on a
+            2-core machine, where the pipeline measured slower (docs: "The codec of chunks").
 
     Thread safety: :meth:`commit` may run on one writer thread while :meth:`plan_capture` and
     :meth:`restore` run on the caller's thread; the shared index is guarded by a lock, and
@@ -535,7 +538,7 @@ class ChunkStore:
         self.keep = keep
         self.dedup = dedup
         self.readonly = readonly
-        self.threads = threads if threads > 0 else max(1, min(4, os.cpu_count() or 1))
+        self.threads = threads if threads > 0 else max(1, min(4, (os.cpu_count() or 1) - 1))
         self._lock = threading.RLock()
         self._commit_lock = threading.Lock()
         self._dirlock: DirLock | None = None
@@ -1010,11 +1013,13 @@ class ChunkStore:
     ) -> list[int]:
         """CALLER THREAD: rebuild ``seq_id`` from ``manifest``; return its token ids.
 
-        ``seq_id`` is emptied first. Chunks are read, checked (xxh3 of every frame, zstd
-        checksums, identity, positions and token ids against the manifest) and decoded on
-        worker threads, at most two ahead, while this thread hands the previous one to
-        llama.cpp: ``seq_state_set(chunk, scratch)``, ``seq_cp(scratch, seq_id)``,
-        ``seq_rm(scratch)``. No byte reaches llama.cpp before it is verified.
+        ``seq_id`` is emptied first. Chunks are read through a memory map, checked (identity,
+        positions and token ids against the manifest; the xxh3-128 of each frame just before
+        zstd decodes it straight into the chunk's buffer; zstd's content checksums where the
+        frames have them) and handed to llama.cpp one by one: ``seq_state_set(chunk,
+        scratch)``, ``seq_cp(scratch, seq_id)``, ``seq_rm(scratch)``. With ``threads > 1``
+        worker threads decode up to ``threads + 1`` chunks ahead of this thread. No byte
+        reaches llama.cpp before it is verified.
 
         Raises :class:`snapshot.IncompatibleSnapshot` (nothing touched) for another model or
         cache layout; :class:`MissingChunk` / :class:`CorruptChunk` (damaged chunks are

@@ -164,7 +164,7 @@ def test_chunk_codec_and_older_chunks(model: Any, tmp_path: Path) -> None:
             first = checkpoint(old, ctx, tokens[:600], "s")
         build(ctx, tokens[600:])
         live = ctx.seq_state_get(SRC).tobytes()
-        with ChunkStore(root) as store:
+        with ChunkStore(root, threads=2) as store:  # the pipelined restore (2 workers)
             assert store.codec == CHUNK_CODEC
             man = checkpoint(store, ctx, tokens, "s")
             assert man.chunks[0].key == first.chunks[0].key  # reused, not rewritten
@@ -178,6 +178,16 @@ def test_chunk_codec_and_older_chunks(model: Any, tmp_path: Path) -> None:
             with model.context(n_ctx=1024, **CTX_ARGS) as fresh:
                 store.restore(fresh, man, SRC, scratch_seq=SCRATCH)
                 assert fresh.seq_state_get(SRC).tobytes() == live
+                # a damaged chunk in the middle of the pipeline: typed error, both seqs empty
+                victim = store.chunk_path(man.chunks[1].key)
+                data = bytearray(victim.read_bytes())
+                data[len(data) // 2] ^= 0x01
+                victim.write_bytes(bytes(data))
+                with pytest.raises(CorruptChunk) as info:
+                    store.restore(fresh, man, SRC, scratch_seq=SCRATCH)
+                assert info.value.key == man.chunks[1].key
+                assert info.value.field.endswith(".checksum")
+                assert fresh.memory.pos_max(SRC) == -1 and fresh.memory.pos_max(SCRATCH) == -1
 
 
 def test_q8_0_cache_restores_bit_exactly_through_chunks(model: Any, store: ChunkStore) -> None:
