@@ -1,0 +1,189 @@
+"""``POST /v1/chat/completions``: a turn on the runtime, streamed (SSE) or not, cancelled
+when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from runtime.server import chat as chatmod
+from runtime.server.errors import APIError
+from runtime.server.scheduler import QueueFullError
+
+if TYPE_CHECKING:
+    from runtime.runtime import Reply
+
+from runtime.server.state import RETRY_AFTER_S, ServerState, _json_body
+
+logger = logging.getLogger(__name__)
+
+# -- chat ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Turn:
+    """One chat request on its way through the runtime."""
+
+    state: ServerState
+    req: chatmod.ChatRequest
+    session_id: str
+    ephemeral: bool
+    cancel: asyncio.Event | None = None
+    flag: list[bool] = field(default_factory=lambda: [False])
+    injected: int = 0
+
+    def cancelled(self) -> bool:
+        return self.flag[0] or self.state.stopping
+
+    def prepare(self) -> None:
+        """Check the history against the journal and add what it lacks (worker thread)."""
+        rt, req = self.state.rt, self.req
+        with rt._lock:
+            if self.ephemeral:
+                missing = list(req.turns[:-1])
+                is_new = True
+            elif len(req.turns) == 1 and req.system is None:
+                # only the new user message: nothing to compare, and no need to read the
+                # whole history of a long session on every request
+                missing, is_new = [], False
+            else:
+                journal = rt.history(self.session_id)
+                missing = chatmod.missing_turns(journal, req.turns)
+                is_new = not journal
+            if missing or (is_new and req.system is not None):
+                self.injected = chatmod.inject_turns(
+                    rt, self.session_id, req.system, missing, remember=req.remember
+                )
+
+    def run(self, on_token: Callable[[str], None] | None) -> Reply:
+        """The turn itself (worker thread); an ephemeral session is deleted after it."""
+        rt, req, p = self.state.rt, self.req, self.req.sampling
+        try:
+            reply = rt.chat(
+                self.session_id,
+                req.text,
+                max_tokens=p.max_tokens,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                top_k=p.top_k,
+                min_p=p.min_p,
+                repeat_penalty=p.repeat_penalty,
+                seed=p.seed,
+                stop=req.stop,
+                on_token=on_token,
+                cancelled=self.cancelled,
+                remember=req.remember,
+                importance=req.importance,
+                use_memory=req.use_memory,
+            )
+            self.state.metrics.turn(reply, self.injected)  # counted even when nobody listens
+            return reply
+        finally:
+            if self.ephemeral:
+                self.discard()
+
+    def discard(self) -> None:
+        try:
+            self.state.rt.delete_session(self.session_id)
+        except Exception:
+            logger.exception("could not delete ephemeral session %s", self.session_id)
+
+
+async def _chat(request: Request, state: ServerState) -> Response:
+    rt = state.rt
+    body = await _json_body(request, state.max_body)
+    req = chatmod.parse_chat(body, request.headers.get("x-session-id"), rt.sampling, rt.ctx.n_ctx)
+    ephemeral = req.session_id is None
+    sid = req.session_id or chatmod.ephemeral_id()
+    turn = _Turn(state, req, sid, ephemeral)
+    key = sid if not ephemeral else "\x00stateless"
+    if state.stopping or state.draining:
+        raise APIError(503, "the server is shutting down", code="shutting_down")
+    try:
+        await state.queue.acquire(key)
+    except QueueFullError:
+        state.metrics.rejected.inc()
+        raise APIError(
+            503,
+            f"the server is busy ({state.queue.waiting} requests waiting); retry shortly",
+            code="queue_full",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from None
+    # holding the runtime's turn from here: every path below releases it exactly once
+    try:
+        await asyncio.shield(asyncio.ensure_future(run_in_threadpool(turn.prepare)))
+    except BaseException:
+        if ephemeral:
+            await asyncio.shield(asyncio.ensure_future(run_in_threadpool(turn.discard)))
+        state.queue.release()
+        raise
+    cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    model = rt.model_name
+    out_sid = None if ephemeral else sid
+    if not req.stream:
+        watcher = asyncio.ensure_future(_watch_disconnect(request, turn))
+        task = _track(state, state.queue.start(lambda: turn.run(None)))
+        try:
+            reply: Reply = await asyncio.shield(task)
+        finally:
+            watcher.cancel()
+        return JSONResponse(chatmod.completion(cid, model, reply, turn.injected, out_sid))
+
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def on_token(piece: str) -> None:
+        loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+    task = _track(state, state.queue.start(lambda: turn.run(on_token)))
+    task.add_done_callback(lambda _t: pieces.put_nowait(None))
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        try:
+            first = {"role": "assistant", "content": ""}
+            yield {"data": json.dumps(chatmod.chunk(cid, model, first))}
+            while (piece := await pieces.get()) is not None:
+                yield {"data": json.dumps(chatmod.chunk(cid, model, {"content": piece}))}
+            try:
+                reply = task.result()
+            except Exception as exc:
+                logger.warning("streamed turn failed: %s", exc)
+                yield {"data": json.dumps(chatmod.map_runtime_error(exc).body())}
+                yield {"data": "[DONE]"}
+                return
+            yield {"data": json.dumps(chatmod.chunk(cid, model, {}, reply.finish_reason))}
+            if req.include_usage:
+                u = chatmod.usage(reply, turn.injected)
+                yield {"data": json.dumps(chatmod.chunk(cid, model, None, usage_body=u))}
+            yield {"data": "[DONE]"}
+        finally:
+            turn.flag[0] = True  # a no-op when the turn has ended; stops it when not
+
+    headers = {"X-Session-Id": out_sid} if out_sid else None
+    return EventSourceResponse(events(), headers=headers, sep="\n")
+
+
+def _track(state: ServerState, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+    state.jobs.add(task)
+    task.add_done_callback(state.jobs.discard)
+    return task
+
+
+async def _watch_disconnect(request: Request, turn: _Turn) -> None:
+    """Stop a non-streamed turn whose client went away."""
+    while not turn.flag[0]:
+        if await request.is_disconnected():
+            logger.info("client of session %s went away; stopping its reply", turn.session_id)
+            turn.flag[0] = True
+            return
+        await asyncio.sleep(0.1)

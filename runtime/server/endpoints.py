@@ -1,0 +1,228 @@
+"""The other endpoints: embeddings, models, memories, sessions, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from prometheus_client import generate_latest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from runtime.server import chat as chatmod
+from runtime.server.errors import APIError, bad_request, not_found
+
+if TYPE_CHECKING:
+    pass
+
+from runtime.server.state import _ADMIN_KEY, ServerState, _json_body
+
+logger = logging.getLogger(__name__)
+
+# -- the other endpoints ------------------------------------------------------------------------
+
+
+async def _embeddings(request: Request, state: ServerState) -> Response:
+    body = await _json_body(request, state.max_body)
+    raw = body.get("input")
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not items:
+        raise bad_request("input", "must be a string or a non-empty array of strings")
+    if len(items) > 256:
+        raise bad_request("input", "at most 256 texts per request")
+    texts = [chatmod.check_text(t, f"input[{i}]") for i, t in enumerate(items)]
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise bad_request("encoding_format", "must be 'float' or 'base64'")
+    rt = state.rt
+    if rt.memory is None:
+        raise APIError(400, "embeddings are off (the server runs with --no-memory)", param="model")
+    dims = body.get("dimensions")
+    if dims is not None and dims != rt.memory.embedder.dim:
+        raise bad_request("dimensions", f"this embedder only gives {rt.memory.embedder.dim}")
+    vectors = await state.run(_ADMIN_KEY, lambda: rt.embed(texts))
+    data = []
+    for i, vec in enumerate(vectors):
+        emb: Any
+        if fmt == "base64":
+            import base64
+
+            emb = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
+        else:
+            emb = [float(x) for x in vec]
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": rt.memory.embedder.model_id,
+            "usage": {"prompt_tokens": 0, "total_tokens": 0},
+        }
+    )
+
+
+async def _models(request: Request, state: ServerState) -> Response:
+    model = {
+        "id": state.rt.model_name,
+        "object": "model",
+        "created": state.started,
+        "owned_by": "runtime",
+    }
+    return JSONResponse({"object": "list", "data": [model]})
+
+
+def _hit(hit: Any) -> dict[str, Any]:
+    return {
+        "id": hit.id,
+        "object": "memory",
+        "text": hit.text,
+        "kind": hit.kind,
+        "session": hit.session,
+        "score": hit.score,
+        "similarity": hit.similarity,
+        "importance": hit.importance,
+        "created": hit.created,
+        "meta": hit.meta,
+    }
+
+
+async def _remember(request: Request, state: ServerState) -> Response:
+    body = await _json_body(request, state.max_body)
+    text = chatmod.check_text(body.get("text"), "text")
+    session = body.get("session")
+    if session is not None:
+        session = chatmod.check_session_id(session, "session")
+    kind = body.get("kind", "fact")
+    if not isinstance(kind, str) or not 1 <= len(kind) <= 32 or not kind.isidentifier():
+        raise bad_request("kind", "must be an identifier of 1-32 characters")
+    importance = chatmod._number(body, "importance")
+    if importance is None:
+        importance = 0.5
+    if not 0.0 <= importance <= 1.0:
+        raise bad_request("importance", f"must be in [0, 1], got {importance}")
+    meta = body.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise bad_request("meta", "must be an object")
+    rt = state.rt
+    if rt.memory is None:
+        raise APIError(400, "long-term memory is off (--no-memory)", param="text")
+
+    def add() -> str:
+        with rt._lock:
+            return rt.remember(text, session=session, kind=kind, importance=importance, meta=meta)
+
+    item_id = await state.run(_ADMIN_KEY, add)
+    return JSONResponse({"id": item_id, "object": "memory", "text": text}, status_code=201)
+
+
+async def _search(request: Request, state: ServerState) -> Response:
+    q = chatmod.check_text(request.query_params.get("q"), "q")
+    k_text = request.query_params.get("k", "5")
+    try:
+        k = int(k_text)
+    except ValueError:
+        raise bad_request("k", f"must be an integer, got {k_text!r}") from None
+    if not 1 <= k <= 100:
+        raise bad_request("k", f"must be in [1, 100], got {k}")
+    session = request.query_params.get("session")
+    if session is not None:
+        session = chatmod.check_session_id(session, "session")
+    rt = state.rt
+
+    def search() -> list[Any]:
+        with rt._lock:
+            return rt.search(q, k, session=session)
+
+    hits = await state.run(_ADMIN_KEY, search)
+    return JSONResponse({"object": "list", "data": [_hit(h) for h in hits]})
+
+
+async def _forget(request: Request, state: ServerState) -> Response:
+    item_id = request.path_params["item_id"]
+    if not 1 <= len(item_id) <= 128 or not item_id.replace("-", "").isalnum():
+        raise bad_request("id", "not a memory id")
+    rt = state.rt
+
+    def forget() -> bool:
+        with rt._lock:
+            return rt.forget(item_id)
+
+    if not await state.run(_ADMIN_KEY, forget):
+        raise not_found(f"memory {item_id}")
+    return JSONResponse({"id": item_id, "object": "memory.deleted", "deleted": True})
+
+
+async def _sessions(request: Request, state: ServerState) -> Response:
+    rt = state.rt
+
+    def listing() -> list[dict[str, Any]]:
+        return [
+            rt.session_info(s) for s in rt.sessions() if not s.startswith(chatmod.EPHEMERAL_PREFIX)
+        ]
+
+    data = await state.run(_ADMIN_KEY, listing)
+    return JSONResponse({"object": "list", "data": [{"object": "session", **i} for i in data]})
+
+
+def _sid(request: Request) -> str:
+    return chatmod.check_session_id(request.path_params["session_id"], "session_id")
+
+
+async def _session(request: Request, state: ServerState) -> Response:
+    sid, rt = _sid(request), state.rt
+
+    def read() -> dict[str, Any]:
+        with rt._lock:
+            info = rt.session_info(sid)
+            if not info["exists"]:
+                raise not_found(f"session {sid}")
+            return {"object": "session", **info, "history": rt.history(sid)}
+
+    return JSONResponse(await state.run(sid, read))
+
+
+async def _delete_session(request: Request, state: ServerState) -> Response:
+    sid, rt = _sid(request), state.rt
+
+    def delete() -> None:
+        with rt._lock:
+            if not rt.session_info(sid)["exists"]:
+                raise not_found(f"session {sid}")
+            rt.delete_session(sid)
+
+    await state.run(sid, delete)
+    return JSONResponse({"id": sid, "object": "session.deleted", "deleted": True})
+
+
+async def _checkpoint(request: Request, state: ServerState) -> Response:
+    sid, rt = _sid(request), state.rt
+
+    def checkpoint() -> int:
+        with rt._lock:
+            if not rt.session_info(sid)["exists"]:
+                raise not_found(f"session {sid}")
+            return rt.checkpoint(sid)
+
+    written = await state.run(sid, checkpoint)
+    # 0: the session is not resident (suspended sessions are on disk already)
+    return JSONResponse({"id": sid, "object": "session.checkpoint", "checkpointed": written})
+
+
+async def _health(request: Request, state: ServerState) -> Response:
+    down = state.stopping or state.draining
+    return JSONResponse(
+        {
+            "status": "stopping" if down else "ok",
+            "model": state.rt.model_name,
+            "queue": state.queue.waiting,
+        },
+        status_code=503 if down else 200,
+    )
+
+
+async def _metrics(request: Request, state: ServerState) -> Response:
+    return Response(
+        generate_latest(state.metrics.registry),
+        media_type="text/plain; version=0.0.4; charset=utf-8",
+    )
