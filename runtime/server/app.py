@@ -19,6 +19,7 @@ from runtime.server.scheduler import FairQueue
 if TYPE_CHECKING:
     from runtime.runtime import Runtime
 
+from runtime.server.completions import _chat
 from runtime.server.endpoints import (
     _checkpoint,
     _delete_session,
@@ -32,7 +33,6 @@ from runtime.server.endpoints import (
     _session,
     _sessions,
 )
-from runtime.server.completions import _chat
 from runtime.server.state import (
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_QUEUE,
