@@ -52,7 +52,7 @@ ADDED = 64
 #: Session length of the codec grid and of the q8_0 case: the size closest to 1,024.
 CODEC_TOKENS = min(KV_SIZES, key=lambda n: (abs(n - 1024), n))
 #: Rounds of the cheap benchmarks and of the slow ones (re-prefill, level 9).
-ROUNDS = rounds(5)
+ROUNDS = rounds(7 if FULL else 5)
 SLOW_ROUNDS = rounds(3 if FULL else 2)
 
 
