@@ -1283,7 +1283,9 @@ def read(
     ``threads`` is accepted for compatibility and unused: the digests are checked on this
     thread (see :meth:`Snapshot.read_from`).
 
-    ``mapped=True`` maps the file (prefaulted with ``MAP_POPULATE``) instead of copying it:
+    ``mapped=True`` maps the file instead of copying it (not prefaulted: ``MAP_POPULATE``
+    measured slower than the kernel's fault-around while the digests read the pages, 8 ms
+    against 5.5 ms for 92 MB of chunk files):
     the chunks are then views of the page cache, which saves one copy of the file. Use it
     only for snapshots that do not outlive the call that reads them (:func:`restore_file`),
     because a file truncated by someone else while it is mapped raises SIGBUS on access.
@@ -1306,8 +1308,7 @@ def read(
         # Check the header before mapping, so a damaged large file fails before the payload
         # is touched, exactly as with read_from.
         header = read_header(f, size, source=source)
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mm = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ)
+        mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     view = memoryview(mm)
     if bytes(view[: header.header_len]) != header.pack():
         raise CorruptSnapshot("file_size", "file changed while being read", source=source)

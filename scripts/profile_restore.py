@@ -18,9 +18,10 @@ Usage::
     .venv/bin/python scripts/profile_restore.py [--preset tinyllama-geometry|smollm2] \
         [--sizes 1024,4096] [--rounds 7] [--codecs 1:planes,-1:none,-1:none:nock]
 
-Each ``--codecs`` entry (``LEVEL:FILTER``) gets its own snapshot file and chunk store of the
-same state, and the variants run round-robin. Prints one JSON object per size (medians, min
-and max in milliseconds; ``ratio_*`` are medians over the raw load's median).
+Each ``--codecs`` entry (``LEVEL:FILTER[:nock]``) gets its own snapshot file and chunk store of
+the same state, and the variants run round-robin. Prints one JSON object per size (medians, min
+and max in milliseconds); ``ratio_*`` is a median over the raw load's median, ``*_paired`` the
+median of the per-round ratios, ``*_min`` the minimum over the raw load's minimum.
 """
 
 from __future__ import annotations
@@ -74,8 +75,7 @@ def _steps_file(ctx: Any, path: Path, times: dict[str, list[float]]) -> None:
         header = S.read_header(f, size, source=str(path))
         import mmap
 
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mm = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ)
+        mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     view = memoryview(mm)
     t1 = time.perf_counter()
     chunks = []
@@ -235,12 +235,23 @@ def profile(
             "raw_bytes": raw.stat().st_size,
             "ms": {k: _summary(v) for k, v in times.items()},
         }
+        raw_min = min(times["raw"])
+
+        def paired(key: str) -> float:
+            # the median of each round's ratio: a load change between rounds cancels out
+            ratios = [t / r for t, r in zip(times[key], times["raw"], strict=True)]
+            return round(statistics.median(ratios), 3)
+
         for name in codecs:
             summary[name] = {
                 "file_bytes": files[name].stat().st_size,
                 "chunk_bytes": stores[name][1].file_size,
                 "ratio_file": round(statistics.median(times[f"{name}/file"]) / raw_med, 3),
                 "ratio_chunks": round(statistics.median(times[f"{name}/chunks"]) / raw_med, 3),
+                "ratio_file_paired": paired(f"{name}/file"),
+                "ratio_chunks_paired": paired(f"{name}/chunks"),
+                "ratio_file_min": round(min(times[f"{name}/file"]) / raw_min, 3),
+                "ratio_chunks_min": round(min(times[f"{name}/chunks"]) / raw_min, 3),
             }
         return summary
 
