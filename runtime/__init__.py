@@ -1,12 +1,15 @@
-"""The memory runtime: short-term (KV snapshots) and long-term (embedded items) memory.
+"""The memory runtime: short-term (KV checkpoints) and long-term (embedded items) memory.
 
 An application uses one object, :class:`runtime.Runtime` (:mod:`runtime.runtime`). One
-module per concept below it: :mod:`runtime.session` (journal-first sessions and the pool),
-:mod:`runtime.checkpoint` (policy and background writer), :mod:`runtime.template` (chat
-templates), :mod:`runtime.models` (model names), :mod:`runtime.snapshot` (file format),
-:mod:`runtime.store` (crash-safe snapshot directory), :mod:`runtime.embed` (ONNX MiniLM embedder),
-:mod:`runtime.index` (persisted hnswlib index), :mod:`runtime.memory` (long-term memory store),
-:mod:`runtime.fsutil` (atomic files and locks), :mod:`runtime.cli` (command line).
+module or package per concept below it: :mod:`runtime.journal` (the fsynced turn journal,
+the truth), :mod:`runtime.session` (journal-first sessions and the pool),
+:mod:`runtime.checkpoint` (policy and background writer), :mod:`runtime.chunks` (chunked,
+content-addressed KV checkpoints), :mod:`runtime.snapshot` (the KV file format),
+:mod:`runtime.store` (crash-safe snapshot directory), :mod:`runtime.template` (chat
+templates), :mod:`runtime.models` (model names), :mod:`runtime.embed` (ONNX MiniLM embedder),
+:mod:`runtime.longterm` (long-term memory: SQLite, hnswlib index, ranking),
+:mod:`runtime.server` (the OpenAI-compatible server), :mod:`runtime.fsutil` (atomic files
+and locks), :mod:`runtime.errors` (every runtime exception), :mod:`runtime.cli`.
 """
 
 from typing import TYPE_CHECKING, Any

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from runtime.embed import cache_root
 from runtime.errors import ModelFileError, ModelNotFoundError, PinMismatchError
+from runtime.fsutil import cache_root
 
 if TYPE_CHECKING:
     import llamaffi

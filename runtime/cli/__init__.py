@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from runtime.errors import ArgumentError, ArgumentTypeError, MemoryRuntimeError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # (group name, "module:function") registering that group's subparsers; imported lazily so that
 # `python -m runtime memory ...` never loads libllama and `snapshot ...` never loads onnxruntime.
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(exc: BaseException, rc: int) -> int:
-    log.debug("command failed", exc_info=exc)
+    logger.debug("command failed", exc_info=exc)
     message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
     print(f"error: {where}{message}", file=sys.stderr)

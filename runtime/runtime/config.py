@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     from llamaffi import Context, Model
-    from runtime.memory import MemoryStore, TextEmbedder
+    from runtime.embed import TextEmbedder
+    from runtime.longterm import MemoryStore
 
 logger = logging.getLogger(__name__)
 
@@ -185,14 +186,23 @@ class _CachedEmbedder:
     def dim(self) -> int:
         return self.inner.dim
 
+    @property
+    def max_length(self) -> int | None:
+        """The inner embedder's token limit, if it has one (for truncation warnings)."""
+        return getattr(self.inner, "max_length", None)
+
     def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
         import numpy as np
 
         with self._lock:  # one embed at a time: the cache cannot change under a call
             missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
             fresh: dict[str, Any] = {}
+            #: the inner embedder's stats for this call (None when every text was cached,
+            #: so nothing new was truncated), read by the store's truncation warning
+            self.last_stats = None
             if missing:
                 fresh = dict(zip(missing, self.inner.embed(missing), strict=True))
+                self.last_stats = getattr(self.inner, "last_stats", None)
             rows = [fresh[t] if t in fresh else self._cache[t] for t in texts]
             for text, vec in fresh.items():
                 self._cache[text] = vec

@@ -35,7 +35,8 @@ from runtime.template import ChatFormat
 
 if TYPE_CHECKING:
     from llamaffi import Context, Model
-    from runtime.memory import MemoryStore, TextEmbedder
+    from runtime.embed import TextEmbedder
+    from runtime.longterm import MemoryStore
 
 from runtime.runtime.config import (
     CHUNK_DIR,
@@ -362,7 +363,7 @@ class Runtime(_TurnMixin, _RecallMixin, _StatsMixin):
             logger.info("session %s: journal retention freed %d bytes", sid, freed)
 
     def _open_memory(self, embedder: TextEmbedder | bool | None) -> None:
-        from runtime.memory import MemoryStore
+        from runtime.longterm import MemoryStore
 
         inner: TextEmbedder
         if embedder is None or isinstance(embedder, bool):

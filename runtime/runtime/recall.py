@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from runtime.memory import Hit
+    from runtime.longterm import Hit
 
 from runtime.runtime.config import (
     MARK_EVERY,

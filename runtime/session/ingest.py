@@ -11,7 +11,7 @@ from runtime.fsutil import atomic_write_bytes
 from runtime.journal import Entry
 
 if TYPE_CHECKING:
-    from runtime.memory import MemoryStore
+    from runtime.longterm import MemoryStore
 
 
 from runtime.session.session import Session
