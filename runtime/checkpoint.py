@@ -21,13 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.errors import MemoryRuntimeError
+from runtime.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
-
-
-class CheckpointError(MemoryRuntimeError, ValueError):
-    """A checkpoint setting is out of range."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ derives from it (so ``except ValueError`` keeps working for callers that do not 
 
 from __future__ import annotations
 
+import os
+
 
 class MemoryRuntimeError(Exception):
     """Base class of every error raised by :mod:`runtime`."""
@@ -133,3 +135,75 @@ class EmbedderError(MemoryRuntimeError):
 
 class ExportError(EmbedderError):
     """The safetensors → ONNX export failed or produced an inconsistent result."""
+
+
+# -- the journal ---------------------------------------------------------------------------------
+
+
+class JournalError(MemoryRuntimeError):
+    """The journal cannot be used."""
+
+
+class JournalCorruptError(JournalError, ValueError):
+    """Damage in the middle of the journal (not a torn tail); ``offset`` is where it starts."""
+
+    def __init__(self, path: os.PathLike[str] | str, offset: int, reason: str) -> None:
+        super().__init__(f"{path}: corrupt record at byte {offset}: {reason}")
+        self.path = path
+        self.offset = offset
+
+
+class JournalWriteError(JournalError, PersistError):
+    """An append failed (an I/O error); nothing of it was kept and the journal stays usable."""
+
+
+class JournalFullError(JournalWriteError, DiskFullError):
+    """An append failed because the disk is full; the next append works once space is freed."""
+
+
+class JournalCompactedError(JournalError, LookupError):
+    """The entry was in a segment that the retention policy deleted."""
+
+
+#: The earlier names, kept so that callers' ``except`` clauses keep working.
+JournalCorrupt = JournalCorruptError
+JournalCompacted = JournalCompactedError
+
+
+# -- sessions, checkpoints, the snapshot directory, the runtime ---------------------------------
+
+
+class SessionError(MemoryRuntimeError):
+    """A session operation failed."""
+
+
+class ContextFullError(SessionError):
+    """The turn does not fit the context window; nothing was journalled or decoded.
+
+    There is no automatic window policy yet: start a new session, raise ``n_ctx``, or
+    summarise into long-term memory and continue in a fresh session.
+    """
+
+
+class CheckpointError(MemoryRuntimeError, ValueError):
+    """A checkpoint setting is out of range."""
+
+
+class StoreError(MemoryRuntimeError):
+    """Base class of snapshot store errors."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """A snapshot could not be written (the previous ones are untouched); errno is kept."""
+
+
+class RuntimeArgumentError(MemoryRuntimeError, ValueError):
+    """An argument of a runtime call is out of range; ``field`` names it. Nothing was written."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+class RuntimeClosedError(MemoryRuntimeError, ValueError):
+    """The runtime was closed."""

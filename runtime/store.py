@@ -28,7 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime import snapshot as snapshot_mod
-from runtime.errors import InvalidNameError, MemoryRuntimeError, UnsafePathError
+from runtime.errors import (
+    InvalidNameError,
+    StoreError,
+    StoreWriteError,
+    UnsafePathError,
+)
 from runtime.fsutil import (
     TMP_PREFIX,
     DirLock,
@@ -62,14 +67,6 @@ QUARANTINE_DIR = "quarantine"
 
 _SESSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _FILE_RE = re.compile(r"(\d{12})" + re.escape(snapshot_mod.FILE_SUFFIX))
-
-
-class StoreError(MemoryRuntimeError):
-    """Base class of snapshot store errors."""
-
-
-class StoreWriteError(StoreError, OSError):
-    """A snapshot could not be written (the previous ones are untouched); errno is kept."""
 
 
 def validate_session_id(session_id: str) -> str:

@@ -34,15 +34,19 @@ runtime's opt-in retention policy); later seqs keep their numbers, and reading a
 raises :class:`JournalCompacted`.
 """
 
+from runtime.errors import (
+    JournalCompacted,
+    JournalCompactedError,
+    JournalCorrupt,
+    JournalCorruptError,
+    JournalError,
+    JournalFullError,
+    JournalWriteError,
+)
 from runtime.journal.journal import Journal
 from runtime.journal.record import (
     MAX_RECORD,
     Entry,
-    JournalCompacted,
-    JournalCorrupt,
-    JournalError,
-    JournalFullError,
-    JournalWriteError,
 )
 from runtime.journal.segment import (
     DEFAULT_SEGMENT_BYTES,
@@ -58,7 +62,9 @@ __all__ = [
     "Entry",
     "Journal",
     "JournalCompacted",
+    "JournalCompactedError",
     "JournalCorrupt",
+    "JournalCorruptError",
     "JournalError",
     "JournalFullError",
     "JournalWriteError",

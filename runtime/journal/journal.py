@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.errors import JournalCompacted, JournalCorrupt, JournalError
 from runtime.fsutil import (
     atomic_write_bytes,
     ensure_dir,
@@ -30,9 +31,6 @@ from runtime.journal.record import (
     _TAIL,
     MAX_RECORD,
     Entry,
-    JournalCompacted,
-    JournalCorrupt,
-    JournalError,
     _encode,
     _parse,
     _record_at,

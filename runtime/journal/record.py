@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from runtime.errors import DiskFullError, MemoryRuntimeError, PersistError, UnsafePathError
+from runtime.errors import (
+    JournalCorrupt,
+    JournalError,
+    JournalFullError,
+    JournalWriteError,
+    UnsafePathError,
+)
 from runtime.fsutil import FULL_ERRNOS, fsync_dir, open_nofollow
 
 logger = logging.getLogger(__name__)
@@ -30,19 +36,6 @@ _HEAD = struct.Struct("<QI")
 _TAIL = struct.Struct("<I")
 #: A record larger than this is refused on write and treated as damage on read.
 MAX_RECORD = 64 << 20
-
-
-class JournalError(MemoryRuntimeError):
-    """The journal cannot be used."""
-
-
-class JournalCorrupt(JournalError, ValueError):
-    """Damage in the middle of the journal (not a torn tail); ``offset`` is where it starts."""
-
-    def __init__(self, path: Path, offset: int, reason: str) -> None:
-        super().__init__(f"{path}: corrupt record at byte {offset}: {reason}")
-        self.path = path
-        self.offset = offset
 
 
 @dataclass(frozen=True)
@@ -174,14 +167,6 @@ def _rest_is_zero(f: BinaryIO, offset: int, size: int) -> bool:
     return True
 
 
-class JournalWriteError(JournalError, PersistError):
-    """An append failed (an I/O error); nothing of it was kept and the journal stays usable."""
-
-
-class JournalFullError(JournalWriteError, DiskFullError):
-    """An append failed because the disk is full; the next append works once space is freed."""
-
-
 def _write_error(exc: OSError, path: Path, what: str) -> JournalWriteError:
     code = exc.errno or errno.EIO
     if code in FULL_ERRNOS:
@@ -191,10 +176,6 @@ def _write_error(exc: OSError, path: Path, what: str) -> JournalWriteError:
             str(path),
         )
     return JournalWriteError(code, f"{what}: {exc.strerror or exc}", str(path))
-
-
-class JournalCompacted(JournalError, LookupError):
-    """The entry was in a segment that a retention policy deleted."""
 
 
 def cut_torn_tail(path: Path, fd: int, good: int, size: int) -> None:

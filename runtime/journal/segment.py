@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from runtime.errors import JournalCorrupt
 from runtime.fsutil import atomic_write_bytes, open_nofollow
 from runtime.journal.record import (
     _HEAD,
     _TAIL,
     MAX_RECORD,
     Entry,
-    JournalCorrupt,
     _parse,
     _record_at,
     _scan,

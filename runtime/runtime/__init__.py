@@ -32,6 +32,7 @@ Retrieval and rendering read only, so journalling after them loses nothing: what
 was told is saved is always in the journal, and the journal is the truth for both memories.
 """
 
+from runtime.errors import RuntimeArgumentError, RuntimeClosedError
 from runtime.runtime.config import (
     CHUNK_DIR,
     DEDUP_SIMILARITY,
@@ -49,8 +50,6 @@ from runtime.runtime.config import (
     STATS_FILE,
     MemoryUsed,
     Reply,
-    RuntimeArgumentError,
-    RuntimeClosedError,
     Sampling,
 )
 from runtime.runtime.core import Runtime

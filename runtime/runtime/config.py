@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
 from runtime.chunks import ChunkStore
-from runtime.errors import MemoryRuntimeError
+from runtime.errors import RuntimeArgumentError
 from runtime.session import ResumeReport, Session, SessionPool
 from runtime.template import ChatFormat
 
@@ -49,18 +49,6 @@ MAX_TEXT_CHARS = 32_000
 MAX_EMBED_TEXTS = 256
 #: the long-term ingestion watermark file is rewritten after this many journal entries
 MARK_EVERY = 16
-
-
-class RuntimeArgumentError(MemoryRuntimeError, ValueError):
-    """An argument of a runtime call is out of range; ``field`` names it. Nothing was written."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-
-
-class RuntimeClosedError(MemoryRuntimeError, ValueError):
-    """The runtime was closed."""
 
 
 @dataclass(frozen=True)

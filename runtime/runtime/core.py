@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from runtime.embed import TextEmbedder
     from runtime.longterm import MemoryStore
 
+from runtime.errors import RuntimeArgumentError, RuntimeClosedError
 from runtime.runtime.config import (
     CHUNK_DIR,
     DEDUP_SIMILARITY,
@@ -46,8 +47,6 @@ from runtime.runtime.config import (
     LONGTERM_DIR,
     MIN_SIMILARITY,
     SNAPSHOT_DIR,
-    RuntimeArgumentError,
-    RuntimeClosedError,
     Sampling,
     _CachedEmbedder,
     _int_field,

@@ -23,11 +23,11 @@ if TYPE_CHECKING:
 
     from runtime.longterm import Hit
 
+from runtime.errors import RuntimeArgumentError
 from runtime.runtime.config import (
     MARK_EVERY,
     MAX_EMBED_TEXTS,
     MemoryUsed,
-    RuntimeArgumentError,
     _check_text,
     _int_field,
     _RuntimeState,

@@ -7,13 +7,12 @@ record a checkpoint keeps of them), :mod:`~runtime.session.resume` (rebuilding t
 :mod:`~runtime.session.pool` (residency), :mod:`~runtime.session.ingest` (long-term sync).
 """
 
+from runtime.errors import ContextFullError, SessionError
 from runtime.session.base import (
     JOURNAL_DIR,
     SNAPSHOT_ID_PREFIX,
     WINDOW_ROLE,
-    ContextFullError,
     ResumeReport,
-    SessionError,
     _journal_seq_of,
 )
 from runtime.session.ingest import sync_longterm

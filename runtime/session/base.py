@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
 from runtime.chunks import ChunkStore, Manifest
-from runtime.errors import MemoryRuntimeError
+from runtime.errors import SessionError
 from runtime.journal import Journal
 from runtime.store import SnapshotStore
 
@@ -30,10 +30,6 @@ SNAPSHOT_ID_PREFIX = "j"
 WINDOW_ROLE = "window"
 
 
-class SessionError(MemoryRuntimeError):
-    """A session operation failed."""
-
-
 def _journal_seq_of(snapshot_id: str) -> int | None:
     """The journal seq a session snapshot id names (``j<seq>-<random>``), if it names one."""
     head, sep, _ = snapshot_id.rpartition("-")  # the random tail has no "-"; the seq may
@@ -42,14 +38,6 @@ def _journal_seq_of(snapshot_id: str) -> int | None:
         if number.lstrip("-").isdigit():
             return int(number)
     return None
-
-
-class ContextFullError(SessionError):
-    """The turn does not fit the context window; nothing was journalled or decoded.
-
-    There is no automatic window policy yet: start a new session, raise ``n_ctx``, or
-    summarise into long-term memory and continue in a fresh session.
-    """
 
 
 @dataclass

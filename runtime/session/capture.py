@@ -18,7 +18,11 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 
-from runtime.session.base import SNAPSHOT_ID_PREFIX, SessionError, _SessionCore
+from runtime.errors import SessionError
+from runtime.session.base import (
+    SNAPSHOT_ID_PREFIX,
+    _SessionCore,
+)
 
 logger = logging.getLogger(__name__)
 

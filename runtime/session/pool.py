@@ -18,7 +18,11 @@ if TYPE_CHECKING:
     from llamaffi import Context
 
 
-from runtime.session.base import JOURNAL_DIR, ContextFullError, ResumeReport, SessionError
+from runtime.errors import ContextFullError, SessionError
+from runtime.session.base import (
+    JOURNAL_DIR,
+    ResumeReport,
+)
 from runtime.session.session import Session
 
 logger = logging.getLogger(__name__)

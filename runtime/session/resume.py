@@ -10,12 +10,11 @@ from typing import Literal
 
 from runtime import snapshot as snapshot_mod
 from runtime.chunks import ChunkError, Manifest
+from runtime.errors import ContextFullError, SessionError
 from runtime.session.base import (
     SNAPSHOT_ID_PREFIX,
     WINDOW_ROLE,
-    ContextFullError,
     ResumeReport,
-    SessionError,
     _journal_seq_of,
     _SessionCore,
 )

@@ -31,7 +31,11 @@ if TYPE_CHECKING:
     from llamaffi import Context, Sampler
 
 
-from runtime.session.base import JOURNAL_DIR, WINDOW_ROLE, ContextFullError, SessionError
+from runtime.errors import ContextFullError, SessionError
+from runtime.session.base import (
+    JOURNAL_DIR,
+    WINDOW_ROLE,
+)
 from runtime.session.capture import _CaptureMixin
 from runtime.session.resume import _ResumeMixin
 
