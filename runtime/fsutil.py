@@ -44,20 +44,29 @@ _warned_exposed: set[str] = set()
 _warned_lock = threading.Lock()
 
 
-def persist_error(exc: OSError, path: str | os.PathLike[str], what: str) -> PersistError:
-    """The runtime error for a failed write of ``path``: :class:`DiskFullError` for ENOSPC.
+def persist_error(
+    exc: OSError,
+    path: str | os.PathLike[str],
+    what: str,
+    *,
+    error: type[PersistError] = PersistError,
+    full: type[PersistError] = DiskFullError,
+) -> PersistError:
+    """The runtime error for a failed write of ``path``: ``full`` (:class:`DiskFullError`)
+    for ENOSPC/EDQUOT, else ``error`` (:class:`PersistError`); a part passes its own
+    subclasses (the journal does).
 
     ``what`` says what was not written, e.g. ``"could not append a journal record"``; the
     message always names the path, and says "disk full" when that is the cause.
     """
     code = exc.errno or errno.EIO
     if code in FULL_ERRNOS:
-        return DiskFullError(
+        return full(
             code,
             f"disk full: {what}; nothing partial was kept, retry once space is freed",
             str(path),
         )
-    return PersistError(code, f"{what}: {exc.strerror or exc}", str(path))
+    return error(code, f"{what}: {exc.strerror or exc}", str(path))
 
 
 def open_nofollow(

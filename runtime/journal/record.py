@@ -11,7 +11,6 @@ The payload is UTF-8 JSON (one :class:`Entry`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -26,9 +25,10 @@ from runtime.errors import (
     JournalError,
     JournalFullError,
     JournalWriteError,
+    PersistError,
     UnsafePathError,
 )
-from runtime.fsutil import FULL_ERRNOS, fsync_dir, open_nofollow
+from runtime.fsutil import fsync_dir, open_nofollow, persist_error
 
 logger = logging.getLogger(__name__)
 
@@ -167,15 +167,9 @@ def _rest_is_zero(f: BinaryIO, offset: int, size: int) -> bool:
     return True
 
 
-def _write_error(exc: OSError, path: Path, what: str) -> JournalWriteError:
-    code = exc.errno or errno.EIO
-    if code in FULL_ERRNOS:
-        return JournalFullError(
-            code,
-            f"disk full: {what}; nothing of it was kept, retry once space is freed",
-            str(path),
-        )
-    return JournalWriteError(code, f"{what}: {exc.strerror or exc}", str(path))
+def _write_error(exc: OSError, path: Path, what: str) -> PersistError:
+    """:class:`JournalFullError` for a full disk, else :class:`JournalWriteError`."""
+    return persist_error(exc, path, what, error=JournalWriteError, full=JournalFullError)
 
 
 def cut_torn_tail(path: Path, fd: int, good: int, size: int) -> None:
