@@ -164,7 +164,9 @@ KV_MODELS = _env_list(
     "BENCH_MODEL", "tiny" if CI else ("tinyllama-geometry,smollm2" if FULL else "tiny")
 )
 #: Session lengths (tokens) of the KV I/O suite's size sweep.
-KV_SIZES = tuple(int(v) for v in _env_list("BENCH_SIZES", "256,512" if CI else "256,1024,4096"))
+KV_SIZES = tuple(
+    int(v) for v in _env_list("BENCH_SIZES", "256,512" if CI else "256,1024,4096,16384")
+)
 
 
 # -- what every run records --------------------------------------------------------------------
