@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from llamaffi.errors import (
     ArgumentError,
+    ArgumentTypeError,
     ClosedError,
     ContextError,
     DecodeError,
@@ -49,6 +50,7 @@ _LAZY = {
 
 __all__ = [
     "ArgumentError",
+    "ArgumentTypeError",
     "ClosedError",
     "Context",
     "ContextError",

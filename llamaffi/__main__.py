@@ -14,6 +14,8 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from llamaffi.errors import ArgumentError
+
 if TYPE_CHECKING:
     from llamaffi.model import Model
 
@@ -39,14 +41,14 @@ def context_size(model: Model, n_prompt: int, n_predict: int, n_ctx: int | None)
     needed = n_prompt + n_predict
     if n_ctx is not None:
         if n_ctx < needed:
-            raise ValueError(
+            raise ArgumentError(
                 f"--n-ctx {n_ctx} is too small: the prompt is {n_prompt} tokens and -n asks "
                 f"for {n_predict} more ({needed} in all)"
             )
         return n_ctx
     limit = model.n_ctx_train
     if 0 < limit < needed:
-        raise ValueError(
+        raise ArgumentError(
             f"the prompt ({n_prompt} tokens) plus -n {n_predict} needs {needed} tokens of "
             f"context, more than the model's training context of {limit}; lower -n or pass "
             "--n-ctx explicitly"
@@ -89,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
                 with model.context(n_ctx=n_ctx) as ctx:
                     out = ctx.generate(tokens, args.n)
                 print(args.prompt + model.detokenize(out))
+    except ArgumentError as exc:  # context_size: the request does not fit (bad input)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except LlamaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except ValueError as exc:  # context_size: the request does not fit
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     return 0
 
 

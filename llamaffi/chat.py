@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from llamaffi._capi import _types
 from llamaffi._capi import chat as cchat
-from llamaffi.errors import ArgumentError, TemplateError
+from llamaffi.errors import ArgumentError, ArgumentTypeError, TemplateError
 
 __all__ = ["apply_template", "builtin_templates"]
 
@@ -25,7 +25,7 @@ _INT32_MAX = 2**31 - 1
 
 def _c_string(what: str, value: object) -> bytes:
     if not isinstance(value, str):
-        raise TypeError(f"{what} must be str, not {type(value).__name__}")
+        raise ArgumentTypeError(f"{what} must be str, not {type(value).__name__}")
     if "\0" in value:
         # C would silently cut the string at the NUL.
         raise ArgumentError(f"{what} contains a NUL character")
@@ -39,7 +39,9 @@ def _messages_array(
     encoded: list[tuple[bytes, bytes]] = []
     for i, message in enumerate(messages):
         if not isinstance(message, tuple) or len(message) != 2:
-            raise TypeError(f"messages[{i}] must be a (role, content) tuple, not {message!r}")
+            raise ArgumentTypeError(
+                f"messages[{i}] must be a (role, content) tuple, not {message!r}"
+            )
         role, content = message
         encoded.append(
             (_c_string(f"messages[{i}] role", role), _c_string(f"messages[{i}] content", content))

@@ -13,7 +13,14 @@ import numpy as np
 import numpy.typing as npt
 
 from llamaffi._capi import _types, backend, batch, context, memory, state
-from llamaffi.errors import ArgumentError, ClosedError, ContextError, DecodeError, StateError
+from llamaffi.errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    ClosedError,
+    ContextError,
+    DecodeError,
+    StateError,
+)
 
 if TYPE_CHECKING:
     from llamaffi.model import Model
@@ -492,7 +499,7 @@ class Memory:
     @staticmethod
     def _range(p0: int, p1: int) -> None:
         if not (isinstance(p0, int) and isinstance(p1, int)):
-            raise TypeError("positions must be ints")
+            raise ArgumentTypeError("positions must be ints")
         if p0 >= 0 and p1 >= 0 and p1 < p0:
             raise ArgumentError(f"empty or reversed position range [{p0}, {p1})")
 

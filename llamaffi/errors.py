@@ -48,6 +48,10 @@ class ArgumentError(LlamaError, ValueError):
     """An argument was refused before C was called (seq id, position, token id, ...)."""
 
 
+class ArgumentTypeError(LlamaError, TypeError):
+    """An argument has the wrong type, refused before C was called."""
+
+
 class ClosedError(LlamaError, ValueError):
     """The object was closed (or its parent was); using it would be a use-after-free."""
 

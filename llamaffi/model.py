@@ -18,7 +18,7 @@ from llamaffi._backend import ensure_backend
 from llamaffi._capi import _types, vocab
 from llamaffi._capi import model as cmodel
 from llamaffi._util import cache_root, sha256_file
-from llamaffi.errors import ClosedError, ModelLoadError, TokenizeError
+from llamaffi.errors import ArgumentTypeError, ClosedError, ModelLoadError, TokenizeError
 
 if TYPE_CHECKING:
     from llamaffi.context import Context
@@ -310,7 +310,7 @@ class Model:
     ) -> list[int]:
         """Text to token ids. ``add_special`` adds BOS/EOS as the model asks."""
         if not isinstance(text, str):
-            raise TypeError(f"text must be str, not {type(text).__name__}")
+            raise ArgumentTypeError(f"text must be str, not {type(text).__name__}")
         raw = text.encode("utf-8")
         if len(raw) >= 2**31 - 1:
             raise TokenizeError(f"text too long to tokenize ({len(raw)} bytes)")

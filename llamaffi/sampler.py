@@ -6,7 +6,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from llamaffi._capi import _types, backend, sampler
-from llamaffi.errors import ClosedError, LlamaError
+from llamaffi.errors import ArgumentError, ClosedError, LlamaError
 
 if TYPE_CHECKING:
     from llamaffi.context import Context
@@ -62,7 +62,7 @@ class Sampler:
     def dist(self, seed: int = _types.LLAMA_DEFAULT_SEED) -> Sampler:
         """Pick at random from the distribution, with ``seed`` (reproducible unless default)."""
         if not 0 <= seed <= 0xFFFFFFFF:
-            raise ValueError("seed must fit in uint32")
+            raise ArgumentError("seed must fit in uint32")
         return self._add("dist", sampler.llama_sampler_init_dist(seed))
 
     def temp(self, t: float) -> Sampler:
@@ -72,19 +72,19 @@ class Sampler:
     def top_k(self, k: int) -> Sampler:
         """Keep the ``k`` best tokens."""
         if k < 0:
-            raise ValueError("k must be >= 0")
+            raise ArgumentError("k must be >= 0")
         return self._add("top_k", sampler.llama_sampler_init_top_k(k))
 
     def top_p(self, p: float, min_keep: int = 1) -> Sampler:
         """Keep the smallest set of tokens whose probability reaches ``p``."""
         if not 0.0 <= p <= 1.0:
-            raise ValueError("p must be in [0, 1]")
+            raise ArgumentError("p must be in [0, 1]")
         return self._add("top_p", sampler.llama_sampler_init_top_p(p, min_keep))
 
     def min_p(self, p: float, min_keep: int = 1) -> Sampler:
         """Drop tokens less likely than ``p`` times the best one."""
         if not 0.0 <= p <= 1.0:
-            raise ValueError("p must be in [0, 1]")
+            raise ArgumentError("p must be in [0, 1]")
         return self._add("min_p", sampler.llama_sampler_init_min_p(p, min_keep))
 
     def penalties(
@@ -100,9 +100,9 @@ class Sampler:
         ``n_vocab`` is the model's vocabulary size (:attr:`Model.n_vocab`).
         """
         if n_vocab <= 0:
-            raise ValueError("n_vocab must be > 0")
+            raise ArgumentError("n_vocab must be > 0")
         if repeat <= 0:
-            raise ValueError("repeat penalty must be > 0 (1.0 disables it)")
+            raise ArgumentError("repeat penalty must be > 0 (1.0 disables it)")
         return self._add(
             "penalties",
             sampler.llama_sampler_init_penalties(n_vocab, last_n, repeat, freq, present),

@@ -46,6 +46,8 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
+from llamaffi.errors import ArgumentError, ArgumentTypeError
+
 __all__ = [
     "CHAT_TEMPLATE",
     "GEMMA_CHAT_TEMPLATE",
@@ -250,12 +252,12 @@ def make_model(
         n_ff,
     )
     if wtype not in _WTYPES:
-        raise ValueError(f"wtype must be one of {sorted(_WTYPES)}, got {wtype!r}")
+        raise ArgumentError(f"wtype must be one of {sorted(_WTYPES)}, got {wtype!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        raise ArgumentError(f"seed must be a non-negative int, got {seed!r}")
     _check_positive("n_ctx_train", n_ctx_train)
     if chat_template is not None and not isinstance(chat_template, str):
-        raise ValueError(f"chat_template must be a str or None, got {chat_template!r}")
+        raise ArgumentError(f"chat_template must be a str or None, got {chat_template!r}")
     target = Path(path)
     vocab_path = find_vocab(vocab)
 
@@ -275,7 +277,7 @@ def make_model(
 
 def _check_positive(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ArgumentError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
@@ -287,23 +289,23 @@ def _resolve_geometry(
     elif preset in PRESETS:
         values = dict(PRESETS[preset])
     else:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ArgumentError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     for key, value in {**overrides, "n_ff": n_ff}.items():
         if value is not None:
             values[key] = value
     missing = [key for key in _GEOMETRY_KEYS if key not in values]
     if missing:
-        raise TypeError(f"make_model() without a preset needs {', '.join(missing)}")
+        raise ArgumentTypeError(f"make_model() without a preset needs {', '.join(missing)}")
     for key in _GEOMETRY_KEYS:
         _check_positive(key, values[key])
     geometry = _Geometry(**values)
     if geometry.n_embd % geometry.n_head or geometry.head_dim % 2:
         # RoPE rotates pairs of values, so the head size must be even.
-        raise ValueError(
+        raise ArgumentError(
             f"n_embd ({geometry.n_embd}) must be n_head ({geometry.n_head}) times an even head size"
         )
     if geometry.n_head % geometry.n_head_kv:
-        raise ValueError(
+        raise ArgumentError(
             f"n_head ({geometry.n_head}) must be a multiple of n_head_kv ({geometry.n_head_kv})"
         )
     return geometry
@@ -391,7 +393,7 @@ def _read_tokenizer_cached(
         if key == "tokenizer.ggml.tokens":
             n_vocab = len(field.data)
     if n_vocab == 0:
-        raise ValueError(f"{path} has no tokenizer.ggml.tokens array")
+        raise ArgumentError(f"{path} has no tokenizer.ggml.tokens array")
     return tuple(keys), n_vocab
 
 

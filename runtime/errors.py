@@ -197,7 +197,7 @@ class StoreWriteError(StoreError, OSError):
     """A snapshot could not be written (the previous ones are untouched); errno is kept."""
 
 
-class RuntimeArgumentError(MemoryRuntimeError, ValueError):
+class RuntimeArgumentError(ArgumentError):
     """An argument of a runtime call is out of range; ``field`` names it. Nothing was written."""
 
     def __init__(self, field_name: str, message: str) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from runtime import snapshot as snapshot_mod
 from runtime.errors import (
+    ArgumentError,
     InvalidNameError,
     StoreError,
     StoreWriteError,
@@ -112,7 +113,7 @@ class SnapshotStore:
         self, root: str | os.PathLike[str], *, keep: int = DEFAULT_KEEP, readonly: bool = False
     ) -> None:
         if keep < 1:
-            raise ValueError("keep must be at least 1")
+            raise ArgumentError("keep must be at least 1")
         self.root = Path(root)
         self.keep = keep
         self.readonly = readonly

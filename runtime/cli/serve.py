@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from runtime.cli.common import add_runtime_args, open_runtime, positive_int
+from runtime.errors import ArgumentError
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -44,11 +45,11 @@ def _port(text: str) -> int:
 
 
 def read_api_key(path: str) -> str:
-    """The key in ``path`` (its first line, stripped); a ValueError when there is none."""
+    """The key in ``path`` (its first line, stripped); an ArgumentError when there is none."""
     lines = Path(path).read_text().splitlines()
     key = lines[0].strip() if lines else ""
     if not key:
-        raise ValueError(f"{path}: no API key in the file")
+        raise ArgumentError(f"{path}: no API key in the file")
     return key
 
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from runtime.server import serve
 
     if args.grace < 0:
-        raise ValueError(f"--grace must be >= 0, got {args.grace}")
+        raise ArgumentError(f"--grace must be >= 0, got {args.grace}")
     api_key = read_api_key(args.api_key_file) if args.api_key_file else None
     rt = open_runtime(args)
     print(

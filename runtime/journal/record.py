@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from runtime.errors import (
+    DamagedFileError,
     JournalCorrupt,
     JournalError,
     JournalFullError,
@@ -76,7 +77,7 @@ class Entry:
         """Parse a payload written by :meth:`to_payload`."""
         doc = json.loads(payload)
         if doc.get("v") != 1:
-            raise ValueError(f"unknown journal entry version {doc.get('v')!r}")
+            raise DamagedFileError(f"unknown journal entry version {doc.get('v')!r}")
         return cls(
             seq=int(doc["seq"]),
             role=str(doc["role"]),

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from runtime.errors import ArgumentError
 from runtime.server import chat as chatmod
 from runtime.server.errors import APIError
 from runtime.server.scheduler import FairQueue
@@ -97,7 +98,7 @@ def create_app(
             ``Retry-After``.
     """
     if max_body < 1:
-        raise ValueError("max_body must be >= 1")
+        raise ArgumentError("max_body must be >= 1")
     queue = FairQueue(max_queue)
     state = ServerState(rt, queue, _Metrics(queue), max_body)
     routes = [

@@ -19,6 +19,8 @@ from typing import TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
+from runtime.errors import ArgumentError
+
 T = TypeVar("T")
 
 
@@ -31,7 +33,7 @@ class FairQueue:
 
     def __init__(self, max_waiting: int) -> None:
         if max_waiting < 0:
-            raise ValueError("max_waiting must be >= 0")
+            raise ArgumentError("max_waiting must be >= 0")
         self.max_waiting = max_waiting
         self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
         self._n_waiting = 0

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from llamaffi import Context, Sampler
 
 
-from runtime.errors import ContextFullError, SessionError
+from runtime.errors import ArgumentError, ContextFullError, SessionError
 from runtime.session.base import (
     JOURNAL_DIR,
     WINDOW_ROLE,
@@ -94,9 +94,9 @@ class Session(_ResumeMixin, _CaptureMixin):
         journal_segment_entries: int = DEFAULT_SEGMENT_ENTRIES,
     ) -> None:
         if window not in ("shift", "refuse"):
-            raise ValueError(f"window must be 'shift' or 'refuse', not {window!r}")
+            raise ArgumentError(f"window must be 'shift' or 'refuse', not {window!r}")
         if chunks is not None and not 0 <= scratch_seq < ctx.n_seq_max:
-            raise ValueError("chunked checkpoints need a scratch sequence of the context")
+            raise ArgumentError("chunked checkpoints need a scratch sequence of the context")
         self.policy = policy
         self._writer = writer
         self._chunks = chunks
