@@ -1,7 +1,8 @@
 """The KV I/O suite: what keeping short-term memory costs, how fast it comes back, how it grows.
 
 For each model of ``BENCH_MODEL`` and each session length of ``BENCH_SIZES`` (see conftest),
-side by side in one run, on the same KV state (f16, plus ``q8_0`` at 1,024 tokens):
+side by side in one run, on the same KV state (f16, plus ``q8_0`` at 1,024 tokens; sessions
+above ``BENCH_PREFILL_MAX`` are tiled from that state rather than prefilled, see ``_tile``):
 
 * **raw**: llama.cpp's ``llama_state_seq_save_file`` (with and without fsync) and
   ``llama_state_seq_load_file``;
@@ -20,8 +21,8 @@ Every benchmark's ``extra_info`` names its ``method`` (and ``stage``), the model
 and KV type, the token count and the bytes written; ``report.py`` turns them into the tables,
 the scaling fits and the charts. Prefilled states are cached next to the benchmark models.
 
-    BENCH_FULL=1 ./dev bench -k kvio          # the reported configuration
-    BENCH_CI=1 ./dev bench --ci               # CI: tiny model, one round each
+    BENCH_FULL=1 ./dev bench -k "kvio or kvquant"   # the reported configuration
+    ./dev bench --ci                                # CI: tiny model, one round each
 """
 
 from __future__ import annotations
