@@ -207,3 +207,50 @@ class RuntimeArgumentError(ArgumentError):
 
 class RuntimeClosedError(MemoryRuntimeError, ValueError):
     """The runtime was closed."""
+
+
+# -- chunked checkpoints -----------------------------------------------------------------------
+
+
+class ChunkStoreError(MemoryRuntimeError):
+    """Base class of chunk store errors."""
+
+
+class ChunkError(ChunkStoreError, ValueError):
+    """A manifest cannot be restored: a chunk it names is missing or damaged.
+
+    ``key`` names the chunk; the caller falls back to an older manifest or to the journal.
+    The target sequence has been left empty.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"chunk {key}: {message}")
+
+
+class MissingChunkError(ChunkError):
+    """A chunk named by a manifest is not in the store."""
+
+
+class CorruptChunkError(ChunkError):
+    """A chunk file failed an integrity check (``field`` names it) or does not fit its slot."""
+
+    def __init__(self, key: str, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(key, f"{field}: {message}")
+
+
+class CorruptManifestError(ChunkStoreError, ValueError):
+    """A manifest file failed an integrity check; ``field`` names the check."""
+
+    def __init__(self, field: str, message: str, *, source: str | None = None) -> None:
+        self.field = field
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}corrupt manifest ({field}): {message}")
+
+
+#: The earlier names, kept so that callers' ``except`` clauses keep working.
+MissingChunk = MissingChunkError
+CorruptChunk = CorruptChunkError
+CorruptManifest = CorruptManifestError
