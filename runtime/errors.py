@@ -7,6 +7,7 @@ derives from it (so ``except ValueError`` keeps working for callers that do not 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 
 
 class MemoryRuntimeError(Exception):
@@ -254,3 +255,60 @@ class CorruptManifestError(ChunkStoreError, ValueError):
 MissingChunk = MissingChunkError
 CorruptChunk = CorruptChunkError
 CorruptManifest = CorruptManifestError
+
+
+# -- KV snapshots (runtime.snapshot) -------------------------------------------------------------
+
+
+class SnapshotError(MemoryRuntimeError):
+    """Base class of snapshot errors."""
+
+
+class CorruptSnapshotError(SnapshotError, ValueError):
+    """A snapshot failed an integrity check; ``field`` names the check that failed."""
+
+    def __init__(self, field: str, message: str, *, source: str | None = None) -> None:
+        self.field = field
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}corrupt snapshot ({field}): {message}")
+
+
+class UnsupportedVersionError(SnapshotError, ValueError):
+    """The file is a snapshot, but of a format version this reader does not know."""
+
+    field = "version"
+
+    def __init__(
+        self, version: int, *, supported: Iterable[int] = (), source: str | None = None
+    ) -> None:
+        self.version = version
+        self.source = source
+        where = f"{source}: " if source else ""
+        known = ", ".join(str(v) for v in sorted(supported)) or "others"
+        super().__init__(
+            f"{where}unsupported snapshot format version {version} (this reader supports "
+            f"{known}); upgrade the runtime to read it"
+        )
+
+
+class IncompatibleSnapshotError(SnapshotError, ValueError):
+    """The snapshot belongs to another model, cache layout or build than the target context.
+
+    ``differences`` lists ``(field, snapshot value, context value)`` for each mismatch.
+    """
+
+    def __init__(self, differences: Sequence[tuple[str, object, object]]) -> None:
+        self.differences = list(differences)
+        detail = "; ".join(f"{f}: snapshot {s!r} != context {c!r}" for f, s, c in differences)
+        super().__init__(f"snapshot does not fit this context: {detail}")
+
+
+class RestoreError(SnapshotError, RuntimeError):
+    """llama.cpp refused a snapshot that passed every check; the sequence was cleared."""
+
+
+#: The earlier names, kept so that callers' ``except`` clauses keep working.
+CorruptSnapshot = CorruptSnapshotError
+UnsupportedVersion = UnsupportedVersionError
+IncompatibleSnapshot = IncompatibleSnapshotError
