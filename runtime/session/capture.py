@@ -92,16 +92,12 @@ class _CaptureMixin(_SessionCore):
                 session_id=self.session_id,
                 journal_seq=last,
                 lineage=self._window.lineage,
-                meta={
-                    "window": {"spans": [[p.start, p.length, p.seq] for p in self._window.spans]}
-                },
+                meta={"window": self._window.record()},
             )
             self._last_snapshot_id = f"{SNAPSHOT_ID_PREFIX}{last}"
             return _ChunkJob(self._chunks, pending)
         identity = snapshot_mod.CacheIdentity.from_context(ctx)
-        pos_min, pos_max = ctx.memory.pos_min(seq_id), ctx.memory.pos_max(seq_id)
-        if pos_min < 0 or pos_max < 0:
-            pos_min = pos_max = -1
+        pos_min, pos_max = snapshot_mod.seq_positions(ctx, seq_id)
         raw: npt.NDArray[np.uint8] = ctx.seq_state_get(seq_id)
         tokens = tuple(self._window.tokens)
         snapshot_id = f"{SNAPSHOT_ID_PREFIX}{last}-{secrets.token_hex(6)}"
@@ -121,6 +117,7 @@ class _CaptureMixin(_SessionCore):
                 session_id=session_id,
                 parent_id=parent_id,
                 snapshot_id=snapshot_id,
+                journal_seq=last,
             )
             return store.save(session_id, snap)
 
@@ -139,31 +136,13 @@ class _CaptureMixin(_SessionCore):
                 "decode; checkpoint after it"
             )
         if self._writer is not None and not self._writer.closed:
+            # one writer per store: the write still happens there, after anything queued
             job = self._capture_job()
             self._writer.discard(self.session_id)
             self._writer.flush(self.session_id)
             path = job()
-            self._since_snapshot = 0
-            self._new_tokens = 0
-            self._last_checkpoint = time.monotonic()
-            return path
-        if self._chunks is not None:
+        else:
             path = self._capture_job()()
-            self._since_snapshot = 0
-            self._new_tokens = 0
-            self._last_checkpoint = time.monotonic()
-            return path
-        last = self.journal[-1].seq if len(self.journal) else -1
-        snap = snapshot_mod.capture(
-            self.ctx,
-            self.seq_id,
-            self._window.tokens,
-            session_id=self.session_id,
-            parent_id=self._last_snapshot_id,
-            snapshot_id=f"{SNAPSHOT_ID_PREFIX}{last}-{secrets.token_hex(6)}",
-        )
-        path = self.store.save(self.session_id, snap)
-        self._last_snapshot_id = snap.header.snapshot_id
         self._since_snapshot = 0
         self._new_tokens = 0
         self._last_checkpoint = time.monotonic()

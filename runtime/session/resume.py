@@ -161,7 +161,10 @@ class _ResumeMixin(_SessionCore):
                 owner = snap.header.session_id
                 if owner and owner != self.session_id:
                     raise snapshot_mod.SnapshotError(f"it belongs to session {owner!r}")
-                after = self._entry_of(tokens, _journal_seq_of(snap.header.snapshot_id))
+                claimed = snap.header.journal_seq  # format v2; v1 files say it in their id
+                if claimed is None:
+                    claimed = _journal_seq_of(snap.header.snapshot_id)
+                after = self._entry_of(tokens, claimed)
                 if after is None:
                     raise snapshot_mod.SnapshotError(
                         "its tokens are not a prefix of the journal (at any entry)"

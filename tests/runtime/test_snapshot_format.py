@@ -225,7 +225,7 @@ def _with_version(blob: bytes, version: int) -> bytes:
     return blob[:8] + struct.pack("<H", version) + blob[10:]
 
 
-@pytest.mark.parametrize("version", [0, 2, 7, 0xFFFF])
+@pytest.mark.parametrize("version", [0, 3, 7, 0xFFFF])  # 1 and 2 are read (v2 since 2026-12)
 def test_unknown_version_refused(blob: bytes, version: int) -> None:
     with pytest.raises(S.UnsupportedVersion, match=f"version {version}"):
         S.Snapshot.from_bytes(_with_version(blob, version))
@@ -398,7 +398,10 @@ def test_cli_does_not_load_libllama(tmp_path: Path, snap: S.Snapshot) -> None:
     code = (
         "import sys; from runtime.cli import main; "
         f"rc = main(['snapshot', 'verify', {str(path)!r}]); "
-        "assert 'llamaffi' not in sys.modules, 'libllama was loaded'; sys.exit(rc)"
+        "maps = open('/proc/self/maps').read(); "
+        "assert 'libllama' not in maps and 'libggml' not in maps, 'libllama was loaded'; "
+        "assert 'llamaffi._lib' not in sys.modules, 'the library loader was imported'; "
+        "sys.exit(rc)"
     )
     res = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
@@ -431,3 +434,43 @@ def test_verify_runs_zstd(tmp_path: Path, snap: S.Snapshot) -> None:
     with pytest.raises(S.CorruptSnapshot) as info:
         S.verify(path)
     assert info.value.field.startswith("chunk[1].")
+
+
+# -- version 2: the journal entry in the header ------------------------------------------------
+
+
+def test_new_files_are_version_2_and_record_the_journal_seq() -> None:
+    raw = synthetic_raw(5_001, seed=4)
+    snap = make(raw, journal_seq=41)
+    assert snap.header.version == S.FORMAT_VERSION == 2
+    back = S.Snapshot.from_bytes(snap.to_bytes())
+    assert back.header.journal_seq == 41 and back.header == snap.header
+    assert make(raw).header.journal_seq is None  # none given: NO_JOURNAL_SEQ on disk
+    assert S.Snapshot.from_bytes(make(raw).to_bytes()).header.journal_seq is None
+    assert S.SnapshotHeader.unpack(make(raw, journal_seq=-1).header.pack()).journal_seq == -1
+
+
+def test_version_1_headers_still_pack_and_read() -> None:
+    snap = make(synthetic_raw(5_001, seed=5))
+    v1 = dataclasses.replace(snap.header, version=1)
+    packed = v1.pack()
+    assert len(packed) == v1.header_len == snap.header.header_len - 8  # no journal_seq
+    back = S.SnapshotHeader.unpack(packed)
+    assert back.version == 1 and back.journal_seq is None and back == v1
+    with pytest.raises(S.SnapshotError, match="version 1 header cannot record"):
+        dataclasses.replace(v1, journal_seq=3).pack()
+
+
+def test_v2_journal_seq_below_minus_one_is_corrupt() -> None:
+    header = make(synthetic_raw(5_001, seed=6), journal_seq=7).header
+    forged = dataclasses.replace(header, journal_seq=-5)
+    with pytest.raises(S.CorruptSnapshot) as info:
+        S.SnapshotHeader.unpack(forged.pack())
+    assert info.value.field == "journal_seq"
+
+
+def test_docs_describe_the_v2_field() -> None:
+    text = DOCS.read_text()
+    for name, _code in S.BODY_FIELDS_V2:
+        assert re.search(rf"`{name}`", text), f"docs/snapshot-format.md lacks field {name}"
+    assert S._BODY_V2.size == S._BODY.size + 8
