@@ -382,8 +382,16 @@ def _split(raw: Any, codec: S.Codec) -> list[np.ndarray]:
 
 
 def _map(fn: Callable[[int], Any], n: int, threads: int = 0) -> list[Any]:
-    # the module's own pool (zstd releases the GIL), as compress_chunks and decode_into use it
-    return S._parallel_map(fn, n, threads)
+    """``fn`` over ``range(n)`` on the snapshot module's own pool (zstd releases the GIL), as
+    its compress and decode use it; on a pool of the same size if it is no longer exported."""
+    pmap = getattr(S, "_parallel_map", None)
+    if pmap is not None:
+        return list(pmap(fn, n, threads))
+    import concurrent.futures
+
+    workers = threads or max(1, min(4, os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, range(n)))
 
 
 def _compress(planes: list[np.ndarray], level: int) -> list[bytes]:
