@@ -1,4 +1,117 @@
-"""Chunked KV checkpoints (being split into one module per concept; see store.py)."""
+"""Incremental KV checkpoints: content-addressed token chunks plus a manifest per session.
 
-from runtime.chunks.store import *  # noqa: F403
-from runtime.chunks.store import __all__  # noqa: F401
+A sequence's KV state is cut into fixed ranges of ``chunk_tokens`` positions. Each full range
+is a *chunk*: one file in the snapshot format (:mod:`runtime.snapshot`), named by a key that
+hashes the cache identity and the token ids and positions of the whole prefix up to the
+chunk's end (a hash chain). Equal prefixes therefore give equal keys, so a checkpoint writes
+only the chunks that are not yet on disk, and sessions that share a prefix share its files.
+The trailing partial range is a small *tail* chunk, keyed the same way. A *manifest* names a
+session's chunks in order, the token ids and the journal entry the state follows; it is
+written atomically after every chunk it names is durable, and chunks no manifest references
+are deleted only after that switch (diskcache's ordering).
+
+Layout::
+
+    <root>/.lock                                   single-writer lock (flock)
+    <root>/chunks/<key[:2]>/<key>.kvsnap           chunk and tail files (snapshot format)
+    <root>/manifests/<session>/<generation>.kvman  the newest ``keep`` manifests per session
+    <root>/manifests/<session>/quarantine/         damaged manifests moved aside
+    <root>/quarantine/                             damaged chunks moved aside
+
+Extracting one position range uses only the public API and a scratch sequence, because the
+pinned llama.cpp has no range API (upstream PR #25133 is still open)::
+
+    seq_cp(src, tmp, p0, p1); blob = seq_state_get(tmp); seq_rm(tmp)
+
+and restoring is the reverse, chunk by chunk: ``seq_state_set(blob, tmp)``,
+``seq_cp(tmp, target)``, ``seq_rm(tmp)``. ``seq_cp`` shares cells within one KV stream, so
+neither direction needs spare cells; it needs a unified cache (``kv_unified=True``), where all
+sequences share one stream.
+
+Work is split for a runtime with a background writer, because a llama.cpp context is not
+thread-safe: :meth:`ChunkStore.plan_capture` and :meth:`ChunkStore.restore` touch the context
+and run on the caller's thread; :meth:`ChunkStore.commit` compresses, writes, fsyncs and
+garbage-collects, never touches a context, and may run on another thread.
+
+The format is described in ``docs/snapshot-format.md`` ("Chunked checkpoints").
+
+One module per part: :mod:`~runtime.chunks.keys` (chunk keys and shift lineage),
+:mod:`~runtime.chunks.manifest` (manifests and their binary form),
+:mod:`~runtime.chunks.pending` (planned checkpoints, verify reports),
+:mod:`~runtime.chunks.store` (:class:`ChunkStore`: layout, index, capture, commit, GC),
+:mod:`~runtime.chunks.restore` and :mod:`~runtime.chunks.verify` (its restore and verify
+sides), :mod:`~runtime.chunks.base` (the state they share). The errors live in
+:mod:`runtime.errors`.
+"""
+
+from runtime.chunks.keys import (
+    _CHUNK_STEP,
+    _KEY_RE,
+    _TOKEN_DTYPE,
+    DEFAULT_CHUNK_TOKENS,
+    KEY_BYTES,
+    Lineage,
+    _identity_bytes,
+    chunk_keys,
+    shift_lineage,
+)
+from runtime.chunks.manifest import (
+    _GEN_RE,
+    _MAN_HEADER_LEN,
+    _MAN_PREFIX,
+    MANIFEST_MAGIC,
+    MANIFEST_SUFFIX,
+    MANIFEST_SUPPORTED_VERSIONS,
+    MANIFEST_VERSION,
+    MAX_MANIFEST_BODY,
+    ChunkRef,
+    Manifest,
+)
+from runtime.chunks.pending import PendingCheckpoint, PendingChunk, VerifyReport
+from runtime.chunks.store import CHUNK_CODEC, DEFAULT_KEEP, ChunkStore
+from runtime.errors import (
+    ChunkError,
+    ChunkStoreError,
+    CorruptChunk,
+    CorruptChunkError,
+    CorruptManifest,
+    CorruptManifestError,
+    MissingChunk,
+    MissingChunkError,
+)
+
+__all__ = [
+    "CHUNK_CODEC",
+    "DEFAULT_CHUNK_TOKENS",
+    "DEFAULT_KEEP",
+    "KEY_BYTES",
+    "MANIFEST_MAGIC",
+    "MANIFEST_SUFFIX",
+    "MANIFEST_SUPPORTED_VERSIONS",
+    "MANIFEST_VERSION",
+    "MAX_MANIFEST_BODY",
+    "_CHUNK_STEP",
+    "_GEN_RE",
+    "_KEY_RE",
+    "_MAN_HEADER_LEN",
+    "_MAN_PREFIX",
+    "_TOKEN_DTYPE",
+    "ChunkError",
+    "ChunkRef",
+    "ChunkStore",
+    "ChunkStoreError",
+    "CorruptChunk",
+    "CorruptChunkError",
+    "CorruptManifest",
+    "CorruptManifestError",
+    "Lineage",
+    "Manifest",
+    "MissingChunk",
+    "MissingChunkError",
+    "PendingCheckpoint",
+    "PendingChunk",
+    "VerifyReport",
+    "_identity_bytes",
+    "chunk_keys",
+    "shift_lineage",
+]
