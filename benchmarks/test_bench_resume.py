@@ -140,8 +140,9 @@ def test_full_walk_reference(benchmark: Any, long_sessions: Any) -> None:
 def test_soak_turns_stay_flat(benchmark: Any, bench_models_dir: Path, tmp_path: Path) -> None:
     """20 sessions, 20k short turns with ``BENCH_FULL=1`` (2k by default, 400 in CI mode,
     ``BENCH_SOAK_TURNS`` to choose) round-robin over 3 sequences, so every turn resumes a
-    suspended session: turns/s and the resume time per tenth of the run must not fall as the
-    journals grow (the issue's soak fell from 32.3 to 14.8 turns/s)."""
+    suspended session: turns/s, the resume time, RSS and disk per tenth of the run must stay
+    flat as the journals grow (the issue's soak fell from 32.3 to 14.8 turns/s). The journals
+    rotate every 256 entries and the opt-in retention compacts them, so disk stays bounded."""
     from llamaffi import Model
 
     path = bench_models_dir / "tiny-resume.gguf"
@@ -163,6 +164,7 @@ def test_soak_turns_stay_flat(benchmark: Any, bench_models_dir: Path, tmp_path: 
                 chunks=ChunkStore(tmp_path / "kv"),
                 scratch_seq=SCRATCH,
                 snapshot_every=1,
+                journal_segment_entries=256,
             )
             start, resume_s = time.perf_counter(), 0.0
             for turn in range(total):
@@ -173,10 +175,19 @@ def test_soak_turns_stay_flat(benchmark: Any, bench_models_dir: Path, tmp_path: 
                 tokens = [10 + (turn * 7 + j) % 180 for j in range(6)]
                 session.reserve(len(tokens))
                 session.append_tokens("user", f"turn {turn}", tokens)
+                # the opt-in retention, as Runtime(journal_retention="window") applies it
+                # (there is no long-term memory here to hold anything back)
+                session.compact_journal(keep_from=len(session.journal))
                 if (turn + 1) % block == 0:
                     now = time.perf_counter()
                     blocks.append(
-                        {"turns_per_s": block / (now - start), "resume_ms": resume_s / block * 1e3}
+                        {
+                            "turns_per_s": block / (now - start),
+                            "resume_ms": resume_s / block * 1e3,
+                            "rss_mb": _rss_mb(),
+                            "journal_mb": _du(tmp_path / "journals") / 1e6,
+                            "kv_mb": _du(tmp_path / "kv") / 1e6,
+                        }
                     )
                     start, resume_s = now, 0.0
             pool.close()
@@ -191,6 +202,20 @@ def test_soak_turns_stay_flat(benchmark: Any, bench_models_dir: Path, tmp_path: 
             "last_block_turns_per_s": round(last["turns_per_s"], 1),
             "first_block_resume_ms": round(first["resume_ms"], 2),
             "last_block_resume_ms": round(last["resume_ms"], 2),
+            "rss_growth": round(last["rss_mb"] / first["rss_mb"] - 1, 4),
+            "max_journal_mb": round(max(b["journal_mb"] for b in blocks), 2),
+            "max_kv_mb": round(max(b["kv_mb"] for b in blocks), 2),
             "blocks": blocks,
         }
     )
+
+
+def _rss_mb() -> float:
+    """Resident set size now (not the peak), from /proc/self/statm."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
