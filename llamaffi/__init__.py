@@ -35,14 +35,15 @@ logging.getLogger("llamaffi").addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from llamaffi.chat import apply_template, builtin_templates
-    from llamaffi.context import Context, Memory
+    from llamaffi.context import Context
+    from llamaffi.memory import Memory
     from llamaffi.model import Model
     from llamaffi.sampler import Sampler
 
 _LAZY = {
     "Model": "llamaffi.model",
     "Context": "llamaffi.context",
-    "Memory": "llamaffi.context",
+    "Memory": "llamaffi.memory",
     "Sampler": "llamaffi.sampler",
     "apply_template": "llamaffi.chat",
     "builtin_templates": "llamaffi.chat",
