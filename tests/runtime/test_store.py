@@ -290,7 +290,7 @@ def test_newer_version_skipped_not_quarantined(store: SnapshotStore) -> None:
     store.save("s1", snap(0))
     newest = store.save("s1", snap(1))
     data = bytearray(newest.read_bytes())
-    data[8:10] = (2).to_bytes(2, "little")
+    data[8:10] = (S.FORMAT_VERSION + 1).to_bytes(2, "little")  # a version from the future
     newest.write_bytes(bytes(data))
     latest = store.latest_valid("s1")
     assert latest is not None and latest.generation == 1
