@@ -19,6 +19,7 @@ flags, ``OPENBLAS_CORETYPE``/``OMP_*`` state, load average, the llama.cpp build 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,19 +213,27 @@ def _cpuinfo() -> dict[str, Any]:
     }
 
 
+#: Taken when pytest loads this conftest, i.e. when the run starts (the machine-info hook
+#: itself runs when the JSON is written, at the end).
+_START = (
+    datetime.datetime.now(datetime.UTC),
+    list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+)
+
+
 def machine_metadata() -> dict[str, Any]:
     """What this run ran on: CPU, the thread-pool environment, load, llama.cpp build, date."""
-    import datetime
     import platform
 
     info: dict[str, Any] = {
-        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date_utc": _START[0].strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "end_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpu_detail": _cpuinfo(),
         "env": {
             name: os.environ.get(name, "(unset)")
             for name in ("OPENBLAS_CORETYPE", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")
         },
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_at_start": _START[1],
         "kernel": platform.release(),
         "bench_mode": "ci" if CI else ("full" if FULL else "default"),
         "kv_models": list(KV_MODELS),
