@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import JournalCompacted, JournalCorrupt, JournalError
+from runtime.errors import ArgumentError, JournalCompacted, JournalCorrupt, JournalError
 from runtime.fsutil import (
     atomic_write_bytes,
     ensure_dir,
@@ -57,7 +57,20 @@ logger = logging.getLogger(__name__)
 
 
 def _load(journal: Journal, seg: _Segment) -> None:
-    load_segment(seg, writable=not journal.readonly)
+    """Load a sealed segment's index; a segment file that vanished is a reader's race while
+    the journal opens (retried there), and afterwards retention or damage: never an internal
+    exception for the caller."""
+    try:
+        load_segment(seg, writable=not journal.readonly)
+    except _Moved:
+        if journal._opening:
+            raise
+        journal._dropped = journal._load_dropped()
+        if journal._was_dropped(seg.first, seg.first + 1):
+            raise JournalCompacted(
+                f"{seg.path}: removed by journal retention while it was open"
+            ) from None
+        raise JournalCorrupt(seg.path, 0, "the sealed segment file is missing") from None
 
 
 class Journal:
@@ -74,7 +87,7 @@ class Journal:
     :class:`JournalWriteError` (:class:`JournalFullError`, a
     :class:`runtime.errors.DiskFullError`, for a full disk) naming the file.
 
-    Opening costs what the active segment holds: sealed segments (see the module docstring)
+    Opening costs what the active segment holds: sealed segments (see the package docstring)
     are read only when one of their entries is, and entries are parsed on first access.
 
     The journal's files are never opened through a symlink
@@ -98,7 +111,7 @@ class Journal:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
     ) -> None:
         if segment_entries < 1 or segment_bytes < 1:
-            raise JournalError("segment_entries and segment_bytes must be positive")
+            raise ArgumentError("segment_entries and segment_bytes must be positive")
         self.path = Path(path)
         self._fsync = fsync
         self._lock = threading.RLock()
@@ -113,15 +126,20 @@ class Journal:
         self._sealed_cache: OrderedDict[int, Entry] = OrderedDict()
         self._segments: list[_Segment] = []
         self._dropped: list[tuple[int, int]] = []
+        self._opening = False
         self._n_tokens: int | None = None
         self._rotate_after = 0  # append count before a failed rotation is retried
-        for _attempt in range(5):
-            try:
-                self._open()
-                return
-            except _Moved:
-                continue  # a writer rotated while this reader listed the files: look again
-        raise JournalError(f"{self.path}: the journal kept changing while it was opened")
+        self._opening = True
+        try:
+            for _attempt in range(5):
+                try:
+                    self._open()
+                    return
+                except _Moved:
+                    continue  # a writer rotated while this reader listed the files: look again
+            raise JournalError(f"{self.path}: the journal kept changing while it was opened")
+        finally:
+            self._opening = False
 
     # -- open ------------------------------------------------------------------------------------
 
@@ -156,6 +174,14 @@ class Journal:
             else:
                 self._offsets, good = [], 0
             self._first = self._first_seq_of_active()
+            stored = self._segments[0].first if self._segments else self._first
+            if stored > 0 and not self._was_dropped(0, stored):
+                # entries before the first file are gone, and no retention record says so
+                raise JournalCorrupt(
+                    self._segments[0].path if self._segments else self.path,
+                    0,
+                    f"entries 0..{stored - 1} are missing (a segment file was lost)",
+                )
             if good < size and not self.readonly:
                 assert self._fd is not None
                 cut_torn_tail(self.path, self._fd, good, size)
@@ -208,6 +234,19 @@ class Journal:
         return seg
 
     # -- retention -----------------------------------------------------------------------------
+
+    def _missing(self, seq: int) -> JournalError:
+        """The error for entry ``seq`` that no file holds: compacted, or lost."""
+        if self._was_dropped(seq, seq + 1):
+            return JournalCompacted(f"{self.path}: entry {seq} was removed by journal retention")
+        return JournalCorrupt(self.path, 0, f"the segment holding entry {seq} is missing")
+
+    def _check_gap(self, a: int, b: int) -> None:
+        """Entries ``[a, b)`` are in no file: fine if retention dropped them, damage if not."""
+        if not self._was_dropped(a, b):
+            raise JournalCorrupt(
+                self.path, 0, f"entries {a}..{b - 1} are missing (a segment file was lost)"
+            )
 
     @property
     def _dropped_path(self) -> Path:
@@ -298,7 +337,7 @@ class Journal:
             if seq >= self._first:
                 return self._active_entry(seq)
             if seq < self.first_seq:
-                raise JournalCompacted(f"{self.path}: entry {seq} was removed by journal retention")
+                raise self._missing(seq)
             return self._sealed_entry(seq)
 
     def iter_from(self, seq: int) -> Iterator[Entry]:
@@ -310,18 +349,22 @@ class Journal:
         end = len(self)
         seq = max(seq, 0)
         if seq < self.first_seq:
-            raise JournalCompacted(f"{self.path}: entry {seq} was removed by journal retention")
+            raise self._missing(seq)
         segments = list(self._segments)
         for i, seg in enumerate(segments):
-            # segments are contiguous: one that the next starts at or before ``seq`` is
-            # skipped without reading its index
+            # one that the next starts at or before ``seq`` is skipped without reading its
+            # index
             following = segments[i + 1].first if i + 1 < len(segments) else self._first
             if following <= seq:
                 continue
             if seg.first >= end:
                 return
+            if seg.first > seq:
+                self._check_gap(seq, seg.first)  # retention may leave gaps; loss may not
             yield from iter_segment(seg, seq, writable=not self.readonly)
             seq = seg.end
+        if self._first > seq:
+            self._check_gap(seq, self._first)
         for s in range(max(seq, self._first), end):
             with self._lock:
                 entry = self._active_entry(s)
@@ -479,21 +522,32 @@ class Journal:
             os.rename(self.path, seg.path)
             fsync_dir(self.path.parent)
             old = self._fd
-            self._fd = None
             try:
                 fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
             except FileExistsError:
+                self._fd = None
                 os.close(old)
                 raise JournalError(
                     f"{self.path} was created by someone else while it was sealed"
                 ) from None
             except BaseException:
-                os.close(old)
+                # EMFILE, ENOSPC, ...: put the file back under its name (still open and
+                # locked by us), so the journal stays usable and the next rotation retries
+                try:
+                    os.rename(seg.path, self.path)
+                    fsync_dir(self.path.parent)
+                except BaseException:
+                    self._fd = None
+                    os.close(old)
+                    raise
+                with contextlib.suppress(OSError):
+                    os.unlink(seg.index)
                 raise
             try:
                 lock_exclusive(fd, self.path)
                 fsync_dir(self.path.parent)
             except BaseException:
+                self._fd = None
                 os.close(fd)
                 os.close(old)
                 raise

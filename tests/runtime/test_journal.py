@@ -334,3 +334,54 @@ def test_a_lost_segment_is_damage_not_compaction(tmp_path: Path) -> None:
     (tmp_path / "s.log.000000000008.seg").unlink()  # the one before the active file
     with pytest.raises(JournalCorrupt, match="expected"):
         Journal(path, segment_entries=4)
+
+
+def test_a_lost_segment_fails_iteration_and_open(tmp_path: Path) -> None:
+    path = tmp_path / "s.log"
+    _segmented(path, 14).close()
+    (tmp_path / "s.log.000000000004.seg").unlink()  # a middle segment, not by retention
+    with (
+        Journal(path, segment_entries=4) as j,
+        pytest.raises(JournalCorrupt, match=r"entries 4\.\.7 are missing"),
+    ):
+        list(j)  # never a silent gap
+    _segmented(tmp_path / "t.log", 10).close()
+    (tmp_path / "t.log.000000000000.seg").unlink()  # the first one
+    with pytest.raises(JournalCorrupt, match=r"entries 0\.\.3 are missing"):
+        Journal(tmp_path / "t.log", segment_entries=4)
+
+
+def test_a_segment_removed_under_a_reader_is_a_journal_error(tmp_path: Path) -> None:
+    path = tmp_path / "s.log"
+    _segmented(path, 10).close()
+    with Journal(path, readonly=True) as j:
+        (tmp_path / "s.log.000000000000.seg").unlink()
+        with pytest.raises(JournalError):
+            j[1]
+
+
+def test_a_failed_rotation_keeps_the_journal_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import runtime.journal.journal as jmod
+
+    real = jmod.open_nofollow
+
+    def no_more_files(p: object, flags: int, *a: object, **k: object) -> int:
+        if flags & os.O_EXCL:
+            raise OSError(24, "Too many open files")
+        return real(p, flags, *a, **k)  # type: ignore[arg-type]
+
+    path = tmp_path / "s.log"
+    j = Journal(path, segment_entries=4)
+    monkeypatch.setattr(jmod, "open_nofollow", no_more_files)
+    for i in range(6):  # the 4th append tries to rotate and fails
+        j.append("user", f"t{i}", [i])
+    assert not j.closed and j.n_segments == 0 and path.exists()
+    assert not list(tmp_path.glob("*.seg")) and not list(tmp_path.glob("*.idx"))
+    monkeypatch.setattr(jmod, "open_nofollow", real)
+    j.rotate()
+    j.append("user", "t6", [6])
+    j.close()
+    with Journal(path, segment_entries=4) as again:
+        assert [e.text for e in again] == [f"t{i}" for i in range(7)]
