@@ -1,5 +1,5 @@
 """Journal records: the entry, its CRC-framed record on disk, the scan that checks frames,
-torn-tail rescue, and the journal's errors.
+and torn-tail rescue (the journal's errors are in :mod:`runtime.errors`).
 
 Record layout (TFRecord-style, little-endian)::
 

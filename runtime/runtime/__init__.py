@@ -54,7 +54,7 @@ from runtime.runtime.config import (
 )
 from runtime.runtime.core import Runtime
 from runtime.runtime.stats import read_stats
-from runtime.session import JOURNAL_DIR
+from runtime.session import JOURNAL_DIR, ContextFullError
 
 __all__ = [
     "CHUNK_DIR",
@@ -72,6 +72,7 @@ __all__ = [
     "QUESTION_PREFIX",
     "SNAPSHOT_DIR",
     "STATS_FILE",
+    "ContextFullError",
     "MemoryUsed",
     "Reply",
     "Runtime",

@@ -183,6 +183,22 @@ class Runtime(_TurnMixin, _RecallMixin, _StatsMixin):
         _int_field("keep_snapshots", kw["keep_snapshots"], 1, 100)
         if kw["kv_type"] not in ("f16", "q8_0"):
             raise RuntimeArgumentError("kv_type", f"must be 'f16' or 'q8_0', got {kw['kv_type']!r}")
+        _int_field("journal_segment_entries", kw["journal_segment_entries"], 1, 1 << 24)
+        if kw["journal_retention"] not in ("all", "window"):
+            raise RuntimeArgumentError(
+                "journal_retention",
+                f"must be 'all' or 'window', got {kw['journal_retention']!r}",
+            )
+        if kw["journal_retention"] == "window" and not kw["chunked"]:
+            # the window record that retention relies on lives in chunk manifests
+            raise RuntimeArgumentError(
+                "journal_retention", "'window' needs chunked checkpoints (chunked=True)"
+            )
+        if kw["journal_retention"] == "window" and kw["embedder"] is False:
+            logger.warning(
+                "journal_retention='window' without long-term memory: history older than the "
+                "checkpointed window is deleted and kept nowhere else"
+            )
         self.root = ensure_dir(root)
         warn_if_exposed(self.root)
         self._dir_lock = DirLock(self.root, LOCK_NAME).acquire()
@@ -239,9 +255,7 @@ class Runtime(_TurnMixin, _RecallMixin, _StatsMixin):
                 journal_fsync=kw["journal_fsync"],
                 chunks=self.chunks,
                 scratch_seq=self.scratch_seq,
-                journal_segment_entries=_int_field(
-                    "journal_segment_entries", kw["journal_segment_entries"], 1, 1 << 24
-                ),
+                journal_segment_entries=kw["journal_segment_entries"],
             )
             self._stack.callback(self.pool.close)
             self.memory: MemoryStore | None = None
@@ -260,11 +274,6 @@ class Runtime(_TurnMixin, _RecallMixin, _StatsMixin):
             self._marks: dict[str, int] = {}  # sid -> last journal seq ingested
             self._written_marks: dict[str, int] = {}  # sid -> the value on disk
             self.idle_suspend_s = _num_field("idle_suspend_s", kw["idle_suspend_s"], 0.0, 1e9)
-            if kw["journal_retention"] not in ("all", "window"):
-                raise RuntimeArgumentError(
-                    "journal_retention",
-                    f"must be 'all' or 'window', got {kw['journal_retention']!r}",
-                )
             self.journal_retention: str = kw["journal_retention"]
             self._compacted_at: dict[str, int] = {}  # sid -> sealed segments at the last try
             #: journal bytes deleted by the retention policy since open
@@ -314,16 +323,22 @@ class Runtime(_TurnMixin, _RecallMixin, _StatsMixin):
             with self._lock:
                 if self._closed:
                     return
-                now = time.monotonic()
-                for session in self.pool.resident():
-                    if self.idle_suspend_s and now - session.last_active >= self.idle_suspend_s:
-                        logger.info("session %s idle: suspending it", session.session_id)
-                        self.pool.suspend(session.session_id)
-                    else:
-                        if idle > 0:
-                            session.checkpoint_if_idle(idle)
-                        self._compact(session)
-                self._write_stats()
+                try:
+                    self._housekeep(idle)
+                except Exception:  # the thread must live on: the next tick tries again
+                    logger.exception("housekeeping failed")
+
+    def _housekeep(self, idle: float) -> None:
+        now = time.monotonic()
+        for session in self.pool.resident():
+            if self.idle_suspend_s and now - session.last_active >= self.idle_suspend_s:
+                logger.info("session %s idle: suspending it", session.session_id)
+                self.pool.suspend(session.session_id)
+            else:
+                if idle > 0:
+                    session.checkpoint_if_idle(idle)
+                self._compact(session)
+        self._write_stats()
 
     def compact_journals(self) -> int:
         """Apply ``journal_retention="window"`` now to every resident session (the

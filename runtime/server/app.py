@@ -42,6 +42,8 @@ from runtime.server.state import (
     _Metrics,
     _too_big,
 )
+from runtime.server.state import RETRY_AFTER_S as RETRY_AFTER_S
+from runtime.server.state import Handler as Handler
 
 logger = logging.getLogger(__name__)
 

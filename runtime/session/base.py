@@ -1,5 +1,5 @@
-"""What every part of a session shares: names on disk, errors, the resume report, and the
-state the parts (turns, resume, capture) work on."""
+"""What every part of a session shares: names on disk, the resume report, and the state the
+parts (turns, resume, capture) work on (the session errors are in :mod:`runtime.errors`)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class ResumeReport:
     Attributes:
         source: ``snapshot`` (restored, plus journal replay of any newer turns), ``journal``
             (full re-prefill) or ``empty`` (a new session).
-        n_tokens: tokens in the sequence afterwards (== the journal's).
+        n_tokens: tokens in the sequence afterwards (== the session's window).
         restored_tokens: tokens that came from the snapshot.
         replayed_tokens: tokens decoded from the journal.
         seconds: wall time of the whole resume.

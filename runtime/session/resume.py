@@ -78,6 +78,8 @@ class _ResumeMixin(_SessionCore):
         after, restored, path, base = self._restore_best(skipped, allow_build_mismatch)
         self._manifests = None  # read again at the next resume: the store moves on
         replayed = self._replay(after, base)
+        if path is None and after >= 0:  # re-prefilled from a window record: not a checkpoint
+            replayed += len(base.tokens)
         self._resident = True
         self._since_snapshot = 1 if replayed else 0
         self._new_tokens = replayed
@@ -149,6 +151,10 @@ class _ResumeMixin(_SessionCore):
             found = self._restore_chunks(skipped, allow_build_mismatch)
             if found is not None:
                 return found
+        if self.journal.compacted:
+            # a whole-sequence snapshot is checked by walking the journal from its start,
+            # which retention has cut: the checkpointed window is the way back
+            return self._reprefill_window(skipped)
         # Each failed candidate is quarantined, so latest_valid moves on to an older one;
         # the number of files bounds the attempts.
         for _attempt in range(len(self.store.generations(self.session_id))):

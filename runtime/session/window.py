@@ -105,10 +105,13 @@ def window_from_manifest(journal: Journal, man: Manifest) -> _Window | None:
     window.tokens = list(man.tokens)
     window.lineage = man.lineage
     pos = 0
+    last_seq = -1
     try:
         for start, length, seq in spans:
-            if start != pos or length <= 0 or not 0 <= seq <= man.journal_seq:
+            # spans tile the tokens in order, each from a later journal entry than the last
+            if start != pos or length <= 0 or not last_seq < seq <= man.journal_seq:
                 return None
+            last_seq = seq
             entry = journal[seq]
             if list(entry.tokens[:length]) != window.tokens[start : start + length]:
                 return None

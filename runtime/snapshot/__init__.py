@@ -96,6 +96,14 @@ from runtime.snapshot.format import (
     count_chunks,
     min_header_len,
 )
+
+# the earlier module's other public constants, still importable from here
+from runtime.snapshot.format import CHUNK_DIGEST_LEN as CHUNK_DIGEST_LEN
+from runtime.snapshot.format import DIGEST_LEN as DIGEST_LEN
+from runtime.snapshot.format import LAYOUT_FLASH_ATTN as LAYOUT_FLASH_ATTN
+from runtime.snapshot.format import LAYOUT_KV_UNIFIED as LAYOUT_KV_UNIFIED
+from runtime.snapshot.format import LAYOUT_V_TRANS as LAYOUT_V_TRANS
+from runtime.snapshot.format import TYPE_NAME_LEN as TYPE_NAME_LEN
 from runtime.snapshot.identity import CacheIdentity
 from runtime.snapshot.io import inspect, iter_snapshot_files, read, verify, write
 from runtime.snapshot.live import (

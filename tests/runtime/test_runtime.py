@@ -303,3 +303,9 @@ def test_constructor_opens_like_open(tmp_path: Path) -> None:
         assert rt.chat("s", "hi", **GREEDY).text is not None
     with Runtime.open(tmp_path / "d", model="tiny", n_ctx=256, embedder=False) as rt:
         assert [h["role"] for h in rt.history("s")][-2:] == ["user", "assistant"]
+
+
+def test_window_retention_needs_chunked_checkpoints(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeArgumentError, match="needs chunked checkpoints"):
+        Runtime(tmp_path / "d", model="tiny", chunked=False, journal_retention="window")
+    assert not (tmp_path / "d").exists()  # refused before anything was written
