@@ -131,29 +131,9 @@ class MemoryStore:
             raise
 
     @classmethod
-    def open(
-        cls,
-        directory: str | os.PathLike[str],
-        embedder: TextEmbedder,
-        *,
-        weights: ScoringWeights | None = None,
-        M: int = 32,
-        ef_construction: int = 200,
-        ef_search: int = 512,
-        save_every: int = 5000,
-        read_only: bool = False,
-    ) -> MemoryStore:
+    def open(cls, *args: Any, **kwargs: Any) -> MemoryStore:
         """The same as ``MemoryStore(directory, embedder, ...)`` (kept for existing callers)."""
-        return cls(
-            directory,
-            embedder,
-            weights=weights,
-            M=M,
-            ef_construction=ef_construction,
-            ef_search=ef_search,
-            save_every=save_every,
-            read_only=read_only,
-        )
+        return cls(*args, **kwargs)
 
     def _open_db(self) -> None:
         if self.read_only:

@@ -165,6 +165,9 @@ class _CachedEmbedder:
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._size = size
         self._lock = threading.Lock()
+        #: the inner embedder's stats for the last call (None when every text was cached,
+        #: so nothing new was truncated), read by the store's truncation warning
+        self.last_stats: object | None = None
 
     @property
     def model_id(self) -> str:
@@ -185,8 +188,6 @@ class _CachedEmbedder:
         with self._lock:  # one embed at a time: the cache cannot change under a call
             missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
             fresh: dict[str, Any] = {}
-            #: the inner embedder's stats for this call (None when every text was cached,
-            #: so nothing new was truncated), read by the store's truncation warning
             self.last_stats = None
             if missing:
                 fresh = dict(zip(missing, self.inner.embed(missing), strict=True))

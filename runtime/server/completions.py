@@ -23,7 +23,7 @@ from runtime.server.scheduler import QueueFullError
 if TYPE_CHECKING:
     from runtime.runtime import Reply
 
-from runtime.server.state import RETRY_AFTER_S, ServerState, _json_body
+from runtime.server.state import ServerState, _json_body, queue_full
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +112,7 @@ async def _chat(request: Request, state: ServerState) -> Response:
     try:
         await state.queue.acquire(key)
     except QueueFullError:
-        state.metrics.rejected.inc()
-        raise APIError(
-            503,
-            f"the server is busy ({state.queue.waiting} requests waiting); retry shortly",
-            code="queue_full",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        ) from None
+        raise queue_full(state) from None
     # holding the runtime's turn from here: every path below releases it exactly once
     try:
         await asyncio.shield(asyncio.ensure_future(run_in_threadpool(turn.prepare)))

@@ -88,13 +88,18 @@ class ServerState:
         try:
             return await self.queue.run(key, fn)
         except QueueFullError:
-            self.metrics.rejected.inc()
-            raise APIError(
-                503,
-                f"the server is busy ({self.queue.waiting} requests waiting); retry shortly",
-                code="queue_full",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            ) from None
+            raise queue_full(self) from None
+
+
+def queue_full(state: ServerState) -> APIError:
+    """The 503 for a full queue (counted in the metrics), with ``Retry-After``."""
+    state.metrics.rejected.inc()
+    return APIError(
+        503,
+        f"the server is busy ({state.queue.waiting} requests waiting); retry shortly",
+        code="queue_full",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 def _too_big(limit: int) -> APIError:
