@@ -15,8 +15,8 @@ from runtime.chunks.keys import _KEY_RE
 from runtime.chunks.manifest import _GEN_RE, _MAN_HEADER_LEN, MAX_MANIFEST_BODY, Manifest
 from runtime.errors import ChunkStoreError, CorruptManifestError
 from runtime.fsutil import DirLock
+from runtime.layout import validate_session_id
 from runtime.snapshot import Codec
-from runtime.store import validate_session_id
 
 
 class _ChunkStoreState:

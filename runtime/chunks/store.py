@@ -33,8 +33,8 @@ from runtime.fsutil import (
     fsync_dir,
     remove_stale_temps,
 )
+from runtime.layout import validate_session_id
 from runtime.snapshot import Codec, CorruptSnapshot, Filter, UnsupportedVersion
-from runtime.store import validate_session_id
 
 if TYPE_CHECKING:
     from llamaffi import Context

@@ -50,7 +50,7 @@ def escape_line(text: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """The chat loop; returns the exit code."""
-    from runtime.store import validate_session_id
+    from runtime.layout import validate_session_id
 
     validate_session_id(args.session)  # before the model loads
     interactive = sys.stdin.isatty()

@@ -29,8 +29,8 @@ from runtime.journal import (
     DEFAULT_SEGMENT_ENTRIES,
     journal_files,
 )
+from runtime.layout import validate_session_id
 from runtime.session import JOURNAL_DIR, ResumeReport, Session, SessionPool
-from runtime.store import validate_session_id
 from runtime.template import ChatFormat
 
 if TYPE_CHECKING:

@@ -14,8 +14,8 @@ from runtime.fsutil import (
 from runtime.journal import (
     JournalCompacted,
 )
+from runtime.layout import validate_session_id
 from runtime.session import JOURNAL_DIR, Session
-from runtime.store import validate_session_id
 
 if TYPE_CHECKING:
     import numpy as np

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from runtime.layout import validate_session_id
 from runtime.session import Session
-from runtime.store import validate_session_id
 from runtime.template import Message
 
 if TYPE_CHECKING:

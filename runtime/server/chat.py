@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from runtime.layout import validate_session_id
 from runtime.runtime import MAX_STOP_STRINGS, MAX_TEXT_CHARS, RuntimeArgumentError, Sampling
 from runtime.server.errors import APIError, bad_request
 from runtime.session import ContextFullError
-from runtime.store import validate_session_id
 from runtime.template import Message
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def check_text(value: object, param: str) -> str:
 
 
 def check_session_id(value: object, param: str) -> str:
-    """A valid session id (``runtime.store.validate_session_id``), as a 400 naming ``param``."""
+    """A valid session id (``runtime.layout.validate_session_id``), as a 400 naming ``param``."""
     if not isinstance(value, str):
         raise bad_request(param, f"must be a string, got {type(value).__name__}")
     if value.startswith(EPHEMERAL_PREFIX):
