@@ -12,7 +12,7 @@ SmolLM2 (and ``tiny``), as reported::
 
 ``BENCH_MODEL=smollm2`` (or a GGUF path, or a comma-separated list) picks the models.
 
-1. ``test_runtime_cost_per_turn``: :attr:`runtime.runtime.Reply.runtime_ms`, a turn's time
+1. ``test_runtime_cost_per_turn``: :attr:`runtime.app.Reply.runtime_ms`, a turn's time
    minus resume, prefill and generation (retrieval, prompt render, memory write and the rest;
    the journal append is timed with the prefill and the checkpoint hand-off with the
    generation, see ``Reply.timings``). The benchmarked quantity is one short turn
@@ -38,9 +38,9 @@ from typing import Any
 import pytest
 from conftest import FULL, RUNTIME_MODELS, percentile, require_model
 
-from runtime import runtime as R
+from runtime import app as R
+from runtime.app import Reply, Runtime
 from runtime.checkpoint import CheckpointPolicy
-from runtime.runtime import Reply, Runtime
 
 #: Measured turns per benchmark (each a pedantic round of one turn).
 TURN_ROUNDS = 30 if FULL else 8

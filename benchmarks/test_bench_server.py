@@ -29,7 +29,7 @@ import httpx
 import pytest
 from conftest import FULL, RUNTIME_MODELS, percentile, require_model
 
-from runtime.runtime import Runtime
+from runtime.app import Runtime
 from runtime.server import create_app
 
 #: Concurrent sessions -> max_resident (below the session count where it can be).

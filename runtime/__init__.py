@@ -1,6 +1,6 @@
 """The memory runtime: short-term (KV checkpoints) and long-term (embedded items) memory.
 
-An application uses one object, :class:`runtime.Runtime` (:mod:`runtime.runtime`). One
+An application uses one object, :class:`runtime.Runtime` (:mod:`runtime.app`). One
 module or package per concept below it: :mod:`runtime.journal` (the fsynced turn journal,
 the truth), :mod:`runtime.session` (journal-first sessions and the pool),
 :mod:`runtime.checkpoint` (policy and background writer), :mod:`runtime.chunks` (chunked,
@@ -15,7 +15,7 @@ and locks), :mod:`runtime.errors` (every runtime exception), :mod:`runtime.cli`.
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from runtime.runtime import Reply, Runtime, Sampling
+    from runtime.app import Reply, Runtime, Sampling
 
 __all__ = ["Reply", "Runtime", "Sampling"]
 
@@ -23,7 +23,7 @@ __all__ = ["Reply", "Runtime", "Sampling"]
 def __getattr__(name: str) -> Any:
     # Lazy: `import runtime` must not load libllama (the memory CLI never needs it).
     if name in __all__:
-        from runtime import runtime as _runtime
+        from runtime import app as _app
 
-        return getattr(_runtime, name)
+        return getattr(_app, name)
     raise AttributeError(f"module 'runtime' has no attribute {name!r}")

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from runtime.runtime import Runtime
+    from runtime.app import Runtime
 
 FACTS = {
     "alice": ("My dog is called Biscuit.", "What is my dog called?", "biscuit"),
@@ -60,7 +60,7 @@ def _say(msg: str = "") -> None:
 
 
 def _open(directory: Path, args: argparse.Namespace, n_ctx: int = 2048) -> Runtime:
-    from runtime.runtime import Runtime
+    from runtime.app import Runtime
 
     return Runtime.open(directory, model=args.model, n_ctx=n_ctx, max_resident=3)
 

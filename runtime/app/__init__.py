@@ -32,8 +32,8 @@ Retrieval and rendering read only, so journalling after them loses nothing: what
 was told is saved is always in the journal, and the journal is the truth for both memories.
 """
 
-from runtime.errors import RuntimeArgumentError, RuntimeClosedError
-from runtime.runtime.config import (
+from runtime.app.facade import Runtime
+from runtime.app.options import (
     CHUNK_DIR,
     DEDUP_SIMILARITY,
     DEFAULT_SYSTEM_PROMPT,
@@ -52,8 +52,8 @@ from runtime.runtime.config import (
     Reply,
     Sampling,
 )
-from runtime.runtime.core import Runtime
-from runtime.runtime.stats import read_stats
+from runtime.app.stats import read_stats
+from runtime.errors import RuntimeArgumentError, RuntimeClosedError
 from runtime.session import JOURNAL_DIR, ContextFullError
 
 __all__ = [

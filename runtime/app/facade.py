@@ -38,8 +38,7 @@ if TYPE_CHECKING:
     from runtime.embed import TextEmbedder
     from runtime.longterm import MemoryStore
 
-from runtime.errors import RuntimeArgumentError, RuntimeClosedError
-from runtime.runtime.config import (
+from runtime.app.options import (
     CHUNK_DIR,
     DEDUP_SIMILARITY,
     DEFAULT_SYSTEM_PROMPT,
@@ -52,9 +51,10 @@ from runtime.runtime.config import (
     _int_field,
     _num_field,
 )
-from runtime.runtime.recall import _RecallMixin
-from runtime.runtime.stats import _du, _StatsMixin
-from runtime.runtime.turn import _TurnMixin
+from runtime.app.recall import _RecallMixin
+from runtime.app.stats import _du, _StatsMixin
+from runtime.app.turn import _TurnMixin
+from runtime.errors import RuntimeArgumentError, RuntimeClosedError
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,7 @@ if TYPE_CHECKING:
 
     from runtime.longterm import Hit
 
-from runtime.errors import RuntimeArgumentError
-from runtime.runtime.config import (
+from runtime.app.options import (
     MARK_EVERY,
     MAX_EMBED_TEXTS,
     MemoryUsed,
@@ -32,6 +31,7 @@ from runtime.runtime.config import (
     _int_field,
     _RuntimeState,
 )
+from runtime.errors import RuntimeArgumentError
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from runtime.session import JOURNAL_DIR
 if TYPE_CHECKING:
     pass
 
-from runtime.runtime.config import (
+from runtime.app.options import (
     CHUNK_DIR,
     LOCK_NAME,
     SNAPSHOT_DIR,

@@ -17,7 +17,7 @@ from runtime.template import Message
 if TYPE_CHECKING:
     from llamaffi import Sampler
 
-from runtime.runtime.config import (
+from runtime.app.options import (
     Reply,
     Sampling,
     _check_stop,

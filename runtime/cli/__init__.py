@@ -18,11 +18,14 @@ logger = logging.getLogger(__name__)
 # (group name, "module:function") registering that group's subparsers; imported lazily so that
 # `python -m runtime memory ...` never loads libllama and `snapshot ...` never loads onnxruntime.
 GROUPS: dict[str, tuple[str, str]] = {
-    "chat": ("runtime.cli.chat", "talk to the model with memory (a terminal, or a turn per line)"),
-    "stats": ("runtime.cli.stats", "what a runtime data directory holds (read-only)"),
-    "snapshot": ("runtime.cli.snapshot", "short-term memory: KV snapshot files"),
-    "memory": ("runtime.cli.memory", "long-term memory: embedded items + hnswlib index"),
-    "serve": ("runtime.cli.serve", "an OpenAI-compatible HTTP server (sessions survive it)"),
+    "chat": (
+        "runtime.cli.chat_cmd",
+        "talk to the model with memory (a terminal, or a turn per line)",
+    ),
+    "stats": ("runtime.cli.stats_cmd", "what a runtime data directory holds (read-only)"),
+    "snapshot": ("runtime.cli.snapshot_cmd", "short-term memory: KV snapshot files"),
+    "memory": ("runtime.cli.memory_cmd", "long-term memory: embedded items + hnswlib index"),
+    "serve": ("runtime.cli.serve_cmd", "an OpenAI-compatible HTTP server (sessions survive it)"),
 }
 
 

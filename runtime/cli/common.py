@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from runtime.runtime import Runtime
+    from runtime.app import Runtime
 
 
 def positive_int(text: str) -> int:
@@ -46,8 +46,8 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 def open_runtime(args: argparse.Namespace) -> Runtime:
     """Open the runtime the arguments describe; progress lines go to stderr."""
+    from runtime.app import Runtime
     from runtime.checkpoint import CheckpointPolicy
-    from runtime.runtime import Runtime
 
     policy = CheckpointPolicy()
     if args.checkpoint_tokens is not None:

@@ -30,7 +30,7 @@ def _fmt(value: Any, unit: str = "") -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Print the stats; returns the exit code."""
-    from runtime.runtime import read_stats
+    from runtime.app import read_stats
 
     stats = read_stats(args.dir)
     if args.json:

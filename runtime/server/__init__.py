@@ -5,7 +5,7 @@ stack of llama-cpp-python's server, without FastAPI/pydantic: every field is che
 and errors name it in the OpenAI error format).
 
 Sessions: an ``X-Session-Id`` header or a ``session_id`` body field names one; the server
-then holds the conversation (see :mod:`runtime.server.chat`). Without one, the request is
+then holds the conversation (see :mod:`runtime.server.chat_request`). Without one, the request is
 stateless. Every call into the runtime goes through one bounded queue, fair between
 sessions (:mod:`runtime.server.scheduler`).
 """

@@ -13,12 +13,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runtime.errors import ArgumentError
-from runtime.server import chat as chatmod
-from runtime.server.errors import APIError
+from runtime.server import chat_request as chatmod
+from runtime.server.api_errors import APIError
 from runtime.server.scheduler import FairQueue
 
 if TYPE_CHECKING:
-    from runtime.runtime import Runtime
+    from runtime.app import Runtime
 
 from runtime.server.completions import _chat
 from runtime.server.endpoints import (

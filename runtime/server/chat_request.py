@@ -18,14 +18,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from runtime.app import MAX_STOP_STRINGS, MAX_TEXT_CHARS, RuntimeArgumentError, Sampling
 from runtime.layout import validate_session_id
-from runtime.runtime import MAX_STOP_STRINGS, MAX_TEXT_CHARS, RuntimeArgumentError, Sampling
-from runtime.server.errors import APIError, bad_request
+from runtime.server.api_errors import APIError, bad_request
 from runtime.session import ContextFullError
 from runtime.template import Message
 
 if TYPE_CHECKING:
-    from runtime.runtime import Reply, Runtime
+    from runtime.app import Reply, Runtime
 
 #: Request fields accepted and ignored (documented as such).
 IGNORED_FIELDS = frozenset(

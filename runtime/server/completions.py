@@ -16,12 +16,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from runtime.server import chat as chatmod
-from runtime.server.errors import APIError
+from runtime.server import chat_request as chatmod
+from runtime.server.api_errors import APIError
 from runtime.server.scheduler import QueueFullError
 
 if TYPE_CHECKING:
-    from runtime.runtime import Reply
+    from runtime.app import Reply
 
 from runtime.server.state import ServerState, _json_body, queue_full
 

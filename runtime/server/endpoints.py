@@ -10,8 +10,8 @@ from prometheus_client import generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from runtime.server import chat as chatmod
-from runtime.server.errors import APIError, bad_request, not_found
+from runtime.server import chat_request as chatmod
+from runtime.server.api_errors import APIError, bad_request, not_found
 
 if TYPE_CHECKING:
     pass

@@ -15,12 +15,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.requests import Request
 from starlette.responses import Response
 
-from runtime.server import chat as chatmod
-from runtime.server.errors import APIError
+from runtime.server import chat_request as chatmod
+from runtime.server.api_errors import APIError
 from runtime.server.scheduler import FairQueue, QueueFullError
 
 if TYPE_CHECKING:
-    from runtime.runtime import Reply, Runtime
+    from runtime.app import Reply, Runtime
 
 logger = logging.getLogger(__name__)
 

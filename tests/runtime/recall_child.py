@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
-from runtime.runtime import Runtime
+from runtime.app import Runtime
 
 FACTS = [
     ("My dog is called Biscuit.", "What is my dog called?", "biscuit"),

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.app import Runtime
 from runtime.checkpoint import CheckpointPolicy
 from runtime.journal import Journal
-from runtime.runtime import Runtime
 
 pytestmark = pytest.mark.slow
 SESSIONS = ("s0", "s1", "s2")

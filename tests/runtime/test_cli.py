@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import runtime.cli.memory as cli_memory
+import runtime.cli.memory_cmd as cli_memory
 from runtime.cli import main
 from runtime.errors import MemoryRuntimeError
 from tests.runtime.memory_helpers import HashEmbedder

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.cli.chat import escape_line
+from runtime.cli.chat_cmd import escape_line
 from runtime.journal import Journal
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-import runtime.cli.memory as cli_memory
+import runtime.cli.memory_cmd as cli_memory
 from runtime.cli import main
 from runtime.errors import LockedError, MemoryRuntimeError
 from runtime.index import MANIFEST_NAME, Manifest

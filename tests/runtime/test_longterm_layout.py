@@ -147,7 +147,7 @@ def test_a_bad_save_every_is_refused_before_the_directory_is_made(tmp_path: Path
 def test_cli_reports_a_store_argument_error_as_bad_input(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import runtime.cli.memory as cli_memory
+    import runtime.cli.memory_cmd as cli_memory
 
     monkeypatch.setattr(cli_memory, "_embedder", lambda args: HashEmbedder())
     rc = main(["memory", "add", "--dir", str(tmp_path), "--meta", '{"v": NaN}', "hello"])

@@ -354,7 +354,7 @@ def test_kill_9_never_loses_an_acknowledged_add(tmp_path: Path) -> None:
 def test_cli_round_trip(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import runtime.cli.memory as cli_memory
+    import runtime.cli.memory_cmd as cli_memory
     from runtime.cli import main
 
     monkeypatch.setattr(cli_memory, "_embedder", lambda args: HashEmbedder())

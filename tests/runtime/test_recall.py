@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.runtime import Runtime
+from runtime.app import Runtime
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from runtime.app import Runtime, RuntimeArgumentError, read_stats
 from runtime.checkpoint import CheckpointPolicy
 from runtime.errors import LockedError
-from runtime.runtime import Runtime, RuntimeArgumentError, read_stats
 
 GREEDY = {"temperature": 0.0, "max_tokens": 8}
 
@@ -92,7 +92,7 @@ def test_bad_arguments_write_nothing(rt: Runtime) -> None:
 def test_second_open_names_the_holder(tmp_path: Path, embedder: object) -> None:
     with Runtime.open(tmp_path, model="tiny", embedder=False):
         code = (
-            "import sys\nfrom runtime.runtime import Runtime\n"
+            "import sys\nfrom runtime.app import Runtime\n"
             "try:\n    Runtime.open(sys.argv[1], model='tiny', embedder=False)\n"
             "except Exception as e:\n    print(type(e).__name__, e)\n"
         )
@@ -256,7 +256,7 @@ def test_a_runtime_left_open_is_closed_at_exit(tmp_path: Path) -> None:
     """No crash at interpreter exit (the housekeeping thread never sees a freed context) and
     the final checkpoint is written."""
     code = (
-        "import sys\nfrom runtime.runtime import Runtime\n"
+        "import sys\nfrom runtime.app import Runtime\n"
         "rt = Runtime.open(sys.argv[1], model='tiny', embedder=False)\n"
         "rt.chat('a', 'hello', max_tokens=4)\n"
     )

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("llamaffi")
 
-from runtime.runtime import Runtime
+from runtime.app import Runtime
 
 SESSIONS = 20
 

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from runtime.runtime import Runtime
+from runtime.app import Runtime
 from runtime.server import create_app
 from runtime.server.scheduler import FairQueue, QueueFullError
 from tests.runtime.server_helpers import ServeProcess, ThreadServer
