@@ -419,8 +419,12 @@ class Journal:
         text: str,
         tokens: Sequence[int],
         meta: dict[str, Any] | None = None,
+        *,
+        created: float | None = None,
     ) -> Entry:
         """Append one turn; it is durable (written and fsynced) when this returns.
+
+        ``created`` is the turn's UNIX time (default: now; an imported history keeps its own).
 
         On failure nothing of the record is kept, the journal stays open, and the next append
         reuses the same seq; an ``OSError`` comes out as :class:`JournalWriteError` (or
@@ -438,7 +442,7 @@ class Journal:
                 role=role,
                 text=text,
                 tokens=tuple(int(t) for t in tokens),
-                created=time.time(),
+                created=time.time() if created is None else float(created),
                 meta=dict(meta or {}),
             )
             payload = entry.to_payload()
