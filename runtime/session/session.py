@@ -289,13 +289,15 @@ class Session(_ResumeMixin, _CaptureMixin):
         *,
         meta: dict[str, object] | None = None,
         checkpoint: bool = True,
+        created: float | None = None,
     ) -> Entry:
         """Journal a turn whose tokens the caller rendered (durable on return), then decode it.
 
         Room must have been made with :meth:`reserve`. ``meta["content"]`` records what the
         model saw when it differs from ``text`` (a user turn with retrieved memories).
         ``checkpoint=False`` counts the tokens toward the policy but leaves the checkpoint to
-        the end of the reply (so a prompt is never delayed by a state copy).
+        the end of the reply (so a prompt is never delayed by a state copy). ``created``: the
+        entry's UNIX time (default now).
         """
         self._require_resident()
         tokens = list(tokens)
@@ -306,7 +308,7 @@ class Session(_ResumeMixin, _CaptureMixin):
                 f"session {self.session_id!r}: {len(tokens)} more tokens exceed "
                 f"n_ctx={self.ctx.n_ctx}; reserve() first"
             )
-        entry = self.journal.append(role, text, tokens, dict(meta or {}))
+        entry = self.journal.append(role, text, tokens, dict(meta or {}), created=created)
         self._window.apply(entry)
         try:
             self._decode(tokens)
