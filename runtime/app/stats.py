@@ -1,5 +1,5 @@
-"""What a runtime reports: :meth:`Runtime.stats`, the ``stats.json`` it publishes, and
-:func:`read_stats` for another process."""
+"""What a runtime reports: :class:`Stats` (the counters, :meth:`Runtime.stats` and the
+``stats.json`` it publishes), and :func:`read_stats` for another process."""
 
 from __future__ import annotations
 
@@ -10,71 +10,97 @@ import os
 import statistics
 import time
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.fsutil import (
-    atomic_write_bytes,
-)
-from runtime.journal import (
-    journal_sessions,
-)
-from runtime.session import JOURNAL_DIR
+from runtime.app.housekeeper import Retention
+from runtime.app.recall import Recall
+from runtime.app.reply import Reply
+from runtime.checkpoint import CheckpointWriter
+from runtime.chunks import ChunkStore
+from runtime.fsutil import atomic_write_bytes
+from runtime.journal import journal_sessions
+from runtime.layout import CHUNK_DIR, JOURNAL_DIR, LOCK_NAME, STATS_FILE
+from runtime.session import SessionPool
 
 if TYPE_CHECKING:
-    pass
+    from llamaffi import Context, Model
 
-from runtime.app.options import (
-    CHUNK_DIR,
-    LOCK_NAME,
-    SNAPSHOT_DIR,
-    STATS_FILE,
-    _RuntimeState,
-)
+__all__ = ["Stats", "read_stats"]
 
 logger = logging.getLogger(__name__)
 
 
-class _StatsMixin(_RuntimeState):
-    """Stats (part of :class:`Runtime`)."""
+class Stats:
+    """The runtime's figures: turn counters, and a read of every part for :meth:`report`.
 
-    # -- stats --------------------------------------------------------------------------------
+    Built with the parts it reads (never changes): the model and its context, the pool, the
+    checkpoint writer and chunk store, long-term memory and retention.
+    """
 
-    def stats(self) -> dict[str, Any]:
-        """Sessions, KV cells, snapshot and journal bytes, resumes, memory items, latencies."""
-        self._require_open()
-        with self._lock:
-            return self._stats()
+    def __init__(
+        self,
+        root: Path,
+        *,
+        model_name: str,
+        model: Model,
+        template: str,
+        ctx: Context,
+        pool: SessionPool,
+        writer: CheckpointWriter | None,
+        chunks: ChunkStore,
+        recall: Recall,
+        retention: Retention,
+    ) -> None:
+        self._root = root
+        self._model_name = model_name
+        self._model = model
+        self._template = template
+        self._ctx = ctx
+        self._pool = pool
+        self._writer = writer
+        self._chunks = chunks
+        self._recall = recall
+        self._retention = retention
+        self._turn_ms: deque[float] = deque(maxlen=512)
+        self.turns = 0
+        self._key: tuple[int, ...] = ()
+        self._opened = time.time()
+        self._last_write = 0.0
 
-    def _stats(self) -> dict[str, Any]:
-        known = self.pool.known()
-        resident = self.pool.resident()
+    def record_turn(self, reply: Reply) -> None:
+        """Count a finished turn."""
+        self.turns += 1
+        self._turn_ms.append(reply.runtime_ms)
+
+    def report(self) -> dict[str, Any]:
+        """Sessions, KV cells, checkpoint and journal bytes, resumes, memory items, latencies."""
+        known = self._pool.known()
+        resident = self._pool.resident()
         writer = self._writer.stats if self._writer is not None else None
-        last = self.pool.last_resume
-        mem_items = None
-        if self.memory is not None:
-            mem_items = self.memory.stats().get("items")
-        chunk_stats = self.chunks.stats() if self.chunks is not None else None
+        last = self._pool.last_resume
+        chunk_stats = self._chunks.stats()
         return {
             "pid": os.getpid(),
             "updated": time.time(),
             "uptime_s": time.time() - self._opened,
             "model": {
-                "name": self.model_name,
-                "path": str(self.model.path),
-                "template": self.format.name,
-                "n_ctx": self.ctx.n_ctx,
-                "kv_type": self.ctx.type_k,
+                "name": self._model_name,
+                "path": str(self._model.path),
+                "template": self._template,
+                "n_ctx": self._ctx.n_ctx,
+                "kv_type": self._ctx.type_k,
             },
             "sessions": {
                 "known": len(known),
                 "resident": len(resident),
                 "suspended": len(known) - len(resident),
-                "max_resident": self.pool.n_seq,
+                "max_resident": self._pool.n_seq,
             },
-            "kv": {"cells_used": self.pool.used_cells(), "n_ctx": self.ctx.n_ctx},
+            "kv": {"cells_used": self._pool.used_cells(), "n_ctx": self._ctx.n_ctx},
             "snapshots": {
-                "bytes": _du(self.root / SNAPSHOT_DIR) + _du(self.root / CHUNK_DIR),
+                "bytes": _du(self._root / CHUNK_DIR),
                 "chunks": chunk_stats,
                 # chunk bytes that sessions sharing a prefix (a system prompt) do not store again
                 "dedup_saved_bytes": chunk_stats["dedup_saved_bytes"] if chunk_stats else 0,
@@ -85,39 +111,39 @@ class _StatsMixin(_RuntimeState):
                 "last_save_ms": writer.last_write_s * 1000 if writer else None,
                 "last_restore_ms": last.seconds * 1000 if last else None,
             },
-            "resumes": dict(self.pool.resumes),
+            "resumes": dict(self._pool.resumes),
             "journal": {
-                "bytes": _du(self.root / JOURNAL_DIR),
-                "retention": self.journal_retention,
-                "compacted_bytes": self.journal_bytes_compacted,
+                "bytes": _du(self._root / JOURNAL_DIR),
+                "retention": self._retention.mode,
+                "compacted_bytes": self._retention.bytes_compacted,
             },
             "memory": {
-                "items": mem_items,
-                "retrieval_p50_ms": _p50(self._retrieval_ms),
+                "items": self._recall.items(),
+                "retrieval_p50_ms": _p50(self._recall.retrieval_ms),
             },
-            "turns": {"count": self._turns, "runtime_p50_ms": _p50(self._turn_ms)},
+            "turns": {"count": self.turns, "runtime_p50_ms": _p50(self._turn_ms)},
         }
 
-    def _write_stats(self, force: bool = False) -> None:
-        """Publish :meth:`stats` to ``stats.json`` (for ``python -m runtime stats``), at most
-        every 5 s. Advisory: never fails anything."""
+    def publish(self, force: bool = False) -> None:
+        """Write :meth:`report` to ``stats.json`` (for ``python -m runtime stats``), at most
+        every 5 s and only when something changed. Advisory: never fails anything."""
         now = time.monotonic()
-        if not force and now - self._last_stats_write < 5.0:
+        if not force and now - self._last_write < 5.0:
             return
         writer = self._writer.stats if self._writer is not None else None
         key = (
-            self._turns,
+            self.turns,
             writer.written if writer else 0,
-            len(self.pool.resident()),
-            sum(self.pool.resumes.values()),
+            len(self._pool.resident()),
+            sum(self._pool.resumes.values()),
         )
-        if not force and key == self._stats_key:
+        if not force and key == self._key:
             return  # nothing new: no directory walk, no write
-        self._stats_key = key
-        self._last_stats_write = now
+        self._key = key
+        self._last_write = now
         try:
-            data = json.dumps(self._stats(), indent=1, sort_keys=True).encode()
-            atomic_write_bytes(self.root / STATS_FILE, data)
+            data = json.dumps(self.report(), indent=1, sort_keys=True).encode()
+            atomic_write_bytes(self._root / STATS_FILE, data)
         except Exception as exc:  # stats are advisory
             logger.debug("could not write %s: %s", STATS_FILE, exc)
 
@@ -136,8 +162,9 @@ def _du(path: Path) -> int:
     return total
 
 
-def _p50(values: deque[float]) -> float | None:
-    return round(statistics.median(values), 3) if values else None
+def _p50(values: Iterable[float]) -> float | None:
+    items = list(values)
+    return round(statistics.median(items), 3) if items else None
 
 
 def read_stats(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -156,9 +183,7 @@ def read_stats(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     journals = root / JOURNAL_DIR
     known = journal_sessions(journals)
     published.setdefault("sessions", {})["known"] = len(known)
-    published.setdefault("snapshots", {})["bytes"] = _du(root / SNAPSHOT_DIR) + _du(
-        root / CHUNK_DIR
-    )
+    published.setdefault("snapshots", {})["bytes"] = _du(root / CHUNK_DIR)
     published.setdefault("journal", {})["bytes"] = _du(journals)
     published["running"] = _lock_holder(root) is not None
     published["data_dir"] = str(root.resolve())

@@ -1,5 +1,9 @@
-"""One turn of :meth:`Runtime.chat`: retrieval, render, journal, decode, generate,
-journal, memory write, checkpoint by policy."""
+"""The turn engine: render with the GGUF's chat template, tokenize, decode, sample.
+
+:class:`TurnEngine` is built with the model, the context's size, the chat format and the
+system prompt; it works on the :class:`runtime.session.Session` it is handed and knows
+nothing of long-term memory, the pool or the runtime above it.
+"""
 
 from __future__ import annotations
 
@@ -7,186 +11,115 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from runtime.layout import validate_session_id
+from runtime.app.options import MEMORY_PREFIX, QUESTION_PREFIX, Sampling
+from runtime.app.reply import MemoryUsed
+from runtime.errors import ContextFullError, RuntimeArgumentError
+from runtime.journal import Entry
 from runtime.session import Session
-from runtime.template import Message
+from runtime.template import ChatFormat, Message
 
 if TYPE_CHECKING:
-    from llamaffi import Sampler
+    from llamaffi import Model, Sampler
 
-from runtime.app.options import (
-    Reply,
-    Sampling,
-    _check_stop,
-    _check_text,
-    _common_prefix,
-    _num_field,
-    _RuntimeState,
-    _with_memories,
-)
+__all__ = ["ImportedTurn", "Prompt", "TurnEngine"]
 
 logger = logging.getLogger(__name__)
 
 
-class _TurnMixin(_RuntimeState):
-    """The turn (part of :class:`Runtime`)."""
+@dataclass(frozen=True)
+class Prompt:
+    """A user turn journalled and decoded, ready for the reply."""
 
-    # -- the turn -----------------------------------------------------------------------------
+    entry: Entry
+    content: str  # what the model saw (the text with the memories before it)
+    prompt_tokens: int  # decoded for it (with a first system turn)
+    cached_tokens: int  # of the window reused
+    render_ms: float  # rendering and making room, before the journal append
 
-    def chat(
+
+@dataclass(frozen=True)
+class ImportedTurn:
+    """One message of an imported history, rendered as a chat turn would have been."""
+
+    role: str
+    text: str
+    tokens: list[int]
+    meta: dict[str, object]
+    created: float | None
+    #: the indices of the messages this entry holds: () for the runtime's own system prompt,
+    #: two for a system message folded into the first user turn (a template without a
+    #: system role)
+    sources: tuple[int, ...]
+
+
+class TurnEngine:
+    """Render, tokenize, decode and sample one turn on a session.
+
+    Args:
+        model: the model (tokenizer and vocabulary).
+        n_ctx: the context's cells (the reply budget and the room a turn needs).
+        chat_format: the GGUF's chat template.
+        system_prompt: the first turn of every new session (``None``: none).
+    """
+
+    def __init__(
+        self, model: Model, n_ctx: int, chat_format: ChatFormat, system_prompt: str | None
+    ) -> None:
+        self.model = model
+        self.n_ctx = n_ctx
+        self.format = chat_format
+        self.system_prompt = system_prompt
+
+    # -- the prompt ---------------------------------------------------------------------------
+
+    def prompt(
         self,
-        session_id: str,
+        session: Session,
         text: str,
+        memories: Sequence[MemoryUsed],
         *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        repeat_penalty: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] | None = None,
-        on_token: Callable[[str], None] | None = None,
-        cancelled: Callable[[], bool] | None = None,
-        remember: bool = True,
-        importance: float = 0.5,
-        use_memory: bool = True,
-    ) -> Reply:
-        """One user turn and the assistant's reply, in session ``session_id``.
-
-        Sampling arguments left ``None`` take the runtime's :class:`Sampling` defaults.
-        ``on_token`` receives the reply's text as it is generated; ``cancelled`` is polled
-        between tokens (a cancelled reply is kept, shortened, with ``finish_reason``
-        ``"cancelled"``). ``remember=False`` keeps this turn out of long-term memory;
-        ``use_memory=False`` skips retrieval. Bad arguments raise
-        :class:`RuntimeArgumentError` before anything is written.
-        """
-        self._require_open()
-        validate_session_id(session_id)
-        text = _check_text(text)
-        params = self._sampling(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
-        stops = _check_stop(stop)
-        _num_field("importance", importance, 0.0, 1.0)
-        with self._lock:
-            self._require_open()
-            return self._chat(
-                session_id,
-                text,
-                params,
-                stops,
-                on_token,
-                cancelled,
-                remember,
-                importance,
-                use_memory,
-            )
-
-    def _sampling(self, *args: Any) -> Sampling:
-        names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
-        base = asdict(self.sampling)
-        for name, value in zip(names, args, strict=True):
-            if value is not None:
-                base[name] = value
-        return Sampling(**base).check(self.ctx.n_ctx)
-
-    def _chat(
-        self,
-        session_id: str,
-        text: str,
-        params: Sampling,
-        stops: tuple[str, ...],
-        on_token: Callable[[str], None] | None,
-        cancelled: Callable[[], bool] | None,
-        remember: bool,
-        importance: float,
-        use_memory: bool,
-    ) -> Reply:
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        session, report = self._session(session_id)
-        t1 = time.perf_counter()
-        timings["resume"] = (t1 - t0) * 1000
-
-        memories = self._retrieve(session, text) if use_memory else []
-        t2 = time.perf_counter()
-        timings["retrieval"] = (t2 - t1) * 1000
-        if self.memory is not None and use_memory:
-            self._retrieval_ms.append(timings["retrieval"])
-
-        content = _with_memories(text, memories)
+        max_tokens: int,
+        meta: dict[str, object],
+        created: float | None,
+    ) -> Prompt:
+        """Render the user turn (memories just before the text), make room, journal it
+        (fsynced) with exactly the tokens about to be decoded, then decode only those."""
+        start = time.perf_counter()
+        content = with_memories(text, memories)
         if session.first_turn and self.system_prompt and not self.format.supports_system:
             content = f"{self.system_prompt}\n\n{content}"  # e.g. Gemma: no system role
         n_before = session.n_tokens  # what the KV already held: reused, never re-prefilled
-        system_tokens = self._start_session(session)
-        user = Message("user", content)
-        tokens, keep = self._render_user(session, user, params.max_tokens)
-        cached = min(keep, n_before)
-        t3 = time.perf_counter()
-        timings["render"] = (t3 - t2) * 1000
-
-        meta: dict[str, object] = {"importance": importance}
+        system_tokens = self._start_session(session, created)
+        tokens, keep = self._render_user(session, Message("user", content), max_tokens)
+        meta = dict(meta)
         if content != text:
             meta["content"] = content
             meta["memories"] = [m.id for m in memories]
-        if not remember:
-            meta["remember"] = False
-        entry = session.append_tokens("user", text, tokens, meta=meta, checkpoint=False)
-        t4 = time.perf_counter()
-        timings["prefill"] = (t4 - t3) * 1000  # journal append + decode of the new tokens
-
-        history = [Message(r, c) for r, c in session.messages()[:-1]]
-        sampler = self._make_sampler(params, session, entry.seq)
-        try:
-            reply_entry, finish = session.generate(
-                self._room(session, params.max_tokens),
-                sampler,
-                close=lambda reply: self._close_tokens(history, user, reply),
-                stop=self.format.stop_strings + stops,
-                clean=self.format.clean,
-                on_text=on_token,
-                cancelled=cancelled,
-            )
-        finally:
-            sampler.close()
-        t5 = time.perf_counter()
-        timings["generation"] = (t5 - t4) * 1000
-
-        if remember:
-            self._safe_ingest(session)
-        t6 = time.perf_counter()
-        timings["memory_write"] = (t6 - t5) * 1000
-        timings["total"] = (t6 - t0) * 1000
-        self._turns += 1
-        reply = Reply(
-            session_id=session_id,
-            text=reply_entry.text,
-            finish_reason=finish,
-            prompt_tokens=len(tokens) + system_tokens,
-            cached_tokens=cached,
-            completion_tokens=int(reply_entry.meta.get("generated", len(reply_entry.tokens))),
-            timings=timings,
-            memories=memories,
-            resumed=report,
-            journal_seq=reply_entry.seq,
+        render_ms = (time.perf_counter() - start) * 1000
+        entry = session.append_tokens(
+            "user", text, tokens, meta=meta, checkpoint=False, created=created
         )
-        self._turn_ms.append(reply.runtime_ms)
-        return reply
+        return Prompt(entry, content, len(tokens) + system_tokens, min(keep, n_before), render_ms)
 
-    def _start_session(self, session: Session) -> int:
+    def _start_session(self, session: Session, created: float | None) -> int:
         """Journal the system prompt as the first turn of a new session; its token count."""
         if not session.first_turn or not self.system_prompt or not self.format.supports_system:
             return 0
-        system = Message("system", self.system_prompt)
-        text = self.format.render([system], False)
-        tokens = self.format.tokenize(self.model, text, first=True)
+        tokens = self._system_tokens(self.system_prompt)
         if not tokens:
             return 0
         session.reserve(len(tokens))
-        session.append_tokens("system", self.system_prompt, tokens, checkpoint=False)
+        session.append_tokens(
+            "system", self.system_prompt, tokens, checkpoint=False, created=created
+        )
         return len(tokens)
+
+    def _system_tokens(self, text: str) -> list[int]:
+        rendered = self.format.render([Message("system", text)], False)
+        return self.format.tokenize(self.model, rendered, first=True)
 
     def _render_user(
         self, session: Session, user: Message, max_tokens: int
@@ -214,7 +147,7 @@ class _TurnMixin(_RuntimeState):
                     len(window),
                 )
             before = len(session.journal)
-            session.reserve(len(tokens) + self._reply_budget(max_tokens) + 16)
+            session.reserve(len(tokens) + self.reply_budget(max_tokens) + 16)
             if len(session.journal) == before:  # no window shift: the render stands
                 if keep < session.n_tokens:
                     session.rewind(keep)
@@ -224,14 +157,42 @@ class _TurnMixin(_RuntimeState):
             session.rewind(keep)
         return tokens, keep
 
-    def _reply_budget(self, max_tokens: int) -> int:
+    # -- the reply ----------------------------------------------------------------------------
+
+    def reply(
+        self,
+        session: Session,
+        prompt: Prompt,
+        params: Sampling,
+        stops: tuple[str, ...],
+        on_token: Callable[[str], None] | None,
+        cancelled: Callable[[], bool] | None,
+    ) -> tuple[Entry, str]:
+        """Generate and journal the reply to ``prompt``; ``(entry, finish_reason)``."""
+        history = [Message(r, c) for r, c in session.messages()[:-1]]
+        user = Message("user", prompt.content)
+        sampler = self._make_sampler(params, session, prompt.entry.seq)
+        try:
+            return session.generate(
+                self._room(session, params.max_tokens),
+                sampler,
+                close=lambda reply: self._close_tokens(history, user, reply),
+                stop=self.format.stop_strings + stops,
+                clean=self.format.clean,
+                on_text=on_token,
+                cancelled=cancelled,
+            )
+        finally:
+            sampler.close()
+
+    def reply_budget(self, max_tokens: int) -> int:
         """Cells reserved for a reply: ``max_tokens``, but at most a quarter of the context, so
         a client's large ``max_tokens`` does not shift most of the conversation out."""
-        return min(max_tokens, max(16, self.ctx.n_ctx // 4))
+        return min(max_tokens, max(16, self.n_ctx // 4))
 
     def _room(self, session: Session, max_tokens: int) -> int:
-        left = self.ctx.n_ctx - session.n_tokens - 16
-        return max(1, min(self._reply_budget(max_tokens), left))
+        left = self.n_ctx - session.n_tokens - 16
+        return max(1, min(self.reply_budget(max_tokens), left))
 
     def _close_tokens(self, history: list[Message], user: Message, reply: str) -> list[int]:
         close = self.format.assistant_close([*history, user], Message("assistant", reply))
@@ -260,3 +221,97 @@ class _TurnMixin(_RuntimeState):
             digest = hashlib.sha256(f"{session.session_id}/{seq}".encode()).digest()
             seed = int.from_bytes(digest[:4], "little")
         return sampler.dist(seed)
+
+    # -- imported history ---------------------------------------------------------------------
+
+    def render_history(
+        self,
+        session: Session,
+        messages: Sequence[tuple[str, str, dict[str, object], float | None]],
+    ) -> list[ImportedTurn]:
+        """Render ``(role, text, meta, created)`` messages after the session's window exactly
+        as :meth:`prompt` and :meth:`reply` render chatted turns (a user turn ends with the
+        assistant opener; an assistant turn is its text plus the template's close), so that
+        a later chat continues the same KV. A system message may only open a new session.
+
+        Raises :class:`RuntimeArgumentError` (naming ``messages[i]``) for a history that this
+        template cannot extend turn by turn, and :class:`ContextFullError` for one that does
+        not fit the context. Nothing is journalled here.
+        """
+        fmt = self.format
+        plan: list[ImportedTurn] = []
+        history = [Message(r, c) for r, c in session.messages()]
+        n_tokens = 0
+        first = session.first_turn
+        fold: str | None = None  # a system text for a template without a system role
+        folded: tuple[int, ...] = ()
+        for i, (role, text, meta, created) in enumerate(messages):
+            if role == "system":
+                if not (first and i == 0):
+                    raise RuntimeArgumentError(
+                        f"messages[{i}].role", "a system message may only open a new session"
+                    )
+                if fmt.supports_system:
+                    tokens = self._system_tokens(text)
+                    plan.append(ImportedTurn("system", text, tokens, meta, created, (i,)))
+                    history.append(Message("system", text))
+                    n_tokens += len(tokens)
+                else:
+                    fold, folded = text, (i,)
+                continue
+            if i == 0 and first and self.system_prompt:
+                # a new session without its own system message starts like a chatted one
+                if fmt.supports_system:
+                    tokens = self._system_tokens(self.system_prompt)
+                    plan.append(ImportedTurn("system", self.system_prompt, tokens, {}, created, ()))
+                    history.append(Message("system", self.system_prompt))
+                    n_tokens += len(tokens)
+                else:
+                    fold = self.system_prompt
+            meta = dict(meta)
+            if role == "user":
+                content = text
+                sources = (*folded, i)
+                if fold is not None:
+                    content, fold, folded = f"{fold}\n\n{text}", None, ()
+                    meta["content"] = content
+                delta, extends = fmt.user_delta(history, Message("user", content))
+                if not extends:
+                    raise RuntimeArgumentError(
+                        f"messages[{i}]",
+                        f"the {fmt.name} chat template cannot extend this session turn by "
+                        "turn; send only the new user message",
+                    )
+                tokens = fmt.tokenize(self.model, delta, first=session.n_tokens + n_tokens == 0)
+                history.append(Message("user", content))
+            else:
+                sources = (i,)
+                close = fmt.assistant_close(history, Message("assistant", text))
+                tokens = fmt.tokenize(self.model, text, first=False)
+                if close:
+                    tokens += fmt.tokenize(self.model, close, first=False)
+                history.append(Message("assistant", text))
+            plan.append(ImportedTurn(role, text, tokens, meta, created, sources))
+            n_tokens += len(tokens)
+        if n_tokens > self.n_ctx - 16:  # the window shifts for the rest
+            raise ContextFullError(
+                f"the history ({n_tokens} tokens) does not fit in the context ({self.n_ctx})"
+            )
+        return plan
+
+
+def with_memories(text: str, memories: Sequence[MemoryUsed]) -> str:
+    """The user's text with the retrieved memories before it (never in the system prompt,
+    so the KV prefix stays reusable)."""
+    if not memories:
+        return text
+    context = " ".join(m.text.strip() for m in memories)
+    return f"{MEMORY_PREFIX}{context}\n{QUESTION_PREFIX}{text}"
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -27,6 +27,7 @@ from runtime.server.endpoints import (
     _embeddings,
     _forget,
     _health,
+    _import,
     _metrics,
     _models,
     _remember,
@@ -120,6 +121,11 @@ def create_app(
         Route(
             "/v1/sessions/{session_id}/checkpoint",
             _endpoint("checkpoint", _checkpoint),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/sessions/{session_id}/import",
+            _endpoint("import", _import),
             methods=["POST"],
         ),
         Route("/health", _endpoint("health", _health), methods=["GET"]),

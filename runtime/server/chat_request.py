@@ -18,14 +18,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from runtime.app import MAX_STOP_STRINGS, MAX_TEXT_CHARS, RuntimeArgumentError, Sampling
+from runtime.app import MAX_STOP_STRINGS, ContextFullError, RuntimeArgumentError, Sampling
+from runtime.app.options import check_text as runtime_check_text
 from runtime.layout import validate_session_id
 from runtime.server.api_errors import APIError, bad_request
-from runtime.session import ContextFullError
-from runtime.template import Message
 
 if TYPE_CHECKING:
-    from runtime.app import Reply, Runtime
+    from runtime.app import Reply
 
 #: Request fields accepted and ignored (documented as such).
 IGNORED_FIELDS = frozenset(
@@ -95,14 +94,12 @@ def _bool(body: Mapping[str, Any], name: str, default: bool) -> bool:
 
 
 def check_text(value: object, param: str) -> str:
-    """A non-empty string of at most :data:`MAX_TEXT_CHARS` characters."""
-    if not isinstance(value, str):
-        raise bad_request(param, f"must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise bad_request(param, "must not be empty")
-    if len(value) > MAX_TEXT_CHARS:
-        raise bad_request(param, f"is {len(value)} characters; at most {MAX_TEXT_CHARS}")
-    return value
+    """A non-empty string of at most :data:`runtime.app.MAX_TEXT_CHARS` characters (the
+    runtime's own rule, :func:`runtime.app.options.check_text`), as a 400 naming ``param``."""
+    try:
+        return runtime_check_text(value, param)
+    except RuntimeArgumentError as exc:
+        raise bad_request(param, str(exc).split(": ", 1)[-1]) from None
 
 
 def check_session_id(value: object, param: str) -> str:
@@ -292,68 +289,17 @@ def _clip(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def inject_turns(
-    rt: Runtime,
-    session_id: str,
-    system: str | None,
-    turns: Sequence[tuple[str, str]],
-    *,
-    remember: bool,
-) -> int:
-    """Journal and decode ``turns`` (and a first system turn) as if they had been chatted.
-
-    Rendered exactly as :meth:`Runtime.chat` renders its turns (a user turn ends with the
-    assistant opener; an assistant turn is its text plus the template's close), so a later
-    chat continues the same KV. Returns the tokens decoded. Call under ``rt._lock``.
-    """
-    fmt = rt.format
-    session, _report = rt.pool.get(session_id)
-    # Plan every turn first (render, tokenize, check), so a history that cannot be imported
-    # gets its 400 before anything is journalled.
-    plan: list[tuple[str, str, list[int], dict[str, object]]] = []
-    history = [Message(r, c) for r, c in session.messages()]
-    n_tokens = session.n_tokens
-    if session.first_turn:
-        text = system if system is not None else rt.system_prompt
-        if text and fmt.supports_system:
-            rendered = fmt.render([Message("system", text)], False)
-            tokens = fmt.tokenize(rt.model, rendered, first=True)
-            plan.append(("system", text, tokens, {}))
-            history.append(Message("system", text))
-            n_tokens += len(tokens)
-    meta: dict[str, object] = {} if remember else {"remember": False}
-    for role, text in turns:
-        if role == "user":
-            delta, extends = fmt.user_delta(history, Message("user", text))
-            if not extends:
-                raise APIError(
-                    400,
-                    f"messages: the {fmt.name} chat template cannot extend this session "
-                    "turn by turn; send only the new user message",
-                    param="messages",
-                )
-            tokens = fmt.tokenize(rt.model, delta, first=n_tokens == 0)
-        else:
-            close = fmt.assistant_close(history, Message("assistant", text))
-            tokens = fmt.tokenize(rt.model, text, first=False)
-            if close:
-                tokens += fmt.tokenize(rt.model, close, first=False)
-        plan.append((role, text, tokens, meta))
-        history.append(Message(role, text))
-        n_tokens += len(tokens)
-    if n_tokens - session.n_tokens > rt.ctx.n_ctx - 16:  # the window shifts for the rest
-        raise APIError(
-            400,
-            f"messages: the history does not fit in the context ({rt.ctx.n_ctx} tokens)",
-            param="messages",
-            code="context_length_exceeded",
-        )
-    decoded = 0
-    for role, text, tokens, turn_meta in plan:
-        session.reserve(len(tokens) + 16)
-        session.append_tokens(role, text, tokens, meta=turn_meta, checkpoint=False)
-        decoded += len(tokens)
-    return decoded
+def import_messages(
+    system: str | None, turns: Sequence[tuple[str, str]], *, is_new: bool
+) -> list[dict[str, str]]:
+    """The messages :meth:`Runtime.import_history` adds before the new user message: the
+    client's system message (only for a new session: a session keeps its own) and the turns
+    the journal lacks."""
+    messages = []
+    if is_new and system is not None:
+        messages.append({"role": "system", "content": system})
+    messages += [{"role": role, "content": text} for role, text in turns]
+    return messages
 
 
 def ephemeral_id() -> str:
@@ -375,9 +321,10 @@ def map_runtime_error(exc: Exception) -> APIError:
 # -- responses ----------------------------------------------------------------------------------
 
 
-def usage(reply: Reply, injected: int) -> dict[str, Any]:
-    """OpenAI usage: ``prompt_tokens`` counts the cached ones too (``cached_tokens``)."""
-    prompt = reply.prompt_tokens + injected + reply.cached_tokens
+def usage(reply: Reply) -> dict[str, Any]:
+    """OpenAI usage: ``prompt_tokens`` counts the cached ones too (``cached_tokens``: the
+    window the turn found in the KV, an imported history included)."""
+    prompt = reply.prompt_tokens + reply.cached_tokens
     return {
         "prompt_tokens": prompt,
         "completion_tokens": reply.completion_tokens,
@@ -386,9 +333,7 @@ def usage(reply: Reply, injected: int) -> dict[str, Any]:
     }
 
 
-def completion(
-    cid: str, model: str, reply: Reply, injected: int, session_id: str | None
-) -> dict[str, Any]:
+def completion(cid: str, model: str, reply: Reply, session_id: str | None) -> dict[str, Any]:
     """The non-streamed response body."""
     return {
         "id": cid,
@@ -403,7 +348,7 @@ def completion(
                 "logprobs": None,
             }
         ],
-        "usage": usage(reply, injected),
+        "usage": usage(reply),
         "session_id": session_id,
         "system_fingerprint": None,
     }

@@ -40,30 +40,30 @@ class _Turn:
     ephemeral: bool
     cancel: asyncio.Event | None = None
     flag: list[bool] = field(default_factory=lambda: [False])
-    injected: int = 0
 
     def cancelled(self) -> bool:
         return self.flag[0] or self.state.stopping
 
     def prepare(self) -> None:
-        """Check the history against the journal and add what it lacks (worker thread)."""
+        """Check the history against the journal and import what it lacks (worker thread).
+
+        The queue runs one job at a time, so the journal read here is still the journal when
+        the import appends to it."""
         rt, req = self.state.rt, self.req
-        with rt._lock:
-            if self.ephemeral:
-                missing = list(req.turns[:-1])
-                is_new = True
-            elif len(req.turns) == 1 and req.system is None:
-                # only the new user message: nothing to compare, and no need to read the
-                # whole history of a long session on every request
-                missing, is_new = [], False
-            else:
-                journal = rt.history(self.session_id)
-                missing = chatmod.missing_turns(journal, req.turns)
-                is_new = not journal
-            if missing or (is_new and req.system is not None):
-                self.injected = chatmod.inject_turns(
-                    rt, self.session_id, req.system, missing, remember=req.remember
-                )
+        if self.ephemeral:
+            missing = list(req.turns[:-1])
+            is_new = True
+        elif len(req.turns) == 1 and req.system is None:
+            # only the new user message: nothing to compare, and no need to read the
+            # whole history of a long session on every request
+            return
+        else:
+            journal = rt.history(self.session_id)
+            missing = chatmod.missing_turns(journal, req.turns)
+            is_new = not journal
+        messages = chatmod.import_messages(req.system, missing, is_new=is_new)
+        if messages:
+            rt.import_history(self.session_id, messages, remember=req.remember)
 
     def run(self, on_token: Callable[[str], None] | None) -> Reply:
         """The turn itself (worker thread); an ephemeral session is deleted after it."""
@@ -86,7 +86,7 @@ class _Turn:
                 importance=req.importance,
                 use_memory=req.use_memory,
             )
-            self.state.metrics.turn(reply, self.injected)  # counted even when nobody listens
+            self.state.metrics.turn(reply)  # counted even when nobody listens
             return reply
         finally:
             if self.ephemeral:
@@ -102,7 +102,7 @@ class _Turn:
 async def _chat(request: Request, state: ServerState) -> Response:
     rt = state.rt
     body = await _json_body(request, state.max_body)
-    req = chatmod.parse_chat(body, request.headers.get("x-session-id"), rt.sampling, rt.ctx.n_ctx)
+    req = chatmod.parse_chat(body, request.headers.get("x-session-id"), rt.sampling, rt.n_ctx)
     ephemeral = req.session_id is None
     sid = req.session_id or chatmod.ephemeral_id()
     turn = _Turn(state, req, sid, ephemeral)
@@ -131,7 +131,7 @@ async def _chat(request: Request, state: ServerState) -> Response:
             reply: Reply = await asyncio.shield(task)
         finally:
             watcher.cancel()
-        return JSONResponse(chatmod.completion(cid, model, reply, turn.injected, out_sid))
+        return JSONResponse(chatmod.completion(cid, model, reply, out_sid))
 
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[str | None] = asyncio.Queue()
@@ -157,7 +157,7 @@ async def _chat(request: Request, state: ServerState) -> Response:
                 return
             yield {"data": json.dumps(chatmod.chunk(cid, model, {}, reply.finish_reason))}
             if req.include_usage:
-                u = chatmod.usage(reply, turn.injected)
+                u = chatmod.usage(reply)
                 yield {"data": json.dumps(chatmod.chunk(cid, model, None, usage_body=u))}
             yield {"data": "[DONE]"}
         finally:

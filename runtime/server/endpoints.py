@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from prometheus_client import generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from runtime.errors import SessionNotFoundError
 from runtime.server import chat_request as chatmod
 from runtime.server.api_errors import APIError, bad_request, not_found
-
-if TYPE_CHECKING:
-    pass
-
 from runtime.server.state import _ADMIN_KEY, ServerState, _json_body
 
 logger = logging.getLogger(__name__)
@@ -36,11 +33,13 @@ async def _embeddings(request: Request, state: ServerState) -> Response:
     if fmt not in ("float", "base64"):
         raise bad_request("encoding_format", "must be 'float' or 'base64'")
     rt = state.rt
-    if rt.memory is None:
+    embedder = rt.embedder_info()
+    if embedder is None:
         raise APIError(400, "embeddings are off (the server runs with --no-memory)", param="model")
+    model_id, dim = embedder
     dims = body.get("dimensions")
-    if dims is not None and dims != rt.memory.embedder.dim:
-        raise bad_request("dimensions", f"this embedder only gives {rt.memory.embedder.dim}")
+    if dims is not None and dims != dim:
+        raise bad_request("dimensions", f"this embedder only gives {dim}")
     vectors = await state.run(_ADMIN_KEY, lambda: rt.embed(texts))
     data = []
     for i, vec in enumerate(vectors):
@@ -56,7 +55,7 @@ async def _embeddings(request: Request, state: ServerState) -> Response:
         {
             "object": "list",
             "data": data,
-            "model": rt.memory.embedder.model_id,
+            "model": model_id,
             "usage": {"prompt_tokens": 0, "total_tokens": 0},
         }
     )
@@ -105,12 +104,11 @@ async def _remember(request: Request, state: ServerState) -> Response:
     if meta is not None and not isinstance(meta, dict):
         raise bad_request("meta", "must be an object")
     rt = state.rt
-    if rt.memory is None:
+    if not rt.memory_enabled:
         raise APIError(400, "long-term memory is off (--no-memory)", param="text")
 
     def add() -> str:
-        with rt._lock:
-            return rt.remember(text, session=session, kind=kind, importance=importance, meta=meta)
+        return rt.remember(text, session=session, kind=kind, importance=importance, meta=meta)
 
     item_id = await state.run(_ADMIN_KEY, add)
     return JSONResponse({"id": item_id, "object": "memory", "text": text}, status_code=201)
@@ -131,8 +129,7 @@ async def _search(request: Request, state: ServerState) -> Response:
     rt = state.rt
 
     def search() -> list[Any]:
-        with rt._lock:
-            return rt.search(q, k, session=session)
+        return rt.search(q, k, session=session)
 
     hits = await state.run(_ADMIN_KEY, search)
     return JSONResponse({"object": "list", "data": [_hit(h) for h in hits]})
@@ -145,8 +142,7 @@ async def _forget(request: Request, state: ServerState) -> Response:
     rt = state.rt
 
     def forget() -> bool:
-        with rt._lock:
-            return rt.forget(item_id)
+        return rt.forget(item_id)
 
     if not await state.run(_ADMIN_KEY, forget):
         raise not_found(f"memory {item_id}")
@@ -173,11 +169,11 @@ async def _session(request: Request, state: ServerState) -> Response:
     sid, rt = _sid(request), state.rt
 
     def read() -> dict[str, Any]:
-        with rt._lock:
-            info = rt.session_info(sid)
-            if not info["exists"]:
-                raise not_found(f"session {sid}")
-            return {"object": "session", **info, "history": rt.history(sid)}
+        # the queue runs one job at a time: nothing deletes the session between the calls
+        info = rt.session_info(sid)
+        if not info["exists"]:
+            raise not_found(f"session {sid}")
+        return {"object": "session", **info, "history": rt.history(sid)}
 
     return JSONResponse(await state.run(sid, read))
 
@@ -186,10 +182,10 @@ async def _delete_session(request: Request, state: ServerState) -> Response:
     sid, rt = _sid(request), state.rt
 
     def delete() -> None:
-        with rt._lock:
-            if not rt.session_info(sid)["exists"]:
-                raise not_found(f"session {sid}")
+        try:
             rt.delete_session(sid)
+        except SessionNotFoundError:
+            raise not_found(f"session {sid}") from None
 
     await state.run(sid, delete)
     return JSONResponse({"id": sid, "object": "session.deleted", "deleted": True})
@@ -199,14 +195,32 @@ async def _checkpoint(request: Request, state: ServerState) -> Response:
     sid, rt = _sid(request), state.rt
 
     def checkpoint() -> int:
-        with rt._lock:
-            if not rt.session_info(sid)["exists"]:
-                raise not_found(f"session {sid}")
-            return rt.checkpoint(sid)
+        if not rt.session_info(sid)["exists"]:
+            raise not_found(f"session {sid}")
+        return rt.checkpoint(sid)
 
     written = await state.run(sid, checkpoint)
     # 0: the session is not resident (suspended sessions are on disk already)
     return JSONResponse({"id": sid, "object": "session.checkpoint", "checkpointed": written})
+
+
+async def _import(request: Request, state: ServerState) -> Response:
+    """``POST /v1/sessions/{id}/import``: ``{"messages": [...]}`` appended to the session's
+    journal (:meth:`Runtime.import_history`); answers ``{"seqs": [...]}``."""
+    sid, rt = _sid(request), state.rt
+    body = await _json_body(request, state.max_body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages", "must be a non-empty array")
+    remember = body.get("remember", True)
+    if not isinstance(remember, bool):
+        raise bad_request("remember", f"must be a boolean, got {type(remember).__name__}")
+
+    def run() -> list[int]:
+        return rt.import_history(sid, messages, remember=remember)
+
+    seqs = await state.run(sid, run)
+    return JSONResponse({"id": sid, "object": "session.import", "seqs": seqs})
 
 
 async def _health(request: Request, state: ServerState) -> Response:

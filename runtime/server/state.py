@@ -58,8 +58,8 @@ class _Metrics:
         busy = Gauge("runtime_queue_busy", "1 while a job holds the runtime", registry=r)
         busy.set_function(lambda: 1.0 if queue.busy else 0.0)
 
-    def turn(self, reply: Reply, injected: int) -> None:
-        self.tokens.labels("prompt").inc(reply.prompt_tokens + injected)
+    def turn(self, reply: Reply) -> None:
+        self.tokens.labels("prompt").inc(reply.prompt_tokens)
         self.tokens.labels("cached").inc(reply.cached_tokens)
         self.tokens.labels("completion").inc(reply.completion_tokens)
         if reply.resumed is not None:

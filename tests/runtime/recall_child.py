@@ -39,11 +39,11 @@ def main(kv_dir: str, window_dir: str) -> None:
             rt.chat(sid, fact, max_tokens=24)
             first = rt.history(sid)[1]["seq"]
             n = 0
-            session = rt.pool.peek(sid)
+            session = rt._pool.peek(sid)
             while session is not None and first in session.window_seqs():
                 rt.chat(sid, FILLER[n % len(FILLER)], max_tokens=24)
                 n += 1
-                session = rt.pool.peek(sid)
+                session = rt._pool.peek(sid)
             print(f"told {sid} ({n} filler turns)", flush=True)
         print("READY", flush=True)
         time.sleep(600)

@@ -86,7 +86,7 @@ def _logits_after_probe(rt: Runtime, session: str, from_seq: int | None) -> np.n
     """Logits after one probe token: on a copy of the restored ``from_seq``, or on a clean
     replay of the session's journal into the scratch sequence (every decode and window shift
     in order, as a resume without snapshots does)."""
-    scratch = rt.scratch_seq
+    scratch = rt._scratch_seq
     memory = rt.ctx.memory
     probe = rt.model.tokenize("\n", add_special=False)[-1:]
     if from_seq is not None:
@@ -158,10 +158,10 @@ def test_chat_cli_survives_kill_9(tmp_path: Path) -> None:
             for s in SESSIONS:
                 if not (root / "journals" / f"{s}.log").exists():
                     continue
-                sess, report = rt.pool.get(s)
+                sess, report = rt._pool.get(s)
                 assert report is not None
                 sources[report.source] = sources.get(report.source, 0) + 1
-                rt._ingest(sess)
+                rt._recall.ingest(sess)
                 tokens = sess.tokens()
                 if tokens and report.restored_tokens:
                     restored = _logits_after_probe(rt, s, sess.seq_id)
@@ -171,9 +171,10 @@ def test_chat_cli_survives_kill_9(tmp_path: Path) -> None:
                         f"(max |diff| {float(np.max(np.abs(restored - clean))):.3g})"
                     )
                 # acknowledged turns are in long-term memory too (caught up from the journal)
-                assert rt.memory is not None
+                assert rt._recall.store is not None
                 stored = {
-                    h.text for h in rt.memory.search("anything", k=1000, session=s, touch=False)
+                    h.text
+                    for h in rt._recall.store.search("anything", k=1000, session=s, touch=False)
                 }
                 # a near-duplicate refreshes the item it repeats instead of being stored
                 # again: such a turn counts as found when that item is its best hit
@@ -181,10 +182,10 @@ def test_chat_cli_survives_kill_9(tmp_path: Path) -> None:
                     t
                     for t in acked[s]
                     if t not in stored
-                    and rt.memory.search(t, 1, session=s, touch=False)[0].similarity
-                    < rt.dedup_similarity
+                    and rt._recall.store.search(t, 1, session=s, touch=False)[0].similarity
+                    < rt.config.dedup_similarity
                 ]
                 assert not missing, f"kill {kill}: {s} memory lacks {missing}"
-                rt.pool.suspend(s)  # room for the next session's clean re-prefill
+                rt._pool.suspend(s)  # room for the next session's clean re-prefill
     assert sum(len(v) for v in acked.values()) >= KILLS, acked  # the loop really talked
     assert sources.get("snapshot", 0) > 0, sources

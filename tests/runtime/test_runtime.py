@@ -4,6 +4,7 @@ retrieval of dropped turns, stats, and argument errors that write nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.app import Runtime, RuntimeArgumentError, read_stats
+from runtime.app import Runtime, RuntimeArgumentError, RuntimeConfig, read_stats
 from runtime.checkpoint import CheckpointPolicy
 from runtime.errors import LockedError
 
@@ -37,7 +38,7 @@ def test_turn_is_journalled_and_reuses_the_prefix(rt: Runtime) -> None:
     assert first.text == first.text.strip()
     assert first.finish_reason in ("stop", "length")
     assert first.completion_tokens >= 1
-    session = rt.pool.peek("alice")
+    session = rt._pool.peek("alice")
     assert session is not None
     before = session.tokens()
     second = rt.chat("alice", "What is my dog called?", **GREEDY)
@@ -61,7 +62,7 @@ def test_turn_is_journalled_and_reuses_the_prefix(rt: Runtime) -> None:
 def test_chat_template_markers_are_in_the_kv_not_in_the_reply(rt: Runtime) -> None:
     reply = rt.chat("bob", "Hello there", **GREEDY)
     assert "<|im_start|>" not in reply.text and "<|im_end|>" not in reply.text
-    session = rt.pool.peek("bob")
+    session = rt._pool.peek("bob")
     assert session is not None
     rendered = rt.model.detokenize(session.tokens(), unparse_special=True)
     assert "<|im_start|>system\n" in rendered
@@ -110,7 +111,7 @@ def test_close_is_idempotent_and_resume_comes_from_a_snapshot(
 ) -> None:
     rt = Runtime.open(tmp_path, model="tiny", embedder=embedder)
     rt.chat("dana", "I live in Lisbon.", **GREEDY)
-    tokens = rt.pool.peek("dana").tokens()  # type: ignore[union-attr]
+    tokens = rt._pool.peek("dana").tokens()  # type: ignore[union-attr]
     rt.close()
     rt.close()
     assert rt.closed
@@ -178,10 +179,10 @@ def test_overflow_retrieves_dropped_turns(tmp_path: Path, embedder: object) -> N
             "I read three chapters of a novel about sailors.",
         ]
         i = 0
-        while rt.pool.peek("fay").journal.n_tokens < 3 * n_ctx:  # type: ignore[union-attr]
+        while rt._pool.peek("fay").journal.n_tokens < 3 * n_ctx:  # type: ignore[union-attr]
             rt.chat("fay", filler[i % len(filler)] + f" ({i})", **GREEDY)
             i += 1
-        session = rt.pool.peek("fay")
+        session = rt._pool.peek("fay")
         assert session is not None
         assert session.n_tokens <= n_ctx
         first_user = next(h for h in rt.history("fay") if h["role"] == "user")
@@ -212,7 +213,7 @@ def test_global_memories_reach_every_session(rt: Runtime) -> None:
 
 def test_stats_cli_reads_a_running_runtime(rt: Runtime) -> None:
     rt.chat("jay", "hello", **GREEDY)
-    rt._write_stats(force=True)
+    rt.publish_stats()
     out = subprocess.run(
         [sys.executable, "-m", "runtime", "stats", "--dir", str(rt.root), "--json"],
         capture_output=True,
@@ -247,8 +248,8 @@ def test_deleted_session_id_starts_afresh(rt: Runtime) -> None:
 
 
 def test_cached_embedder_handles_many_texts(rt: Runtime) -> None:
-    assert rt.memory is not None
-    ids = rt.memory.add_many([f"note number {i} about topic {i * 7}" for i in range(70)])
+    assert rt._recall.store is not None
+    ids = rt._recall.store.add_many([f"note number {i} about topic {i * 7}" for i in range(70)])
     assert len(ids) == 70
 
 
@@ -283,7 +284,7 @@ def test_journal_retention_window_keeps_memory_and_the_window(
         for fact in facts:
             rt.chat("s", fact, **GREEDY)
         rt.checkpoint("s")
-        window = rt.pool.peek("s").tokens()  # type: ignore[union-attr]
+        window = rt._pool.peek("s").tokens()  # type: ignore[union-attr]
         freed = rt.compact_journals()
         assert freed > 0 and rt.stats()["journal"]["compacted_bytes"] == freed
         kept = rt.history("s")
@@ -305,7 +306,18 @@ def test_constructor_opens_like_open(tmp_path: Path) -> None:
         assert [h["role"] for h in rt.history("s")][-2:] == ["user", "assistant"]
 
 
-def test_window_retention_needs_chunked_checkpoints(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeArgumentError, match="needs chunked checkpoints"):
-        Runtime(tmp_path / "d", model="tiny", chunked=False, journal_retention="window")
+@pytest.mark.parametrize("option", ["chunked", "snapshot_every"])
+def test_removed_options_are_refused(tmp_path: Path, option: str) -> None:
+    # chunked checkpoints are the only path: the whole-snapshot options are gone
+    with pytest.raises(RuntimeArgumentError, match=f"{option}: is not an option"):
+        Runtime(tmp_path / "d", model="tiny", **{option: False})
     assert not (tmp_path / "d").exists()  # refused before anything was written
+
+
+def test_config_is_frozen_and_overrides_apply(tmp_path: Path) -> None:
+    config = RuntimeConfig(model="tiny", n_ctx=256, embedder=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.n_ctx = 512  # type: ignore[misc]
+    with Runtime(tmp_path / "d", config=config, max_resident=2) as rt:
+        assert rt.config.max_resident == 2 and rt.config.n_ctx == 256
+        assert rt.n_ctx == 256

@@ -37,14 +37,14 @@ def test_twenty_sessions_share_the_system_prompt_chunks(tmp_path: Path) -> None:
         embedder=False,
         system_prompt=system,
     ) as rt:
-        assert rt.chunks is not None
-        chunk_tokens = rt.chunks.chunk_tokens
+        assert rt._chunks is not None
+        chunk_tokens = rt._chunks.chunk_tokens
         for i in range(SESSIONS):
             rt.chat(f"user-{i:02d}", f"Hello, I am user number {i}.", max_tokens=3, seed=i)
         rt.checkpoint()
         for i in range(SESSIONS):  # evicted sessions were checkpointed when suspended
             rt.suspend(f"user-{i:02d}")
-        mans = [rt.chunks.latest(f"user-{i:02d}") for i in range(SESSIONS)]
+        mans = [rt._chunks.latest(f"user-{i:02d}") for i in range(SESSIONS)]
         assert all(m is not None for m in mans)
         stats = rt.stats()["snapshots"]
     chunk_stats = stats["chunks"]
