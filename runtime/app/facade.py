@@ -27,49 +27,33 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.app.housekeeper import Housekeeper, Retention
 from runtime.app.options import (
     RuntimeConfig,
     Sampling,
     check_created,
-    check_int,
     check_number,
     check_stop,
     check_text,
 )
-from runtime.app.recall import Recall
+from runtime.app.parts import build_parts, open_model
 from runtime.app.reply import Reply
-from runtime.app.stats import Stats
-from runtime.app.turn import TurnEngine
-from runtime.checkpoint import CheckpointWriter
-from runtime.chunks import ChunkStore
-from runtime.errors import ClosedError, RuntimeArgumentError, SessionNotFoundError
-from runtime.fsutil import DirLock, ensure_dir, private_dir, warn_if_exposed
-from runtime.journal import Journal, journal_files
+from runtime.app.sessions import check_messages
+from runtime.errors import ClosedError, SessionNotFoundError
+from runtime.fsutil import DirLock, ensure_dir, warn_if_exposed
 from runtime.layout import (
-    CHUNK_DIR,
-    JOURNAL_DIR,
     LOCK_NAME,
-    LONGTERM_DIR,
-    journal_path,
     validate_session_id,
 )
-from runtime.session import ResumeReport, Session, SessionPool
-from runtime.template import ChatFormat
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from llamaffi import Context, Model
     from runtime.longterm import Hit
 
 __all__ = ["Runtime"]
 
 logger = logging.getLogger(__name__)
-
-#: roles :meth:`Runtime.import_history` accepts (``developer`` is OpenAI's newer ``system``)
-_IMPORT_ROLES = ("system", "developer", "user", "assistant")
 
 
 class Runtime:
@@ -104,9 +88,6 @@ class Runtime:
         config: RuntimeConfig | None = None,
         **overrides: Any,
     ) -> None:
-        from llamaffi import Model
-        from runtime.models import resolve_model, verify_pinned
-
         if model is not None:
             overrides["model"] = model
         if config is None:
@@ -129,100 +110,38 @@ class Runtime:
         self._stack = contextlib.ExitStack()
         self._stack.callback(dir_lock.release)
         try:
-            spec = resolve_model(cfg.model)
-            self._say(f"loading model {spec.name} ({spec.path})")
-            start = time.perf_counter()
-            self.model: Model = self._stack.enter_context(Model(spec.path))
-            verify_pinned(spec, self.model)
-            self.model_name = spec.name
-            chat_format = ChatFormat.for_model(self.model)
-            quantized = cfg.kv_type != "f16"
-            self.ctx: Context = self._stack.enter_context(
-                self.model.context(
-                    n_ctx=cfg.n_ctx,
-                    n_batch=cfg.n_batch,
-                    n_seq_max=cfg.max_resident + 1,
-                    n_threads=cfg.n_threads,
-                    type_k=cfg.kv_type,
-                    type_v=cfg.kv_type,
-                    flash_attn=quantized,
-                )
-            )
-            self._say(
-                f"model loaded in {time.perf_counter() - start:.1f} s: {self.model.desc}, "
-                f"chat template {chat_format.name}, n_ctx={self.ctx.n_ctx}"
+            self.model, self.ctx, self.model_name, chat_format = open_model(
+                cfg, self._stack, self._say
             )
             #: the default sampling of :meth:`chat` (checked against this context)
             self.sampling: Sampling = cfg.sampling.check(self.ctx.n_ctx)
-            self._build(cfg, chat_format)
+            parts = build_parts(
+                cfg,
+                self.root,
+                self.model,
+                self.model_name,
+                self.ctx,
+                chat_format,
+                lock=self._lock,
+                stack=self._stack,
+                say=self._say,
+            )
         except BaseException:
             self._stack.close()
             raise
+        self._scratch_seq = parts.scratch_seq
+        self._chunks = parts.chunks
+        self._pool = parts.pool
+        self._recall = parts.recall
+        self._turns = parts.turns
+        self._retention = parts.retention
+        self._stats = parts.stats
+        self._sessions = parts.sessions
+        self._housekeeper = parts.housekeeper
         self._closed = False
         self._stats.publish(force=True)
         self._housekeeper.start()
         self._close_at_exit()
-
-    def _build(self, cfg: RuntimeConfig, chat_format: ChatFormat) -> None:
-        """The parts, each given what it needs; closed in reverse order by ``_stack``."""
-        scratch_seq = cfg.max_resident  # the sequence the pool never uses: stateless work
-        self._scratch_seq = scratch_seq
-        private_dir(ensure_dir(self.root / JOURNAL_DIR))
-        writer = CheckpointWriter() if cfg.checkpoint.background else None
-        if writer is not None:
-            self._stack.callback(writer.close)
-        self._writer = writer
-        # the runtime's lock covers the whole directory
-        self._chunks = ChunkStore(
-            self.root / CHUNK_DIR,
-            chunk_tokens=cfg.chunk_tokens,
-            keep=cfg.keep_snapshots,
-            lock=False,
-        )
-        self._pool = SessionPool(
-            self.ctx,
-            self.root,
-            n_seq=cfg.max_resident,
-            policy=cfg.checkpoint,
-            writer=writer,
-            journal_fsync=cfg.journal_fsync,
-            chunks=self._chunks,
-            scratch_seq=scratch_seq,
-            journal_segment_entries=cfg.journal_segment_entries,
-        )
-        self._stack.callback(self._pool.close)
-        self._recall = Recall.open(
-            self.root,
-            self.root / LONGTERM_DIR,
-            cfg.embedder,
-            say=self._say,
-            memory_k=cfg.memory_k,
-            min_similarity=cfg.min_similarity,
-            dedup_similarity=cfg.dedup_similarity,
-        )
-        self._stack.callback(self._recall.close)
-        self._turns = TurnEngine(self.model, self.ctx.n_ctx, chat_format, cfg.system_prompt)
-        self._retention = Retention(cfg.journal_retention, self._recall)
-        self._stats = Stats(
-            self.root,
-            model_name=self.model_name,
-            model=self.model,
-            template=chat_format.name,
-            ctx=self.ctx,
-            pool=self._pool,
-            writer=writer,
-            chunks=self._chunks,
-            recall=self._recall,
-            retention=self._retention,
-        )
-        self._housekeeper = Housekeeper(
-            self._lock,
-            self._pool,
-            self._retention,
-            self._stats.publish,
-            idle_checkpoint_s=cfg.checkpoint.idle_seconds,
-            idle_suspend_s=cfg.idle_suspend_s,
-        )
 
     def _close_at_exit(self) -> None:
         # A runtime left open at interpreter exit is closed before llamaffi's finalizers free
@@ -344,7 +263,7 @@ class Runtime:
             self._require_open()
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
-            session, report = self._session(session_id)
+            session, report = self._sessions.get(session_id)
             t1 = time.perf_counter()
             memories = self._recall.retrieve(session, text) if use_memory else []
             t2 = time.perf_counter()
@@ -400,8 +319,8 @@ class Runtime:
         so a later chat continues the same KV, and journalled (fsynced) with its own time.
         Nothing is decoded now: the window is decoded when the session is next used. A new
         session without a system message starts with the runtime's system prompt, as in
-        :meth:`chat`. ``remember=False`` keeps the user turns out of long-term memory (it
-        ingests the others on the session's next turn).
+        :meth:`chat`. The user turns go into long-term memory before this returns, each at
+        the time it was said and with its speaker; ``remember=False`` keeps them out.
 
         Raises :class:`RuntimeArgumentError` naming ``messages[i]`` for a bad message or a
         history this template cannot extend turn by turn, and
@@ -409,48 +328,16 @@ class Runtime:
         nothing is journalled then.
         """
         validate_session_id(session_id)
-        items = _check_messages(messages, remember)
+        items = check_messages(messages, remember=remember)
         with self._lock:
             self._require_open()
-            session, _report = self._session(session_id)
+            session, _report = self._sessions.get(session_id)
             plan = self._turns.render_history(session, items)
-            total = sum(len(turn.tokens) for turn in plan)
-            if session.n_tokens + total + 16 > self.ctx.n_ctx:
-                session.reserve(total + 16)  # shifts the window (journalled) to fit
-            # The KV stays as it is, checkpointed; the entries are replayed on its next resume.
-            self._suspend(session_id)
-            seqs = [-1] * len(items)
-            with Journal(
-                journal_path(self.root, session_id),
-                fsync=self.config.journal_fsync,
-                segment_entries=self.config.journal_segment_entries,
-            ) as journal:
-                for turn in plan:
-                    entry = journal.append(
-                        turn.role, turn.text, turn.tokens, turn.meta, created=turn.created
-                    )
-                    for i in turn.sources:
-                        seqs[i] = entry.seq
-            return seqs
-
-    def _session(self, session_id: str) -> tuple[Session, ResumeReport | None]:
-        """The resident session (resumed if needed); long-term memory caught up on resume."""
-        if self._pool.peek(session_id) is None:
-            size = sum(f.stat().st_size for f in journal_files(self._journal(session_id)))
-            if size > 1 << 20:
-                self._say(f"resuming session {session_id} ({size:,} B journal)")
-        session, report = self._pool.get(session_id)
-        if report is not None:
-            if report.replayed_tokens > 256:
-                self._say(
-                    f"session {session_id}: re-prefilled {report.replayed_tokens} tokens from "
-                    f"the journal in {report.seconds:.2f} s"
-                )
+            seqs = self._sessions.append_history(session, plan, len(items), self.ctx.n_ctx)
+            # into long-term memory now, at the time each message was said (the import is
+            # durable in the journal already: a failure here catches up on the next turn)
             self._recall.catch_up(session)
-        return session, report
-
-    def _journal(self, session_id: str) -> Path:
-        return journal_path(self.root, session_id)
+            return seqs
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -458,7 +345,7 @@ class Runtime:
         """Every session in the data directory (with a journal), sorted."""
         with self._lock:
             self._require_open()
-            return self._pool.known()
+            return self._sessions.known()
 
     def history(self, session_id: str) -> list[dict[str, Any]]:
         """The session's turns from its journal: ``role``, ``text``, ``seq``, ``created``
@@ -469,47 +356,17 @@ class Runtime:
         validate_session_id(session_id)
         with self._lock:
             self._require_open()
-            resident = self._pool.peek(session_id)
-            if resident is not None:
-                entries = list(resident.journal)
-            else:
-                path = self._journal(session_id)
-                if not journal_files(path):
-                    return []
-                with Journal(path, readonly=True) as journal:
-                    entries = list(journal)
-        turns = []
-        for e in entries:
-            if e.role not in ("system", "user", "assistant"):
-                continue
-            turn: dict[str, Any] = {"seq": e.seq, "role": e.role, "text": e.text}
-            turn["created"] = e.created
-            if isinstance(e.meta.get("name"), str):
-                turn["name"] = e.meta["name"]
-            turns.append(turn)
-        return turns
+            return self._sessions.history(session_id)
 
     def session_info(self, session_id: str) -> dict[str, Any]:
-        """A session's state: whether it exists and is resident, tokens in its window and
-        KV cells it holds now (0 when suspended), unsaved tokens, journal and checkpoint
-        bytes."""
+        """A session's state: ``exists``, ``resident``, ``window_tokens`` (tokens in its
+        window, ``None`` when not resident), ``kv_cells`` (KV cells it holds now: 0 once
+        suspended), ``pending_tokens`` (not checkpointed yet), ``journal_bytes`` and
+        ``snapshot_bytes`` (its newest checkpoint's chunks)."""
         validate_session_id(session_id)
         with self._lock:
             self._require_open()
-            files = journal_files(self._journal(session_id))
-            session = self._pool.peek(session_id)
-            manifest = self._chunks.latest(session_id)
-            return {
-                "id": session_id,
-                "exists": bool(files),
-                "resident": session is not None,
-                "window_tokens": session.n_tokens if session is not None else None,
-                "kv_cells": session.n_tokens if session is not None and session.resident else 0,
-                "pending_tokens": session.pending_tokens if session is not None else None,
-                "journal_bytes": sum(f.stat().st_size for f in files),
-                # the chunks its newest checkpoint names (shared ones count for each session)
-                "snapshot_bytes": manifest.file_size if manifest is not None else 0,
-            }
+            return self._sessions.info(session_id)
 
     def window_seqs(self, session_id: str) -> list[int]:
         """The journal entries whose tokens are in the session's KV window now, sorted
@@ -517,34 +374,25 @@ class Runtime:
         validate_session_id(session_id)
         with self._lock:
             self._require_open()
-            session = self._pool.peek(session_id)
-            return sorted(session.window_seqs()) if session is not None else []
+            return self._sessions.window_seqs(session_id)
 
     def checkpoints(self, session_id: str) -> list[dict[str, Any]]:
         """The session's kept checkpoints, newest first: ``generation``, ``journal_seq``,
-        ``tokens``, ``bytes`` and ``files`` (its chunk files, in position order)."""
+        ``tokens``, ``bytes`` and ``files`` (its chunk files, in position order, the partial
+        tail last)."""
         validate_session_id(session_id)
         with self._lock:
             self._require_open()
-            return [
-                {
-                    "generation": m.generation,
-                    "journal_seq": m.journal_seq,
-                    "tokens": m.n_tokens,
-                    "bytes": m.file_size,
-                    "files": [self._chunks.chunk_path(ref.key) for ref in m.refs],
-                }
-                for m in self._chunks.manifests(session_id)
-            ]
+            return self._sessions.checkpoints(session_id)
 
     def time_reprefill(self, session_id: str, n_tokens: int | None = None) -> float:
         """Seconds a from-scratch prefill of the session's first ``n_tokens`` window tokens
-        takes (all by default), on the runtime's scratch sequence; the session must be
-        resident. What a resume from a checkpoint saves."""
+        takes (all by default), on the runtime's scratch sequence: what a resume from a
+        checkpoint saves. The session must be resident (:class:`SessionNotFoundError`)."""
         validate_session_id(session_id)
         with self._lock:
             self._require_open()
-            session = self._pool.peek(session_id)
+            session = self._sessions.peek(session_id)
             if session is None:
                 raise SessionNotFoundError(f"session {session_id!r} is not resident")
             tokens = session.tokens()[:n_tokens]
@@ -562,27 +410,16 @@ class Runtime:
         validate_session_id(session_id)
         with self._lock:
             self._require_open()
-            self._suspend(session_id)
-
-    def _suspend(self, session_id: str) -> None:
-        self._pool.suspend(session_id)
-        if self._writer is not None:
-            self._writer.flush(session_id)  # "suspended" means on disk
+            self._sessions.suspend(session_id)
 
     def checkpoint(self, session_id: str | None = None) -> int:
         """Checkpoint one resident session (or all) now and wait for the files; returns how
         many sessions were checkpointed (a suspended session is on disk already)."""
+        if session_id is not None:
+            validate_session_id(session_id)
         with self._lock:
             self._require_open()
-            targets = (
-                self._pool.resident()
-                if session_id is None
-                else [s for s in [self._pool.peek(validate_session_id(session_id))] if s]
-            )
-            done = [
-                s.checkpoint() for s in targets if s.resident and s.n_tokens and not s.shift_pending
-            ]
-        return len(done)
+            return self._sessions.checkpoint(session_id)
 
     def delete_session(self, session_id: str, *, memories: bool = True) -> None:
         """Forget a session: KV, journal, checkpoints and (by default) its long-term memories.
@@ -592,11 +429,7 @@ class Runtime:
         validate_session_id(session_id)
         with self._lock:
             self._require_open()
-            if not journal_files(self._journal(session_id)) and not self._pool.peek(session_id):
-                raise SessionNotFoundError(f"no session {session_id!r}")
-            self._pool.delete(session_id)
-            self._retention.forget(session_id)
-            self._recall.forget_session(session_id, memories=memories)
+            self._sessions.delete(session_id, memories=memories)
 
     def compact_journals(self) -> int:
         """Apply ``journal_retention="window"`` now to every resident session (the
@@ -663,35 +496,3 @@ class Runtime:
     def embedder_info(self) -> tuple[str, int] | None:
         """``(model id, dimensions)`` of the embedder; ``None`` when memory is off."""
         return self._recall.embedder_info()
-
-
-def _check_messages(
-    messages: Sequence[Mapping[str, Any]], remember: bool
-) -> list[tuple[str, str, dict[str, object], float | None]]:
-    """``(role, text, meta, created)`` for each message of :meth:`Runtime.import_history`."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise RuntimeArgumentError("messages", "must be a list of messages")
-    if not messages:
-        raise RuntimeArgumentError("messages", "must not be empty")
-    items = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise RuntimeArgumentError(f"messages[{i}]", "must be an object")
-        role = message.get("role")
-        if role not in _IMPORT_ROLES:
-            raise RuntimeArgumentError(
-                f"messages[{i}].role", f"must be one of {', '.join(_IMPORT_ROLES)}, got {role!r}"
-            )
-        text = check_text(message.get("content"), f"messages[{i}].content")
-        meta: dict[str, object] = {}
-        name = message.get("name")
-        if name is not None:
-            if not isinstance(name, str) or not 1 <= len(name) <= 64:
-                raise RuntimeArgumentError(f"messages[{i}].name", "must be 1-64 characters")
-            meta["name"] = name
-        if role == "user" and not remember:
-            meta["remember"] = False
-        created = check_created(message.get("created_at"), f"messages[{i}].created_at")
-        items.append(("system" if role == "developer" else role, text, meta, created))
-    check_int("messages", len(items), 1, 10_000)
-    return items

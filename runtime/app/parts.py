@@ -1,0 +1,168 @@
+"""Where a :class:`runtime.Runtime`'s parts are built: the model and its context, then every
+part, each from the :class:`~runtime.app.options.RuntimeConfig` fields it needs and the other
+parts it is given (never the runtime itself). One place, so a reader sees what each part may
+touch; the exit stack closes them in reverse order."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from runtime.app.housekeeper import Housekeeper, Retention
+from runtime.app.options import RuntimeConfig
+from runtime.app.recall import Recall
+from runtime.app.sessions import Sessions
+from runtime.app.stats import Stats
+from runtime.app.turn import TurnEngine
+from runtime.checkpoint import CheckpointWriter
+from runtime.chunks import ChunkStore
+from runtime.fsutil import ensure_dir, private_dir
+from runtime.layout import CHUNK_DIR, JOURNAL_DIR, LONGTERM_DIR
+from runtime.session import SessionPool
+from runtime.template import ChatFormat
+
+if TYPE_CHECKING:
+    from llamaffi import Context, Model
+
+__all__ = ["Parts", "build_parts", "open_model"]
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A runtime's parts."""
+
+    scratch_seq: int  # the sequence the pool never uses: probes and stateless work
+    chunks: ChunkStore
+    pool: SessionPool
+    recall: Recall
+    turns: TurnEngine
+    retention: Retention
+    stats: Stats
+    sessions: Sessions
+    housekeeper: Housekeeper
+
+
+def open_model(
+    cfg: RuntimeConfig, stack: contextlib.ExitStack, say: Callable[[str], None]
+) -> tuple[Model, Context, str, ChatFormat]:
+    """The model (checked against its pin), its context and chat format; closed by ``stack``."""
+    from llamaffi import Model
+    from runtime.models import resolve_model, verify_pinned
+
+    spec = resolve_model(cfg.model)
+    say(f"loading model {spec.name} ({spec.path})")
+    start = time.perf_counter()
+    model = stack.enter_context(Model(spec.path))
+    verify_pinned(spec, model)
+    chat_format = ChatFormat.for_model(model)
+    ctx = stack.enter_context(
+        model.context(
+            n_ctx=cfg.n_ctx,
+            n_batch=cfg.n_batch,
+            n_seq_max=cfg.max_resident + 1,  # one more: the scratch sequence
+            n_threads=cfg.n_threads,
+            type_k=cfg.kv_type,
+            type_v=cfg.kv_type,
+            flash_attn=cfg.kv_type != "f16",  # a quantized V cache needs flash attention
+        )
+    )
+    say(
+        f"model loaded in {time.perf_counter() - start:.1f} s: {model.desc}, "
+        f"chat template {chat_format.name}, n_ctx={ctx.n_ctx}"
+    )
+    return model, ctx, spec.name, chat_format
+
+
+def build_parts(
+    cfg: RuntimeConfig,
+    root: Path,
+    model: Model,
+    model_name: str,
+    ctx: Context,
+    chat_format: ChatFormat,
+    *,
+    lock: threading.RLock,
+    stack: contextlib.ExitStack,
+    say: Callable[[str], None],
+) -> Parts:
+    """Every part, each given what it needs; ``stack`` closes them in reverse order (memory,
+    then the pool's final checkpoints, then the writer that writes them)."""
+    scratch_seq = cfg.max_resident
+    private_dir(ensure_dir(root / JOURNAL_DIR))
+    writer = CheckpointWriter() if cfg.checkpoint.background else None
+    if writer is not None:
+        stack.callback(writer.close)
+    # the runtime's directory lock covers the chunk store too
+    chunks = ChunkStore(
+        root / CHUNK_DIR, chunk_tokens=cfg.chunk_tokens, keep=cfg.keep_snapshots, lock=False
+    )
+    pool = SessionPool(
+        ctx,
+        root,
+        n_seq=cfg.max_resident,
+        policy=cfg.checkpoint,
+        writer=writer,
+        journal_fsync=cfg.journal_fsync,
+        chunks=chunks,
+        scratch_seq=scratch_seq,
+        journal_segment_entries=cfg.journal_segment_entries,
+    )
+    stack.callback(pool.close)
+    recall = Recall.open(
+        root,
+        root / LONGTERM_DIR,
+        cfg.embedder,
+        say=say,
+        memory_k=cfg.memory_k,
+        min_similarity=cfg.min_similarity,
+        dedup_similarity=cfg.dedup_similarity,
+    )
+    stack.callback(recall.close)
+    retention = Retention(cfg.journal_retention, recall)
+    stats = Stats(
+        root,
+        model_name=model_name,
+        model=model,
+        template=chat_format.name,
+        ctx=ctx,
+        pool=pool,
+        writer=writer,
+        chunks=chunks,
+        recall=recall,
+        retention=retention,
+    )
+    sessions = Sessions(
+        root,
+        pool,
+        chunks,
+        writer,
+        recall,
+        retention,
+        journal_fsync=cfg.journal_fsync,
+        journal_segment_entries=cfg.journal_segment_entries,
+        say=say,
+    )
+    housekeeper = Housekeeper(
+        lock,
+        pool,
+        retention,
+        stats.publish,
+        idle_checkpoint_s=cfg.checkpoint.idle_seconds,
+        idle_suspend_s=cfg.idle_suspend_s,
+    )
+    return Parts(
+        scratch_seq=scratch_seq,
+        chunks=chunks,
+        pool=pool,
+        recall=recall,
+        turns=TurnEngine(model, ctx.n_ctx, chat_format, cfg.system_prompt),
+        retention=retention,
+        stats=stats,
+        sessions=sessions,
+        housekeeper=housekeeper,
+    )

@@ -1,0 +1,243 @@
+"""The sessions of one data directory: :class:`Sessions`, over the session pool.
+
+It resumes a session (and lets long-term memory catch up with it), reads journals without
+resuming, reports a session's state and checkpoints, suspends, checkpoints and deletes, and
+appends an imported history to a journal without decoding it. It never touches the turn's
+rendering or sampling; the runtime calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from runtime.app.housekeeper import Retention
+from runtime.app.options import check_created, check_int, check_text
+from runtime.app.recall import Recall
+from runtime.app.turn import ImportedTurn
+from runtime.checkpoint import CheckpointWriter
+from runtime.chunks import ChunkStore
+from runtime.errors import RuntimeArgumentError, SessionNotFoundError
+from runtime.journal import Journal, journal_files
+from runtime.layout import journal_path
+from runtime.session import ResumeReport, Session, SessionPool
+
+__all__ = ["ImportMessage", "Sessions", "check_messages"]
+
+logger = logging.getLogger(__name__)
+
+#: roles an imported history may hold (``developer`` is OpenAI's newer ``system``)
+IMPORT_ROLES = ("system", "developer", "user", "assistant")
+MAX_IMPORT_MESSAGES = 10_000
+
+#: ``(role, text, meta, created)`` of one checked message of an imported history
+ImportMessage = tuple[str, str, dict[str, object], float | None]
+
+
+class Sessions:
+    """Session-level operations over the pool.
+
+    Args:
+        root: the data directory.
+        pool: the resident sessions.
+        chunks: the chunk store (checkpoints).
+        writer: the background checkpoint writer, if checkpoints are written in the background.
+        recall: long-term memory (caught up when a session resumes; told about deletions).
+        retention: journal retention (told about deletions).
+        journal_fsync, journal_segment_entries: how journals are opened.
+        say: progress lines for long steps.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        pool: SessionPool,
+        chunks: ChunkStore,
+        writer: CheckpointWriter | None,
+        recall: Recall,
+        retention: Retention,
+        *,
+        journal_fsync: bool,
+        journal_segment_entries: int,
+        say: Callable[[str], None],
+    ) -> None:
+        self._root = root
+        self._pool = pool
+        self._chunks = chunks
+        self._writer = writer
+        self._recall = recall
+        self._retention = retention
+        self._journal_fsync = journal_fsync
+        self._segment_entries = journal_segment_entries
+        self._say = say
+
+    def _journal(self, session_id: str) -> Path:
+        return journal_path(self._root, session_id)
+
+    def get(self, session_id: str) -> tuple[Session, ResumeReport | None]:
+        """The resident session (resumed if needed); long-term memory caught up on resume."""
+        if self._pool.peek(session_id) is None:
+            size = sum(f.stat().st_size for f in journal_files(self._journal(session_id)))
+            if size > 1 << 20:
+                self._say(f"resuming session {session_id} ({size:,} B journal)")
+        session, report = self._pool.get(session_id)
+        if report is not None:
+            if report.replayed_tokens > 256:
+                self._say(
+                    f"session {session_id}: re-prefilled {report.replayed_tokens} tokens from "
+                    f"the journal in {report.seconds:.2f} s"
+                )
+            self._recall.catch_up(session)
+        return session, report
+
+    def peek(self, session_id: str) -> Session | None:
+        """The session if it is resident (nothing resumed)."""
+        return self._pool.peek(session_id)
+
+    def known(self) -> list[str]:
+        """Every session with a journal, sorted."""
+        return self._pool.known()
+
+    def history(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's turns from its journal (no KV is touched)."""
+        resident = self._pool.peek(session_id)
+        if resident is not None:
+            entries = list(resident.journal)
+        else:
+            path = self._journal(session_id)
+            if not journal_files(path):
+                return []
+            with Journal(path, readonly=True) as journal:
+                entries = list(journal)
+        turns = []
+        for e in entries:
+            if e.role not in ("system", "user", "assistant"):
+                continue
+            turn: dict[str, Any] = {"seq": e.seq, "role": e.role, "text": e.text}
+            turn["created"] = e.created
+            if isinstance(e.meta.get("name"), str):
+                turn["name"] = e.meta["name"]
+            turns.append(turn)
+        return turns
+
+    def info(self, session_id: str) -> dict[str, Any]:
+        """A session's state (see :meth:`runtime.Runtime.session_info`)."""
+        files = journal_files(self._journal(session_id))
+        session = self._pool.peek(session_id)
+        manifest = self._chunks.latest(session_id)
+        return {
+            "id": session_id,
+            "exists": bool(files),
+            "resident": session is not None,
+            "window_tokens": session.n_tokens if session is not None else None,
+            "kv_cells": session.n_tokens if session is not None and session.resident else 0,
+            "pending_tokens": session.pending_tokens if session is not None else None,
+            "journal_bytes": sum(f.stat().st_size for f in files),
+            # the chunks its newest checkpoint names (shared ones count for each session)
+            "snapshot_bytes": manifest.file_size if manifest is not None else 0,
+        }
+
+    def window_seqs(self, session_id: str) -> list[int]:
+        """Journal entries in the session's KV window now (empty when not resident)."""
+        session = self._pool.peek(session_id)
+        return sorted(session.window_seqs()) if session is not None else []
+
+    def checkpoints(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's kept checkpoints, newest first."""
+        return [
+            {
+                "generation": m.generation,
+                "journal_seq": m.journal_seq,
+                "tokens": m.n_tokens,
+                "bytes": m.file_size,
+                "files": [self._chunks.chunk_path(ref.key) for ref in m.refs],
+            }
+            for m in self._chunks.manifests(session_id)
+        ]
+
+    def suspend(self, session_id: str) -> None:
+        """Checkpoint the session, free its cells, and wait until the checkpoint is on disk."""
+        self._pool.suspend(session_id)
+        if self._writer is not None:
+            self._writer.flush(session_id)  # "suspended" means on disk
+
+    def checkpoint(self, session_id: str | None) -> int:
+        """Checkpoint one resident session (or all) now; how many were."""
+        targets = (
+            self._pool.resident()
+            if session_id is None
+            else [s for s in [self._pool.peek(session_id)] if s]
+        )
+        done = [
+            s.checkpoint() for s in targets if s.resident and s.n_tokens and not s.shift_pending
+        ]
+        return len(done)
+
+    def delete(self, session_id: str, *, memories: bool) -> None:
+        """Forget a session (:class:`SessionNotFoundError` if there is none)."""
+        if not journal_files(self._journal(session_id)) and self._pool.peek(session_id) is None:
+            raise SessionNotFoundError(f"no session {session_id!r}")
+        self._pool.delete(session_id)
+        self._retention.forget(session_id)
+        self._recall.forget_session(session_id, memories=memories)
+
+    def append_history(
+        self, session: Session, plan: Sequence[ImportedTurn], n_messages: int, n_ctx: int
+    ) -> list[int]:
+        """Journal ``plan`` after the session's window without decoding it; the seq of each
+        of the ``n_messages`` messages it came from.
+
+        The window is shifted first if the history would not fit beside it (the shift is
+        journalled, as in a turn). The session is then checkpointed and suspended, so its KV
+        is on disk as it was; the entries are replayed onto it on its next resume.
+        """
+        total = sum(len(turn.tokens) for turn in plan)
+        if session.n_tokens + total + 16 > n_ctx:
+            session.reserve(total + 16)
+        sid = session.session_id
+        self.suspend(sid)
+        seqs = [-1] * n_messages
+        with Journal(
+            self._journal(sid), fsync=self._journal_fsync, segment_entries=self._segment_entries
+        ) as journal:
+            for turn in plan:
+                entry = journal.append(
+                    turn.role, turn.text, turn.tokens, turn.meta, created=turn.created
+                )
+                for i in turn.sources:
+                    seqs[i] = entry.seq
+        return seqs
+
+
+def check_messages(messages: Sequence[Mapping[str, Any]], *, remember: bool) -> list[ImportMessage]:
+    """Each message of an imported history, checked: ``(role, text, meta, created)``.
+
+    ``meta`` holds the speaker (``name``) and, with ``remember=False``, keeps user turns out
+    of long-term memory. Raises :class:`RuntimeArgumentError` naming ``messages[i]``.
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise RuntimeArgumentError("messages", "must be a list of messages")
+    check_int("messages", len(messages), 1, MAX_IMPORT_MESSAGES)
+    items: list[ImportMessage] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise RuntimeArgumentError(f"messages[{i}]", "must be an object")
+        role = message.get("role")
+        if role not in IMPORT_ROLES:
+            raise RuntimeArgumentError(
+                f"messages[{i}].role", f"must be one of {', '.join(IMPORT_ROLES)}, got {role!r}"
+            )
+        text = check_text(message.get("content"), f"messages[{i}].content")
+        meta: dict[str, object] = {}
+        name = message.get("name")
+        if name is not None:
+            if not isinstance(name, str) or not 1 <= len(name) <= 64:
+                raise RuntimeArgumentError(f"messages[{i}].name", "must be 1-64 characters")
+            meta["name"] = name
+        if role == "user" and not remember:
+            meta["remember"] = False
+        created = check_created(message.get("created_at"), f"messages[{i}].created_at")
+        items.append(("system" if role == "developer" else role, text, meta, created))
+    return items
