@@ -20,28 +20,28 @@ from runtime.server.scheduler import FairQueue
 if TYPE_CHECKING:
     from runtime.app import Runtime
 
-from runtime.server.completions import _chat
+from runtime.server.completions import chat_completions
 from runtime.server.endpoints import (
-    _checkpoint,
-    _delete_session,
-    _embeddings,
-    _forget,
-    _health,
-    _import,
-    _metrics,
-    _models,
-    _remember,
-    _search,
-    _session,
-    _sessions,
+    checkpoint_endpoint,
+    delete_session_endpoint,
+    embeddings_endpoint,
+    forget_endpoint,
+    health_endpoint,
+    import_endpoint,
+    metrics_endpoint,
+    models_endpoint,
+    remember_endpoint,
+    search_endpoint,
+    session_endpoint,
+    sessions_endpoint,
 )
 from runtime.server.state import (
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_QUEUE,
+    Metrics,
     ServerState,
-    _endpoint,
-    _Metrics,
-    _too_big,
+    endpoint,
+    too_big,
 )
 from runtime.server.state import RETRY_AFTER_S as RETRY_AFTER_S
 from runtime.server.state import Handler as Handler
@@ -75,11 +75,11 @@ class _Guard:
         length = headers.get("content-length")
         if length is not None:
             try:
-                too_big = int(length) > self.max_body
+                over = int(length) > self.max_body
             except ValueError:
-                too_big = True
-            if too_big:
-                await _too_big(self.max_body).response()(scope, receive, send)
+                over = True
+            if over:
+                await too_big(self.max_body).response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -103,33 +103,33 @@ def create_app(
     if max_body < 1:
         raise ArgumentError("max_body must be >= 1")
     queue = FairQueue(max_queue)
-    state = ServerState(rt, queue, _Metrics(queue), max_body)
+    state = ServerState(rt, queue, Metrics(queue), max_body)
     routes = [
-        Route("/v1/chat/completions", _endpoint("chat", _chat), methods=["POST"]),
-        Route("/v1/embeddings", _endpoint("embeddings", _embeddings), methods=["POST"]),
-        Route("/v1/models", _endpoint("models", _models), methods=["GET"]),
-        Route("/v1/memories", _endpoint("remember", _remember), methods=["POST"]),
-        Route("/v1/memories/search", _endpoint("search", _search), methods=["GET"]),
-        Route("/v1/memories/{item_id}", _endpoint("forget", _forget), methods=["DELETE"]),
-        Route("/v1/sessions", _endpoint("sessions", _sessions), methods=["GET"]),
-        Route("/v1/sessions/{session_id}", _endpoint("session", _session), methods=["GET"]),
+        Route("/v1/chat/completions", endpoint("chat", chat_completions), methods=["POST"]),
+        Route("/v1/embeddings", endpoint("embeddings", embeddings_endpoint), methods=["POST"]),
+        Route("/v1/models", endpoint("models", models_endpoint), methods=["GET"]),
+        Route("/v1/memories", endpoint("remember", remember_endpoint), methods=["POST"]),
+        Route("/v1/memories/search", endpoint("search", search_endpoint), methods=["GET"]),
+        Route("/v1/memories/{item_id}", endpoint("forget", forget_endpoint), methods=["DELETE"]),
+        Route("/v1/sessions", endpoint("sessions", sessions_endpoint), methods=["GET"]),
+        Route("/v1/sessions/{session_id}", endpoint("session", session_endpoint), methods=["GET"]),
         Route(
             "/v1/sessions/{session_id}",
-            _endpoint("delete_session", _delete_session),
+            endpoint("delete_session", delete_session_endpoint),
             methods=["DELETE"],
         ),
         Route(
             "/v1/sessions/{session_id}/checkpoint",
-            _endpoint("checkpoint", _checkpoint),
+            endpoint("checkpoint", checkpoint_endpoint),
             methods=["POST"],
         ),
         Route(
             "/v1/sessions/{session_id}/import",
-            _endpoint("import", _import),
+            endpoint("import", import_endpoint),
             methods=["POST"],
         ),
-        Route("/health", _endpoint("health", _health), methods=["GET"]),
-        Route("/metrics", _endpoint("metrics", _metrics), methods=["GET"]),
+        Route("/health", endpoint("health", health_endpoint), methods=["GET"]),
+        Route("/metrics", endpoint("metrics", metrics_endpoint), methods=["GET"]),
     ]
 
     async def not_found_handler(request: Request, exc: Exception) -> Response:
@@ -164,7 +164,10 @@ def serve(
     journalled as its partial reply with finish_reason ``"cancelled"``. Then the runtime is
     closed: final checkpoints of the resident sessions and pending writes.
     """
+    import contextlib
+    import signal
     import threading
+    from collections.abc import Iterator
 
     import uvicorn
 
@@ -183,9 +186,21 @@ def serve(
             timer.daemon = True
             timer.start()
             super().handle_exit(sig, frame)
-            # uvicorn re-raises the signal once it has stopped, which would kill us before
-            # the runtime's final checkpoints; we exit 0 ourselves instead
-            self._captured_signals.clear()
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn's own version re-raises the signal once it has stopped, which would
+            # kill us before the runtime's final checkpoints; we exit 0 ourselves instead
+            if threading.current_thread() is not threading.main_thread():
+                yield  # signals reach the main thread only
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            before = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in before.items():
+                    signal.signal(sig, handler)
 
     config = uvicorn.Config(
         app,

@@ -68,7 +68,7 @@ class ChatRequest:
         return self.turns[-1][1]
 
 
-def _number(body: Mapping[str, Any], name: str, *, integer: bool = False) -> Any:
+def number(body: Mapping[str, Any], name: str, *, integer: bool = False) -> Any:
     value = body.get(name)
     if value is None:
         return None
@@ -184,11 +184,11 @@ def parse_chat(
     """Check every field of a chat request; a 400 :class:`APIError` names the first bad one."""
     if body.get("tools") or body.get("functions"):
         raise bad_request("tools", "tools are not supported")
-    n = _number(body, "n", integer=True)
+    n = number(body, "n", integer=True)
     if n is not None and n != 1:
         raise bad_request("n", f"only n=1 is supported, got {n}")
     for name in ("presence_penalty", "frequency_penalty"):
-        value = _number(body, name)
+        value = number(body, name)
         if value is not None and not -2.0 <= value <= 2.0:
             raise bad_request(name, f"must be in [-2, 2], got {value}")  # accepted, ignored
     session_id: str | None = None
@@ -202,18 +202,18 @@ def parse_chat(
     system, turns = _messages(body)
 
     changes: dict[str, Any] = {}
-    max_tokens = _number(body, "max_completion_tokens", integer=True)
+    max_tokens = number(body, "max_completion_tokens", integer=True)
     max_name = "max_completion_tokens"
     if max_tokens is None:
-        max_tokens, max_name = _number(body, "max_tokens", integer=True), "max_tokens"
+        max_tokens, max_name = number(body, "max_tokens", integer=True), "max_tokens"
     if max_tokens is not None:
         changes["max_tokens"] = max_tokens
     for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
-        value = _number(body, name)
+        value = number(body, name)
         if value is not None:
             changes[name] = value
     for name in ("top_k", "seed"):
-        value = _number(body, name, integer=True)
+        value = number(body, name, integer=True)
         if value is not None:
             changes[name] = value
     try:
@@ -227,7 +227,7 @@ def parse_chat(
     if options is not None and not isinstance(options, dict):
         raise bad_request("stream_options", "must be an object")
     include_usage = bool(options and _bool(options, "include_usage", False))
-    importance = _number(body, "importance")
+    importance = number(body, "importance")
     if importance is not None and not 0.0 <= importance <= 1.0:
         raise bad_request("importance", f"must be in [0, 1], got {importance}")
     return ChatRequest(

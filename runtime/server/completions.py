@@ -23,7 +23,7 @@ from runtime.server.scheduler import QueueFullError
 if TYPE_CHECKING:
     from runtime.app import Reply
 
-from runtime.server.state import ServerState, _json_body, queue_full
+from runtime.server.state import ServerState, json_body, queue_full
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +99,9 @@ class _Turn:
             logger.exception("could not delete ephemeral session %s", self.session_id)
 
 
-async def _chat(request: Request, state: ServerState) -> Response:
+async def chat_completions(request: Request, state: ServerState) -> Response:
     rt = state.rt
-    body = await _json_body(request, state.max_body)
+    body = await json_body(request, state.max_body)
     req = chatmod.parse_chat(body, request.headers.get("x-session-id"), rt.sampling, rt.n_ctx)
     ephemeral = req.session_id is None
     sid = req.session_id or chatmod.ephemeral_id()

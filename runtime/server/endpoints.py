@@ -13,15 +13,15 @@ from starlette.responses import JSONResponse, Response
 from runtime.errors import SessionNotFoundError
 from runtime.server import chat_request as chatmod
 from runtime.server.api_errors import APIError, bad_request, not_found
-from runtime.server.state import _ADMIN_KEY, ServerState, _json_body
+from runtime.server.state import ADMIN_KEY, ServerState, json_body
 
 logger = logging.getLogger(__name__)
 
 # -- the other endpoints ------------------------------------------------------------------------
 
 
-async def _embeddings(request: Request, state: ServerState) -> Response:
-    body = await _json_body(request, state.max_body)
+async def embeddings_endpoint(request: Request, state: ServerState) -> Response:
+    body = await json_body(request, state.max_body)
     raw = body.get("input")
     items = [raw] if isinstance(raw, str) else raw
     if not isinstance(items, list) or not items:
@@ -40,7 +40,7 @@ async def _embeddings(request: Request, state: ServerState) -> Response:
     dims = body.get("dimensions")
     if dims is not None and dims != dim:
         raise bad_request("dimensions", f"this embedder only gives {dim}")
-    vectors = await state.run(_ADMIN_KEY, lambda: rt.embed(texts))
+    vectors = await state.run(ADMIN_KEY, lambda: rt.embed(texts))
     data = []
     for i, vec in enumerate(vectors):
         emb: Any
@@ -61,7 +61,7 @@ async def _embeddings(request: Request, state: ServerState) -> Response:
     )
 
 
-async def _models(request: Request, state: ServerState) -> Response:
+async def models_endpoint(request: Request, state: ServerState) -> Response:
     model = {
         "id": state.rt.model_name,
         "object": "model",
@@ -86,8 +86,8 @@ def _hit(hit: Any) -> dict[str, Any]:
     }
 
 
-async def _remember(request: Request, state: ServerState) -> Response:
-    body = await _json_body(request, state.max_body)
+async def remember_endpoint(request: Request, state: ServerState) -> Response:
+    body = await json_body(request, state.max_body)
     text = chatmod.check_text(body.get("text"), "text")
     session = body.get("session")
     if session is not None:
@@ -95,7 +95,7 @@ async def _remember(request: Request, state: ServerState) -> Response:
     kind = body.get("kind", "fact")
     if not isinstance(kind, str) or not 1 <= len(kind) <= 32 or not kind.isidentifier():
         raise bad_request("kind", "must be an identifier of 1-32 characters")
-    importance = chatmod._number(body, "importance")
+    importance = chatmod.number(body, "importance")
     if importance is None:
         importance = 0.5
     if not 0.0 <= importance <= 1.0:
@@ -110,11 +110,11 @@ async def _remember(request: Request, state: ServerState) -> Response:
     def add() -> str:
         return rt.remember(text, session=session, kind=kind, importance=importance, meta=meta)
 
-    item_id = await state.run(_ADMIN_KEY, add)
+    item_id = await state.run(ADMIN_KEY, add)
     return JSONResponse({"id": item_id, "object": "memory", "text": text}, status_code=201)
 
 
-async def _search(request: Request, state: ServerState) -> Response:
+async def search_endpoint(request: Request, state: ServerState) -> Response:
     q = chatmod.check_text(request.query_params.get("q"), "q")
     k_text = request.query_params.get("k", "5")
     try:
@@ -131,11 +131,11 @@ async def _search(request: Request, state: ServerState) -> Response:
     def search() -> list[Any]:
         return rt.search(q, k, session=session)
 
-    hits = await state.run(_ADMIN_KEY, search)
+    hits = await state.run(ADMIN_KEY, search)
     return JSONResponse({"object": "list", "data": [_hit(h) for h in hits]})
 
 
-async def _forget(request: Request, state: ServerState) -> Response:
+async def forget_endpoint(request: Request, state: ServerState) -> Response:
     item_id = request.path_params["item_id"]
     if not 1 <= len(item_id) <= 128 or not item_id.replace("-", "").isalnum():
         raise bad_request("id", "not a memory id")
@@ -144,12 +144,12 @@ async def _forget(request: Request, state: ServerState) -> Response:
     def forget() -> bool:
         return rt.forget(item_id)
 
-    if not await state.run(_ADMIN_KEY, forget):
+    if not await state.run(ADMIN_KEY, forget):
         raise not_found(f"memory {item_id}")
     return JSONResponse({"id": item_id, "object": "memory.deleted", "deleted": True})
 
 
-async def _sessions(request: Request, state: ServerState) -> Response:
+async def sessions_endpoint(request: Request, state: ServerState) -> Response:
     rt = state.rt
 
     def listing() -> list[dict[str, Any]]:
@@ -157,7 +157,7 @@ async def _sessions(request: Request, state: ServerState) -> Response:
             rt.session_info(s) for s in rt.sessions() if not s.startswith(chatmod.EPHEMERAL_PREFIX)
         ]
 
-    data = await state.run(_ADMIN_KEY, listing)
+    data = await state.run(ADMIN_KEY, listing)
     return JSONResponse({"object": "list", "data": [{"object": "session", **i} for i in data]})
 
 
@@ -165,7 +165,7 @@ def _sid(request: Request) -> str:
     return chatmod.check_session_id(request.path_params["session_id"], "session_id")
 
 
-async def _session(request: Request, state: ServerState) -> Response:
+async def session_endpoint(request: Request, state: ServerState) -> Response:
     sid, rt = _sid(request), state.rt
 
     def read() -> dict[str, Any]:
@@ -178,7 +178,7 @@ async def _session(request: Request, state: ServerState) -> Response:
     return JSONResponse(await state.run(sid, read))
 
 
-async def _delete_session(request: Request, state: ServerState) -> Response:
+async def delete_session_endpoint(request: Request, state: ServerState) -> Response:
     sid, rt = _sid(request), state.rt
 
     def delete() -> None:
@@ -191,7 +191,7 @@ async def _delete_session(request: Request, state: ServerState) -> Response:
     return JSONResponse({"id": sid, "object": "session.deleted", "deleted": True})
 
 
-async def _checkpoint(request: Request, state: ServerState) -> Response:
+async def checkpoint_endpoint(request: Request, state: ServerState) -> Response:
     sid, rt = _sid(request), state.rt
 
     def checkpoint() -> int:
@@ -204,11 +204,11 @@ async def _checkpoint(request: Request, state: ServerState) -> Response:
     return JSONResponse({"id": sid, "object": "session.checkpoint", "checkpointed": written})
 
 
-async def _import(request: Request, state: ServerState) -> Response:
+async def import_endpoint(request: Request, state: ServerState) -> Response:
     """``POST /v1/sessions/{id}/import``: ``{"messages": [...]}`` appended to the session's
     journal (:meth:`Runtime.import_history`); answers ``{"seqs": [...]}``."""
     sid, rt = _sid(request), state.rt
-    body = await _json_body(request, state.max_body)
+    body = await json_body(request, state.max_body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages", "must be a non-empty array")
@@ -223,7 +223,7 @@ async def _import(request: Request, state: ServerState) -> Response:
     return JSONResponse({"id": sid, "object": "session.import", "seqs": seqs})
 
 
-async def _health(request: Request, state: ServerState) -> Response:
+async def health_endpoint(request: Request, state: ServerState) -> Response:
     down = state.stopping or state.draining
     return JSONResponse(
         {
@@ -235,7 +235,7 @@ async def _health(request: Request, state: ServerState) -> Response:
     )
 
 
-async def _metrics(request: Request, state: ServerState) -> Response:
+async def metrics_endpoint(request: Request, state: ServerState) -> Response:
     return Response(
         generate_latest(state.metrics.registry),
         media_type="text/plain; version=0.0.4; charset=utf-8",

@@ -28,10 +28,10 @@ DEFAULT_MAX_BODY = 1 << 20
 DEFAULT_MAX_QUEUE = 64
 #: What a 503 for a full queue asks the client to wait, in seconds.
 RETRY_AFTER_S = 1
-_ADMIN_KEY = "\x00admin"  # the queue key of non-chat calls (never a valid session id)
+ADMIN_KEY = "\x00admin"  # the queue key of non-chat calls (never a valid session id)
 
 
-class _Metrics:
+class Metrics:
     def __init__(self, queue: FairQueue) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -74,7 +74,7 @@ class ServerState:
 
     rt: Runtime
     queue: FairQueue
-    metrics: _Metrics
+    metrics: Metrics
     max_body: int
     stopping: bool = False
     draining: bool = False
@@ -102,17 +102,17 @@ def queue_full(state: ServerState) -> APIError:
     )
 
 
-def _too_big(limit: int) -> APIError:
+def too_big(limit: int) -> APIError:
     return APIError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
 
 
-async def _json_body(request: Request, limit: int) -> dict[str, Any]:
+async def json_body(request: Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object, read at most ``limit`` bytes far (chunked bodies too)."""
     data = bytearray()
     async for piece in request.stream():
         data += piece
         if len(data) > limit:
-            raise _too_big(limit)
+            raise too_big(limit)
     try:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -125,10 +125,10 @@ async def _json_body(request: Request, limit: int) -> dict[str, Any]:
 Handler = Callable[[Request, ServerState], Awaitable[Response]]
 
 
-def _endpoint(name: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+def endpoint(name: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     """Wrap a handler: OpenAI-format errors, request counts and latencies."""
 
-    async def endpoint(request: Request) -> Response:
+    async def wrapped(request: Request) -> Response:
         state: ServerState = request.app.state.server
         start = time.perf_counter()
         try:
@@ -142,4 +142,4 @@ def _endpoint(name: str, handler: Handler) -> Callable[[Request], Awaitable[Resp
         state.metrics.latency.labels(name).observe(time.perf_counter() - start)
         return response
 
-    return endpoint
+    return wrapped
