@@ -38,9 +38,9 @@ from typing import Any
 import pytest
 from conftest import FULL, RUNTIME_MODELS, percentile, require_model
 
-from runtime import app as R
 from runtime.app import Reply, Runtime
 from runtime.checkpoint import CheckpointPolicy
+from runtime.layout import CHUNK_DIR
 
 #: Measured turns per benchmark (each a pedantic round of one turn).
 TURN_ROUNDS = 30 if FULL else 8
@@ -167,12 +167,11 @@ def long_session(model_name: str, tmp_path_factory: pytest.TempPathFactory) -> L
 
 
 def _drop_snapshots(data: Path) -> list[str]:
-    """Delete every checkpoint of ``data`` (whole snapshots and chunk store); the journal stays."""
+    """Delete every checkpoint of ``data`` (the chunk store); the journal stays."""
     removed = []
-    for name in (R.SNAPSHOT_DIR, getattr(R, "CHUNK_DIR", None)):
-        if name and (data / name).exists():
-            shutil.rmtree(data / name)
-            removed.append(name)
+    if (data / CHUNK_DIR).exists():
+        shutil.rmtree(data / CHUNK_DIR)
+        removed.append(CHUNK_DIR)
     return removed
 
 
