@@ -319,8 +319,8 @@ class Runtime:
         so a later chat continues the same KV, and journalled (fsynced) with its own time.
         Nothing is decoded now: the window is decoded when the session is next used. A new
         session without a system message starts with the runtime's system prompt, as in
-        :meth:`chat`. The user turns go into long-term memory before this returns, each at
-        the time it was said and with its speaker; ``remember=False`` keeps them out.
+        :meth:`chat`. The user turns go into long-term memory when the session is next used,
+        each at the time it was said and with its speaker; ``remember=False`` keeps them out.
 
         Raises :class:`RuntimeArgumentError` naming ``messages[i]`` for a bad message or a
         history this template cannot extend turn by turn, and
@@ -331,13 +331,15 @@ class Runtime:
         items = check_messages(messages, remember=remember)
         with self._lock:
             self._require_open()
-            session, _report = self._sessions.get(session_id)
+            # a new session has no window to render after: nothing is opened for it until
+            # the history is known to import
+            session = None
+            if self._sessions.exists(session_id):
+                session, _report = self._sessions.get(session_id)
             plan = self._turns.render_history(session, items)
-            seqs = self._sessions.append_history(session, plan, len(items), self.ctx.n_ctx)
-            # into long-term memory now, at the time each message was said (the import is
-            # durable in the journal already: a failure here catches up on the next turn)
-            self._recall.catch_up(session)
-            return seqs
+            # long-term memory catches up with the imported turns when the session is next
+            # used (its resume), each at the time it was said
+            return self._sessions.append_history(session_id, plan, len(items), self.ctx.n_ctx)
 
     # -- sessions -----------------------------------------------------------------------------
 

@@ -177,27 +177,35 @@ class Sessions:
 
     def delete(self, session_id: str, *, memories: bool) -> None:
         """Forget a session (:class:`SessionNotFoundError` if there is none)."""
-        if not journal_files(self._journal(session_id)) and self._pool.peek(session_id) is None:
+        if not self.exists(session_id):
             raise SessionNotFoundError(f"no session {session_id!r}")
         self._pool.delete(session_id)
         self._retention.forget(session_id)
         self._recall.forget_session(session_id, memories=memories)
 
+    def exists(self, session_id: str) -> bool:
+        """Whether the session has a journal (or is resident)."""
+        return bool(journal_files(self._journal(session_id))) or (
+            self._pool.peek(session_id) is not None
+        )
+
     def append_history(
-        self, session: Session, plan: Sequence[ImportedTurn], n_messages: int, n_ctx: int
+        self, session_id: str, plan: Sequence[ImportedTurn], n_messages: int, n_ctx: int
     ) -> list[int]:
         """Journal ``plan`` after the session's window without decoding it; the seq of each
         of the ``n_messages`` messages it came from.
 
-        The window is shifted first if the history would not fit beside it (the shift is
-        journalled, as in a turn). The session is then checkpointed and suspended, so its KV
-        is on disk as it was; the entries are replayed onto it on its next resume.
+        A resident session's window is shifted first if the history would not fit beside it
+        (the shift is journalled, as in a turn); it is then checkpointed and suspended, so
+        its KV is on disk as it was. The entries are replayed onto it on its next resume.
         """
-        total = sum(len(turn.tokens) for turn in plan)
-        if session.n_tokens + total + 16 > n_ctx:
-            session.reserve(total + 16)
-        sid = session.session_id
-        self.suspend(sid)
+        sid = session_id
+        session = self._pool.peek(sid)
+        if session is not None:
+            total = sum(len(turn.tokens) for turn in plan)
+            if session.n_tokens + total + 16 > n_ctx:
+                session.reserve(total + 16)
+            self.suspend(sid)
         seqs = [-1] * n_messages
         with Journal(
             self._journal(sid), fsync=self._journal_fsync, segment_entries=self._segment_entries

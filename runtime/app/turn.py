@@ -226,10 +226,11 @@ class TurnEngine:
 
     def render_history(
         self,
-        session: Session,
+        session: Session | None,
         messages: Sequence[tuple[str, str, dict[str, object], float | None]],
     ) -> list[ImportedTurn]:
-        """Render ``(role, text, meta, created)`` messages after the session's window exactly
+        """Render ``(role, text, meta, created)`` messages after the session's window
+        (``None``: a new session, nothing journalled yet) exactly
         as :meth:`prompt` and :meth:`reply` render chatted turns (a user turn ends with the
         assistant opener; an assistant turn is its text plus the template's close), so that
         a later chat continues the same KV. A system message may only open a new session.
@@ -240,9 +241,10 @@ class TurnEngine:
         """
         fmt = self.format
         plan: list[ImportedTurn] = []
-        history = [Message(r, c) for r, c in session.messages()]
+        history = [Message(r, c) for r, c in session.messages()] if session is not None else []
+        in_window = session.n_tokens if session is not None else 0
         n_tokens = 0
-        first = session.first_turn
+        first = session is None or session.first_turn
         fold: str | None = None  # a system text for a template without a system role
         folded: tuple[int, ...] = ()
         for i, (role, text, meta, created) in enumerate(messages):
@@ -282,7 +284,7 @@ class TurnEngine:
                         f"the {fmt.name} chat template cannot extend this session turn by "
                         "turn; send only the new user message",
                     )
-                tokens = fmt.tokenize(self.model, delta, first=session.n_tokens + n_tokens == 0)
+                tokens = fmt.tokenize(self.model, delta, first=in_window + n_tokens == 0)
                 history.append(Message("user", content))
             else:
                 sources = (i,)

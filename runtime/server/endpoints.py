@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client import generate_latest
@@ -14,6 +14,9 @@ from runtime.errors import SessionNotFoundError
 from runtime.server import chat_request as chatmod
 from runtime.server.api_errors import APIError, bad_request, not_found
 from runtime.server.state import ADMIN_KEY, ServerState, json_body
+
+if TYPE_CHECKING:
+    from runtime.longterm import Hit
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ async def models_endpoint(request: Request, state: ServerState) -> Response:
     return JSONResponse({"object": "list", "data": [model]})
 
 
-def _hit(hit: Any) -> dict[str, Any]:
+def _hit(hit: Hit) -> dict[str, Any]:
     return {
         "id": hit.id,
         "object": "memory",
@@ -81,7 +84,8 @@ def _hit(hit: Any) -> dict[str, Any]:
         "score": hit.score,
         "similarity": hit.similarity,
         "importance": hit.importance,
-        "created": hit.created,
+        "created": hit.said_at,  # when it was said (an imported turn keeps its own time)
+        "speaker": hit.speaker,
         "meta": hit.meta,
     }
 

@@ -209,6 +209,33 @@ def test_session_checkpoint_and_delete(client: Any, http: httpx.Client, rt: Runt
     assert "doomed" not in rt.sessions()
 
 
+def test_import_endpoint_journals_a_history(client: Any, http: httpx.Client) -> None:
+    messages = [
+        {"role": "user", "content": "I keep bees.", "name": "Ada", "created_at": 1683554160},
+        {"role": "assistant", "content": "How many hives?"},
+        {"role": "user", "content": "Three.", "created_at": "2023-05-08T14:00:00+00:00"},
+    ]
+    r = http.post("/v1/sessions/hive/import", json={"messages": messages})
+    assert r.status_code == 200, r.text
+    seqs = r.json()["seqs"]
+    assert len(seqs) == 3 and seqs == sorted(seqs)
+    history = http.get("/v1/sessions/hive").json()["history"]
+    by_seq = {h["seq"]: h for h in history}
+    assert [by_seq[s]["text"] for s in seqs] == [m["content"] for m in messages]
+    assert by_seq[seqs[0]]["name"] == "Ada" and by_seq[seqs[0]]["created"] == 1683554160
+    # the imported history is the conversation a chat continues
+    follow = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "What do I keep?"}],
+        max_tokens=4,
+        extra_headers={"X-Session-Id": "hive"},
+    )
+    assert follow.usage.prompt_tokens_details.cached_tokens > 0  # the imported window
+    bad = http.post("/v1/sessions/hive/import", json={"messages": [{"role": "tool"}]})
+    assert _error(bad, 400)["param"] == "messages[0].role"
+    assert _error(http.post("/v1/sessions/hive/import", json={}), 400)["param"] == "messages"
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 

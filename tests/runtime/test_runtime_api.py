@@ -1,0 +1,216 @@
+"""The Runtime's intent methods on the tiny model: import_history (journalled with each
+message's time and speaker, decoded only when the session is next used), chat(created_at=),
+delete_session's SessionNotFoundError, the one text rule, and the inspection methods the demo
+uses (session_info kv_cells, window_seqs, checkpoints, time_reprefill)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime.app import MAX_TEXT_CHARS, Runtime, RuntimeArgumentError, SessionNotFoundError
+from runtime.errors import ClosedError, ContextFullError
+from runtime.longterm import db
+
+GREEDY = {"temperature": 0.0, "max_tokens": 8}
+WHEN = dt.datetime(2023, 5, 8, 13, 56, tzinfo=dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> object:
+    from runtime.embed import Embedder
+
+    return Embedder.default()
+
+
+@pytest.fixture
+def rt(tmp_path: Path) -> Iterator[Runtime]:
+    with Runtime.open(tmp_path / "data", model="tiny", n_ctx=1024, embedder=False) as r:
+        yield r
+
+
+def test_import_history_journals_without_decoding(rt: Runtime) -> None:
+    rt.chat("resident", "a session that holds cells", **GREEDY)  # another, resident session
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {
+            "role": "user",
+            "content": "I moved to Lisbon.",
+            "name": "Caroline",
+            "created_at": WHEN.isoformat(),
+        },
+        {"role": "assistant", "content": "Nice city.", "created_at": WHEN.timestamp() + 60},
+        {"role": "user", "content": "Where do I live?"},
+    ]
+    seqs = rt.import_history("imported", messages)
+    assert seqs == [0, 1, 2, 3]
+    history = rt.history("imported")
+    assert [(h["seq"], h["role"], h["text"]) for h in history] == [
+        (seq, m["role"], m["content"]) for seq, m in zip(seqs, messages, strict=True)
+    ]
+    assert history[1]["created"] == WHEN.timestamp()
+    assert history[1]["name"] == "Caroline"
+    assert "name" not in history[2]
+    assert history[2]["created"] == WHEN.timestamp() + 60
+    # nothing was decoded: the session holds no cells until it is next used
+    info = rt.session_info("imported")
+    assert info["exists"] and not info["resident"] and info["kv_cells"] == 0
+    assert rt.window_seqs("imported") == []
+    assert rt.session_info("resident")["kv_cells"] > 0  # and nobody was suspended for it
+
+    reply = rt.chat("imported", "And my name?", **GREEDY)
+    assert reply.resumed is not None
+    assert reply.resumed.replayed_tokens > 0  # the imported window, decoded now
+    assert reply.cached_tokens == reply.resumed.n_tokens
+    assert rt.window_seqs("imported")[:4] == seqs
+    assert [h["text"] for h in rt.history("imported")][4] == "And my name?"
+
+
+def test_import_history_continues_the_kv_like_chat(rt: Runtime) -> None:
+    first = rt.chat("twin", "one", **GREEDY)
+    rt.import_history(
+        "copy",
+        [{"role": "user", "content": "one"}, {"role": "assistant", "content": first.text}],
+    )
+    a = rt.chat("twin", "two", **GREEDY)
+    b = rt.chat("copy", "two", **GREEDY)
+    # the imported copy renders to the same tokens, so the next turn sees the same KV
+    assert a.cached_tokens == b.cached_tokens and a.text == b.text
+
+
+def test_import_history_starts_a_new_session_with_the_system_prompt(rt: Runtime) -> None:
+    seqs = rt.import_history("plain", [{"role": "user", "content": "hi"}])
+    assert seqs == [1]  # entry 0 is the runtime's system prompt, as after a first chat
+    assert [h["role"] for h in rt.history("plain")] == ["system", "user"]
+    seqs = rt.import_history("plain", [{"role": "assistant", "content": "hello"}])
+    assert seqs == [2]
+
+
+@pytest.mark.parametrize(
+    ("messages", "field"),
+    [
+        ([], "messages"),
+        ([{"role": "tool", "content": "x"}], "messages[0].role"),
+        ([{"role": "user", "content": ""}], "messages[0].content"),
+        (
+            [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}],
+            "messages[1].role",
+        ),
+        ([{"role": "user", "content": "x", "created_at": "yesterday"}], "messages[0].created_at"),
+        ([{"role": "user", "content": "x", "name": ""}], "messages[0].name"),
+    ],
+)
+def test_import_history_refuses_bad_messages(
+    rt: Runtime, messages: list[dict[str, object]], field: str
+) -> None:
+    with pytest.raises(RuntimeArgumentError) as info:
+        rt.import_history("bad", messages)
+    assert info.value.field == field
+    assert rt.history("bad") == []  # nothing journalled
+    assert "bad" not in rt.sessions()
+
+
+def test_import_history_refuses_what_does_not_fit(rt: Runtime) -> None:
+    long = " ".join(f"word{i}" for i in range(1500))
+    with pytest.raises(ContextFullError):
+        rt.import_history("big", [{"role": "user", "content": long}])
+    assert rt.history("big") == []
+
+
+def test_chat_keeps_its_created_at(rt: Runtime) -> None:
+    rt.chat("dated", "hello", created_at=WHEN.timestamp(), **GREEDY)
+    rt.chat("dated", "again", created_at="2023-05-09T10:00:00", **GREEDY)  # naive: UTC
+    users = [h for h in rt.history("dated") if h["role"] == "user"]
+    assert users[0]["created"] == WHEN.timestamp()
+    assert users[1]["created"] == dt.datetime(2023, 5, 9, 10, tzinfo=dt.UTC).timestamp()
+    with pytest.raises(RuntimeArgumentError, match="created_at"):
+        rt.chat("dated", "x", created_at="not a time", **GREEDY)
+
+
+def test_delete_session_names_an_unknown_id(rt: Runtime) -> None:
+    with pytest.raises(SessionNotFoundError):
+        rt.delete_session("nobody")
+    rt.chat("somebody", "hi", **GREEDY)
+    rt.delete_session("somebody")
+    assert "somebody" not in rt.sessions()
+    with pytest.raises(SessionNotFoundError):
+        rt.delete_session("somebody")
+
+
+def test_one_text_rule(rt: Runtime) -> None:
+    assert MAX_TEXT_CHARS == db.MAX_TEXT_CHARS == 100_000
+    with pytest.raises(RuntimeArgumentError, match=f"at most {MAX_TEXT_CHARS}") as info:
+        rt.chat("long", "x" * (MAX_TEXT_CHARS + 1))
+    assert info.value.field == "text"
+    assert rt.history("long") == []
+
+
+def test_suspend_shows_in_session_info_and_checkpoints(rt: Runtime) -> None:
+    rt.chat("bruno", "Thanks, that is all for now.", **GREEDY)
+    before = rt.session_info("bruno")["kv_cells"]
+    assert before == rt.session_info("bruno")["window_tokens"] > 0
+    assert rt.time_reprefill("bruno") > 0.0
+    rt.suspend("bruno")
+    assert rt.session_info("bruno")["kv_cells"] == 0
+    checkpoints = rt.checkpoints("bruno")
+    assert checkpoints and checkpoints[0]["tokens"] == before
+    assert all(path.is_file() for path in checkpoints[0]["files"])
+    with pytest.raises(SessionNotFoundError):
+        rt.time_reprefill("bruno")  # not resident now
+
+
+def test_public_methods_refuse_after_close(tmp_path: Path) -> None:
+    rt = Runtime.open(tmp_path / "d", model="tiny", n_ctx=256, embedder=False)
+    rt.close()
+    for call in (
+        lambda: rt.sessions(),
+        lambda: rt.history("s"),
+        lambda: rt.search("q"),
+        lambda: rt.forget("x"),
+        lambda: rt.stats(),
+        lambda: rt.import_history("s", [{"role": "user", "content": "x"}]),
+    ):
+        with pytest.raises(ClosedError):
+            call()
+
+
+def test_memory_calls_take_the_runtime_lock(tmp_path: Path, embedder: object) -> None:
+    with Runtime.open(tmp_path / "d", model="tiny", n_ctx=256, embedder=embedder) as rt:
+        item = rt.remember("The vault code is 4711.")
+        done = threading.Event()
+        results: list[object] = []
+
+        def search() -> None:
+            results.append(rt.search("vault code", 1))
+            done.set()
+
+        with rt._lock:  # held as a turn would hold it: the search must wait
+            thread = threading.Thread(target=search)
+            thread.start()
+            assert not done.wait(0.3)
+        thread.join(10)
+        assert done.is_set() and results[0][0].id == item  # type: ignore[index]
+
+
+def test_imported_user_turns_reach_long_term_memory(tmp_path: Path, embedder: object) -> None:
+    with Runtime.open(tmp_path / "d", model="tiny", n_ctx=1024, embedder=embedder) as rt:
+        rt.import_history(
+            "ada",
+            [
+                {"role": "user", "content": "My sister Ada keeps bees in Porto."},
+                {"role": "assistant", "content": "Lovely."},
+            ],
+        )
+        rt.import_history(
+            "quiet", [{"role": "user", "content": "Keep this one to yourself."}], remember=False
+        )
+        rt.chat("ada", "hello", **GREEDY)  # the next turn catches long-term memory up
+        rt.chat("quiet", "hello", **GREEDY)
+        assert any("bees" in h.text for h in rt.search("bees Porto", 3, session="ada"))
+        assert not any(
+            "yourself" in h.text for h in rt.search("keep to yourself", 3, session="quiet")
+        )
