@@ -64,7 +64,7 @@ def _drop_newest(store: ChunkStore) -> None:
     newest = store.latest("s")
     if newest is not None and newest.n_tokens > SIZES[0] and len(store.manifests("s")) > 1:
         (store.manifest_dir / "s" / f"{newest.generation:012d}.kvman").unlink()
-        store._load_index()  # the benchmark's own reset: forget the deleted manifest
+        store.reload()  # the benchmark's own reset: forget the deleted manifest
         store.collect_garbage()
 
 

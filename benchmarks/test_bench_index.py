@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.index import HnswIndex, IndexFileError, IndexParams
+from runtime.errors import IndexFileError
+from runtime.longterm.hnsw import HnswIndex, IndexParams
 
 DIM = 384
 N = int(os.environ.get("BENCH_N", 100_000 if os.environ.get("BENCH_FULL") == "1" else 10_000))

@@ -384,7 +384,7 @@ def _split(raw: Any, codec: S.Codec) -> list[np.ndarray]:
 def _map(fn: Callable[[int], Any], n: int, threads: int = 0) -> list[Any]:
     """``fn`` over ``range(n)`` on the snapshot module's own pool (zstd releases the GIL), as
     its compress and decode use it; on a pool of the same size if it is no longer exported."""
-    pmap = getattr(S, "_parallel_map", None)
+    pmap = getattr(S, "parallel_map", None)
     if pmap is not None:
         return list(pmap(fn, n, threads))
     import concurrent.futures
@@ -610,7 +610,7 @@ def _drop_newest(store: ChunkStore, session: str, floor: int) -> None:
     newest = store.latest(session)
     if newest is not None and newest.n_tokens > floor and len(store.manifests(session)) > 1:
         (store.manifest_dir / session / f"{newest.generation:012d}.kvman").unlink()
-        store._load_index()
+        store.reload()
         store.collect_garbage()
 
 

@@ -24,10 +24,11 @@ from typing import Any
 import pytest
 
 from benchmarks.conftest import CI, FULL, rounds
+from runtime.checkpoint import CheckpointPolicy
 from runtime.chunks import ChunkStore
 from runtime.journal import Journal
-from runtime.session import JOURNAL_DIR, WINDOW_ROLE, Session, SessionPool
-from runtime.store import SnapshotStore
+from runtime.layout import JOURNAL_DIR
+from runtime.session import WINDOW_ROLE, ChunkCheckpointer, Session, SessionPool
 
 SIZES = (1_000, 10_000, 100_000)
 N_CTX = 512
@@ -68,20 +69,21 @@ def long_sessions(
         make_model(path, preset="tiny")
     root = tmp_path_factory.mktemp("resume")
     with Model(path) as model, model.context(n_ctx=N_CTX, **CTX) as ctx:
-        store = SnapshotStore(root / "snapshots")
         chunks = ChunkStore(root / "kv")
         for n in SIZES if not CI else SIZES[:2]:
             sid = f"s{n}"
             _write_journal(root / JOURNAL_DIR / f"{sid}.log", n)
             # the first open walks the whole journal (no checkpoint yet): setup only
-            session = Session(ctx, 0, sid, root, store, chunks=chunks, scratch_seq=SCRATCH)
+            checkpointer = ChunkCheckpointer(chunks, sid, scratch_seq=SCRATCH)
+            journal = Journal(root / JOURNAL_DIR / f"{sid}.log")
+            session = Session(ctx, 0, sid, journal, checkpointer)
             ctx.memory.seq_rm(0)
             ctx.decode(session.tokens(), seq_id=0, pos=0)
-            session._resident = True  # the KV now holds the window: checkpoint it
-            session.checkpoint()
-            session.close()
+            # the KV now holds the window: checkpoint it
+            checkpointer.take_now(ctx, 0, session.window, journal[-1].seq)
+            ctx.memory.seq_rm(0)
+            journal.close()
         chunks.close()
-        store.close()
         yield ctx, root
 
 
@@ -163,7 +165,7 @@ def test_soak_turns_stay_flat(benchmark: Any, bench_models_dir: Path, tmp_path: 
                 journal_fsync=False,
                 chunks=ChunkStore(tmp_path / "kv"),
                 scratch_seq=SCRATCH,
-                snapshot_every=1,
+                policy=CheckpointPolicy.every_turn(),
                 journal_segment_entries=256,
             )
             start, resume_s = time.perf_counter(), 0.0

@@ -45,15 +45,21 @@ class TokenizeError(LlamaError, ValueError):
 
 
 class ArgumentError(LlamaError, ValueError):
-    """An argument was refused before C was called (seq id, position, token id, ...)."""
+    """An argument was refused before anything was done with it (before C was called, or
+    before anything was read or written): a seq id, a position, a token id, a count, a
+    setting out of range. :mod:`runtime` raises this same class (``runtime.errors``
+    re-exports it), so one ``except`` covers a bad argument wherever it was refused."""
 
 
 class ArgumentTypeError(LlamaError, TypeError):
-    """An argument has the wrong type, refused before C was called."""
+    """An argument has the wrong type, refused before it was used (shared with
+    :mod:`runtime`, like :class:`ArgumentError`)."""
 
 
 class ClosedError(LlamaError, ValueError):
-    """The object was closed (or its parent was); using it would be a use-after-free."""
+    """The object was closed (or its parent was): a model, a context, or one of
+    :mod:`runtime`'s stores, writers or the runtime itself (which raise this same class).
+    Using a closed llama.cpp handle would be a use-after-free; this error is raised instead."""
 
 
 class TemplateError(LlamaError, ValueError):

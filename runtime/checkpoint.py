@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.errors import CheckpointError
+from runtime.errors import ArgumentError, ClosedError
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ class CheckpointPolicy:
 
     def __post_init__(self) -> None:
         if isinstance(self.every_tokens, bool) or not isinstance(self.every_tokens, int):
-            raise CheckpointError(f"every_tokens must be an int, got {self.every_tokens!r}")
+            raise ArgumentError(f"every_tokens must be an int, got {self.every_tokens!r}")
         if self.every_tokens < 0 or not self.every_seconds >= 0 or not self.idle_seconds >= 0:
-            raise CheckpointError("every_tokens, every_seconds and idle_seconds must be >= 0")
+            raise ArgumentError("every_tokens, every_seconds and idle_seconds must be >= 0")
 
     @classmethod
     def every_turn(cls) -> CheckpointPolicy:
@@ -119,7 +119,7 @@ class CheckpointWriter:
         """Queue ``job`` for ``key`` (a session id), replacing a pending one of the same key."""
         with self._cond:
             if self._closed:
-                raise CheckpointError("the checkpoint writer is closed")
+                raise ClosedError("the checkpoint writer is closed")
             old = self._pending.pop(key, None)
             if old is not None:
                 self.stats.replaced += 1

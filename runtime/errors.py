@@ -2,12 +2,55 @@
 
 Every error derives from :class:`MemoryRuntimeError`; where a builtin fits, the error also
 derives from it (so ``except ValueError`` keeps working for callers that do not know us).
+
+Three errors are shared with :mod:`llamaffi`, which defines them and is below us: a refused
+argument (:class:`ArgumentError`, :class:`ArgumentTypeError`) and use after close
+(:class:`ClosedError`) mean the same whether a context, a store or the runtime raised them, so
+callers catch one class for each. They derive from :class:`llamaffi.LlamaError`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+
+from llamaffi.errors import ArgumentError, ArgumentTypeError, ClosedError
+
+__all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
+    "ChunkError",
+    "ClosedError",
+    "ContextFullError",
+    "CorruptSnapshotError",
+    "DamagedFileError",
+    "DamagedStoreError",
+    "DiskFullError",
+    "EmbedderError",
+    "IncompatibleSnapshotError",
+    "IndexFileError",
+    "InvalidNameError",
+    "JournalCompactedError",
+    "JournalCorruptError",
+    "JournalError",
+    "LockedError",
+    "MemoryRuntimeError",
+    "MemoryStoreError",
+    "MemoryStoreFullError",
+    "MemoryStoreIOError",
+    "ModelFileError",
+    "ModelNotFoundError",
+    "PersistError",
+    "ReadOnlyError",
+    "RestoreError",
+    "RuntimeArgumentError",
+    "SessionError",
+    "SessionNotFoundError",
+    "SnapshotError",
+    "StoreMismatchError",
+    "UnsafePathError",
+    "UnsupportedVersionError",
+]
 
 
 class MemoryRuntimeError(Exception):
@@ -57,27 +100,24 @@ class ModelNotFoundError(MemoryRuntimeError, FileNotFoundError):
 
 
 class ModelFileError(MemoryRuntimeError, ValueError):
-    """A model file is not what it should be: not a regular file, or not a GGUF."""
+    """A model file is not what it should be: not a regular file, not a GGUF, or (a built-in
+    model) not its pinned size or sha256."""
 
 
-class PinMismatchError(ModelFileError):
-    """A built-in model's file does not have its pinned size or sha256."""
+class ReadOnlyError(MemoryRuntimeError, PermissionError):
+    """A write was attempted on a store opened read-only (long-term memory, chunk store)."""
 
 
 # -- arguments ---------------------------------------------------------------------------------
 
 
-class ArgumentError(MemoryRuntimeError, ValueError):
-    """An argument was refused before anything was read or written (a bad value).
+class RuntimeArgumentError(ArgumentError):
+    """An argument of a runtime call is out of range; ``field`` names it (the server answers
+    400 naming that parameter). Nothing was written."""
 
-    Raised by the long-term memory store, its index and the embedder for out-of-range or
-    malformed values (``k < 1``, an unknown ``kind``, a weight below 0, vectors of the wrong
-    width, ...). The command line reports it as bad input (exit code 2).
-    """
-
-
-class ArgumentTypeError(MemoryRuntimeError, TypeError):
-    """An argument has the wrong type (``None`` or a ``str`` where a list of str is wanted)."""
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
 
 
 # -- long-term memory: the store (runtime.longterm.store) ----------------------------------------
@@ -89,18 +129,6 @@ class MemoryStoreError(MemoryRuntimeError):
 
 class StoreMismatchError(MemoryStoreError, ValueError):
     """The store was written with another embedding model or dimension."""
-
-
-class MemoryClosedError(MemoryStoreError, ValueError):
-    """The store was used after :meth:`runtime.longterm.MemoryStore.close`.
-
-    Named apart from :class:`llamaffi.ClosedError` (a closed model or context);
-    ``runtime.memory.ClosedError`` is kept as an alias.
-    """
-
-
-class ReadOnlyError(MemoryStoreError, PermissionError):
-    """A write was attempted on a store opened with ``read_only=True``."""
 
 
 class DamagedStoreError(MemoryStoreError, DamagedFileError):
@@ -119,11 +147,7 @@ class MemoryStoreFullError(MemoryStoreIOError, DiskFullError):
 # -- long-term memory: the derived hnswlib index (runtime.longterm.index) ------------------------
 
 
-class HnswIndexError(MemoryRuntimeError):
-    """Base of the persisted index's errors."""
-
-
-class IndexFileError(HnswIndexError, ValueError):
+class IndexFileError(MemoryRuntimeError, ValueError):
     """The index files are missing, corrupt or belong to another store; rebuild from SQLite."""
 
 
@@ -131,11 +155,8 @@ class IndexFileError(HnswIndexError, ValueError):
 
 
 class EmbedderError(MemoryRuntimeError):
-    """The embedder's model files are missing, inconsistent or unusable."""
-
-
-class ExportError(EmbedderError):
-    """The safetensors → ONNX export failed or produced an inconsistent result."""
+    """The embedder's model files are missing, inconsistent or unusable, or the safetensors →
+    ONNX export failed or produced an inconsistent result."""
 
 
 # -- the journal ---------------------------------------------------------------------------------
@@ -154,21 +175,8 @@ class JournalCorruptError(JournalError, ValueError):
         self.offset = offset
 
 
-class JournalWriteError(JournalError, PersistError):
-    """An append failed (an I/O error); nothing of it was kept and the journal stays usable."""
-
-
-class JournalFullError(JournalWriteError, DiskFullError):
-    """An append failed because the disk is full; the next append works once space is freed."""
-
-
 class JournalCompactedError(JournalError, LookupError):
     """The entry was in a segment that the retention policy deleted."""
-
-
-#: The earlier names, kept so that callers' ``except`` clauses keep working.
-JournalCorrupt = JournalCorruptError
-JournalCompacted = JournalCompactedError
 
 
 # -- sessions, checkpoints, the snapshot directory, the runtime ---------------------------------
@@ -176,6 +184,11 @@ JournalCompacted = JournalCompactedError
 
 class SessionError(MemoryRuntimeError):
     """A session operation failed."""
+
+
+class SessionNotFoundError(SessionError, LookupError):
+    """No session of that id exists (nothing journalled), or it is not resident where that
+    was required."""
 
 
 class ContextFullError(SessionError):
@@ -186,92 +199,46 @@ class ContextFullError(SessionError):
     """
 
 
-class CheckpointError(MemoryRuntimeError, ValueError):
-    """A checkpoint setting is out of range."""
-
-
-class StoreError(MemoryRuntimeError):
-    """Base class of snapshot store errors."""
-
-
-class StoreWriteError(StoreError, OSError):
-    """A snapshot could not be written (the previous ones are untouched); errno is kept."""
-
-
-class RuntimeArgumentError(ArgumentError):
-    """An argument of a runtime call is out of range; ``field`` names it. Nothing was written."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-
-
-class RuntimeClosedError(MemoryRuntimeError, ValueError):
-    """The runtime was closed."""
-
-
-# -- chunked checkpoints -----------------------------------------------------------------------
-
-
-class ChunkStoreError(MemoryRuntimeError):
-    """Base class of chunk store errors."""
-
-
-class ChunkError(ChunkStoreError, ValueError):
-    """A manifest cannot be restored: a chunk it names is missing or damaged.
-
-    ``key`` names the chunk; the caller falls back to an older manifest or to the journal.
-    The target sequence has been left empty.
-    """
-
-    def __init__(self, key: str, message: str) -> None:
-        self.key = key
-        super().__init__(f"chunk {key}: {message}")
-
-
-class MissingChunkError(ChunkError):
-    """A chunk named by a manifest is not in the store."""
-
-
-class CorruptChunkError(ChunkError):
-    """A chunk file failed an integrity check (``field`` names it) or does not fit its slot."""
-
-    def __init__(self, key: str, field: str, message: str) -> None:
-        self.field = field
-        super().__init__(key, f"{field}: {message}")
-
-
-class CorruptManifestError(ChunkStoreError, ValueError):
-    """A manifest file failed an integrity check; ``field`` names the check."""
-
-    def __init__(self, field: str, message: str, *, source: str | None = None) -> None:
-        self.field = field
-        self.source = source
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}corrupt manifest ({field}): {message}")
-
-
-#: The earlier names, kept so that callers' ``except`` clauses keep working.
-MissingChunk = MissingChunkError
-CorruptChunk = CorruptChunkError
-CorruptManifest = CorruptManifestError
-
-
-# -- KV snapshots (runtime.snapshot) -------------------------------------------------------------
+# -- KV snapshots (runtime.snapshot) and chunked checkpoints (runtime.chunks) --------------------
 
 
 class SnapshotError(MemoryRuntimeError):
-    """Base class of snapshot errors."""
+    """Base class of snapshot and chunk store errors."""
+
+
+class ChunkError(SnapshotError, ValueError):
+    """A manifest cannot be restored: a chunk it names is missing or damaged.
+
+    ``key`` names the chunk and ``field`` the check that failed: ``"missing"`` when the chunk
+    is not in the store (nothing to move aside), else an integrity check or the slot it does
+    not fit (the chunk was quarantined). The caller falls back to an older manifest or to the
+    journal; the target sequence has been left empty.
+    """
+
+    def __init__(self, key: str, field: str, message: str) -> None:
+        self.key = key
+        self.field = field
+        detail = message if field == "missing" else f"{field}: {message}"
+        super().__init__(f"chunk {key}: {detail}")
+
+    @property
+    def missing(self) -> bool:
+        """Whether the chunk is absent (rather than damaged)."""
+        return self.field == "missing"
 
 
 class CorruptSnapshotError(SnapshotError, ValueError):
-    """A snapshot failed an integrity check; ``field`` names the check that failed."""
+    """A snapshot or a chunk manifest failed an integrity check; ``field`` names the check
+    that failed and ``what`` the kind of file (``"snapshot"`` or ``"manifest"``)."""
 
-    def __init__(self, field: str, message: str, *, source: str | None = None) -> None:
+    def __init__(
+        self, field: str, message: str, *, source: str | None = None, what: str = "snapshot"
+    ) -> None:
         self.field = field
         self.source = source
+        self.what = what
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}corrupt snapshot ({field}): {message}")
+        super().__init__(f"{where}corrupt {what} ({field}): {message}")
 
 
 class UnsupportedVersionError(SnapshotError, ValueError):
@@ -306,9 +273,3 @@ class IncompatibleSnapshotError(SnapshotError, ValueError):
 
 class RestoreError(SnapshotError, RuntimeError):
     """llama.cpp refused a snapshot that passed every check; the sequence was cleared."""
-
-
-#: The earlier names, kept so that callers' ``except`` clauses keep working.
-CorruptSnapshot = CorruptSnapshotError
-UnsupportedVersion = UnsupportedVersionError
-IncompatibleSnapshot = IncompatibleSnapshotError

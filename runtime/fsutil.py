@@ -156,6 +156,58 @@ def private_dir(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def remove_tree(path: str | os.PathLike[str]) -> int:
+    """Remove directory ``path`` and everything in it, following no symlink; return how many
+    non-directory entries went.
+
+    A symlink at ``path`` itself is removed (the link, never its target). Inside, the walk
+    goes by directory file descriptors with ``O_NOFOLLOW``, so a link there (or a directory
+    swapped for one meanwhile) is unlinked, never entered. The parent is fsynced.
+    """
+    p = Path(path)
+    if p.is_symlink():
+        logger.warning("%s is a symlink: removing the link only, not its target", p)
+        p.unlink()
+        fsync_dir(p.parent)
+        return 0
+    if not p.is_dir():
+        return 0
+    parent_fd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        removed = _remove_tree_at(parent_fd, p.name)
+        os.fsync(parent_fd)
+    finally:
+        os.close(parent_fd)
+    return removed
+
+
+def _remove_tree_at(parent_fd: int, name: str) -> int:
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+    removed = 0
+    try:
+        with os.scandir(fd) as it:
+            entries = list(it)
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                removed += _remove_tree_at(fd, entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+                removed += 1
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+    return removed
+
+
+def own_subdirs(path: str | os.PathLike[str]) -> list[Path]:
+    """The real directories directly under ``path``, sorted: symlinks are not ours and are
+    never listed (nor followed)."""
+    p = Path(path)
+    if p.is_symlink() or not p.is_dir():
+        return []
+    return sorted(c for c in p.iterdir() if not c.is_symlink() and c.is_dir())
+
+
 def warn_if_exposed(path: str | os.PathLike[str]) -> bool:
     """Log one warning per process and directory if ``path`` is open to group or others.
 

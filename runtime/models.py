@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from runtime.errors import ModelFileError, ModelNotFoundError, PinMismatchError
+from runtime.errors import ModelFileError, ModelNotFoundError
 from runtime.fsutil import cache_root
 
 if TYPE_CHECKING:
@@ -90,8 +90,8 @@ def resolve_model(spec: str | os.PathLike[str], *, cache_dir: Path | None = None
     Raises:
         ModelNotFoundError: the file does not exist, or ``smollm2``'s package is missing (the
             message says how to install it).
-        ModelFileError: the file is not a GGUF; :class:`PinMismatchError` (a subclass): the
-            smollm2 file has another size than the pinned one.
+        ModelFileError: the file is not a GGUF, or the smollm2 file has another size than
+            the pinned one.
     """
     if isinstance(spec, str) and spec == SMOLLM2:
         return _smollm2()
@@ -103,7 +103,7 @@ def resolve_model(spec: str | os.PathLike[str], *, cache_dir: Path | None = None
 
 
 def verify_pinned(spec: ModelSpec, model: llamaffi.Model) -> None:
-    """Raise :class:`PinMismatchError` unless ``model`` was loaded from ``spec``'s pinned bytes.
+    """Raise :class:`ModelFileError` unless ``model`` was loaded from ``spec``'s pinned bytes.
 
     A spec without a pin passes. The sha256 is :attr:`llamaffi.Model.fingerprint`, cached by
     file identity (in memory and under ``$LLAMAFFI_CACHE``), so a file is hashed once.
@@ -111,10 +111,10 @@ def verify_pinned(spec: ModelSpec, model: llamaffi.Model) -> None:
     if spec.sha256 is None:
         return
     if Path(model.path).resolve() != spec.path.resolve():
-        raise PinMismatchError(f"model {model.path} was not loaded from {spec.path}")
+        raise ModelFileError(f"model {model.path} was not loaded from {spec.path}")
     digest = model.fingerprint
     if digest != spec.sha256:
-        raise PinMismatchError(
+        raise ModelFileError(
             f"{spec.path} has sha256 {digest}, expected {spec.sha256} ({spec.name}); "
             f"reinstall it: {_INSTALL_HINT} --force-reinstall"
         )
@@ -150,7 +150,7 @@ def _smollm2() -> ModelSpec:
         )
     size = path.stat().st_size
     if size != SMOLLM2_SIZE:
-        raise PinMismatchError(
+        raise ModelFileError(
             f"{path} is {size} bytes, expected {SMOLLM2_SIZE} ({SMOLLM2_PACKAGE} "
             f"{_installed_version()} installed, pinned {SMOLLM2_VERSION}): {_INSTALL_HINT}"
         )

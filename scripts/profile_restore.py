@@ -83,7 +83,7 @@ def _steps_file(ctx: Any, path: Path, times: dict[str, list[float]]) -> None:
     for entry in header.chunks:
         chunks.append(view[offset : offset + entry.size])
         offset += entry.size
-    S._verify_digests(header, chunks, None)
+    S.verify_digests(header, chunks, None)
     t2 = time.perf_counter()
     snap = S.Snapshot(header=header, chunks=tuple(chunks))
     out = np.empty(header.raw_size, dtype=np.uint8)
@@ -94,7 +94,7 @@ def _steps_file(ctx: Any, path: Path, times: dict[str, list[float]]) -> None:
     pos = 0
     for i, c in enumerate(chunks):
         length = header.chunk_raw_len(i)
-        S._decompress_into(header, i, c, planes[pos : pos + length], dctx, None)
+        S.decompress_frame_into(header, i, c, planes[pos : pos + length], dctx, None)
         spans.append((pos, length))
         pos += length
     t3 = time.perf_counter()
@@ -127,7 +127,7 @@ def _steps_chunks(ctx: Any, store: ChunkStore, man: Any, times: dict[str, list[f
     cp = 0.0
     for ref in man.refs:
         t0 = time.perf_counter()
-        raw = store._load_chunk(man, ref)
+        raw = store.load_chunk(man, ref)
         t1 = time.perf_counter()
         ctx.seq_state_set(raw, 2)
         t2 = time.perf_counter()

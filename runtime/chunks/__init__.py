@@ -45,20 +45,13 @@ sides), :mod:`~runtime.chunks.base` (the state they share). The errors live in
 """
 
 from runtime.chunks.keys import (
-    _CHUNK_STEP,
-    _KEY_RE,
-    _TOKEN_DTYPE,
     DEFAULT_CHUNK_TOKENS,
     KEY_BYTES,
     Lineage,
-    _identity_bytes,
     chunk_keys,
     shift_lineage,
 )
 from runtime.chunks.manifest import (
-    _GEN_RE,
-    _MAN_HEADER_LEN,
-    _MAN_PREFIX,
     MANIFEST_MAGIC,
     MANIFEST_SUFFIX,
     MANIFEST_SUPPORTED_VERSIONS,
@@ -69,16 +62,7 @@ from runtime.chunks.manifest import (
 )
 from runtime.chunks.pending import PendingCheckpoint, PendingChunk, VerifyReport
 from runtime.chunks.store import CHUNK_CODEC, DEFAULT_KEEP, ChunkStore
-from runtime.errors import (
-    ChunkError,
-    ChunkStoreError,
-    CorruptChunk,
-    CorruptChunkError,
-    CorruptManifest,
-    CorruptManifestError,
-    MissingChunk,
-    MissingChunkError,
-)
+from runtime.errors import ChunkError
 
 __all__ = [
     "CHUNK_CODEC",
@@ -90,28 +74,14 @@ __all__ = [
     "MANIFEST_SUPPORTED_VERSIONS",
     "MANIFEST_VERSION",
     "MAX_MANIFEST_BODY",
-    "_CHUNK_STEP",
-    "_GEN_RE",
-    "_KEY_RE",
-    "_MAN_HEADER_LEN",
-    "_MAN_PREFIX",
-    "_TOKEN_DTYPE",
     "ChunkError",
     "ChunkRef",
     "ChunkStore",
-    "ChunkStoreError",
-    "CorruptChunk",
-    "CorruptChunkError",
-    "CorruptManifest",
-    "CorruptManifestError",
     "Lineage",
     "Manifest",
-    "MissingChunk",
-    "MissingChunkError",
     "PendingCheckpoint",
     "PendingChunk",
     "VerifyReport",
-    "_identity_bytes",
     "chunk_keys",
     "shift_lineage",
 ]

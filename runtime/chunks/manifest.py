@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.chunks.keys import _KEY_RE, Lineage, chunk_keys
-from runtime.errors import CorruptManifestError
+from runtime.errors import CorruptSnapshotError
 from runtime.snapshot import CacheIdentity
 
 #: 8 bytes, built like the snapshot magic (high bit, CR LF).
@@ -45,14 +45,18 @@ class ChunkRef:
 
     @classmethod
     def from_json(cls, value: Any, *, source: str | None = None) -> ChunkRef:
-        """Parse :meth:`to_json`'s form: :class:`CorruptManifestError` (a ValueError) for a
+        """Parse :meth:`to_json`'s form: :class:`CorruptSnapshotError` (a ValueError) for a
         bad key or range, ValueError/TypeError for anything that is not five values."""
         key, start, end, raw, size = value
         if not (isinstance(key, str) and _KEY_RE.fullmatch(key)):
-            raise CorruptManifestError("chunks", f"bad chunk key {key!r}", source=source)
+            raise CorruptSnapshotError(
+                "chunks", f"bad chunk key {key!r}", source=source, what="manifest"
+            )
         ints = (start, end, raw, size)
         if not all(type(v) is int and v >= 0 for v in ints) or end <= start:
-            raise CorruptManifestError("chunks", f"bad chunk range {value!r}", source=source)
+            raise CorruptSnapshotError(
+                "chunks", f"bad chunk range {value!r}", source=source, what="manifest"
+            )
         return cls(key, start, end, raw, size)
 
 
@@ -129,11 +133,11 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str | None = None) -> Manifest:
-        """Parse and validate a manifest file's bytes (:class:`CorruptManifestError` on
+        """Parse and validate a manifest file's bytes (:class:`CorruptSnapshotError` on
         damage)."""
 
-        def bad(name: str, message: str) -> CorruptManifestError:
-            return CorruptManifestError(name, message, source=source)
+        def bad(name: str, message: str) -> CorruptSnapshotError:
+            return CorruptSnapshotError(name, message, source=source, what="manifest")
 
         if len(data) < _MAN_HEADER_LEN:
             raise bad("file_size", f"{len(data)} bytes is too short for a manifest")
@@ -152,7 +156,7 @@ class Manifest:
         try:
             obj = json.loads(body)
             return cls._from_obj(obj, source=source)
-        except CorruptManifestError:
+        except CorruptSnapshotError:
             raise
         except (ValueError, TypeError, KeyError) as exc:
             raise bad("body", f"{type(exc).__name__}: {exc}") from None
@@ -185,7 +189,7 @@ class Manifest:
 
     def _check(self, source: str | None = None) -> None:
         """The refs must tile ``[0, n_tokens)`` and their keys must follow from the tokens
-        (:class:`CorruptManifestError` otherwise)."""
+        (:class:`CorruptSnapshotError` otherwise)."""
         expected = chunk_keys(
             self.identity,
             self.tokens,
@@ -196,8 +200,13 @@ class Manifest:
         )
         got = [(ref.key, ref.start, ref.end) for ref in self.refs]
         if got != expected:
-            raise CorruptManifestError(
-                "chunks", "chunk keys or ranges do not follow from the tokens", source=source
+            raise CorruptSnapshotError(
+                "chunks",
+                "chunk keys or ranges do not follow from the tokens",
+                source=source,
+                what="manifest",
             )
         if self.tail is not None and self.tail.end - self.tail.start >= self.chunk_tokens:
-            raise CorruptManifestError("tail", "the tail is a full chunk", source=source)
+            raise CorruptSnapshotError(
+                "tail", "the tail is a full chunk", source=source, what="manifest"
+            )

@@ -1,5 +1,6 @@
-"""Restoring a sequence from a manifest: chunks are read through a memory map, verified,
-decoded (ahead of the caller on worker threads) and handed to llama.cpp one by one."""
+"""Restoring a sequence from a manifest: chunks are read (mapped, not copied, from the local
+store), verified, decoded (ahead of the caller on worker threads) and handed to llama.cpp one
+by one."""
 
 from __future__ import annotations
 
@@ -7,66 +8,95 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
-import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from runtime import snapshot as snapshot_mod
-from runtime.chunks.base import _ChunkStoreState
 from runtime.chunks.manifest import ChunkRef, Manifest
 from runtime.errors import (
     ArgumentError,
     ChunkError,
-    ChunkStoreError,
-    CorruptChunkError,
+    CorruptSnapshotError,
     MemoryRuntimeError,
-    MissingChunkError,
+    UnsupportedVersionError,
 )
-from runtime.snapshot import CorruptSnapshot, UnsupportedVersion
+from runtime.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from llamaffi import Context
+    from runtime.storage import BlobStore
 
 logger = logging.getLogger(__name__)
 
 
-class _RestoreMixin(_ChunkStoreState):
-    """CALLER THREAD: :meth:`restore` and :meth:`restore_latest` of
-    :class:`runtime.chunks.ChunkStore`."""
+class ChunkReader:
+    """The restore side of a chunk store: reads, verifies and decodes chunks from ``blobs``
+    and hands them to llama.cpp, decoding ahead of the caller on ``threads`` workers.
 
-    def _load_chunk(self, manifest: Manifest, ref: ChunkRef) -> npt.NDArray[np.uint8]:
-        """Read, verify and decode one chunk (on a worker thread; never touches a context)."""
-        path = self.chunk_path(ref.key)
+    ``quarantine(key, reason)`` is called for a damaged chunk once the sequences are empty.
+    """
+
+    def __init__(
+        self,
+        blobs: BlobStore,
+        *,
+        threads: int,
+        quarantine: Callable[[str, str], None],
+    ) -> None:
+        self.blobs = blobs
+        self.threads = threads
+        self._quarantine_chunk = quarantine
+        self._lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """Stop the decode workers (idempotent)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def load_chunk(self, manifest: Manifest, ref: ChunkRef) -> npt.NDArray[np.uint8]:
+        """Read, verify and decode one chunk (on a worker thread; never touches a context).
+
+        A public stage of :meth:`restore`, for profilers: what one chunk costs without
+        llama.cpp."""
+        source = self.blobs.describe(ref.key)
         try:
             # lives only for this call; the digests are checked frame by frame by decode_into
-            snap = snapshot_mod.read(path, mapped=True, defer_digests=True)
+            view = self.blobs.get(ref.key)
         except FileNotFoundError:
-            raise MissingChunkError(ref.key, f"{path} does not exist") from None
-        except (CorruptSnapshot, UnsupportedVersion) as exc:
-            raise CorruptChunkError(ref.key, getattr(exc, "field", "version"), str(exc)) from None
+            raise ChunkError(ref.key, "missing", f"{source} does not exist") from None
+        try:
+            snap = Snapshot.from_buffer(view, source=source, defer_digests=True)
+        except CorruptSnapshotError as exc:
+            raise ChunkError(ref.key, exc.field, str(exc)) from None
+        except UnsupportedVersionError as exc:
+            raise ChunkError(ref.key, "version", str(exc)) from None
         h = snap.header
         n = ref.end - ref.start
         expect_pos = (manifest.pos_min + ref.start, manifest.pos_min + ref.end - 1)
         if h.snapshot_id != ref.key:
-            raise CorruptChunkError(ref.key, "snapshot_id", f"file holds chunk {h.snapshot_id!r}")
+            raise ChunkError(ref.key, "snapshot_id", f"file holds chunk {h.snapshot_id!r}")
         if h.identity != manifest.identity:
-            raise CorruptChunkError(ref.key, "identity", "cache identity differs from the manifest")
+            raise ChunkError(ref.key, "identity", "cache identity differs from the manifest")
         if (h.pos_min, h.pos_max) != expect_pos or h.n_tokens != n:
-            raise CorruptChunkError(
+            raise ChunkError(
                 ref.key, "pos_range", f"holds {(h.pos_min, h.pos_max)}, expected {expect_pos}"
             )
         if h.tokens != manifest.tokens[ref.start : ref.end]:
-            raise CorruptChunkError(ref.key, "tokens", "token ids differ from the manifest's")
+            raise ChunkError(ref.key, "tokens", "token ids differ from the manifest's")
         if h.raw_size != ref.raw_size:
-            raise CorruptChunkError(ref.key, "raw_size", f"{h.raw_size} != {ref.raw_size}")
+            raise ChunkError(ref.key, "raw_size", f"{h.raw_size} != {ref.raw_size}")
         out = np.empty(h.raw_size, dtype=np.uint8)
         try:
-            snapshot_mod.decode_into(snap, out, threads=1, source=os.fspath(path))
-        except CorruptSnapshot as exc:
-            raise CorruptChunkError(ref.key, exc.field, str(exc)) from None
+            snapshot_mod.decode_into(snap, out, threads=1, source=source)
+        except CorruptSnapshotError as exc:
+            raise ChunkError(ref.key, exc.field, str(exc)) from None
         return out
 
     def restore(
@@ -88,8 +118,8 @@ class _RestoreMixin(_ChunkStoreState):
         worker threads decode up to ``threads + 1`` chunks ahead of this thread. No byte
         reaches llama.cpp before it is verified.
 
-        Raises :class:`snapshot.IncompatibleSnapshot` (nothing touched) for another model or
-        cache layout; :class:`MissingChunkError` / :class:`CorruptChunkError` (damaged chunks are
+        Raises :class:`snapshot.IncompatibleSnapshotError` (nothing touched) for another model or
+        cache layout; :class:`ChunkError` (a missing chunk, or a damaged one, which is
         quarantined) or :class:`snapshot.RestoreError` otherwise, with ``seq_id`` and
         ``scratch_seq`` left empty. The caller then tries an older manifest or the journal.
         """
@@ -97,11 +127,11 @@ class _RestoreMixin(_ChunkStoreState):
         if scratch_seq == seq_id:
             raise ArgumentError("scratch_seq must differ from seq_id")
         if not ctx.kv_unified:
-            raise ChunkStoreError("chunked checkpoints need a unified KV cache (kv_unified=True)")
+            raise ArgumentError("chunked checkpoints need a unified KV cache (kv_unified=True)")
         target = snapshot_mod.identity_of(ctx)
         diffs = manifest.identity.differences(target, allow_build_mismatch=allow_build_mismatch)
         if diffs:
-            raise snapshot_mod.IncompatibleSnapshot(diffs)
+            raise snapshot_mod.IncompatibleSnapshotError(diffs)
         if mem.pos_max(scratch_seq) != -1:
             raise ArgumentError(f"scratch seq {scratch_seq} is not empty")
         mem.seq_rm(seq_id, -1, -1)
@@ -121,7 +151,7 @@ class _RestoreMixin(_ChunkStoreState):
             for seq in (scratch_seq, seq_id):
                 with contextlib.suppress(Exception):
                     mem.seq_rm(seq, -1, -1)
-            if isinstance(exc, CorruptChunkError):
+            if isinstance(exc, ChunkError) and not exc.missing:
                 self._quarantine_chunk(exc.key, str(exc))
             if isinstance(exc, Exception) and not isinstance(exc, MemoryRuntimeError):
                 raise snapshot_mod.RestoreError(f"llama.cpp refused a chunk: {exc}") from exc
@@ -146,7 +176,7 @@ class _RestoreMixin(_ChunkStoreState):
         mem = ctx.memory
         if len(refs) <= 1 or self.threads == 1:
             for ref in refs:
-                self._set_chunk(ctx, self._load_chunk(manifest, ref), seq_id, scratch_seq)
+                self._set_chunk(ctx, self.load_chunk(manifest, ref), seq_id, scratch_seq)
             return
         with self._lock:
             if self._pool is None:  # one pool per store: starting threads per restore shows
@@ -156,13 +186,13 @@ class _RestoreMixin(_ChunkStoreState):
         # chunks to llama.cpp (a ctypes call, so the GIL is free for the workers meanwhile).
         ahead = self.threads + 1
         futures = collections.deque(
-            pool.submit(self._load_chunk, manifest, ref) for ref in refs[:ahead]
+            pool.submit(self.load_chunk, manifest, ref) for ref in refs[:ahead]
         )
         try:
             for i in range(len(refs)):
                 raw = futures.popleft().result()
                 if i + ahead < len(refs):
-                    futures.append(pool.submit(self._load_chunk, manifest, refs[i + ahead]))
+                    futures.append(pool.submit(self.load_chunk, manifest, refs[i + ahead]))
                 self._set_chunk(ctx, raw, seq_id, scratch_seq)
         finally:
             for pending in futures:
@@ -176,34 +206,3 @@ class _RestoreMixin(_ChunkStoreState):
         ctx.seq_state_set(raw, scratch)
         ctx.memory.seq_cp(scratch, seq_id, -1, -1)
         ctx.memory.seq_rm(scratch, -1, -1)
-
-    def restore_latest(
-        self,
-        ctx: Context,
-        session_id: str,
-        seq_id: int,
-        *,
-        scratch_seq: int,
-        allow_build_mismatch: bool = False,
-    ) -> Manifest | None:
-        """Restore the newest manifest that restores, falling back to older ones on a
-        missing or damaged chunk; None (``seq_id`` empty) when none does."""
-        for man in self.manifests(session_id):
-            try:
-                self.restore(
-                    ctx,
-                    man,
-                    seq_id,
-                    scratch_seq=scratch_seq,
-                    allow_build_mismatch=allow_build_mismatch,
-                )
-            except ChunkError as exc:
-                logger.warning(
-                    "session %s: manifest %d does not restore (%s); trying an older one",
-                    session_id,
-                    man.generation,
-                    exc,
-                )
-                continue
-            return man
-        return None

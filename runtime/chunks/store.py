@@ -1,40 +1,40 @@
-"""The chunk store: :class:`ChunkStore` opens a directory, plans and commits checkpoints,
-collects garbage and deletes sessions; restore and verify come from its mixins
-(:mod:`~runtime.chunks.restore`, :mod:`~runtime.chunks.verify`)."""
+"""The chunk store: :class:`ChunkStore`, one object composed of narrow parts.
+
+* a :class:`runtime.storage.BlobStore` (today :class:`runtime.storage.LocalBlobStore`) holds
+  the files and states what is durable when;
+* :class:`~runtime.chunks.index.ChunkIndex` is what the store knows without reading a file;
+* :class:`~runtime.chunks.capture.ChunkWriter` plans and commits checkpoints;
+* :class:`~runtime.chunks.restore.ChunkReader` restores them;
+* :func:`~runtime.chunks.verify.verify_store` checks everything.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from runtime import snapshot as snapshot_mod
-from runtime.chunks.base import _ChunkStoreState
-from runtime.chunks.keys import DEFAULT_CHUNK_TOKENS, Lineage, chunk_keys
-from runtime.chunks.manifest import _GEN_RE, MANIFEST_SUFFIX, ChunkRef, Manifest
-from runtime.chunks.pending import PendingCheckpoint, PendingChunk
-from runtime.chunks.restore import _RestoreMixin
-from runtime.chunks.verify import _VerifyMixin
+from runtime.chunks.capture import ChunkWriter
+from runtime.chunks.index import ChunkIndex
+from runtime.chunks.keys import DEFAULT_CHUNK_TOKENS, Lineage
+from runtime.chunks.manifest import _MAN_HEADER_LEN, MAX_MANIFEST_BODY, Manifest
+from runtime.chunks.pending import PendingCheckpoint, VerifyReport
+from runtime.chunks.restore import ChunkReader
+from runtime.chunks.verify import verify_store
 from runtime.errors import (
     ArgumentError,
-    ChunkStoreError,
-    CorruptManifestError,
-    MissingChunkError,
-)
-from runtime.fsutil import (
-    DirLock,
-    atomic_write_bytes,
-    ensure_dir,
-    fsync_dir,
-    remove_stale_temps,
+    ChunkError,
+    ClosedError,
+    CorruptSnapshotError,
+    ReadOnlyError,
+    UnsupportedVersionError,
 )
 from runtime.layout import validate_session_id
-from runtime.snapshot import Codec, CorruptSnapshot, Filter, UnsupportedVersion
+from runtime.snapshot import Codec, Filter
+from runtime.storage import BlobStore, LocalBlobStore
 
 if TYPE_CHECKING:
     from llamaffi import Context
@@ -51,7 +51,7 @@ CHUNK_CODEC = Codec(level=-1, filter=Filter.NONE, checksum=False)
 DEFAULT_KEEP = 2
 
 
-class ChunkStore(_RestoreMixin, _VerifyMixin, _ChunkStoreState):
+class ChunkStore:
     """Chunked, deduplicated, crash-safe KV checkpoints under ``root``.
 
     Args:
@@ -70,6 +70,8 @@ class ChunkStore(_RestoreMixin, _VerifyMixin, _ChunkStoreState):
             1 decodes on the caller's thread, between the llama.cpp calls. 0 (default): one
             per CPU but one (kept for the caller's llama.cpp calls), at most 4; so 1 on a
             2-core machine, where the pipeline measured slower (docs: "The codec of chunks").
+        blobs: where the files go (default: a :class:`runtime.storage.LocalBlobStore` at
+            ``root``); any :class:`runtime.storage.BlobStore` keeps the same guarantees.
 
     Thread safety: :meth:`commit` may run on one writer thread while :meth:`plan_capture` and
     :meth:`restore` run on the caller's thread; the shared index is guarded by a lock, and
@@ -89,6 +91,7 @@ class ChunkStore(_RestoreMixin, _VerifyMixin, _ChunkStoreState):
         readonly: bool = False,
         lock: bool = True,
         threads: int = 0,
+        blobs: BlobStore | None = None,
     ) -> None:
         if chunk_tokens < 1:
             raise ArgumentError("chunk_tokens must be >= 1")
@@ -98,43 +101,41 @@ class ChunkStore(_RestoreMixin, _VerifyMixin, _ChunkStoreState):
             raise ArgumentError("dedup must be 'global' or 'session'")
         self.root = Path(root)
         self.chunk_tokens = chunk_tokens
-        if codec is None:
-            codec = CHUNK_CODEC if level is None else Codec(level=level)
-        self.codec = codec
+        self.codec = (
+            codec if codec is not None else (CHUNK_CODEC if level is None else Codec(level=level))
+        )
         self.keep = keep
         self.dedup = dedup
         self.readonly = readonly
         self.threads = threads if threads > 0 else max(1, min(4, (os.cpu_count() or 1) - 1))
-        self._lock = threading.RLock()
-        self._commit_lock = threading.Lock()
-        self._dirlock = None
+        self.blobs: BlobStore = (
+            blobs if blobs is not None else LocalBlobStore(self.root, readonly=readonly, lock=lock)
+        )
         self._closed = False
-        #: key -> (raw_size, file_size) of every chunk file on disk
-        self._chunks = {}
-        #: session -> {generation: keys} of every manifest on disk
-        self._refs = {}
-        self._pins = {}
-        self._next_pin = 1
-        self._counters = {"written_bytes": 0, "written_files": 0, "gc_files": 0}
-        self._pool = None
-        if not readonly:
-            ensure_dir(self.root)
-            if lock:
-                self._dirlock = DirLock(self.root).acquire()
-            self._remove_temps()
-        self._load_index()
+        self.index = ChunkIndex()
+        self._writer = ChunkWriter(
+            self.blobs,
+            self.index,
+            chunk_tokens=chunk_tokens,
+            codec=self.codec,
+            keep=keep,
+            dedup=dedup,
+            collect_garbage=self.collect_garbage,
+        )
+        self._reader = ChunkReader(self.blobs, threads=self.threads, quarantine=self._quarantine)
+        try:
+            self.reload()
+        except BaseException:
+            self.blobs.close()
+            raise
 
-    # -- lifetime ---------------------------------------------------------------------------
+    # -- lifetime -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the lock; safe to call twice."""
+        """Stop the decode workers and release the lock; safe to call twice."""
         self._closed = True
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        if self._dirlock is not None:
-            self._dirlock.release()
-            self._dirlock = None
+        self._reader.close()
+        self.blobs.close()
 
     def __enter__(self) -> ChunkStore:
         return self
@@ -142,43 +143,88 @@ class ChunkStore(_RestoreMixin, _VerifyMixin, _ChunkStoreState):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- index ------------------------------------------------------------------------------
+    def _require_writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"chunk store {self.root} was opened read-only")
+        if self._closed:
+            raise ClosedError(f"chunk store {self.root} is closed")
 
-    def _remove_temps(self) -> None:
-        removed = 0
-        for directory in (*self._chunk_subdirs(), *self._manifest_subdirs()):
-            removed += remove_stale_temps(directory)
-        if removed:
-            logger.warning("removed %d temp file(s) left by an interrupted write", removed)
+    # -- layout (the local store's) ---------------------------------------------------------------
 
-    def _load_index(self) -> None:
-        """Scan chunk headers (sizes) and manifests (references) once, at open."""
-        chunks: dict[str, tuple[int, int]] = {}
-        for key, path in self._iter_chunk_files():
+    def _local(self) -> LocalBlobStore:
+        if not isinstance(self.blobs, LocalBlobStore):
+            raise ArgumentError("this chunk store does not keep its files in a local directory")
+        return self.blobs
+
+    @property
+    def chunk_dir(self) -> Path:
+        """``<root>/chunks``."""
+        return self._local().chunk_dir
+
+    @property
+    def manifest_dir(self) -> Path:
+        """``<root>/manifests``."""
+        return self._local().manifest_dir
+
+    def chunk_path(self, key: str) -> Path:
+        """Where chunk ``key`` lives."""
+        return self._local().path(key)
+
+    def sessions(self) -> list[str]:
+        """Session ids that have manifests, sorted."""
+        return self.blobs.sessions()
+
+    # -- index ----------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Scan the store again: chunk headers (sizes) and manifests (references).
+
+        The store does this once, at open; a caller that changed files behind its back (a
+        benchmark removing its newest manifest to repeat a checkpoint) calls it after.
+        """
+        sizes: dict[str, tuple[int, int]] = {}
+        for key in self.blobs.list_keys():
             try:
-                header = snapshot_mod.inspect(path)
-            except (CorruptSnapshot, UnsupportedVersion, OSError) as exc:
+                header = snapshot_mod.header_from_buffer(
+                    self.blobs.get(key), source=self.blobs.describe(key)
+                )
+            except (CorruptSnapshotError, UnsupportedVersionError, OSError) as exc:
                 logger.warning("chunk %s is unreadable (%s); it counts as absent", key, exc)
                 continue
-            chunks[key] = (header.raw_size, header.file_size)
+            sizes[key] = (header.raw_size, header.file_size)
         refs: dict[str, dict[int, frozenset[str]]] = {}
         for session in self.sessions():
-            for generation, path in self._generations(session):
+            for generation in self.blobs.generations(session):
                 try:
-                    man = self._read_manifest(path)
-                except (CorruptManifestError, OSError):
-                    # keep its generation number reserved; its chunks cannot be known
-                    refs.setdefault(session, {})[generation] = frozenset()
-                    continue
-                refs.setdefault(session, {})[generation] = man.keys
-        with self._lock:
-            self._chunks = chunks
-            self._refs = refs
+                    keys = self.read_manifest(session, generation).keys
+                except (CorruptSnapshotError, OSError):
+                    keys = frozenset()  # keep its generation reserved; its chunks are unknown
+                refs.setdefault(session, {})[generation] = keys
+        self.index.replace(sizes, refs)
 
-    # -- capture (caller thread) ------------------------------------------------------------
+    def read_manifest(self, session_id: str, generation: int) -> Manifest:
+        """Read and check one manifest (:class:`CorruptSnapshotError`, ``what="manifest"``)."""
+        source = self.blobs.describe_manifest(session_id, generation)
+        try:
+            data = self.blobs.get_manifest(
+                session_id, generation, _MAN_HEADER_LEN + MAX_MANIFEST_BODY
+            )
+        except ValueError as exc:
+            raise CorruptSnapshotError(
+                "file_size", str(exc), source=source, what="manifest"
+            ) from None
+        man = Manifest.from_bytes(data, source=source)
+        if man.generation != generation:
+            raise CorruptSnapshotError(
+                "generation", "file name and body disagree", source=source, what="manifest"
+            )
+        if man.session_id != session_id:
+            raise CorruptSnapshotError(
+                "session_id", "directory and body disagree", source=source, what="manifest"
+            )
+        return man
 
-    def _scope(self, session_id: str) -> str:
-        return f"session:{session_id}" if self.dedup == "session" else ""
+    # -- capture (caller thread) and commit (any thread) ------------------------------------------
 
     def plan_capture(
         self,
@@ -202,225 +248,62 @@ class ChunkStore(_RestoreMixin, _VerifyMixin, _ChunkStoreState):
         :meth:`discard` if it will not be committed.
         """
         self._require_writable()
-        validate_session_id(session_id)
-        mem = ctx.memory
-        if not ctx.kv_unified:
-            raise ChunkStoreError("chunked checkpoints need a unified KV cache (kv_unified=True)")
-        if scratch_seq == seq_id:
-            raise ArgumentError("scratch_seq must differ from seq_id")
-        if mem.pos_max(scratch_seq) != -1:
-            raise ArgumentError(f"scratch seq {scratch_seq} is not empty")
-        tok = tuple(int(t) for t in tokens)
-        pos_min, pos_max = mem.pos_min(seq_id), mem.pos_max(seq_id)
-        n = len(tok)
-        if (pos_max - pos_min + 1 if pos_max >= 0 else 0) != n:
-            raise ArgumentError(
-                f"seq {seq_id} holds positions [{pos_min}, {pos_max}], not {n} tokens: pass "
-                "the ids of its cells in position order"
-            )
-        pos_min = max(pos_min, 0)
-        identity = snapshot_mod.identity_of(ctx)
-        scope = self._scope(session_id)
-        keys = chunk_keys(
-            identity, tok, pos_min, chunk_tokens=self.chunk_tokens, lineage=lineage, scope=scope
-        )
-        with self._lock:
-            durable = {key: self._chunks.get(key) for key, _, _ in keys}
-            pin = self._next_pin
-            self._next_pin += 1
-            self._pins[pin] = frozenset(key for key, _, _ in keys)
-        pending: list[PendingChunk] = []
-        try:
-            for key, start, end in keys:
-                known = durable[key]
-                p0 = pos_min + start
-                if known is not None:
-                    pending.append(PendingChunk(key, start, end, p0, None, *known))
-                    continue
-                mem.seq_cp(seq_id, scratch_seq, p0, pos_min + end)
-                try:
-                    raw = ctx.seq_state_get(scratch_seq)
-                finally:
-                    mem.seq_rm(scratch_seq, -1, -1)
-                pending.append(PendingChunk(key, start, end, p0, raw, int(raw.size)))
-        except BaseException:
-            self._unpin(pin)
-            raise
-        return PendingCheckpoint(
+        return self._writer.plan(
+            ctx,
+            seq_id,
+            tokens,
+            scratch_seq=scratch_seq,
             session_id=session_id,
             journal_seq=journal_seq,
-            identity=identity,
-            n_ctx=ctx.n_ctx,
-            chunk_tokens=self.chunk_tokens,
-            pos_min=pos_min,
-            tokens=tok,
-            chunks=pending,
-            lineage=tuple(lineage),
-            scope=scope,
-            meta=dict(meta or {}),
-            created_ns=time.time_ns(),
-            pin_id=pin,
+            meta=meta,
+            lineage=lineage,
         )
 
     def discard(self, pending: PendingCheckpoint) -> None:
         """Drop a planned checkpoint without committing it (releases its pins)."""
-        pending.done = True
-        self._unpin(pending.pin_id)
-
-    def _unpin(self, pin: int) -> None:
-        with self._lock:
-            self._pins.pop(pin, None)
-
-    # -- commit (any thread) ----------------------------------------------------------------
+        self._writer.discard(pending)
 
     def commit(self, pending: PendingCheckpoint) -> Manifest:
         """ANY THREAD: write the new chunks, then the manifest, then collect garbage.
 
-        Each new chunk is compressed and published atomically (temp file, fsync, rename, fsync
-        of the directory); the manifest is written the same way only after every chunk it
-        names is durable; old manifests beyond ``keep`` and chunks no manifest references are
-        deleted only after that. Never touches a llama.cpp context. On any error nothing that
-        an existing manifest references is touched, and :class:`OSError` propagates.
+        Each new chunk is compressed and stored durably; the manifest is switched only after
+        every chunk it names is durable; old manifests beyond ``keep`` and chunks no manifest
+        references are deleted only after that. Never touches a llama.cpp context. On any
+        error nothing that an existing manifest references is touched, and :class:`OSError`
+        propagates.
         """
         self._require_writable()
-        if pending.done:
-            raise ChunkStoreError("this checkpoint was already committed or discarded")
-        try:
-            with self._commit_lock:
-                refs = [self._write_chunk(pending, c) for c in pending.chunks]
-                return self._publish(pending, refs)
-        finally:
-            pending.done = True
-            self._unpin(pending.pin_id)
-
-    def _write_chunk(self, pending: PendingCheckpoint, chunk: PendingChunk) -> ChunkRef:
-        path = self.chunk_path(chunk.key)
-        if chunk.raw is None:
-            with self._lock:
-                known = self._chunks.get(chunk.key)
-            if known is None or not path.is_file():
-                raise MissingChunkError(chunk.key, "vanished before the checkpoint was committed")
-            return ChunkRef(chunk.key, chunk.start, chunk.end, *known)
-        with self._lock:
-            known = self._chunks.get(chunk.key)
-        if known is not None and path.is_file():  # written by another checkpoint meanwhile
-            return ChunkRef(chunk.key, chunk.start, chunk.end, *known)
-        n = chunk.end - chunk.start
-        snap = snapshot_mod.encode(
-            chunk.raw,
-            identity=pending.identity,
-            tokens=pending.tokens[chunk.start : chunk.end],
-            seq_id=0,
-            pos_min=chunk.pos0,
-            pos_max=chunk.pos0 + n - 1,
-            n_ctx=pending.n_ctx,
-            snapshot_id=chunk.key,
-            codec=self.codec,
-        )
-        ensure_dir(path.parent)
-        size = snapshot_mod.write(path, snap)
-        with self._lock:
-            self._chunks[chunk.key] = (snap.header.raw_size, size)
-            self._counters["written_bytes"] += size
-            self._counters["written_files"] += 1
-        chunk.raw = None  # the copy is on disk now; let it go
-        return ChunkRef(chunk.key, chunk.start, chunk.end, snap.header.raw_size, size)
-
-    def _publish(self, pending: PendingCheckpoint, refs: list[ChunkRef]) -> Manifest:
-        session = pending.session_id
-        directory = ensure_dir(self._session_manifest_dir(session))
-        with self._lock:
-            gens = self._refs.get(session, {})
-            generation = max(gens, default=0) + 1
-        tail = refs[-1] if refs and refs[-1].end - refs[-1].start < pending.chunk_tokens else None
-        man = Manifest(
-            session_id=session,
-            generation=generation,
-            journal_seq=pending.journal_seq,
-            identity=pending.identity,
-            chunk_tokens=pending.chunk_tokens,
-            pos_min=pending.pos_min,
-            tokens=pending.tokens,
-            chunks=tuple(refs[:-1] if tail else refs),
-            tail=tail,
-            lineage=pending.lineage,
-            scope=pending.scope,
-            created_ns=pending.created_ns,
-            meta=pending.meta,
-        )
-        data = man.to_bytes()
-        atomic_write_bytes(directory / f"{generation:012d}{MANIFEST_SUFFIX}", data)
-        with self._lock:
-            self._refs.setdefault(session, {})[generation] = man.keys
-            self._counters["written_bytes"] += len(data)
-            self._counters["written_files"] += 1
-        logger.debug(
-            "session %s: manifest %d, %d chunks (%d new)",
-            session,
-            generation,
-            len(refs),
-            pending.new_chunks,
-        )
-        self._prune_manifests(session)
-        self.collect_garbage()
-        return man
-
-    def _prune_manifests(self, session_id: str) -> None:
-        directory = self._session_manifest_dir(session_id)
-        removed = False
-        for generation, path in self._generations(session_id)[self.keep :]:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed = True
-            with self._lock:
-                self._refs.get(session_id, {}).pop(generation, None)
-        if removed:
-            fsync_dir(directory)
-
-    def _live_keys(self) -> set[str]:
-        live: set[str] = set()
-        for gens in self._refs.values():
-            for keys in gens.values():
-                live |= keys
-        for keys in self._pins.values():
-            live |= keys
-        return live
+        return self._writer.commit(pending)
 
     def collect_garbage(self) -> list[str]:
-        """Delete chunk files that no manifest on disk and no pending checkpoint references.
+        """Delete chunks that no manifest and no pending checkpoint references.
 
         Only ever called after a manifest switch is durable, so a crash at any point leaves
         every chunk a manifest names in place (at worst, orphans that the next call removes).
         """
         self._require_writable()
-        removed: list[str] = []
-        dirs: set[Path] = set()
-        with self._lock:  # held across the unlinks: a plan must not see a chunk being deleted
-            live = self._live_keys()
-            for key in [k for k in self._chunks if k not in live]:
-                path = self.chunk_path(key)
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                dirs.add(path.parent)
-                del self._chunks[key]
-                removed.append(key)
-            self._counters["gc_files"] += len(removed)
-        for directory in dirs:
-            fsync_dir(directory)
+        with self.index.lock:  # held across the deletes: a plan must not see a chunk going
+            removed = self.index.garbage()
+            for key in removed:
+                self.blobs.delete(key)
+            self.index.collected(removed)
+        self.blobs.sync_deletes(removed)
         return removed
 
-    # -- reading ----------------------------------------------------------------------------
+    # -- reading ----------------------------------------------------------------------------------
 
     def manifests(self, session_id: str) -> list[Manifest]:
         """The session's readable manifests, newest first (damaged ones are quarantined)."""
         out = []
-        for _, path in self._generations(session_id):
+        for generation in self.blobs.generations(validate_session_id(session_id)):
             try:
-                out.append(self._read_manifest(path))
-            except CorruptManifestError as exc:
+                out.append(self.read_manifest(session_id, generation))
+            except CorruptSnapshotError as exc:
                 logger.warning("skipping damaged manifest: %s", exc)
                 if not self.readonly and not self._closed:
-                    self._quarantine_manifest(path, f"{exc.field}: {exc}")
+                    self.blobs.quarantine_manifest(session_id, generation, f"{exc.field}: {exc}")
+                    # keep the generation number reserved so a new manifest never reuses it
+                    self.index.add_manifest(session_id, generation, frozenset())
             except FileNotFoundError:
                 continue
         return out
@@ -430,47 +313,96 @@ class ChunkStore(_RestoreMixin, _VerifyMixin, _ChunkStoreState):
         found = self.manifests(session_id)
         return found[0] if found else None
 
-    def _quarantine_manifest(self, path: Path, reason: str) -> None:
-        qdir = ensure_dir(path.parent / "quarantine")
-        target = qdir / f"{path.name}.{time.time_ns()}"
-        os.replace(path, target)
-        atomic_write_bytes(target.with_name(target.name + ".reason"), f"{reason}\n".encode())
-        fsync_dir(path.parent)
-        match = _GEN_RE.fullmatch(path.name)
-        with self._lock:
-            if match:
-                # keep the generation number reserved so a new manifest never reuses it
-                self._refs.setdefault(path.parent.name, {})[int(match.group(1))] = frozenset()
-
-    def _quarantine_chunk(self, key: str, reason: str) -> None:
+    def _quarantine(self, key: str, reason: str) -> None:
         if self.readonly or self._closed:
             return
-        path = self.chunk_path(key)
-        qdir = ensure_dir(self.root / "quarantine")
-        with self._lock:
-            self._chunks.pop(key, None)  # the next checkpoint copies it again
-            try:
-                os.replace(path, qdir / f"{path.name}.{time.time_ns()}")
-            except FileNotFoundError:
-                return
-        atomic_write_bytes(qdir / f"{key}.reason", f"{reason}\n".encode())
-        fsync_dir(path.parent)
+        self.index.forget_chunk(key)  # the next checkpoint copies it again
+        self.blobs.quarantine(key, reason)
 
-    # -- maintenance ------------------------------------------------------------------------
+    def load_chunk(self, manifest: Manifest, ref: Any) -> Any:
+        """Read, verify and decode one chunk of ``manifest`` (a profiler's stage of
+        :meth:`restore`; never touches a context)."""
+        return self._reader.load_chunk(manifest, ref)
+
+    def restore(
+        self,
+        ctx: Context,
+        manifest: Manifest,
+        seq_id: int,
+        *,
+        scratch_seq: int,
+        allow_build_mismatch: bool = False,
+    ) -> list[int]:
+        """CALLER THREAD: rebuild ``seq_id`` from ``manifest``; return its token ids (see
+        :meth:`runtime.chunks.restore.ChunkReader.restore`)."""
+        return self._reader.restore(
+            ctx,
+            manifest,
+            seq_id,
+            scratch_seq=scratch_seq,
+            allow_build_mismatch=allow_build_mismatch,
+        )
+
+    def restore_latest(
+        self,
+        ctx: Context,
+        session_id: str,
+        seq_id: int,
+        *,
+        scratch_seq: int,
+        allow_build_mismatch: bool = False,
+    ) -> Manifest | None:
+        """Restore the newest manifest that restores, falling back to older ones on a
+        missing or damaged chunk; None (``seq_id`` empty) when none does."""
+        for man in self.manifests(session_id):
+            try:
+                self.restore(
+                    ctx,
+                    man,
+                    seq_id,
+                    scratch_seq=scratch_seq,
+                    allow_build_mismatch=allow_build_mismatch,
+                )
+            except ChunkError as exc:
+                logger.warning(
+                    "session %s: manifest %d does not restore (%s); trying an older one",
+                    session_id,
+                    man.generation,
+                    exc,
+                )
+                continue
+            return man
+        return None
+
+    # -- maintenance ------------------------------------------------------------------------------
 
     def delete_session(self, session_id: str) -> None:
-        """Delete the session's manifests, then the chunks nothing else references."""
+        """Delete the session's manifests, then the chunks nothing else references.
+
+        Nothing is followed: a symlink in place of the session's directory is removed itself,
+        and a link inside it is unlinked, never entered.
+        """
         self._require_writable()
-        directory = self._session_manifest_dir(session_id)
-        with self._commit_lock:
-            if directory.is_dir():
-                for path in sorted(directory.rglob("*"), reverse=True):
-                    if path.is_dir():
-                        path.rmdir()
-                    else:
-                        path.unlink()
-                directory.rmdir()
-                fsync_dir(self.manifest_dir)
-            with self._lock:
-                self._refs.pop(session_id, None)
+        validate_session_id(session_id)
+        with self._writer.commit_lock:
+            self.blobs.delete_session(session_id)
+            self.index.forget_session(session_id)
             self.collect_garbage()
+
+    def verify(self, *, deep: bool = True) -> VerifyReport:
+        """Check every manifest, every chunk and every reference (works read-only).
+
+        ``deep`` decompresses every chunk (zstd checksums) rather than checking headers and
+        digests only. Orphans (chunks no manifest names) are listed, not treated as damage.
+        """
+        return verify_store(self.blobs, self.read_manifest, deep=deep)
+
+    def stats(self) -> dict[str, int]:
+        """Bytes on disk, logical bytes of every session's newest manifest, dedup savings.
+
+        ``chunk_bytes``: chunk files on disk; ``logical_bytes``: the sum over sessions of
+        their newest manifest's chunk file sizes (what separate snapshots would store);
+        ``dedup_saved_bytes``: the newest manifests' bytes that shared chunks save;
+        ``written_bytes``/``written_files``/``gc_files``: counters since open.
+        """
+        return self.index.stats()

@@ -1,77 +1,60 @@
-"""Checking a chunk store (every manifest, chunk and reference) and its figures."""
+"""Checking a chunk store: every manifest, every chunk and every reference (works on a
+read-only store)."""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from runtime import snapshot as snapshot_mod
-from runtime.chunks.base import _ChunkStoreState
+from runtime.chunks.manifest import Manifest
 from runtime.chunks.pending import VerifyReport
-from runtime.errors import CorruptManifestError
-from runtime.snapshot import CorruptSnapshot, UnsupportedVersion
+from runtime.errors import CorruptSnapshotError, UnsupportedVersionError
+
+if TYPE_CHECKING:
+    from runtime.storage import BlobStore
 
 
-class _VerifyMixin(_ChunkStoreState):
-    """:meth:`verify` and :meth:`stats` of :class:`runtime.chunks.ChunkStore` (both work on a
-    read-only store)."""
+def verify_store(
+    blobs: BlobStore,
+    read_manifest: Callable[[str, int], Manifest],
+    *,
+    deep: bool = True,
+) -> VerifyReport:
+    """Check every manifest (``read_manifest(session, generation)``), every chunk and every
+    reference.
 
-    def verify(self, *, deep: bool = True) -> VerifyReport:
-        """Check every manifest, every chunk and every reference (works read-only).
-
-        ``deep`` decompresses every chunk (zstd checksums) rather than checking headers and
-        digests only. Orphans (chunks no manifest names) are listed, not treated as damage.
-        """
-        report = VerifyReport()
-        referenced: dict[str, list[str]] = {}
-        for session in self.sessions():
-            for _, path in self._generations(session):
-                report.manifests += 1
-                try:
-                    man = self._read_manifest(path)
-                except (CorruptManifestError, OSError) as exc:
-                    report.damaged_manifests.append((os.fspath(path), str(exc)))
-                    continue
-                for key in man.keys:
-                    referenced.setdefault(key, []).append(os.fspath(path))
-        on_disk: set[str] = set()
-        for key, path in self._iter_chunk_files():
-            report.chunks += 1
-            on_disk.add(key)
+    ``deep`` decompresses every chunk (zstd checksums) rather than checking headers and
+    digests only. Orphans (chunks no manifest names) are listed, not treated as damage.
+    """
+    report = VerifyReport()
+    referenced: dict[str, list[str]] = {}
+    for session in blobs.sessions():
+        for generation in blobs.generations(session):
+            report.manifests += 1
+            name = blobs.describe_manifest(session, generation)
             try:
-                header = snapshot_mod.verify(path) if deep else snapshot_mod.read(path).header
-            except (CorruptSnapshot, UnsupportedVersion, OSError) as exc:
-                report.damaged_chunks.append((key, str(exc)))
+                man = read_manifest(session, generation)
+            except (CorruptSnapshotError, OSError) as exc:
+                report.damaged_manifests.append((name, str(exc)))
                 continue
-            if header.snapshot_id != key:
-                report.damaged_chunks.append((key, f"file holds chunk {header.snapshot_id!r}"))
-        for key, users in sorted(referenced.items()):
-            if key not in on_disk:
-                report.missing.extend((user, key) for user in users)
-        report.orphans = sorted(on_disk - set(referenced))
-        return report
-
-    def stats(self) -> dict[str, int]:
-        """Bytes on disk, logical bytes of every session's newest manifest, dedup savings.
-
-        ``chunk_bytes``: chunk files on disk; ``logical_bytes``: the sum over sessions of
-        their newest manifest's chunk file sizes (what separate snapshots would store);
-        ``dedup_saved_bytes``: the newest manifests' bytes that shared chunks save;
-        ``written_bytes``/``written_files``/``gc_files``: counters since open.
-        """
-        with self._lock:
-            chunk_bytes = sum(size for _, size in self._chunks.values())
-            sizes = {k: size for k, (_, size) in self._chunks.items()}
-            newest = [gens[max(gens)] for gens in self._refs.values() if gens]
-            counters = dict(self._counters)
-            n_chunks = len(self._chunks)
-        logical = sum(sizes.get(k, 0) for keys in newest for k in keys)
-        unique = set().union(*newest) if newest else set()
-        unique_bytes = sum(sizes.get(k, 0) for k in unique)
-        return {
-            "chunks": n_chunks,
-            "chunk_bytes": chunk_bytes,
-            "sessions": len(newest),
-            "logical_bytes": logical,
-            "dedup_saved_bytes": logical - unique_bytes,
-            **counters,
-        }
+            for key in man.keys:
+                referenced.setdefault(key, []).append(name)
+    on_disk: set[str] = set()
+    for key in blobs.list_keys():
+        report.chunks += 1
+        on_disk.add(key)
+        source = blobs.describe(key)
+        try:
+            snap = snapshot_mod.Snapshot.from_buffer(blobs.get(key), source=source)
+            header = snapshot_mod.verify_snapshot(snap, source=source) if deep else snap.header
+        except (CorruptSnapshotError, UnsupportedVersionError, OSError) as exc:
+            report.damaged_chunks.append((key, str(exc)))
+            continue
+        if header.snapshot_id != key:
+            report.damaged_chunks.append((key, f"file holds chunk {header.snapshot_id!r}"))
+    for key, users in sorted(referenced.items()):
+        if key not in on_disk:
+            report.missing.extend((user, key) for user in users)
+    report.orphans = sorted(on_disk - set(referenced))
+    return report

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from runtime import snapshot
 from runtime.chunks import ChunkStore
-from runtime.snapshot import CorruptSnapshot, UnsupportedVersion
+from runtime.snapshot import CorruptSnapshotError, UnsupportedVersionError
 
 _SHOWN_TOKENS = 16
 
@@ -156,11 +156,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for path in files:
         try:
             header = snapshot.verify(path)
-        except CorruptSnapshot as exc:
+        except CorruptSnapshotError as exc:
             damaged += 1
             print(f"DAMAGED {path}: field {exc.field}: {exc}")
             continue
-        except UnsupportedVersion as exc:
+        except UnsupportedVersionError as exc:
             damaged += 1
             print(f"DAMAGED {path}: field version: {exc}")
             continue

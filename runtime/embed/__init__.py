@@ -32,7 +32,7 @@ from runtime.embed.export import (
     quantize_int8,
     read_safetensors,
 )
-from runtime.errors import EmbedderError, ExportError
+from runtime.errors import EmbedderError
 from runtime.fsutil import cache_root, sha256_file
 
 __all__ = [
@@ -49,7 +49,6 @@ __all__ = [
     "EmbedStats",
     "Embedder",
     "EmbedderError",
-    "ExportError",
     "FloatArray",
     "TextEmbedder",
     "build_bert_onnx",

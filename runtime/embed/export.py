@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from runtime.errors import EmbedderError, ExportError
+from runtime.errors import EmbedderError
 from runtime.fsutil import TMP_PREFIX, cache_root, ensure_dir, fsync_dir, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -56,14 +56,14 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[Any]
     """
     raw = Path(path).read_bytes()
     if len(raw) < 8:
-        raise ExportError(f"{path}: too short for a safetensors file")
+        raise EmbedderError(f"{path}: too short for a safetensors file")
     (header_len,) = struct.unpack_from("<Q", raw, 0)
     if header_len > len(raw) - 8:
-        raise ExportError(f"{path}: header length {header_len} exceeds the file size")
+        raise EmbedderError(f"{path}: header length {header_len} exceeds the file size")
     try:
         header = json.loads(raw[8 : 8 + header_len])
     except ValueError as exc:
-        raise ExportError(f"{path}: header is not JSON: {exc}") from None
+        raise EmbedderError(f"{path}: header is not JSON: {exc}") from None
     data = memoryview(raw)[8 + header_len :]
     out: dict[str, npt.NDArray[Any]] = {}
     for name, spec in header.items():
@@ -71,12 +71,12 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[Any]
             continue
         dtype = _ST_DTYPES.get(spec["dtype"])
         if dtype is None:
-            raise ExportError(f"{path}: tensor {name} has unsupported dtype {spec['dtype']}")
+            raise EmbedderError(f"{path}: tensor {name} has unsupported dtype {spec['dtype']}")
         start, end = spec["data_offsets"]
         shape = tuple(int(d) for d in spec["shape"])
         expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if not 0 <= start <= end <= len(data) or end - start != expected:
-            raise ExportError(f"{path}: tensor {name} has bad offsets {start}..{end}")
+            raise EmbedderError(f"{path}: tensor {name} has bad offsets {start}..{end}")
         out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape).copy()
     return out
 
@@ -101,11 +101,11 @@ class BertConfig:
     def from_json(cls, cfg: Mapping[str, Any]) -> BertConfig:
         """Read a Hugging Face ``config.json`` dict; only absolute-position BERT is supported."""
         if cfg.get("model_type", "bert") != "bert":
-            raise ExportError(f"only BERT models can be exported, not {cfg.get('model_type')}")
+            raise EmbedderError(f"only BERT models can be exported, not {cfg.get('model_type')}")
         if cfg.get("position_embedding_type", "absolute") != "absolute":
-            raise ExportError("only absolute position embeddings are supported")
+            raise EmbedderError("only absolute position embeddings are supported")
         if cfg.get("hidden_act", "gelu") != "gelu":
-            raise ExportError(f"unsupported activation {cfg.get('hidden_act')}")
+            raise EmbedderError(f"unsupported activation {cfg.get('hidden_act')}")
         return cls(
             hidden_size=int(cfg["hidden_size"]),
             num_layers=int(cfg["num_hidden_layers"]),
@@ -150,7 +150,7 @@ def build_bert_onnx(weights: Mapping[str, npt.NDArray[Any]], cfg: BertConfig) ->
 
     h = cfg.hidden_size
     if h % cfg.num_heads:
-        raise ExportError(f"hidden size {h} is not divisible by {cfg.num_heads} heads")
+        raise EmbedderError(f"hidden size {h} is not divisible by {cfg.num_heads} heads")
     head_dim = h // cfg.num_heads
     prefix = "bert." if "bert.embeddings.word_embeddings.weight" in weights else ""
 
@@ -158,7 +158,7 @@ def build_bert_onnx(weights: Mapping[str, npt.NDArray[Any]], cfg: BertConfig) ->
         try:
             return np.asarray(weights[prefix + name], dtype=np.float32)
         except KeyError:
-            raise ExportError(f"weight {prefix + name} is missing") from None
+            raise EmbedderError(f"weight {prefix + name} is missing") from None
 
     g = _GraphBuilder()
     eps = cfg.layer_norm_eps
@@ -368,7 +368,7 @@ def _export_into(tmp: Path, src: Path, weights_path: Path, source_sha: str, mode
     weights = read_safetensors(weights_path)
     # the file we just parsed must be the one we hashed (it could be replaced meanwhile)
     if sha256_file(weights_path) != source_sha:
-        raise ExportError(f"{weights_path} changed during the export")
+        raise EmbedderError(f"{weights_path} changed during the export")
     model = build_bert_onnx(weights, cfg)
     onnx.checker.check_model(model)
     model_path = tmp / MODEL_FILE

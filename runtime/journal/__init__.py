@@ -13,7 +13,7 @@ normal; a torn last record (a crash mid-append: the file ends inside it, or its 
 reads as zeros) was never acknowledged, so it is cut off with a warning, its bytes moved to
 ``<journal>.torn-<offset>`` first (``.torn-<offset>.<n>`` if that name is taken: a rescue
 file is never overwritten). Any other damage (a bad checksum on a complete record, even the
-last one) is :class:`JournalCorrupt` naming the byte offset: dropping an acknowledged turn is
+last one) is :class:`JournalCorruptError` naming the byte offset: dropping an acknowledged turn is
 never acceptable. ``readonly=True`` opens without ever writing (and without the writer's
 lock).
 
@@ -31,17 +31,13 @@ every intermediate state reopens to the same entries.
 
 :meth:`Journal.drop_segments_before` deletes sealed segments wholly before a seq (the
 runtime's opt-in retention policy); later seqs keep their numbers, and reading a dropped entry
-raises :class:`JournalCompacted`.
+raises :class:`JournalCompactedError`.
 """
 
 from runtime.errors import (
-    JournalCompacted,
     JournalCompactedError,
-    JournalCorrupt,
     JournalCorruptError,
     JournalError,
-    JournalFullError,
-    JournalWriteError,
 )
 from runtime.journal.journal import Journal
 from runtime.journal.record import (
@@ -61,13 +57,9 @@ __all__ = [
     "MAX_RECORD",
     "Entry",
     "Journal",
-    "JournalCompacted",
     "JournalCompactedError",
-    "JournalCorrupt",
     "JournalCorruptError",
     "JournalError",
-    "JournalFullError",
-    "JournalWriteError",
     "journal_files",
     "journal_sessions",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import ArgumentError, JournalCompacted, JournalCorrupt, JournalError
+from runtime.errors import ArgumentError, JournalCompactedError, JournalCorruptError, JournalError
 from runtime.fsutil import (
     atomic_write_bytes,
     ensure_dir,
@@ -67,10 +67,10 @@ def _load(journal: Journal, seg: _Segment) -> None:
             raise
         journal._dropped = journal._load_dropped()
         if journal._was_dropped(seg.first, seg.first + 1):
-            raise JournalCompacted(
+            raise JournalCompactedError(
                 f"{seg.path}: removed by journal retention while it was open"
             ) from None
-        raise JournalCorrupt(seg.path, 0, "the sealed segment file is missing") from None
+        raise JournalCorruptError(seg.path, 0, "the sealed segment file is missing") from None
 
 
 class Journal:
@@ -84,8 +84,8 @@ class Journal:
     Appends go straight to the file descriptor (no user-space buffer), so a failed append
     (ENOSPC, EIO, an exception escaping write/fsync) is undone with one ``ftruncate`` back to
     the end of the last good record: the journal stays open and usable, and the error is a
-    :class:`JournalWriteError` (:class:`JournalFullError`, a
-    :class:`runtime.errors.DiskFullError`, for a full disk) naming the file.
+    :class:`runtime.errors.PersistError` (:class:`runtime.errors.DiskFullError` for a full
+    disk) naming the file.
 
     Opening costs what the active segment holds: sealed segments (see the package docstring)
     are read only when one of their entries is, and entries are parsed on first access.
@@ -177,7 +177,7 @@ class Journal:
             stored = self._segments[0].first if self._segments else self._first
             if stored > 0 and not self._was_dropped(0, stored):
                 # entries before the first file are gone, and no retention record says so
-                raise JournalCorrupt(
+                raise JournalCorruptError(
                     self._segments[0].path if self._segments else self.path,
                     0,
                     f"entries 0..{stored - 1} are missing (a segment file was lost)",
@@ -203,13 +203,13 @@ class Journal:
             try:
                 seq = int(json.loads(payload)["seq"])
             except (ValueError, KeyError, TypeError) as exc:
-                raise JournalCorrupt(self.path, 0, f"unreadable entry: {exc}") from exc
+                raise JournalCorruptError(self.path, 0, f"unreadable entry: {exc}") from exc
             if seq != expected:
                 if seq > expected and self._was_dropped(expected, seq):
                     return seq  # retention dropped the segments in between
                 if self.readonly and self._segments and seq > expected:
                     raise _Moved
-                raise JournalCorrupt(
+                raise JournalCorruptError(
                     self.path, 0, f"entry seq {seq}, expected {expected} after the segments"
                 )
         return expected
@@ -229,8 +229,10 @@ class Journal:
             _load(self, seg)
         if seg is None or not seg.first <= seq < seg.end:
             if self._was_dropped(seq, seq + 1):
-                raise JournalCompacted(f"{self.path}: entry {seq} was removed by journal retention")
-            raise JournalCorrupt(self.path, 0, f"the segment holding entry {seq} is missing")
+                raise JournalCompactedError(
+                    f"{self.path}: entry {seq} was removed by journal retention"
+                )
+            raise JournalCorruptError(self.path, 0, f"the segment holding entry {seq} is missing")
         return seg
 
     # -- retention -----------------------------------------------------------------------------
@@ -238,13 +240,15 @@ class Journal:
     def _missing(self, seq: int) -> JournalError:
         """The error for entry ``seq`` that no file holds: compacted, or lost."""
         if self._was_dropped(seq, seq + 1):
-            return JournalCompacted(f"{self.path}: entry {seq} was removed by journal retention")
-        return JournalCorrupt(self.path, 0, f"the segment holding entry {seq} is missing")
+            return JournalCompactedError(
+                f"{self.path}: entry {seq} was removed by journal retention"
+            )
+        return JournalCorruptError(self.path, 0, f"the segment holding entry {seq} is missing")
 
     def _check_gap(self, a: int, b: int) -> None:
         """Entries ``[a, b)`` are in no file: fine if retention dropped them, damage if not."""
         if not self._was_dropped(a, b):
-            raise JournalCorrupt(
+            raise JournalCorruptError(
                 self.path, 0, f"entries {a}..{b - 1} are missing (a segment file was lost)"
             )
 
@@ -266,7 +270,7 @@ class Journal:
         try:
             ranges = [(int(a), int(b)) for a, b in json.loads(data)["dropped"]]
         except (ValueError, KeyError, TypeError) as exc:
-            raise JournalCorrupt(self._dropped_path, 0, f"unreadable: {exc}") from None
+            raise JournalCorruptError(self._dropped_path, 0, f"unreadable: {exc}") from None
         return sorted(ranges)
 
     def _was_dropped(self, a: int, b: int) -> bool:
@@ -343,7 +347,7 @@ class Journal:
     def iter_from(self, seq: int) -> Iterator[Entry]:
         """Entries ``seq``, ``seq + 1``, ... up to the end as of this call, in order.
 
-        Sealed segments are read whole, once each; :class:`JournalCompacted` if ``seq`` is
+        Sealed segments are read whole, once each; :class:`JournalCompactedError` if ``seq`` is
         older than :attr:`first_seq`.
         """
         end = len(self)
@@ -427,8 +431,8 @@ class Journal:
         ``created`` is the turn's UNIX time (default: now; an imported history keeps its own).
 
         On failure nothing of the record is kept, the journal stays open, and the next append
-        reuses the same seq; an ``OSError`` comes out as :class:`JournalWriteError` (or
-        :class:`JournalFullError` for a full disk) naming the file. A full active file is
+        reuses the same seq; an ``OSError`` comes out as :class:`PersistError` (or
+        :class:`DiskFullError` for a full disk) naming the file. A full active file is
         sealed into a segment afterwards; a failed rotation only logs (the entry is safe) and
         is retried later.
         """
@@ -571,7 +575,7 @@ class Journal:
         ``keep`` lets a segment in the middle of the history stay (a session's first turn,
         pinned in its window, lives in segment 0 forever). The newest sealed segment always
         stays while the active file is empty, so that the journal still knows where its
-        numbering resumes. Dropped entries raise :class:`JournalCompacted`; iteration skips
+        numbering resumes. Dropped entries raise :class:`JournalCompactedError`; iteration skips
         them; every other seq keeps its number.
         """
         freed = 0

@@ -22,10 +22,8 @@ from typing import Any, BinaryIO
 
 from runtime.errors import (
     DamagedFileError,
-    JournalCorrupt,
+    JournalCorruptError,
     JournalError,
-    JournalFullError,
-    JournalWriteError,
     PersistError,
     UnsafePathError,
 )
@@ -106,9 +104,9 @@ def _scan(f: BinaryIO, path: Path, size: int) -> tuple[list[int], int]:
         if zlib.crc32(head[:8]) != head_crc:
             if _rest_is_zero(f, offset, size):
                 break  # an unwritten tail after a crash
-            raise JournalCorrupt(path, offset, "record header checksum mismatch")
+            raise JournalCorruptError(path, offset, "record header checksum mismatch")
         if length > MAX_RECORD:
-            raise JournalCorrupt(path, offset, f"record length {length} exceeds {MAX_RECORD}")
+            raise JournalCorruptError(path, offset, f"record length {length} exceeds {MAX_RECORD}")
         end = offset + _HEAD.size + length + _TAIL.size
         if end > size:
             break  # torn inside the payload
@@ -118,7 +116,7 @@ def _scan(f: BinaryIO, path: Path, size: int) -> tuple[list[int], int]:
         if zlib.crc32(payload) != crc:
             if end == size and _looks_unwritten(payload + tail):
                 break  # the last record, torn: its end never reached the disk
-            raise JournalCorrupt(path, offset, "payload checksum mismatch")
+            raise JournalCorruptError(path, offset, "payload checksum mismatch")
         offsets.append(offset)
         offset = end
     return offsets, offset
@@ -129,17 +127,17 @@ def _record_at(data: bytes | memoryview, path: Path, offset: int, base: int = 0)
     checked again: a segment may have been damaged since it was indexed."""
     at = offset - base
     if at < 0 or at + _HEAD.size > len(data):
-        raise JournalCorrupt(path, offset, "record is past the end of the file")
+        raise JournalCorruptError(path, offset, "record is past the end of the file")
     length, head_crc = _HEAD.unpack_from(data, at)
     if zlib.crc32(data[at : at + 8]) != head_crc or length > MAX_RECORD:
-        raise JournalCorrupt(path, offset, "record header checksum mismatch")
+        raise JournalCorruptError(path, offset, "record header checksum mismatch")
     start = at + _HEAD.size
     if start + length + _TAIL.size > len(data):
-        raise JournalCorrupt(path, offset, "record is past the end of the file")
+        raise JournalCorruptError(path, offset, "record is past the end of the file")
     payload = bytes(data[start : start + length])
     (crc,) = _TAIL.unpack_from(data, start + length)
     if zlib.crc32(payload) != crc:
-        raise JournalCorrupt(path, offset, "payload checksum mismatch")
+        raise JournalCorruptError(path, offset, "payload checksum mismatch")
     return payload
 
 
@@ -147,9 +145,9 @@ def _parse(payload: bytes, path: Path, offset: int, seq: int) -> Entry:
     try:
         entry = Entry.from_payload(payload)
     except (ValueError, KeyError, TypeError) as exc:
-        raise JournalCorrupt(path, offset, f"unreadable entry: {exc}") from exc
+        raise JournalCorruptError(path, offset, f"unreadable entry: {exc}") from exc
     if entry.seq != seq:
-        raise JournalCorrupt(path, offset, f"entry seq {entry.seq}, expected {seq}")
+        raise JournalCorruptError(path, offset, f"entry seq {entry.seq}, expected {seq}")
     return entry
 
 
@@ -169,8 +167,8 @@ def _rest_is_zero(f: BinaryIO, offset: int, size: int) -> bool:
 
 
 def _write_error(exc: OSError, path: Path, what: str) -> PersistError:
-    """:class:`JournalFullError` for a full disk, else :class:`JournalWriteError`."""
-    return persist_error(exc, path, what, error=JournalWriteError, full=JournalFullError)
+    """:class:`DiskFullError` for a full disk, else :class:`PersistError`."""
+    return persist_error(exc, path, what)
 
 
 def cut_torn_tail(path: Path, fd: int, good: int, size: int) -> None:

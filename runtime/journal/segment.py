@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from runtime.errors import JournalCorrupt
+from runtime.errors import JournalCorruptError
 from runtime.fsutil import atomic_write_bytes, open_nofollow
 from runtime.journal.record import (
     _HEAD,
@@ -137,7 +137,7 @@ def load_segment(seg: _Segment, *, writable: bool) -> None:
         with io.FileIO(fd, "r", closefd=False) as raw:
             offsets, good = _scan(io.BufferedReader(raw, 1 << 16), seg.path, size)
         if good != size or not offsets:
-            raise JournalCorrupt(seg.path, good, "a sealed segment ends in a torn record")
+            raise JournalCorruptError(seg.path, good, "a sealed segment ends in a torn record")
         whole = os.pread(fd, size, 0)
     finally:
         os.close(fd)

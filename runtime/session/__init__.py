@@ -2,35 +2,41 @@
 the pool that shares one context among them.
 
 One module per part: :mod:`~runtime.session.window` (the tokens in the KV sequence and the
-record a checkpoint keeps of them), :mod:`~runtime.session.resume` (rebuilding the KV),
-:mod:`~runtime.session.capture` (checkpoints), :mod:`~runtime.session.session` (turns),
-:mod:`~runtime.session.pool` (residency), :mod:`~runtime.session.ingest` (long-term sync).
+record a checkpoint keeps of them), :mod:`~runtime.session.kv` (the KV sequence),
+:mod:`~runtime.session.checkpointer` (checkpoints: the interface and the chunk store's),
+:mod:`~runtime.session.resume` (rebuilding the KV), :mod:`~runtime.session.session` (the
+session, composed of those parts), :mod:`~runtime.session.pool` (residency).
 """
 
 from runtime.errors import ContextFullError, SessionError
-from runtime.session.base import (
-    JOURNAL_DIR,
-    SNAPSHOT_ID_PREFIX,
-    WINDOW_ROLE,
-    ResumeReport,
-    _journal_seq_of,
-)
-from runtime.session.ingest import sync_longterm
+from runtime.layout import JOURNAL_DIR
+from runtime.session.checkpointer import Checkpointer, ChunkCheckpointer
+from runtime.session.kv import SequenceKV
 from runtime.session.pool import SessionPool
+from runtime.session.resume import Rebuild, ResumeReport
 from runtime.session.session import Session
-from runtime.session.window import window_after, window_from_manifest
+from runtime.session.window import (
+    WINDOW_ROLE,
+    Span,
+    Window,
+    window_after,
+    window_from_manifest,
+)
 
 __all__ = [
     "JOURNAL_DIR",
-    "SNAPSHOT_ID_PREFIX",
     "WINDOW_ROLE",
+    "Checkpointer",
+    "ChunkCheckpointer",
     "ContextFullError",
+    "Rebuild",
     "ResumeReport",
+    "SequenceKV",
     "Session",
     "SessionError",
     "SessionPool",
-    "_journal_seq_of",
-    "sync_longterm",
+    "Span",
+    "Window",
     "window_after",
     "window_from_manifest",
 ]

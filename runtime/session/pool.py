@@ -11,19 +11,15 @@ from typing import TYPE_CHECKING, Literal
 
 from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
 from runtime.chunks import ChunkStore
+from runtime.errors import ArgumentError, ContextFullError, SessionError
 from runtime.journal import DEFAULT_SEGMENT_ENTRIES, Journal, journal_sessions
-from runtime.store import SnapshotStore, validate_session_id
+from runtime.layout import JOURNAL_DIR, journal_path, validate_session_id, watermark_path
+from runtime.session.checkpointer import ChunkCheckpointer
+from runtime.session.resume import ResumeReport
+from runtime.session.session import Session
 
 if TYPE_CHECKING:
     from llamaffi import Context
-
-
-from runtime.errors import ContextFullError, SessionError
-from runtime.session.base import (
-    JOURNAL_DIR,
-    ResumeReport,
-)
-from runtime.session.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +29,21 @@ class SessionPool:
 
     A session is resident while its tokens are in the KV cache. All resident sessions share
     the context's ``n_ctx`` cells and ``n_seq_max`` sequences: before a session is resumed or
-    grows, the least recently used others are suspended (snapshot, then their cells freed, their
-    journal closed) until it fits. Idle sessions thus hold no KV memory and no open files.
+    grows, the least recently used others are suspended (checkpoint, then their cells freed,
+    their journal closed) until it fits. Idle sessions thus hold no KV memory and no open files.
 
     Args:
-        ctx: the shared context.
-        root: data directory (journals under ``root/journals``, snapshots under
-            ``root/snapshots``).
-        keep: snapshots kept per session.
-        snapshot_every, window: see :class:`Session`.
+        ctx: the shared context (a unified KV cache: chunked checkpoints need one).
+        root: data directory (journals under ``root/journals``).
+        chunks: the chunk store every session checkpoints into; the pool closes it.
+        scratch_seq: the sequence the chunk store copies ranges through (never a session's).
+        n_seq: sequence ids ``0 .. n_seq-1`` are the pool's (default: those below
+            ``scratch_seq``); the scratch sequence is never one of them.
+        overflow: see :class:`Session`.
+        policy: when to checkpoint (default: after every turn).
+        writer: the background checkpoint writer (``None``: write inline).
+        journal_fsync: fsync each journal append (leave on outside tests).
+        journal_segment_entries: the journals seal a segment every this many entries.
     """
 
     def __init__(
@@ -49,28 +51,30 @@ class SessionPool:
         ctx: Context,
         root: str | Path,
         *,
-        keep: int = 3,
-        snapshot_every: int = 1,
-        window: Literal["shift", "refuse"] = "shift",
+        chunks: ChunkStore,
+        scratch_seq: int,
         n_seq: int | None = None,
+        overflow: Literal["shift", "refuse"] = "shift",
         policy: CheckpointPolicy | None = None,
         writer: CheckpointWriter | None = None,
         journal_fsync: bool = True,
-        chunks: ChunkStore | None = None,
-        scratch_seq: int = -1,
         journal_segment_entries: int = DEFAULT_SEGMENT_ENTRIES,
     ) -> None:
+        if not 0 <= scratch_seq < ctx.n_seq_max:
+            raise ArgumentError("chunked checkpoints need a scratch sequence of the context")
         self.ctx = ctx
         self.journal_segment_entries = journal_segment_entries
         self.chunks = chunks
         self.scratch_seq = scratch_seq
         self.root = Path(root)
-        self.snapshot_every = snapshot_every
-        self.window = window
+        self.overflow = overflow
         #: sequence ids 0 .. n_seq-1 are the pool's; the rest are left to the caller (scratch)
-        self.n_seq = ctx.n_seq_max if n_seq is None else n_seq
-        if not 1 <= self.n_seq <= ctx.n_seq_max:
-            raise SessionError(f"n_seq must be in [1, {ctx.n_seq_max}], got {self.n_seq}")
+        self.n_seq = scratch_seq if n_seq is None else n_seq
+        if not 1 <= self.n_seq <= ctx.n_seq_max or self.n_seq > scratch_seq:
+            raise SessionError(
+                f"n_seq must be in [1, {ctx.n_seq_max}] and below the scratch sequence "
+                f"{scratch_seq}, got {self.n_seq}"
+            )
         self.policy = policy
         self.writer = writer
         self.journal_fsync = journal_fsync
@@ -79,7 +83,6 @@ class SessionPool:
         self.last_resume: ResumeReport | None = None
         # Hash the GGUF now (cached on disk by file identity), not inside the first turn.
         self.model_fingerprint = ctx.model.fingerprint
-        self.store = SnapshotStore(self.root / "snapshots", keep=keep)
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # resident only, LRU first
 
     def get(self, session_id: str) -> tuple[Session, ResumeReport | None]:
@@ -99,22 +102,7 @@ class SessionPool:
         if self.writer is not None:
             # A checkpoint still in the writer's queue is this session's newest state.
             self.writer.flush(validate_session_id(session_id))
-        session = Session(
-            self.ctx,
-            -1,
-            session_id,
-            self.root,
-            self.store,
-            snapshot_every=self.snapshot_every,
-            journal_fsync=self.journal_fsync,
-            make_room=self._make_room,
-            window=self.window,
-            policy=self.policy,
-            writer=self.writer,
-            chunks=self.chunks,
-            scratch_seq=self.scratch_seq,
-            journal_segment_entries=self.journal_segment_entries,
-        )
+        session = self._open(session_id)
         try:
             if session.n_tokens > self.ctx.n_ctx:
                 raise ContextFullError(
@@ -130,6 +118,34 @@ class SessionPool:
         self.resumes[report.source] = self.resumes.get(report.source, 0) + 1
         self.last_resume = report
         return session, report
+
+    def _open(self, session_id: str) -> Session:
+        """The session with its journal open and its checkpointer, not resident yet."""
+        journal = Journal(
+            journal_path(self.root, session_id),
+            fsync=self.journal_fsync,
+            segment_entries=self.journal_segment_entries,
+        )
+        checkpointer = ChunkCheckpointer(
+            self.chunks,
+            session_id,
+            scratch_seq=self.scratch_seq,
+            writer=self.writer,
+            policy=self.policy,
+        )
+        try:
+            return Session(
+                self.ctx,
+                -1,
+                session_id,
+                journal,
+                checkpointer,
+                make_room=self._make_room,
+                overflow=self.overflow,
+            )
+        except BaseException:
+            journal.close()
+            raise
 
     def resident(self) -> list[Session]:
         """The resident sessions, least recently used first."""
@@ -189,24 +205,22 @@ class SessionPool:
             self._evict(session)
 
     def delete(self, session_id: str) -> None:
-        """Forget a session: its KV cells, journal and snapshots. Long-term memory is separate
-        (its items carry the session id)."""
+        """Forget a session: its KV cells, journal and checkpoints. Long-term memory is
+        separate (its items carry the session id)."""
         session = self._sessions.pop(validate_session_id(session_id), None)
         if self.writer is not None:
             self.writer.discard(session_id)
             self.writer.flush(session_id)
         if session is not None:
             session.discard()
-        journal = self.root / JOURNAL_DIR / f"{session_id}.log"
+        journal = journal_path(self.root, session_id)
         Journal.remove_files(journal)  # the active file, its segments and rescue files
         with contextlib.suppress(FileNotFoundError):
-            journal.with_suffix(".ingested").unlink()
-        self.store.delete_session(session_id)
-        if self.chunks is not None:
-            self.chunks.delete_session(session_id)
+            watermark_path(journal).unlink()
+        self.chunks.delete_session(session_id)
 
     def close(self) -> None:
-        """Suspend every session, close journals, release the store lock."""
+        """Suspend every session, close journals, close the chunk store."""
         try:
             while self._sessions:
                 _, session = self._sessions.popitem(last=False)
@@ -217,9 +231,7 @@ class SessionPool:
             if self.writer is not None:
                 self.writer.flush()  # the final checkpoints, before the store lock goes
         finally:
-            self.store.close()
-            if self.chunks is not None:
-                self.chunks.close()
+            self.chunks.close()
 
     def __enter__(self) -> SessionPool:
         return self

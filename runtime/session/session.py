@@ -1,17 +1,20 @@
-"""A conversation's short-term memory: journal (truth) + KV sequence (cache) + snapshots.
+"""A conversation's short-term memory: journal (truth) + KV sequence (cache) + checkpoints.
 
 The order of a user turn is: tokenize, **append to the journal (fsynced)**, decode into the
-session's KV sequence, then (every ``snapshot_every`` turns) capture a snapshot into the
-store; a reply is generated first and journalled once complete. A context-window shift is a
-journal entry too, written before it is applied. A crash at any point therefore loses nothing
-that was acknowledged: on :meth:`Session.resume`, the newest valid snapshot whose tokens are
-the window after some journal entry is restored, and the later entries are repeated on top
-(decodes and shifts). With no usable snapshot the whole journal is repeated: slower, never
+session's KV sequence, then (when the checkpoint policy says so) checkpoint it; a reply is
+generated first and journalled once complete. A context-window shift is a journal entry too,
+written before it is applied. A crash at any point therefore loses nothing that was
+acknowledged: on :meth:`Session.resume`, the newest valid checkpoint whose tokens are the
+window after some journal entry is restored, and the later entries are repeated on top
+(decodes and shifts). With no usable checkpoint the whole journal is repeated: slower, never
 wrong.
 
-:class:`SessionPool` shares one context's ``n_ctx`` cells and ``n_seq_max`` sequences among
-the resident sessions and suspends the least recently used ones (snapshot, free their KV
-cells, close their journal) to make room, so idle sessions hold no KV memory and no files.
+A :class:`Session` is composed of three parts, each with its own module: the
+:class:`~runtime.journal.Journal`, the :class:`~runtime.session.window.Window` (the tokens in
+the KV sequence, span by span) and one injected
+:class:`~runtime.session.checkpointer.Checkpointer`; its KV sequence is a
+:class:`~runtime.session.kv.SequenceKV`, and :class:`~runtime.session.resume.Rebuild` rebuilds
+it.
 """
 
 from __future__ import annotations
@@ -19,58 +22,39 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
-from runtime.chunks import ChunkStore, Manifest
-from runtime.journal import DEFAULT_SEGMENT_ENTRIES, Entry, Journal
-from runtime.store import SnapshotStore, validate_session_id
+from runtime.errors import ArgumentError, ContextFullError, SessionError
+from runtime.journal import Entry, Journal
+from runtime.layout import validate_session_id
+from runtime.session.checkpointer import Checkpointer
+from runtime.session.kv import SequenceKV
+from runtime.session.resume import Rebuild, ResumeReport
+from runtime.session.window import WINDOW_ROLE, Window
 
 if TYPE_CHECKING:
     from llamaffi import Context, Sampler
 
-
-from runtime.errors import ArgumentError, ContextFullError, SessionError
-from runtime.session.base import (
-    JOURNAL_DIR,
-    WINDOW_ROLE,
-)
-from runtime.session.capture import _CaptureMixin
-from runtime.session.resume import _ResumeMixin
-
 logger = logging.getLogger(__name__)
 
 
-class Session(_ResumeMixin, _CaptureMixin):
+class Session:
     """One conversation bound to sequence ``seq_id`` of ``ctx``.
 
     Args:
         ctx: the context holding the KV cache.
-        seq_id: the sequence this session uses.
+        seq_id: the sequence this session uses (a pool hands one out at :meth:`resume`).
         session_id: a validated id (letters, digits, ``._-``; no path tricks).
-        root: the runtime's data directory; the journal is ``root/journals/<id>.log``.
-        store: where snapshots go (its writer lock is held by the caller).
-        snapshot_every: capture a snapshot after this many turns (0: only on suspend/close).
-        journal_fsync: fsync each journal append (leave on outside tests).
+        journal: the session's open journal (``journals/<id>.log``); the session closes it.
+        checkpointer: where the session's checkpoints go and come from.
         make_room: called with ``(session, n_tokens)`` before tokens are added, so that a pool
             can suspend other sessions until the shared KV cache has the cells.
-        policy: when to checkpoint (tokens/seconds since the last one); ``None`` keeps the
-            turn count ``snapshot_every``.
-        writer: the background writer that encodes and writes checkpoints (only the state copy
-            stays on the calling thread); ``None`` writes inline.
-        chunks: checkpoint into this chunk store (only the chunks not stored yet are copied and
-            written: a checkpoint costs what was added) instead of whole-sequence snapshots in
-            ``store``; resume reads its manifests first, then ``store``'s snapshots.
-        scratch_seq: the empty sequence the chunk store copies ranges through.
-        journal_segment_entries: the journal seals a segment every this many entries
-            (:class:`runtime.journal.Journal`).
-        window: what to do when a turn does not fit ``n_ctx``: ``"shift"`` (default) drops
+        overflow: what to do when a turn does not fit ``n_ctx``: ``"shift"`` (default) drops
             the oldest whole turns after the first one (kept: it is usually the system prompt)
             from the KV sequence, shifting the rest down (llama.cpp's context shift); the drop
             is journalled first, so a resume repeats it exactly. ``"refuse"`` raises
             :class:`ContextFullError` instead. Dropped turns stay in the journal (and in
-            long-term memory, via :func:`sync_longterm`).
+            long-term memory, which the runtime ingests from the journal).
 
     A Session (like the Context under it) is not thread-safe: use it from one thread.
     """
@@ -80,81 +64,94 @@ class Session(_ResumeMixin, _CaptureMixin):
         ctx: Context,
         seq_id: int,
         session_id: str,
-        root: str | Path,
-        store: SnapshotStore,
+        journal: Journal,
+        checkpointer: Checkpointer,
         *,
-        snapshot_every: int = 1,
-        journal_fsync: bool = True,
         make_room: Callable[[Session, int], None] | None = None,
-        window: Literal["shift", "refuse"] = "shift",
-        policy: CheckpointPolicy | None = None,
-        writer: CheckpointWriter | None = None,
-        chunks: ChunkStore | None = None,
-        scratch_seq: int = -1,
-        journal_segment_entries: int = DEFAULT_SEGMENT_ENTRIES,
+        overflow: Literal["shift", "refuse"] = "shift",
     ) -> None:
-        if window not in ("shift", "refuse"):
-            raise ArgumentError(f"window must be 'shift' or 'refuse', not {window!r}")
-        if chunks is not None and not 0 <= scratch_seq < ctx.n_seq_max:
-            raise ArgumentError("chunked checkpoints need a scratch sequence of the context")
-        self.policy = policy
-        self._writer = writer
-        self._chunks = chunks
-        self._scratch = scratch_seq
+        if overflow not in ("shift", "refuse"):
+            raise ArgumentError(f"overflow must be 'shift' or 'refuse', not {overflow!r}")
         self.ctx = ctx
-        self.window = window
-        self.seq_id = seq_id
         self.session_id = validate_session_id(session_id)
-        self.store = store
-        self.snapshot_every = snapshot_every
-        self.journal = Journal(
-            Path(root) / JOURNAL_DIR / f"{self.session_id}.log",
-            fsync=journal_fsync,
-            segment_entries=journal_segment_entries,
-        )
+        self.overflow = overflow
+        self.journal = journal
+        self.checkpointer = checkpointer
+        self.kv = SequenceKV(ctx, seq_id)
         self._make_room = make_room
-        #: readable manifests, newest first, read once for the window and the next resume
-        self._manifests: list[Manifest] | None = None
-        self._window = self._initial_window()
-        self._resident = False
-        self._since_snapshot = 0
-        self._new_tokens = 0  # tokens added since the last checkpoint
-        self._last_checkpoint = time.monotonic()
+        self._rebuild = Rebuild(self.session_id, journal, self.kv, checkpointer, self._room)
+        self.window: Window = self._rebuild.open_window()
         #: monotonic time of the last turn (for the idle sweeper)
         self.last_active = time.monotonic()
-        self._shift_pending = False  # a window shift not yet applied by a decode
-        self._last_snapshot_id = ""
-        #: Snapshots that could not be written (the turn itself was safe in the journal).
-        self.snapshot_failures = 0
+
+    def _room(self, n_tokens: int) -> None:
+        if self._make_room is not None:
+            self._make_room(self, n_tokens)
+
+    @property
+    def seq_id(self) -> int:
+        """The KV sequence the session uses now."""
+        return self.kv.seq_id
+
+    @property
+    def resident(self) -> bool:
+        """Whether the session's tokens are in the KV cache now."""
+        return self.kv.resident
 
     @property
     def n_tokens(self) -> int:
         """Tokens in the session's window (== its KV sequence when resident)."""
-        return len(self._window.tokens)
+        return len(self.window.tokens)
 
     def tokens(self) -> list[int]:
         """The window's tokens, position by position (a copy)."""
-        return list(self._window.tokens)
+        return list(self.window.tokens)
 
-    def _reserve(self, n: int) -> None:
-        """Make room for ``n`` more tokens (shifting the window if allowed), or refuse."""
+    def messages(self) -> list[tuple[str, str]]:
+        """The window's turns as ``(role, content)``, oldest first: what a chat template
+        renders for the KV sequence as it is now."""
+        return [(span.role, span.content) for span in self.window.spans if span.role]
+
+    def window_seqs(self) -> set[int]:
+        """Journal entries whose tokens are (at least partly) in the window now."""
+        return {span.seq for span in self.window.spans}
+
+    @property
+    def first_turn(self) -> bool:
+        """Whether nothing has been journalled yet (the next tokens start the sequence)."""
+        return len(self.journal) == 0
+
+    def _require_resident(self) -> None:
+        if self.journal.closed:
+            raise SessionError(
+                f"session {self.session_id!r} is closed (suspended by its pool to free memory, "
+                "or its journal failed): get it again with pool.get()"
+            )
+        if not self.kv.resident:
+            raise SessionError(f"session {self.session_id!r} is not resident: call resume()")
+
+    # -- the window ---------------------------------------------------------------------------
+
+    def reserve(self, n_tokens: int) -> None:
+        """Make room for ``n_tokens`` more tokens now: shift the window (journalled) if
+        allowed, and let the pool free shared cells. Raises :class:`ContextFullError`."""
+        self._require_resident()
         limit = self.ctx.n_ctx
-        if self.n_tokens + n > limit:
-            if self.window != "shift" or n > limit:
+        if self.n_tokens + n_tokens > limit:
+            if self.overflow != "shift" or n_tokens > limit:
                 raise ContextFullError(
-                    f"session {self.session_id!r} holds {self.n_tokens} tokens; {n} more "
-                    f"would exceed n_ctx={limit}"
+                    f"session {self.session_id!r} holds {self.n_tokens} tokens; {n_tokens} "
+                    f"more would exceed n_ctx={limit}"
                 )
-            self._shift(n)
-        if self._make_room is not None:
-            self._make_room(self, n)
+            self._shift(n_tokens)
+        self._room(n_tokens)
 
     def _shift(self, n: int) -> None:
         """Drop the oldest whole turns after the first until ``n`` more tokens fit, with a
         quarter of the context free afterwards so that shifts stay rare."""
         limit = self.ctx.n_ctx
         goal = min(limit - n, (3 * limit) // 4)
-        spans = self._window.spans
+        spans = self.window.spans
         if not self.ctx.memory.can_shift() or len(spans) < 2:
             raise ContextFullError(
                 f"session {self.session_id!r}: {n} more tokens do not fit n_ctx={limit} and "
@@ -174,94 +171,12 @@ class Session(_ResumeMixin, _CaptureMixin):
             )
         # Journal first: a crash after this line replays the same shift on resume.
         entry = self.journal.append(WINDOW_ROLE, "", (), {"drop": [a, b]})
-        self._window.apply(entry)
-        if self._resident:
-            self._apply_drop(a, b)
+        self.window.apply(entry)
+        if self.kv.resident:
+            self.kv.drop(a, b)
         logger.info(
             "session %s: shifted the window, dropped positions [%d, %d)", self.session_id, a, b
         )
-
-    # -- turns --------------------------------------------------------------------------------
-
-    def append(self, role: str, text: str, *, meta: dict[str, object] | None = None) -> Entry:
-        """Journal one turn (durable on return), then decode it into the KV sequence."""
-        self._require_resident()
-        model = self.ctx.model
-        tokens = model.tokenize(self.format_turn(role, text), add_special=len(self.journal) == 0)
-        self._reserve(len(tokens))
-        entry = self.journal.append(role, text, tokens, dict(meta or {}))
-        self._window.apply(entry)
-        try:
-            self._decode(tokens)
-        except BaseException:
-            # The turn is journalled but the KV is behind the journal now: force a resume
-            # (which replays it) before the next use.
-            self._drop_kv()
-            raise
-        self._after_turn(len(tokens))
-        return entry
-
-    def reply(self, n_predict: int = 64, sampler: Sampler | None = None) -> Entry:
-        """Generate the assistant's next turn, journal it, and keep it in the KV sequence."""
-        self._require_resident()
-        model = self.ctx.model
-        prefix = model.tokenize("assistant:", add_special=False)
-        newline = model.tokenize("\n", add_special=False)
-        fixed = len(prefix) + len(newline)
-        if self.window == "shift":
-            # the window makes room by shifting (never the first turn); a reply may take up to
-            # half the context
-            first = self._window.spans[0].length if self._window.spans else 0
-            room = min(self.ctx.n_ctx // 2, self.ctx.n_ctx - first - 1) - fixed
-        else:
-            room = self.ctx.n_ctx - self.n_tokens - fixed
-        if room < 1:
-            raise ContextFullError(
-                f"session {self.session_id!r} has no room left for a reply "
-                f"({self.n_tokens} of n_ctx={self.ctx.n_ctx} tokens used)"
-            )
-        n_predict = min(n_predict, room)
-        self._reserve(fixed + n_predict)
-        start = self.ctx.memory.pos_max(self.seq_id) + 1
-        try:
-            out = self.ctx.generate(prefix, n_predict, sampler, seq_id=self.seq_id)
-            kept = [t for t in out if not model.is_eog(t)]  # an EOG is sampled, not decoded
-            self._decode(newline)
-            # The journal holds exactly the tokens now in the KV sequence, so replay is exact.
-            # A crash before this append loses only a reply nobody was told about.
-            tokens = prefix + kept + newline
-            entry = self.journal.append("assistant", model.detokenize(kept), tokens)
-            self._window.apply(entry)
-        except BaseException:
-            # Put the KV back in step with the journal; if that is impossible, drop it and
-            # let the next resume() rebuild it.
-            if not self.ctx.memory.seq_rm(self.seq_id, start, -1):
-                self._drop_kv()
-            raise
-        self._after_turn(len(tokens))
-        return entry
-
-    # -- template-driven turns (what runtime.Runtime uses) ------------------------------------
-
-    def messages(self) -> list[tuple[str, str]]:
-        """The window's turns as ``(role, content)``, oldest first: what a chat template
-        renders for the KV sequence as it is now."""
-        return [(span.role, span.content) for span in self._window.spans if span.role]
-
-    def window_seqs(self) -> set[int]:
-        """Journal entries whose tokens are (at least partly) in the window now."""
-        return {span.seq for span in self._window.spans}
-
-    @property
-    def first_turn(self) -> bool:
-        """Whether nothing has been journalled yet (the next tokens start the sequence)."""
-        return len(self.journal) == 0
-
-    def reserve(self, n_tokens: int) -> None:
-        """Make room for ``n_tokens`` more tokens now: shift the window (journalled) if
-        allowed, and let the pool free shared cells. Raises :class:`ContextFullError`."""
-        self._require_resident()
-        self._reserve(n_tokens)
 
     def rewind(self, keep: int) -> None:
         """Cut the window back to its first ``keep`` tokens (journalled first, like a shift).
@@ -276,10 +191,12 @@ class Session(_ResumeMixin, _CaptureMixin):
         if keep == n:
             return
         entry = self.journal.append(WINDOW_ROLE, "", (), {"drop": [keep, n]})
-        self._window.apply(entry)
-        if not self.ctx.memory.seq_rm(self.seq_id, keep, -1):
-            self._drop_kv()
+        self.window.apply(entry)
+        if not self.kv.cut(keep):
+            self.kv.clear()
             raise SessionError(f"llama.cpp could not remove positions [{keep}, {n})")
+
+    # -- turns ----------------------------------------------------------------------------------
 
     def append_tokens(
         self,
@@ -296,8 +213,8 @@ class Session(_ResumeMixin, _CaptureMixin):
         Room must have been made with :meth:`reserve`. ``meta["content"]`` records what the
         model saw when it differs from ``text`` (a user turn with retrieved memories).
         ``checkpoint=False`` counts the tokens toward the policy but leaves the checkpoint to
-        the end of the reply (so a prompt is never delayed by a state copy). ``created``: the
-        entry's UNIX time (default now).
+        the end of the reply (so a prompt is never delayed by a state copy). ``created`` is
+        the turn's UNIX time (default: now; an imported history keeps its own).
         """
         self._require_resident()
         tokens = list(tokens)
@@ -309,17 +226,16 @@ class Session(_ResumeMixin, _CaptureMixin):
                 f"n_ctx={self.ctx.n_ctx}; reserve() first"
             )
         entry = self.journal.append(role, text, tokens, dict(meta or {}), created=created)
-        self._window.apply(entry)
+        self.window.apply(entry)
         try:
-            self._decode(tokens)
+            self.kv.decode(tokens)
         except BaseException:
-            self._drop_kv()  # journalled but not in the KV: the next resume replays it
+            self.kv.clear()  # journalled but not in the KV: the next resume replays it
             raise
         if checkpoint:
             self._after_turn(len(tokens))
         else:
-            self._since_snapshot += 1
-            self._new_tokens += len(tokens)
+            self.checkpointer.count(len(tokens))
         return entry
 
     def generate(
@@ -347,8 +263,8 @@ class Session(_ResumeMixin, _CaptureMixin):
         stop string. The journal entry holds exactly the tokens decoded.
         """
         self._require_resident()
-        model, memory = self.ctx.model, self.ctx.memory
-        start = memory.pos_max(self.seq_id) + 1
+        model = self.ctx.model
+        start = self.kv.next_pos()
         holdback = max((len(x) for x in stop), default=1) - 1
         decoded: list[int] = []
         raw = b""
@@ -371,7 +287,7 @@ class Session(_ResumeMixin, _CaptureMixin):
                     text = text[:cut]
                     finish = "stop"
                     break
-                self._decode([token])
+                self.kv.decode([token])
                 decoded.append(token)
                 if on_text is not None:
                     safe = len(text) - holdback
@@ -383,54 +299,131 @@ class Session(_ResumeMixin, _CaptureMixin):
                 on_text(text.rstrip()[emitted:])
             tail = list(close(reply))
             if tail:
-                self._decode(tail)
+                self.kv.decode(tail)
             tokens = decoded + tail
             entry_meta = dict(meta or {})
             entry_meta["finish"] = finish
             entry_meta["generated"] = len(decoded)
             entry = self.journal.append("assistant", reply, tokens, entry_meta)
-            self._window.apply(entry)
+            self.window.apply(entry)
         except BaseException:
             # Put the KV back in step with the journal (nothing of this reply is journalled);
             # if that is impossible, drop it and let the next resume() rebuild it.
-            if not memory.seq_rm(self.seq_id, start, -1):
-                self._drop_kv()
+            if not self.kv.cut(start):
+                self.kv.clear()
             raise
         self._after_turn(len(tokens))
         return entry, finish
 
-    @staticmethod
-    def format_turn(role: str, text: str) -> str:
-        """How a turn is rendered into the sequence (one line per turn)."""
-        return f"{role}: {text}\n"
-
-    def _after_turn(self, n_tokens: int = 0) -> None:
-        self._since_snapshot += 1
-        self._new_tokens += n_tokens
+    def _after_turn(self, n_tokens: int) -> None:
+        self.checkpointer.count(n_tokens)
         self.last_active = time.monotonic()
-        if self.policy is not None:
-            due = self.policy.due(self._new_tokens, time.monotonic() - self._last_checkpoint)
-        else:
-            due = bool(self.snapshot_every and self._since_snapshot >= self.snapshot_every)
-        if due:
+        if self.checkpointer.due():
             self._try_checkpoint()
 
-    # -- snapshots and residency ---------------------------------------------------------------
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    @property
+    def shift_pending(self) -> bool:
+        """Whether a window shift waits for the next decode (no checkpoint until then)."""
+        return self.kv.shift_pending
+
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens added since the last checkpoint (what a crash now would replay)."""
+        return self.checkpointer.unsaved_tokens
+
+    @property
+    def checkpoint_failures(self) -> int:
+        """Checkpoints that could not be written (the turns themselves were safe)."""
+        return self.checkpointer.failures
+
+    def _last_seq(self) -> int:
+        return self.journal[-1].seq if len(self.journal) else -1
+
+    def _try_checkpoint(self) -> None:
+        """Checkpoint now, but never fail a turn that is already safe in the journal."""
+        if self.kv.shift_pending:
+            logger.debug("session %s: shift not applied yet; checkpoint deferred", self.session_id)
+            return
+        self.checkpointer.take(self.ctx, self.seq_id, self.window, self._last_seq())
+
+    def checkpoint(self) -> object:
+        """Checkpoint the KV sequence now and wait for it; returns what was written."""
+        self._require_resident()
+        if self.kv.shift_pending:
+            raise SessionError(
+                f"session {self.session_id!r}: a window shift is not applied until the next "
+                "decode; checkpoint after it"
+            )
+        return self.checkpointer.take_now(self.ctx, self.seq_id, self.window, self._last_seq())
+
+    def checkpoint_if_idle(self, idle_seconds: float) -> bool:
+        """Checkpoint (never failing) if tokens are unsaved and the session has been idle for
+        ``idle_seconds``; True if one was taken."""
+        if not self.kv.resident or self.journal.closed or not self.checkpointer.unsaved_turns:
+            return False
+        if time.monotonic() - self.last_active < idle_seconds:
+            return False
+        self._try_checkpoint()
+        return True
+
+    def journal_needs(self) -> tuple[int, set[int]] | None:
+        """What a resume can still need of the journal (see
+        :meth:`runtime.session.checkpointer.ChunkCheckpointer.journal_needs`)."""
+        return self.checkpointer.journal_needs(len(self.journal))
+
+    def compact_journal(self, keep_from: int) -> int:
+        """Delete the journal's sealed segments that a resume no longer needs and that hold
+        only entries older than ``keep_from`` (long-term memory's ingestion mark + 1); return
+        the bytes freed. This is the opt-in retention policy: the history it removes lives on
+        only in long-term memory."""
+        if self.journal.closed or self.journal.n_segments == 0:
+            return 0
+        needs = self.journal_needs()
+        if needs is None:
+            return 0
+        from_seq, window = needs
+        return self.journal.drop_segments_before(min(keep_from, from_seq), keep=window)
+
+    # -- residency ------------------------------------------------------------------------------
+
+    def resume(
+        self, *, seq_id: int | None = None, allow_build_mismatch: bool = False
+    ) -> ResumeReport:
+        """Rebuild the KV sequence from the newest valid checkpoint plus the journal.
+
+        ``seq_id`` binds the session to that sequence first (a pool hands out a free one when
+        it resumes a session); by default the session keeps its own.
+        """
+        if seq_id is not None:
+            if not 0 <= seq_id < self.ctx.n_seq_max:
+                raise SessionError(f"seq_id must be in [0, {self.ctx.n_seq_max}), got {seq_id}")
+            self.kv.seq_id = seq_id
+        if self.n_tokens > self.ctx.n_ctx:
+            raise ContextFullError(
+                f"session {self.session_id!r} holds {self.n_tokens} tokens, more than "
+                f"n_ctx={self.ctx.n_ctx}: open it with a larger context"
+            )
+        report, self.window = self._rebuild.run(
+            self.window, allow_build_mismatch=allow_build_mismatch
+        )
+        return report
 
     def discard(self) -> None:
         """Free the KV cells and close the journal without a checkpoint (the session is being
         deleted)."""
         if not self.ctx.closed and self.seq_id >= 0:
-            self._drop_kv()
+            self.kv.clear()
         self.journal.close()
 
     def suspend(self) -> None:
-        """Snapshot if anything is new, then free the sequence's KV cells."""
-        if not self._resident:
+        """Checkpoint if anything is new, then free the sequence's KV cells."""
+        if not self.kv.resident:
             return
-        if self._since_snapshot:
+        if self.checkpointer.unsaved_turns:
             self._try_checkpoint()
-        self._drop_kv()
+        self.kv.clear()
 
     def close(self) -> None:
         """Suspend (if the context is still open) and close the journal."""

@@ -9,14 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 from runtime.chunks import Lineage, shift_lineage
 from runtime.journal import Entry, Journal, JournalError
-from runtime.session.base import WINDOW_ROLE
+
+#: Journal role of a context-window shift: ``meta["drop"] = [a, b)``, window token offsets.
+WINDOW_ROLE = "window"
 
 if TYPE_CHECKING:
     from runtime.chunks import Manifest
 
 
 @dataclass
-class _Span:
+class Span:
     """One journal entry's tokens inside the window: positions [start, start + length).
 
     ``role`` and ``content`` are what a chat template renders for the entry (``content`` is the
@@ -31,7 +33,7 @@ class _Span:
     seq: int = -1
 
 
-class _Window:
+class Window:
     """The tokens in a session's KV sequence: the journal's, minus the ranges shifted out.
 
     Positions stay contiguous: a token's index in :attr:`tokens` is its KV position.
@@ -39,7 +41,7 @@ class _Window:
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
-        self.spans: list[_Span] = []
+        self.spans: list[Span] = []
         #: the window shifts so far, as chunk keys need them (runtime.chunks.shift_lineage)
         self.lineage: Lineage = ()
 
@@ -50,7 +52,7 @@ class _Window:
             self.drop(a, b)
         elif entry.tokens:
             content = str(entry.meta.get("content", entry.text))
-            span = _Span(len(self.tokens), len(entry.tokens), entry.role, content, entry.seq)
+            span = Span(len(self.tokens), len(entry.tokens), entry.role, content, entry.seq)
             self.spans.append(span)
             self.tokens.extend(entry.tokens)
 
@@ -66,17 +68,17 @@ class _Window:
         for span in self.spans:
             if span.start >= b:
                 kept.append(
-                    _Span(span.start - (b - a), span.length, span.role, span.content, span.seq)
+                    Span(span.start - (b - a), span.length, span.role, span.content, span.seq)
                 )
             elif span.start + span.length <= a:
                 kept.append(span)
             elif span.start < a:
-                kept.append(_Span(span.start, a - span.start, span.role, span.content, span.seq))
+                kept.append(Span(span.start, a - span.start, span.role, span.content, span.seq))
         self.spans = kept
 
-    def copy(self) -> _Window:
+    def copy(self) -> Window:
         """An independent copy (spans are immutable in use, so the list is copied)."""
-        out = _Window()
+        out = Window()
         out.tokens = list(self.tokens)
         out.spans = list(self.spans)
         out.lineage = self.lineage
@@ -87,7 +89,7 @@ class _Window:
         return {"spans": [[s.start, s.length, s.seq] for s in self.spans]}
 
 
-def window_from_manifest(journal: Journal, man: Manifest) -> _Window | None:
+def window_from_manifest(journal: Journal, man: Manifest) -> Window | None:
     """The window after entry ``man.journal_seq`` as the manifest records it
     (``meta["window"]["spans"]``: ``[start, length, seq]`` per span), checked against the
     journal: the spans must tile the manifest's tokens, and each must be the head of its
@@ -101,7 +103,7 @@ def window_from_manifest(journal: Journal, man: Manifest) -> _Window | None:
     spans = record.get("spans") if isinstance(record, dict) else None
     if not isinstance(spans, list) or not -1 <= man.journal_seq < len(journal):
         return None
-    window = _Window()
+    window = Window()
     window.tokens = list(man.tokens)
     window.lineage = man.lineage
     pos = 0
@@ -116,17 +118,17 @@ def window_from_manifest(journal: Journal, man: Manifest) -> _Window | None:
             if list(entry.tokens[:length]) != window.tokens[start : start + length]:
                 return None
             content = str(entry.meta.get("content", entry.text))
-            window.spans.append(_Span(start, length, entry.role, content, seq))
+            window.spans.append(Span(start, length, entry.role, content, seq))
             pos = start + length
     except (TypeError, ValueError, LookupError, JournalError):
         return None
     return window if pos == len(window.tokens) else None
 
 
-def window_after(journal: Journal, seq: int) -> _Window:
+def window_after(journal: Journal, seq: int) -> Window:
     """The window after entry ``seq``, walking the journal from its start (the slow way, for
     checkpoints that do not record their window)."""
-    window = _Window()
+    window = Window()
     for entry in journal:
         if entry.seq > seq:
             break

@@ -21,25 +21,28 @@ Typical use::
 
     snap = snapshot.capture(ctx, seq_id=0, tokens=tokens, session_id="chat-1")
     snapshot.write(path, snap)
+
+or in two phases, for a caller that must not hold the context while it compresses::
+
+    copy = snapshot.copy_state(ctx, seq_id=0, tokens=tokens)  # the context's thread
+    snap = copy.encode(session_id="chat-1")                  # any thread
     snapshot.restore(other_ctx, snapshot.read(path), seq_id=1)
 
 One module per concept: :mod:`~runtime.snapshot.format` (struct tables, header, versions),
 :mod:`~runtime.snapshot.identity` (:class:`CacheIdentity`), :mod:`~runtime.snapshot.container`
 (:class:`Snapshot` in memory), :mod:`~runtime.snapshot.codec` (planes, zstd, digests),
 :mod:`~runtime.snapshot.io` (files), :mod:`~runtime.snapshot.live` (capture and restore against
-a context: the only one that touches ``llamaffi``).
+a context: the only one that touches ``llamaffi``, and the only one that imports the others'
+context-facing parts; nothing imports it back). The codec's stages (:func:`verify_digests`,
+:func:`decompress_frame_into`, :func:`merge_planes`, :func:`parallel_map`) are public so that
+a profiler can time them one by one.
 """
 
-import zstandard as zstandard
-
 from runtime.errors import (
-    CorruptSnapshot,
     CorruptSnapshotError,
-    IncompatibleSnapshot,
     IncompatibleSnapshotError,
     RestoreError,
     SnapshotError,
-    UnsupportedVersion,
     UnsupportedVersionError,
 )
 from runtime.snapshot.codec import (
@@ -48,38 +51,33 @@ from runtime.snapshot.codec import (
     compress_chunks,
     decode,
     decode_into,
+    decompress_frame_into,
     encode,
+    frame_length,
     merge_planes,
     new_snapshot_id,
+    parallel_map,
     shuffle2,
     split_planes,
     unshuffle2,
 )
-from runtime.snapshot.codec import (
-    _decompress_into as _decompress_into,
-)
-from runtime.snapshot.codec import (
-    _frame_length as _frame_length,
-)
-from runtime.snapshot.codec import (
-    _parallel_map as _parallel_map,
-)
-from runtime.snapshot.container import Snapshot, chunk_digest, read_header
-from runtime.snapshot.container import _verify_digests as _verify_digests
-from runtime.snapshot.format import (
-    _BODY as _BODY,
-)
-from runtime.snapshot.format import (
-    _BODY_V2 as _BODY_V2,
-)
-from runtime.snapshot.format import (
-    _CHUNK_ENTRY as _CHUNK_ENTRY,
+from runtime.snapshot.container import (
+    Snapshot,
+    chunk_digest,
+    header_from_buffer,
+    read_header,
+    verify_digests,
 )
 from runtime.snapshot.format import (
     BODY_FIELDS_V1,
     BODY_FIELDS_V2,
+    CHUNK_DIGEST_LEN,
+    DIGEST_LEN,
     FILE_SUFFIX,
     FORMAT_VERSION,
+    LAYOUT_FLASH_ATTN,
+    LAYOUT_KV_UNIFIED,
+    LAYOUT_V_TRANS,
     MAGIC,
     MAX_CHUNK_SIZE,
     MAX_HEADER_LEN,
@@ -87,6 +85,7 @@ from runtime.snapshot.format import (
     MIN_HEADER_LEN,
     NO_JOURNAL_SEQ,
     READER_SUPPORTED_VERSIONS,
+    TYPE_NAME_LEN,
     ChunkEntry,
     CodecId,
     Filter,
@@ -96,20 +95,21 @@ from runtime.snapshot.format import (
     count_chunks,
     min_header_len,
 )
-
-# the earlier module's other public constants, still importable from here
-from runtime.snapshot.format import CHUNK_DIGEST_LEN as CHUNK_DIGEST_LEN
-from runtime.snapshot.format import DIGEST_LEN as DIGEST_LEN
-from runtime.snapshot.format import LAYOUT_FLASH_ATTN as LAYOUT_FLASH_ATTN
-from runtime.snapshot.format import LAYOUT_KV_UNIFIED as LAYOUT_KV_UNIFIED
-from runtime.snapshot.format import LAYOUT_V_TRANS as LAYOUT_V_TRANS
-from runtime.snapshot.format import TYPE_NAME_LEN as TYPE_NAME_LEN
 from runtime.snapshot.identity import CacheIdentity
-from runtime.snapshot.io import inspect, iter_snapshot_files, read, verify, write
+from runtime.snapshot.io import (
+    inspect,
+    iter_snapshot_files,
+    read,
+    verify,
+    verify_snapshot,
+    write,
+)
 from runtime.snapshot.live import (
+    StateCopy,
     capture,
     check_compatible,
     check_raw_size,
+    copy_state,
     identity_of,
     max_state_size,
     restore,
@@ -120,9 +120,14 @@ from runtime.snapshot.live import (
 __all__ = [
     "BODY_FIELDS_V1",
     "BODY_FIELDS_V2",
+    "CHUNK_DIGEST_LEN",
     "DEFAULT_CODEC",
+    "DIGEST_LEN",
     "FILE_SUFFIX",
     "FORMAT_VERSION",
+    "LAYOUT_FLASH_ATTN",
+    "LAYOUT_KV_UNIFIED",
+    "LAYOUT_V_TRANS",
     "MAGIC",
     "MAX_CHUNK_SIZE",
     "MAX_HEADER_LEN",
@@ -130,21 +135,20 @@ __all__ = [
     "MIN_HEADER_LEN",
     "NO_JOURNAL_SEQ",
     "READER_SUPPORTED_VERSIONS",
+    "TYPE_NAME_LEN",
     "CacheIdentity",
     "ChunkEntry",
     "Codec",
     "CodecId",
-    "CorruptSnapshot",
     "CorruptSnapshotError",
     "Filter",
-    "IncompatibleSnapshot",
     "IncompatibleSnapshotError",
     "RestoreError",
     "Snapshot",
     "SnapshotError",
     "SnapshotHeader",
+    "StateCopy",
     "StateKind",
-    "UnsupportedVersion",
     "UnsupportedVersionError",
     "capture",
     "check_compatible",
@@ -152,10 +156,14 @@ __all__ = [
     "check_raw_size",
     "chunk_digest",
     "compress_chunks",
+    "copy_state",
     "count_chunks",
     "decode",
     "decode_into",
+    "decompress_frame_into",
     "encode",
+    "frame_length",
+    "header_from_buffer",
     "identity_of",
     "inspect",
     "iter_snapshot_files",
@@ -163,6 +171,7 @@ __all__ = [
     "merge_planes",
     "min_header_len",
     "new_snapshot_id",
+    "parallel_map",
     "read",
     "read_header",
     "restore",
@@ -172,5 +181,7 @@ __all__ = [
     "split_planes",
     "unshuffle2",
     "verify",
+    "verify_digests",
+    "verify_snapshot",
     "write",
 ]

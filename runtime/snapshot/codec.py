@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
-from runtime.errors import CorruptSnapshot
+from runtime.errors import CorruptSnapshotError
 from runtime.snapshot.container import Snapshot, _check_digest, _DeferredSnapshot, chunk_digest
 from runtime.snapshot.format import (
     _ZSTD_MAX_LEVEL,
@@ -85,7 +85,7 @@ def _n_threads(threads: int) -> int:
     return threads if threads > 0 else max(1, min(4, os.cpu_count() or 1))
 
 
-def _parallel_map(fn: Callable[[int], T], n: int, threads: int) -> list[T]:
+def parallel_map(fn: Callable[[int], T], n: int, threads: int) -> list[T]:
     """Run ``fn(i)`` for ``i`` in ``range(n)``, on a shared pool when it is worth it.
 
     zstd and numpy's copy loops release the GIL, so threads scale on real cores.
@@ -241,7 +241,7 @@ def compress_chunks(raw: Any, codec: Codec) -> tuple[list[bytes], list[ChunkEntr
         frames = _compress_segment(data[k * size : (k + 1) * size], codec.filter, state)
         return [(f, ChunkEntry(len(f), chunk_digest(f))) for f in frames]
 
-    results = [pair for seg in _parallel_map(work, n_segments, codec.threads) for pair in seg]
+    results = [pair for seg in parallel_map(work, n_segments, codec.threads) for pair in seg]
     return [frame for frame, _ in results], [entry for _, entry in results]
 
 
@@ -252,16 +252,16 @@ def _check_frame(
     try:
         declared = zstandard.frame_content_size(chunk)
     except zstandard.ZstdError as exc:
-        raise CorruptSnapshot(f"chunk[{i}].zstd_frame", str(exc), source=source) from None
+        raise CorruptSnapshotError(f"chunk[{i}].zstd_frame", str(exc), source=source) from None
     if declared != header.chunk_raw_len(i):
-        raise CorruptSnapshot(
+        raise CorruptSnapshotError(
             f"chunk[{i}].raw_size",
             f"frame declares {declared} bytes, header expects {header.chunk_raw_len(i)}",
             source=source,
         )
 
 
-def _frame_length(chunk: bytes | memoryview) -> int:
+def frame_length(chunk: bytes | memoryview) -> int:
     """The length of the zstd frame that starts ``chunk``, from its frame and block headers.
 
     Lets the reader check that a frame fills its chunk exactly (content checksum included)
@@ -284,7 +284,7 @@ def _frame_length(chunk: bytes | memoryview) -> int:
     raise zstandard.ZstdError("the zstd frame has no last block")
 
 
-def _decompress_into(
+def decompress_frame_into(
     header: SnapshotHeader,
     i: int,
     chunk: bytes | memoryview,
@@ -300,8 +300,8 @@ def _decompress_into(
         raise ArgumentError(f"chunk {i} decodes to {expected} bytes, not {dst.size}")
     got = 0
     try:
-        if _frame_length(chunk) != len(chunk):
-            raise CorruptSnapshot(
+        if frame_length(chunk) != len(chunk):
+            raise CorruptSnapshotError(
                 f"chunk[{i}].zstd_frame", "the zstd frame does not fill its chunk", source=source
             )
         # the whole frame is the input and the output fits it: zstd decodes in one pass
@@ -313,9 +313,9 @@ def _decompress_into(
             got += n
         trailing = reader.read(1)
     except zstandard.ZstdError as exc:
-        raise CorruptSnapshot(f"chunk[{i}].zstd_frame", str(exc), source=source) from None
+        raise CorruptSnapshotError(f"chunk[{i}].zstd_frame", str(exc), source=source) from None
     if got != expected or trailing:
-        raise CorruptSnapshot(
+        raise CorruptSnapshotError(
             f"chunk[{i}].raw_size",
             f"decompressed to {got}{'+' if trailing else ''} bytes, expected {expected}",
             source=source,
@@ -346,17 +346,17 @@ def _decode_segment(
         for i in range(per * k, per * (k + 1)):
             _check_digest(header, i, chunks[i], source)
     if filt is Filter.NONE:
-        _decompress_into(header, k, chunks[k], dst, dctx, source)
+        decompress_frame_into(header, k, chunks[k], dst, dctx, source)
         return
     work = state.scratch[: dst.size]
     if filt is Filter.PLANES2:
         n_low = header.chunk_raw_len(2 * k)
         low, high = work[:n_low], work[n_low:]
-        _decompress_into(header, 2 * k, chunks[2 * k], low, dctx, source)
-        _decompress_into(header, 2 * k + 1, chunks[2 * k + 1], high, dctx, source)
+        decompress_frame_into(header, 2 * k, chunks[2 * k], low, dctx, source)
+        decompress_frame_into(header, 2 * k + 1, chunks[2 * k + 1], high, dctx, source)
         merge_planes(low, high, dst)
         return
-    _decompress_into(header, k, chunks[k], work, dctx, source)
+    decompress_frame_into(header, k, chunks[k], work, dctx, source)
     unshuffle2(work, dst)
 
 
@@ -389,7 +389,7 @@ def decode_into(
         dst = out[start : start + header.segment_len(k)]
         _decode_segment(header, k, snapshot.chunks, dst, state, source, digests)
 
-    _parallel_map(work, header.n_segments, threads)
+    parallel_map(work, header.n_segments, threads)
 
 
 def decode(snapshot: Snapshot, *, threads: int = 0) -> npt.NDArray[np.uint8]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 import xxhash
 
-from runtime.errors import CorruptSnapshot
+from runtime.errors import CorruptSnapshotError
 from runtime.snapshot.format import _PREFIX, SnapshotHeader, check_prefix
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ def chunk_digest(frame: bytes | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(frame)
 
 
-def _verify_digests(
+def verify_digests(
     header: SnapshotHeader, chunks: Sequence[bytes | memoryview], source: str | None
 ) -> None:
     # On the calling thread: python-xxhash holds the GIL, so a pool would not run the hashes
@@ -39,7 +39,7 @@ def _check_digest(
     header: SnapshotHeader, i: int, chunk: bytes | memoryview, source: str | None
 ) -> None:
     if chunk_digest(chunk) != header.chunks[i].digest:
-        raise CorruptSnapshot(
+        raise CorruptSnapshotError(
             f"chunk[{i}].checksum",
             f"xxh3-128 of compressed chunk {i} (of {len(header.chunks)}) does not match the header",
             source=source,
@@ -104,7 +104,7 @@ class Snapshot:
         view[: len(packed)] = packed
         got = len(packed) + _readinto_full(f, view[len(packed) :])
         if got != file_size:
-            raise CorruptSnapshot(
+            raise CorruptSnapshotError(
                 "file_size",
                 f"file ended after {got} of {file_size} bytes (changed while being read)",
                 source=source,
@@ -112,14 +112,18 @@ class Snapshot:
         return cls._from_view(header, view, source)
 
     @classmethod
-    def from_buffer(cls, data: memoryview, *, source: str | None = None) -> Snapshot:
-        """Parse and verify a whole snapshot file held in ``data``; chunks are views into it."""
+    def from_buffer(
+        cls, data: memoryview, *, source: str | None = None, defer_digests: bool = False
+    ) -> Snapshot:
+        """Parse and verify a whole snapshot file held in ``data``; chunks are views into it.
+
+        ``defer_digests=True`` leaves the chunk digests to :func:`decode_into`, which checks
+        each frame just before decoding it (see :func:`runtime.snapshot.read`); such a
+        snapshot must not be used for anything but decoding.
+        """
         view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-        header_len = check_prefix(bytes(view[: _PREFIX.size]), source=source)
-        _check_header_fits(header_len, len(view), source)
-        header = SnapshotHeader.unpack(view[:header_len], source=source)
-        _check_file_size(header, len(view), source)
-        return cls._from_view(header, view, source)
+        header = header_from_buffer(view, source=source)
+        return cls._from_view(header, view, source, defer=defer_digests)
 
     @classmethod
     def _from_view(
@@ -134,7 +138,7 @@ class Snapshot:
             offset += entry.size
         if defer:
             return _DeferredSnapshot(header=header, chunks=tuple(chunks))
-        _verify_digests(header, chunks, source)
+        verify_digests(header, chunks, source)
         return cls(header=header, chunks=tuple(chunks))
 
     @classmethod
@@ -152,9 +156,19 @@ class _DeferredSnapshot(Snapshot):
     before decoding it, so its bytes travel from the page cache once, not twice."""
 
 
+def header_from_buffer(view: memoryview, *, source: str | None = None) -> SnapshotHeader:
+    """Parse and validate only the header of a whole snapshot file held in ``view`` (its
+    size is checked against the header; the payload is not read)."""
+    header_len = check_prefix(bytes(view[: _PREFIX.size]), source=source)
+    _check_header_fits(header_len, len(view), source)
+    header = SnapshotHeader.unpack(view[:header_len], source=source)
+    _check_file_size(header, len(view), source)
+    return header
+
+
 def _check_header_fits(header_len: int, file_size: int, source: str | None) -> None:
     if header_len > file_size:
-        raise CorruptSnapshot(
+        raise CorruptSnapshotError(
             "file_size",
             f"file is {file_size} bytes but the header alone claims {header_len}",
             source=source,
@@ -163,7 +177,7 @@ def _check_header_fits(header_len: int, file_size: int, source: str | None) -> N
 
 def _check_file_size(header: SnapshotHeader, file_size: int, source: str | None) -> None:
     if header.file_size != file_size:
-        raise CorruptSnapshot(
+        raise CorruptSnapshotError(
             "file_size",
             f"file is {file_size} bytes, header says {header.file_size} "
             f"({'truncated' if file_size < header.file_size else 'trailing data'})",

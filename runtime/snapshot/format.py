@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runtime.errors import CorruptSnapshot, SnapshotError, UnsupportedVersion
+from runtime.errors import CorruptSnapshotError, SnapshotError, UnsupportedVersionError
 from runtime.snapshot.identity import CacheIdentity
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 MAGIC = b"\x89KVSNP\r\n"
 #: The version this module writes (2 adds ``journal_seq`` to the fixed body).
 FORMAT_VERSION = 2
-#: The versions this module reads; anything else is refused with :class:`UnsupportedVersion`.
+#: The versions this module reads; anything else is refused with :class:`UnsupportedVersionError`.
 READER_SUPPORTED_VERSIONS: frozenset[int] = frozenset({1, 2})
 #: File name suffix used by the store and the CLI's directory walk.
 FILE_SUFFIX = ".kvsnap"
@@ -315,19 +315,19 @@ class SnapshotHeader:
     def unpack(cls, buf: bytes | memoryview, *, source: str | None = None) -> SnapshotHeader:
         """Parse and validate a complete header (``buf`` is exactly ``header_len`` bytes).
 
-        Raises :class:`CorruptSnapshot` or :class:`UnsupportedVersion`; never trusts a field
-        before the checksum over the whole header has been verified.
+        Raises :class:`CorruptSnapshotError` or :class:`UnsupportedVersionError`; never trusts
+        a field before the checksum over the whole header has been verified.
         """
         header_len = check_prefix(bytes(buf[: _PREFIX.size]), source=source)
         if len(buf) != header_len:
-            raise CorruptSnapshot(
+            raise CorruptSnapshotError(
                 "header_len", f"have {len(buf)} header bytes, expected {header_len}", source=source
             )
         stored = bytes(buf[_CHECKSUM_OFFSET:_BODY_OFFSET])
         h = hashlib.sha256(buf[:_CHECKSUM_OFFSET])
         h.update(buf[_BODY_OFFSET:])
         if h.digest() != stored:
-            raise CorruptSnapshot(
+            raise CorruptSnapshotError(
                 "header_checksum",
                 "header SHA-256 does not match; the header is damaged",
                 source=source,
@@ -346,7 +346,7 @@ def _format_time_ns(ns: int) -> str:
 def check_prefix(prefix: bytes, *, source: str | None = None) -> int:
     """Validate the 16-byte prefix (magic, version, flags, header length); return the length."""
     if len(prefix) < _PREFIX.size:
-        raise CorruptSnapshot(
+        raise CorruptSnapshotError(
             "file_size",
             f"{len(prefix)} bytes is too short for a snapshot (the prefix alone is "
             f"{_PREFIX.size} bytes)",
@@ -354,14 +354,18 @@ def check_prefix(prefix: bytes, *, source: str | None = None) -> int:
         )
     magic, version, flags, header_len = _PREFIX.unpack(prefix[: _PREFIX.size])
     if magic != MAGIC:
-        raise CorruptSnapshot("magic", f"bad magic {magic!r}: not a KV snapshot", source=source)
+        raise CorruptSnapshotError(
+            "magic", f"bad magic {magic!r}: not a KV snapshot", source=source
+        )
     if version not in READER_SUPPORTED_VERSIONS:
-        raise UnsupportedVersion(version, supported=READER_SUPPORTED_VERSIONS, source=source)
+        raise UnsupportedVersionError(version, supported=READER_SUPPORTED_VERSIONS, source=source)
     if flags != 0:
-        raise CorruptSnapshot("flags", f"reserved flags are {flags:#x}, expected 0", source=source)
+        raise CorruptSnapshotError(
+            "flags", f"reserved flags are {flags:#x}, expected 0", source=source
+        )
     low = min_header_len(version)
     if not low <= header_len <= MAX_HEADER_LEN:
-        raise CorruptSnapshot(
+        raise CorruptSnapshotError(
             "header_len",
             f"header length {header_len} outside [{low}, {MAX_HEADER_LEN}]",
             source=source,
@@ -372,8 +376,8 @@ def check_prefix(prefix: bytes, *, source: str | None = None) -> int:
 def _parse_body(
     buf: bytes | memoryview, header_len: int, version: int, source: str | None
 ) -> SnapshotHeader:
-    def bad(field: str, message: str) -> CorruptSnapshot:
-        return CorruptSnapshot(field, message, source=source)
+    def bad(field: str, message: str) -> CorruptSnapshotError:
+        return CorruptSnapshotError(field, message, source=source)
 
     body_struct, fields = _BODIES[version]
     values = dict(

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from llamaffi import Context
+
+_lock = threading.Lock()
+#: per context, computed once: none of it can change while the context lives
+_identities: weakref.WeakKeyDictionary[Any, CacheIdentity] = weakref.WeakKeyDictionary()
+_build: list[int] = []
+
+
+def _build_number() -> int:
+    # llamaffi.build_info() parses the build string on every call; one process has one build.
+    if not _build:
+        import llamaffi
+
+        _build.append(int(llamaffi.build_info()["build_number"]))
+    return _build[0]
 
 
 @dataclass(frozen=True)
@@ -34,17 +50,18 @@ class CacheIdentity:
     def from_context(cls, ctx: Context) -> CacheIdentity:
         """The identity of a live context (and its model and llama.cpp build).
 
-        Computed once per context and cached (:func:`identity_of`): none of it can change
-        while the context lives.
+        Computed once per context and cached: none of it can change while the context lives.
         """
-        from runtime.snapshot.live import identity_of
-
-        return identity_of(ctx)
+        with _lock:
+            found = _identities.get(ctx)
+        if found is None:
+            found = cls._compute(ctx)
+            with _lock:
+                _identities[ctx] = found
+        return found
 
     @classmethod
     def _compute(cls, ctx: Context) -> CacheIdentity:
-        from runtime.snapshot.live import _build_number
-
         model = ctx.model
         return cls(
             build_number=_build_number(),

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime.errors import CorruptSnapshot
+from runtime.errors import CorruptSnapshotError
 from runtime.fsutil import atomic_writer
-from runtime.snapshot.codec import _check_frame, _decode_segment, _parallel_map, _WorkerState
+from runtime.snapshot.codec import _check_frame, _decode_segment, _WorkerState, parallel_map
 from runtime.snapshot.container import Snapshot, read_header
 from runtime.snapshot.format import FILE_SUFFIX, MIN_HEADER_LEN, SnapshotHeader
 
@@ -64,7 +64,7 @@ def read(
     every byte is still verified before it is used, but it is read from the page cache once
     instead of twice. The chunks of such a snapshot must not be used for anything but decoding.
 
-    Raises :class:`CorruptSnapshot` (with ``field``), :class:`UnsupportedVersion`, or
+    Raises :class:`CorruptSnapshotError` (with ``field``), :class:`UnsupportedVersionError`, or
     :class:`OSError` if the file cannot be opened.
     """
     source = os.fspath(path)
@@ -79,7 +79,7 @@ def read(
         mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     view = memoryview(mm)
     if bytes(view[: header.header_len]) != header.pack():
-        raise CorruptSnapshot("file_size", "file changed while being read", source=source)
+        raise CorruptSnapshotError("file_size", "file changed while being read", source=source)
     return Snapshot._from_view(header, view, source, defer=defer_digests)
 
 
@@ -97,8 +97,15 @@ def verify(path: str | os.PathLike[str], *, threads: int = 0) -> SnapshotHeader:
     Decompresses each chunk (discarding the output) so zstd's content checksums and the
     declared sizes are verified too. Returns the header on success.
     """
-    snap = read(path)
-    source = os.fspath(path)
+    return verify_snapshot(read(path), source=os.fspath(path), threads=threads)
+
+
+def verify_snapshot(
+    snap: Snapshot, *, source: str | None = None, threads: int = 0
+) -> SnapshotHeader:
+    """:func:`verify` for a snapshot already read (digests checked): decompresses each chunk
+    (discarding the output) so that zstd's content checksums and the declared sizes are
+    verified too. Returns the header."""
     header = snap.header
     for i, chunk in enumerate(snap.chunks):
         _check_frame(header, i, chunk, source)
@@ -108,7 +115,7 @@ def verify(path: str | os.PathLike[str], *, threads: int = 0) -> SnapshotHeader:
         dst = np.empty(header.segment_len(k), np.uint8)  # one segment per worker at a time
         _decode_segment(header, k, snap.chunks, dst, state, source)
 
-    _parallel_map(work, header.n_segments, threads)
+    parallel_map(work, header.n_segments, threads)
     return snap.header
 
 

@@ -8,12 +8,18 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from runtime.errors import CorruptSnapshot, IncompatibleSnapshot, MemoryRuntimeError, RestoreError
+from runtime.errors import (
+    CorruptSnapshotError,
+    IncompatibleSnapshotError,
+    MemoryRuntimeError,
+    RestoreError,
+)
 from runtime.snapshot.codec import DEFAULT_CODEC, Codec, decode, encode
 from runtime.snapshot.container import Snapshot
 from runtime.snapshot.format import SnapshotHeader, StateKind
@@ -32,9 +38,7 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 
 _facts_lock = threading.Lock()
-_identities: weakref.WeakKeyDictionary[Any, CacheIdentity] = weakref.WeakKeyDictionary()
 _state_bounds: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-_build: list[int] = []
 
 #: Bytes per element of each KV cache type, as (numerator, denominator): block size over
 #: elements per block (ggml's ``type_size / blck_size``). Unknown types count as f32, the
@@ -52,24 +56,9 @@ _KV_TYPE_BYTES: dict[str, tuple[int, int]] = {
 }
 
 
-def _build_number() -> int:
-    # llamaffi.build_info() parses the build string on every call; one process has one build.
-    if not _build:
-        import llamaffi
-
-        _build.append(int(llamaffi.build_info()["build_number"]))
-    return _build[0]
-
-
 def identity_of(ctx: Context) -> CacheIdentity:
     """The :class:`CacheIdentity` of ``ctx``, computed on first use and cached per context."""
-    with _facts_lock:
-        found = _identities.get(ctx)
-    if found is None:
-        found = CacheIdentity._compute(ctx)
-        with _facts_lock:
-            _identities[ctx] = found
-    return found
+    return CacheIdentity.from_context(ctx)
 
 
 def _row_bytes(type_name: str, width: int) -> int:
@@ -129,10 +118,10 @@ def max_state_size(ctx: Context) -> int:
 
 
 def check_raw_size(header: SnapshotHeader, bound: int, *, source: str | None = None) -> None:
-    """Refuse (:class:`CorruptSnapshot`, field ``raw_size``) a header claiming more than
+    """Refuse (:class:`CorruptSnapshotError`, field ``raw_size``) a header claiming more than
     ``bound`` bytes of state (see :func:`max_state_size`): checked before any allocation."""
     if header.raw_size > bound:
-        raise CorruptSnapshot(
+        raise CorruptSnapshotError(
             "raw_size",
             f"header claims {header.raw_size} bytes of state; this context's states are at "
             f"most {bound} bytes",
@@ -162,6 +151,72 @@ def seq_positions(ctx: Context, seq_id: int) -> tuple[int, int]:
     return pos_min, pos_max
 
 
+@dataclass(frozen=True, eq=False)
+class StateCopy:
+    """A sequence's state copied out of a context, not yet encoded: the first phase of a
+    capture. Taking it is the only step that touches the context (one memcpy-speed copy);
+    :meth:`encode` compresses and checksums it on any thread, after the context moved on."""
+
+    raw: npt.NDArray[np.uint8]
+    identity: CacheIdentity
+    tokens: tuple[int, ...]
+    seq_id: int
+    pos_min: int
+    pos_max: int
+    n_ctx: int
+
+    def encode(
+        self,
+        *,
+        session_id: str = "",
+        parent_id: str = "",
+        snapshot_id: str | None = None,
+        codec: Codec = DEFAULT_CODEC,
+        journal_seq: int | None = None,
+    ) -> Snapshot:
+        """The second phase: compress the copy into a :class:`Snapshot` (never touches a
+        context). ``journal_seq`` records the journal entry the state follows (version 2)."""
+        snap = encode(
+            self.raw,
+            identity=self.identity,
+            tokens=self.tokens,
+            seq_id=self.seq_id,
+            pos_min=self.pos_min,
+            pos_max=self.pos_max,
+            n_ctx=self.n_ctx,
+            session_id=session_id,
+            snapshot_id=snapshot_id,
+            parent_id=parent_id,
+            codec=codec,
+            journal_seq=journal_seq,
+        )
+        logger.debug(
+            "encoded seq %d: %d raw -> %d compressed bytes",
+            self.seq_id,
+            snap.header.raw_size,
+            snap.header.compressed_size,
+        )
+        return snap
+
+
+def copy_state(
+    ctx: Context, seq_id: int, tokens: Sequence[int] | npt.NDArray[np.integer[Any]]
+) -> StateCopy:
+    """Copy sequence ``seq_id`` of ``ctx`` out now, with what its header will need (the
+    context's thread); encode it later with :meth:`StateCopy.encode` (any thread)."""
+    _check_live_seq(ctx, seq_id)
+    pos_min, pos_max = seq_positions(ctx, seq_id)
+    return StateCopy(
+        raw=ctx.seq_state_get(seq_id),
+        identity=identity_of(ctx),
+        tokens=tuple(int(t) for t in tokens),
+        seq_id=seq_id,
+        pos_min=pos_min,
+        pos_max=pos_max,
+        n_ctx=ctx.n_ctx,
+    )
+
+
 def capture(
     ctx: Context,
     seq_id: int,
@@ -173,53 +228,36 @@ def capture(
     codec: Codec = DEFAULT_CODEC,
     journal_seq: int | None = None,
 ) -> Snapshot:
-    """Snapshot sequence ``seq_id`` of ``ctx`` together with its token ids.
+    """Snapshot sequence ``seq_id`` of ``ctx`` together with its token ids (both phases at
+    once: :func:`copy_state`, then :meth:`StateCopy.encode`).
 
     ``tokens`` are stored in the header so that the snapshot alone is enough to re-prefill.
     ``snapshot_id`` defaults to a random id; callers may put their own meaning in it.
     ``journal_seq`` records the journal entry the state follows (format version 2).
     """
-    _check_live_seq(ctx, seq_id)
-    identity = CacheIdentity.from_context(ctx)
-    pos_min, pos_max = seq_positions(ctx, seq_id)
-    raw = ctx.seq_state_get(seq_id)
-    snap = encode(
-        raw,
-        identity=identity,
-        tokens=tokens,
-        seq_id=seq_id,
-        pos_min=pos_min,
-        pos_max=pos_max,
-        n_ctx=ctx.n_ctx,
+    return copy_state(ctx, seq_id, tokens).encode(
         session_id=session_id,
-        snapshot_id=snapshot_id,
         parent_id=parent_id,
+        snapshot_id=snapshot_id,
         codec=codec,
         journal_seq=journal_seq,
     )
-    logger.debug(
-        "captured seq %d: %d raw -> %d compressed bytes",
-        seq_id,
-        snap.header.raw_size,
-        snap.header.compressed_size,
-    )
-    return snap
 
 
 def check_compatible(
     ctx: Context, snapshot: Snapshot | SnapshotHeader, *, allow_build_mismatch: bool = False
 ) -> None:
-    """Raise :class:`IncompatibleSnapshot` unless ``snapshot`` fits ``ctx``.
+    """Raise :class:`IncompatibleSnapshotError` unless ``snapshot`` fits ``ctx``.
 
     Compared: llama.cpp build number (unless ``allow_build_mismatch``), model fingerprint,
     geometry, ``type_k``/``type_v``, flash-attention (the V layout), ``kv_unified`` and, for a
     non-unified cache, ``n_seq_max``.
     """
     header = snapshot.header if isinstance(snapshot, Snapshot) else snapshot
-    target = CacheIdentity.from_context(ctx)
+    target = identity_of(ctx)
     diffs = header.identity.differences(target, allow_build_mismatch=allow_build_mismatch)
     if diffs:
-        raise IncompatibleSnapshot(diffs)
+        raise IncompatibleSnapshotError(diffs)
 
 
 def _clear(ctx: Context, seq_id: int) -> None:
@@ -239,7 +277,7 @@ def restore(
 ) -> None:
     """Load ``snapshot`` into sequence ``seq_id`` of ``ctx`` (default: the captured seq id).
 
-    Compatibility is checked first (:class:`IncompatibleSnapshot`, nothing touched). A
+    Compatibility is checked first (:class:`IncompatibleSnapshotError`, nothing touched). A
     llama.cpp build other than this one is refused unless ``allow_build_mismatch=True``: the
     blob format may change between builds. If the restore fails after the sequence was
     touched, the sequence is cleared (never half-filled) and :class:`RestoreError` is raised.
@@ -247,9 +285,9 @@ def restore(
     header = snapshot.header
     target = header.seq_id if seq_id is None else seq_id
     if header.kind is StateKind.CONTEXT and target != -1:
-        raise IncompatibleSnapshot([("kind", "context", f"seq {target}")])
+        raise IncompatibleSnapshotError([("kind", "context", f"seq {target}")])
     if header.kind is StateKind.SEQUENCE and target == -1:
-        raise IncompatibleSnapshot([("kind", "sequence", "context")])
+        raise IncompatibleSnapshotError([("kind", "sequence", "context")])
     _check_live_seq(ctx, target)
     check_compatible(ctx, header, allow_build_mismatch=allow_build_mismatch)
     # Bound before allocating: a header with a valid checksum can still claim 1 TiB.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from runtime.memory import MemoryStore
+from runtime.longterm import MemoryStore
 from tests.runtime.memory_helpers import HashEmbedder
 
 

@@ -17,7 +17,6 @@ from runtime.embed import (
     MODEL_FILE,
     Embedder,
     EmbedderError,
-    ExportError,
     export_minilm,
     read_safetensors,
 )
@@ -190,14 +189,14 @@ def test_concurrent_first_use_does_not_corrupt_the_cache(tmp_path: Path) -> None
 def test_read_safetensors_rejects_bad_files(tmp_path: Path) -> None:
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 4)
-    with pytest.raises(ExportError):
+    with pytest.raises(EmbedderError):
         read_safetensors(bad)
     bad.write_bytes((10**9).to_bytes(8, "little") + b"{}")
-    with pytest.raises(ExportError):
+    with pytest.raises(EmbedderError):
         read_safetensors(bad)
     header = json.dumps({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 64]}}).encode()
     bad.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 16)
-    with pytest.raises(ExportError):
+    with pytest.raises(EmbedderError):
         read_safetensors(bad)
 
 
@@ -226,7 +225,7 @@ def test_memory_store_warns_when_the_real_embedder_truncates(
 ) -> None:
     import logging
 
-    from runtime.memory import MemoryStore
+    from runtime.longterm import MemoryStore
 
     long_text = "the quick brown fox jumps over the lazy dog " * 80  # ~720 tokens
     with (

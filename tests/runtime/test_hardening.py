@@ -24,13 +24,14 @@ from typing import Any
 import pytest
 
 import runtime.cli.memory_cmd as cli_memory
+from runtime.chunks import ChunkStore
 from runtime.cli import main
 from runtime.errors import LockedError, MemoryRuntimeError
-from runtime.index import MANIFEST_NAME, Manifest
 from runtime.journal import Journal
-from runtime.memory import DB_NAME, MemoryStore
-from runtime.store import SnapshotStore
-from tests.runtime import store_writer
+from runtime.longterm import MemoryStore
+from runtime.longterm.db import DB_NAME
+from runtime.longterm.manifest import MANIFEST_NAME, Manifest
+from tests.runtime.chunk_helpers import commit_fake_checkpoint
 from tests.runtime.memory_helpers import HashEmbedder
 
 
@@ -144,10 +145,10 @@ def test_store_lock_is_released_when_its_pid_cannot_be_written(
     monkeypatch.setattr(os, "write", enospc)
     monkeypatch.setattr(os, "pwrite", enospc)
     with pytest.raises(OSError) as info:
-        SnapshotStore(tmp_path / "snaps")
+        ChunkStore(tmp_path / "kv")
     assert not isinstance(info.value, LockedError)
     monkeypatch.undo()
-    with SnapshotStore(tmp_path / "snaps") as store:  # not a false LockedError
+    with ChunkStore(tmp_path / "kv") as store:  # not a false LockedError
         assert store.sessions() == []
 
 
@@ -270,11 +271,11 @@ def test_cli_on_a_damaged_sqlite_file_prints_one_line(
 def test_lock_symlink_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    d = tmp_path / "snaps"
+    d = tmp_path / "kv"
     d.mkdir()
     (d / ".lock").symlink_to(victim)
     with pytest.raises(PermissionError, match="symlink"):
-        SnapshotStore(d)
+        ChunkStore(d)
     assert victim.read_text() == "precious"
 
 
@@ -333,32 +334,35 @@ def test_second_torn_tail_at_the_same_offset_keeps_the_first(tmp_path: Path) -> 
 def test_delete_session_does_not_follow_a_symlinked_session_dir(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
-    for name in ("a.txt", "000000000001.kvsnap"):
+    for name in ("a.txt", "000000000001.kvman"):
         (outside / name).write_text("precious")
-    root = tmp_path / "snaps"
-    with SnapshotStore(root) as store:
-        (root / "evil").symlink_to(outside, target_is_directory=True)
+    root = tmp_path / "kv"
+    with ChunkStore(root) as store:
+        link = root / "manifests" / "evil"
+        link.parent.mkdir()
+        link.symlink_to(outside, target_is_directory=True)
         with contextlib.suppress(OSError):
             store.delete_session("evil")
-        assert sorted(p.name for p in outside.iterdir()) == ["000000000001.kvsnap", "a.txt"]
-        assert not (root / "evil").is_symlink()  # the link itself went
-        (root / "evil").symlink_to(outside, target_is_directory=True)
+        assert sorted(p.name for p in outside.iterdir()) == ["000000000001.kvman", "a.txt"]
+        assert not link.is_symlink()  # the link itself went
+        link.symlink_to(outside, target_is_directory=True)
         assert store.sessions() == []  # a link is never listed as a session
+        assert store.manifests("evil") == []  # nor read through
         with pytest.raises(PermissionError, match="symlink"):
-            store.save("evil", store_writer.make(1, 1024, "evil"))
-        assert sorted(p.name for p in outside.iterdir()) == ["000000000001.kvsnap", "a.txt"]
+            commit_fake_checkpoint(store, "evil")
+        assert sorted(p.name for p in outside.iterdir()) == ["000000000001.kvman", "a.txt"]
 
 
 def test_delete_session_does_not_follow_a_symlink_inside(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "a.txt").write_text("precious")
-    root = tmp_path / "snaps"
-    with SnapshotStore(root) as store:
-        store.save("s1", store_writer.make(1, 1024, "s1"))
-        (root / "s1" / "quarantine").symlink_to(outside, target_is_directory=True)
+    root = tmp_path / "kv"
+    with ChunkStore(root) as store:
+        commit_fake_checkpoint(store, "s1")
+        (root / "manifests" / "s1" / "quarantine").symlink_to(outside, target_is_directory=True)
         store.delete_session("s1")
-        assert not (root / "s1").exists()
+        assert not (root / "manifests" / "s1").exists()
     assert (outside / "a.txt").read_text() == "precious"
 
 
@@ -396,10 +400,13 @@ def test_every_file_is_0600_and_every_dir_0700_whatever_the_umask(tmp_path: Path
     assert {p.name: mode_of(p) for p in files} == {p.name: 0o600 for p in files}
     store.close()
     assert mode_of(d) == 0o700 and mode_of(data) == 0o700
-    with SnapshotStore(data / "snaps") as snaps:
-        path = snaps.save("s1", store_writer.make(1, 1024, "s1"))
+    with ChunkStore(data / "kv") as chunks:
+        man = commit_fake_checkpoint(chunks, "s1")
+        path = chunks.chunk_path(man.refs[0].key)
+        manifest = data / "kv" / "manifests" / "s1" / f"{man.generation:012d}.kvman"
         assert mode_of(path) == 0o600 and mode_of(path.parent) == 0o700
-        assert mode_of(data / "snaps" / ".lock") == 0o600
+        assert mode_of(manifest) == 0o600 and mode_of(manifest.parent) == 0o700
+        assert mode_of(data / "kv" / ".lock") == 0o600
     jpath = data / "journals" / "s.log"
     torn_journal(jpath)
     Journal(jpath).close()
@@ -417,12 +424,12 @@ def test_existing_loose_modes_are_narrowed(tmp_path: Path) -> None:
     with open_store(d) as store:
         store.add("y")
         assert mode_of(d / DB_NAME) == 0o600 and mode_of(d / f"{DB_NAME}-wal") == 0o600
-    root = tmp_path / "snaps"
-    (root / "s1").mkdir(parents=True, mode=0o755)
-    (root / "s1").chmod(0o755)
-    with SnapshotStore(root) as snaps:
-        snaps.save("s1", store_writer.make(1, 1024, "s1"))
-    assert mode_of(root / "s1") == 0o700
+    root = tmp_path / "kv"
+    (root / "manifests" / "s1").mkdir(parents=True, mode=0o755)
+    (root / "manifests" / "s1").chmod(0o755)
+    with ChunkStore(root) as chunks:
+        commit_fake_checkpoint(chunks, "s1")
+    assert mode_of(root / "manifests" / "s1") == 0o700
     jpath = tmp_path / "j.log"
     jpath.write_bytes(b"")
     jpath.chmod(0o644)

@@ -10,14 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.index import (
-    HNSW_HEADER,
-    MANIFEST_NAME,
-    HnswIndex,
-    IndexFileError,
-    IndexParams,
-    Manifest,
-)
+from runtime.errors import IndexFileError
+from runtime.longterm.hnsw import HnswIndex, IndexParams
+from runtime.longterm.manifest import HNSW_HEADER, MANIFEST_NAME, Manifest
 
 STORE = b"S" * 16
 

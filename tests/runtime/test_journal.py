@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.journal import Journal, JournalCompacted, JournalCorrupt, JournalError
+from runtime.journal import Journal, JournalCompactedError, JournalCorruptError, JournalError
 
 
 def fill(path: Path, n: int = 5) -> list[list[int]]:
@@ -76,7 +76,7 @@ def test_damage_in_the_middle_names_the_offset(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[20] ^= 0x01  # inside the first payload
     path.write_bytes(data)
-    with pytest.raises(JournalCorrupt) as info:
+    with pytest.raises(JournalCorruptError) as info:
         Journal(path)
     assert info.value.offset == 0
 
@@ -87,7 +87,7 @@ def test_damaged_header_in_the_middle_is_an_error(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[2] ^= 0xFF  # the first record's length field
     path.write_bytes(data)
-    with pytest.raises(JournalCorrupt, match="header checksum"):
+    with pytest.raises(JournalCorruptError, match="header checksum"):
         Journal(path)
 
 
@@ -106,7 +106,7 @@ def test_every_single_byte_flip_is_detected(tmp_path: Path) -> None:
                     ["turn 0 ünï 🙂", "turn 1 ünï 🙂"],
                     ["turn 0 ünï 🙂"],
                 )
-        except JournalCorrupt:
+        except JournalCorruptError:
             pass
 
 
@@ -240,7 +240,7 @@ def test_open_reads_only_the_active_segment(tmp_path: Path) -> None:
     seg.write_bytes(bytes(data))
     with Journal(path, segment_entries=4) as j:
         assert len(j) == 10 and j[9].text == "t9" and j[2].text == "t2"
-        with pytest.raises(JournalCorrupt, match=r"s\.log\.000000000000\.seg"):
+        with pytest.raises(JournalCorruptError, match=r"s\.log\.000000000000\.seg"):
             j[3]
 
 
@@ -281,7 +281,7 @@ def test_drop_segments_before_keeps_numbering(tmp_path: Path) -> None:
     with _segmented(path, 10) as j:
         freed = j.drop_segments_before(6)  # segment 4..7 holds 6: it stays
         assert freed > 0 and j.first_seq == 4 and len(j) == 10
-        with pytest.raises(JournalCompacted):
+        with pytest.raises(JournalCompactedError):
             j[1]
         assert [e.seq for e in j] == list(range(4, 10))
     assert not (tmp_path / "s.log.000000000000.seg").exists()
@@ -317,7 +317,7 @@ def test_drop_keeps_segments_holding_pinned_entries(tmp_path: Path) -> None:
         j.drop_segments_before(12, keep={1})
         assert j.compacted and j.n_segments == 1 and j.first_seq == 0
         assert [e.seq for e in j] == [0, 1, 2, 3, 12, 13]  # iteration skips the gap
-        with pytest.raises(JournalCompacted):
+        with pytest.raises(JournalCompactedError):
             j[5]
     with Journal(path, segment_entries=4) as j:
         assert j.compacted and len(j) == 14 and j[1].text == "t1" and j[12].text == "t12"
@@ -329,10 +329,10 @@ def test_a_lost_segment_is_damage_not_compaction(tmp_path: Path) -> None:
     (tmp_path / "s.log.000000000004.seg").unlink()  # not by retention: no .dropped record
     with Journal(path, segment_entries=4) as j:
         assert not j.compacted and j[2].text == "t2"
-        with pytest.raises(JournalCorrupt, match="segment holding entry 5 is missing"):
+        with pytest.raises(JournalCorruptError, match="segment holding entry 5 is missing"):
             j[5]
     (tmp_path / "s.log.000000000008.seg").unlink()  # the one before the active file
-    with pytest.raises(JournalCorrupt, match="expected"):
+    with pytest.raises(JournalCorruptError, match="expected"):
         Journal(path, segment_entries=4)
 
 
@@ -342,12 +342,12 @@ def test_a_lost_segment_fails_iteration_and_open(tmp_path: Path) -> None:
     (tmp_path / "s.log.000000000004.seg").unlink()  # a middle segment, not by retention
     with (
         Journal(path, segment_entries=4) as j,
-        pytest.raises(JournalCorrupt, match=r"entries 4\.\.7 are missing"),
+        pytest.raises(JournalCorruptError, match=r"entries 4\.\.7 are missing"),
     ):
         list(j)  # never a silent gap
     _segmented(tmp_path / "t.log", 10).close()
     (tmp_path / "t.log.000000000000.seg").unlink()  # the first one
-    with pytest.raises(JournalCorrupt, match=r"entries 0\.\.3 are missing"):
+    with pytest.raises(JournalCorruptError, match=r"entries 0\.\.3 are missing"):
         Journal(tmp_path / "t.log", segment_entries=4)
 
 

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from runtime.checkpoint import CheckpointPolicy
 from runtime.chunks import ChunkStore
-from runtime.journal import JournalCorrupt
+from runtime.journal import JournalCorruptError
 from runtime.session import SessionError, SessionPool
 
 llamaffi = pytest.importorskip("llamaffi")
@@ -26,11 +27,16 @@ SCRATCH = 3
 CTX: dict[str, Any] = {"n_batch": 256, "n_seq_max": 4, "n_threads": 2, "kv_unified": True}
 
 
-def _pool(ctx: Any, root: Path, snapshot_every: int = 1) -> SessionPool:
+EVERY_TURN = CheckpointPolicy.every_turn()
+#: no checkpoint but on suspend and close (or when a test asks for one)
+NEVER = CheckpointPolicy(every_tokens=0, every_seconds=0.0, idle_seconds=0.0)
+
+
+def _pool(ctx: Any, root: Path, policy: CheckpointPolicy = EVERY_TURN) -> SessionPool:
     return SessionPool(
         ctx,
         root,
-        snapshot_every=snapshot_every,
+        policy=policy,
         n_seq=2,
         journal_fsync=False,
         chunks=ChunkStore(root / "kv"),
@@ -92,7 +98,7 @@ def test_resume_reads_only_the_checkpointed_window(model: Any, tmp_path: Path) -
         assert session.tokens() == tokens and session.messages() == messages
         got = _logits_after(ctx, session.seq_id, len(tokens))
         assert np.array_equal(got, want)
-        with pytest.raises(JournalCorrupt):  # the damage is real: a full walk finds it
+        with pytest.raises(JournalCorruptError):  # the damage is real: a full walk finds it
             list(session.journal)
         pool.close()
 
@@ -104,7 +110,7 @@ def test_turns_after_the_checkpoint_are_replayed(model: Any, tmp_path: Path) -> 
         session, _ = pool.get("s")
         session.checkpoint()
         pool.close()
-        pool = _pool(ctx, tmp_path, snapshot_every=10**6)
+        pool = _pool(ctx, tmp_path, policy=NEVER)
         _talk(pool, "s", 5, seed=1)  # journalled, not checkpointed
         session, _ = pool.get("s")
         tokens = session.tokens()

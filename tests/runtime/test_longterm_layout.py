@@ -1,5 +1,5 @@
-"""The long-term memory and embedder packages: old import paths, the direct constructor,
-typed argument errors, and the helpers defined once in llamaffi._util."""
+"""The long-term memory and embedder packages: the embedder's re-exports, the direct
+constructor, typed argument errors, and the helpers defined once in llamaffi._util."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import llamaffi
 import runtime.embed
-import runtime.index
-import runtime.memory
-from llamaffi import ClosedError as LlamaClosedError
 from llamaffi._util import cache_root, sha256_fd, sha256_file
 from runtime import errors
 from runtime.cli import main
@@ -26,34 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # every public name the single modules defined before the split, and where it lives now
 MOVED = {
-    "runtime.memory": [
-        ("MemoryStore", "runtime.longterm.store"),
-        ("ScoringWeights", "runtime.longterm.ranking"),
-        ("Hit", "runtime.longterm.ranking"),
-        ("MemoryItem", "runtime.longterm.db"),
-        ("sqlite_error", "runtime.longterm.db"),
-        ("DB_NAME", "runtime.longterm.db"),
-        ("KINDS", "runtime.longterm.db"),
-        ("TextEmbedder", "runtime.embed.embedder"),
-        ("MemoryStoreError", "runtime.errors"),
-        ("StoreMismatchError", "runtime.errors"),
-        ("ReadOnlyError", "runtime.errors"),
-        ("DamagedStoreError", "runtime.errors"),
-        ("MemoryStoreIOError", "runtime.errors"),
-        ("MemoryStoreFullError", "runtime.errors"),
-    ],
-    "runtime.index": [
-        ("HnswIndex", "runtime.longterm.hnsw"),
-        ("IndexParams", "runtime.longterm.hnsw"),
-        ("Manifest", "runtime.longterm.manifest"),
-        ("MANIFEST", "runtime.longterm.manifest"),
-        ("HNSW_HEADER", "runtime.longterm.manifest"),
-        ("capacity_bound", "runtime.longterm.manifest"),
-        ("validate_hnsw_blob", "runtime.longterm.manifest"),
-        ("remove_unreferenced_blobs", "runtime.longterm.manifest"),
-        ("IndexFileError", "runtime.errors"),
-        ("HnswIndexError", "runtime.errors"),
-    ],
     "runtime.embed": [
         ("Embedder", "runtime.embed.embedder"),
         ("EmbedStats", "runtime.embed.embedder"),
@@ -62,7 +32,6 @@ MOVED = {
         ("read_safetensors", "runtime.embed.export"),
         ("default_source_dir", "runtime.embed.export"),
         ("EmbedderError", "runtime.errors"),
-        ("ExportError", "runtime.errors"),
         ("sha256_file", "llamaffi._util"),
         ("cache_root", "llamaffi._util"),
     ],
@@ -78,24 +47,29 @@ def test_old_import_paths_give_the_same_objects(old: str, name: str, new: str) -
     )
 
 
-def test_every_shim_name_is_importable() -> None:
-    for module in (runtime.memory, runtime.index, runtime.embed):
-        for name in module.__all__:
-            assert hasattr(module, name), f"{module.__name__}.{name}"
+def test_every_embed_name_is_importable() -> None:
+    for name in runtime.embed.__all__:
+        assert hasattr(runtime.embed, name), f"runtime.embed.{name}"
 
 
-def test_closed_error_is_renamed_and_no_longer_shadows_llamaffis() -> None:
-    assert runtime.memory.ClosedError is errors.MemoryClosedError
-    assert errors.MemoryClosedError is not LlamaClosedError
-    assert issubclass(errors.MemoryClosedError, errors.MemoryStoreError)
-    assert issubclass(errors.MemoryClosedError, ValueError)
+def test_shared_errors_are_llamaffis() -> None:
+    # one class per meaning: a refused argument and use after close are the same error
+    # whether a context, a store or the runtime raises them
+    assert errors.ArgumentError is llamaffi.ArgumentError
+    assert errors.ArgumentTypeError is llamaffi.ArgumentTypeError
+    assert errors.ClosedError is llamaffi.ClosedError
+    for cls, builtin in (
+        (errors.ArgumentError, ValueError),
+        (errors.ArgumentTypeError, TypeError),
+        (errors.ClosedError, ValueError),
+    ):
+        assert issubclass(cls, llamaffi.LlamaError) and issubclass(cls, builtin)
+    assert issubclass(errors.RuntimeArgumentError, errors.ArgumentError)
 
 
 @pytest.mark.parametrize(
     ("cls", "builtin"),
     [
-        (errors.ArgumentError, ValueError),
-        (errors.ArgumentTypeError, TypeError),
         (errors.IndexFileError, ValueError),
         (errors.StoreMismatchError, ValueError),
         (errors.ReadOnlyError, PermissionError),
@@ -114,7 +88,7 @@ def test_memory_store_opens_in_its_constructor(tmp_path: Path) -> None:
         item = store.add("opened directly")
     with MemoryStore.open(tmp_path, HashEmbedder(), read_only=True) as again:  # the alias
         assert [h.id for h in again.search("opened directly", 1)] == [item]
-    with pytest.raises(errors.MemoryClosedError):
+    with pytest.raises(errors.ClosedError):
         store.add("after close")
 
 

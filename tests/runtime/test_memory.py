@@ -20,17 +20,10 @@ import numpy as np
 import pytest
 
 from runtime.embed import EmbedStats
-from runtime.errors import LockedError
-from runtime.index import MANIFEST_NAME
-from runtime.memory import (
-    DB_NAME,
-    TOUCH_FLUSH_EVERY,
-    ClosedError,
-    MemoryStore,
-    ReadOnlyError,
-    ScoringWeights,
-    StoreMismatchError,
-)
+from runtime.errors import ClosedError, LockedError, ReadOnlyError, StoreMismatchError
+from runtime.longterm import MemoryStore, ScoringWeights
+from runtime.longterm.db import DB_NAME, TOUCH_FLUSH_EVERY
+from runtime.longterm.manifest import MANIFEST_NAME
 from tests.runtime.memory_helpers import HashEmbedder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -277,7 +270,7 @@ def test_second_writer_gets_a_clear_error(tmp_path: Path) -> None:
     with open_store(tmp_path):
         code = (
             "import sys; sys.path.insert(0, sys.argv[2])\n"
-            "from runtime.memory import MemoryStore\n"
+            "from runtime.longterm import MemoryStore\n"
             "from runtime.errors import LockedError\n"
             "from tests.runtime.memory_helpers import HashEmbedder\n"
             "try:\n"
@@ -404,7 +397,7 @@ def test_large_k_returns_everything_in_order(tmp_path: Path) -> None:
 def test_index_is_saved_periodically_and_tombstones_are_pruned(tmp_path: Path) -> None:
     import sqlite3
 
-    from runtime.index import Manifest
+    from runtime.longterm.manifest import Manifest
 
     with open_store(tmp_path, save_every=10) as store:
         ids = store.add_many([f"row {i}" for i in range(4)])

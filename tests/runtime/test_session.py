@@ -1,29 +1,78 @@
-"""Sessions: resume from snapshot + journal, fall back to the journal, LRU suspension."""
+"""Sessions: resume from a checkpoint + journal, fall back to the journal, LRU suspension."""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from llamaffi import Context, Model
-from runtime.session import Session, SessionError, SessionPool
-from runtime.snapshot import FILE_SUFFIX
+from llamaffi import Context, Model, Sampler
+from runtime.checkpoint import CheckpointPolicy
+from runtime.chunks import MANIFEST_SUFFIX, ChunkStore
+from runtime.errors import PersistError, RestoreError
+from runtime.journal import Entry, Journal
+from runtime.session import (
+    WINDOW_ROLE,
+    ChunkCheckpointer,
+    ContextFullError,
+    Session,
+    SessionError,
+    SessionPool,
+)
 
 TURNS = [
     ("user", "My dog is called Biscuit and she loves the beach."),
     ("user", "I moved to Lisbon in March."),
     ("user", "Remind me to call the vet on Friday."),
 ]
+SCRATCH = 3
+PROBE_SEQ = 2  # neither a pool sequence (0, 1) nor the scratch one
+EVERY_TURN = CheckpointPolicy.every_turn()
+#: checkpoints only on suspend and close (or when a test asks for one)
+NEVER = CheckpointPolicy(every_tokens=0, every_seconds=0.0, idle_seconds=0.0)
 
 
 @pytest.fixture()
 def ctx(model: Model) -> Iterator[Context]:
-    c = model.context(n_ctx=1024, n_batch=128, n_seq_max=2, n_threads=2)
+    c = model.context(n_ctx=1024, n_batch=128, n_seq_max=4, n_threads=2, kv_unified=True)
     yield c
     c.close()
+
+
+@pytest.fixture()
+def small_ctx(model: Model) -> Iterator[Context]:
+    c = model.context(n_ctx=256, n_batch=128, n_seq_max=4, n_threads=2, kv_unified=True)
+    yield c
+    c.close()
+
+
+def make_pool(
+    ctx: Context, root: Path, *, policy: CheckpointPolicy = EVERY_TURN, keep: int = 2, **kw: Any
+) -> SessionPool:
+    chunks = ChunkStore(root / "kv", keep=keep, chunk_tokens=32)
+    return SessionPool(ctx, root, chunks=chunks, scratch_seq=SCRATCH, n_seq=2, policy=policy, **kw)
+
+
+def say(session: Session, role: str, text: str) -> Entry:
+    """One turn rendered as ``role: text`` on its own line (room made first)."""
+    model = session.ctx.model
+    tokens = model.tokenize(f"{role}: {text}\n", add_special=session.first_turn)
+    session.reserve(len(tokens))
+    return session.append_tokens(role, text, tokens)
+
+
+def reply(session: Session, n_predict: int = 6) -> Entry:
+    """A greedy reply of at most ``n_predict`` tokens, closed by a newline."""
+    newline = session.ctx.model.tokenize("\n", add_special=False)
+    session.reserve(n_predict + len(newline))
+    entry, _ = session.generate(n_predict, Sampler.greedy(), close=lambda _text: newline)
+    return entry
 
 
 def next_logits(ctx: Context, seq_id: int, probe: list[int]) -> np.ndarray:
@@ -33,20 +82,19 @@ def next_logits(ctx: Context, seq_id: int, probe: list[int]) -> np.ndarray:
 
 def live_logits(ctx: Context, seq_id: int, probe: list[int]) -> np.ndarray:
     """What the live (pre-crash) KV of ``seq_id`` predicts after ``probe``; KV unchanged."""
-    scratch = 1 - seq_id
-    ctx.memory.seq_rm(scratch)
-    ctx.memory.seq_cp(seq_id, scratch)
-    out = next_logits(ctx, scratch, probe)
-    ctx.memory.seq_rm(scratch)
+    ctx.memory.seq_rm(PROBE_SEQ)
+    ctx.memory.seq_cp(seq_id, PROBE_SEQ)
+    out = next_logits(ctx, PROBE_SEQ, probe)
+    ctx.memory.seq_rm(PROBE_SEQ)
     return out
 
 
 def prefill_logits(ctx: Context, tokens: list[int], probe: list[int]) -> np.ndarray:
-    """Logits of a from-scratch batched prefill of ``tokens`` in seq 1."""
-    ctx.memory.seq_rm(1)
-    ctx.decode(tokens, seq_id=1)
-    out = next_logits(ctx, 1, probe)
-    ctx.memory.seq_rm(1)
+    """Logits of a from-scratch batched prefill of ``tokens``."""
+    ctx.memory.seq_rm(PROBE_SEQ)
+    ctx.decode(tokens, seq_id=PROBE_SEQ)
+    out = next_logits(ctx, PROBE_SEQ, probe)
+    ctx.memory.seq_rm(PROBE_SEQ)
     return out
 
 
@@ -54,27 +102,31 @@ def run_turns(pool: SessionPool, sid: str = "alice") -> list[int]:
     session, report = pool.get(sid)
     assert report is not None and report.source == "empty"
     for role, text in TURNS:
-        session.append(role, text)
-    session.reply(n_predict=6)
+        say(session, role, text)
+    reply(session)
     return session.journal.tokens()
 
 
 def crash(pool: SessionPool) -> None:
-    """Drop the pool like a killed process would: no suspend, no final snapshot."""
-    for session in pool._sessions.values():
+    """Drop the pool like a killed process would: no suspend, no final checkpoint."""
+    for session in pool.resident():
         session.journal.close()
-    pool.store.close()
+    pool.chunks.close()
 
 
-def test_resume_from_snapshot_is_exact(ctx: Context, tmp_path: Path) -> None:
-    pool = SessionPool(ctx, tmp_path)
+def manifest_files(root: Path, sid: str) -> list[Path]:
+    return sorted((root / "kv" / "manifests" / sid).glob(f"*{MANIFEST_SUFFIX}"), reverse=True)
+
+
+def test_resume_from_a_checkpoint_is_exact(ctx: Context, tmp_path: Path) -> None:
+    pool = make_pool(ctx, tmp_path)
     tokens = run_turns(pool)
     probe = ctx.model.tokenize(" probe", add_special=False)
     before = live_logits(ctx, 0, probe)
     crash(pool)
     ctx.memory.clear()
 
-    pool = SessionPool(ctx, tmp_path)
+    pool = make_pool(ctx, tmp_path)
     session, report = pool.get("alice")
     assert report is not None
     assert report.source == "snapshot"
@@ -85,18 +137,20 @@ def test_resume_from_snapshot_is_exact(ctx: Context, tmp_path: Path) -> None:
     pool.close()
 
 
-def test_turns_after_the_last_snapshot_are_replayed(ctx: Context, tmp_path: Path) -> None:
-    pool = SessionPool(ctx, tmp_path, snapshot_every=2)
+def test_turns_after_the_last_checkpoint_are_replayed(ctx: Context, tmp_path: Path) -> None:
+    pool = make_pool(ctx, tmp_path, policy=NEVER)
     session, _ = pool.get("bob")
-    for role, text in TURNS:  # snapshots after turn 2 only
-        session.append(role, text)
+    for i, (role, text) in enumerate(TURNS):
+        say(session, role, text)
+        if i == 1:
+            session.checkpoint()  # after turn 2 only
     tokens = session.journal.tokens()
     probe = [42]
     before = live_logits(ctx, 0, probe)
     crash(pool)
     ctx.memory.clear()
 
-    pool = SessionPool(ctx, tmp_path)
+    pool = make_pool(ctx, tmp_path)
     session, report = pool.get("bob")
     assert report is not None and report.source == "snapshot"
     assert report.restored_tokens + report.replayed_tokens == len(tokens)
@@ -106,38 +160,37 @@ def test_turns_after_the_last_snapshot_are_replayed(ctx: Context, tmp_path: Path
     pool.close()
 
 
-def test_damaged_snapshot_falls_back_to_an_older_one(ctx: Context, tmp_path: Path) -> None:
-    pool = SessionPool(ctx, tmp_path, keep=5)
+def test_damaged_checkpoint_falls_back_to_an_older_one(ctx: Context, tmp_path: Path) -> None:
+    pool = make_pool(ctx, tmp_path, keep=5)
     tokens = run_turns(pool)
     probe = [7]
     before = live_logits(ctx, 0, probe)
-    newest = pool.store.generations("alice")[0][1]
+    newest = manifest_files(tmp_path, "alice")[0]
     crash(pool)
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(data)
     ctx.memory.clear()
 
-    pool = SessionPool(ctx, tmp_path, keep=5)
+    pool = make_pool(ctx, tmp_path, keep=5)
     session, report = pool.get("alice")
     assert report is not None and report.source == "snapshot"
-    assert report.snapshot != newest
-    assert report.replayed_tokens > 0  # the turns after the older snapshot
+    assert report.replayed_tokens > 0  # the turns after the older checkpoint
     assert not newest.exists()  # quarantined
+    assert list((newest.parent / "quarantine").glob(f"{newest.name}.*"))
     assert report.n_tokens == len(tokens)
     # the replayed reply was first decoded token by token: equal up to float rounding
     np.testing.assert_allclose(next_logits(ctx, session.seq_id, probe), before, atol=2e-3)
     pool.close()
 
 
-def test_no_snapshot_rebuilds_from_the_journal(ctx: Context, tmp_path: Path) -> None:
-    pool = SessionPool(ctx, tmp_path)
+def test_no_checkpoint_rebuilds_from_the_journal(ctx: Context, tmp_path: Path) -> None:
+    pool = make_pool(ctx, tmp_path)
     tokens = run_turns(pool)
     crash(pool)
-    for path in (tmp_path / "snapshots" / "alice").glob(f"*{FILE_SUFFIX}"):
-        path.unlink()
+    shutil.rmtree(tmp_path / "kv")
     ctx.memory.clear()
-    pool = SessionPool(ctx, tmp_path)
+    pool = make_pool(ctx, tmp_path)
     session, report = pool.get("alice")
     assert report is not None
     assert (report.source, report.restored_tokens, report.replayed_tokens) == (
@@ -151,55 +204,82 @@ def test_no_snapshot_rebuilds_from_the_journal(ctx: Context, tmp_path: Path) -> 
     pool.close()
 
 
-def plant(pool_root: Path, session_id: str, source: Path) -> Path:
-    target = pool_root / "snapshots" / session_id / f"{999999:012d}{FILE_SUFFIX}"
-    target.write_bytes(source.read_bytes())
-    return target
-
-
-def test_another_sessions_snapshot_is_not_used(ctx: Context, tmp_path: Path) -> None:
-    pool = SessionPool(ctx, tmp_path)
-    run_turns(pool, "alice")
+def test_another_sessions_manifest_is_not_used(ctx: Context, tmp_path: Path) -> None:
+    pool = make_pool(ctx, tmp_path)
+    alice = run_turns(pool, "alice")
     run_turns(pool, "carol")  # same turns, same tokens: only the owner differs
-    carol_newest = pool.store.generations("carol")[0][1]
+    carol, _ = pool.get("carol")
+    say(carol, "user", "one more")  # carol's newest generation is past alice's
+    carol_newest = manifest_files(tmp_path, "carol")[0]
     crash(pool)
-    planted = plant(tmp_path, "alice", carol_newest)
+    planted = tmp_path / "kv" / "manifests" / "alice" / carol_newest.name
+    assert not planted.exists()
+    planted.write_bytes(carol_newest.read_bytes())
     ctx.memory.clear()
-    pool = SessionPool(ctx, tmp_path)
-    _, report = pool.get("alice")
+    pool = make_pool(ctx, tmp_path)
+    session, report = pool.get("alice")
     assert report is not None and report.source == "snapshot"
-    assert report.snapshot != planted
-    assert any("belongs to session 'carol'" in s for s in report.skipped)
-    assert not planted.exists()  # quarantined
+    assert report.restored_tokens == len(alice) and session.journal.tokens() == alice
+    assert not planted.exists()  # quarantined: the body names another session
+    reasons = list((planted.parent / "quarantine").glob("*.reason"))
+    assert any("session_id" in p.read_text() for p in reasons)
     pool.close()
 
 
-def test_snapshot_that_diverges_from_the_journal_is_not_used(ctx: Context, tmp_path: Path) -> None:
-    other_root = tmp_path / "other"
-    with SessionPool(ctx, other_root) as other:
+def test_a_manifest_that_diverges_from_the_journal_is_not_used(
+    ctx: Context, tmp_path: Path
+) -> None:
+    with make_pool(ctx, tmp_path / "other") as other:
         session, _ = other.get("alice")
-        session.append("user", "A completely different conversation.")
-        foreign = other.store.generations("alice")[0][1]
+        for i in range(8):  # a later generation than the main root's
+            say(session, "user", f"A completely different conversation, part {i}.")
+        foreign = manifest_files(tmp_path / "other", "alice")[0]
         ctx.memory.clear()
-        pool = SessionPool(ctx, tmp_path / "main")
-        run_turns(pool, "alice")
-        crash(pool)
-        planted = plant(tmp_path / "main", "alice", foreign)
+    pool = make_pool(ctx, tmp_path / "main")
+    tokens = run_turns(pool, "alice")
+    crash(pool)
+    planted = tmp_path / "main" / "kv" / "manifests" / "alice" / foreign.name
+    assert not planted.exists()
+    planted.write_bytes(foreign.read_bytes())
     ctx.memory.clear()
-    pool = SessionPool(ctx, tmp_path / "main")
-    _, report = pool.get("alice")
+    pool = make_pool(ctx, tmp_path / "main")
+    session, report = pool.get("alice")
     assert report is not None and report.source == "snapshot"
-    assert report.snapshot != planted
-    assert any("not a prefix of the journal" in s for s in report.skipped)
+    assert session.journal.tokens() == tokens and report.restored_tokens == len(tokens)
+    assert any("not the window after journal entry" in s for s in report.skipped)
     pool.close()
+
+
+def test_a_manifest_claiming_the_wrong_entry_is_not_used(ctx: Context, tmp_path: Path) -> None:
+    pool = make_pool(ctx, tmp_path, keep=5)
+    session, _ = pool.get("alice")
+    for _, text in TURNS:
+        say(session, "user", text)
+    newest = pool.chunks.manifests("alice")[0]
+    assert newest.journal_seq == 2  # a manifest names the journal entry it follows
+    crash(pool)
+    # the same KV, relabelled as if taken after entry 0 and without its window record: its
+    # tokens are not the window there, and the claim is checked, never trusted
+    forged = dataclasses.replace(newest, generation=newest.generation + 1, journal_seq=0, meta={})
+    planted = tmp_path / "kv" / "manifests" / "alice" / f"{forged.generation:012d}{MANIFEST_SUFFIX}"
+    planted.write_bytes(forged.to_bytes())
+    ctx.memory.clear()
+    with make_pool(ctx, tmp_path, keep=5) as pool:
+        _, report = pool.get("alice")
+        assert report is not None and report.source == "snapshot"
+        assert any(
+            f"manifest {forged.generation}: its tokens are not the window after journal entry 0"
+            in s
+            for s in report.skipped
+        )
 
 
 def test_lru_suspension_frees_kv_and_resumes(ctx: Context, tmp_path: Path) -> None:
-    with SessionPool(ctx, tmp_path) as pool:  # n_seq_max=2
+    with make_pool(ctx, tmp_path) as pool:  # two sequences for sessions
         a, _ = pool.get("a")
-        a.append("user", "first session")
+        say(a, "user", "first session")
         b, _ = pool.get("b")
-        b.append("user", "second session")
+        say(b, "user", "second session")
         a_tokens = a.journal.tokens()
         c, _ = pool.get("c")  # evicts "a", the least recently used
         assert not a.resident and b.resident and c.resident
@@ -210,112 +290,51 @@ def test_lru_suspension_frees_kv_and_resumes(ctx: Context, tmp_path: Path) -> No
         assert report.n_tokens == len(a_tokens) and a2.journal.tokens() == a_tokens
         assert not b.resident
         with pytest.raises(SessionError, match=r"pool\.get"):
-            b.append("user", "not resident")
-        assert len(pool._sessions) == 2  # suspended sessions hold no journal or KV
+            say(b, "user", "not resident")
+        assert len(pool.resident()) == 2  # suspended sessions hold no journal or KV
 
 
 def test_session_ids_are_validated(ctx: Context, tmp_path: Path) -> None:
-    with SessionPool(ctx, tmp_path) as pool:
+    with make_pool(ctx, tmp_path) as pool:
         for bad in ("../escape", "", "a/b", ".hidden"):
             with pytest.raises(ValueError):
                 pool.get(bad)
 
 
 def test_session_requires_resume(ctx: Context, tmp_path: Path) -> None:
-    with SessionPool(ctx, tmp_path) as pool:
-        session = Session(ctx, 0, "x", tmp_path, pool.store)
+    with ChunkStore(tmp_path / "kv") as chunks:
+        journal = Journal(tmp_path / "journals" / "x.log")
+        session = Session(ctx, 0, "x", journal, ChunkCheckpointer(chunks, "x", scratch_seq=SCRATCH))
         with pytest.raises(SessionError):
-            session.append("user", "hi")
+            say(session, "user", "hi")
         session.journal.close()
-
-
-class HashEmbedder:
-    """A fast stand-in for MiniLM: deterministic unit vectors from a text hash."""
-
-    model_id = "hash-test"
-    dim = 16
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        import hashlib
-
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for i, text in enumerate(texts):
-            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
-            out[i] = v / np.linalg.norm(v)
-        return out
-
-
-def test_sync_longterm_catches_up_once(ctx: Context, tmp_path: Path) -> None:
-    from runtime.memory import MemoryStore
-    from runtime.session import sync_longterm
-
-    with (
-        SessionPool(ctx, tmp_path) as pool,
-        MemoryStore.open(tmp_path / "lt", HashEmbedder()) as memory,
-    ):
-        session, _ = pool.get("alice")
-        session.append("user", TURNS[0][1], meta={"importance": 0.9})
-        assert sync_longterm(session, memory) == 1
-        session.append("user", TURNS[1][1])
-        session.reply(n_predict=3)  # assistant turns are not ingested by default
-        # a crash right after memory.add but before the watermark was written:
-        mark = session.journal.path.with_suffix(".ingested")
-        memory.add(
-            TURNS[1][1],
-            kind="turn",
-            session="alice",
-            meta={"journal_seq": 1, "role": "user"},
-        )
-        mark.write_text("0\n")
-        session.append("user", TURNS[2][1])
-        assert sync_longterm(session, memory) == 1  # only turn 2: turn 1 was found, not re-added
-        assert sync_longterm(session, memory) == 0
-        texts = sorted(h.text for h in memory.search(TURNS[0][1], k=10, session="alice"))
-        assert texts == sorted(t for _, t in TURNS)
-        top = memory.search(TURNS[0][1], k=1)[0]
-        assert top.importance == pytest.approx(0.9) and top.meta["journal_seq"] == 0
-
-
-@pytest.fixture()
-def small_ctx(model: Model) -> Iterator[Context]:
-    c = model.context(n_ctx=256, n_batch=128, n_seq_max=4, n_threads=2)
-    yield c
-    c.close()
 
 
 def test_a_turn_that_does_not_fit_is_refused_before_the_journal(
     small_ctx: Context, tmp_path: Path
 ) -> None:
-    from runtime.session import ContextFullError
-
-    with SessionPool(small_ctx, tmp_path, window="refuse") as pool:
+    with make_pool(small_ctx, tmp_path, overflow="refuse") as pool:
         session, _ = pool.get("long")
         with pytest.raises(ContextFullError):
             for i in range(100):
-                session.append("user", f"turn number {i} of a conversation that keeps going")
+                say(session, "user", f"turn number {i} of a conversation that keeps going")
         n_entries, n_tokens = len(session.journal), session.n_tokens
         assert n_tokens <= small_ctx.n_ctx
         assert small_ctx.memory.pos_max(session.seq_id) == n_tokens - 1  # KV == journal
         with pytest.raises(ContextFullError):
-            session.append("user", "still too long " * 20)
+            say(session, "user", "still too long " * 20)
         assert len(session.journal) == n_entries  # nothing journalled
-        session.reply(n_predict=1000)  # capped to the room that is left
-        assert session.n_tokens <= small_ctx.n_ctx
-    with SessionPool(small_ctx, tmp_path, window="refuse") as pool:  # and it still resumes
+    with make_pool(small_ctx, tmp_path, overflow="refuse") as pool:  # and it still resumes
         session, report = pool.get("long")
-        assert report is not None and report.n_tokens == session.n_tokens
+        assert report is not None and report.n_tokens == session.n_tokens == n_tokens
 
 
 def test_the_window_shifts_and_resumes_exactly(small_ctx: Context, tmp_path: Path) -> None:
-    from runtime.journal import Journal
-    from runtime.session import WINDOW_ROLE
-
-    pool = SessionPool(small_ctx, tmp_path)  # window="shift" is the default
+    pool = make_pool(small_ctx, tmp_path)  # overflow="shift" is the default
     session, _ = pool.get("long")
-    first = session.append("system", "You are a helpful assistant.")
+    first = say(session, "system", "You are a helpful assistant.")
     for i in range(60):
-        session.append("user", f"turn number {i} of a conversation that keeps going")
+        say(session, "user", f"turn number {i} of a conversation that keeps going")
     seq = session.seq_id
     assert session.n_tokens <= small_ctx.n_ctx
     window = session.tokens()
@@ -329,18 +348,17 @@ def test_the_window_shifts_and_resumes_exactly(small_ctx: Context, tmp_path: Pat
     crash(pool)
     small_ctx.memory.clear()
 
-    pool = SessionPool(small_ctx, tmp_path)
+    pool = make_pool(small_ctx, tmp_path)
     session, report = pool.get("long")
     assert report is not None and report.source == "snapshot"
     assert session.tokens() == window
     assert np.array_equal(next_logits(small_ctx, session.seq_id, probe), before)
     crash(pool)
 
-    # without snapshots the journal replays every turn and every shift, bit for bit
-    for path in (tmp_path / "snapshots" / "long").glob(f"*{FILE_SUFFIX}"):
-        path.unlink()
+    # without checkpoints the journal replays every turn and every shift, bit for bit
+    shutil.rmtree(tmp_path / "kv")
     small_ctx.memory.clear()
-    with SessionPool(small_ctx, tmp_path) as pool:
+    with make_pool(small_ctx, tmp_path) as pool:
         session, report = pool.get("long")
         assert report is not None and report.source == "journal"
         assert session.tokens() == window
@@ -351,14 +369,14 @@ def test_the_window_shifts_and_resumes_exactly(small_ctx: Context, tmp_path: Pat
 
 
 def test_pool_suspends_others_to_fit_the_shared_cache(small_ctx: Context, tmp_path: Path) -> None:
-    with SessionPool(small_ctx, tmp_path) as pool:
+    with make_pool(small_ctx, tmp_path) as pool:
         a, _ = pool.get("a")
         for i in range(10):
-            a.append("user", f"session a says something fairly long, number {i}")
+            say(a, "user", f"session a says something fairly long, number {i}")
         b, _ = pool.get("b")
         for i in range(10):
-            b.append("user", f"session b says something fairly long, number {i}")
-        # 4 sequences but only 256 cells: a had to go for b to grow
+            say(b, "user", f"session b says something fairly long, number {i}")
+        # two sequences but only 256 cells: a had to go for b to grow
         assert a.n_tokens + b.n_tokens > small_ctx.n_ctx
         assert not a.resident and b.resident
         _, report = pool.get("a")
@@ -366,87 +384,56 @@ def test_pool_suspends_others_to_fit_the_shared_cache(small_ctx: Context, tmp_pa
         assert not b.resident
 
 
-def test_snapshot_failure_never_fails_a_journalled_turn(
+def test_checkpoint_failure_never_fails_a_journalled_turn(
     ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from runtime.store import StoreWriteError
-
-    with SessionPool(ctx, tmp_path) as pool:
+    with make_pool(ctx, tmp_path) as pool:
         session, _ = pool.get("alice")
 
         def enospc(*args: object, **kwargs: object) -> None:
-            raise StoreWriteError(28, "No space left on device")
+            raise PersistError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(pool.store, "save", enospc)
-        entry = session.append("user", TURNS[0][1])  # no exception: the turn is safe
-        assert session.snapshot_failures == 1
+        monkeypatch.setattr(pool.chunks, "commit", enospc)
+        entry = say(session, "user", TURNS[0][1])  # no exception: the turn is safe
+        assert session.checkpoint_failures == 1
         assert session.journal[-1] == entry and session.resident
+        assert pool.chunks.latest("alice") is None
         monkeypatch.undo()
-        session.append("user", TURNS[1][1])  # the next turn's snapshot succeeds
-        assert session.snapshot_failures == 1
-        assert pool.store.latest_valid("alice") is not None
+        say(session, "user", TURNS[1][1])  # the next turn's checkpoint succeeds
+        assert session.checkpoint_failures == 1
+        latest = pool.chunks.latest("alice")
+        assert latest is not None and latest.journal_seq == 1
 
 
-def test_restore_refused_by_llama_keeps_the_file(
+def test_restore_refused_by_llama_keeps_the_files(
     ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from runtime import snapshot as snapshot_mod
-
-    pool = SessionPool(ctx, tmp_path)
+    pool = make_pool(ctx, tmp_path)
     tokens = run_turns(pool)
-    files = pool.store.generations("alice")
+    files = manifest_files(tmp_path, "alice")
+    chunk_files = sorted((tmp_path / "kv" / "chunks").rglob("*.kvsnap"))
     crash(pool)
     ctx.memory.clear()
 
     def refuse(*args: object, **kwargs: object) -> None:
-        raise snapshot_mod.RestoreError("no free KV cells right now")
+        raise RestoreError("no free KV cells right now")
 
-    monkeypatch.setattr(snapshot_mod, "restore", refuse)
-    with SessionPool(ctx, tmp_path) as pool:
+    monkeypatch.setattr(ChunkStore, "restore", refuse)
+    with make_pool(ctx, tmp_path) as pool:
         _, report = pool.get("alice")
         assert report is not None and report.source == "journal"
         assert report.replayed_tokens == len(tokens)
-        assert [p for _, p in files] == [p for _, p in pool.store.generations("alice")]
-
-
-def test_sync_longterm_never_duplicates_after_a_crash_mid_batch(
-    ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from runtime.memory import MemoryStore
-    from runtime.session import sync_longterm
-
-    with (
-        SessionPool(ctx, tmp_path) as pool,
-        MemoryStore.open(tmp_path / "lt", HashEmbedder()) as memory,
-    ):
-        session, _ = pool.get("alice")
-        for _, text in TURNS:
-            session.append("user", text)
-        real_add = memory.add
-        calls = 0
-
-        def add_then_crash(*args: object, **kwargs: object) -> str:
-            nonlocal calls
-            calls += 1
-            if calls == 3:
-                raise KeyboardInterrupt  # the process dies before the third add
-            return real_add(*args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(memory, "add", add_then_crash)
-        with pytest.raises(KeyboardInterrupt):
-            sync_longterm(session, memory)
-        monkeypatch.undo()
-        assert sync_longterm(session, memory) == 1
-        texts = [h.text for h in memory.search(TURNS[0][1], k=10, session="alice")]
-        assert sorted(texts) == sorted(t for _, t in TURNS)
+        assert manifest_files(tmp_path, "alice") == files
+        assert sorted((tmp_path / "kv" / "chunks").rglob("*.kvsnap")) == chunk_files
 
 
 def test_delete_forgets_a_session(ctx: Context, tmp_path: Path) -> None:
-    with SessionPool(ctx, tmp_path) as pool:
+    with make_pool(ctx, tmp_path) as pool:
         run_turns(pool, "gone")
         pool.delete("gone")
         assert not (tmp_path / "journals" / "gone.log").exists()
-        assert pool.store.generations("gone") == []
+        assert pool.chunks.manifests("gone") == []
+        assert not (tmp_path / "kv" / "manifests" / "gone").exists()
         _, report = pool.get("gone")
         assert report is not None and report.source == "empty"
 
@@ -454,90 +441,23 @@ def test_delete_forgets_a_session(ctx: Context, tmp_path: Path) -> None:
 def test_replaying_a_shift_gets_room_for_the_longer_window_first(
     small_ctx: Context, tmp_path: Path
 ) -> None:
-    from runtime.session import WINDOW_ROLE
-
-    pool = SessionPool(small_ctx, tmp_path, snapshot_every=0)  # snapshots only on suspend
+    pool = make_pool(small_ctx, tmp_path, policy=NEVER)  # checkpoints only on suspend
     a, _ = pool.get("a")
-    a.append("system", "You are a helpful assistant.")
+    say(a, "system", "You are a helpful assistant.")
     i = 0
     while not any(e.role == WINDOW_ROLE for e in a.journal):
-        a.append("user", f"turn {i} " + "blah " * 15)
+        say(a, "user", f"turn {i} " + "blah " * 15)
         i += 1
-    a.append("user", "after the shift")
+    say(a, "user", "after the shift")
     window = a.tokens()
-    crash(pool)  # no snapshot: a comes back from the journal, shift included
+    crash(pool)  # no checkpoint: a comes back from the journal, shift included
     small_ctx.memory.clear()
 
-    with SessionPool(small_ctx, tmp_path, snapshot_every=0) as pool:
+    with make_pool(small_ctx, tmp_path, policy=NEVER) as pool:
         b, _ = pool.get("b")
         while b.n_tokens < small_ctx.n_ctx - len(window) - 5:
-            b.append("user", "x")
+            say(b, "user", "x")
         a2, report = pool.get("a")  # the replay peaks above the final window: b must go
         assert report is not None and report.source == "journal"
         assert a2.tokens() == window
         assert not b.resident
-
-
-def test_snapshot_ids_name_their_journal_entry(ctx: Context, tmp_path: Path) -> None:
-    from runtime.session import _journal_seq_of
-
-    with SessionPool(ctx, tmp_path) as pool:
-        session, _ = pool.get("alice")
-        session.append("user", TURNS[0][1])
-        session.append("user", TURNS[1][1])
-        stored = pool.store.latest_valid("alice")
-        assert stored is not None
-        assert _journal_seq_of(stored.snapshot.header.snapshot_id) == 1
-    assert _journal_seq_of("0123456789abcdef") is None  # a snapshot made elsewhere
-    assert _journal_seq_of("j-1-abcdef") == -1
-
-
-def test_a_snapshot_claiming_the_wrong_entry_is_not_used(ctx: Context, tmp_path: Path) -> None:
-    from runtime import snapshot as snapshot_mod
-
-    pool = SessionPool(ctx, tmp_path, keep=5)
-    session, _ = pool.get("alice")
-    for _, text in TURNS:
-        session.append("user", text)
-    newest = pool.store.generations("alice")[0][1]
-    snap = snapshot_mod.read(newest)
-    crash(pool)
-    # the same KV, relabelled as if taken after entry 0: its tokens do not match that point
-    forged = snapshot_mod.encode(
-        snapshot_mod.decode(snap),
-        identity=snap.header.identity,
-        tokens=snap.tokens,
-        seq_id=snap.seq_id,
-        pos_min=snap.header.pos_min,
-        pos_max=snap.header.pos_max,
-        n_ctx=snap.header.n_ctx,
-        session_id="alice",
-        snapshot_id="j0-forged",
-    )
-    planted = newest.with_name(f"{999999:012d}{FILE_SUFFIX}")
-    snapshot_mod.write(planted, forged)
-    ctx.memory.clear()
-    with SessionPool(ctx, tmp_path, keep=5) as pool:
-        _, report = pool.get("alice")
-        assert report is not None and report.snapshot != planted
-        assert any("not a prefix" in s for s in report.skipped)
-
-
-def test_sync_longterm_finds_the_uncertain_entry_among_many_equal_texts(
-    ctx: Context, tmp_path: Path
-) -> None:
-    from runtime.memory import MemoryStore
-    from runtime.session import sync_longterm
-
-    with (
-        SessionPool(ctx, tmp_path) as pool,
-        MemoryStore.open(tmp_path / "lt", HashEmbedder()) as memory,
-    ):
-        session, _ = pool.get("alice")
-        for _ in range(60):  # many equal texts that rank above the uncertain one
-            memory.add("ok", kind="turn", session="alice", importance=1.0)
-        entry = session.append("user", "ok")
-        memory.add("ok", kind="turn", session="alice", meta={"journal_seq": entry.seq})
-        # crash before the watermark: the entry is uncertain
-        assert sync_longterm(session, memory) == 0
-        assert len(memory.find(session="alice", meta_key="journal_seq", value=entry.seq)) == 1

@@ -52,10 +52,10 @@ def small(ctx: Any, model: Any) -> S.Snapshot:
     return snap
 
 
-def _restore_peak(ctx: Any, snap: S.Snapshot) -> tuple[S.CorruptSnapshot, int]:
+def _restore_peak(ctx: Any, snap: S.Snapshot) -> tuple[S.CorruptSnapshotError, int]:
     tracemalloc.start()
     try:
-        with pytest.raises(S.CorruptSnapshot) as info:
+        with pytest.raises(S.CorruptSnapshotError) as info:
             S.restore(ctx, snap, 1)
         return info.value, tracemalloc.get_traced_memory()[1]
     finally:
@@ -119,31 +119,43 @@ def test_zstd_bomb_without_content_size_refused(ctx: Any, small: S.Snapshot) -> 
     assert peak < 32 << 20
 
 
-def test_session_resume_quarantines_a_forged_snapshot(model: Any, tmp_path: Path) -> None:
+def test_session_resume_quarantines_a_forged_chunk(model: Any, tmp_path: Path) -> None:
+    from runtime.checkpoint import CheckpointPolicy
+    from runtime.chunks import ChunkStore
     from runtime.session import SessionPool
 
-    with model.context(n_ctx=1024, n_batch=128, n_seq_max=2, n_threads=2) as c:
-        pool = SessionPool(c, tmp_path, keep=5)
+    def open_pool(c: Any) -> SessionPool:
+        chunks = ChunkStore(tmp_path / "kv", keep=5)
+        policy = CheckpointPolicy.every_turn()
+        return SessionPool(c, tmp_path, chunks=chunks, scratch_seq=2, n_seq=1, policy=policy)
+
+    with model.context(n_ctx=1024, n_batch=128, n_seq_max=3, n_threads=2, kv_unified=True) as c:
+        pool = open_pool(c)
         session, _ = pool.get("alice")
-        session.append("user", "My dog is called Biscuit and she loves the beach.")
-        session.append("user", "I moved to Lisbon in March.")
-        newest = pool.store.generations("alice")[0][1]
-        for s in pool._sessions.values():  # crash: no suspend, no final snapshot
+        for text in ("My dog is called Biscuit and she loves the beach.", "I moved in March."):
+            tokens = c.model.tokenize(f"user: {text}\n", add_special=session.first_turn)
+            session.reserve(len(tokens))
+            session.append_tokens("user", text, tokens)
+        newest = pool.chunks.latest("alice")
+        assert newest is not None
+        victim = pool.chunks.chunk_path(newest.refs[-1].key)  # the newest one's own tail
+        for s in pool.resident():  # crash: no suspend, no final checkpoint
             s.journal.close()
-        pool.store.close()
-        real = S.read(newest)
-        n = S.count_chunks(1 << 40, S.MAX_CHUNK_SIZE, S.Filter.PLANES2)
+        pool.chunks.close()
+        real = S.read(victim)
+        n = S.count_chunks(1 << 40, S.MAX_CHUNK_SIZE, real.header.filter)
         forged = _forge(
             real.header, [b"\x01" * 2] * n, raw_size=1 << 40, chunk_size=S.MAX_CHUNK_SIZE
         )
-        newest.write_bytes(forged.to_bytes())
+        victim.write_bytes(forged.to_bytes())
         c.memory.clear()
 
-        pool = SessionPool(c, tmp_path, keep=5)
+        pool = open_pool(c)
         session, report = pool.get("alice")
-        assert report is not None and report.snapshot != newest
-        assert not newest.exists()
-        reasons = list((newest.parent / "quarantine").glob("*.reason"))
+        assert report is not None and report.source == "snapshot"
+        assert any("raw_size" in s for s in report.skipped)
+        assert not victim.exists()
+        reasons = list((tmp_path / "kv" / "quarantine").glob("*.reason"))
         assert any("raw_size" in p.read_text() for p in reasons)
         assert report.n_tokens == len(session.journal.tokens())
         pool.close()

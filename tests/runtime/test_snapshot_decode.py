@@ -68,7 +68,7 @@ def test_round_trip_every_codec(codec: S.Codec) -> None:
     back = S.Snapshot.from_bytes(snap.to_bytes())
     assert np.array_equal(S.decode(back, threads=codec.threads), raw)
     for frame in snap.chunks:
-        assert S._frame_length(frame) == len(frame)
+        assert S.frame_length(frame) == len(frame)
         has_checksum = zstandard.get_frame_parameters(bytes(frame)).has_checksum
         assert has_checksum == codec.checksum
 
@@ -77,9 +77,9 @@ def test_frame_length_of_empty_and_rle_frames() -> None:
     cctx = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True)
     for data in (b"", b"\0" * 300_000, bytes(range(256)) * 1000):
         frame = cctx.compress(data)
-        assert S._frame_length(frame) == len(frame)
+        assert S.frame_length(frame) == len(frame)
     with pytest.raises(zstandard.ZstdError):
-        S._frame_length(b"not a zstd frame")
+        S.frame_length(b"not a zstd frame")
 
 
 @pytest.mark.parametrize("checksum", [True, False])
@@ -90,7 +90,7 @@ def test_frame_not_filling_its_chunk_is_refused(checksum: bool) -> None:
     frame = bytes(snap.chunks[1])
     variants = [frame + b"\0\0\0\0", frame[:-1]] if checksum else [frame + b"\0"]
     for bad in variants:
-        with pytest.raises(S.CorruptSnapshot) as info:
+        with pytest.raises(S.CorruptSnapshotError) as info:
             S.decode(forge(snap, 1, bad))
         assert info.value.field == "chunk[1].zstd_frame"
 
@@ -100,7 +100,7 @@ def test_forged_block_header_caught_without_content_checksum() -> None:
     snap = make(raw_blob(), codec)
     frame = bytearray(snap.chunks[0])
     frame[zstandard.frame_header_size(bytes(frame)) + 1] ^= 0x10  # the first block's size
-    with pytest.raises(S.CorruptSnapshot) as info:
+    with pytest.raises(S.CorruptSnapshotError) as info:
         S.decode(forge(snap, 0, bytes(frame)))
     assert info.value.field.startswith("chunk[0].")
 
@@ -109,7 +109,7 @@ def test_forged_content_caught_by_the_content_checksum() -> None:
     snap = make(raw_blob(), S.Codec(level=-1, filter=S.Filter.NONE, chunk_size=8 << 10))
     frame = bytearray(snap.chunks[0])
     frame[len(frame) // 2] ^= 0xFF  # inside a raw block: only the content checksum sees it
-    with pytest.raises(S.CorruptSnapshot) as info:
+    with pytest.raises(S.CorruptSnapshotError) as info:
         S.decode(forge(snap, 0, bytes(frame)))
     assert info.value.field == "chunk[0].zstd_frame"
 
@@ -131,10 +131,10 @@ def test_deferred_digests_are_checked_while_decoding(
     path.write_bytes(bytes(data))
     deferred = S.read(path, mapped=True, defer_digests=True)  # the header is still intact
     out = np.zeros(raw.size, np.uint8)
-    with pytest.raises(S.CorruptSnapshot) as info:
+    with pytest.raises(S.CorruptSnapshotError) as info:
         S.decode_into(deferred, out)
     assert info.value.field.endswith(".checksum")
-    with pytest.raises(S.CorruptSnapshot):  # and the eager read refuses it at once
+    with pytest.raises(S.CorruptSnapshotError):  # and the eager read refuses it at once
         S.read(path, mapped=True)
 
 

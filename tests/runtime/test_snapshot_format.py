@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard
 
 from runtime import snapshot as S
 from runtime.errors import MemoryRuntimeError
+from runtime.snapshot import format as snapshot_format
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "snapshot-format.md"
@@ -117,9 +119,9 @@ def test_planes_chunk_table(n: int) -> None:
         seg = raw[k * chunk_size : (k + 1) * chunk_size]
         assert h.chunk_raw_len(2 * k) == (seg.size + 1) // 2
         assert h.chunk_raw_len(2 * k + 1) == seg.size // 2
-        assert S.zstandard.ZstdDecompressor().decompress(snap.chunks[2 * k]) == seg[0::2].tobytes()
+        assert zstandard.ZstdDecompressor().decompress(snap.chunks[2 * k]) == seg[0::2].tobytes()
         assert (
-            S.zstandard.ZstdDecompressor().decompress(snap.chunks[2 * k + 1]) == seg[1::2].tobytes()
+            zstandard.ZstdDecompressor().decompress(snap.chunks[2 * k + 1]) == seg[1::2].tobytes()
         )
     back = S.Snapshot.from_bytes(snap.to_bytes())
     assert np.array_equal(S.decode(back, threads=2), raw)
@@ -133,14 +135,14 @@ def test_n_chunks_must_match_filter(snap: S.Snapshot, filt: S.Filter) -> None:
     lying = dataclasses.replace(h, filter=filt, chunks=chunks)
     if S.count_chunks(h.raw_size, h.chunk_size, filt) == len(chunks):
         pytest.skip("this filter happens to need that many chunks")
-    with pytest.raises(S.CorruptSnapshot) as info:
+    with pytest.raises(S.CorruptSnapshotError) as info:
         S.SnapshotHeader.unpack(lying.pack())
     assert info.value.field == "n_chunks"
 
 
 def test_default_codec_is_planes() -> None:
     assert S.DEFAULT_CODEC.filter is S.Filter.PLANES2
-    assert S._CHUNK_ENTRY.size == 4 + 16
+    assert snapshot_format._CHUNK_ENTRY.size == 4 + 16
 
 
 # -- header ---------------------------------------------------------------------------------
@@ -153,8 +155,8 @@ def test_header_round_trip(snap: S.Snapshot) -> None:
 
 
 def test_body_struct_matches_table() -> None:
-    assert 48 + S._BODY.size == S.MIN_HEADER_LEN
-    assert S._BODY.size == 154
+    assert 48 + snapshot_format._BODY.size == S.MIN_HEADER_LEN
+    assert snapshot_format._BODY.size == 154
 
 
 def test_docs_describe_every_field() -> None:
@@ -227,19 +229,19 @@ def _with_version(blob: bytes, version: int) -> bytes:
 
 @pytest.mark.parametrize("version", [0, 3, 7, 0xFFFF])  # 1 and 2 are read (v2 since 2026-12)
 def test_unknown_version_refused(blob: bytes, version: int) -> None:
-    with pytest.raises(S.UnsupportedVersion, match=f"version {version}"):
+    with pytest.raises(S.UnsupportedVersionError, match=f"version {version}"):
         S.Snapshot.from_bytes(_with_version(blob, version))
 
 
 def test_unknown_magic_refused(blob: bytes) -> None:
-    with pytest.raises(S.CorruptSnapshot, match="not a KV snapshot") as info:
+    with pytest.raises(S.CorruptSnapshotError, match="not a KV snapshot") as info:
         S.Snapshot.from_bytes(b"GGSQ" + blob[4:])
     assert info.value.field == "magic"
 
 
 # -- corruption -------------------------------------------------------------------------------
 
-TYPED = (S.CorruptSnapshot, S.UnsupportedVersion)
+TYPED = (S.CorruptSnapshotError, S.UnsupportedVersionError)
 
 
 def test_every_header_byte_flip_is_caught(snap: S.Snapshot, blob: bytes) -> None:
@@ -263,7 +265,7 @@ def test_payload_byte_flips_are_caught(snap: S.Snapshot, blob: bytes) -> None:
     buf = bytearray(blob)
     for offset in rng.integers(header_len, len(blob), 300):
         buf[offset] ^= 1 << int(rng.integers(8))
-        with pytest.raises(S.CorruptSnapshot) as info:
+        with pytest.raises(S.CorruptSnapshotError) as info:
             S.Snapshot.from_bytes(buf)
         assert info.value.field.endswith(".checksum")
         buf[offset] = blob[offset]
@@ -274,19 +276,19 @@ def test_truncation_at_every_header_offset_and_in_payload(snap: S.Snapshot, blob
     offsets = list(range(header_len + 1))
     offsets += np.linspace(header_len + 1, len(blob) - 1, 100).astype(int).tolist()
     for n in offsets:
-        with pytest.raises(S.CorruptSnapshot) as info:
+        with pytest.raises(S.CorruptSnapshotError) as info:
             S.Snapshot.from_bytes(blob[:n])
         assert info.value.field in {"file_size", "magic", "header_len"}
 
 
 def test_trailing_data_refused(blob: bytes) -> None:
-    with pytest.raises(S.CorruptSnapshot, match="trailing data"):
+    with pytest.raises(S.CorruptSnapshotError, match="trailing data"):
         S.Snapshot.from_bytes(blob + b"\0")
 
 
 @pytest.mark.parametrize("data", [b"", b"\x89", os.urandom(10), os.urandom(100_000)])
 def test_garbage_refused(data: bytes) -> None:
-    with pytest.raises(S.CorruptSnapshot):
+    with pytest.raises(S.CorruptSnapshotError):
         S.Snapshot.from_bytes(data)
 
 
@@ -301,7 +303,7 @@ def test_garbage_after_magic_refused(blob: bytes) -> None:
 def test_valid_header_with_someone_elses_payload(snap: S.Snapshot) -> None:
     other = make(synthetic_raw(seed=9), snapshot_id=snap.snapshot_id, created_ns=0)
     frankenstein = snap.header.pack() + b"".join(bytes(c) for c in other.chunks)
-    with pytest.raises(S.CorruptSnapshot) as info:
+    with pytest.raises(S.CorruptSnapshotError) as info:
         S.Snapshot.from_bytes(frankenstein)
     assert info.value.field in {"chunk[0].checksum", "file_size"}
 
@@ -314,15 +316,15 @@ def test_forged_digest_still_caught_by_zstd(snap: S.Snapshot) -> None:
     entries = tuple(S.ChunkEntry(len(c), S.chunk_digest(c)) for c in chunks)
     forged = S.Snapshot(dataclasses.replace(snap.header, chunks=entries), chunks)
     back = S.Snapshot.from_bytes(forged.to_bytes())
-    with pytest.raises(S.CorruptSnapshot) as info:
+    with pytest.raises(S.CorruptSnapshotError) as info:
         S.decode(back)
     assert info.value.field.startswith("chunk[0].")
 
 
 def test_errors_are_typed() -> None:
-    err = S.CorruptSnapshot("magic", "x")
+    err = S.CorruptSnapshotError("magic", "x")
     assert isinstance(err, ValueError) and isinstance(err, MemoryRuntimeError)
-    inc = S.IncompatibleSnapshot([("type_k", "q8_0", "f16")])
+    inc = S.IncompatibleSnapshotError([("type_k", "q8_0", "f16")])
     assert "type_k" in str(inc) and inc.differences == [("type_k", "q8_0", "f16")]
 
 
@@ -415,9 +417,9 @@ def test_inspect_reads_header_only(tmp_path: Path, snap: S.Snapshot, blob: bytes
     path = tmp_path / "a.kvsnap"
     path.write_bytes(blob[:header_len] + bytes(len(blob) - header_len))
     assert S.inspect(path) == snap.header
-    with pytest.raises(S.CorruptSnapshot, match="checksum"):
+    with pytest.raises(S.CorruptSnapshotError, match="checksum"):
         S.read(path)
-    with pytest.raises(S.CorruptSnapshot, match="checksum"):
+    with pytest.raises(S.CorruptSnapshotError, match="checksum"):
         S.verify(path)
 
 
@@ -431,7 +433,7 @@ def test_verify_runs_zstd(tmp_path: Path, snap: S.Snapshot) -> None:
     path = tmp_path / "forged.kvsnap"
     S.write(path, forged)
     S.read(path)  # every xxh3-128 digest matches
-    with pytest.raises(S.CorruptSnapshot) as info:
+    with pytest.raises(S.CorruptSnapshotError) as info:
         S.verify(path)
     assert info.value.field.startswith("chunk[1].")
 
@@ -464,7 +466,7 @@ def test_version_1_headers_still_pack_and_read() -> None:
 def test_v2_journal_seq_below_minus_one_is_corrupt() -> None:
     header = make(synthetic_raw(5_001, seed=6), journal_seq=7).header
     forged = dataclasses.replace(header, journal_seq=-5)
-    with pytest.raises(S.CorruptSnapshot) as info:
+    with pytest.raises(S.CorruptSnapshotError) as info:
         S.SnapshotHeader.unpack(forged.pack())
     assert info.value.field == "journal_seq"
 
@@ -473,4 +475,4 @@ def test_docs_describe_the_v2_field() -> None:
     text = DOCS.read_text()
     for name, _code in S.BODY_FIELDS_V2:
         assert re.search(rf"`{name}`", text), f"docs/snapshot-format.md lacks field {name}"
-    assert S._BODY_V2.size == S._BODY.size + 8
+    assert snapshot_format._BODY_V2.size == snapshot_format._BODY.size + 8

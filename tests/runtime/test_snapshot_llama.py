@@ -176,7 +176,7 @@ def test_bad_seq_ids(source: Source, victim: Any) -> None:
 
 # -- corruption -------------------------------------------------------------------------------
 
-TYPED = (S.CorruptSnapshot, S.UnsupportedVersion)
+TYPED = (S.CorruptSnapshotError, S.UnsupportedVersionError)
 
 
 def _expect_refused(victim: Any, data: bytes | bytearray) -> S.SnapshotError:
@@ -223,9 +223,9 @@ def test_zero_length_and_garbage_files(tmp_path: Path, victim: Any) -> None:
     garbage = tmp_path / "garbage.kvsnap"
     garbage.write_bytes(os.urandom(1 << 16))
     for path in (empty, garbage):
-        with pytest.raises(S.CorruptSnapshot):
+        with pytest.raises(S.CorruptSnapshotError):
             S.restore(victim, S.read(path), 1)
-        with pytest.raises(S.CorruptSnapshot):
+        with pytest.raises(S.CorruptSnapshotError):
             S.inspect(path)
     assert _is_empty(victim, 1)
 
@@ -239,7 +239,7 @@ def test_valid_header_foreign_payload(
     mixed = source.snap.header.pack() + b"".join(bytes(c) for c in foreign.chunks)
     path = tmp_path / "mixed.kvsnap"
     path.write_bytes(mixed)
-    with pytest.raises(S.CorruptSnapshot) as info:
+    with pytest.raises(S.CorruptSnapshotError) as info:
         S.restore(victim, S.read(path), 1)
     assert info.value.field in {"file_size", "chunk[0].checksum"}
     assert _is_empty(victim, 1)
@@ -294,12 +294,12 @@ def c_never_called(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(llamaffi.Context, "seq_state_set", boom)
 
 
-def _diff_fields(exc: S.IncompatibleSnapshot) -> set[str]:
+def _diff_fields(exc: S.IncompatibleSnapshotError) -> set[str]:
     return {field for field, _, _ in exc.differences}
 
 
 def test_other_model_refused(source: Source, other_model: Any, c_never_called: None) -> None:
-    with other_model.context(**CTX_ARGS) as ctx, pytest.raises(S.IncompatibleSnapshot) as info:
+    with other_model.context(**CTX_ARGS) as ctx, pytest.raises(S.IncompatibleSnapshotError) as info:
         S.restore(ctx, source.snap, 0)
     assert _diff_fields(info.value) == {"model_fingerprint"}
     assert "model_fingerprint" in str(info.value)
@@ -328,7 +328,7 @@ def test_cache_layout_mismatch_refused(
     with model.context(**{**CTX_ARGS, **dst_args}) as ctx:
         calls: list[object] = []
         monkeypatch.setattr(llamaffi.Context, "seq_state_set", lambda *a, **k: calls.append(a))
-        with pytest.raises(S.IncompatibleSnapshot) as info:
+        with pytest.raises(S.IncompatibleSnapshotError) as info:
             S.restore(ctx, snap, 0)
         assert field in _diff_fields(info.value)
         assert calls == []
@@ -353,7 +353,7 @@ def test_other_build_refused_unless_allowed(model: Any, source: Source, tokens: 
     snap = S.Snapshot(dataclasses.replace(h, identity=older), source.snap.chunks)
     snap = S.Snapshot.from_bytes(snap.to_bytes())
     with model.context(**CTX_ARGS) as ctx:
-        with pytest.raises(S.IncompatibleSnapshot) as info:
+        with pytest.raises(S.IncompatibleSnapshotError) as info:
             S.restore(ctx, snap, 0)
         assert _diff_fields(info.value) == {"build_number"}
         S.restore(ctx, snap, 0, allow_build_mismatch=True)

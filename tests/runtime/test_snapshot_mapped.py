@@ -48,7 +48,7 @@ def test_mapped_read_detects_flips(saved: tuple[Path, list[int], np.ndarray], wh
     data = bytearray(path.read_bytes())
     data[int(len(data) * where)] ^= 0x10
     path.write_bytes(bytes(data))
-    with pytest.raises(S.CorruptSnapshot):
+    with pytest.raises(S.CorruptSnapshotError):
         S.read(path, mapped=True)
 
 
@@ -59,7 +59,7 @@ def test_mapped_read_detects_truncation(
     path = saved[0]
     data = path.read_bytes()
     path.write_bytes(data[:size] if size >= 0 else data + b"\0")
-    with pytest.raises(S.CorruptSnapshot) as info:
+    with pytest.raises(S.CorruptSnapshotError) as info:
         S.read(path, mapped=True)
     assert info.value.field in {"file_size", "header_len", "magic"}
 
@@ -72,7 +72,7 @@ def test_failed_restore_file_leaves_seq_empty(
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(S.CorruptSnapshot):
+    with pytest.raises(S.CorruptSnapshotError):
         S.restore_file(ctx, path, 1)
     assert ctx.memory.pos_max(1) == 2  # refused before llama.cpp saw a byte: untouched
     ctx.memory.seq_rm(1)

@@ -1,0 +1,227 @@
+"""The capture side of a chunk store: plan a checkpoint on the caller's thread (copy out only
+the chunks not stored yet), commit it on any thread (compress, write the chunks, then switch
+the manifest, then prune)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from runtime import snapshot as snapshot_mod
+from runtime.chunks.index import ChunkIndex
+from runtime.chunks.keys import Lineage, chunk_keys
+from runtime.chunks.manifest import ChunkRef, Manifest
+from runtime.chunks.pending import PendingCheckpoint, PendingChunk
+from runtime.errors import ArgumentError, ChunkError
+from runtime.layout import validate_session_id
+from runtime.snapshot import Codec
+
+if TYPE_CHECKING:
+    from llamaffi import Context
+    from runtime.storage import BlobStore
+
+logger = logging.getLogger(__name__)
+
+
+class ChunkWriter:
+    """Plans and commits checkpoints into ``blobs``, keeping ``index`` up to date.
+
+    Args:
+        blobs: where chunks and manifests go.
+        index: the store's index (sizes, references, pins).
+        chunk_tokens: positions per chunk.
+        codec: the codec of chunk files.
+        keep: manifests kept per session.
+        dedup: ``"global"`` or ``"session"`` (the key scope).
+        collect_garbage: called after each manifest switch.
+    """
+
+    def __init__(
+        self,
+        blobs: BlobStore,
+        index: ChunkIndex,
+        *,
+        chunk_tokens: int,
+        codec: Codec,
+        keep: int,
+        dedup: Literal["global", "session"],
+        collect_garbage: Callable[[], object],
+    ) -> None:
+        self.blobs = blobs
+        self.index = index
+        self.chunk_tokens = chunk_tokens
+        self.codec = codec
+        self.keep = keep
+        self.dedup = dedup
+        self._collect_garbage = collect_garbage
+        #: one commit (or session delete) at a time: generations are numbered in order
+        self.commit_lock = threading.Lock()
+
+    def scope(self, session_id: str) -> str:
+        """The key scope of a session's chunks (empty: shared by every session)."""
+        return f"session:{session_id}" if self.dedup == "session" else ""
+
+    # -- caller thread --------------------------------------------------------------------------
+
+    def plan(
+        self,
+        ctx: Context,
+        seq_id: int,
+        tokens: Sequence[int],
+        *,
+        scratch_seq: int,
+        session_id: str,
+        journal_seq: int,
+        meta: dict[str, Any] | None = None,
+        lineage: Lineage = (),
+    ) -> PendingCheckpoint:
+        """Copy out the chunks of ``seq_id`` that the store does not hold yet (see
+        :meth:`runtime.chunks.ChunkStore.plan_capture`)."""
+        validate_session_id(session_id)
+        mem = ctx.memory
+        if not ctx.kv_unified:
+            raise ArgumentError("chunked checkpoints need a unified KV cache (kv_unified=True)")
+        if scratch_seq == seq_id:
+            raise ArgumentError("scratch_seq must differ from seq_id")
+        if mem.pos_max(scratch_seq) != -1:
+            raise ArgumentError(f"scratch seq {scratch_seq} is not empty")
+        tok = tuple(int(t) for t in tokens)
+        pos_min, pos_max = mem.pos_min(seq_id), mem.pos_max(seq_id)
+        n = len(tok)
+        if (pos_max - pos_min + 1 if pos_max >= 0 else 0) != n:
+            raise ArgumentError(
+                f"seq {seq_id} holds positions [{pos_min}, {pos_max}], not {n} tokens: pass "
+                "the ids of its cells in position order"
+            )
+        pos_min = max(pos_min, 0)
+        identity = snapshot_mod.identity_of(ctx)
+        scope = self.scope(session_id)
+        keys = chunk_keys(
+            identity, tok, pos_min, chunk_tokens=self.chunk_tokens, lineage=lineage, scope=scope
+        )
+        pin, durable = self.index.pin(key for key, _, _ in keys)
+        pending: list[PendingChunk] = []
+        try:
+            for key, start, end in keys:
+                known = durable[key]
+                p0 = pos_min + start
+                if known is not None:
+                    pending.append(PendingChunk(key, start, end, p0, None, *known))
+                    continue
+                mem.seq_cp(seq_id, scratch_seq, p0, pos_min + end)
+                try:
+                    raw = ctx.seq_state_get(scratch_seq)
+                finally:
+                    mem.seq_rm(scratch_seq, -1, -1)
+                pending.append(PendingChunk(key, start, end, p0, raw, int(raw.size)))
+        except BaseException:
+            self.index.unpin(pin)
+            raise
+        return PendingCheckpoint(
+            session_id=session_id,
+            journal_seq=journal_seq,
+            identity=identity,
+            n_ctx=ctx.n_ctx,
+            chunk_tokens=self.chunk_tokens,
+            pos_min=pos_min,
+            tokens=tok,
+            chunks=pending,
+            lineage=tuple(lineage),
+            scope=scope,
+            meta=dict(meta or {}),
+            created_ns=time.time_ns(),
+            pin_id=pin,
+        )
+
+    def discard(self, pending: PendingCheckpoint) -> None:
+        """Drop a planned checkpoint without committing it (releases its pins)."""
+        pending.done = True
+        self.index.unpin(pending.pin_id)
+
+    # -- any thread -----------------------------------------------------------------------------
+
+    def commit(self, pending: PendingCheckpoint) -> Manifest:
+        """Write the new chunks, then switch the manifest, then prune and collect garbage
+        (see :meth:`runtime.chunks.ChunkStore.commit`)."""
+        if pending.done:
+            raise ArgumentError("this checkpoint was already committed or discarded")
+        try:
+            with self.commit_lock:
+                refs = [self._write_chunk(pending, c) for c in pending.chunks]
+                return self._publish(pending, refs)
+        finally:
+            pending.done = True
+            self.index.unpin(pending.pin_id)
+
+    def _write_chunk(self, pending: PendingCheckpoint, chunk: PendingChunk) -> ChunkRef:
+        known = self.index.sizes_of(chunk.key)
+        if chunk.raw is None:
+            if known is None or not self.blobs.has(chunk.key):
+                raise ChunkError(
+                    chunk.key, "missing", "vanished before the checkpoint was committed"
+                )
+            return ChunkRef(chunk.key, chunk.start, chunk.end, *known)
+        if known is not None and self.blobs.has(chunk.key):  # another checkpoint wrote it
+            return ChunkRef(chunk.key, chunk.start, chunk.end, *known)
+        if known is None and self.blobs.has(chunk.key):
+            # on disk but not in the index: it was unreadable when the store opened
+            self.blobs.quarantine(chunk.key, "unreadable when the store opened; written again")
+        n = chunk.end - chunk.start
+        snap = snapshot_mod.encode(
+            chunk.raw,
+            identity=pending.identity,
+            tokens=pending.tokens[chunk.start : chunk.end],
+            seq_id=0,
+            pos_min=chunk.pos0,
+            pos_max=chunk.pos0 + n - 1,
+            n_ctx=pending.n_ctx,
+            snapshot_id=chunk.key,
+            codec=self.codec,
+        )
+        size = self.blobs.put_if_absent(chunk.key, snap.write_to)
+        self.index.add_chunk(chunk.key, snap.header.raw_size, size, written=True)
+        chunk.raw = None  # the copy is durable now; let it go
+        return ChunkRef(chunk.key, chunk.start, chunk.end, snap.header.raw_size, size)
+
+    def _publish(self, pending: PendingCheckpoint, refs: list[ChunkRef]) -> Manifest:
+        session = pending.session_id
+        generation = self.index.next_generation(session)
+        tail = refs[-1] if refs and refs[-1].end - refs[-1].start < pending.chunk_tokens else None
+        man = Manifest(
+            session_id=session,
+            generation=generation,
+            journal_seq=pending.journal_seq,
+            identity=pending.identity,
+            chunk_tokens=pending.chunk_tokens,
+            pos_min=pending.pos_min,
+            tokens=pending.tokens,
+            chunks=tuple(refs[:-1] if tail else refs),
+            tail=tail,
+            lineage=pending.lineage,
+            scope=pending.scope,
+            created_ns=pending.created_ns,
+            meta=pending.meta,
+        )
+        data = man.to_bytes()
+        # every chunk it names is durable (put_if_absent returned): now the switch
+        self.blobs.switch_manifest(session, generation, data)
+        self.index.add_manifest(session, generation, man.keys, len(data))
+        logger.debug(
+            "session %s: manifest %d, %d chunks (%d new)",
+            session,
+            generation,
+            len(refs),
+            pending.new_chunks,
+        )
+        self._prune(session)
+        self._collect_garbage()
+        return man
+
+    def _prune(self, session_id: str) -> None:
+        """Delete the session's manifests beyond the newest ``keep``."""
+        for generation in self.blobs.generations(session_id)[self.keep :]:
+            self.blobs.delete_manifest(session_id, generation)
+            self.index.forget_manifest(session_id, generation)

@@ -1,0 +1,280 @@
+"""A session's checkpoints: when one is due, the state copy on the caller's thread, the encode
+and write on the background writer's (or inline), and the manifests a resume reads back.
+
+:class:`Checkpointer` is what a :class:`runtime.session.Session` needs of them; the chunk store
+(:class:`ChunkCheckpointer`) is the one implementation. A session holds one, injected by its
+pool, and never reaches into the store behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
+from runtime.chunks import ChunkStore, Manifest, PendingCheckpoint
+from runtime.errors import ArgumentError
+
+if TYPE_CHECKING:
+    from llamaffi import Context
+    from runtime.session.window import Window
+
+logger = logging.getLogger(__name__)
+
+
+class Checkpointer(Protocol):
+    """Checkpoints of one session's KV sequence.
+
+    A checkpoint is only a cache of the journal: losing one costs replay time, never data, so
+    :meth:`take` never fails a turn. Manifests come back newest first; :meth:`restore` leaves
+    the target sequence empty when it fails.
+    """
+
+    session_id: str
+    #: checkpoints that could not be written (the turns themselves were safe in the journal)
+    failures: int
+
+    @property
+    def unsaved_turns(self) -> int:
+        """Turns added since the last checkpoint."""
+        ...
+
+    @property
+    def unsaved_tokens(self) -> int:
+        """Tokens added since the last checkpoint (what a crash now would replay)."""
+        ...
+
+    def count(self, n_tokens: int) -> None:
+        """One more turn of ``n_tokens`` tokens is in the KV and not checkpointed yet."""
+
+    def due(self) -> bool:
+        """Whether the policy wants a checkpoint now."""
+        ...
+
+    def reset(self, unsaved_tokens: int = 0) -> None:
+        """Start counting afresh (after a checkpoint, or a resume that replayed tokens)."""
+
+    def take(self, ctx: Context, seq_id: int, window: Window, journal_seq: int) -> None:
+        """Checkpoint now, never failing: the copy here, the write on the writer."""
+
+    def take_now(self, ctx: Context, seq_id: int, window: Window, journal_seq: int) -> object:
+        """Checkpoint now and wait until it is durable; return what was written."""
+        ...
+
+    def manifests(self) -> list[Manifest]:
+        """The readable checkpoints, newest first (read once, until :meth:`forget`)."""
+        ...
+
+    def forget(self) -> None:
+        """Read the manifests again next time (the store moved on)."""
+
+    def restore(
+        self, ctx: Context, manifest: Manifest, seq_id: int, *, allow_build_mismatch: bool
+    ) -> None:
+        """Rebuild ``seq_id`` from ``manifest`` (ChunkError, IncompatibleSnapshotError or
+        RestoreError with the sequence left empty)."""
+
+    @property
+    def location(self) -> Path:
+        """Where the session's checkpoints live (for reports)."""
+        ...
+
+    def journal_needs(self, journal_len: int) -> tuple[int, set[int]] | None:
+        """What a resume can still need of a journal of ``journal_len`` entries:
+        ``(from_seq, window entries)``, or None when it may need all of it."""
+        ...
+
+    def flush(self) -> None:
+        """Wait until every queued checkpoint of the session is written."""
+
+    def delete(self) -> None:
+        """Drop queued checkpoints and delete the stored ones."""
+
+
+class ChunkCheckpointer:
+    """One session's checkpoints in a :class:`runtime.chunks.ChunkStore`.
+
+    Args:
+        store: the chunk store (shared by every session of a pool).
+        session_id: the session.
+        scratch_seq: the empty sequence the store copies ranges through.
+        writer: the background writer that encodes and writes checkpoints (only the state
+            copy stays on the calling thread); ``None`` writes inline.
+        policy: when a checkpoint is due; default every turn.
+    """
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        session_id: str,
+        *,
+        scratch_seq: int,
+        writer: CheckpointWriter | None = None,
+        policy: CheckpointPolicy | None = None,
+    ) -> None:
+        if scratch_seq < 0:
+            raise ArgumentError("chunked checkpoints need a scratch sequence of the context")
+        self.store = store
+        self.session_id = session_id
+        self.scratch_seq = scratch_seq
+        self.writer = writer
+        self.policy = policy if policy is not None else CheckpointPolicy.every_turn()
+        self.failures = 0
+        self._turns = 0
+        self._tokens = 0
+        self._last = time.monotonic()
+        self._manifests: list[Manifest] | None = None
+
+    # -- when ----------------------------------------------------------------------------------
+
+    @property
+    def unsaved_turns(self) -> int:
+        """Turns added since the last checkpoint."""
+        return self._turns
+
+    @property
+    def unsaved_tokens(self) -> int:
+        """Tokens added since the last checkpoint (what a crash now would replay)."""
+        return self._tokens
+
+    def count(self, n_tokens: int) -> None:
+        """One more turn of ``n_tokens`` tokens is in the KV and not checkpointed yet."""
+        self._turns += 1
+        self._tokens += n_tokens
+
+    def due(self) -> bool:
+        """Whether the policy wants a checkpoint now."""
+        return self.policy.due(self._tokens, time.monotonic() - self._last)
+
+    def reset(self, unsaved_tokens: int = 0) -> None:
+        """Start counting afresh; ``unsaved_tokens`` were added (replayed) since the last
+        checkpoint and count as one turn."""
+        self._turns = 1 if unsaved_tokens else 0
+        self._tokens = unsaved_tokens
+        self._last = time.monotonic()
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def _plan(self, ctx: Context, seq_id: int, window: Window, journal_seq: int) -> _ChunkJob:
+        """Copy the chunks the store does not hold yet out of the context (caller thread);
+        return the job that writes them (any thread: it never touches the context)."""
+        pending = self.store.plan_capture(
+            ctx,
+            seq_id,
+            window.tokens,
+            scratch_seq=self.scratch_seq,
+            session_id=self.session_id,
+            journal_seq=journal_seq,
+            lineage=window.lineage,
+            meta={"window": window.record()},
+        )
+        return _ChunkJob(self.store, pending)
+
+    def take(self, ctx: Context, seq_id: int, window: Window, journal_seq: int) -> None:
+        """Checkpoint now, but never fail a turn that is already safe in the journal.
+
+        With a background writer only the state copy happens here; the rest is queued.
+        """
+        try:
+            if self.writer is not None and not self.writer.closed:
+                self.writer.submit(self.session_id, self._plan(ctx, seq_id, window, journal_seq))
+                self.reset()
+            else:
+                self.take_now(ctx, seq_id, window, journal_seq)
+        except Exception as exc:
+            # The checkpoint is only a cache of the journal: a failure (e.g. ENOSPC) costs a
+            # slower resume, not data. It is retried after the next turn.
+            self.failures += 1
+            logger.warning("session %s: checkpoint failed (%s); will retry", self.session_id, exc)
+
+    def take_now(self, ctx: Context, seq_id: int, window: Window, journal_seq: int) -> object:
+        """Checkpoint now and wait for it; returns the manifest.
+
+        With a background writer, anything queued for the session is dropped and a write in
+        progress waited for first, so that this one is the newest.
+        """
+        job = self._plan(ctx, seq_id, window, journal_seq)
+        if self.writer is not None and not self.writer.closed:
+            self.writer.discard(self.session_id)
+            self.writer.flush(self.session_id)
+        written = job()
+        self.reset()
+        return written
+
+    def flush(self) -> None:
+        """Wait until every queued checkpoint of the session is written."""
+        if self.writer is not None:
+            self.writer.flush(self.session_id)
+
+    def delete(self) -> None:
+        """Drop queued checkpoints, then delete the stored ones and their chunks."""
+        if self.writer is not None:
+            self.writer.discard(self.session_id)
+            self.writer.flush(self.session_id)
+        self.store.delete_session(self.session_id)
+        self._manifests = None
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def manifests(self) -> list[Manifest]:
+        """The readable manifests, newest first, read once for the window and the next
+        resume."""
+        if self._manifests is None:
+            self._manifests = self.store.manifests(self.session_id)
+        return self._manifests
+
+    def forget(self) -> None:
+        """Read the manifests again next time (the store moved on)."""
+        self._manifests = None
+
+    def restore(
+        self, ctx: Context, manifest: Manifest, seq_id: int, *, allow_build_mismatch: bool
+    ) -> None:
+        """Rebuild ``seq_id`` from ``manifest`` through the scratch sequence."""
+        self.store.restore(
+            ctx,
+            manifest,
+            seq_id,
+            scratch_seq=self.scratch_seq,
+            allow_build_mismatch=allow_build_mismatch,
+        )
+
+    @property
+    def location(self) -> Path:
+        """The session's manifest directory."""
+        return self.store.manifest_dir / self.session_id
+
+    def journal_needs(self, journal_len: int) -> tuple[int, set[int]] | None:
+        """What a resume can still need of a journal of ``journal_len`` entries: every entry
+        from ``from_seq`` on, and the entries of each kept checkpoint's window (``(from_seq,
+        window entries)``). None when any kept checkpoint does not record its window, or when
+        there is none: then a resume may need a full replay, and nothing may be compacted."""
+        manifests = self.store.manifests(self.session_id)
+        if not manifests:
+            return None
+        from_seq = journal_len
+        window: set[int] = set()
+        for man in manifests:
+            record = man.meta.get("window")
+            spans = record.get("spans") if isinstance(record, dict) else None
+            if not isinstance(spans, list):
+                return None
+            window.update(int(span[2]) for span in spans)
+            from_seq = min(from_seq, man.journal_seq + 1)
+        return from_seq, window
+
+
+class _ChunkJob:
+    """A planned chunked checkpoint: run it to commit, cancel it to release its pins."""
+
+    def __init__(self, store: ChunkStore, pending: PendingCheckpoint) -> None:
+        self.store = store
+        self.pending = pending
+
+    def __call__(self) -> Manifest:
+        return self.store.commit(self.pending)
+
+    def cancel(self) -> None:
+        self.store.discard(self.pending)

@@ -1,0 +1,420 @@
+"""Storage behind interfaces: what the journal and the checkpoints need of a backend, and what
+each call guarantees when it returns.
+
+Two interfaces, each with one implementation today (the local data directory), so that a
+server-backed engine (PostgreSQL, S3) can be added later without touching a turn:
+
+* :class:`JournalBackend`: a session's turns, in order. :class:`runtime.journal.Journal`
+  (segment files under ``journals/``) is the local one.
+* :class:`BlobStore`: immutable, content-addressed chunks and the per-session manifests that
+  name them. :class:`LocalBlobStore` (files under ``kv/``) is the local one.
+
+The contract tests in ``tests/runtime/test_storage_contract.py`` run against every
+implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import re
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+
+from runtime.errors import ArgumentError, ClosedError, ReadOnlyError
+from runtime.fsutil import (
+    DirLock,
+    atomic_write_bytes,
+    atomic_writer,
+    ensure_dir,
+    fsync_dir,
+    own_subdirs,
+    private_dir,
+    remove_stale_temps,
+    remove_tree,
+)
+from runtime.layout import QUARANTINE_DIR, validate_session_id
+
+if TYPE_CHECKING:
+    from runtime.journal import Entry
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BlobStore", "JournalBackend", "LocalBlobStore"]
+
+
+class JournalBackend(Protocol):
+    """A session's turns, in order: the truth both memories are rebuilt from.
+
+    Durability: when :meth:`append` returns, the entry is durable (written and, unless the
+    journal was opened without fsync for tests, fsynced) and will be read back by every later
+    reader, after any crash. A failed append keeps nothing of the entry, and the next append
+    reuses its seq.
+
+    Order: entries are numbered ``0, 1, 2, ...`` in append order, without gaps; a reader sees
+    a prefix of that order. :meth:`rotate` seals the entries so far (an immutable segment);
+    :meth:`drop_segments_before` removes sealed entries only, never the newest, and a later
+    read of a dropped entry raises :class:`runtime.errors.JournalCompactedError` (never a
+    silent skip); damage in the middle raises :class:`runtime.errors.JournalCorruptError`.
+    """
+
+    def __len__(self) -> int:
+        """Entries appended so far (dropped ones included in the numbering)."""
+        ...
+
+    def append(
+        self,
+        role: str,
+        text: str,
+        tokens: Sequence[int],
+        meta: dict[str, Any] | None = None,
+        *,
+        created: float | None = None,
+    ) -> Entry:
+        """Append one entry; durable when this returns."""
+        ...
+
+    def iter_from(self, seq: int) -> Iterator[Entry]:
+        """The entries from ``seq`` on, in order (a range read: costs what it returns)."""
+        ...
+
+    def rotate(self) -> None:
+        """Seal the entries so far into an immutable segment (only sealed entries can be
+        dropped)."""
+
+    def drop_segments_before(self, seq: int, keep: Collection[int] = ()) -> int:
+        """Drop sealed entries older than ``seq`` (those in ``keep`` stay readable); return
+        the bytes freed."""
+        ...
+
+    def close(self) -> None:
+        """Release the backend; later calls raise."""
+
+
+class BlobStore(Protocol):
+    """Chunks (immutable blobs named by their content key) and each session's manifests.
+
+    Durability and order:
+
+    * :meth:`put_if_absent` returns only once the blob is durable; a blob is never changed
+      after that (a key names its content), so a second put of the same key is a no-op.
+    * :meth:`switch_manifest` publishes a session's new manifest atomically: a reader sees
+      the old manifests or the new one, never part of it, and it is durable when the call
+      returns. **A manifest is durable only after every chunk it names**: the caller puts
+      every chunk first (each durable on return), then switches.
+    * Deletes (:meth:`delete`, :meth:`delete_manifest`, :meth:`delete_session`) are issued
+      only after the manifest switch that stops referencing what they delete, so a crash at
+      any point leaves every chunk a live manifest names in place (at worst, orphans that the
+      next garbage collection removes).
+    * Damaged data is never deleted by a reader: it is moved aside with a reason
+      (:meth:`quarantine`, :meth:`quarantine_manifest`).
+    """
+
+    readonly: bool
+
+    def put_if_absent(self, key: str, write: Callable[[BinaryIO], int]) -> int:
+        """Store blob ``key``, whose bytes ``write(f)`` writes; durable on return. Returns
+        the stored size (the existing one if the key is already there)."""
+        ...
+
+    def get(self, key: str) -> memoryview:
+        """The bytes of blob ``key`` (``FileNotFoundError`` when absent). Valid while the
+        view lives; the local store maps the file instead of copying it."""
+        ...
+
+    def has(self, key: str) -> bool:
+        """Whether blob ``key`` is stored."""
+        ...
+
+    def list_keys(self) -> Iterator[str]:
+        """Every stored blob key (any order)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Delete blob ``key`` (no error when it is absent); durable after
+        :meth:`sync_deletes`."""
+
+    def sync_deletes(self, keys: Collection[str]) -> None:
+        """Make the deletes of ``keys`` durable."""
+
+    def quarantine(self, key: str, reason: str) -> None:
+        """Move damaged blob ``key`` aside with ``reason``."""
+
+    def describe(self, key: str) -> str:
+        """A name for blob ``key`` in messages (the local store: its path)."""
+        ...
+
+    def describe_manifest(self, session_id: str, generation: int) -> str:
+        """A name for a manifest in messages (the local store: its path)."""
+        ...
+
+    def sessions(self) -> list[str]:
+        """The sessions with manifests, sorted."""
+        ...
+
+    def generations(self, session_id: str) -> list[int]:
+        """The session's manifest generations, newest first."""
+        ...
+
+    def get_manifest(self, session_id: str, generation: int, max_size: int) -> bytes:
+        """The bytes of one manifest (``FileNotFoundError`` when absent; ``ValueError``
+        before reading when it is larger than ``max_size``)."""
+        ...
+
+    def switch_manifest(self, session_id: str, generation: int, data: bytes) -> None:
+        """Publish manifest ``generation`` of the session atomically and durably."""
+
+    def delete_manifest(self, session_id: str, generation: int) -> None:
+        """Delete one manifest (no error when it is absent)."""
+
+    def quarantine_manifest(self, session_id: str, generation: int, reason: str) -> None:
+        """Move a damaged manifest aside with ``reason``."""
+
+    def delete_session(self, session_id: str) -> None:
+        """Delete every manifest of the session (its chunks are collected afterwards)."""
+
+    def close(self) -> None:
+        """Release the store (its lock); safe to call twice."""
+
+
+#: Suffix of chunk files (the snapshot format's) and of manifest files.
+CHUNK_SUFFIX = ".kvsnap"
+MANIFEST_SUFFIX = ".kvman"
+_KEY_RE = re.compile(r"[0-9a-f]{32}")
+_GEN_RE = re.compile(r"(\d{12})" + re.escape(MANIFEST_SUFFIX))
+
+
+class LocalBlobStore:
+    """A :class:`BlobStore` in a local directory.
+
+    Layout::
+
+        <root>/.lock                                   single-writer lock (flock)
+        <root>/chunks/<key[:2]>/<key>.kvsnap           blobs
+        <root>/manifests/<session>/<generation>.kvman  manifests
+        <root>/manifests/<session>/quarantine/         damaged manifests moved aside
+        <root>/quarantine/                             damaged blobs moved aside
+
+    Every file is written to a temp file in its directory, fsynced, renamed into place and the
+    directory fsynced (:func:`runtime.fsutil.atomic_writer`), so :meth:`put_if_absent` and
+    :meth:`switch_manifest` are durable on return. The store's own directories are never
+    symlinks and always 0700; nothing is ever followed through a symlink (one in place of a
+    session's directory is removed itself, never its target); every file is 0600.
+
+    Args:
+        root: the directory (created 0700).
+        readonly: no lock, no writing, no temp-file cleanup.
+        lock: take ``<root>/.lock`` (False when the caller holds a lock covering it).
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, readonly: bool = False, lock: bool = True
+    ) -> None:
+        self.root = Path(root)
+        self.readonly = readonly
+        self._closed = False
+        self._dirlock: DirLock | None = None
+        if not readonly:
+            ensure_dir(self.root)
+            if lock:
+                self._dirlock = DirLock(self.root).acquire()
+            self._remove_temps()
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the lock; safe to call twice."""
+        self._closed = True
+        if self._dirlock is not None:
+            self._dirlock.release()
+            self._dirlock = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def _require_writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"chunk store {self.root} was opened read-only")
+        if self._closed:
+            raise ClosedError(f"chunk store {self.root} is closed")
+
+    def _remove_temps(self) -> None:
+        removed = 0
+        for directory in (*own_subdirs(self.chunk_dir), *own_subdirs(self.manifest_dir)):
+            removed += remove_stale_temps(directory)
+        if removed:
+            logger.warning("removed %d temp file(s) left by an interrupted write", removed)
+
+    # -- layout ---------------------------------------------------------------------------------
+
+    @property
+    def chunk_dir(self) -> Path:
+        """``<root>/chunks``."""
+        return self.root / "chunks"
+
+    @property
+    def manifest_dir(self) -> Path:
+        """``<root>/manifests``."""
+        return self.root / "manifests"
+
+    def path(self, key: str) -> Path:
+        """Where blob ``key`` lives."""
+        if not _KEY_RE.fullmatch(key):
+            raise ArgumentError(f"not a chunk key: {key!r}")
+        return self.chunk_dir / key[:2] / f"{key}{CHUNK_SUFFIX}"
+
+    def manifest_path(self, session_id: str, generation: int) -> Path:
+        """Where manifest ``generation`` of the session lives."""
+        return self.session_dir(session_id) / f"{generation:012d}{MANIFEST_SUFFIX}"
+
+    def session_dir(self, session_id: str) -> Path:
+        """The session's manifest directory (validated; not created)."""
+        return self.manifest_dir / validate_session_id(session_id)
+
+    # -- blobs ----------------------------------------------------------------------------------
+
+    def put_if_absent(self, key: str, write: Callable[[BinaryIO], int]) -> int:
+        """Write blob ``key`` atomically and durably unless it is there; return its size."""
+        self._require_writable()
+        path = self.path(key)
+        with contextlib.suppress(FileNotFoundError):
+            return os.stat(path).st_size
+        private_dir(path.parent)
+        with atomic_writer(path) as f:
+            return write(f)
+
+    def get(self, key: str) -> memoryview:
+        """A read-only map of blob ``key`` (not copied; valid while the view lives). Files
+        here are never changed in place (they are replaced by rename), so the map stays
+        consistent."""
+        path = self.path(key)
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:  # mmap cannot map an empty file
+                return memoryview(b"")
+            mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        return memoryview(mm)
+
+    def has(self, key: str) -> bool:
+        """Whether blob ``key`` is stored."""
+        return self.path(key).is_file()
+
+    def describe(self, key: str) -> str:
+        """The blob's path."""
+        return os.fspath(self.path(key))
+
+    def describe_manifest(self, session_id: str, generation: int) -> str:
+        """The manifest's path."""
+        return os.fspath(self.manifest_path(session_id, generation))
+
+    def list_keys(self) -> Iterator[str]:
+        """Every stored blob key (temp files and strays skipped)."""
+        for sub in own_subdirs(self.chunk_dir):
+            for p in sub.iterdir():
+                key = p.name[: -len(CHUNK_SUFFIX)] if p.name.endswith(CHUNK_SUFFIX) else ""
+                if _KEY_RE.fullmatch(key) and not p.is_symlink() and p.is_file():
+                    yield key
+
+    def delete(self, key: str) -> None:
+        """Delete blob ``key`` (its directory is fsynced by :meth:`sync_deletes`)."""
+        self._require_writable()
+        with contextlib.suppress(FileNotFoundError):
+            self.path(key).unlink()
+
+    def sync_deletes(self, keys: Collection[str]) -> None:
+        """Make the deletes of ``keys`` durable (one fsync per directory)."""
+        for directory in {self.path(key).parent for key in keys}:
+            with contextlib.suppress(FileNotFoundError):
+                fsync_dir(directory)
+
+    def quarantine(self, key: str, reason: str) -> None:
+        """Move blob ``key`` to ``<root>/quarantine`` with a ``.reason`` file."""
+        if self.readonly or self._closed:
+            return
+        path = self.path(key)
+        qdir = private_dir(self.root / QUARANTINE_DIR)
+        try:
+            os.replace(path, qdir / f"{path.name}.{time.time_ns()}")
+        except FileNotFoundError:
+            return
+        atomic_write_bytes(qdir / f"{key}.reason", f"{reason}\n".encode())
+        fsync_dir(path.parent)
+
+    # -- manifests ------------------------------------------------------------------------------
+
+    def sessions(self) -> list[str]:
+        """Session ids with a manifest directory (symlinks are not ours: never listed)."""
+        out = []
+        for p in own_subdirs(self.manifest_dir):
+            try:
+                out.append(validate_session_id(p.name))
+            except ValueError:
+                continue
+        return out
+
+    def generations(self, session_id: str) -> list[int]:
+        """The session's manifest generations, newest first (nothing through a symlink)."""
+        directory = self.session_dir(session_id)
+        if directory.is_symlink() or not directory.is_dir():
+            return []
+        found = []
+        for child in directory.iterdir():
+            match = _GEN_RE.fullmatch(child.name)
+            if match and not child.is_symlink() and child.is_file():
+                found.append(int(match.group(1)))
+        return sorted(found, reverse=True)
+
+    def get_manifest(self, session_id: str, generation: int, max_size: int) -> bytes:
+        """The manifest's bytes, its size checked against ``max_size`` before reading."""
+        with open(self.manifest_path(session_id, generation), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_size:
+                raise ValueError(f"{size} bytes is too large")
+            return f.read(size)
+
+    def switch_manifest(self, session_id: str, generation: int, data: bytes) -> None:
+        """Write the manifest under its new generation's name (temp, fsync, rename, fsync of
+        the directory): the switch is one rename."""
+        self._require_writable()
+        private_dir(self.session_dir(session_id))
+        atomic_write_bytes(self.manifest_path(session_id, generation), data)
+
+    def delete_manifest(self, session_id: str, generation: int) -> None:
+        """Delete one manifest and fsync its directory."""
+        self._require_writable()
+        path = self.manifest_path(session_id, generation)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(path.parent)
+
+    def quarantine_manifest(self, session_id: str, generation: int, reason: str) -> None:
+        """Move the manifest to the session's ``quarantine/`` with a ``.reason`` file."""
+        if self.readonly or self._closed:
+            return
+        path = self.manifest_path(session_id, generation)
+        qdir = private_dir(path.parent / QUARANTINE_DIR)
+        target = qdir / f"{path.name}.{time.time_ns()}"
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:
+            return
+        atomic_write_bytes(target.with_name(target.name + ".reason"), f"{reason}\n".encode())
+        fsync_dir(path.parent)
+
+    def delete_session(self, session_id: str) -> None:
+        """Remove the session's manifest directory, following nothing."""
+        self._require_writable()
+        try:
+            remove_tree(self.session_dir(session_id))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise

@@ -1,0 +1,179 @@
+"""The storage interfaces' contracts (runtime.storage), run against every implementation.
+
+Only the local directory implementations exist today; a PostgreSQL or S3 one joins the
+``params`` of the fixtures below and must pass the same tests.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime.errors import JournalCompactedError
+from runtime.journal import Journal
+from runtime.storage import BlobStore, JournalBackend, LocalBlobStore
+
+KEY_A = "a" * 32
+KEY_B = "b" * 32
+
+
+def _local_blobs(root: Path) -> BlobStore:
+    return LocalBlobStore(root / "kv")
+
+
+def _local_journal(root: Path) -> JournalBackend:
+    return Journal(root / "journals" / "s.log", fsync=False, segment_entries=4)
+
+
+BLOB_STORES: dict[str, Callable[[Path], BlobStore]] = {"local": _local_blobs}
+JOURNALS: dict[str, Callable[[Path], JournalBackend]] = {"local": _local_journal}
+
+
+@pytest.fixture(params=sorted(BLOB_STORES))
+def open_blobs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], BlobStore]]:
+    opened: list[BlobStore] = []
+
+    def open_one() -> BlobStore:
+        store = BLOB_STORES[request.param](tmp_path)
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture(params=sorted(JOURNALS))
+def open_journal(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[[], JournalBackend]]:
+    opened: list[JournalBackend] = []
+
+    def open_one() -> JournalBackend:
+        journal = JOURNALS[request.param](tmp_path)
+        opened.append(journal)
+        return journal
+
+    yield open_one
+    for journal in opened:
+        journal.close()
+
+
+def _writer(data: bytes) -> Callable[[io.RawIOBase], int]:
+    def write(f: io.RawIOBase) -> int:
+        f.write(data)
+        return len(data)
+
+    return write
+
+
+# -- BlobStore ---------------------------------------------------------------------------------
+
+
+def test_a_put_blob_is_there_after_a_reopen(open_blobs: Callable[[], BlobStore]) -> None:
+    store = open_blobs()
+    assert store.put_if_absent(KEY_A, _writer(b"hello")) == 5
+    assert store.has(KEY_A) and bytes(store.get(KEY_A)) == b"hello"
+    store.close()
+    again = open_blobs()  # durable on return: a new instance reads it back
+    assert bytes(again.get(KEY_A)) == b"hello" and sorted(again.list_keys()) == [KEY_A]
+
+
+def test_put_if_absent_never_replaces_a_blob(open_blobs: Callable[[], BlobStore]) -> None:
+    store = open_blobs()
+    store.put_if_absent(KEY_A, _writer(b"first"))
+    assert store.put_if_absent(KEY_A, _writer(b"second, longer")) == 5
+    assert bytes(store.get(KEY_A)) == b"first"
+
+
+def test_missing_blobs_and_manifests_are_not_found(open_blobs: Callable[[], BlobStore]) -> None:
+    store = open_blobs()
+    assert not store.has(KEY_B) and list(store.list_keys()) == []
+    with pytest.raises(FileNotFoundError):
+        store.get(KEY_B)
+    with pytest.raises(FileNotFoundError):
+        store.get_manifest("s", 1, 1 << 20)
+    store.delete(KEY_B)  # deleting what is absent is not an error
+    store.delete_manifest("s", 1)
+    store.delete_session("s")
+
+
+def test_delete_and_quarantine_remove_a_blob(open_blobs: Callable[[], BlobStore]) -> None:
+    store = open_blobs()
+    store.put_if_absent(KEY_A, _writer(b"a"))
+    store.put_if_absent(KEY_B, _writer(b"b"))
+    store.delete(KEY_A)
+    store.quarantine(KEY_B, "damaged in a test")
+    store.sync_deletes([KEY_A])
+    assert not store.has(KEY_A) and not store.has(KEY_B)
+    assert list(store.list_keys()) == []
+
+
+def test_manifests_switch_atomically_newest_first(open_blobs: Callable[[], BlobStore]) -> None:
+    store = open_blobs()
+    store.switch_manifest("s", 1, b"one")
+    store.switch_manifest("s", 2, b"two")
+    store.switch_manifest("t", 1, b"other")
+    assert store.sessions() == ["s", "t"]
+    assert store.generations("s") == [2, 1]
+    assert store.get_manifest("s", 2, 1 << 20) == b"two"
+    with pytest.raises(ValueError):
+        store.get_manifest("s", 2, 2)  # bounded before it is read
+    store.delete_manifest("s", 2)
+    store.quarantine_manifest("s", 1, "damaged in a test")
+    assert store.generations("s") == []
+    store.close()
+    again = open_blobs()
+    assert again.get_manifest("t", 1, 1 << 20) == b"other"
+    again.delete_session("t")
+    assert again.generations("t") == [] and "t" not in again.sessions()
+
+
+def test_session_ids_are_validated(open_blobs: Callable[[], BlobStore]) -> None:
+    store = open_blobs()
+    for bad in ("../escape", "a/b", ".hidden", "quarantine"):
+        with pytest.raises(ValueError):
+            store.switch_manifest(bad, 1, b"x")
+
+
+def test_a_closed_store_refuses_writes(open_blobs: Callable[[], BlobStore]) -> None:
+    store = open_blobs()
+    store.close()
+    with pytest.raises(ValueError, match="closed"):
+        store.put_if_absent(KEY_A, _writer(b"x"))
+    store.close()  # twice is fine
+
+
+# -- JournalBackend ----------------------------------------------------------------------------
+
+
+def test_appends_are_read_back_in_order_after_a_reopen(
+    open_journal: Callable[[], JournalBackend],
+) -> None:
+    journal = open_journal()
+    for i in range(10):
+        entry = journal.append("user", f"turn {i}", [i, i + 1], {"i": i}, created=1000.0 + i)
+        assert entry.seq == i
+    journal.close()
+    again = open_journal()
+    assert len(again) == 10
+    got = list(again.iter_from(6))
+    assert [e.seq for e in got] == [6, 7, 8, 9]
+    assert [e.text for e in got] == [f"turn {i}" for i in range(6, 10)]
+    assert list(got[0].tokens) == [6, 7] and got[0].meta["i"] == 6 and got[0].created == 1006.0
+
+
+def test_only_sealed_entries_are_dropped(open_journal: Callable[[], JournalBackend]) -> None:
+    journal = open_journal()
+    for i in range(6):
+        journal.append("user", f"turn {i}", [i])
+    journal.rotate()  # everything so far is sealed
+    journal.append("user", "newest", [99])
+    assert journal.drop_segments_before(len(journal)) > 0
+    assert len(journal) == 7
+    assert [e.text for e in journal.iter_from(6)] == ["newest"]  # the newest stays
+    with pytest.raises(JournalCompactedError):
+        list(journal.iter_from(0))  # a dropped entry is an error, never a silent skip
