@@ -271,25 +271,3 @@ def bench_embedder() -> Any:
     from runtime.embed import Embedder
 
     return Embedder.default()
-
-
-# -- exit ------------------------------------------------------------------------------------------
-# As in tests/conftest.py (see the reason there): with LLAMAFFI_TEST_HARD_EXIT=1, set by
-# .ci/run, the process ends with pytest's own status right after the report and the JSON
-# (pytest-benchmark writes it at session finish), skipping exit-time C/C++ teardown.
-_EXIT_STATUS: list[int] = []
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    _EXIT_STATUS.append(int(exitstatus))
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config: pytest.Config) -> None:
-    if os.environ.get("LLAMAFFI_TEST_HARD_EXIT") != "1" or not _EXIT_STATUS:
-        return
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(_EXIT_STATUS[-1])

@@ -52,34 +52,3 @@ def model(tiny_model_path: Path) -> Iterator[Model]:
 
     with Model(tiny_model_path) as m:
         yield m
-
-
-# -- exit without interpreter teardown (CI) ----------------------------------------------------
-#
-# Twice, a full CI-like run (every test passed) ended with "Segmentation fault" AFTER pytest's
-# summary, i.e. in the interpreter's teardown of a process that had run ~660 tests (models,
-# contexts, onnxruntime sessions, uvicorn threads). It did not reproduce on any subset
-# (tests/llamaffi + tests/runtime: 656 passed, exit 0), no Python stack was printed with
-# PYTHONFAULTHANDLER=1 (so it is past Python's finalization, in C/C++ exit-time destructors),
-# and every product process the tests start (demo, chat, serve, kill loops) exits 0. Until
-# the cause is found, LLAMAFFI_TEST_HARD_EXIT=1 (set by .ci/run) ends the test process with
-# pytest's own exit status right after its report, listing the threads still alive.
-_EXIT_STATUS: list[int] = []
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    _EXIT_STATUS.append(int(exitstatus))
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config: pytest.Config) -> None:
-    if os.environ.get("LLAMAFFI_TEST_HARD_EXIT") != "1" or not _EXIT_STATUS:
-        return
-    import sys
-    import threading
-
-    alive = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-    print(f"conftest: hard exit {_EXIT_STATUS[-1]}; threads alive: {alive}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(_EXIT_STATUS[-1])

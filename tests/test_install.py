@@ -13,6 +13,10 @@ The new environment gets its third-party dependencies from the bootstrap's ``.ve
 a ``.pth`` line (so no second download of numpy/onnxruntime); a ``.pth`` line adds a path
 only, it does not run the editable install's own ``.pth`` hook, so ``llamaffi`` and
 ``runtime`` can only come from the package just installed.
+
+``test_wheel_install`` also checks that building the wheel leaves the libraries that running
+processes have loaded alone (the source tree's ``llamaffi/lib``): it once stripped them in
+place, and every process that had them mapped, this test run included, segfaulted at exit.
 """
 
 from __future__ import annotations
@@ -79,7 +83,57 @@ def _check_installed(python: Path, tmp: Path) -> None:
     assert "acknowledged" in demo, demo
 
 
-def test_wheel_install(tmp_path: Path) -> None:
+# Loads the libraries from the source tree, waits for the wheel build, then calls into each of
+# them (a decode) and exits normally.
+_HOLDER = """
+import sys
+from llamaffi import Context, Model
+model = Model(sys.argv[1])
+ctx = Context(model, n_ctx=128)
+print("loaded", flush=True)
+sys.stdin.readline()
+ctx.decode(model.tokenize("after the build"))
+print("decoded", flush=True)
+"""
+
+
+def _lib_files() -> dict[str, tuple[int, int, int]]:
+    """(inode, size, ctime) of every shared library in the source tree's llamaffi/lib."""
+    lib = ROOT / "llamaffi" / "lib"
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_size, p.stat().st_ctime_ns)
+        for p in sorted(lib.glob("*.so*"))
+        if not p.is_symlink()
+    }
+
+
+def test_wheel_install(tmp_path: Path, tiny_model_path: Path) -> None:
+    before = _lib_files()
+    assert before, "no shared library in llamaffi/lib"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(tiny_model_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "loaded"
+        wheel = _build_wheel(tmp_path)
+    finally:
+        out, err = holder.communicate("\n", timeout=120)
+    # A library rewritten in place under a process that has it mapped loses that process'
+    # relocations: its next call through the PLT (or its exit) segfaults.
+    assert _lib_files() == before, "the wheel build rewrote llamaffi/lib"
+    assert holder.returncode == 0, f"the process holding llamaffi/lib died:\n{out}\n{err}"
+    assert "decoded" in out
+    python = _new_env(tmp_path)
+    _run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], tmp_path)
+    _check_installed(python, tmp_path)
+
+
+def _build_wheel(tmp_path: Path) -> Path:
     dist = tmp_path / "dist"
     _run(
         [
@@ -97,9 +151,7 @@ def test_wheel_install(tmp_path: Path) -> None:
         ROOT,
     )
     (wheel,) = dist.glob("llamaffi-*.whl")
-    python = _new_env(tmp_path)
-    _run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], tmp_path)
-    _check_installed(python, tmp_path)
+    return wheel
 
 
 def test_sdist_install(tmp_path: Path) -> None:
