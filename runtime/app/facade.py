@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,11 +146,14 @@ class Runtime:
         # A runtime left open at interpreter exit is closed before llamaffi's finalizers free
         # the context (atexit runs LIFO, and they registered first): its housekeeping thread
         # would otherwise wake up on a freed context. Also writes the final checkpoints.
-        ref = weakref.ref(self)
+        # A strong reference: a runtime dropped without close() is not freed anyway (its
+        # housekeeping and writer threads hold its parts), and with a weak one it was not
+        # closed either, so its housekeeper segfaulted on the freed context after the exit
+        # finalizers (llama_memory_seq_pos_max, tests/runtime/test_exit.py).
+        rt = self
 
         def close_at_exit() -> None:
-            rt = ref()
-            if rt is not None and not rt._closed:
+            if not rt._closed:
                 try:
                     rt.close()
                 except Exception:  # at exit: log, never raise
