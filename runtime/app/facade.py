@@ -1,13 +1,9 @@
 """The :class:`Runtime` facade: one door, one lock, a few composed parts.
 
-``Runtime`` builds its parts in one place (:meth:`Runtime.__init__`) from one
-:class:`~runtime.app.options.RuntimeConfig`, each with what it needs and nothing more:
-
-- the session pool (:class:`runtime.session.SessionPool`: residency, resume, checkpoints);
-- the turn engine (:class:`~runtime.app.turn.TurnEngine`: render, tokenize, decode, sample);
-- long-term memory (:class:`~runtime.app.recall.Recall`: retrieval and the one ingest path);
-- retention and the housekeeping thread (:mod:`runtime.app.housekeeper`);
-- the figures (:class:`~runtime.app.stats.Stats`).
+``Runtime`` is built from one :class:`~runtime.app.options.RuntimeConfig`; its parts are
+built in one place, :mod:`runtime.app.parts`: the session pool, the sessions part, the turn
+engine, long-term memory (:class:`~runtime.app.recall.Recall`), retention and the
+housekeeping thread, and the stats.
 
 A part never calls back into the runtime. Every public method takes the runtime's lock, so
 a check and the act it guards happen inside one call.
@@ -37,6 +33,7 @@ from runtime.app.options import (
 from runtime.app.parts import build_parts, open_model
 from runtime.app.reply import Reply
 from runtime.app.sessions import check_messages
+from runtime.app.turn import make_reply
 from runtime.errors import ClosedError, SessionNotFoundError
 from runtime.fsutil import DirLock, ensure_dir, warn_if_exposed
 from runtime.layout import (
@@ -240,12 +237,8 @@ class Runtime:
         ``"cancelled"``). ``remember=False`` keeps this turn out of long-term memory;
         ``use_memory=False`` skips retrieval. ``created_at`` (UNIX seconds or ISO-8601;
         default now) is the user turn's time in the journal and in long-term memory. Bad
-        arguments raise :class:`RuntimeArgumentError` before anything is written.
-
-        In order: retrieve memories (not those whose turns the window still holds), render
-        the turn with them before the text, **journal it (fsynced)** and decode only its new
-        tokens, generate and journal the reply, ingest the turn into long-term memory, and
-        checkpoint by policy (the write goes to a background writer).
+        arguments raise :class:`RuntimeArgumentError` before anything is written. The steps
+        of a turn, in order, are in :mod:`runtime.app`.
         """
         validate_session_id(session_id)
         text = check_text(text)
@@ -263,44 +256,24 @@ class Runtime:
         created = check_created(created_at)
         with self._lock:
             self._require_open()
-            timings: dict[str, float] = {}
-            t0 = time.perf_counter()
+            marks = [time.perf_counter()]
             session, report = self._sessions.get(session_id)
-            t1 = time.perf_counter()
+            marks.append(time.perf_counter())
             memories = self._recall.retrieve(session, text) if use_memory else []
-            t2 = time.perf_counter()
+            marks.append(time.perf_counter())
             meta: dict[str, object] = {"importance": importance}
             if not remember:
                 meta["remember"] = False
             prompt = self._turns.prompt(
                 session, text, memories, max_tokens=params.max_tokens, meta=meta, created=created
             )
-            t3 = time.perf_counter()
+            marks.append(time.perf_counter())
             entry, finish = self._turns.reply(session, prompt, params, stops, on_token, cancelled)
-            t4 = time.perf_counter()
+            marks.append(time.perf_counter())
             if remember:
                 self._recall.catch_up(session)
-            t5 = time.perf_counter()
-            timings["resume"] = (t1 - t0) * 1000
-            timings["retrieval"] = (t2 - t1) * 1000
-            timings["render"] = prompt.render_ms
-            # journal append + decode of the new tokens
-            timings["prefill"] = (t3 - t2) * 1000 - prompt.render_ms
-            timings["generation"] = (t4 - t3) * 1000
-            timings["memory_write"] = (t5 - t4) * 1000
-            timings["total"] = (t5 - t0) * 1000
-            reply = Reply(
-                session_id=session_id,
-                text=entry.text,
-                finish_reason=finish,
-                prompt_tokens=prompt.prompt_tokens,
-                cached_tokens=prompt.cached_tokens,
-                completion_tokens=int(entry.meta.get("generated", len(entry.tokens))),
-                timings=timings,
-                memories=memories,
-                resumed=report,
-                journal_seq=entry.seq,
-            )
+            marks.append(time.perf_counter())
+            reply = make_reply(session_id, prompt, entry, finish, memories, report, marks)
             self._stats.record_turn(reply)
             return reply
 
@@ -321,8 +294,8 @@ class Runtime:
         so a later chat continues the same KV, and journalled (fsynced) with its own time.
         Nothing is decoded now: the window is decoded when the session is next used. A new
         session without a system message starts with the runtime's system prompt, as in
-        :meth:`chat`. The user turns go into long-term memory when the session is next used,
-        each at the time it was said and with its speaker; ``remember=False`` keeps them out.
+        :meth:`chat`. The user turns go into long-term memory before this returns, each at
+        the time it was said and with its speaker; ``remember=False`` keeps them out.
 
         Raises :class:`RuntimeArgumentError` naming ``messages[i]`` for a bad message or a
         history this template cannot extend turn by turn, and
@@ -339,9 +312,13 @@ class Runtime:
             if self._sessions.exists(session_id):
                 session, _report = self._sessions.get(session_id)
             plan = self._turns.render_history(session, items)
-            # long-term memory catches up with the imported turns when the session is next
-            # used (its resume), each at the time it was said
-            return self._sessions.append_history(session_id, plan, len(items), self.ctx.n_ctx)
+            seqs = self._sessions.append_history(session_id, plan, len(items), self.ctx.n_ctx)
+            # into long-term memory now, at the time each message was said (the import is
+            # durable in the journal already: a failure here catches up on the next turn);
+            # the session stays suspended, so the journal is read apart from it
+            with self._sessions.open_journal(session_id) as journal:
+                self._recall.catch_up_journal(session_id, journal)
+            return seqs
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -434,6 +411,25 @@ class Runtime:
         with self._lock:
             self._require_open()
             self._sessions.delete(session_id, memories=memories)
+
+    def consolidate(self, session_id: str) -> dict[str, int]:
+        """Run long-term memory's background work on one session now (the housekeeping
+        thread does it by itself): distil facts from its new turns, summarise what has left
+        its KV window, archive past ``max_items``. Returns how many facts, summaries and
+        archived turns it made."""
+        validate_session_id(session_id)
+        with self._lock:
+            self._require_open()
+            session = self._sessions.peek(session_id)
+            if session is not None:
+                self._recall.catch_up(session)
+                return self._recall.consolidate(session)
+            if session_id not in self._sessions.known():
+                raise SessionNotFoundError(f"no session {session_id!r}")
+            with self._sessions.open_journal(session_id) as journal:
+                self._recall.catch_up_journal(session_id, journal)
+                # suspended: nothing of it is in the KV now
+                return self._recall.consolidate_journal(session_id, journal, set())
 
     def compact_journals(self) -> int:
         """Apply ``journal_retention="window"`` now to every resident session (the

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from runtime.app.options import MEMORY_PREFIX, QUESTION_PREFIX, Sampling
-from runtime.app.reply import MemoryUsed
+from runtime.app.reply import MemoryUsed, Reply
 from runtime.errors import ContextFullError, RuntimeArgumentError
 from runtime.journal import Entry
-from runtime.session import Session
+from runtime.session import ResumeReport, Session
 from runtime.template import ChatFormat, Message
 
 if TYPE_CHECKING:
     from llamaffi import Model, Sampler
 
-__all__ = ["ImportedTurn", "Prompt", "TurnEngine"]
+__all__ = ["ImportedTurn", "Prompt", "TurnEngine", "make_reply", "with_memories"]
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +300,45 @@ class TurnEngine:
                 f"the history ({n_tokens} tokens) does not fit in the context ({self.n_ctx})"
             )
         return plan
+
+
+def make_reply(
+    session_id: str,
+    prompt: Prompt,
+    entry: Entry,
+    finish: str,
+    memories: list[MemoryUsed],
+    resumed: ResumeReport | None,
+    marks: Sequence[float],
+) -> Reply:
+    """The :class:`Reply` of a finished turn; ``marks`` are the ``perf_counter`` times at its
+    start and after the resume, retrieval, prompt, reply and memory write."""
+    t0, t1, t2, t3, t4, t5 = marks
+
+    def ms(a: float, b: float) -> float:
+        return (b - a) * 1000
+
+    timings = {
+        "resume": ms(t0, t1),
+        "retrieval": ms(t1, t2),
+        "render": prompt.render_ms,
+        "prefill": ms(t2, t3) - prompt.render_ms,  # journal append + decode of the new tokens
+        "generation": ms(t3, t4),
+        "memory_write": ms(t4, t5),
+        "total": ms(t0, t5),
+    }
+    return Reply(
+        session_id=session_id,
+        text=entry.text,
+        finish_reason=finish,
+        prompt_tokens=prompt.prompt_tokens,
+        cached_tokens=prompt.cached_tokens,
+        completion_tokens=int(entry.meta.get("generated", len(entry.tokens))),
+        timings=timings,
+        memories=memories,
+        resumed=resumed,
+        journal_seq=entry.seq,
+    )
 
 
 def with_memories(text: str, memories: Sequence[MemoryUsed]) -> str:
