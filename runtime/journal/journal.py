@@ -3,9 +3,7 @@ docstring)."""
 
 from __future__ import annotations
 
-import contextlib
 import io
-import json
 import logging
 import os
 import threading
@@ -17,15 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import ArgumentError, JournalCompactedError, JournalCorruptError, JournalError
-from runtime.fsutil import (
-    atomic_write_bytes,
-    ensure_dir,
-    fsync_dir,
-    lock_exclusive,
-    open_nofollow,
-    warn_if_exposed,
-)
+from runtime.errors import ArgumentError, JournalCorruptError, JournalError
+from runtime.fsutil import ensure_dir, fsync_dir, lock_exclusive, open_nofollow, warn_if_exposed
 from runtime.journal.record import (
     _HEAD,
     _TAIL,
@@ -38,39 +29,25 @@ from runtime.journal.record import (
     _write_error,
     cut_torn_tail,
 )
+from runtime.journal.retention import DroppedRanges
 from runtime.journal.segment import (
     _SEALED_CACHE,
     DEFAULT_SEGMENT_BYTES,
     DEFAULT_SEGMENT_ENTRIES,
     _Moved,
-    _pack_index,
     _seg_name,
     _Segment,
+    delete_segments,
+    first_seq_of_active,
     iter_segment,
-    journal_files,
     list_segments,
-    load_segment,
+    load_sealed,
     read_sealed,
+    remove_journal_files,
+    seal_active,
 )
 
 logger = logging.getLogger(__name__)
-
-
-def _load(journal: Journal, seg: _Segment) -> None:
-    """Load a sealed segment's index; a segment file that vanished is a reader's race while
-    the journal opens (retried there), and afterwards retention or damage: never an internal
-    exception for the caller."""
-    try:
-        load_segment(seg, writable=not journal.readonly)
-    except _Moved:
-        if journal._opening:
-            raise
-        journal._dropped = journal._load_dropped()
-        if journal._was_dropped(seg.first, seg.first + 1):
-            raise JournalCompactedError(
-                f"{seg.path}: removed by journal retention while it was open"
-            ) from None
-        raise JournalCorruptError(seg.path, 0, "the sealed segment file is missing") from None
 
 
 class Journal:
@@ -125,7 +102,7 @@ class Journal:
         self._active: dict[int, Entry] = {}  # parsed active entries, by seq
         self._sealed_cache: OrderedDict[int, Entry] = OrderedDict()
         self._segments: list[_Segment] = []
-        self._dropped: list[tuple[int, int]] = []
+        self._dropped = DroppedRanges(self.path)
         self._opening = False
         self._n_tokens: int | None = None
         self._rotate_after = 0  # append count before a failed rotation is retried
@@ -145,7 +122,7 @@ class Journal:
 
     def _open(self) -> None:
         self._segments = list_segments(self.path)
-        self._dropped = self._load_dropped()
+        self._dropped.load()
         if self.readonly:
             try:
                 self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -160,8 +137,7 @@ class Journal:
             self._fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
         try:
             if not self.readonly:
-                assert self._fd is not None
-                lock_exclusive(self._fd, self.path)
+                lock_exclusive(self._writable_fd(), self.path)
                 if created:
                     fsync_dir(self.path.parent)
                 # the writer's view of the segments is only stable once it holds the lock
@@ -175,7 +151,7 @@ class Journal:
                 self._offsets, good = [], 0
             self._first = self._first_seq_of_active()
             stored = self._segments[0].first if self._segments else self._first
-            if stored > 0 and not self._was_dropped(0, stored):
+            if stored > 0 and not self._dropped.covers(0, stored):
                 # entries before the first file are gone, and no retention record says so
                 raise JournalCorruptError(
                     self._segments[0].path if self._segments else self.path,
@@ -183,8 +159,7 @@ class Journal:
                     f"entries 0..{stored - 1} are missing (a segment file was lost)",
                 )
             if good < size and not self.readonly:
-                assert self._fd is not None
-                cut_torn_tail(self.path, self._fd, good, size)
+                cut_torn_tail(self.path, self._writable_fd(), good, size)
             self._end = good
         except BaseException:
             self.close()
@@ -193,26 +168,12 @@ class Journal:
     def _first_seq_of_active(self) -> int:
         """The seq the active file starts at: the sealed segments' end (checked against the
         first record's own seq)."""
-        expected = 0
         if self._segments:
-            last = self._segments[-1]
-            _load(self, last)
-            expected = last.end
-        if self._offsets:
-            payload = self._pread_record(self._offsets[0])
-            try:
-                seq = int(json.loads(payload)["seq"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise JournalCorruptError(self.path, 0, f"unreadable entry: {exc}") from exc
-            if seq != expected:
-                if seq > expected and self._was_dropped(expected, seq):
-                    return seq  # retention dropped the segments in between
-                if self.readonly and self._segments and seq > expected:
-                    raise _Moved
-                raise JournalCorruptError(
-                    self.path, 0, f"entry seq {seq}, expected {expected} after the segments"
-                )
-        return expected
+            self._load(self._segments[-1])
+        first = self._pread_record(self._offsets[0]) if self._offsets else None
+        return first_seq_of_active(
+            self.path, self._segments, first, self._dropped, readonly=self.readonly
+        )
 
     # -- sealed segments ---------------------------------------------------------------------
 
@@ -226,72 +187,13 @@ class Journal:
                 hi = mid - 1
         seg = self._segments[lo] if self._segments else None
         if seg is not None:
-            _load(self, seg)
+            self._load(seg)
         if seg is None or not seg.first <= seq < seg.end:
-            if self._was_dropped(seq, seq + 1):
-                raise JournalCompactedError(
-                    f"{self.path}: entry {seq} was removed by journal retention"
-                )
-            raise JournalCorruptError(self.path, 0, f"the segment holding entry {seq} is missing")
+            raise self._dropped.missing(seq)
         return seg
 
-    # -- retention -----------------------------------------------------------------------------
-
-    def _missing(self, seq: int) -> JournalError:
-        """The error for entry ``seq`` that no file holds: compacted, or lost."""
-        if self._was_dropped(seq, seq + 1):
-            return JournalCompactedError(
-                f"{self.path}: entry {seq} was removed by journal retention"
-            )
-        return JournalCorruptError(self.path, 0, f"the segment holding entry {seq} is missing")
-
-    def _check_gap(self, a: int, b: int) -> None:
-        """Entries ``[a, b)`` are in no file: fine if retention dropped them, damage if not."""
-        if not self._was_dropped(a, b):
-            raise JournalCorruptError(
-                self.path, 0, f"entries {a}..{b - 1} are missing (a segment file was lost)"
-            )
-
-    @property
-    def _dropped_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".dropped")
-
-    def _load_dropped(self) -> list[tuple[int, int]]:
-        """The seq ranges retention removed (``<name>.dropped``, JSON), so that a gap they do
-        not explain (a segment file lost) is damage, not compaction."""
-        try:
-            fd = open_nofollow(self._dropped_path, os.O_RDONLY)
-        except FileNotFoundError:
-            return []
-        try:
-            data = os.pread(fd, 1 << 20, 0)
-        finally:
-            os.close(fd)
-        try:
-            ranges = [(int(a), int(b)) for a, b in json.loads(data)["dropped"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise JournalCorruptError(self._dropped_path, 0, f"unreadable: {exc}") from None
-        return sorted(ranges)
-
-    def _was_dropped(self, a: int, b: int) -> bool:
-        """Whether retention dropped every seq in ``[a, b)``."""
-        for lo, hi in self._dropped:
-            if lo <= a < hi:
-                a = hi
-            if a >= b:
-                return True
-        return a >= b
-
-    def _record_dropped(self, ranges: list[tuple[int, int]]) -> None:
-        merged: list[tuple[int, int]] = []
-        for lo, hi in sorted(self._dropped + ranges):
-            if merged and lo <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-            else:
-                merged.append((lo, hi))
-        body = json.dumps({"dropped": [list(r) for r in merged]}).encode()
-        atomic_write_bytes(self._dropped_path, body)
-        self._dropped = merged
+    def _load(self, seg: _Segment) -> None:
+        load_sealed(seg, self._dropped, writable=not self.readonly, opening=self._opening)
 
     def _sealed_entry(self, seq: int) -> Entry:
         cached = self._sealed_cache.get(seq)
@@ -306,8 +208,15 @@ class Journal:
 
     # -- reading -------------------------------------------------------------------------------
 
+    def _writable_fd(self) -> int:
+        """The active file's descriptor, open for writing (JournalError if it is not)."""
+        if self._fd is None or self.readonly:
+            raise JournalError(f"{self.path} is not open for writing")
+        return self._fd
+
     def _pread_record(self, offset: int) -> bytes:
-        assert self._fd is not None
+        if self._fd is None:
+            raise JournalError(f"{self.path} is closed")
         head = os.pread(self._fd, _HEAD.size, offset)
         length = _HEAD.unpack(head)[0] if len(head) == _HEAD.size else 0
         data = os.pread(self._fd, _HEAD.size + min(length, MAX_RECORD) + _TAIL.size, offset)
@@ -341,7 +250,7 @@ class Journal:
             if seq >= self._first:
                 return self._active_entry(seq)
             if seq < self.first_seq:
-                raise self._missing(seq)
+                raise self._dropped.missing(seq)
             return self._sealed_entry(seq)
 
     def iter_from(self, seq: int) -> Iterator[Entry]:
@@ -353,7 +262,7 @@ class Journal:
         end = len(self)
         seq = max(seq, 0)
         if seq < self.first_seq:
-            raise self._missing(seq)
+            raise self._dropped.missing(seq)
         segments = list(self._segments)
         for i, seg in enumerate(segments):
             # one that the next starts at or before ``seq`` is skipped without reading its
@@ -364,11 +273,11 @@ class Journal:
             if seg.first >= end:
                 return
             if seg.first > seq:
-                self._check_gap(seq, seg.first)  # retention may leave gaps; loss may not
+                self._dropped.check_gap(seq, seg.first)  # retention may leave gaps; loss may not
             yield from iter_segment(seg, seq, writable=not self.readonly)
             seq = seg.end
         if self._first > seq:
-            self._check_gap(seq, self._first)
+            self._dropped.check_gap(seq, self._first)
         for s in range(max(seq, self._first), end):
             with self._lock:
                 entry = self._active_entry(s)
@@ -378,18 +287,13 @@ class Journal:
         return self.iter_from(self.first_seq)
 
     @property
-    def entries(self) -> list[Entry]:
-        """Every stored entry, oldest first (a copy; reads every segment)."""
-        return list(self)
-
-    @property
     def n_tokens(self) -> int:
         """Total tokens of all stored entries (computed once, then kept up to date)."""
         with self._lock:
             if self._n_tokens is None:
                 total = 0
                 for seg in self._segments:
-                    _load(self, seg)
+                    self._load(seg)
                     total += seg.n_tokens
                 for s in range(self._first, len(self)):
                     total += len(self._active_entry(s).tokens)
@@ -399,16 +303,6 @@ class Journal:
     def tokens(self) -> list[int]:
         """All tokens of all stored entries, in order."""
         return [t for e in self for t in e.tokens]
-
-    @property
-    def size_bytes(self) -> int:
-        """Bytes on disk: the active file, the sealed segments and their indexes."""
-        total = self._end
-        for seg in self._segments:
-            for p in (seg.path, seg.index):
-                with contextlib.suppress(OSError):
-                    total += os.lstat(p).st_size
-        return total
 
     @property
     def n_segments(self) -> int:
@@ -524,42 +418,7 @@ class Journal:
                 n_tokens,
                 np.asarray(self._offsets, dtype=np.int64),
             )
-            if os.path.lexists(seg.path):
-                raise JournalError(f"{seg.path} already exists")
-            atomic_write_bytes(seg.index, _pack_index(seg, self._end))
-            os.rename(self.path, seg.path)
-            fsync_dir(self.path.parent)
-            old = self._fd
-            try:
-                fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-            except FileExistsError:
-                self._fd = None
-                os.close(old)
-                raise JournalError(
-                    f"{self.path} was created by someone else while it was sealed"
-                ) from None
-            except BaseException:
-                # EMFILE, ENOSPC, ...: put the file back under its name (still open and
-                # locked by us), so the journal stays usable and the next rotation retries
-                try:
-                    os.rename(seg.path, self.path)
-                    fsync_dir(self.path.parent)
-                except BaseException:
-                    self._fd = None
-                    os.close(old)
-                    raise
-                with contextlib.suppress(OSError):
-                    os.unlink(seg.index)
-                raise
-            try:
-                lock_exclusive(fd, self.path)
-                fsync_dir(self.path.parent)
-            except BaseException:
-                self._fd = None
-                os.close(fd)
-                os.close(old)
-                raise
-            os.close(old)
+            fd = seal_active(self.path, self._fd, seg, self._end, on_closed=self._lost_fd)
             self._fd = fd
             self._segments.append(seg)
             self._first = first + count
@@ -567,6 +426,10 @@ class Journal:
             self._active = {}
             self._end = 0
             self._rotate_after = 0
+
+    def _lost_fd(self) -> None:
+        # a failed rotation closed the active file: the journal is closed
+        self._fd = None
 
     def drop_segments_before(self, seq: int, keep: Collection[int] = ()) -> int:
         """Delete sealed segments whose every entry is older than ``seq`` and that hold none
@@ -586,7 +449,7 @@ class Journal:
             kept: list[_Segment] = []
             gone: list[_Segment] = []
             for i, seg in enumerate(self._segments):
-                _load(self, seg)
+                self._load(seg)
                 newest = i == len(self._segments) - 1
                 needed = any(seg.first <= k < seg.end for k in keep)
                 if seg.end > seq or needed or (keep_last and newest):
@@ -596,18 +459,13 @@ class Journal:
             if not gone:
                 return 0
             # the record first: a crash after it leaves files that are simply still there
-            self._record_dropped([(seg.first, seg.end) for seg in gone])
+            self._dropped.add([(seg.first, seg.end) for seg in gone])
+            freed = delete_segments(self.path.parent, gone)
+            self._n_tokens = None
             for seg in gone:
-                for p in (seg.path, seg.index):
-                    with contextlib.suppress(FileNotFoundError):
-                        freed += os.lstat(p).st_size
-                        os.unlink(p)
-                self._n_tokens = None
                 for s in [s for s in self._sealed_cache if seg.first <= s < seg.end]:
                     del self._sealed_cache[s]
             self._segments = kept
-            if freed:
-                fsync_dir(self.path.parent)
         return freed
 
     @property
@@ -619,15 +477,7 @@ class Journal:
     def remove_files(path: str | os.PathLike[str]) -> int:
         """Delete a journal's files (:func:`journal_files`); return how many. The caller must
         hold (or have closed) the writer."""
-        removed = 0
-        files = journal_files(path)
-        for file in files:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(file)  # never follows a symlink
-                removed += 1
-        if removed:
-            fsync_dir(Path(path).parent)
-        return removed
+        return remove_journal_files(path)
 
     @property
     def closed(self) -> bool:

@@ -10,19 +10,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from runtime.errors import JournalCorruptError
-from runtime.fsutil import atomic_write_bytes, open_nofollow
+from runtime.errors import JournalCompactedError, JournalCorruptError, JournalError
+from runtime.fsutil import atomic_write_bytes, fsync_dir, lock_exclusive, open_nofollow
 from runtime.journal.record import (
     _HEAD,
     _TAIL,
@@ -32,6 +33,7 @@ from runtime.journal.record import (
     _record_at,
     _scan,
 )
+from runtime.journal.retention import DroppedRanges
 
 logger = logging.getLogger(__name__)
 
@@ -207,3 +209,122 @@ def journal_sessions(directory: str | os.PathLike[str]) -> list[str]:
 
 class _Moved(Exception):
     """A reader saw the files mid-rotation."""
+
+
+def seal_active(
+    path: Path, old: int, seg: _Segment, end: int, *, on_closed: Callable[[], None]
+) -> int:
+    """Seal the active file ``path`` (open as ``old``, ``end`` bytes of good records) into
+    ``seg`` and open a new, locked active file; return its descriptor (``old`` is closed).
+
+    Order: the index is published (atomically), the active file is renamed to the segment
+    name, a new active file is created and locked. A crash between any two steps reopens to
+    the same entries (a stale index without its segment is ignored). On a failure that
+    leaves the old file in place under its name, ``old`` stays open and the journal usable;
+    on one that cannot, ``old`` is closed and ``on_closed()`` is called before the raise.
+    """
+    if os.path.lexists(seg.path):
+        raise JournalError(f"{seg.path} already exists")
+    atomic_write_bytes(seg.index, _pack_index(seg, end))
+    os.rename(path, seg.path)
+    fsync_dir(path.parent)
+    try:
+        fd = open_nofollow(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        on_closed()
+        os.close(old)
+        raise JournalError(f"{path} was created by someone else while it was sealed") from None
+    except BaseException:
+        # EMFILE, ENOSPC, ...: put the file back under its name (still open and locked by
+        # us), so the journal stays usable and the next rotation retries
+        try:
+            os.rename(seg.path, path)
+            fsync_dir(path.parent)
+        except BaseException:
+            on_closed()
+            os.close(old)
+            raise
+        with contextlib.suppress(OSError):
+            os.unlink(seg.index)
+        raise
+    try:
+        lock_exclusive(fd, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        on_closed()
+        os.close(fd)
+        os.close(old)
+        raise
+    os.close(old)
+    return fd
+
+
+def load_sealed(seg: _Segment, dropped: DroppedRanges, *, writable: bool, opening: bool) -> None:
+    """Load a sealed segment's index; a segment file that vanished is a reader's race while
+    the journal opens (``opening``: :class:`_Moved`, retried there), and afterwards retention
+    or damage: never an internal exception for the caller."""
+    try:
+        load_segment(seg, writable=writable)
+    except _Moved:
+        if opening:
+            raise
+        dropped.load()
+        if dropped.covers(seg.first, seg.first + 1):
+            raise JournalCompactedError(
+                f"{seg.path}: removed by journal retention while it was open"
+            ) from None
+        raise JournalCorruptError(seg.path, 0, "the sealed segment file is missing") from None
+
+
+def delete_segments(directory: Path, gone: list[_Segment]) -> int:
+    """Delete the files of ``gone`` (in ``directory``); return the bytes freed."""
+    freed = 0
+    for seg in gone:
+        for p in (seg.path, seg.index):
+            with contextlib.suppress(FileNotFoundError):
+                freed += os.lstat(p).st_size
+                os.unlink(p)
+    if freed:
+        fsync_dir(directory)
+    return freed
+
+
+def remove_journal_files(path: str | os.PathLike[str]) -> int:
+    """Delete a journal's files (:func:`journal_files`); return how many. The caller must
+    hold (or have closed) the writer."""
+    removed = 0
+    for file in journal_files(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(file)  # never follows a symlink
+            removed += 1
+    if removed:
+        fsync_dir(Path(path).parent)
+    return removed
+
+
+def first_seq_of_active(
+    path: Path,
+    segments: list[_Segment],
+    first_record: bytes | None,
+    dropped: DroppedRanges,
+    *,
+    readonly: bool,
+) -> int:
+    """The seq the active file ``path`` starts at: the (loaded) sealed segments' end, checked
+    against the seq in its first record's payload (``None``: the file is empty)."""
+    expected = segments[-1].end if segments else 0
+    if first_record is None:
+        return expected
+    try:
+        seq = int(json.loads(first_record)["seq"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise JournalCorruptError(path, 0, f"unreadable entry: {exc}") from exc
+    if seq != expected:
+        if seq > expected and dropped.covers(expected, seq):
+            return seq  # retention dropped the segments in between
+        if readonly and segments and seq > expected:
+            raise _Moved
+        raise JournalCorruptError(
+            path, 0, f"entry seq {seq}, expected {expected} after the segments"
+        )
+    return expected

@@ -14,15 +14,12 @@ import logging
 import struct
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from runtime.errors import CorruptSnapshotError, SnapshotError, UnsupportedVersionError
 from runtime.snapshot.identity import CacheIdentity
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger(__name__)
 

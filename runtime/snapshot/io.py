@@ -7,7 +7,6 @@ import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,9 +15,6 @@ from runtime.fsutil import atomic_writer
 from runtime.snapshot.codec import _check_frame, _decode_segment, _WorkerState, parallel_map
 from runtime.snapshot.container import Snapshot, read_header
 from runtime.snapshot.format import FILE_SUFFIX, MIN_HEADER_LEN, SnapshotHeader
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger(__name__)
 

@@ -363,7 +363,7 @@ def test_a_segment_removed_under_a_reader_is_a_journal_error(tmp_path: Path) -> 
 def test_a_failed_rotation_keeps_the_journal_usable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import runtime.journal.journal as jmod
+    import runtime.journal.segment as jmod  # where a rotation opens the new active file
 
     real = jmod.open_nofollow
 
