@@ -67,6 +67,29 @@ class JournalBackend(Protocol):
         """Entries appended so far (dropped ones included in the numbering)."""
         ...
 
+    def __getitem__(self, seq: int) -> Entry:
+        """Entry ``seq`` (negative: from the end)."""
+        ...
+
+    def __iter__(self) -> Iterator[Entry]:
+        """Every stored entry, in order."""
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """Whether the journal was closed (or closed itself after a failure it cannot undo)."""
+        ...
+
+    @property
+    def compacted(self) -> bool:
+        """Whether retention dropped any entry."""
+        ...
+
+    @property
+    def n_segments(self) -> int:
+        """Sealed segments kept."""
+        ...
+
     def append(
         self,
         role: str,

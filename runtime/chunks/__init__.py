@@ -35,13 +35,14 @@ garbage-collects, never touches a context, and may run on another thread.
 
 The format is described in ``docs/snapshot-format.md`` ("Chunked checkpoints").
 
-One module per part: :mod:`~runtime.chunks.keys` (chunk keys and shift lineage),
-:mod:`~runtime.chunks.manifest` (manifests and their binary form),
-:mod:`~runtime.chunks.pending` (planned checkpoints, verify reports),
-:mod:`~runtime.chunks.store` (:class:`ChunkStore`: layout, index, capture, commit, GC),
-:mod:`~runtime.chunks.restore` and :mod:`~runtime.chunks.verify` (its restore and verify
-sides), :mod:`~runtime.chunks.base` (the state they share). The errors live in
-:mod:`runtime.errors`.
+One module per part, composed by the facade :class:`ChunkStore` (:mod:`~runtime.chunks.store`):
+:mod:`~runtime.chunks.keys` (chunk keys and shift lineage), :mod:`~runtime.chunks.manifest`
+(manifests and their binary form), :mod:`~runtime.chunks.pending` (planned checkpoints, verify
+reports), :mod:`~runtime.chunks.index` (what the store knows without reading a file),
+:mod:`~runtime.chunks.capture` (plan and commit), :mod:`~runtime.chunks.restore` (restore),
+:mod:`~runtime.chunks.verify` (verify). The files live in a :class:`runtime.storage.BlobStore`
+(:class:`runtime.storage.LocalBlobStore` by default), which states what is durable when. The
+errors live in :mod:`runtime.errors`.
 """
 
 from runtime.chunks.keys import (

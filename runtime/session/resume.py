@@ -12,10 +12,10 @@ from typing import Literal
 
 from runtime.chunks import ChunkError
 from runtime.errors import IncompatibleSnapshotError, RestoreError, SessionError
-from runtime.journal import Journal
 from runtime.session.checkpointer import Checkpointer
 from runtime.session.kv import SequenceKV
 from runtime.session.window import WINDOW_ROLE, Window, window_after, window_from_manifest
+from runtime.storage import JournalBackend
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Rebuild:
     def __init__(
         self,
         session_id: str,
-        journal: Journal,
+        journal: JournalBackend,
         kv: SequenceKV,
         checkpointer: Checkpointer,
         make_room: Callable[[int], None] | None = None,

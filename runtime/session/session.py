@@ -25,12 +25,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from runtime.errors import ArgumentError, ContextFullError, SessionError
-from runtime.journal import Entry, Journal
+from runtime.journal import Entry
 from runtime.layout import validate_session_id
 from runtime.session.checkpointer import Checkpointer
 from runtime.session.kv import SequenceKV
 from runtime.session.resume import Rebuild, ResumeReport
 from runtime.session.window import WINDOW_ROLE, Window
+from runtime.storage import JournalBackend
 
 if TYPE_CHECKING:
     from llamaffi import Context, Sampler
@@ -64,7 +65,7 @@ class Session:
         ctx: Context,
         seq_id: int,
         session_id: str,
-        journal: Journal,
+        journal: JournalBackend,
         checkpointer: Checkpointer,
         *,
         make_room: Callable[[Session, int], None] | None = None,

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from runtime.chunks import Lineage, shift_lineage
-from runtime.journal import Entry, Journal, JournalError
+from runtime.journal import Entry, JournalError
+from runtime.storage import JournalBackend
 
 #: Journal role of a context-window shift: ``meta["drop"] = [a, b)``, window token offsets.
 WINDOW_ROLE = "window"
@@ -89,7 +90,7 @@ class Window:
         return {"spans": [[s.start, s.length, s.seq] for s in self.spans]}
 
 
-def window_from_manifest(journal: Journal, man: Manifest) -> Window | None:
+def window_from_manifest(journal: JournalBackend, man: Manifest) -> Window | None:
     """The window after entry ``man.journal_seq`` as the manifest records it
     (``meta["window"]["spans"]``: ``[start, length, seq]`` per span), checked against the
     journal: the spans must tile the manifest's tokens, and each must be the head of its
@@ -125,7 +126,7 @@ def window_from_manifest(journal: Journal, man: Manifest) -> Window | None:
     return window if pos == len(window.tokens) else None
 
 
-def window_after(journal: Journal, seq: int) -> Window:
+def window_after(journal: JournalBackend, seq: int) -> Window:
     """The window after entry ``seq``, walking the journal from its start (the slow way, for
     checkpoints that do not record their window)."""
     window = Window()
