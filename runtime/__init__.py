@@ -5,7 +5,8 @@ module or package per concept below it: :mod:`runtime.journal` (the fsynced turn
 the truth), :mod:`runtime.session` (journal-first sessions and the pool),
 :mod:`runtime.checkpoint` (policy and background writer), :mod:`runtime.chunks` (chunked,
 content-addressed KV checkpoints), :mod:`runtime.snapshot` (the KV file format),
-:mod:`runtime.store` (crash-safe snapshot directory), :mod:`runtime.template` (chat
+:mod:`runtime.storage` (the journal and blob store interfaces and the local blob store),
+:mod:`runtime.layout` (the data directory's names), :mod:`runtime.template` (chat
 templates), :mod:`runtime.models` (model names), :mod:`runtime.embed` (ONNX MiniLM embedder),
 :mod:`runtime.longterm` (long-term memory: SQLite, hnswlib index, ranking),
 :mod:`runtime.server` (the OpenAI-compatible server), :mod:`runtime.fsutil` (atomic files
