@@ -19,12 +19,12 @@ from typing import TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
-from runtime.errors import ArgumentError
+from runtime.errors import ArgumentError, MemoryRuntimeError
 
 T = TypeVar("T")
 
 
-class QueueFullError(Exception):
+class QueueFullError(MemoryRuntimeError):
     """More requests are waiting than the queue admits."""
 
 
