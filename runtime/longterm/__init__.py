@@ -8,8 +8,6 @@
 * :mod:`runtime.longterm.manifest`: the index files' format and the checks they pass before
   hnswlib reads them (a bound on the capacity they may claim among them);
 * :mod:`runtime.longterm.ranking`: the relevance/recency/importance blend.
-
-The modules ``runtime.memory`` and ``runtime.index`` re-export their former names from here.
 """
 
 from __future__ import annotations
