@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import logging
 import os
 import threading
@@ -86,20 +85,10 @@ class Runtime:
     ) -> None:
         if model is not None:
             overrides["model"] = model
-        if config is None:
-            cfg = RuntimeConfig.of(**overrides)
-        else:
-            RuntimeConfig.of(**overrides)  # the names are options
-            cfg = dataclasses.replace(config, **overrides)
-        self.config = cfg.check()
+        cfg = self.config = RuntimeConfig.of(config, **overrides).check()
         self._closed = True  # until everything is open
         self._atexit: Callable[[], None] = lambda: None
         self._lock = threading.RLock()
-        if cfg.journal_retention == "window" and cfg.embedder is False:
-            logger.warning(
-                "journal_retention='window' without long-term memory: history older than the "
-                "checkpointed window is deleted and kept nowhere else"
-            )
         self.root = ensure_dir(Path(data_dir))
         warn_if_exposed(self.root)
         dir_lock = DirLock(self.root, LOCK_NAME).acquire()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -53,6 +54,9 @@ MAX_STOP_STRINGS = 8
 MAX_EMBED_TEXTS = 256
 #: the long-term ingestion watermark file is rewritten after this many journal entries
 MARK_EVERY = 16
+
+
+logger = logging.getLogger(__name__)
 
 
 # -- argument checks ---------------------------------------------------------------------------
@@ -233,9 +237,10 @@ class RuntimeConfig:
     progress: Callable[[str], None] | None = None
 
     @classmethod
-    def of(cls, **options: Any) -> RuntimeConfig:
-        """A config from keyword options; ``None`` for ``checkpoint`` or ``sampling`` means
-        the default. An unknown option is a :class:`RuntimeArgumentError`."""
+    def of(cls, base: RuntimeConfig | None = None, /, **options: Any) -> RuntimeConfig:
+        """``base`` (default: the defaults) with keyword options applied; ``None`` for
+        ``checkpoint`` or ``sampling`` means the default. An unknown option is a
+        :class:`RuntimeArgumentError`."""
         names = {f.name for f in dataclasses.fields(cls)}
         for name in options:
             if name not in names:
@@ -244,7 +249,7 @@ class RuntimeConfig:
             options.pop("checkpoint", None)
         if options.get("sampling") is None:
             options.pop("sampling", None)
-        return cls(**options)
+        return dataclasses.replace(base, **options) if base is not None else cls(**options)
 
     def check(self) -> RuntimeConfig:
         """Validate every option that can be checked before the model loads (the sampling
@@ -267,4 +272,9 @@ class RuntimeConfig:
             raise RuntimeArgumentError("checkpoint", "must be a CheckpointPolicy")
         if not isinstance(self.sampling, Sampling):
             raise RuntimeArgumentError("sampling", "must be a Sampling")
+        if self.journal_retention == "window" and self.embedder is False:
+            logger.warning(
+                "journal_retention='window' without long-term memory: history older than the "
+                "checkpointed window is deleted and kept nowhere else"
+            )
         return self
