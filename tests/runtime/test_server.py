@@ -207,6 +207,8 @@ def test_session_checkpoint_and_delete(client: Any, http: httpx.Client, rt: Runt
     assert http.delete("/v1/sessions/doomed").json()["deleted"] is True
     assert http.get("/v1/sessions/doomed").status_code == 404
     assert "doomed" not in rt.sessions()
+    # a second delete: the runtime's SessionNotFoundError, as a 404
+    assert _error(http.delete("/v1/sessions/doomed"), 404)["code"] == "not_found"
 
 
 def test_import_endpoint_journals_a_history(client: Any, http: httpx.Client) -> None:
