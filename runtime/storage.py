@@ -39,6 +39,7 @@ from runtime.fsutil import (
     remove_tree,
 )
 from runtime.layout import QUARANTINE_DIR, validate_session_id
+from runtime.snapshot.format import FILE_SUFFIX
 
 if TYPE_CHECKING:
     from runtime.journal import Entry
@@ -206,8 +207,9 @@ class BlobStore(Protocol):
 
 
 #: Suffix of chunk files (the snapshot format's) and of manifest files.
-CHUNK_SUFFIX = ".kvsnap"
+CHUNK_SUFFIX = FILE_SUFFIX
 MANIFEST_SUFFIX = ".kvman"
+#: A chunk key: 32 hex digits (BLAKE2b-128, runtime.chunks.keys); nothing else is a blob name.
 _KEY_RE = re.compile(r"[0-9a-f]{32}")
 _GEN_RE = re.compile(r"(\d{12})" + re.escape(MANIFEST_SUFFIX))
 

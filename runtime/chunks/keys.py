@@ -22,7 +22,8 @@ DEFAULT_CHUNK_TOKENS = 256
 #: Key length in bytes (BLAKE2b-128, 32 hex digits in file names).
 KEY_BYTES = 16
 
-_KEY_RE = re.compile(r"[0-9a-f]{32}")
+#: What a chunk key looks like (the blob stores check names against it).
+KEY_RE = re.compile(r"[0-9a-f]{32}")
 _CHUNK_STEP = struct.Struct("<qqq")  # token index start, end, first position
 _TOKEN_DTYPE = np.dtype("<i4")
 

@@ -6,27 +6,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.chunks.keys import _KEY_RE, Lineage, chunk_keys
+from runtime.chunks.keys import KEY_RE, Lineage, chunk_keys
 from runtime.errors import CorruptSnapshotError
 from runtime.snapshot import CacheIdentity
+from runtime.storage import MANIFEST_SUFFIX as MANIFEST_SUFFIX
 
 #: 8 bytes, built like the snapshot magic (high bit, CR LF).
 MANIFEST_MAGIC = b"\x89KVMAN\r\n"
 MANIFEST_VERSION = 1
 MANIFEST_SUPPORTED_VERSIONS: frozenset[int] = frozenset({1})
-MANIFEST_SUFFIX = ".kvman"
 #: Upper bound on a manifest's JSON body (token ids dominate: ~8 bytes per token).
 MAX_MANIFEST_BODY = 64 << 20
 
 # magic, version, flags (0), body length; then the SHA-256 of the body, then the body.
 _MAN_PREFIX = struct.Struct("<8sHHI")
 _MAN_HEADER_LEN = _MAN_PREFIX.size + 32
-_GEN_RE = re.compile(r"(\d{12})" + re.escape(MANIFEST_SUFFIX))
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class ChunkRef:
         """Parse :meth:`to_json`'s form: :class:`CorruptSnapshotError` (a ValueError) for a
         bad key or range, ValueError/TypeError for anything that is not five values."""
         key, start, end, raw, size = value
-        if not (isinstance(key, str) and _KEY_RE.fullmatch(key)):
+        if not (isinstance(key, str) and KEY_RE.fullmatch(key)):
             raise CorruptSnapshotError(
                 "chunks", f"bad chunk key {key!r}", source=source, what="manifest"
             )
