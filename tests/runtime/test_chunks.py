@@ -17,6 +17,7 @@ import zstandard
 from runtime import snapshot as S
 from runtime.chunks import (
     CHUNK_CODEC,
+    MANIFEST_SUFFIX,
     ChunkError,
     ChunkStore,
     chunk_keys,
@@ -598,3 +599,19 @@ def test_cli_verify_chunk_store(model: Any, tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert f"DAMAGED {root}: chunk {man.chunks[0].key}" in bad.stdout
     assert f"MISSING {root}: chunk {man.chunks[1].key}" in bad.stdout
+
+
+def test_reload_sees_files_changed_behind_the_stores_back(tmp_path: Path) -> None:
+    from tests.runtime.chunk_helpers import commit_fake_checkpoint
+
+    with ChunkStore(tmp_path / "kv", chunk_tokens=4) as store:
+        older = commit_fake_checkpoint(store, "s", 8, seed=1)
+        newest = commit_fake_checkpoint(store, "s", 8, seed=2)  # other tokens: other chunks
+        assert store.stats()["chunks"] == 4
+        (store.manifest_dir / "s" / f"{newest.generation:012d}{MANIFEST_SUFFIX}").unlink()
+        assert store.collect_garbage() == []  # the index still names newest's chunks
+        store.reload()
+        assert sorted(store.collect_garbage()) == sorted(newest.keys - older.keys)
+        latest = store.latest("s")
+        assert latest is not None and latest.generation == older.generation
+        assert store.stats()["chunks"] == 2 and store.verify().ok

@@ -363,3 +363,24 @@ def test_other_build_refused_unless_allowed(model: Any, source: Source, tokens: 
 def test_fingerprint_is_file_sha256(model: Any, source: Source) -> None:
     digest = hashlib.sha256(Path(model.path).read_bytes()).hexdigest()
     assert source.snap.header.identity.model_fingerprint == digest
+
+
+# -- two-phase capture -------------------------------------------------------------------------
+
+
+def test_two_phase_capture_encodes_the_state_as_it_was_copied(
+    model: Any, tokens: list[int], source: Source
+) -> None:
+    with model.context(**CTX_ARGS) as ctx:
+        _prefill(ctx, tokens)
+        copy = S.copy_state(ctx, 0, tokens[:-1])
+        ctx.decode(tokens[-1:], seq_id=0)  # the context moves on before the encode
+        snap = copy.encode(session_id="s1", journal_seq=3)
+        assert snap.header.journal_seq == 3 and snap.header.session_id == "s1"
+        assert (snap.header.pos_min, snap.header.pos_max) == (0, len(tokens) - 2)
+        assert snap.tokens == tuple(tokens[:-1])
+        assert S.decode(snap).tobytes() == S.decode(source.snap).tobytes()
+        assert snap.header.identity == S.identity_of(ctx)
+        ctx.memory.seq_rm(0, -1, -1)
+        S.restore(ctx, snap, 1)
+        assert np.array_equal(_next_logits(ctx, tokens, 1), source.logits)
