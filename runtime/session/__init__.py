@@ -9,7 +9,6 @@ session, composed of those parts), :mod:`~runtime.session.pool` (residency).
 """
 
 from runtime.errors import ContextFullError, SessionError
-from runtime.layout import JOURNAL_DIR
 from runtime.session.checkpointer import Checkpointer, ChunkCheckpointer
 from runtime.session.kv import SequenceKV
 from runtime.session.pool import SessionPool
@@ -24,7 +23,6 @@ from runtime.session.window import (
 )
 
 __all__ = [
-    "JOURNAL_DIR",
     "WINDOW_ROLE",
     "Checkpointer",
     "ChunkCheckpointer",
