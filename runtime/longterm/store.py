@@ -29,7 +29,7 @@ from runtime.embed.embedder import TextEmbedder, embed_all
 from runtime.errors import (
     ArgumentError,
     ArgumentTypeError,
-    MemoryClosedError,
+    ClosedError,
     MemoryStoreError,
     MemoryStoreIOError,
     ReadOnlyError,
@@ -71,7 +71,7 @@ class MemoryStore:
     :class:`runtime.errors.LockedError`). Thread-safe: every public method holds one lock.
     Bad arguments raise :class:`runtime.errors.ArgumentError` (a ``ValueError``) or
     :class:`runtime.errors.ArgumentTypeError` (a ``TypeError``); use after :meth:`close`
-    raises :class:`runtime.errors.MemoryClosedError`.
+    raises :class:`runtime.errors.ClosedError`.
     """
 
     def __init__(
@@ -160,12 +160,12 @@ class MemoryStore:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            raise MemoryClosedError("the memory store is closed")
+            raise ClosedError("the memory store is closed")
         return self._db
 
     def _keeper(self) -> StoreIndex:
         if self._index is None:
-            raise MemoryClosedError("the memory store is closed")
+            raise ClosedError("the memory store is closed")
         return self._index
 
     def _idx(self) -> HnswIndex:
