@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from runtime.longterm import Hit
+    from runtime.longterm import Hit, MemoryItem
 
 __all__ = ["Runtime"]
 
@@ -283,8 +283,8 @@ class Runtime:
         so a later chat continues the same KV, and journalled (fsynced) with its own time.
         Nothing is decoded now: the window is decoded when the session is next used. A new
         session without a system message starts with the runtime's system prompt, as in
-        :meth:`chat`. The user turns go into long-term memory when the session is next used,
-        each at the time it was said and with its speaker; ``remember=False`` keeps them out.
+        :meth:`chat`. The user turns go into long-term memory before this returns, each at
+        the time it was said and with its speaker; ``remember=False`` keeps them out.
 
         Raises :class:`RuntimeArgumentError` naming ``messages[i]`` for a bad message or a
         history this template cannot extend turn by turn, and
@@ -301,9 +301,13 @@ class Runtime:
             if self._sessions.exists(session_id):
                 session, _report = self._sessions.get(session_id)
             plan = self._turns.render_history(session, items)
-            # long-term memory catches up with the imported turns when the session is next
-            # used (its resume), each at the time it was said
-            return self._sessions.append_history(session_id, plan, len(items), self.ctx.n_ctx)
+            seqs = self._sessions.append_history(session_id, plan, len(items), self.ctx.n_ctx)
+            # into long-term memory now, at the time each message was said (the import is
+            # durable in the journal already: a failure here catches up on the next turn);
+            # the session stays suspended, so the journal is read apart from it
+            with self._sessions.open_journal(session_id) as journal:
+                self._recall.catch_up_journal(session_id, journal)
+            return seqs
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -397,6 +401,25 @@ class Runtime:
             self._require_open()
             self._sessions.delete(session_id, memories=memories)
 
+    def consolidate(self, session_id: str) -> dict[str, int]:
+        """Run long-term memory's background work on one session now (the housekeeping
+        thread does it by itself): distil facts from its new turns, summarise what has left
+        its KV window, archive past ``max_items``. Returns how many facts, summaries and
+        archived turns it made."""
+        validate_session_id(session_id)
+        with self._lock:
+            self._require_open()
+            session = self._sessions.peek(session_id)
+            if session is not None:
+                self._recall.catch_up(session)
+                return self._recall.consolidate(session)
+            if session_id not in self._sessions.known():
+                raise SessionNotFoundError(f"no session {session_id!r}")
+            with self._sessions.open_journal(session_id) as journal:
+                self._recall.catch_up_journal(session_id, journal)
+                # suspended: nothing of it is in the KV now
+                return self._recall.consolidate_journal(session_id, journal, set())
+
     def compact_journals(self) -> int:
         """Apply ``journal_retention="window"`` now to every resident session (the
         housekeeping thread does it by itself); returns the bytes freed. A no-op under the
@@ -446,6 +469,14 @@ class Runtime:
         with self._lock:
             self._require_open()
             return self._recall.search(query, k, session=session)
+
+    def memory_history(self, item_id: str) -> list[MemoryItem]:
+        """The history behind a memory: every fact about the same subject and attribute,
+        newest first: the current value, then the ones it superseded (kept, linked by
+        ``superseded_by``). Empty when the item states no single-valued attribute."""
+        with self._lock:
+            self._require_open()
+            return self._recall.lineage(item_id)
 
     def forget(self, item_id: str) -> bool:
         """Delete one long-term memory; False if there was none with this id."""

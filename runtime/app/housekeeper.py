@@ -73,6 +73,8 @@ class Housekeeper:
         pool: the resident sessions.
         retention: journal retention.
         publish: writes the stats file (rate-limited by the callee).
+        consolidate: the long-term memory's background work on one session (facts,
+            summaries, the bound); a failure is logged and retried on the next tick.
         idle_checkpoint_s: checkpoint a session with unsaved tokens idle this long (0: off).
         idle_suspend_s: suspend a session idle this long (0: off).
     """
@@ -84,6 +86,7 @@ class Housekeeper:
         retention: Retention,
         publish: Callable[[], None],
         *,
+        consolidate: Callable[[Session], object],
         idle_checkpoint_s: float,
         idle_suspend_s: float,
     ) -> None:
@@ -91,6 +94,7 @@ class Housekeeper:
         self._pool = pool
         self._retention = retention
         self._publish = publish
+        self._consolidate = consolidate
         self._idle = idle_checkpoint_s
         self._idle_suspend = idle_suspend_s
         period = min(1.0, self._idle / 2) if self._idle > 0 else 1.0
@@ -130,6 +134,12 @@ class Housekeeper:
         """One round (the caller holds the lock)."""
         now = time.monotonic()
         for session in self._pool.resident():
+            try:
+                self._consolidate(session)
+            except Exception as exc:  # durable in the journal: the next tick catches up
+                logger.warning(
+                    "session %s: memory consolidation failed: %s", session.session_id, exc
+                )
             if self._idle_suspend and now - session.last_active >= self._idle_suspend:
                 logger.info("session %s idle: suspending it", session.session_id)
                 self._pool.suspend(session.session_id)

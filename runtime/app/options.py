@@ -197,7 +197,11 @@ class RuntimeConfig:
         n_batch: the context's batch size.
         memory_k: long-term memories put into a prompt at most.
         min_similarity: memories less similar than this to the user's text are left out.
-        dedup_similarity: a new turn this similar to a stored one is not stored again.
+        dedup_similarity: a new turn this similar to a stored one, naming the same numbers,
+            names and negations, is merged into it (its source kept, never dropped).
+        max_items: long-term items kept per session (0: unbounded); past it the housekeeping
+            thread archives the lowest-value raw turns (they stay in the journal), never
+            facts or summaries.
         keep_snapshots: checkpoint generations kept per session (2: a damaged newest one
             falls back to the previous one).
         chunk_tokens: KV positions per checkpoint chunk. Checkpoints are content-addressed
@@ -228,6 +232,7 @@ class RuntimeConfig:
     memory_k: int = 3
     min_similarity: float = MIN_SIMILARITY
     dedup_similarity: float = DEDUP_SIMILARITY
+    max_items: int = 0
     keep_snapshots: int = 2
     chunk_tokens: int = 256
     idle_suspend_s: float = 300.0
@@ -257,6 +262,7 @@ class RuntimeConfig:
         check_int("n_ctx", self.n_ctx, 64, 1 << 20)
         check_int("max_resident", self.max_resident, 1, 255)
         check_int("memory_k", self.memory_k, 0, 64)
+        check_int("max_items", self.max_items, 0, 1 << 31)
         check_int("keep_snapshots", self.keep_snapshots, 1, 100)
         check_int("chunk_tokens", self.chunk_tokens, 16, 1 << 16)
         check_int("journal_segment_entries", self.journal_segment_entries, 1, 1 << 24)

@@ -121,6 +121,7 @@ def build_parts(
         memory_k=cfg.memory_k,
         min_similarity=cfg.min_similarity,
         dedup_similarity=cfg.dedup_similarity,
+        max_items=cfg.max_items,
     )
     stack.callback(recall.close)
     retention = Retention(cfg.journal_retention, recall)
@@ -152,6 +153,7 @@ def build_parts(
         pool,
         retention,
         stats.publish,
+        consolidate=recall.consolidate,
         idle_checkpoint_s=cfg.checkpoint.idle_seconds,
         idle_suspend_s=cfg.idle_suspend_s,
     )

@@ -18,21 +18,27 @@ from typing import TYPE_CHECKING, Any
 
 from runtime.app.options import MARK_EVERY, MAX_EMBED_TEXTS, check_int, check_text
 from runtime.app.reply import MemoryUsed
-from runtime.errors import JournalCompactedError, RuntimeArgumentError
+from runtime.errors import RuntimeArgumentError
 from runtime.fsutil import atomic_write_bytes
-from runtime.layout import JOURNAL_DIR, validate_session_id, watermark_path
+from runtime.layout import JOURNAL_DIR, journal_path, validate_session_id, watermark_path
+from runtime.longterm.distill import Distiller
 from runtime.session import Session
+from runtime.storage import JournalBackend
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
     from runtime.embed import TextEmbedder
-    from runtime.longterm import Hit, MemoryStore
+    from runtime.longterm import Hit, MemoryItem, MemoryStore
 
 __all__ = ["CachedEmbedder", "Recall"]
 
 logger = logging.getLogger(__name__)
+
+#: A memory less similar than ``min_similarity`` still reaches the prompt when its fused
+#: relevance is at least this (it matched the query's names or numbers word for word).
+LEXICAL_RELEVANCE = 0.75
 
 
 class CachedEmbedder:
@@ -94,7 +100,10 @@ class Recall:
         root: the runtime's data directory.
         memory_k: memories put into a prompt at most.
         min_similarity: memories less similar than this to the user's text are left out.
-        dedup_similarity: a new turn this similar to a stored memory is not stored again.
+        dedup_similarity: a new turn this similar to a stored memory, naming the same
+            numbers, names and negations, is merged into it (its source kept).
+        max_items: bound on a session's items (0: none); the lowest-value raw turns are
+            archived first (they stay in the journal), never facts or summaries.
     """
 
     def __init__(
@@ -106,8 +115,10 @@ class Recall:
         memory_k: int,
         min_similarity: float,
         dedup_similarity: float,
+        max_items: int = 0,
     ) -> None:
         self.store = store
+        self.max_items = max_items
         self._embedder = embedder
         self._root = root
         self.memory_k = memory_k
@@ -131,6 +142,7 @@ class Recall:
         memory_k: int,
         min_similarity: float,
         dedup_similarity: float,
+        max_items: int = 0,
     ) -> Recall:
         """Open the store in ``directory`` with ``embedder`` (``None``: the default
         all-MiniLM-L6-v2; ``False``: no long-term memory)."""
@@ -149,7 +161,7 @@ class Recall:
                 inner = embedder
             cached = CachedEmbedder(inner)
             start = time.perf_counter()
-            store = MemoryStore.open(directory, cached)
+            store = MemoryStore(directory, cached, dedup_similarity=dedup_similarity)
             took = time.perf_counter() - start
             if took > 1.0:
                 say(f"long-term memory opened in {took:.1f} s (index rebuilt or replayed)")
@@ -160,6 +172,7 @@ class Recall:
             memory_k=memory_k,
             min_similarity=min_similarity,
             dedup_similarity=dedup_similarity,
+            max_items=max_items,
         )
 
     @property
@@ -169,32 +182,35 @@ class Recall:
 
     # -- a turn ---------------------------------------------------------------------------------
 
-    def retrieve(self, session: Session, text: str) -> list[MemoryUsed]:
-        """Memories for this turn: this session's and global ones, minus what the window holds."""
+    def retrieve(self, session: Session, text: str, now: float | None = None) -> list[MemoryUsed]:
+        """Memories for this turn: this session's and global ones, minus the turns the window
+        holds already; each rendered with its date (``[2023-05-08] Caroline: ...``)."""
         if self.store is None or self.memory_k == 0:
             return []
         start = time.perf_counter()
         in_window = session.window_seqs()
         k = self.memory_k
-        hits: dict[str, Hit] = {}
+        chosen: list[Hit] = []
         for hit in self.store.search(
-            text, k + len(in_window), session=session.session_id, touch=False
+            text,
+            k + len(in_window),
+            session=session.session_id,
+            with_global=True,
+            now=now,
+            touch=False,
         ):
-            seq = hit.meta.get("journal_seq")
-            if hit.kind == "turn" and isinstance(seq, int) and seq in in_window:
+            if hit.kind == "turn" and hit.sources and set(hit.sources) <= in_window:
                 continue  # the model sees this turn in its KV already
-            hits[hit.id] = hit
-        for hit in self.store.search(text, k, touch=False, global_only=True):
-            hits[hit.id] = hit
-        chosen = sorted(
-            (h for h in hits.values() if h.similarity >= self.min_similarity),
-            key=lambda h: h.score,
-            reverse=True,
-        )[:k]
+            if hit.similarity >= self.min_similarity or hit.relevance >= LEXICAL_RELEVANCE:
+                chosen.append(hit)
+            if len(chosen) == k:
+                break
         if chosen:
             self.store.touch([h.id for h in chosen])
         self._retrieval_ms.append((time.perf_counter() - start) * 1000)
-        return [MemoryUsed(h.id, h.text, h.score, h.similarity, h.session, h.kind) for h in chosen]
+        return [
+            MemoryUsed(h.id, h.render(), h.score, h.similarity, h.session, h.kind) for h in chosen
+        ]
 
     @property
     def retrieval_ms(self) -> Sequence[float]:
@@ -204,31 +220,40 @@ class Recall:
     def catch_up(self, session: Session) -> None:
         """:meth:`ingest`, but a failure (disk full, damaged store) never fails a turn that is
         already durable in the journal: the next call catches up."""
+        self.catch_up_journal(session.session_id, session.journal)
+
+    def catch_up_journal(self, session_id: str, journal: JournalBackend) -> None:
+        """:meth:`catch_up` from a journal (of a session that is not resident)."""
         try:
-            self.ingest(session)
+            self.ingest_journal(session_id, journal)
         except Exception as exc:
-            self._checked.discard(session.session_id)
+            self._checked.discard(session_id)
             self.ingest_failures += 1
             logger.warning(
                 "session %s: long-term memory write failed (%s); it catches up later",
-                session.session_id,
+                session_id,
                 exc,
             )
 
     def ingest(self, session: Session) -> int:
+        """:meth:`ingest_journal` of a resident session."""
+        return self.ingest_journal(session.session_id, session.journal)
+
+    def ingest_journal(self, sid: str, journal: JournalBackend) -> int:
         """Add the session's journalled user turns that long-term memory lacks (crash-safe);
-        returns how many were added.
+        returns how many turns were ingested.
 
         A watermark (``journals/<id>.ingested``: the last journal seq ingested) keeps this to
-        the new entries; entries past it may have been added just before a crash, so each is
-        looked up by its ``journal_seq`` before it is added. A near-duplicate of a stored
-        memory (cosine >= ``dedup_similarity``) is not stored again.
+        the new entries. Each turn item is named by its session and journal seq, so an entry
+        past the watermark that was added just before a crash is skipped by the store, never
+        stored twice. A turn that says what a stored item says is merged into it (sources
+        kept; see :meth:`runtime.longterm.MemoryStore.put`), never dropped. Each item carries
+        its speaker (an imported message's ``name``), the time it was said and, for the
+        lexical index only, the turns just before it in the same sitting.
         """
         if self.store is None:
             return 0
-        journal = session.journal
-        mark_path = watermark_path(journal.path)
-        sid = session.session_id
+        mark_path = watermark_path(journal_path(self._root, sid))
         try:
             mark = int(mark_path.read_text())
         except (OSError, ValueError):
@@ -236,45 +261,39 @@ class Recall:
         mark = max(mark, self._marks.get(sid, -1))
         if mark >= len(journal) - 1:
             return 0
-        added = 0
-        # Entries past the watermark may have been added just before a crash (or a failed
-        # call); they are looked up once per session and process, then trusted.
-        check = sid not in self._checked
-        for seq in range(mark + 1, len(journal)):
-            try:
-                entry = journal[seq]
-            except JournalCompactedError:
-                continue  # retention only drops what was ingested (by a durable watermark)
-            if (
-                entry.role != "user"
-                or not entry.text.strip()
-                or entry.meta.get("remember") is False
-            ):
-                continue
-            if check and self.store.find(session=sid, meta_key="journal_seq", value=entry.seq):
-                continue  # added before a crash took the watermark
-            best = self.store.search(entry.text, 1, session=sid, touch=False)
-            if best and best[0].similarity >= self.dedup_similarity:
-                logger.debug("session %s: turn %d repeats memory %s", sid, seq, best[0].id)
-                continue
-            self.store.add(
-                entry.text,
-                kind="turn",
-                session=sid,
-                importance=float(entry.meta.get("importance", 0.5)),
-                meta={"journal_seq": entry.seq, "role": entry.role},
-                now=entry.created,
-            )
-            added += 1
         last = len(journal) - 1
+        added = Distiller(self.store).turns(sid, journal, mark + 1, last)
         self._marks[sid] = last
         self._checked.add(sid)
-        # The file is only a shortcut for the next process (entries past it are looked up
-        # before they are added), so it is written every MARK_EVERY entries and on close, not
-        # with two fsyncs on every turn.
+        # The file is only a shortcut for the next process (entries past it are named by
+        # their seq, so a re-add is a no-op), so it is written every MARK_EVERY entries and
+        # on close, not with two fsyncs on every turn.
         if last - self._written_marks.get(sid, mark) >= MARK_EVERY:
-            self._write_mark(session.journal.path, last)
+            self._write_mark(journal_path(self._root, sid), last)
         return added
+
+    def consolidate(self, session: Session) -> dict[str, int]:
+        """The background work on one session's memories (the housekeeping thread runs it,
+        never a turn): distil facts from its new turns, summarise what has left its KV
+        window, and bound it to ``max_items``. Returns how many facts, summaries and
+        archived turns it made."""
+        return self.consolidate_journal(session.session_id, session.journal, session.window_seqs())
+
+    def consolidate_journal(
+        self, sid: str, journal: JournalBackend, window: set[int]
+    ) -> dict[str, int]:
+        """:meth:`consolidate` from a journal and the entries the KV window holds."""
+        if self.store is None:
+            return {"facts": 0, "summaries": 0, "archived": 0}
+        distiller = Distiller(self.store)
+        done = {
+            "facts": distiller.facts(sid, journal),
+            "summaries": distiller.summaries(sid, journal, window),
+            "archived": 0,
+        }
+        if self.max_items:
+            done["archived"] = self.store.archive_turns(sid, self.max_items)
+        return done
 
     def durable_mark(self, session_id: str) -> int | None:
         """The last journal seq whose ingestion is on disk (what the next process starts
@@ -324,14 +343,37 @@ class Recall:
             check_text(text), kind=kind, session=session, importance=importance, meta=meta
         )
 
-    def search(self, query: str, k: int = 5, *, session: str | None = None) -> list[Hit]:
-        """Search long-term memory (all sessions, or one)."""
+    def search(
+        self,
+        query: str,
+        k: int = 5,
+        *,
+        session: str | None = None,
+        now: float | None = None,
+        current_only: bool = False,
+    ) -> list[Hit]:
+        """Search long-term memory (all sessions, or one and the global memories)."""
         if self.store is None:
             return []
         check_int("k", k, 1, 1000)
         if session is not None:
             validate_session_id(session)
-        return self.store.search(check_text(query), k, session=session, touch=False)
+        return self.store.search(
+            check_text(query),
+            k,
+            session=session,
+            with_global=session is not None,
+            now=now,
+            touch=False,
+            current_only=current_only,
+        )
+
+    def lineage(self, item_id: str) -> list[MemoryItem]:
+        """What an item's subject/attribute held over time, newest first (see
+        :meth:`runtime.longterm.MemoryStore.lineage`)."""
+        if self.store is None:
+            return []
+        return self.store.lineage(item_id)
 
     def forget(self, item_id: str) -> bool:
         """Delete one long-term memory; False if there was none with this id."""

@@ -92,6 +92,15 @@ class Sessions:
             self._recall.catch_up(session)
         return session, report
 
+    def open_journal(self, session_id: str) -> Journal:
+        """The session's journal, opened apart from its resident session (to read what an
+        import appended to a suspended session without resuming it); close it after use."""
+        return Journal(
+            self._journal(session_id),
+            fsync=self._journal_fsync,
+            segment_entries=self._segment_entries,
+        )
+
     def peek(self, session_id: str) -> Session | None:
         """The session if it is resident (nothing resumed)."""
         return self._pool.peek(session_id)

@@ -16,6 +16,9 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
+
 from runtime.errors import IndexFileError
 from runtime.fsutil import persist_error
 from runtime.longterm import db as sql
@@ -25,7 +28,13 @@ from runtime.longterm.manifest import remove_unreferenced_blobs
 logger = logging.getLogger(__name__)
 
 #: Filtered searches whose allowed set is at most this size scan it exactly in numpy.
-EXACT_FILTER_LIMIT = 4096
+EXACT_FILTER_LIMIT = 8192
+#: Allowed sets (a session's items, say) whose vectors are kept in memory between searches,
+#: until the next add or delete: at most this many, each at most EXACT_FILTER_LIMIT rows.
+SCAN_CACHE = 4
+
+_ScanKey = tuple[str, tuple[object, ...]]
+_Scan = tuple[npt.NDArray[np.int64], FloatArray]
 
 
 class StoreIndex:
@@ -61,6 +70,9 @@ class StoreIndex:
         self.max_seq = 0
         self.max_tomb = 0
         self.dirty = 0
+        self._scans: dict[
+            tuple[str, tuple[object, ...]], tuple[npt.NDArray[np.int64], FloatArray]
+        ] = {}
         self._save_retry_at = 0  # after a failed periodic save: retry at this many changes
         self.recovered = ""  # why the index was rebuilt on open ("" if it was not)
         self._open(db)
@@ -122,6 +134,7 @@ class StoreIndex:
 
     def rebuild(self, db: sqlite3.Connection) -> None:
         """Build the index afresh from every item in SQLite (and save it unless read-only)."""
+        self._scans.clear()
         count = sql.count(db)
         index = HnswIndex(self.params, capacity=max(1024, int(count * 1.25)))
         self.max_seq = 0
@@ -139,12 +152,14 @@ class StoreIndex:
 
     def added(self, vectors: FloatArray, seqs: Sequence[int]) -> None:
         """Index items just committed to SQLite under ``seqs``."""
+        self._scans.clear()
         self.hnsw.add(vectors, seqs)
         self.max_seq = max(self.max_seq, max(seqs))
         self.dirty += len(seqs)
 
     def deleted(self, seq: int, op: int | None) -> None:
         """Drop an item just deleted from SQLite; ``op`` is its tombstone's number."""
+        self._scans.clear()
         self.hnsw.mark_deleted(seq)
         self.max_tomb = int(op or self.max_tomb)
         self.dirty += 1
@@ -157,43 +172,49 @@ class StoreIndex:
         vector: FloatArray,
         pool: int,
         *,
-        session: str | None,
-        kinds: list[str] | None,
-        global_only: bool = False,
+        where: str = "",
+        args: Sequence[object] = (),
     ) -> dict[int, float]:
-        """seq -> cosine for up to ``pool`` candidates that pass the filters.
+        """seq -> cosine for up to ``pool`` candidates among the items ``where`` allows
+        (an SQL condition on ``items``, see :func:`runtime.longterm.db.scope_clause`).
 
         Unfiltered, the graph answers. Filtered, SQLite lists the allowed items: at most
         :data:`EXACT_FILTER_LIMIT` of them are scanned exactly, more go to the graph walk
         with the filter.
         """
-        if session is None and kinds is None and not global_only:
+        if not where:
             labels, sims = self.hnsw.query(vector, pool)
             return dict(zip(labels, sims, strict=True))
-        clauses, args = [], []
-        if global_only:
-            clauses.append("session IS NULL")
-        elif session is not None:
-            clauses.append("session = ?")
-            args.append(session)
-        if kinds is not None:
-            clauses.append(f"kind IN ({', '.join('?' * len(kinds))})")
-            args.extend(kinds)
-        where = " AND ".join(clauses)
-        allowed = [r[0] for r in db.execute(f"SELECT seq FROM items WHERE {where}", args)]
-        if len(allowed) <= EXACT_FILTER_LIMIT:
+        key = (where, tuple(args))
+        scan = self._scans.get(key)
+        if scan is None:
+            allowed = [r[0] for r in db.execute(f"SELECT seq FROM items WHERE {where}", key[1])]
+            if len(allowed) <= EXACT_FILTER_LIMIT:
+                scan = self._load_scan(db, key)
+        if scan is not None:
             # small sets: exact scan beats the graph walk and never misses
-            result: dict[int, float] = {}
-            for seqs, vectors in sql.iter_embeddings(
-                db, self.params.dim, f"WHERE {where}", tuple(args)
-            ):
-                exact = vectors @ vector
-                result.update(zip(seqs, (float(s) for s in exact), strict=True))
-            best = sorted(result.items(), key=lambda kv: -kv[1])[:pool]
-            return dict(best)
+            seqs, matrix = scan
+            exact = matrix @ vector
+            top = np.argsort(-exact, kind="stable")[:pool]
+            return {int(seqs[i]): float(exact[i]) for i in top}
         allowed_set = frozenset(allowed)
         labels, sims = self.hnsw.query(vector, pool, filter=allowed_set.__contains__)
         return dict(zip(labels, sims, strict=True))
+
+    def _load_scan(self, db: sqlite3.Connection, key: _ScanKey) -> _Scan:
+        """The allowed items' seqs and vectors, read once and kept until the next change
+        (at most SCAN_CACHE sets of at most EXACT_FILTER_LIMIT rows: bounded memory)."""
+        seqs: list[int] = []
+        parts: list[FloatArray] = []
+        for chunk, vectors in sql.iter_embeddings(db, self.params.dim, f"WHERE {key[0]}", key[1]):
+            seqs += chunk
+            parts.append(vectors)
+        matrix = np.concatenate(parts) if parts else np.zeros((0, self.params.dim), np.float32)
+        scan = (np.asarray(seqs, dtype=np.int64), matrix)
+        if len(self._scans) >= SCAN_CACHE:
+            self._scans.pop(next(iter(self._scans)))
+        self._scans[key] = scan
+        return scan
 
     # -- saving ---------------------------------------------------------------------------------
 

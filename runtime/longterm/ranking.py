@@ -1,9 +1,11 @@
-"""How search ranks its candidates: a blend of relevance, recency and importance.
+"""How search ranks its candidates: lexical and dense lists fused, then a blend.
 
-    score = w_relevance · cosine + w_recency · 0.5^(age / half_life) + w_importance · importance
+    relevance = RRF(BM25 rank, cosine rank) / best possible   (x boosts, x supersession)
+    score = w_relevance · relevance + w_recency · 0.5^(age / half_life) + w_importance · importance
 
-where ``age`` is the time since the item was last accessed (see :class:`ScoringWeights` and
-docs/long-term-memory.md for the defaults and why).
+where ``age`` runs from when the item was said or last used, whichever is later (see
+:class:`FusionWeights`, :class:`ScoringWeights` and docs/long-term-memory.md for the defaults
+and why).
 """
 
 from __future__ import annotations
@@ -15,31 +17,33 @@ from typing import Any
 
 from runtime.errors import ArgumentError
 from runtime.longterm.db import MemoryItem
+from runtime.longterm.lexical import day_label
 
 
 @dataclass(frozen=True)
 class ScoringWeights:
     """Weights of the three retrieval signals (all in [0, 1] before weighting).
 
-    * ``relevance`` multiplies the cosine similarity to the query;
-    * ``recency`` multiplies ``0.5 ** (age / half_life_s)``, age since last access;
+    * ``relevance`` multiplies the fused relevance (:class:`FusionWeights`);
+    * ``recency`` multiplies ``0.5 ** (age / half_life_s)``, age since said or last used;
     * ``importance`` multiplies the item's importance (0..1, set when added).
 
-    Defaults (1.0, 0.2, 0.2, 7 days): relevance dominates, because the candidate pool comes
-    from the vector index anyway and a fresh but off-topic memory is worse than an old
-    on-topic one. Recency and importance break near-ties: with MiniLM, paraphrases score about
-    0.7–0.9 and unrelated text 0.0–0.2, so 0.2 can reorder close candidates but cannot promote
-    an unrelated item above a related one. Generative Agents (Park et al. 2023) weights its
-    three signals equally after min-max normalising each over the candidates; we do not
-    normalise, so that one stale item cannot stretch every other recency to 0 or 1.
+    Defaults (1.0, 0.05, 0.05, 7 days): relevance dominates, and recency and importance
+    only break near-ties. The fused relevance is flat near the top (an item first in both
+    lists scores 1.0, one second in BM25 and tenth in the dense list about 0.84), so 0.05
+    each can swap neighbours but never lifts an item over one that matched the query word
+    for word (at 0.2 each, an important note outranked the exact text searched for).
+    Generative Agents (Park et al. 2023) weights its three signals equally after min-max
+    normalising each over the candidates; we do not normalise, so that one stale item cannot
+    stretch every other recency to 0 or 1.
 
     A negative or non-finite weight, or a half-life that is not positive, raises
     :class:`runtime.errors.ArgumentError`.
     """
 
     relevance: float = 1.0
-    recency: float = 0.2
-    importance: float = 0.2
+    recency: float = 0.05
+    importance: float = 0.05
     half_life_s: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
@@ -60,8 +64,59 @@ class ScoringWeights:
 
 
 @dataclass(frozen=True)
+class FusionWeights:
+    """How the lexical and the dense candidate lists become one relevance in [0, 1].
+
+    Weighted reciprocal rank fusion (Cormack et al. 2009): an item ranked ``r`` (from 1) in a
+    list scores ``w / (k + r)`` there, summed over the lists, divided by the best possible
+    sum. BM25 weighs twice the dense list: on names, numbers and codes, which is what
+    personal memory is made of, MiniLM is the weaker signal (measured in
+    benchmarks/test_bench_longterm.py, docs/long-term-memory.md). ``speaker`` multiplies an
+    item's BM25 score and adds to its cosine, before each list is ranked, when the query
+    names its speaker; ``in_period`` multiplies the relevance of an item said in the period
+    the query names ("in May", "last week"); ``superseded`` multiplies the relevance of an
+    item a newer fact replaced (kept, ranked below the current value).
+    """
+
+    lexical: float = 2.0
+    dense: float = 1.0
+    k: float = 60.0
+    speaker: float = 0.3
+    in_period: float = 1.5
+    superseded: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("lexical", "dense", "k", "speaker", "in_period", "superseded"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ArgumentError(f"fusion weight {name} must be finite and >= 0, got {value}")
+        if self.lexical + self.dense <= 0:
+            raise ArgumentError("at least one of the lexical and dense weights must be > 0")
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """What the two retrievers found for one query, before fusion.
+
+    ``dense`` maps seq -> cosine (every candidate of either list has one); ``lexical`` maps
+    seq -> BM25 score (only the items that share a term with the query).
+    """
+
+    dense: Mapping[int, float]
+    lexical: Mapping[int, float]
+    speakers: frozenset[str] = frozenset()
+    period: tuple[float, float] | None = None
+    use_dense: bool = True
+    use_lexical: bool = True
+
+
+@dataclass(frozen=True)
 class Hit:
-    """A search result: the item's fields plus how it scored."""
+    """A search result: the item's fields plus how it scored.
+
+    ``similarity`` is the cosine to the query, ``relevance`` the fused relevance in [0, 1],
+    ``recency`` the decay since the item was said (or last used), ``score`` the blend.
+    """
 
     id: str
     text: str
@@ -70,39 +125,99 @@ class Hit:
     recency: float
     kind: str
     session: str | None
-    created: float
+    said_at: float
+    stored_at: float
     accessed: float
     importance: float
     meta: dict[str, Any] = field(default_factory=dict)
+    speaker: str | None = None
+    sources: tuple[int, ...] = ()
+    superseded_by: str | None = None
+    relevance: float = 0.0
+
+    def render(self) -> str:
+        """The hit as a prompt shows it: ``[2023-05-08] Caroline: ...`` (the date it was said,
+        its speaker unless the text names it already)."""
+        text = self.text
+        if self.speaker and not text.startswith(f"{self.speaker}:"):
+            text = f"{self.speaker}: {text}"
+        note = " (superseded)" if self.superseded_by else ""
+        return f"{day_label(self.said_at)} {text}{note}"
+
+
+def _ranks(
+    scores: Mapping[int, float], boosted: frozenset[int], boost: float, mul: bool
+) -> dict[int, int]:
+    """seq -> rank (from 1) by score, after the speaker boost; equal scores share a rank, so
+    identical items fuse to the same relevance."""
+    boosted_scores = {}
+    for seq, value in scores.items():
+        if seq in boosted:
+            value = value * (1.0 + boost) if mul else value + boost
+        boosted_scores[seq] = value
+    ranks: dict[int, int] = {}
+    previous: float | None = None
+    rank = 0
+    for position, (seq, value) in enumerate(
+        sorted(boosted_scores.items(), key=lambda kv: -kv[1]), start=1
+    ):
+        if value != previous:
+            rank, previous = position, value
+        ranks[seq] = rank
+    return ranks
 
 
 def rank(
     items: Iterable[MemoryItem],
-    similarity: Mapping[int, float],
+    found: Candidates,
     weights: ScoringWeights,
+    fusion: FusionWeights,
     now: float,
 ) -> list[Hit]:
-    """Score each item (``similarity`` maps its seq to its cosine) and sort, best first.
+    """Fuse, blend and sort the candidates, best first.
 
     Ties are broken by similarity, then by id, so equal scores always come out in one order.
     """
+    pool = list(items)
+    by_speaker = frozenset(
+        i.seq for i in pool if i.speaker is not None and i.speaker.lower() in found.speakers
+    )
+    w_lex = fusion.lexical if found.use_lexical else 0.0
+    w_dense = fusion.dense if found.use_dense else 0.0
+    lex_rank = _ranks(found.lexical, by_speaker, fusion.speaker, True)
+    dense_pool = {i.seq: found.dense.get(i.seq, -1.0) for i in pool}
+    dense_rank = _ranks(dense_pool, by_speaker, fusion.speaker / 3, False)
+    best = (w_lex + w_dense) / (fusion.k + 1)
     hits = []
-    for item in items:
-        sim = similarity[item.seq]
-        rec = weights.recency_of(item.accessed, now)
+    for item in pool:
+        fused = w_dense / (fusion.k + dense_rank[item.seq])
+        if item.seq in lex_rank:
+            fused += w_lex / (fusion.k + lex_rank[item.seq])
+        relevance = fused / best
+        if found.period is not None and found.period[0] <= item.said_at < found.period[1]:
+            relevance *= fusion.in_period
+        if item.superseded_by is not None:
+            relevance *= fusion.superseded
+        sim = found.dense.get(item.seq, 0.0)
+        rec = weights.recency_of(max(item.accessed, item.said_at), now)
         hits.append(
             Hit(
                 id=item.id,
                 text=item.text,
-                score=weights.score(sim, rec, item.importance),
+                score=weights.score(relevance, rec, item.importance),
                 similarity=sim,
                 recency=rec,
                 kind=item.kind,
                 session=item.session,
-                created=item.created,
+                said_at=item.said_at,
+                stored_at=item.stored_at,
                 accessed=item.accessed,
                 importance=item.importance,
                 meta=item.meta,
+                speaker=item.speaker,
+                sources=item.sources,
+                superseded_by=item.superseded_by,
+                relevance=relevance,
             )
         )
     hits.sort(key=lambda h: (-h.score, -h.similarity, h.id))

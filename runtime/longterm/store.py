@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import logging
 import os
 import sqlite3
@@ -37,10 +38,22 @@ from runtime.errors import (
 )
 from runtime.fsutil import DirLock, ensure_dir, remove_stale_temps, warn_if_exposed
 from runtime.longterm import db as sql
-from runtime.longterm.db import DB_NAME, KINDS, MemoryItem, sqlite_error
+from runtime.longterm.db import DB_NAME, KINDS, MemoryItem, NewItem, sqlite_error
 from runtime.longterm.hnsw import HnswIndex, IndexParams
 from runtime.longterm.index import StoreIndex
-from runtime.longterm.ranking import Hit, ScoringWeights, rank
+from runtime.longterm.lexical import (
+    match_expression,
+    normalise,
+    query_terms,
+    signature,
+    time_range,
+    words,
+)
+from runtime.longterm.ranking import Candidates, FusionWeights, Hit, ScoringWeights, rank
+
+#: Two items may be merged only at this cosine or above, and only when they name the same
+#: numbers, names and negations (:func:`runtime.longterm.lexical.signature`).
+DEDUP_SIMILARITY = 0.95
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +76,12 @@ def _sqlite_errors(
     return wrapper  # type: ignore[return-value]  # functools' _Wrapped is not a Callable here
 
 
+def _embedded_text(item: NewItem) -> str:
+    """What is embedded for an item: its text, after its speaker's name when it has one (a
+    question that names the speaker then finds what they said)."""
+    return f"{item.speaker}: {item.text}" if item.speaker else item.text
+
+
 class MemoryStore:
     """Long-term memory in one directory: ``memory.sqlite3`` + the hnswlib index files.
 
@@ -80,6 +99,8 @@ class MemoryStore:
         embedder: TextEmbedder,
         *,
         weights: ScoringWeights | None = None,
+        fusion: FusionWeights | None = None,
+        dedup_similarity: float = DEDUP_SIMILARITY,
         M: int = 32,
         ef_construction: int = 200,
         ef_search: int = 512,
@@ -98,6 +119,11 @@ class MemoryStore:
         self.db_path = self.directory / DB_NAME
         self.embedder = embedder
         self.weights = weights or ScoringWeights()
+        self.fusion = fusion or FusionWeights()
+        if not (0.0 < dedup_similarity <= 1.0):
+            raise ArgumentError(f"dedup_similarity must be in (0, 1], got {dedup_similarity}")
+        self.dedup_similarity = dedup_similarity
+        self._speakers: frozenset[str] | None = None  # lower-cased speakers (cached)
         self.save_every = save_every
         self.read_only = read_only
         self._lock = threading.RLock()
@@ -207,13 +233,24 @@ class MemoryStore:
         importance: float = 0.5,
         meta: Mapping[str, Any] | None = None,
         now: float | datetime | None = None,
+        said_at: float | datetime | None = None,
+        speaker: str | None = None,
+        sources: Sequence[int] = (),
     ) -> str:
-        """Store one memory; returns its id (a UUID) once the SQLite commit is done."""
-        return self.add_many(
-            [text], kind=kind, session=session, importance=importance, meta=meta, now=now
-        )[0]
+        """Store one memory; returns its id once the SQLite commit is done. Nothing is merged:
+        this is an explicit note (see :meth:`put` for items that may repeat)."""
+        item = NewItem(
+            text,
+            kind=kind,
+            session=session,
+            said_at=None if said_at is None else sql.to_epoch(said_at),
+            speaker=speaker,
+            sources=tuple(sources),
+            importance=importance,
+            meta=meta or {},
+        )
+        return self.put([item], now=now, merge=False)[0]
 
-    @_sqlite_errors
     def add_many(
         self,
         texts: Sequence[str],
@@ -226,43 +263,140 @@ class MemoryStore:
     ) -> list[str]:
         """Store several memories in one transaction; returns their ids in order.
 
-        ``importance`` may be one value for all or one per text.
+        ``importance`` may be one value for all or one per text. Nothing is merged: these are
+        explicit notes (see :meth:`put` for items that may repeat).
         """
         if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise ArgumentTypeError("texts must be a sequence of str")
-        items = [sql.check_text(t) for t in texts]
         if isinstance(importance, Sequence):
-            if len(importance) != len(items):
-                raise ArgumentError(f"{len(importance)} importances for {len(items)} texts")
+            if len(importance) != len(texts):
+                raise ArgumentError(f"{len(importance)} importances for {len(texts)} texts")
             importances = [float(i) for i in importance]
         else:
-            importances = [importance] * len(items)
-        metas = [sql.check_fields(kind, session, imp, meta) for imp in importances]
+            importances = [importance] * len(texts)
+        items = [
+            NewItem(t, kind=kind, session=session, importance=imp, meta=meta or {})
+            for t, imp in zip(texts, importances, strict=True)
+        ]
+        return self.put(items, now=now, merge=False)
+
+    @_sqlite_errors
+    def put(
+        self,
+        items: Sequence[NewItem],
+        *,
+        now: float | datetime | None = None,
+        merge: bool = True,
+        mark: tuple[str, int] | None = None,
+    ) -> list[str]:
+        """Store items in one transaction; returns their ids in order, once committed.
+
+        With ``merge`` (the default), a turn or fact that says the same thing as an item of
+        its session and kind already stored, or earlier in ``items``, is merged into it
+        instead of stored again: its sources join the item's and its text, if it differs, is
+        kept in the item's ``meta["merged"]``. "The same thing" is the same normalised text,
+        or a cosine of at least ``dedup_similarity`` with the same numbers, names and
+        negations, said by the same speaker: two facts that differ in one number are never
+        merged (mem0 #1674). An
+        item whose ``id`` is stored already is skipped (its id is returned): re-adding after
+        a crash is a no-op.
+
+        A fact with a ``subject`` and ``attribute`` supersedes the current fact of its
+        session about the same subject and attribute said before it (and that fact's source
+        turns): they are kept, linked by ``superseded_by`` and ranked below. ``mark``
+        (key, value) is a watermark written in the same transaction (:meth:`watermark`), so
+        a crash leaves both or neither.
+        """
+        checked = [self._check(item) for item in items]
         self._writable()
-        if not items:
+        if not checked:
+            if mark is not None:
+                with self._lock, self._tx() as db:
+                    sql.write_mark(db, *mark)
             return []
         stamp = sql.to_epoch(now)
-        vectors = embed_all(self.embedder, items)
-        ids = [str(uuid.uuid4()) for _ in items]
+        vectors = embed_all(self.embedder, [_embedded_text(item) for item in checked])
         # one lock across the commit and the index add: a delete between the two would mark
         # a label that is not in the index yet, and the add would then make it live again
         with self._lock:
+            ids: list[str] = []
+            added: list[tuple[int, int]] = []  # (position in checked, seq) of new rows
             with self._tx() as db:
-                seqs = sql.insert_items(
-                    db,
-                    ids,
-                    items,
-                    kind=kind,
-                    session=session,
-                    stamp=stamp,
-                    importances=importances,
-                    metas=metas,
-                    vectors=vectors,
-                )
+                for i, item in enumerate(checked):
+                    # one row at a time: a repeat later in the batch finds this one
+                    into = self._merge_target(db, item, vectors[i]) if merge else None
+                    if into is not None:
+                        ids.append(into)
+                        continue
+                    ids.append(item.id or str(uuid.uuid4()))
+                    meta = sql.check_fields(item.kind, item.session, item.importance, item.meta)
+                    (seq,) = sql.insert_items(
+                        db, ids[-1:], [item], stamp=stamp, metas=[meta], vectors=vectors[i : i + 1]
+                    )
+                    if seq:
+                        added.append((i, seq))
+                        if item.attribute is not None:
+                            sql.supersede_older(db, seq)
+                if mark is not None:
+                    sql.write_mark(db, *mark)
             # committed: the ids are durable; the index follows (replay covers a crash here)
-            self._keeper().added(vectors, seqs)
-            self._maybe_save()
+            if added:
+                self._keeper().added(vectors[[p for p, _ in added]], [q for _, q in added])
+                self._maybe_save()
+            if any(item.speaker for item in checked):
+                self._speakers = None
         return ids
+
+    def _check(self, item: NewItem) -> NewItem:
+        if not isinstance(item, NewItem):
+            raise ArgumentTypeError(f"items must be NewItem, not {type(item).__name__}")
+        sql.check_text(item.text)
+        sql.check_fields(item.kind, item.session, item.importance, item.meta)
+        if item.speaker is not None and not isinstance(item.speaker, str):
+            raise ArgumentTypeError("speaker must be str or None")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in item.sources):
+            raise ArgumentError(f"sources must be journal seqs (ints >= 0), got {item.sources}")
+        if item.said_at is not None:
+            sql.to_epoch(item.said_at)
+        return item
+
+    def _merge_target(self, db: sqlite3.Connection, item: NewItem, vector: Any) -> str | None:
+        """The id of the stored item ``item`` merges into (its sources added), or None."""
+        if item.id is not None:
+            row = db.execute("SELECT seq FROM items WHERE id = ?", (item.id,)).fetchone()
+            if row is not None:
+                return item.id
+        if item.kind not in ("turn", "fact"):
+            return None
+        target = sql.same_text(db, item.session, item.kind, normalise(item.text), item.speaker)
+        if target is None:
+            target = self._near_duplicate(db, item, vector)
+        if target is None:
+            return None
+        sql.add_sources(db, target, item.sources, item.text)
+        row = db.execute("SELECT id FROM items WHERE seq = ?", (target,)).fetchone()
+        return str(row[0])
+
+    def _near_duplicate(self, db: sqlite3.Connection, item: NewItem, vector: Any) -> int | None:
+        """A stored item of the same session and kind at ``dedup_similarity`` or above that
+        names the same numbers, names and negations."""
+        labels, sims = self._idx().query(vector, 8)
+        close = [
+            int(q) for q, sim in zip(labels, sims, strict=True) if sim >= self.dedup_similarity
+        ]
+        if not close:
+            return None
+        mine = signature(item.text)
+        for other in sql.items_by_seq(db, close):
+            if (
+                other.session == item.session
+                and other.kind == item.kind
+                and other.speaker == item.speaker
+                and other.superseded_by is None
+                and signature(other.text) == mine
+            ):
+                return other.seq
+        return None
 
     @_sqlite_errors
     def delete(self, item_id: str) -> bool:
@@ -272,18 +406,150 @@ class MemoryStore:
                 row = db.execute("SELECT seq FROM items WHERE id = ?", (item_id,)).fetchone()
                 if row is None:
                     return False
-                db.execute("DELETE FROM items WHERE seq = ?", (row[0],))
-                cur = db.execute("INSERT INTO tombstones (seq) VALUES (?)", (row[0],))
-            self._keeper().deleted(int(row[0]), cur.lastrowid)
+                op = sql.delete_item(db, int(row[0]))
+            self._keeper().deleted(int(row[0]), op)
             self._maybe_save()
             return True
 
+    @_sqlite_errors
     def delete_session(self, session: str) -> int:
-        """Delete every memory of ``session``; returns how many went."""
+        """Delete every memory of ``session``, leaving no trace of its text on disk; returns
+        how many went.
+
+        The rows go in one transaction; then the lexical index is merged (FTS5 keeps a
+        deleted document's terms in old segments until a merge), the WAL is checkpointed
+        and truncated, and ``secure_delete`` (set on every connection) has zeroed the freed
+        pages. The index is saved, so no vector of the session stays in a saved graph.
+        """
         with self._lock:
-            rows = self._conn().execute("SELECT id FROM items WHERE session = ?", (session,))
-            ids = [str(r[0]) for r in rows.fetchall()]
-        return sum(self.delete(item_id) for item_id in ids)
+            with self._tx() as db:
+                rows = db.execute("SELECT seq FROM items WHERE session = ?", (session,))
+                done = [(seq, sql.delete_item(db, seq)) for (seq,) in rows.fetchall()]
+            for seq, op in done:
+                self._keeper().deleted(seq, op)
+            self._scrub()
+            return len(done)
+
+    def _scrub(self) -> None:
+        """Merge the lexical index, save the vector index and truncate the WAL."""
+        db = self._conn()
+        with self._tx() as tx:
+            tx.execute("INSERT INTO items_fts (items_fts) VALUES ('optimize')")
+        self._save()
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.execute("VACUUM")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    @_sqlite_errors
+    def watermark(self, key: str) -> int:
+        """The value last written with ``put(..., mark=(key, value))``; -1 if none."""
+        with self._lock:
+            return sql.read_mark(self._conn(), key)
+
+    @_sqlite_errors
+    def current_fact(self, session: str | None, subject: str, attribute: str) -> MemoryItem | None:
+        """The newest fact of ``session`` about ``subject``/``attribute`` that nothing has
+        superseded, or None."""
+        with self._lock:
+            row = (
+                self._conn()
+                .execute(
+                    f"SELECT {sql.COLUMNS} FROM items WHERE session IS ? AND kind = 'fact'"
+                    " AND subject = ? AND attribute = ? AND superseded_by IS NULL"
+                    " ORDER BY said_at DESC, seq DESC LIMIT 1",
+                    (session, subject, attribute),
+                )
+                .fetchone()
+            )
+        return None if row is None else MemoryItem.from_row(row)
+
+    @_sqlite_errors
+    def lineage(self, item_id: str) -> list[MemoryItem]:
+        """The history of what an item says: the facts about the same subject and attribute
+        as it (or, for a turn, as the facts distilled from it), newest first, the current
+        one first and those it superseded after it. Empty for an item that states no
+        single-valued attribute."""
+        with self._lock:
+            db = self._conn()
+            row = db.execute(
+                "SELECT session, kind, subject, attribute, sources FROM items WHERE id = ?",
+                (item_id,),
+            ).fetchone()
+            if row is None:
+                return []
+            session, kind, subject, attribute, sources = row
+            keys = {(subject, attribute)} if attribute is not None else set()
+            if kind == "turn":
+                for source in json.loads(sources):
+                    keys.update(
+                        db.execute(
+                            "SELECT subject, attribute FROM items WHERE session IS ? AND"
+                            " kind = 'fact' AND attribute IS NOT NULL AND EXISTS (SELECT 1 FROM"
+                            " json_each(items.sources) WHERE json_each.value = ?)",
+                            (session, source),
+                        ).fetchall()
+                    )
+        out: list[MemoryItem] = []
+        for subj, attr in sorted(keys):
+            out += self.history(session, subj, attr)
+        return out
+
+    @_sqlite_errors
+    def history(self, session: str | None, subject: str, attribute: str) -> list[MemoryItem]:
+        """Every fact of ``session`` about ``subject``/``attribute``, newest first (the
+        current one, then those it superseded)."""
+        with self._lock:
+            rows = (
+                self._conn()
+                .execute(
+                    f"SELECT {sql.COLUMNS} FROM items WHERE session IS ? AND kind = 'fact'"
+                    " AND subject = ? AND attribute = ? ORDER BY said_at DESC, seq DESC",
+                    (session, subject, attribute),
+                )
+                .fetchall()
+            )
+        return [MemoryItem.from_row(r) for r in rows]
+
+    @_sqlite_errors
+    def archive_turns(self, session: str, max_items: int) -> int:
+        """Bound a session to ``max_items``: delete its lowest-value raw turns (least
+        important, then superseded, then oldest) until it fits. Facts and summaries are never
+        archived, and the raw text stays in the journal. Returns how many went."""
+        if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1:
+            raise ArgumentError(f"max_items must be a positive int, got {max_items!r}")
+        with self._lock:
+            with self._tx() as db:
+                total = db.execute(
+                    "SELECT COUNT(*) FROM items WHERE session = ?", (session,)
+                ).fetchone()[0]
+                excess = int(total) - max_items
+                if excess <= 0:
+                    return 0
+                rows = db.execute(
+                    "SELECT seq FROM items WHERE session = ? AND kind = 'turn'"
+                    " ORDER BY importance, superseded_by IS NULL, said_at, seq LIMIT ?",
+                    (session, excess),
+                ).fetchall()
+                done = [(seq, sql.delete_item(db, seq)) for (seq,) in rows]
+            for seq, op in done:
+                self._keeper().deleted(seq, op)
+            self._maybe_save()
+            return len(done)
+
+    @_sqlite_errors
+    def count(self, session: str | None = None, kind: str | None = None) -> int:
+        """How many items (of a session, of a kind) the store holds."""
+        clauses, args = [], []
+        if session is not None:
+            clauses.append("session = ?")
+            args.append(session)
+        if kind is not None:
+            clauses.append("kind = ?")
+            args.append(kind)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._lock:
+            row = self._conn().execute(f"SELECT COUNT(*) FROM items{where}", args).fetchone()
+        return int(row[0])
 
     def touch(self, ids: Iterable[str], now: float | datetime | None = None) -> None:
         """Record that the memories ``ids`` were used now (their recency restarts)."""
@@ -349,14 +615,22 @@ class MemoryStore:
         now: float | datetime | None = None,
         touch: bool = True,
         global_only: bool = False,
+        with_global: bool = False,
+        current_only: bool = False,
     ) -> list[Hit]:
-        """The ``k`` best memories for ``query`` by :class:`ScoringWeights`, best first.
+        """The ``k`` best memories for ``query``, best first.
 
-        ``session`` and ``kinds`` restrict the candidates; ``global_only`` keeps only the
-        memories stored without a session. ``touch`` updates the returned
-        items' last-access time to ``now`` (skipped on a read-only store); later searches and
-        :meth:`get` see it at once, SQLite gets it in the next batch
-        (see :class:`~runtime.longterm.db.AccessTimes`).
+        Two retrievers run inside the scope: dense (MiniLM cosine over the vector index) and
+        lexical (SQLite FTS5 BM25 over each item's text and context); their ranks are fused
+        (:class:`FusionWeights`), then blended with recency and importance
+        (:class:`ScoringWeights`). A speaker the query names, and a period it names ("in
+        May", "last week", relative to ``now``), boost the items that match; a superseded
+        item ranks below the fact that replaced it (``current_only`` leaves it out).
+
+        ``session`` restricts the candidates to that session (``with_global``: plus the
+        memories stored without a session); ``global_only`` keeps only the latter; ``kinds``
+        restricts the kinds. ``touch`` updates the returned items' last-access time to
+        ``now`` (skipped on a read-only store).
         """
         text = sql.check_text(query)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -366,27 +640,52 @@ class MemoryStore:
             raise ArgumentError(f"kinds must be drawn from {KINDS}, got {kind_list}")
         stamp = sql.to_epoch(now)
         vector = self.embedder.embed([text])[0]
+        terms = query_terms(text)
         with self._lock:
-            pool = max(4 * k, 40)
-            candidates = self._keeper().candidates(
-                self._conn(),
-                vector,
-                pool,
-                session=session,
-                kinds=kind_list,
-                global_only=global_only,
+            db = self._conn()
+            pool = max(4 * k, 50)
+            where, args = sql.scope_clause(
+                session, kind_list, global_only=global_only, with_global=with_global
             )
-            hits = self._score(candidates, stamp)[:k]
+            if current_only:
+                where = " AND ".join(c for c in (where, "superseded_by IS NULL") if c)
+            dense = self._keeper().candidates(db, vector, pool, where=where, args=args)
+            lexical: dict[int, float] = {}
+            if terms and self.fusion.lexical > 0:
+                lexical = dict(
+                    sql.lexical_candidates(db, match_expression(terms), pool, where, args)
+                )
+            missing = [seq for seq in lexical if seq not in dense]
+            dense = {**dense, **sql.cosines(db, self._dim, missing, vector)}
+            found = Candidates(
+                dense=dense,
+                lexical=lexical,
+                speakers=self._named_speakers(db, terms),
+                period=time_range(text, stamp) if self.fusion.in_period != 1.0 else None,
+                use_dense=self.fusion.dense > 0,
+                use_lexical=self.fusion.lexical > 0,
+            )
+            hits = self._score(found, stamp)[:k]
             if touch and hits and not self.read_only:
                 self._touch([h.id for h in hits], stamp)
         return hits
 
-    def _score(self, candidates: Mapping[int, float], now: float) -> list[Hit]:
-        if not candidates:
+    def _named_speakers(self, db: sqlite3.Connection, terms: list[str]) -> frozenset[str]:
+        """The stored speakers (lower-cased) whose name is one of the query's words."""
+        if self._speakers is None:
+            rows = db.execute("SELECT DISTINCT speaker FROM items WHERE speaker IS NOT NULL")
+            self._speakers = frozenset(" ".join(words(str(r[0]))) for r in rows)
+        return frozenset(name for name in self._speakers if name in terms)
+
+    def _score(self, found: Candidates, now: float) -> list[Hit]:
+        seqs = set(found.dense) | set(found.lexical)
+        if not seqs:
             return []
         # a label SQLite no longer has (a stale index) simply drops out
-        items = sql.items_by_seq(self._conn(), list(candidates))
-        return rank((self._touches.latest(item) for item in items), candidates, self.weights, now)
+        items = sql.items_by_seq(self._conn(), sorted(seqs))
+        return rank(
+            (self._touches.latest(item) for item in items), found, self.weights, self.fusion, now
+        )
 
     # -- maintenance ----------------------------------------------------------------------------
 

@@ -168,7 +168,7 @@ def test_search_touches_last_access(tmp_path: Path) -> None:
         item_id = store.add("remember me", now=now - 10 * DAY)
         store.search("remember me", 1, now=now)
         item = store.get(item_id)
-        assert item is not None and item.accessed == now and item.created == now - 10 * DAY
+        assert item is not None and item.accessed == now and item.stored_at == now - 10 * DAY
 
 
 def test_relevance_dominates_by_default(tmp_path: Path) -> None:
