@@ -24,7 +24,7 @@ MAX_MANIFEST_BODY = 64 << 20
 
 # magic, version, flags (0), body length; then the SHA-256 of the body, then the body.
 _MAN_PREFIX = struct.Struct("<8sHHI")
-_MAN_HEADER_LEN = _MAN_PREFIX.size + 32
+MANIFEST_HEADER_LEN = _MAN_PREFIX.size + 32
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class Manifest:
         def bad(name: str, message: str) -> CorruptSnapshotError:
             return CorruptSnapshotError(name, message, source=source, what="manifest")
 
-        if len(data) < _MAN_HEADER_LEN:
+        if len(data) < MANIFEST_HEADER_LEN:
             raise bad("file_size", f"{len(data)} bytes is too short for a manifest")
         magic, version, flags, body_len = _MAN_PREFIX.unpack_from(data)
         if magic != MANIFEST_MAGIC:
@@ -146,10 +146,10 @@ class Manifest:
             raise bad("version", f"unsupported manifest version {version}")
         if flags:
             raise bad("flags", f"reserved flags are {flags:#x}, expected 0")
-        if body_len > MAX_MANIFEST_BODY or _MAN_HEADER_LEN + body_len != len(data):
+        if body_len > MAX_MANIFEST_BODY or MANIFEST_HEADER_LEN + body_len != len(data):
             raise bad("file_size", f"file is {len(data)} bytes, body length says {body_len}")
-        body = data[_MAN_HEADER_LEN:]
-        if hashlib.sha256(body).digest() != data[_MAN_PREFIX.size : _MAN_HEADER_LEN]:
+        body = data[MANIFEST_HEADER_LEN:]
+        if hashlib.sha256(body).digest() != data[_MAN_PREFIX.size : MANIFEST_HEADER_LEN]:
             raise bad("checksum", "body SHA-256 does not match")
         try:
             obj = json.loads(body)

@@ -20,7 +20,7 @@ from runtime import snapshot as snapshot_mod
 from runtime.chunks.capture import ChunkWriter
 from runtime.chunks.index import ChunkIndex
 from runtime.chunks.keys import DEFAULT_CHUNK_TOKENS, Lineage
-from runtime.chunks.manifest import _MAN_HEADER_LEN, MAX_MANIFEST_BODY, Manifest
+from runtime.chunks.manifest import MANIFEST_HEADER_LEN, MAX_MANIFEST_BODY, Manifest
 from runtime.chunks.pending import PendingCheckpoint, VerifyReport
 from runtime.chunks.restore import ChunkReader
 from runtime.chunks.verify import verify_store
@@ -207,7 +207,7 @@ class ChunkStore:
         source = self.blobs.describe_manifest(session_id, generation)
         try:
             data = self.blobs.get_manifest(
-                session_id, generation, _MAN_HEADER_LEN + MAX_MANIFEST_BODY
+                session_id, generation, MANIFEST_HEADER_LEN + MAX_MANIFEST_BODY
             )
         except ValueError as exc:
             raise CorruptSnapshotError(

@@ -18,25 +18,24 @@ import numpy as np
 from runtime.errors import ArgumentError, JournalCorruptError, JournalError
 from runtime.fsutil import ensure_dir, fsync_dir, lock_exclusive, open_nofollow, warn_if_exposed
 from runtime.journal.record import (
-    _HEAD,
-    _TAIL,
     MAX_RECORD,
+    RECORD_HEAD,
+    RECORD_TAIL,
     Entry,
-    _encode,
-    _parse,
-    _record_at,
-    _scan,
-    _write_error,
     cut_torn_tail,
+    encode_record,
+    parse_entry,
+    record_at,
+    scan_records,
+    write_error,
 )
 from runtime.journal.retention import DroppedRanges
 from runtime.journal.segment import (
-    _SEALED_CACHE,
     DEFAULT_SEGMENT_BYTES,
     DEFAULT_SEGMENT_ENTRIES,
-    _Moved,
-    _seg_name,
-    _Segment,
+    SEALED_CACHE,
+    Segment,
+    SegmentMoved,
     delete_segments,
     first_seq_of_active,
     iter_segment,
@@ -45,6 +44,7 @@ from runtime.journal.segment import (
     read_sealed,
     remove_journal_files,
     seal_active,
+    segment_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Journal:
         self._offsets: list[int] = []  # the active file's records
         self._active: dict[int, Entry] = {}  # parsed active entries, by seq
         self._sealed_cache: OrderedDict[int, Entry] = OrderedDict()
-        self._segments: list[_Segment] = []
+        self._segments: list[Segment] = []
         self._dropped = DroppedRanges(self.path)
         self._opening = False
         self._n_tokens: int | None = None
@@ -112,7 +112,7 @@ class Journal:
                 try:
                     self._open()
                     return
-                except _Moved:
+                except SegmentMoved:
                     continue  # a writer rotated while this reader listed the files: look again
             raise JournalError(f"{self.path}: the journal kept changing while it was opened")
         finally:
@@ -146,7 +146,7 @@ class Journal:
             if self._fd is not None:
                 with io.FileIO(self._fd, "r", closefd=False) as raw:
                     reader = io.BufferedReader(raw, 1 << 16)
-                    self._offsets, good = _scan(reader, self.path, size)
+                    self._offsets, good = scan_records(reader, self.path, size)
             else:
                 self._offsets, good = [], 0
             self._first = self._first_seq_of_active()
@@ -166,8 +166,7 @@ class Journal:
             raise
 
     def _first_seq_of_active(self) -> int:
-        """The seq the active file starts at: the sealed segments' end (checked against the
-        first record's own seq)."""
+        """The seq the active file starts at (:func:`first_seq_of_active`)."""
         if self._segments:
             self._load(self._segments[-1])
         first = self._pread_record(self._offsets[0]) if self._offsets else None
@@ -177,7 +176,7 @@ class Journal:
 
     # -- sealed segments ---------------------------------------------------------------------
 
-    def _segment_of(self, seq: int) -> _Segment:
+    def _segment_of(self, seq: int) -> Segment:
         lo, hi = 0, len(self._segments) - 1
         while lo < hi:  # the last segment whose first seq is <= seq
             mid = (lo + hi + 1) // 2
@@ -192,7 +191,7 @@ class Journal:
             raise self._dropped.missing(seq)
         return seg
 
-    def _load(self, seg: _Segment) -> None:
+    def _load(self, seg: Segment) -> None:
         load_sealed(seg, self._dropped, writable=not self.readonly, opening=self._opening)
 
     def _sealed_entry(self, seq: int) -> Entry:
@@ -202,7 +201,7 @@ class Journal:
             return cached
         entry = read_sealed(self._segment_of(seq), seq)
         self._sealed_cache[seq] = entry
-        if len(self._sealed_cache) > _SEALED_CACHE:
+        if len(self._sealed_cache) > SEALED_CACHE:
             self._sealed_cache.popitem(last=False)
         return entry
 
@@ -217,10 +216,11 @@ class Journal:
     def _pread_record(self, offset: int) -> bytes:
         if self._fd is None:
             raise JournalError(f"{self.path} is closed")
-        head = os.pread(self._fd, _HEAD.size, offset)
-        length = _HEAD.unpack(head)[0] if len(head) == _HEAD.size else 0
-        data = os.pread(self._fd, _HEAD.size + min(length, MAX_RECORD) + _TAIL.size, offset)
-        return _record_at(data, self.path, offset, offset)
+        head = os.pread(self._fd, RECORD_HEAD.size, offset)
+        length = RECORD_HEAD.unpack(head)[0] if len(head) == RECORD_HEAD.size else 0
+        size = RECORD_HEAD.size + min(length, MAX_RECORD) + RECORD_TAIL.size
+        data = os.pread(self._fd, size, offset)
+        return record_at(data, self.path, offset, offset)
 
     def _active_entry(self, seq: int) -> Entry:
         entry = self._active.get(seq)
@@ -228,7 +228,7 @@ class Journal:
             if self._fd is None:
                 raise JournalError(f"{self.path} is closed")
             off = self._offsets[seq - self._first]
-            entry = _parse(self._pread_record(off), self.path, off, seq)
+            entry = parse_entry(self._pread_record(off), self.path, off, seq)
             self._active[seq] = entry
         return entry
 
@@ -347,7 +347,7 @@ class Journal:
             if len(payload) > MAX_RECORD:
                 raise JournalError(f"entry of {len(payload)} bytes exceeds {MAX_RECORD}")
             start = self._end
-            self._write_record(self._fd, _encode(payload), entry.seq)
+            self._write_record(self._fd, encode_record(payload), entry.seq)
             self._offsets.append(start)
             self._active[entry.seq] = entry
             if self._n_tokens is not None:
@@ -377,7 +377,7 @@ class Journal:
                 self.close()  # reopening rescans the file and sets a torn tail aside
                 raise exc from None
             if isinstance(exc, OSError):
-                raise _write_error(exc, self.path, f"could not append entry {seq}") from exc
+                raise write_error(exc, self.path, f"could not append entry {seq}") from exc
             raise
         self._end = start + len(record)
 
@@ -410,10 +410,10 @@ class Journal:
             count = len(self._offsets)
             n_tokens = sum(len(self._active_entry(s).tokens) for s in range(first, first + count))
             name = self.path.name
-            seg = _Segment(
+            seg = Segment(
                 first,
-                self.path.with_name(_seg_name(name, first, "seg")),
-                self.path.with_name(_seg_name(name, first, "idx")),
+                self.path.with_name(segment_name(name, first, "seg")),
+                self.path.with_name(segment_name(name, first, "idx")),
                 count,
                 n_tokens,
                 np.asarray(self._offsets, dtype=np.int64),
@@ -446,8 +446,8 @@ class Journal:
             if self.readonly or self._fd is None:
                 raise JournalError(f"{self.path} is not open for writing")
             keep_last = not self._offsets
-            kept: list[_Segment] = []
-            gone: list[_Segment] = []
+            kept: list[Segment] = []
+            gone: list[Segment] = []
             for i, seg in enumerate(self._segments):
                 self._load(seg)
                 newest = i == len(self._segments) - 1

@@ -31,8 +31,8 @@ from runtime.fsutil import fsync_dir, open_nofollow, persist_error
 
 logger = logging.getLogger(__name__)
 
-_HEAD = struct.Struct("<QI")
-_TAIL = struct.Struct("<I")
+RECORD_HEAD = struct.Struct("<QI")
+RECORD_TAIL = struct.Struct("<I")
 #: A record larger than this is refused on write and treated as damage on read.
 MAX_RECORD = 64 << 20
 
@@ -86,33 +86,34 @@ class Entry:
         )
 
 
-def _encode(payload: bytes) -> bytes:
+def encode_record(payload: bytes) -> bytes:
     length = struct.pack("<Q", len(payload))
-    return length + _TAIL.pack(zlib.crc32(length)) + payload + _TAIL.pack(zlib.crc32(payload))
+    head = length + RECORD_TAIL.pack(zlib.crc32(length))
+    return head + payload + RECORD_TAIL.pack(zlib.crc32(payload))
 
 
-def _scan(f: BinaryIO, path: Path, size: int) -> tuple[list[int], int]:
+def scan_records(f: BinaryIO, path: Path, size: int) -> tuple[list[int], int]:
     """Check every record's frame and both checksums (no JSON is parsed); return the records'
     offsets and the offset where good data ends."""
     offsets: list[int] = []
     offset = 0
     while offset < size:
-        head = f.read(_HEAD.size)
-        if len(head) < _HEAD.size:
+        head = f.read(RECORD_HEAD.size)
+        if len(head) < RECORD_HEAD.size:
             break  # torn inside the header
-        length, head_crc = _HEAD.unpack(head)
+        length, head_crc = RECORD_HEAD.unpack(head)
         if zlib.crc32(head[:8]) != head_crc:
             if _rest_is_zero(f, offset, size):
                 break  # an unwritten tail after a crash
             raise JournalCorruptError(path, offset, "record header checksum mismatch")
         if length > MAX_RECORD:
             raise JournalCorruptError(path, offset, f"record length {length} exceeds {MAX_RECORD}")
-        end = offset + _HEAD.size + length + _TAIL.size
+        end = offset + RECORD_HEAD.size + length + RECORD_TAIL.size
         if end > size:
             break  # torn inside the payload
         payload = f.read(length)
-        tail = f.read(_TAIL.size)
-        (crc,) = _TAIL.unpack(tail)
+        tail = f.read(RECORD_TAIL.size)
+        (crc,) = RECORD_TAIL.unpack(tail)
         if zlib.crc32(payload) != crc:
             if end == size and _looks_unwritten(payload + tail):
                 break  # the last record, torn: its end never reached the disk
@@ -122,26 +123,26 @@ def _scan(f: BinaryIO, path: Path, size: int) -> tuple[list[int], int]:
     return offsets, offset
 
 
-def _record_at(data: bytes | memoryview, path: Path, offset: int, base: int = 0) -> bytes:
+def record_at(data: bytes | memoryview, path: Path, offset: int, base: int = 0) -> bytes:
     """The payload of the record at file offset ``offset`` (``data`` starts at ``base``),
     checked again: a segment may have been damaged since it was indexed."""
     at = offset - base
-    if at < 0 or at + _HEAD.size > len(data):
+    if at < 0 or at + RECORD_HEAD.size > len(data):
         raise JournalCorruptError(path, offset, "record is past the end of the file")
-    length, head_crc = _HEAD.unpack_from(data, at)
+    length, head_crc = RECORD_HEAD.unpack_from(data, at)
     if zlib.crc32(data[at : at + 8]) != head_crc or length > MAX_RECORD:
         raise JournalCorruptError(path, offset, "record header checksum mismatch")
-    start = at + _HEAD.size
-    if start + length + _TAIL.size > len(data):
+    start = at + RECORD_HEAD.size
+    if start + length + RECORD_TAIL.size > len(data):
         raise JournalCorruptError(path, offset, "record is past the end of the file")
     payload = bytes(data[start : start + length])
-    (crc,) = _TAIL.unpack_from(data, start + length)
+    (crc,) = RECORD_TAIL.unpack_from(data, start + length)
     if zlib.crc32(payload) != crc:
         raise JournalCorruptError(path, offset, "payload checksum mismatch")
     return payload
 
 
-def _parse(payload: bytes, path: Path, offset: int, seq: int) -> Entry:
+def parse_entry(payload: bytes, path: Path, offset: int, seq: int) -> Entry:
     try:
         entry = Entry.from_payload(payload)
     except (ValueError, KeyError, TypeError) as exc:
@@ -166,7 +167,7 @@ def _rest_is_zero(f: BinaryIO, offset: int, size: int) -> bool:
     return True
 
 
-def _write_error(exc: OSError, path: Path, what: str) -> PersistError:
+def write_error(exc: OSError, path: Path, what: str) -> PersistError:
     """:class:`DiskFullError` for a full disk, else :class:`PersistError`."""
     return persist_error(exc, path, what)
 
@@ -190,7 +191,7 @@ def cut_torn_tail(path: Path, fd: int, good: int, size: int) -> None:
     except UnsafePathError:
         raise
     except OSError as exc:
-        raise _write_error(exc, path, "could not set a torn last record aside") from exc
+        raise write_error(exc, path, "could not set a torn last record aside") from exc
 
 
 def write_rescue(path: Path, good: int, data: bytes) -> Path:

@@ -25,13 +25,13 @@ import numpy.typing as npt
 from runtime.errors import JournalCompactedError, JournalCorruptError, JournalError
 from runtime.fsutil import atomic_write_bytes, fsync_dir, lock_exclusive, open_nofollow
 from runtime.journal.record import (
-    _HEAD,
-    _TAIL,
     MAX_RECORD,
+    RECORD_HEAD,
+    RECORD_TAIL,
     Entry,
-    _parse,
-    _record_at,
-    _scan,
+    parse_entry,
+    record_at,
+    scan_records,
 )
 from runtime.journal.retention import DroppedRanges
 
@@ -46,15 +46,15 @@ _IDX_MAGIC = b"KVJIDX\x00\x01"
 #: magic, first seq, record count, segment file size, total tokens
 _IDX_HEAD = struct.Struct("<8sQQQQ")
 #: parsed entries of sealed segments kept in memory (most recently used)
-_SEALED_CACHE = 1024
+SEALED_CACHE = 1024
 
 
-def _seg_name(name: str, first: int, kind: str) -> str:
+def segment_name(name: str, first: int, kind: str) -> str:
     return f"{name}.{first:012d}.{kind}"
 
 
 @dataclass
-class _Segment:
+class Segment:
     """A sealed (immutable) segment: ``first`` .. ``first + count - 1``, records at ``offsets``."""
 
     first: int
@@ -73,13 +73,13 @@ class _Segment:
         return self.first + self.count
 
 
-def _pack_index(seg: _Segment, size: int) -> bytes:
+def pack_index(seg: Segment, size: int) -> bytes:
     body = _IDX_HEAD.pack(_IDX_MAGIC, seg.first, seg.count, size, seg.n_tokens)
     body += np.asarray(seg.offsets, dtype="<u8").tobytes()
     return body + hashlib.sha256(body).digest()
 
 
-def _unpack_index(data: bytes, seg: _Segment, size: int) -> bool:
+def unpack_index(data: bytes, seg: Segment, size: int) -> bool:
     """Fill ``seg`` from its index bytes if they are intact and describe this segment file."""
     if len(data) < _IDX_HEAD.size + 32 or hashlib.sha256(data[:-32]).digest() != data[-32:]:
         return False
@@ -95,34 +95,34 @@ def _unpack_index(data: bytes, seg: _Segment, size: int) -> bool:
     return True
 
 
-def list_segments(path: Path) -> list[_Segment]:
+def list_segments(path: Path) -> list[Segment]:
     """The sealed segments of the journal whose active file is ``path``, oldest first."""
     pattern = re.compile(re.escape(path.name) + r"\.(\d{12})\.seg")
-    found: list[_Segment] = []
+    found: list[Segment] = []
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(path.parent):
             m = pattern.fullmatch(name)
             if m:
                 first = int(m.group(1))
                 found.append(
-                    _Segment(
+                    Segment(
                         first,
                         path.with_name(name),
-                        path.with_name(_seg_name(path.name, first, "idx")),
+                        path.with_name(segment_name(path.name, first, "idx")),
                     )
                 )
     found.sort(key=lambda s: s.first)
     return found
 
 
-def load_segment(seg: _Segment, *, writable: bool) -> None:
+def load_segment(seg: Segment, *, writable: bool) -> None:
     """Read a sealed segment's index (or rebuild it by scanning the segment)."""
     if seg.loaded:
         return
     try:
         fd = open_nofollow(seg.path, os.O_RDONLY)
     except FileNotFoundError:
-        raise _Moved from None
+        raise SegmentMoved from None
     try:
         size = os.fstat(fd).st_size
         try:
@@ -133,11 +133,11 @@ def load_segment(seg: _Segment, *, writable: bool) -> None:
                 os.close(ifd)
         except FileNotFoundError:
             data = b""
-        if _unpack_index(data, seg, size):
+        if unpack_index(data, seg, size):
             return
         logger.warning("%s: index missing or damaged; rebuilding it", seg.path.name)
         with io.FileIO(fd, "r", closefd=False) as raw:
-            offsets, good = _scan(io.BufferedReader(raw, 1 << 16), seg.path, size)
+            offsets, good = scan_records(io.BufferedReader(raw, 1 << 16), seg.path, size)
         if good != size or not offsets:
             raise JournalCorruptError(seg.path, good, "a sealed segment ends in a torn record")
         whole = os.pread(fd, size, 0)
@@ -145,31 +145,31 @@ def load_segment(seg: _Segment, *, writable: bool) -> None:
         os.close(fd)
     n_tokens = 0
     for i, off in enumerate(offsets):
-        entry = _parse(_record_at(whole, seg.path, off), seg.path, off, seg.first + i)
+        entry = parse_entry(record_at(whole, seg.path, off), seg.path, off, seg.first + i)
         n_tokens += len(entry.tokens)
     seg.count, seg.n_tokens = len(offsets), n_tokens
     seg.offsets = np.asarray(offsets, dtype=np.int64)
     if writable:
         try:
-            atomic_write_bytes(seg.index, _pack_index(seg, size))
+            atomic_write_bytes(seg.index, pack_index(seg, size))
         except OSError as exc:
             logger.warning("%s: could not rewrite the index: %s", seg.index.name, exc)
 
 
-def read_sealed(seg: _Segment, seq: int) -> Entry:
+def read_sealed(seg: Segment, seq: int) -> Entry:
     """Entry ``seq`` of a loaded sealed segment, read with two ``pread`` calls."""
     off = int(seg.offsets[seq - seg.first])
     fd = open_nofollow(seg.path, os.O_RDONLY)
     try:
-        head = os.pread(fd, _HEAD.size, off)
-        length = _HEAD.unpack(head)[0] if len(head) == _HEAD.size else 0
-        data = os.pread(fd, _HEAD.size + min(length, MAX_RECORD) + _TAIL.size, off)
+        head = os.pread(fd, RECORD_HEAD.size, off)
+        length = RECORD_HEAD.unpack(head)[0] if len(head) == RECORD_HEAD.size else 0
+        data = os.pread(fd, RECORD_HEAD.size + min(length, MAX_RECORD) + RECORD_TAIL.size, off)
     finally:
         os.close(fd)
-    return _parse(_record_at(data, seg.path, off, off), seg.path, off, seq)
+    return parse_entry(record_at(data, seg.path, off, off), seg.path, off, seq)
 
 
-def iter_segment(seg: _Segment, start: int, *, writable: bool) -> Iterator[Entry]:
+def iter_segment(seg: Segment, start: int, *, writable: bool) -> Iterator[Entry]:
     """Entries ``start`` .. the segment's end, reading the segment file once."""
     load_segment(seg, writable=writable)
     fd = open_nofollow(seg.path, os.O_RDONLY)
@@ -179,7 +179,7 @@ def iter_segment(seg: _Segment, start: int, *, writable: bool) -> Iterator[Entry
         os.close(fd)
     for seq in range(max(start, seg.first), seg.end):
         off = int(seg.offsets[seq - seg.first])
-        yield _parse(_record_at(whole, seg.path, off), seg.path, off, seq)
+        yield parse_entry(record_at(whole, seg.path, off), seg.path, off, seq)
 
 
 def journal_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -207,12 +207,12 @@ def journal_sessions(directory: str | os.PathLike[str]) -> list[str]:
     return sorted(names)
 
 
-class _Moved(Exception):
+class SegmentMoved(Exception):
     """A reader saw the files mid-rotation."""
 
 
 def seal_active(
-    path: Path, old: int, seg: _Segment, end: int, *, on_closed: Callable[[], None]
+    path: Path, old: int, seg: Segment, end: int, *, on_closed: Callable[[], None]
 ) -> int:
     """Seal the active file ``path`` (open as ``old``, ``end`` bytes of good records) into
     ``seg`` and open a new, locked active file; return its descriptor (``old`` is closed).
@@ -225,7 +225,7 @@ def seal_active(
     """
     if os.path.lexists(seg.path):
         raise JournalError(f"{seg.path} already exists")
-    atomic_write_bytes(seg.index, _pack_index(seg, end))
+    atomic_write_bytes(seg.index, pack_index(seg, end))
     os.rename(path, seg.path)
     fsync_dir(path.parent)
     try:
@@ -259,13 +259,13 @@ def seal_active(
     return fd
 
 
-def load_sealed(seg: _Segment, dropped: DroppedRanges, *, writable: bool, opening: bool) -> None:
+def load_sealed(seg: Segment, dropped: DroppedRanges, *, writable: bool, opening: bool) -> None:
     """Load a sealed segment's index; a segment file that vanished is a reader's race while
-    the journal opens (``opening``: :class:`_Moved`, retried there), and afterwards retention
+    the journal opens (``opening``: :class:`SegmentMoved`, retried there), and afterwards retention
     or damage: never an internal exception for the caller."""
     try:
         load_segment(seg, writable=writable)
-    except _Moved:
+    except SegmentMoved:
         if opening:
             raise
         dropped.load()
@@ -276,7 +276,7 @@ def load_sealed(seg: _Segment, dropped: DroppedRanges, *, writable: bool, openin
         raise JournalCorruptError(seg.path, 0, "the sealed segment file is missing") from None
 
 
-def delete_segments(directory: Path, gone: list[_Segment]) -> int:
+def delete_segments(directory: Path, gone: list[Segment]) -> int:
     """Delete the files of ``gone`` (in ``directory``); return the bytes freed."""
     freed = 0
     for seg in gone:
@@ -304,7 +304,7 @@ def remove_journal_files(path: str | os.PathLike[str]) -> int:
 
 def first_seq_of_active(
     path: Path,
-    segments: list[_Segment],
+    segments: list[Segment],
     first_record: bytes | None,
     dropped: DroppedRanges,
     *,
@@ -323,7 +323,7 @@ def first_seq_of_active(
         if seq > expected and dropped.covers(expected, seq):
             return seq  # retention dropped the segments in between
         if readonly and segments and seq > expected:
-            raise _Moved
+            raise SegmentMoved
         raise JournalCorruptError(
             path, 0, f"entry seq {seq}, expected {expected} after the segments"
         )

@@ -18,7 +18,7 @@ import numpy.typing as npt
 import zstandard
 
 from runtime.errors import CorruptSnapshotError
-from runtime.snapshot.container import Snapshot, _check_digest, _DeferredSnapshot, chunk_digest
+from runtime.snapshot.container import DeferredSnapshot, Snapshot, check_digest, chunk_digest
 from runtime.snapshot.format import (
     _ZSTD_MAX_LEVEL,
     _ZSTD_MIN_LEVEL,
@@ -174,7 +174,7 @@ def _as_u8(raw: Any) -> npt.NDArray[np.uint8]:
     return arr
 
 
-class _WorkerState(threading.local):
+class WorkerState(threading.local):
     """Per-thread zstd contexts and one segment-sized scratch buffer.
 
     One instance lives for one encode/decode call, so the scratch is freed with it rather than
@@ -210,7 +210,7 @@ class _WorkerState(threading.local):
         return self._scratch
 
 
-def _compress_segment(seg: npt.NDArray[np.uint8], filt: Filter, state: _WorkerState) -> list[bytes]:
+def _compress_segment(seg: npt.NDArray[np.uint8], filt: Filter, state: WorkerState) -> list[bytes]:
     """Filter one segment and compress it into its frame(s), in chunk table order."""
     cctx = state.cctx
     if filt is Filter.NONE:
@@ -235,7 +235,7 @@ def compress_chunks(raw: Any, codec: Codec) -> tuple[list[bytes], list[ChunkEntr
     data = _as_u8(raw)
     size = codec.chunk_size
     n_segments = -(-data.size // size)
-    state = _WorkerState(codec.level, min(size, data.size), codec.checksum)
+    state = WorkerState(codec.level, min(size, data.size), codec.checksum)
 
     def work(k: int) -> list[tuple[bytes, ChunkEntry]]:
         frames = _compress_segment(data[k * size : (k + 1) * size], codec.filter, state)
@@ -245,7 +245,7 @@ def compress_chunks(raw: Any, codec: Codec) -> tuple[list[bytes], list[ChunkEntr
     return [frame for frame, _ in results], [entry for _, entry in results]
 
 
-def _check_frame(
+def check_frame(
     header: SnapshotHeader, i: int, chunk: bytes | memoryview, source: str | None
 ) -> None:
     """Check chunk ``i``'s zstd frame header declares exactly the raw length we expect."""
@@ -322,12 +322,12 @@ def decompress_frame_into(
         )
 
 
-def _decode_segment(
+def decode_segment(
     header: SnapshotHeader,
     k: int,
     chunks: Sequence[bytes | memoryview],
     dst: npt.NDArray[np.uint8],
-    state: _WorkerState,
+    state: WorkerState,
     source: str | None,
     digests: bool = False,
 ) -> None:
@@ -344,7 +344,7 @@ def _decode_segment(
     if digests:
         per = filt.frames_per_segment
         for i in range(per * k, per * (k + 1)):
-            _check_digest(header, i, chunks[i], source)
+            check_digest(header, i, chunks[i], source)
     if filt is Filter.NONE:
         decompress_frame_into(header, k, chunks[k], dst, dctx, source)
         return
@@ -377,17 +377,17 @@ def decode_into(
     bytes.
     """
     header = snapshot.header
-    digests = isinstance(snapshot, _DeferredSnapshot)
+    digests = isinstance(snapshot, DeferredSnapshot)
     if out.size != header.raw_size:
         raise ArgumentError(f"output buffer is {out.size} bytes, snapshot needs {header.raw_size}")
     for i, chunk in enumerate(snapshot.chunks):
-        _check_frame(header, i, chunk, source)
-    state = _WorkerState(0, min(header.chunk_size, header.raw_size))
+        check_frame(header, i, chunk, source)
+    state = WorkerState(0, min(header.chunk_size, header.raw_size))
 
     def work(k: int) -> None:
         start = k * header.chunk_size
         dst = out[start : start + header.segment_len(k)]
-        _decode_segment(header, k, snapshot.chunks, dst, state, source, digests)
+        decode_segment(header, k, snapshot.chunks, dst, state, source, digests)
 
     parallel_map(work, header.n_segments, threads)
 

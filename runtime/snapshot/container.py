@@ -13,7 +13,7 @@ import numpy as np
 import xxhash
 
 from runtime.errors import CorruptSnapshotError
-from runtime.snapshot.format import _PREFIX, SnapshotHeader, check_prefix
+from runtime.snapshot.format import HEADER_PREFIX, SnapshotHeader, check_prefix
 
 if TYPE_CHECKING:
     pass
@@ -32,10 +32,10 @@ def verify_digests(
     # On the calling thread: python-xxhash holds the GIL, so a pool would not run the hashes
     # in parallel, and xxh3 needs only ~0.3 ms for a 20 MB payload anyway.
     for i, chunk in enumerate(chunks):
-        _check_digest(header, i, chunk, source)
+        check_digest(header, i, chunk, source)
 
 
-def _check_digest(
+def check_digest(
     header: SnapshotHeader, i: int, chunk: bytes | memoryview, source: str | None
 ) -> None:
     if chunk_digest(chunk) != header.chunks[i].digest:
@@ -130,14 +130,14 @@ class Snapshot:
         cls, header: SnapshotHeader, view: memoryview, source: str | None, *, defer: bool = False
     ) -> Snapshot:
         """Slice the chunks out of a whole-file ``view`` whose size was checked; verify them
-        (``defer``: leave that to :func:`decode_into`, see :class:`_DeferredSnapshot`)."""
+        (``defer``: leave that to :func:`decode_into`, see :class:`DeferredSnapshot`)."""
         chunks: list[memoryview] = []
         offset = header.header_len
         for entry in header.chunks:
             chunks.append(view[offset : offset + entry.size])
             offset += entry.size
         if defer:
-            return _DeferredSnapshot(header=header, chunks=tuple(chunks))
+            return DeferredSnapshot(header=header, chunks=tuple(chunks))
         verify_digests(header, chunks, source)
         return cls(header=header, chunks=tuple(chunks))
 
@@ -150,7 +150,7 @@ class Snapshot:
 
 
 @dataclass(frozen=True, eq=False)
-class _DeferredSnapshot(Snapshot):
+class DeferredSnapshot(Snapshot):
     """A snapshot whose header is verified but whose chunk digests are not yet: made only by
     ``read(..., defer_digests=True)``; :func:`decode_into` checks each frame's digest right
     before decoding it, so its bytes travel from the page cache once, not twice."""
@@ -159,7 +159,7 @@ class _DeferredSnapshot(Snapshot):
 def header_from_buffer(view: memoryview, *, source: str | None = None) -> SnapshotHeader:
     """Parse and validate only the header of a whole snapshot file held in ``view`` (its
     size is checked against the header; the payload is not read)."""
-    header_len = check_prefix(bytes(view[: _PREFIX.size]), source=source)
+    header_len = check_prefix(bytes(view[: HEADER_PREFIX.size]), source=source)
     _check_header_fits(header_len, len(view), source)
     header = SnapshotHeader.unpack(view[:header_len], source=source)
     _check_file_size(header, len(view), source)
@@ -187,10 +187,10 @@ def _check_file_size(header: SnapshotHeader, file_size: int, source: str | None)
 
 def _read_header_bytes(f: BinaryIO, file_size: int, source: str | None) -> bytes:
     """Read the prefix, check it, then read the rest of the header (not yet verified)."""
-    prefix = f.read(_PREFIX.size)
+    prefix = f.read(HEADER_PREFIX.size)
     header_len = check_prefix(prefix, source=source)
     _check_header_fits(header_len, file_size, source)
-    return prefix + f.read(header_len - _PREFIX.size)
+    return prefix + f.read(header_len - HEADER_PREFIX.size)
 
 
 def read_header(f: BinaryIO, file_size: int, *, source: str | None = None) -> SnapshotHeader:

@@ -47,8 +47,8 @@ DIGEST_LEN = 32
 CHUNK_DIGEST_LEN = 16
 
 # Fixed prefix: magic, version, flags (reserved, 0), header_len; then the header checksum.
-_PREFIX = struct.Struct("<8sHHI")
-_CHECKSUM_OFFSET = _PREFIX.size
+HEADER_PREFIX = struct.Struct("<8sHHI")
+_CHECKSUM_OFFSET = HEADER_PREFIX.size
 _BODY_OFFSET = _CHECKSUM_OFFSET + DIGEST_LEN
 
 #: The fixed body of the v1 header, in file order: (field name, struct code).
@@ -304,7 +304,7 @@ class SnapshotHeader:
         table = b"".join(_CHUNK_ENTRY.pack(c.size, c.digest) for c in self.chunks)
         tokens = np.asarray(self.tokens, dtype=_TOKEN_DTYPE).tobytes()
         rest = body + b"".join(ids) + table + tokens
-        prefix = _PREFIX.pack(MAGIC, self.version, 0, _BODY_OFFSET + len(rest))
+        prefix = HEADER_PREFIX.pack(MAGIC, self.version, 0, _BODY_OFFSET + len(rest))
         digest = hashlib.sha256(prefix + rest).digest()
         return prefix + digest + rest
 
@@ -315,7 +315,7 @@ class SnapshotHeader:
         Raises :class:`CorruptSnapshotError` or :class:`UnsupportedVersionError`; never trusts
         a field before the checksum over the whole header has been verified.
         """
-        header_len = check_prefix(bytes(buf[: _PREFIX.size]), source=source)
+        header_len = check_prefix(bytes(buf[: HEADER_PREFIX.size]), source=source)
         if len(buf) != header_len:
             raise CorruptSnapshotError(
                 "header_len", f"have {len(buf)} header bytes, expected {header_len}", source=source
@@ -329,7 +329,7 @@ class SnapshotHeader:
                 "header SHA-256 does not match; the header is damaged",
                 source=source,
             )
-        version = _PREFIX.unpack_from(buf)[1]
+        version = HEADER_PREFIX.unpack_from(buf)[1]
         return _parse_body(buf, header_len, version, source)
 
 
@@ -342,14 +342,14 @@ def _format_time_ns(ns: int) -> str:
 
 def check_prefix(prefix: bytes, *, source: str | None = None) -> int:
     """Validate the 16-byte prefix (magic, version, flags, header length); return the length."""
-    if len(prefix) < _PREFIX.size:
+    if len(prefix) < HEADER_PREFIX.size:
         raise CorruptSnapshotError(
             "file_size",
             f"{len(prefix)} bytes is too short for a snapshot (the prefix alone is "
-            f"{_PREFIX.size} bytes)",
+            f"{HEADER_PREFIX.size} bytes)",
             source=source,
         )
-    magic, version, flags, header_len = _PREFIX.unpack(prefix[: _PREFIX.size])
+    magic, version, flags, header_len = HEADER_PREFIX.unpack(prefix[: HEADER_PREFIX.size])
     if magic != MAGIC:
         raise CorruptSnapshotError(
             "magic", f"bad magic {magic!r}: not a KV snapshot", source=source

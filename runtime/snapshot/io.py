@@ -12,7 +12,7 @@ import numpy as np
 
 from runtime.errors import CorruptSnapshotError
 from runtime.fsutil import atomic_writer
-from runtime.snapshot.codec import _check_frame, _decode_segment, _WorkerState, parallel_map
+from runtime.snapshot.codec import WorkerState, check_frame, decode_segment, parallel_map
 from runtime.snapshot.container import Snapshot, read_header
 from runtime.snapshot.format import FILE_SUFFIX, MIN_HEADER_LEN, SnapshotHeader
 
@@ -104,12 +104,12 @@ def verify_snapshot(
     verified too. Returns the header."""
     header = snap.header
     for i, chunk in enumerate(snap.chunks):
-        _check_frame(header, i, chunk, source)
-    state = _WorkerState(0, min(header.chunk_size, header.raw_size))
+        check_frame(header, i, chunk, source)
+    state = WorkerState(0, min(header.chunk_size, header.raw_size))
 
     def work(k: int) -> None:
         dst = np.empty(header.segment_len(k), np.uint8)  # one segment per worker at a time
-        _decode_segment(header, k, snap.chunks, dst, state, source)
+        decode_segment(header, k, snap.chunks, dst, state, source)
 
     parallel_map(work, header.n_segments, threads)
     return snap.header
