@@ -20,13 +20,13 @@ import zstandard
 from runtime.errors import CorruptSnapshotError
 from runtime.snapshot.container import DeferredSnapshot, Snapshot, check_digest, chunk_digest
 from runtime.snapshot.format import (
-    _ZSTD_MAX_LEVEL,
-    _ZSTD_MIN_LEVEL,
     DIGEST_LEN,
     MAX_CHUNK_SIZE,
     MAX_HEADER_LEN,
     MAX_ID_LEN,
     TYPE_NAME_LEN,
+    ZSTD_MAX_LEVEL,
+    ZSTD_MIN_LEVEL,
     ChunkEntry,
     Filter,
     SnapshotHeader,
@@ -59,7 +59,7 @@ class Codec:
     checksum: bool = True
 
     def __post_init__(self) -> None:
-        if not _ZSTD_MIN_LEVEL <= self.level <= _ZSTD_MAX_LEVEL:
+        if not ZSTD_MIN_LEVEL <= self.level <= ZSTD_MAX_LEVEL:
             raise ArgumentError(f"zstd level {self.level} out of range")
         if not (2 <= self.chunk_size <= MAX_CHUNK_SIZE and self.chunk_size % 2 == 0):
             raise ArgumentError(f"chunk_size must be even and in [2, {MAX_CHUNK_SIZE}]")

@@ -109,7 +109,7 @@ class Snapshot:
                 f"file ended after {got} of {file_size} bytes (changed while being read)",
                 source=source,
             )
-        return cls._from_view(header, view, source)
+        return cls.from_view(header, view, source)
 
     @classmethod
     def from_buffer(
@@ -123,10 +123,10 @@ class Snapshot:
         """
         view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
         header = header_from_buffer(view, source=source)
-        return cls._from_view(header, view, source, defer=defer_digests)
+        return cls.from_view(header, view, source, defer=defer_digests)
 
     @classmethod
-    def _from_view(
+    def from_view(
         cls, header: SnapshotHeader, view: memoryview, source: str | None, *, defer: bool = False
     ) -> Snapshot:
         """Slice the chunks out of a whole-file ``view`` whose size was checked; verify them

@@ -76,7 +76,7 @@ def read(
     view = memoryview(mm)
     if bytes(view[: header.header_len]) != header.pack():
         raise CorruptSnapshotError("file_size", "file changed while being read", source=source)
-    return Snapshot._from_view(header, view, source, defer=defer_digests)
+    return Snapshot.from_view(header, view, source, defer=defer_digests)
 
 
 def inspect(path: str | os.PathLike[str]) -> SnapshotHeader:
