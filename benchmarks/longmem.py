@@ -359,13 +359,14 @@ def ablation(store_dir: Path, convs: Sequence[Conversation]) -> list[Result]:
 
 def check_updates(rt: Any, conv: Conversation) -> dict[str, int]:
     """Synthetic updates: how often the current value ranks first, and the old one is still
-    reachable through the search's history (superseded hits)."""
+    reachable through the first hit's history (``Runtime.memory_history``)."""
     first = reachable = 0
     for q in conv.questions:
         hits = rt.search(q.text, 10, session=f"bench-{conv.name}")
         if hits and q.expect_first and q.expect_first in hits[0].text:
             first += 1
-        if q.history and any(q.history in h.text and h.superseded_by for h in hits):
+        history = rt.memory_history(hits[0].id) if hits else []
+        if q.history and any(q.history in m.text and m.superseded_by for m in history):
             reachable += 1
     return {
         "current_first": first,

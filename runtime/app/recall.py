@@ -191,25 +191,41 @@ class Recall:
         in_window = session.window_seqs()
         k = self.memory_k
         chosen: list[Hit] = []
+        covered: set[int] = set()  # the journal entries the chosen memories came from
         for hit in self.store.search(
             text,
-            k + len(in_window),
+            2 * k + len(in_window),
             session=session.session_id,
             with_global=True,
             now=now,
             touch=False,
         ):
-            if hit.kind == "turn" and hit.sources and set(hit.sources) <= in_window:
-                continue  # the model sees this turn in its KV already
+            if hit.sources and set(hit.sources) <= in_window | covered:
+                # the model sees these turns in its KV already, or a memory chosen already
+                # came from them (a turn and the fact distilled from it say one thing)
+                continue
             if hit.similarity >= self.min_similarity or hit.relevance >= LEXICAL_RELEVANCE:
                 chosen.append(hit)
+                covered.update(hit.sources)
             if len(chosen) == k:
                 break
         if chosen:
             self.store.touch([h.id for h in chosen])
         self._retrieval_ms.append((time.perf_counter() - start) * 1000)
         return [
-            MemoryUsed(h.id, h.render(), h.score, h.similarity, h.session, h.kind) for h in chosen
+            MemoryUsed(
+                h.id,
+                h.text,
+                h.score,
+                h.similarity,
+                h.session,
+                h.kind,
+                rendered=h.render(),
+                said_at=h.said_at,
+                speaker=h.speaker,
+                sources=h.sources,
+            )
+            for h in chosen
         ]
 
     @property

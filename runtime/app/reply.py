@@ -11,7 +11,8 @@ __all__ = ["MemoryUsed", "Reply"]
 
 @dataclass(frozen=True)
 class MemoryUsed:
-    """A long-term memory that was put into a turn's prompt."""
+    """A long-term memory that was put into a turn's prompt (:attr:`rendered` is how the
+    prompt shows it: with the date it was said and its speaker)."""
 
     id: str
     text: str
@@ -19,6 +20,10 @@ class MemoryUsed:
     similarity: float
     session: str | None
     kind: str
+    rendered: str = ""
+    said_at: float = 0.0
+    speaker: str | None = None
+    sources: tuple[int, ...] = ()
 
 
 @dataclass

@@ -19,10 +19,18 @@ from runtime.app.recall import Recall
 from runtime.app.turn import ImportedTurn
 from runtime.checkpoint import CheckpointWriter
 from runtime.chunks import ChunkStore
-from runtime.errors import RuntimeArgumentError, SessionNotFoundError
+from runtime.errors import ContextFullError, RuntimeArgumentError, SessionNotFoundError
 from runtime.journal import Journal, journal_files
 from runtime.layout import journal_path
-from runtime.session import ResumeReport, Session, SessionPool
+from runtime.session import (
+    IMPORTED,
+    WINDOW_ROLE,
+    ResumeReport,
+    Session,
+    SessionPool,
+    Span,
+    Window,
+)
 
 __all__ = ["ImportMessage", "Sessions", "check_messages"]
 
@@ -204,28 +212,61 @@ class Sessions:
         """Journal ``plan`` after the session's window without decoding it; the seq of each
         of the ``n_messages`` messages it came from.
 
-        A resident session's window is shifted first if the history would not fit beside it
-        (the shift is journalled, as in a turn); it is then checkpointed and suspended, so
-        its KV is on disk as it was. The entries are replayed onto it on its next resume.
+        A history longer than the context is journalled with the window shifts a chat of it
+        would have made (the oldest turns after the first shift out, into long-term memory
+        only), all marked ``imported``: the next resume decodes only the final window. A
+        resident session is checkpointed and suspended first, so its KV is on disk as it was.
+        Raises :class:`ContextFullError` (nothing journalled) for a message that alone does not
+        fit.
         """
         sid = session_id
         session = self._pool.peek(sid)
+        window = session.window.copy() if session is not None else Window()
+        shifts = plan_shifts(window, plan, n_ctx)  # checks everything before any write
         if session is not None:
-            total = sum(len(turn.tokens) for turn in plan)
-            if session.n_tokens + total + 16 > n_ctx:
-                session.reserve(total + 16)
             self.suspend(sid)
         seqs = [-1] * n_messages
         with Journal(
             self._journal(sid), fsync=self._journal_fsync, segment_entries=self._segment_entries
         ) as journal:
-            for turn in plan:
+            for turn, drop in zip(plan, shifts, strict=True):
+                if drop is not None:
+                    journal.append(WINDOW_ROLE, "", (), {"drop": list(drop), IMPORTED: True})
+                meta = {**turn.meta, IMPORTED: True}
                 entry = journal.append(
-                    turn.role, turn.text, turn.tokens, turn.meta, created=turn.created
+                    turn.role, turn.text, turn.tokens, meta, created=turn.created
                 )
                 for i in turn.sources:
                     seqs[i] = entry.seq
         return seqs
+
+
+def plan_shifts(
+    window: Window, plan: Sequence[ImportedTurn], n_ctx: int
+) -> list[tuple[int, int] | None]:
+    """For each imported turn, the window shift to journal before it (or None), so that the
+    window never holds more than ``n_ctx`` less a reply's room; ``window`` (a copy) is
+    advanced through the plan. Raises :class:`ContextFullError` for a turn that does not fit
+    even after the shift."""
+    limit = n_ctx - max(16, n_ctx // 8)
+    goal = (3 * n_ctx) // 4
+    shifts: list[tuple[int, int] | None] = []
+    for i, turn in enumerate(plan):
+        drop = None
+        if len(window.tokens) + len(turn.tokens) > limit:
+            drop = window.shift_range(goal - len(turn.tokens))
+            if drop is not None:
+                window.drop(*drop)
+            if len(window.tokens) + len(turn.tokens) > limit:
+                raise ContextFullError(
+                    f"imported message {i} ({len(turn.tokens)} tokens) does not fit the "
+                    f"context ({n_ctx}) beside the turns it must keep"
+                )
+        shifts.append(drop)
+        span = Span(len(window.tokens), len(turn.tokens), turn.role, turn.text, -1)
+        window.spans.append(span)
+        window.tokens.extend(turn.tokens)
+    return shifts
 
 
 def check_messages(messages: Sequence[Mapping[str, Any]], *, remember: bool) -> list[ImportMessage]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from runtime.app.options import MEMORY_PREFIX, QUESTION_PREFIX, Sampling
 from runtime.app.reply import MemoryUsed, Reply
-from runtime.errors import ContextFullError, RuntimeArgumentError
+from runtime.errors import RuntimeArgumentError
 from runtime.journal import Entry
 from runtime.session import ResumeReport, Session
 from runtime.template import ChatFormat, Message
@@ -236,8 +236,8 @@ class TurnEngine:
         a later chat continues the same KV. A system message may only open a new session.
 
         Raises :class:`RuntimeArgumentError` (naming ``messages[i]``) for a history that this
-        template cannot extend turn by turn, and :class:`ContextFullError` for one that does
-        not fit the context. Nothing is journalled here.
+        template cannot extend turn by turn. A history longer than the context is fine: the
+        window shifts through it (``Sessions.append_history``). Nothing is journalled here.
         """
         fmt = self.format
         plan: list[ImportedTurn] = []
@@ -295,10 +295,6 @@ class TurnEngine:
                 history.append(Message("assistant", text))
             plan.append(ImportedTurn(role, text, tokens, meta, created, sources))
             n_tokens += len(tokens)
-        if n_tokens > self.n_ctx - 16:  # the window shifts for the rest
-            raise ContextFullError(
-                f"the history ({n_tokens} tokens) does not fit in the context ({self.n_ctx})"
-            )
         return plan
 
 
@@ -346,7 +342,7 @@ def with_memories(text: str, memories: Sequence[MemoryUsed]) -> str:
     so the KV prefix stays reusable)."""
     if not memories:
         return text
-    context = " ".join(m.text.strip() for m in memories)
+    context = " ".join((m.rendered or m.text).strip() for m in memories)
     return f"{MEMORY_PREFIX}{context}\n{QUESTION_PREFIX}{text}"
 
 

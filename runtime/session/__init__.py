@@ -15,6 +15,7 @@ from runtime.session.pool import SessionPool
 from runtime.session.resume import Rebuild, ResumeReport
 from runtime.session.session import Session
 from runtime.session.window import (
+    IMPORTED,
     WINDOW_ROLE,
     Span,
     Window,
@@ -23,6 +24,7 @@ from runtime.session.window import (
 )
 
 __all__ = [
+    "IMPORTED",
     "WINDOW_ROLE",
     "Checkpointer",
     "ChunkCheckpointer",

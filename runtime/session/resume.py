@@ -14,7 +14,13 @@ from runtime.chunks import ChunkError
 from runtime.errors import IncompatibleSnapshotError, RestoreError, SessionError
 from runtime.session.checkpointer import Checkpointer
 from runtime.session.kv import SequenceKV
-from runtime.session.window import WINDOW_ROLE, Window, window_after, window_from_manifest
+from runtime.session.window import (
+    IMPORTED,
+    WINDOW_ROLE,
+    Window,
+    window_after,
+    window_from_manifest,
+)
 from runtime.storage import JournalBackend
 
 logger = logging.getLogger(__name__)
@@ -144,7 +150,15 @@ class Rebuild:
         """
         window = base.copy()
         replayed = 0
+        before_import: Window | None = None  # the KV's window before a run of imported entries
         for entry in self.journal.iter_from(after + 1):
+            if entry.meta.get(IMPORTED):
+                before_import = before_import or window.copy()
+                window.apply(entry)
+                continue
+            if before_import is not None:
+                replayed += self._decode_import(before_import, window)
+                before_import = None
             window.apply(entry)
             if entry.role == WINDOW_ROLE:
                 a, b = (int(x) for x in entry.meta["drop"])
@@ -152,7 +166,27 @@ class Rebuild:
             elif entry.tokens:
                 self.kv.decode(entry.tokens, pos=len(window.tokens) - len(entry.tokens))
                 replayed += len(entry.tokens)
+        if before_import is not None:
+            replayed += self._decode_import(before_import, window)
         return replayed
+
+    def _decode_import(self, before: Window, after: Window) -> int:
+        """Bring the KV from ``before`` to ``after`` across a run of imported entries (and the
+        window shifts journalled with them): keep the turns both windows share at the front,
+        decode the rest of ``after`` in one go. An imported history was never decoded, so
+        only its final window is: an import of a conversation longer than the context costs
+        one prefill of the window, not of the history. Returns the tokens decoded."""
+        keep = 0
+        for old, new in zip(before.spans, after.spans, strict=False):
+            if (old.start, old.length, old.seq) != (new.start, new.length, new.seq):
+                break
+            keep = new.start + new.length
+        if keep < len(before.tokens) and not self.kv.cut(keep):
+            self.kv.ctx.memory.seq_rm(self.kv.seq_id)  # a cache that cannot cut: from scratch
+            keep = 0
+        if len(after.tokens) > keep:
+            self.kv.decode(after.tokens[keep:], pos=keep)
+        return len(after.tokens) - keep
 
     def _entry_of(self, tokens: list[int], claimed: int) -> int | None:
         """The journal entry ``claimed`` if the window held exactly ``tokens`` after it, else

@@ -152,19 +152,13 @@ class Session:
         quarter of the context free afterwards so that shifts stay rare."""
         limit = self.ctx.n_ctx
         goal = min(limit - n, (3 * limit) // 4)
-        spans = self.window.spans
-        if not self.ctx.memory.can_shift() or len(spans) < 2:
+        dropped = self.window.shift_range(goal) if self.ctx.memory.can_shift() else None
+        if dropped is None:
             raise ContextFullError(
                 f"session {self.session_id!r}: {n} more tokens do not fit n_ctx={limit} and "
                 "the window cannot shift"
             )
-        a = b = spans[1].start
-        for span in spans[1:]:
-            # stop before a user turn (or an untyped one), never before a reply: the window
-            # must read as a conversation after the drop
-            if self.n_tokens - (b - a) <= goal and span.role != "assistant":
-                break
-            b = span.start + span.length
+        a, b = dropped
         if self.n_tokens - (b - a) + n > limit:
             raise ContextFullError(
                 f"session {self.session_id!r}: even after dropping old turns, {n} more tokens "

@@ -13,6 +13,9 @@ from runtime.storage import JournalBackend
 
 #: Journal role of a context-window shift: ``meta["drop"] = [a, b)``, window token offsets.
 WINDOW_ROLE = "window"
+#: The ``meta`` key of journal entries an import wrote (its turns and its window shifts): a
+#: resume decodes only what of them the final window keeps (resume.py ``_decode_import``).
+IMPORTED = "imported"
 
 if TYPE_CHECKING:
     from runtime.chunks import Manifest
@@ -76,6 +79,22 @@ class Window:
             elif span.start < a:
                 kept.append(Span(span.start, a - span.start, span.role, span.content, span.seq))
         self.spans = kept
+
+    def shift_range(self, goal: int) -> tuple[int, int] | None:
+        """The positions [a, b) a window shift drops so that at most ``goal`` tokens remain:
+        the oldest whole turns after the first (the system prompt stays), stopping before a
+        user turn, never before a reply, so the window still reads as a conversation. None
+        when there is nothing to drop."""
+        spans = self.spans
+        if len(spans) < 2:
+            return None
+        a = b = spans[1].start
+        n = len(self.tokens)
+        for span in spans[1:]:
+            if n - (b - a) <= goal and span.role != "assistant":
+                break
+            b = span.start + span.length
+        return (a, b) if b > a else None
 
     def copy(self) -> Window:
         """An independent copy (spans are immutable in use, so the list is copied)."""

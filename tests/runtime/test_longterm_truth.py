@@ -391,3 +391,33 @@ def test_forgetting_a_session_leaves_no_trace_on_disk(rt: Runtime, tmp_path: Pat
             if secret.encode() in path.read_bytes():
                 found.append(str(path))
     assert found == []
+
+
+def test_a_history_longer_than_the_context_imports_and_decodes_only_its_window(
+    tmp_path: Path, minilm: object
+) -> None:
+    messages = [
+        {
+            "role": "user" if i % 2 == 0 else "assistant",
+            "content": f"Message number {i} talks about the garden, the weather and plan {i}.",
+            "created_at": T0 + 60 * i,
+        }
+        for i in range(400)
+    ]
+    root = tmp_path / "data"
+    with Runtime(root, model="tiny", n_ctx=512, embedder=minilm) as rt:  # type: ignore[arg-type]
+        seqs = rt.import_history("long", messages)
+        assert len(seqs) == 400 and len(set(seqs)) == 400
+        # every user turn is in long-term memory, even those that never fit the window
+        assert rt.search("plan 0", 1, session="long")[0].sources == (seqs[0],)
+        reply = rt.chat("long", "And what about plan 7?", max_tokens=4)
+        assert reply.resumed is not None
+        assert reply.resumed.replayed_tokens <= 512  # the window, not the 400 messages
+        window = rt.window_seqs("long")
+        assert seqs[-1] in window and seqs[1] not in window
+    # a restart resumes that window from its checkpoint and goes on
+    with Runtime(root, model="tiny", n_ctx=512, embedder=minilm) as rt:  # type: ignore[arg-type]
+        again = rt.chat("long", "And plan 9?", max_tokens=4)
+        assert again.resumed is not None and again.resumed.source == "snapshot"
+        assert again.resumed.replayed_tokens == 0
+        assert seqs[-1] in rt.window_seqs("long")
