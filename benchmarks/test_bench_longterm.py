@@ -71,7 +71,18 @@ def test_query_at_size(benchmark: Any, embedder: Any, tmp_path: Path) -> None:
     from runtime.longterm.db import NewItem
 
     rng = random.Random(0)
-    words = ["coffee", "berlin", "project", "deadline", "report", "birthday", "daughter", "server", "flight", "garden"]
+    words = [
+        "coffee",
+        "berlin",
+        "project",
+        "deadline",
+        "report",
+        "birthday",
+        "daughter",
+        "server",
+        "flight",
+        "garden",
+    ]
     with MemoryStore(tmp_path / "mem", embedder) as store:
         items = [
             NewItem(
