@@ -84,8 +84,11 @@ def _hit(hit: Hit) -> dict[str, Any]:
         "score": hit.score,
         "similarity": hit.similarity,
         "importance": hit.importance,
-        "created": hit.said_at,  # when it was said (an imported turn keeps its own time)
+        "said_at": hit.said_at,  # when it was said (an imported turn keeps its own time)
+        "stored_at": hit.stored_at,
         "speaker": hit.speaker,
+        "sources": list(hit.sources),  # the session's journal seqs it came from
+        "superseded_by": hit.superseded_by,
         "meta": hit.meta,
     }
 

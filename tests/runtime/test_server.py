@@ -233,6 +233,16 @@ def test_import_endpoint_journals_a_history(client: Any, http: httpx.Client) -> 
         extra_headers={"X-Session-Id": "hive"},
     )
     assert follow.usage.prompt_tokens_details.cached_tokens > 0  # the imported window
+    # in long-term memory at once, with who said it, when, and which journal entry
+    hits = http.get("/v1/memories/search", params={"q": "bees", "session": "hive"}).json()["data"]
+    bees = next(h for h in hits if h["kind"] == "turn")
+    assert (bees["speaker"], bees["said_at"], bees["sources"], bees["session"]) == (
+        "Ada",
+        1683554160,
+        [seqs[0]],
+        "hive",
+    )
+    assert bees["stored_at"] > bees["said_at"] and bees["superseded_by"] is None
     bad = http.post("/v1/sessions/hive/import", json={"messages": [{"role": "tool"}]})
     assert _error(bad, 400)["param"] == "messages[0].role"
     assert _error(http.post("/v1/sessions/hive/import", json={}), 400)["param"] == "messages"
