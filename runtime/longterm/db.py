@@ -1,9 +1,11 @@
-"""The long-term memory's source of truth: ``memory.sqlite3``, its schema and its transactions.
+"""The long-term memory's source of truth: the rows of ``memory.sqlite3`` and what is said
+through a connection to it (transactions, inserts, deletes, queries).
 
 Items live in SQLite; the hnswlib index (:mod:`runtime.longterm.index`) is derived from it and
-can always be rebuilt. A writer opens the file in WAL mode with ``synchronous=FULL``, so an
-acknowledged add survives power loss, not only a process crash. Deletes leave a row in
-``tombstones`` until the saved index has applied them.
+can always be rebuilt. Opening the file (schema, upgrade, meta) is
+:mod:`runtime.longterm.schema`; how items relate (merges, supersession, watermarks) is
+:mod:`runtime.longterm.links`. Deletes leave a row in ``tombstones`` until the saved index
+has applied them.
 
 Everything here takes the :class:`sqlite3.Connection` as an argument: the store owns the one
 connection (and the directory lock), this module owns what is said through it.
@@ -13,17 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import math
-import os
 import sqlite3
 import time
-import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,19 +30,11 @@ import numpy.typing as npt
 from runtime.errors import (
     ArgumentError,
     ArgumentTypeError,
-    DamagedStoreError,
     MemoryStoreError,
-    MemoryStoreFullError,
-    MemoryStoreIOError,
 )
-from runtime.fsutil import open_nofollow
 from runtime.longterm.lexical import normalise
 
 DB_NAME = "memory.sqlite3"
-SCHEMA_VERSION = 2
-#: Versions this code opens; version 1 (no time, sources or lexical index) is upgraded in
-#: place by the first writer that opens it.
-READABLE_VERSIONS = (1, 2)
 KINDS: tuple[str, ...] = ("turn", "fact", "summary")
 #: Rows read per query when streaming embeddings (bounded memory on a large store).
 ROWS_PER_CHUNK = 10_000
@@ -56,54 +46,11 @@ TOUCH_FLUSH_EVERY = 64
 
 FloatArray = npt.NDArray[np.float32]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS items (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    id         TEXT    NOT NULL UNIQUE,
-    text       TEXT    NOT NULL,
-    kind       TEXT    NOT NULL CHECK (kind IN ('turn', 'fact', 'summary')),
-    session    TEXT,
-    created    REAL    NOT NULL,
-    accessed   REAL    NOT NULL,
-    importance REAL    NOT NULL CHECK (importance >= 0.0 AND importance <= 1.0),
-    meta       TEXT    NOT NULL,
-    embedding  BLOB    NOT NULL
-);
-CREATE INDEX IF NOT EXISTS items_session ON items (session);
-CREATE TABLE IF NOT EXISTS tombstones (
-    op  INTEGER PRIMARY KEY AUTOINCREMENT,
-    seq INTEGER NOT NULL
-);
-"""
-
-#: Schema version 2: when it was said and by whom, where it came from, which item replaced
-#: it, the subject/attribute of a fact, and the lexical (FTS5 BM25) index of every item.
-_SCHEMA_V2 = """
-ALTER TABLE items ADD COLUMN said_at REAL;
-ALTER TABLE items ADD COLUMN speaker TEXT;
-ALTER TABLE items ADD COLUMN sources TEXT NOT NULL DEFAULT '[]';
-ALTER TABLE items ADD COLUMN norm TEXT NOT NULL DEFAULT '';
-ALTER TABLE items ADD COLUMN superseded_by TEXT;
-ALTER TABLE items ADD COLUMN subject TEXT;
-ALTER TABLE items ADD COLUMN attribute TEXT;
-CREATE INDEX IF NOT EXISTS items_norm ON items (session, norm);
-CREATE INDEX IF NOT EXISTS items_fact ON items (session, subject, attribute);
-CREATE VIRTUAL TABLE IF NOT EXISTS items_fts USING fts5 (body, tokenize = 'porter unicode61');
-"""
-
 #: The columns of an item row, in :class:`MemoryItem`'s field order (seq first).
 COLUMNS = (
     "seq, id, text, kind, session, created, accessed, importance, meta, said_at, speaker, "
     "sources, superseded_by, subject, attribute"
 )
-
-# SQLite primary result codes (sqlite3.h) that this module tells apart
-_SQLITE_CORRUPT = 11
-_SQLITE_FULL = 13
-_SQLITE_IOERR = 10
-_SQLITE_CANTOPEN = 14
-_SQLITE_NOTADB = 26
 
 
 @dataclass(frozen=True)
@@ -181,40 +128,10 @@ class NewItem:
     id: str | None = None
 
 
-@dataclass(frozen=True)
-class StoreMeta:
-    """What the ``meta`` table says about the store."""
-
-    store_id: bytes
-    model_id: str
-    dim: int
-
-
-def sqlite_error(exc: sqlite3.Error, path: Path) -> MemoryStoreError:
-    """The runtime error for a raw SQLite error on the store at ``path`` (the db file)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    primary = None if code is None else int(code) & 0xFF
-    text = str(exc)
-    if primary == _SQLITE_FULL or "disk is full" in text:
-        return MemoryStoreFullError(
-            errno.ENOSPC,
-            f"disk full: SQLite could not write ({text}); the change was rolled back, retry "
-            "once space is freed",
-            str(path),
-        )
-    if (
-        primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
-        or "malformed" in text
-        or ("not a database" in text)
-    ):
-        return DamagedStoreError(
-            f"{path} is damaged or not a memory store ({text}): move it aside (with its -wal "
-            "and -shm files) to start an empty store, or restore it from a backup; the index "
-            "is rebuilt from it on open"
-        )
-    if primary in (_SQLITE_IOERR, _SQLITE_CANTOPEN) or "disk I/O" in text:
-        return MemoryStoreIOError(errno.EIO, f"SQLite I/O error: {text}", str(path))
-    return MemoryStoreError(f"{path}: SQLite error: {text}")
+def embedded_text(item: NewItem) -> str:
+    """What is embedded for an item: its text, after its speaker's name when it has one (a
+    question that names the speaker then finds what they said)."""
+    return f"{item.speaker}: {item.text}" if item.speaker else item.text
 
 
 # -- what a row may hold ------------------------------------------------------------------------
@@ -242,6 +159,44 @@ def check_text(text: object) -> str:
     return text
 
 
+def check_item(item: NewItem) -> NewItem:
+    """``item`` if it may be stored: a :class:`NewItem` whose every field is valid."""
+    if not isinstance(item, NewItem):
+        raise ArgumentTypeError(f"items must be NewItem, not {type(item).__name__}")
+    check_text(item.text)
+    check_fields(item.kind, item.session, item.importance, item.meta)
+    if item.speaker is not None and not isinstance(item.speaker, str):
+        raise ArgumentTypeError("speaker must be str or None")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in item.sources):
+        raise ArgumentError(f"sources must be journal seqs (ints >= 0), got {item.sources}")
+    if item.said_at is not None:
+        to_epoch(item.said_at)
+    return item
+
+
+def notes(
+    texts: Sequence[str],
+    *,
+    kind: str,
+    session: str | None,
+    importance: float | Sequence[float],
+    meta: Mapping[str, Any] | None,
+) -> list[NewItem]:
+    """The items of an ``add_many``: one per text, ``importance`` one for all or one each."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise ArgumentTypeError("texts must be a sequence of str")
+    if isinstance(importance, Sequence):
+        if len(importance) != len(texts):
+            raise ArgumentError(f"{len(importance)} importances for {len(texts)} texts")
+        importances = [float(i) for i in importance]
+    else:
+        importances = [importance] * len(texts)
+    return [
+        NewItem(t, kind=kind, session=session, importance=imp, meta=meta or {})
+        for t, imp in zip(texts, importances, strict=True)
+    ]
+
+
 def check_fields(
     kind: str, session: str | None, importance: float, meta: Mapping[str, Any] | None
 ) -> str:
@@ -262,129 +217,6 @@ def check_fields(
         raise ArgumentError(f"meta is not JSON-serialisable: {exc}") from None
 
 
-# -- opening ----------------------------------------------------------------------------------
-
-
-def connect_read_only(directory: Path) -> sqlite3.Connection:
-    """Open the store's database without writing anything (no lock, no schema)."""
-    path = directory / DB_NAME
-    if not path.is_file():
-        raise MemoryStoreError(f"{directory} holds no memory store")
-    return sqlite3.connect(
-        f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
-    )
-
-
-def connect(directory: Path) -> sqlite3.Connection:
-    """Open (creating) the database for writing; the caller holds the directory lock."""
-    prepare_db_files(directory)
-    db = sqlite3.connect(directory / DB_NAME, check_same_thread=False, isolation_level=None)
-    try:
-        db.execute("PRAGMA journal_mode=WAL")
-        # FULL: an acknowledged add survives power loss too, not only a process crash
-        db.execute("PRAGMA synchronous=FULL")
-        # a forgotten memory's text must not stay behind in a freed page
-        db.execute("PRAGMA secure_delete=ON")
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
-def prepare_db_files(directory: Path) -> None:
-    """Create ``memory.sqlite3`` 0600 ourselves and refuse symlinks before SQLite opens it.
-
-    SQLite would follow a planted link and create the file with the umask's mode (0644:
-    readable by every local user). It creates ``-wal``/``-shm`` with the database file's
-    mode, so a 0600 database gives 0600 companions; existing ones are narrowed here too.
-    The caller holds the directory lock, so nothing of ours races with this.
-    """
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        path = directory / f"{DB_NAME}{suffix}"
-        if suffix and not os.path.lexists(path):
-            continue
-        try:
-            fd = open_nofollow(path, os.O_RDWR | (os.O_CREAT if not suffix else 0))
-        except FileNotFoundError:
-            continue
-        os.close(fd)
-
-
-def create_schema(db: sqlite3.Connection, *, model_id: str, dim: int) -> None:
-    """Create the tables if missing and record a new store's id, model and width."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                db.execute(statement)
-        fresh = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if fresh is None or fresh[0] == "1":
-            _upgrade_to_v2(db)
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', '2')")
-        defaults = {
-            "schema_version": str(SCHEMA_VERSION),
-            "store_id": uuid.uuid4().hex,
-            "model_id": model_id,
-            "dim": str(dim),
-        }
-        for key, value in defaults.items():
-            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-
-
-def _upgrade_to_v2(db: sqlite3.Connection) -> None:
-    """Add version 2's columns and lexical index to a new or version 1 store, inside the
-    caller's transaction: a v1 item's event time is its stored time, its source the journal
-    entry its metadata names."""
-    columns = {row[1] for row in db.execute("PRAGMA table_info(items)")}
-    for statement in _SCHEMA_V2.split(";"):
-        text = statement.strip()
-        if not text or (text.startswith("ALTER") and text.split()[5] in columns):
-            continue
-        db.execute(text)
-    rows = db.execute("SELECT seq, text, created, meta FROM items").fetchall()
-    for seq, text, created, meta in rows:
-        journal_seq = json.loads(meta).get("journal_seq")
-        sources = [journal_seq] if isinstance(journal_seq, int) else []
-        db.execute(
-            "UPDATE items SET said_at = ?, sources = ?, norm = ? WHERE seq = ?",
-            (created, json.dumps(sources), normalise(text), seq),
-        )
-        db.execute("INSERT INTO items_fts (rowid, body) VALUES (?, ?)", (seq, text))
-
-
-def read_meta(db: sqlite3.Connection, path: Path) -> StoreMeta:
-    """Check the schema version and decode the meta table of the database at ``path``."""
-    try:
-        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-    except sqlite3.OperationalError as exc:  # "no such table": some other SQLite file
-        raise DamagedStoreError(
-            f"{path} is not a memory store ({exc}): move it aside to start an empty "
-            "store there, or open the right directory"
-        ) from exc
-    version = meta.get("schema_version")
-    if version == "1":
-        raise MemoryStoreError(
-            f"{path} is a version 1 memory store: open it once for writing to upgrade it"
-        )
-    if version != str(SCHEMA_VERSION):
-        raise MemoryStoreError(f"unsupported schema version {version}")
-    try:
-        return StoreMeta(
-            store_id=uuid.UUID(hex=meta["store_id"]).bytes,
-            model_id=str(meta["model_id"]),
-            dim=int(meta["dim"]),
-        )
-    except (KeyError, ValueError) as exc:
-        raise DamagedStoreError(
-            f"{path} has a damaged meta table ({exc!r}): move it aside to start an "
-            "empty store, or restore it from a backup"
-        ) from exc
-
-
 # -- transactions and queries -------------------------------------------------------------------
 
 
@@ -402,9 +234,25 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
-def count(db: sqlite3.Connection) -> int:
-    """How many items the store holds."""
-    return int(db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+def count(db: sqlite3.Connection, session: str | None = None, kind: str | None = None) -> int:
+    """How many items (of a session, of a kind) the store holds."""
+    clauses, args = [], []
+    if session is not None:
+        clauses.append("session = ?")
+        args.append(session)
+    if kind is not None:
+        clauses.append("kind = ?")
+        args.append(kind)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    return int(db.execute(f"SELECT COUNT(*) FROM items{where}", args).fetchone()[0])
+
+
+def tally(db: sqlite3.Connection) -> tuple[dict[str, int], int]:
+    """The item count of each kind, and how many distinct sessions (None among them) hold
+    items."""
+    by_kind = dict(db.execute("SELECT kind, COUNT(*) FROM items GROUP BY kind").fetchall())
+    sessions = db.execute("SELECT COUNT(DISTINCT session) FROM items").fetchone()[0]
+    return by_kind, int(sessions)
 
 
 def ever_inserted(db: sqlite3.Connection) -> int:
@@ -460,14 +308,6 @@ def insert_items(
     return seqs
 
 
-def delete_item(db: sqlite3.Connection, seq: int) -> int | None:
-    """Delete one item and its lexical row inside the caller's transaction; returns the
-    tombstone's number for the index."""
-    db.execute("DELETE FROM items WHERE seq = ?", (seq,))
-    db.execute("DELETE FROM items_fts WHERE rowid = ?", (seq,))
-    return db.execute("INSERT INTO tombstones (seq) VALUES (?)", (seq,)).lastrowid
-
-
 def scope_clause(
     session: str | None, kinds: Sequence[str] | None, *, global_only: bool, with_global: bool
 ) -> tuple[str, list[Any]]:
@@ -499,82 +339,22 @@ def lexical_candidates(
     return [(int(r[0]), float(r[1])) for r in rows]
 
 
-def write_mark(db: sqlite3.Connection, key: str, value: int) -> None:
-    """Set watermark ``key`` (in the meta table, inside the caller's transaction)."""
-    db.execute(
-        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"mark:{key}", str(value))
-    )
+def item_by_id(db: sqlite3.Connection, item_id: str) -> MemoryItem | None:
+    """The item with this id, or None."""
+    row = db.execute(f"SELECT {COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
+    return None if row is None else MemoryItem.from_row(row)
 
 
-def read_mark(db: sqlite3.Connection, key: str) -> int:
-    """Watermark ``key``, or -1."""
-    row = db.execute("SELECT value FROM meta WHERE key = ?", (f"mark:{key}",)).fetchone()
-    return -1 if row is None else int(row[0])
-
-
-def supersede_older(db: sqlite3.Connection, seq: int) -> None:
-    """Link the fact ``seq`` with the other current facts of its session about the same
-    subject and attribute: the older ones (by said_at) are superseded by it, and it by a
-    newer one (an import out of order). A superseded fact's source turns are marked too,
-    unless another current fact still cites them."""
-    item_id, session, subject, attribute, said_at = db.execute(
-        "SELECT id, session, subject, attribute, said_at FROM items WHERE seq = ?", (seq,)
-    ).fetchone()
+def find_by_meta(
+    db: sqlite3.Connection, session: str | None, meta_key: str, value: str | int | float
+) -> list[str]:
+    """Ids of the session's items whose ``meta[meta_key]`` equals ``value`` (exact)."""
+    path = f"$.{meta_key}"
     rows = db.execute(
-        "SELECT seq, id, said_at FROM items WHERE session IS ? AND kind = 'fact' AND subject = ?"
-        " AND attribute = ? AND superseded_by IS NULL AND seq != ?",
-        (session, subject, attribute, seq),
+        "SELECT id FROM items WHERE session IS ? AND json_extract(meta, ?) = ?",
+        (session, path, value),
     ).fetchall()
-    newest = max(rows, key=lambda r: (r[2], r[0]), default=None)
-    if newest is not None and (newest[2], newest[0]) > (said_at, seq):
-        _mark_superseded(db, seq, str(newest[1]))
-        return
-    for other_seq, _other_id, _ in rows:
-        _mark_superseded(db, int(other_seq), item_id)
-
-
-def _mark_superseded(db: sqlite3.Connection, seq: int, by: str) -> None:
-    db.execute("UPDATE items SET superseded_by = ? WHERE seq = ?", (by, seq))
-    row = db.execute("SELECT session, sources FROM items WHERE seq = ?", (seq,)).fetchone()
-    for source in json.loads(row[1]):
-        cited = db.execute(
-            "SELECT 1 FROM items WHERE session IS ? AND kind = 'fact' AND superseded_by IS NULL"
-            " AND attribute IS NOT NULL AND EXISTS (SELECT 1 FROM json_each(items.sources)"
-            " WHERE json_each.value = ?) LIMIT 1",
-            (row[0], source),
-        ).fetchone()
-        if cited is None:
-            db.execute(
-                "UPDATE items SET superseded_by = ? WHERE session IS ? AND kind = 'turn'"
-                " AND superseded_by IS NULL AND sources = ?",
-                (by, row[0], json.dumps([source])),
-            )
-
-
-def same_text(
-    db: sqlite3.Connection, session: str | None, kind: str, norm: str, speaker: str | None
-) -> int | None:
-    """The seq of an item of the session, kind and speaker whose normalised text is ``norm``
-    (and that nothing superseded)."""
-    row = db.execute(
-        "SELECT seq FROM items WHERE session IS ? AND kind = ? AND norm = ? AND speaker IS ?"
-        " AND superseded_by IS NULL LIMIT 1",
-        (session, kind, norm, speaker),
-    ).fetchone()
-    return None if row is None else int(row[0])
-
-
-def add_sources(db: sqlite3.Connection, seq: int, sources: Iterable[int], text: str) -> None:
-    """Merge ``sources`` (and the merged text, if it differs) into item ``seq``."""
-    row = db.execute("SELECT sources, meta, text FROM items WHERE seq = ?", (seq,)).fetchone()
-    merged = sorted(set(json.loads(row[0])) | set(sources))
-    meta = json.loads(row[1])
-    if text != row[2] and text not in meta.get("merged", []):
-        meta["merged"] = [*meta.get("merged", []), text]
-    db.execute(
-        "UPDATE items SET sources = ?, meta = ? WHERE seq = ?",
-        (json.dumps(merged), json.dumps(meta, sort_keys=True), seq),
-    )
+    return [str(r[0]) for r in rows]
 
 
 def items_by_seq(db: sqlite3.Connection, seqs: Sequence[int]) -> list[MemoryItem]:
@@ -633,24 +413,29 @@ def decode_vectors(blobs: Sequence[bytes], dim: int) -> FloatArray:
 
 
 class AccessTimes:
-    """Last-access times set by searches, held in memory and written to SQLite in batches.
+    """Last-access times set by searches, held in memory and written to SQLite in batches
+    through the connection ``conn`` returns (never for a ``read_only`` store).
 
     The caller holds the store's lock around every call.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, conn: Callable[[], sqlite3.Connection], *, read_only: bool) -> None:
+        self._conn = conn
+        self._read_only = read_only
         self._pending: dict[str, float] = {}  # id -> latest access not yet in SQLite
         self._searches = 0
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def record(self, ids: Iterable[str], stamp: float) -> bool:
-        """Note one search's accesses; True when :data:`TOUCH_FLUSH_EVERY` are pending."""
+    def record(self, ids: Iterable[str], stamp: float) -> None:
+        """Note one search's accesses; written (:meth:`flush`) every :data:`TOUCH_FLUSH_EVERY`
+        searches."""
         for item_id in ids:
             self._pending[item_id] = max(stamp, self._pending.get(item_id, stamp))
         self._searches += 1
-        return self._searches >= TOUCH_FLUSH_EVERY
+        if self._searches >= TOUCH_FLUSH_EVERY:
+            self.flush()
 
     def latest(self, item: MemoryItem) -> MemoryItem:
         """``item`` with its last access including any pending (unflushed) one."""
@@ -664,8 +449,8 @@ class AccessTimes:
         self._pending.clear()
         self._searches = 0
 
-    def flush(self, db: sqlite3.Connection) -> None:
-        """Write the pending access times in one transaction.
+    def flush(self) -> None:
+        """Write the pending access times in one transaction (a read-only store forgets them).
 
         ``synchronous=NORMAL`` for this transaction only: in WAL mode that never corrupts the
         database, it only lets a power loss undo this last commit, and access times are
@@ -673,6 +458,10 @@ class AccessTimes:
         and with it this update. A crash before the flush loses at most
         :data:`TOUCH_FLUSH_EVERY` searches' worth of access times, never an item.
         """
+        if self._read_only or not self._pending:
+            self.clear()
+            return
+        db = self._conn()
         db.execute("PRAGMA synchronous=NORMAL")
         try:
             with transaction(db) as tx:

@@ -81,6 +81,18 @@ class StoreIndex:
         """Items in the index (not marked deleted)."""
         return len(self.hnsw)
 
+    def figures(self) -> dict[str, int]:
+        """The index's size and settings, and its changes not saved yet (for ``stats``)."""
+        index = self.hnsw
+        return {
+            "index_live": len(index),
+            "index_slots": index.slots,
+            "index_capacity": index.max_elements,
+            "index_M": index.params.M,
+            "index_ef_search": index.params.ef_search,
+            "unsaved_changes": self.dirty,
+        }
+
     # -- opening --------------------------------------------------------------------------------
 
     def _open(self, db: sqlite3.Connection) -> None:

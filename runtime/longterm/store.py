@@ -1,9 +1,7 @@
 """Long-term memory: :class:`MemoryStore`, items in SQLite plus a derived hnswlib index.
 
-The store is the facade over three parts: :mod:`runtime.longterm.db` (the SQLite file, the
-source of truth), :mod:`runtime.longterm.index` (the derived index's open, replay, rebuild
-and save) and :mod:`runtime.longterm.ranking` (how hits are scored). A write is acknowledged
-only after its SQLite commit; the index follows it.
+The store is the facade over its parts (listed in :mod:`runtime.longterm`) and holds their
+lock. A write is acknowledged only after its SQLite commit; the index follows it.
 
 Access times set by searches are held in memory and written in batches
 (:data:`~runtime.longterm.db.TOUCH_FLUSH_EVERY`, on save and on close); see
@@ -13,73 +11,25 @@ Access times set by searches are held in memory and written in batches
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
-import json
-import logging
+import dataclasses
 import os
 import sqlite3
 import threading
-import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any
 
 from runtime.embed.embedder import TextEmbedder, embed_all
-from runtime.errors import (
-    ArgumentError,
-    ArgumentTypeError,
-    ClosedError,
-    MemoryStoreError,
-    MemoryStoreIOError,
-    ReadOnlyError,
-    StoreMismatchError,
-)
-from runtime.fsutil import DirLock, ensure_dir, remove_stale_temps, warn_if_exposed
+from runtime.errors import ArgumentError, ClosedError, MemoryStoreError, ReadOnlyError
+from runtime.fsutil import DirLock
 from runtime.longterm import db as sql
-from runtime.longterm.db import DB_NAME, KINDS, MemoryItem, NewItem, sqlite_error
+from runtime.longterm import forget, links, retrieval, schema
+from runtime.longterm.db import DB_NAME, MemoryItem, NewItem
+from runtime.longterm.failures import final_error, sqlite_error, sqlite_errors
 from runtime.longterm.hnsw import HnswIndex, IndexParams
 from runtime.longterm.index import StoreIndex
-from runtime.longterm.lexical import (
-    match_expression,
-    normalise,
-    query_terms,
-    signature,
-    time_range,
-    words,
-)
-from runtime.longterm.ranking import Candidates, FusionWeights, Hit, ScoringWeights, rank
-
-#: Two items may be merged only at this cosine or above, and only when they name the same
-#: numbers, names and negations (:func:`runtime.longterm.lexical.signature`).
-DEDUP_SIMILARITY = 0.95
-
-logger = logging.getLogger(__name__)
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _sqlite_errors(
-    method: Callable[Concatenate[MemoryStore, _P], _R],
-) -> Callable[Concatenate[MemoryStore, _P], _R]:
-    """Raise :func:`~runtime.longterm.db.sqlite_error`'s error instead of a ``sqlite3.Error``."""
-
-    @functools.wraps(method)
-    def wrapper(self: MemoryStore, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            return method(self, *args, **kwargs)
-        except sqlite3.Error as exc:
-            raise sqlite_error(exc, self.db_path) from exc
-
-    return wrapper  # type: ignore[return-value]  # functools' _Wrapped is not a Callable here
-
-
-def _embedded_text(item: NewItem) -> str:
-    """What is embedded for an item: its text, after its speaker's name when it has one (a
-    question that names the speaker then finds what they said)."""
-    return f"{item.speaker}: {item.text}" if item.speaker else item.text
+from runtime.longterm.ranking import FusionWeights, Hit, ScoringWeights
 
 
 class MemoryStore:
@@ -100,7 +50,7 @@ class MemoryStore:
         *,
         weights: ScoringWeights | None = None,
         fusion: FusionWeights | None = None,
-        dedup_similarity: float = DEDUP_SIMILARITY,
+        dedup_similarity: float = links.DEDUP_SIMILARITY,
         M: int = 32,
         ef_construction: int = 200,
         ef_search: int = 512,
@@ -123,30 +73,30 @@ class MemoryStore:
         if not (0.0 < dedup_similarity <= 1.0):
             raise ArgumentError(f"dedup_similarity must be in (0, 1], got {dedup_similarity}")
         self.dedup_similarity = dedup_similarity
-        self._speakers: frozenset[str] | None = None  # lower-cased speakers (cached)
         self.save_every = save_every
         self.read_only = read_only
         self._lock = threading.RLock()
         self._dirlock: DirLock | None = None
         self._db: sqlite3.Connection | None = None
         self._index: StoreIndex | None = None
-        self._store_id = b""
-        self._dim = 0
-        self._touches = sql.AccessTimes()  # access times not yet written to SQLite
+        self._touches = sql.AccessTimes(self._conn, read_only=read_only)  # not yet in SQLite
         self.recovered = ""  # why the index was rebuilt on open ("" if it was not)
         try:
-            self._open_db()
-            params = IndexParams(
-                dim=self._dim, M=M, ef_construction=ef_construction, ef_search=ef_search
+            self._db, self._dirlock, meta = schema.open_db(
+                self.directory, read_only=read_only, model_id=embedder.model_id, dim=embedder.dim
             )
+            self._store_id, self._dim = meta.store_id, meta.dim
+            self._retriever = retrieval.Retriever(self._dim)
             self._index = StoreIndex(
                 self._conn(),
                 self.directory,
-                params,
+                IndexParams(
+                    dim=self._dim, M=M, ef_construction=ef_construction, ef_search=ef_search
+                ),
                 store_id=self._store_id,
                 save_every=save_every,
                 read_only=read_only,
-                on_save=self._flush_touches,
+                on_save=self._touches.flush,
             )
             self.recovered = self._index.recovered
         except sqlite3.Error as exc:
@@ -160,27 +110,6 @@ class MemoryStore:
     def open(cls, *args: Any, **kwargs: Any) -> MemoryStore:
         """The same as ``MemoryStore(directory, embedder, ...)`` (kept for existing callers)."""
         return cls(*args, **kwargs)
-
-    def _open_db(self) -> None:
-        if self.read_only:
-            self._db = sql.connect_read_only(self.directory)
-        else:
-            ensure_dir(self.directory)
-            warn_if_exposed(self.directory)
-            self._dirlock = DirLock(self.directory).acquire()
-            removed = remove_stale_temps(self.directory)
-            if removed:
-                logger.info("removed %d temp files left by a crashed writer", removed)
-            self._db = sql.connect(self.directory)
-            sql.create_schema(self._db, model_id=self.embedder.model_id, dim=self.embedder.dim)
-        self._db.execute("PRAGMA busy_timeout=5000")
-        meta = sql.read_meta(self._db, self.db_path)
-        self._store_id, self._dim = meta.store_id, meta.dim
-        if meta.model_id != self.embedder.model_id or self._dim != self.embedder.dim:
-            raise StoreMismatchError(
-                f"{self.directory} was written with {meta.model_id} (dim {self._dim}); "
-                f"this embedder is {self.embedder.model_id} (dim {self.embedder.dim})"
-            )
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -266,21 +195,10 @@ class MemoryStore:
         ``importance`` may be one value for all or one per text. Nothing is merged: these are
         explicit notes (see :meth:`put` for items that may repeat).
         """
-        if isinstance(texts, str) or not isinstance(texts, Sequence):
-            raise ArgumentTypeError("texts must be a sequence of str")
-        if isinstance(importance, Sequence):
-            if len(importance) != len(texts):
-                raise ArgumentError(f"{len(importance)} importances for {len(texts)} texts")
-            importances = [float(i) for i in importance]
-        else:
-            importances = [importance] * len(texts)
-        items = [
-            NewItem(t, kind=kind, session=session, importance=imp, meta=meta or {})
-            for t, imp in zip(texts, importances, strict=True)
-        ]
+        items = sql.notes(texts, kind=kind, session=session, importance=importance, meta=meta)
         return self.put(items, now=now, merge=False)
 
-    @_sqlite_errors
+    @sqlite_errors
     def put(
         self,
         items: Sequence[NewItem],
@@ -307,111 +225,44 @@ class MemoryStore:
         (key, value) is a watermark written in the same transaction (:meth:`watermark`), so
         a crash leaves both or neither.
         """
-        checked = [self._check(item) for item in items]
+        checked = [sql.check_item(item) for item in items]
         self._writable()
         if not checked:
             if mark is not None:
                 with self._lock, self._tx() as db:
-                    sql.write_mark(db, *mark)
+                    links.write_mark(db, *mark)
             return []
         stamp = sql.to_epoch(now)
-        vectors = embed_all(self.embedder, [_embedded_text(item) for item in checked])
+        vectors = embed_all(self.embedder, [sql.embedded_text(item) for item in checked])
         # one lock across the commit and the index add: a delete between the two would mark
         # a label that is not in the index yet, and the add would then make it live again
         with self._lock:
-            ids: list[str] = []
-            added: list[tuple[int, int]] = []  # (position in checked, seq) of new rows
+            merge_with = (self._idx(), self.dedup_similarity) if merge else None
             with self._tx() as db:
-                for i, item in enumerate(checked):
-                    # one row at a time: a repeat later in the batch finds this one
-                    into = self._merge_target(db, item, vectors[i]) if merge else None
-                    if into is not None:
-                        ids.append(into)
-                        continue
-                    ids.append(item.id or str(uuid.uuid4()))
-                    meta = sql.check_fields(item.kind, item.session, item.importance, item.meta)
-                    (seq,) = sql.insert_items(
-                        db, ids[-1:], [item], stamp=stamp, metas=[meta], vectors=vectors[i : i + 1]
-                    )
-                    if seq:
-                        added.append((i, seq))
-                        if item.attribute is not None:
-                            sql.supersede_older(db, seq)
-                if mark is not None:
-                    sql.write_mark(db, *mark)
+                ids, added = links.store_items(
+                    db, checked, vectors, stamp=stamp, merge_with=merge_with, mark=mark
+                )
             # committed: the ids are durable; the index follows (replay covers a crash here)
             if added:
                 self._keeper().added(vectors[[p for p, _ in added]], [q for _, q in added])
                 self._maybe_save()
             if any(item.speaker for item in checked):
-                self._speakers = None
+                self._retriever.speakers.forget()
         return ids
 
-    def _check(self, item: NewItem) -> NewItem:
-        if not isinstance(item, NewItem):
-            raise ArgumentTypeError(f"items must be NewItem, not {type(item).__name__}")
-        sql.check_text(item.text)
-        sql.check_fields(item.kind, item.session, item.importance, item.meta)
-        if item.speaker is not None and not isinstance(item.speaker, str):
-            raise ArgumentTypeError("speaker must be str or None")
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in item.sources):
-            raise ArgumentError(f"sources must be journal seqs (ints >= 0), got {item.sources}")
-        if item.said_at is not None:
-            sql.to_epoch(item.said_at)
-        return item
-
-    def _merge_target(self, db: sqlite3.Connection, item: NewItem, vector: Any) -> str | None:
-        """The id of the stored item ``item`` merges into (its sources added), or None."""
-        if item.id is not None:
-            row = db.execute("SELECT seq FROM items WHERE id = ?", (item.id,)).fetchone()
-            if row is not None:
-                return item.id
-        if item.kind not in ("turn", "fact"):
-            return None
-        target = sql.same_text(db, item.session, item.kind, normalise(item.text), item.speaker)
-        if target is None:
-            target = self._near_duplicate(db, item, vector)
-        if target is None:
-            return None
-        sql.add_sources(db, target, item.sources, item.text)
-        row = db.execute("SELECT id FROM items WHERE seq = ?", (target,)).fetchone()
-        return str(row[0])
-
-    def _near_duplicate(self, db: sqlite3.Connection, item: NewItem, vector: Any) -> int | None:
-        """A stored item of the same session and kind at ``dedup_similarity`` or above that
-        names the same numbers, names and negations."""
-        labels, sims = self._idx().query(vector, 8)
-        close = [
-            int(q) for q, sim in zip(labels, sims, strict=True) if sim >= self.dedup_similarity
-        ]
-        if not close:
-            return None
-        mine = signature(item.text)
-        for other in sql.items_by_seq(db, close):
-            if (
-                other.session == item.session
-                and other.kind == item.kind
-                and other.speaker == item.speaker
-                and other.superseded_by is None
-                and signature(other.text) == mine
-            ):
-                return other.seq
-        return None
-
-    @_sqlite_errors
+    @sqlite_errors
     def delete(self, item_id: str) -> bool:
         """Delete a memory; returns False if there was none with that id."""
         with self._lock:
             with self._tx() as db:
-                row = db.execute("SELECT seq FROM items WHERE id = ?", (item_id,)).fetchone()
-                if row is None:
-                    return False
-                op = sql.delete_item(db, int(row[0]))
-            self._keeper().deleted(int(row[0]), op)
+                done = forget.delete_id(db, item_id)
+            if not done:
+                return False
+            self._forget(done)
             self._maybe_save()
             return True
 
-    @_sqlite_errors
+    @sqlite_errors
     def delete_session(self, session: str) -> int:
         """Delete every memory of ``session``, leaving no trace of its text on disk; returns
         how many went.
@@ -423,94 +274,50 @@ class MemoryStore:
         """
         with self._lock:
             with self._tx() as db:
-                rows = db.execute("SELECT seq FROM items WHERE session = ?", (session,))
-                done = [(seq, sql.delete_item(db, seq)) for (seq,) in rows.fetchall()]
-            for seq, op in done:
-                self._keeper().deleted(seq, op)
-            self._scrub()
+                done = forget.delete_session(db, session)
+            self._forget(done)
+            forget.scrub(self._writable(), self._save)
             return len(done)
 
-    def _scrub(self) -> None:
-        """Merge the lexical index, save the vector index and truncate the WAL."""
-        db = self._conn()
-        with self._tx() as tx:
-            tx.execute("INSERT INTO items_fts (items_fts) VALUES ('optimize')")
-        self._save()
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        db.execute("VACUUM")
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    def _forget(self, done: forget.Deleted) -> None:
+        """Tell the index what a committed delete removed."""
+        for seq, op in done:
+            self._keeper().deleted(seq, op)
 
-    @_sqlite_errors
+    @sqlite_errors
     def watermark(self, key: str) -> int:
         """The value last written with ``put(..., mark=(key, value))``; -1 if none."""
         with self._lock:
-            return sql.read_mark(self._conn(), key)
+            return links.read_mark(self._conn(), key)
 
-    @_sqlite_errors
+    @sqlite_errors
     def current_fact(self, session: str | None, subject: str, attribute: str) -> MemoryItem | None:
         """The newest fact of ``session`` about ``subject``/``attribute`` that nothing has
         superseded, or None."""
         with self._lock:
-            row = (
-                self._conn()
-                .execute(
-                    f"SELECT {sql.COLUMNS} FROM items WHERE session IS ? AND kind = 'fact'"
-                    " AND subject = ? AND attribute = ? AND superseded_by IS NULL"
-                    " ORDER BY said_at DESC, seq DESC LIMIT 1",
-                    (session, subject, attribute),
-                )
-                .fetchone()
-            )
-        return None if row is None else MemoryItem.from_row(row)
+            return links.current_fact(self._conn(), session, subject, attribute)
 
-    @_sqlite_errors
+    @sqlite_errors
     def lineage(self, item_id: str) -> list[MemoryItem]:
         """The history of what an item says: the facts about the same subject and attribute
         as it (or, for a turn, as the facts distilled from it), newest first, the current
         one first and those it superseded after it. Empty for an item that states no
         single-valued attribute."""
         with self._lock:
-            db = self._conn()
-            row = db.execute(
-                "SELECT session, kind, subject, attribute, sources FROM items WHERE id = ?",
-                (item_id,),
-            ).fetchone()
-            if row is None:
-                return []
-            session, kind, subject, attribute, sources = row
-            keys = {(subject, attribute)} if attribute is not None else set()
-            if kind == "turn":
-                for source in json.loads(sources):
-                    keys.update(
-                        db.execute(
-                            "SELECT subject, attribute FROM items WHERE session IS ? AND"
-                            " kind = 'fact' AND attribute IS NOT NULL AND EXISTS (SELECT 1 FROM"
-                            " json_each(items.sources) WHERE json_each.value = ?)",
-                            (session, source),
-                        ).fetchall()
-                    )
+            session, keys = links.lineage_keys(self._conn(), item_id)
         out: list[MemoryItem] = []
-        for subj, attr in sorted(keys):
+        for subj, attr in keys:
             out += self.history(session, subj, attr)
         return out
 
-    @_sqlite_errors
+    @sqlite_errors
     def history(self, session: str | None, subject: str, attribute: str) -> list[MemoryItem]:
         """Every fact of ``session`` about ``subject``/``attribute``, newest first (the
         current one, then those it superseded)."""
         with self._lock:
-            rows = (
-                self._conn()
-                .execute(
-                    f"SELECT {sql.COLUMNS} FROM items WHERE session IS ? AND kind = 'fact'"
-                    " AND subject = ? AND attribute = ? ORDER BY said_at DESC, seq DESC",
-                    (session, subject, attribute),
-                )
-                .fetchall()
-            )
-        return [MemoryItem.from_row(r) for r in rows]
+            return links.history(self._conn(), session, subject, attribute)
 
-    @_sqlite_errors
+    @sqlite_errors
     def archive_turns(self, session: str, max_items: int) -> int:
         """Bound a session to ``max_items``: delete its lowest-value raw turns (least
         important, then superseded, then oldest) until it fits. Facts and summaries are never
@@ -519,72 +326,36 @@ class MemoryStore:
             raise ArgumentError(f"max_items must be a positive int, got {max_items!r}")
         with self._lock:
             with self._tx() as db:
-                total = db.execute(
-                    "SELECT COUNT(*) FROM items WHERE session = ?", (session,)
-                ).fetchone()[0]
-                excess = int(total) - max_items
-                if excess <= 0:
-                    return 0
-                rows = db.execute(
-                    "SELECT seq FROM items WHERE session = ? AND kind = 'turn'"
-                    " ORDER BY importance, superseded_by IS NULL, said_at, seq LIMIT ?",
-                    (session, excess),
-                ).fetchall()
-                done = [(seq, sql.delete_item(db, seq)) for (seq,) in rows]
-            for seq, op in done:
-                self._keeper().deleted(seq, op)
+                done = forget.archive_turns(db, session, max_items)
+            if done is None:
+                return 0
+            self._forget(done)
             self._maybe_save()
             return len(done)
 
-    @_sqlite_errors
+    @sqlite_errors
     def count(self, session: str | None = None, kind: str | None = None) -> int:
         """How many items (of a session, of a kind) the store holds."""
-        clauses, args = [], []
-        if session is not None:
-            clauses.append("session = ?")
-            args.append(session)
-        if kind is not None:
-            clauses.append("kind = ?")
-            args.append(kind)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._lock:
-            row = self._conn().execute(f"SELECT COUNT(*) FROM items{where}", args).fetchone()
-        return int(row[0])
+            return sql.count(self._conn(), session, kind)
 
     def touch(self, ids: Iterable[str], now: float | datetime | None = None) -> None:
         """Record that the memories ``ids`` were used now (their recency restarts)."""
         if self.read_only:
             return
         with self._lock:
-            self._touch(list(ids), sql.to_epoch(now))
-
-    def _touch(self, ids: Iterable[str], stamp: float) -> None:
-        """Record an access in memory; hold the lock. Written every
-        :data:`~runtime.longterm.db.TOUCH_FLUSH_EVERY` searches, on save and on close."""
-        if self._touches.record(ids, stamp):
-            self._flush_touches()
-
-    def _flush_touches(self) -> None:
-        """Write the pending access times (see :meth:`runtime.longterm.db.AccessTimes.flush`)."""
-        if self.read_only or not self._touches:
-            self._touches.clear()
-            return
-        self._touches.flush(self._conn())
+            self._touches.record(list(ids), sql.to_epoch(now))
 
     # -- reads ----------------------------------------------------------------------------------
 
-    @_sqlite_errors
+    @sqlite_errors
     def get(self, item_id: str) -> MemoryItem | None:
         """The memory with this id, or None."""
         with self._lock:
-            row = (
-                self._conn()
-                .execute(f"SELECT {sql.COLUMNS} FROM items WHERE id = ?", (item_id,))
-                .fetchone()
-            )
-        return None if row is None else self._touches.latest(MemoryItem.from_row(row))
+            item = sql.item_by_id(self._conn(), item_id)
+        return None if item is None else self._touches.latest(item)
 
-    @_sqlite_errors
+    @sqlite_errors
     def find(self, *, session: str | None, meta_key: str, value: str | int | float) -> list[str]:
         """Ids of the session's memories whose ``meta[meta_key]`` equals ``value`` (exact).
 
@@ -592,19 +363,10 @@ class MemoryStore:
         """
         if not meta_key.replace("_", "").isalnum():
             raise ArgumentError(f"meta_key must be alphanumeric/underscore, got {meta_key!r}")
-        path = f"$.{meta_key}"
         with self._lock:
-            rows = (
-                self._conn()
-                .execute(
-                    "SELECT id FROM items WHERE session IS ? AND json_extract(meta, ?) = ?",
-                    (session, path, value),
-                )
-                .fetchall()
-            )
-        return [str(r[0]) for r in rows]
+            return sql.find_by_meta(self._conn(), session, meta_key, value)
 
-    @_sqlite_errors
+    @sqlite_errors
     def search(
         self,
         query: str,
@@ -632,103 +394,51 @@ class MemoryStore:
         restricts the kinds. ``touch`` updates the returned items' last-access time to
         ``now`` (skipped on a read-only store).
         """
-        text = sql.check_text(query)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ArgumentError(f"k must be a positive int, got {k!r}")
-        kind_list = None if kinds is None else sorted(set(kinds))
-        if kind_list is not None and not set(kind_list) <= set(KINDS):
-            raise ArgumentError(f"kinds must be drawn from {KINDS}, got {kind_list}")
-        stamp = sql.to_epoch(now)
-        vector = self.embedder.embed([text])[0]
-        terms = query_terms(text)
-        with self._lock:
-            db = self._conn()
-            pool = max(4 * k, 50)
-            where, args = sql.scope_clause(
-                session, kind_list, global_only=global_only, with_global=with_global
-            )
-            if current_only:
-                where = " AND ".join(c for c in (where, "superseded_by IS NULL") if c)
-            dense = self._keeper().candidates(db, vector, pool, where=where, args=args)
-            lexical: dict[int, float] = {}
-            if terms and self.fusion.lexical > 0:
-                lexical = dict(
-                    sql.lexical_candidates(db, match_expression(terms), pool, where, args)
-                )
-            missing = [seq for seq in lexical if seq not in dense]
-            dense = {**dense, **sql.cosines(db, self._dim, missing, vector)}
-            found = Candidates(
-                dense=dense,
-                lexical=lexical,
-                speakers=self._named_speakers(db, terms),
-                period=time_range(text, stamp) if self.fusion.in_period != 1.0 else None,
-                use_dense=self.fusion.dense > 0,
-                use_lexical=self.fusion.lexical > 0,
-            )
-            hits = self._score(found, stamp)[:k]
-            if touch and hits and not self.read_only:
-                self._touch([h.id for h in hits], stamp)
-        return hits
-
-    def _named_speakers(self, db: sqlite3.Connection, terms: list[str]) -> frozenset[str]:
-        """The stored speakers (lower-cased) whose name is one of the query's words."""
-        if self._speakers is None:
-            rows = db.execute("SELECT DISTINCT speaker FROM items WHERE speaker IS NOT NULL")
-            self._speakers = frozenset(" ".join(words(str(r[0]))) for r in rows)
-        return frozenset(name for name in self._speakers if name in terms)
-
-    def _score(self, found: Candidates, now: float) -> list[Hit]:
-        seqs = set(found.dense) | set(found.lexical)
-        if not seqs:
-            return []
-        # a label SQLite no longer has (a stale index) simply drops out
-        items = sql.items_by_seq(self._conn(), sorted(seqs))
-        return rank(
-            (self._touches.latest(item) for item in items), found, self.weights, self.fusion, now
+        q = retrieval.Query.parse(
+            query,
+            k,
+            session=session,
+            kinds=kinds,
+            now=now,
+            global_only=global_only,
+            with_global=with_global,
+            current_only=current_only,
+            embedder=self.embedder,
         )
+        with self._lock:
+            hits = self._retriever.search(
+                self._conn(), self._keeper(), q, self.weights, self.fusion, self._touches.latest
+            )
+            if touch and hits and not self.read_only:
+                self._touches.record([h.id for h in hits], q.stamp)
+        return hits
 
     # -- maintenance ----------------------------------------------------------------------------
 
-    @_sqlite_errors
+    @sqlite_errors
     def stats(self) -> dict[str, Any]:
         """Counts and settings, for the CLI and for monitoring."""
         with self._lock:
             db, keeper = self._conn(), self._keeper()
-            index = keeper.hnsw
-            by_kind = dict(db.execute("SELECT kind, COUNT(*) FROM items GROUP BY kind").fetchall())
-            sessions = db.execute("SELECT COUNT(DISTINCT session) FROM items").fetchone()[0]
-            db_bytes = sum(
-                p.stat().st_size for p in self.directory.glob(f"{DB_NAME}*") if p.is_file()
-            )
-            index_bytes = sum(p.stat().st_size for p in self.directory.glob("index-*.hnsw"))
+            by_kind, sessions = sql.tally(db)
             return {
                 "directory": str(self.directory),
                 "items": sql.count(db),
                 "by_kind": by_kind,
-                "sessions": int(sessions),
+                "sessions": sessions,
                 "model_id": self.embedder.model_id,
                 "dim": self._dim,
-                "index_live": len(index),
-                "index_slots": index.slots,
-                "index_capacity": index.max_elements,
-                "index_M": index.params.M,
-                "index_ef_search": index.params.ef_search,
-                "unsaved_changes": keeper.dirty,
+                **keeper.figures(),
                 "pending_access_times": len(self._touches),
                 "max_seq": keeper.max_seq,
-                "db_bytes": db_bytes,
-                "index_bytes": index_bytes,
+                "db_bytes": schema.db_bytes(self.directory),
+                "index_bytes": sum(p.stat().st_size for p in self.directory.glob("index-*.hnsw")),
                 "read_only": self.read_only,
                 "recovered": self.recovered,
-                "weights": {
-                    "relevance": self.weights.relevance,
-                    "recency": self.weights.recency,
-                    "importance": self.weights.importance,
-                    "half_life_s": self.weights.half_life_s,
-                },
+                "weights": dataclasses.asdict(self.weights),
             }
 
-    @_sqlite_errors
+    @sqlite_errors
     def rebuild(self) -> int:
         """Rebuild the index from SQLite (and save it); returns the item count."""
         with self._lock:
@@ -736,7 +446,7 @@ class MemoryStore:
             keeper.rebuild(self._conn())
             return len(keeper)
 
-    @_sqlite_errors
+    @sqlite_errors
     def save_index(self) -> None:
         """Save the index now (normally done every ``save_every`` changes and on close)."""
         with self._lock:
@@ -751,50 +461,28 @@ class MemoryStore:
         Nothing acknowledged is lost by that: SQLite has every committed item.
         """
         with self._lock:
-            error: MemoryStoreError | None = None
             try:
-                if self._db is not None and not self.read_only:
-                    self._flush_touches()
-                if (
-                    self._index is not None
-                    and self._db is not None
-                    and not self.read_only
-                    and self._index.dirty
-                ):
-                    self._save()
-            except sqlite3.Error as exc:
-                error = sqlite_error(exc, self.db_path)
-                error.__cause__ = exc
-            except MemoryStoreError as exc:
-                error = exc
-            except (OSError, RuntimeError) as exc:
-                error = MemoryStoreIOError(
-                    getattr(exc, "errno", None) or errno.EIO,
-                    f"could not save the index on close: {exc}",
-                    str(self.directory),
-                )
-                error.__cause__ = exc
+                error = final_error(self._final_writes, self.db_path, self.directory)
             finally:
                 released = self._release()
-            if error is None:
-                error = released
+            error = released if error is None else error
             if error is not None:
                 raise error
 
+    def _final_writes(self) -> None:
+        """Write the pending access times and the index, if open for writing and changed."""
+        if self._db is None or self.read_only:
+            return
+        self._touches.flush()
+        if self._index is not None and self._index.dirty:
+            self._save()
+
     def _release(self) -> MemoryStoreError | None:
         """Drop the index, close SQLite and release the lock; never raises (returns the error)."""
-        error: MemoryStoreError | None = None
         self._index = None
-        if self._db is not None:
-            db, self._db = self._db, None
-            try:
-                db.close()
-            except sqlite3.Error as exc:
-                error = sqlite_error(exc, self.db_path)
-        if self._dirlock is not None:
-            lock, self._dirlock = self._dirlock, None
-            lock.release()
-        return error
+        db, self._db = self._db, None
+        lock, self._dirlock = self._dirlock, None
+        return schema.close_db(db, lock, self.db_path)
 
     def __enter__(self) -> MemoryStore:
         return self
@@ -802,7 +490,7 @@ class MemoryStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @_sqlite_errors
+    @sqlite_errors
     def __len__(self) -> int:
         with self._lock:
             return sql.count(self._conn())

@@ -1,0 +1,164 @@
+"""A search's candidates: what each retriever finds inside the search's scope.
+
+Two retrievers run: dense (cosine over the vector index, :mod:`runtime.longterm.index`) and
+lexical (SQLite FTS5 BM25 over each item's text and context). An item only the lexical one
+found gets its cosine from its stored embedding, so that every candidate has both scores.
+The speakers a query names and the period it names go with them to
+:func:`runtime.longterm.ranking.rank`, which fuses and blends.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from runtime.embed.embedder import TextEmbedder
+from runtime.errors import ArgumentError
+from runtime.longterm import db as sql
+from runtime.longterm.db import KINDS, FloatArray, MemoryItem
+from runtime.longterm.index import StoreIndex
+from runtime.longterm.lexical import match_expression, query_terms, time_range, words
+from runtime.longterm.ranking import Candidates, FusionWeights, Hit, ScoringWeights, rank
+
+
+@dataclass(frozen=True)
+class Query:
+    """A checked search: its text, embedding and content words, how many hits, when it is
+    asked, and the WHERE conditions (and arguments) of its scope."""
+
+    text: str
+    k: int
+    stamp: float
+    vector: FloatArray
+    terms: list[str]
+    where: str
+    args: list[Any]
+
+    @classmethod
+    def parse(
+        cls,
+        query: str,
+        k: int,
+        *,
+        session: str | None,
+        kinds: Iterable[str] | None,
+        now: float | datetime | None,
+        global_only: bool,
+        with_global: bool,
+        current_only: bool,
+        embedder: TextEmbedder,
+    ) -> Query:
+        """Check the arguments of :meth:`runtime.longterm.store.MemoryStore.search` and embed
+        the query with ``embedder``."""
+        text = sql.check_text(query)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ArgumentError(f"k must be a positive int, got {k!r}")
+        kind_list = None if kinds is None else sorted(set(kinds))
+        if kind_list is not None and not set(kind_list) <= set(KINDS):
+            raise ArgumentError(f"kinds must be drawn from {KINDS}, got {kind_list}")
+        stamp = sql.to_epoch(now)
+        where, args = scope(
+            session,
+            kind_list,
+            global_only=global_only,
+            with_global=with_global,
+            current_only=current_only,
+        )
+        vector = embedder.embed([text])[0]
+        return cls(text, k, stamp, vector, query_terms(text), where, args)
+
+
+class Speakers:
+    """The stored speakers' names (lower-cased), read from SQLite once and kept until
+    :meth:`forget` (an add that names a speaker). The caller holds the store's lock."""
+
+    def __init__(self) -> None:
+        self._names: frozenset[str] | None = None
+
+    def forget(self) -> None:
+        """Drop the cached names: the next :meth:`named` reads them again."""
+        self._names = None
+
+    def named(self, db: sqlite3.Connection, terms: list[str]) -> frozenset[str]:
+        """The stored speakers (lower-cased) whose name is one of the query's words."""
+        if self._names is None:
+            rows = db.execute("SELECT DISTINCT speaker FROM items WHERE speaker IS NOT NULL")
+            self._names = frozenset(" ".join(words(str(r[0]))) for r in rows)
+        return frozenset(name for name in self._names if name in terms)
+
+
+def scope(
+    session: str | None,
+    kinds: Sequence[str] | None,
+    *,
+    global_only: bool,
+    with_global: bool,
+    current_only: bool,
+) -> tuple[str, list[Any]]:
+    """The WHERE conditions and their arguments of a search's scope
+    (:func:`runtime.longterm.db.scope_clause`; ``current_only``: nothing superseded)."""
+    where, args = sql.scope_clause(session, kinds, global_only=global_only, with_global=with_global)
+    if current_only:
+        where = " AND ".join(c for c in (where, "superseded_by IS NULL") if c)
+    return where, args
+
+
+def gather(
+    db: sqlite3.Connection,
+    index: StoreIndex,
+    query: Query,
+    *,
+    dim: int,
+    fusion: FusionWeights,
+    speakers: Speakers,
+) -> Candidates:
+    """Up to ``max(4 * query.k, 50)`` candidates of each retriever for ``query`` among the
+    items its scope allows (embeddings ``dim`` wide)."""
+    pool = max(4 * query.k, 50)
+    vector, terms, where, args = query.vector, query.terms, query.where, query.args
+    dense = index.candidates(db, vector, pool, where=where, args=args)
+    lexical: dict[int, float] = {}
+    if terms and fusion.lexical > 0:
+        lexical = dict(sql.lexical_candidates(db, match_expression(terms), pool, where, args))
+    missing = [seq for seq in lexical if seq not in dense]
+    dense = {**dense, **sql.cosines(db, dim, missing, vector)}
+    return Candidates(
+        dense=dense,
+        lexical=lexical,
+        speakers=speakers.named(db, terms),
+        period=time_range(query.text, query.stamp) if fusion.in_period != 1.0 else None,
+        use_dense=fusion.dense > 0,
+        use_lexical=fusion.lexical > 0,
+    )
+
+
+class Retriever:
+    """Runs a :class:`Query` over a store of ``dim``-wide embeddings: gathers the candidates,
+    ranks them. Holds the stored speakers' names (:class:`Speakers`); the caller holds the
+    store's lock around every call."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.speakers = Speakers()
+
+    def search(
+        self,
+        db: sqlite3.Connection,
+        index: StoreIndex,
+        query: Query,
+        weights: ScoringWeights,
+        fusion: FusionWeights,
+        latest: Callable[[MemoryItem], MemoryItem],
+    ) -> list[Hit]:
+        """The ``query.k`` best hits, best first; ``latest`` adds an item's pending access."""
+        found = gather(db, index, query, dim=self.dim, fusion=fusion, speakers=self.speakers)
+        seqs = set(found.dense) | set(found.lexical)
+        if not seqs:
+            return []
+        # a label SQLite no longer has (a stale index) simply drops out
+        items = sql.items_by_seq(db, sorted(seqs))
+        hits = rank((latest(item) for item in items), found, weights, fusion, query.stamp)
+        return hits[: query.k]
