@@ -187,10 +187,14 @@ async def session_endpoint(request: Request, state: ServerState) -> Response:
 
 async def delete_session_endpoint(request: Request, state: ServerState) -> Response:
     sid, rt = _sid(request), state.rt
+    flag = request.query_params.get("memories", "true")
+    if flag not in ("true", "false"):
+        raise bad_request("memories", f"must be true or false, got {flag!r}")
+    memories = flag == "true"  # default: every trace goes, long-term memories included
 
     def delete() -> None:
         try:
-            rt.delete_session(sid)
+            rt.delete_session(sid, memories=memories)
         except SessionNotFoundError:
             raise not_found(f"session {sid}") from None
 

@@ -204,7 +204,11 @@ def test_session_checkpoint_and_delete(client: Any, http: httpx.Client, rt: Runt
     assert r.status_code == 200 and r.json()["checkpointed"] == 1, r.text
     hits = http.get("/v1/memories/search", params={"q": "remember the milk", "session": "doomed"})
     assert hits.json()["data"][0]["text"] == "remember the milk"
+    bad = http.delete("/v1/sessions/doomed", params={"memories": "maybe"})
+    assert _error(bad, 400)["param"] == "memories"
     assert http.delete("/v1/sessions/doomed").json()["deleted"] is True
+    gone = http.get("/v1/memories/search", params={"q": "remember the milk", "session": "doomed"})
+    assert all(h["session"] != "doomed" for h in gone.json()["data"])
     assert http.get("/v1/sessions/doomed").status_code == 404
     assert "doomed" not in rt.sessions()
     # a second delete: the runtime's SessionNotFoundError, as a 404
