@@ -248,7 +248,8 @@ class Runtime:
             marks = [time.perf_counter()]
             session, report = self._sessions.get(session_id)
             marks.append(time.perf_counter())
-            memories = self._recall.retrieve(session, text) if use_memory else []
+            # "last week" in the question means the week before the turn's own time
+            memories = self._recall.retrieve(session, text, now=created) if use_memory else []
             marks.append(time.perf_counter())
             meta: dict[str, object] = {"importance": importance}
             if not remember:
@@ -464,11 +465,14 @@ class Runtime:
                 text, session=session, kind=kind, importance=importance, meta=meta
             )
 
-    def search(self, query: str, k: int = 5, *, session: str | None = None) -> list[Hit]:
-        """Search long-term memory (all sessions, or one)."""
+    def search(
+        self, query: str, k: int = 5, *, session: str | None = None, now: float | None = None
+    ) -> list[Hit]:
+        """Search long-term memory: all sessions, or one (with the global memories). Periods
+        the query names ("last week") are read relative to ``now`` (default: the time)."""
         with self._lock:
             self._require_open()
-            return self._recall.search(query, k, session=session)
+            return self._recall.search(query, k, session=session, now=now)
 
     def memory_history(self, item_id: str) -> list[MemoryItem]:
         """The history behind a memory: every fact about the same subject and attribute,
