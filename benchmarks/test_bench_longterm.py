@@ -7,7 +7,8 @@
 original timestamps and prints found@5/found@10 per category (skipped when the data path is
 absent; CI mode skips it: it takes minutes). ``test_synthetic`` runs the generated set of
 updates, numbers and names. ``test_query_at_size`` measures one ``MemoryStore.search`` (query
-embedding included) in a session of 5,000 items (500 in CI mode).
+embedding included) in a session of 5,000 items (500 in CI mode) of Zipf-distributed words
+from MiniLM's vocabulary.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ def embedder() -> Any:
     from runtime.embed import Embedder
 
     return Embedder.default()
+
+
+def _vocabulary() -> list[str]:
+    """Whole English words of MiniLM's own vocabulary (no word list ships with the project)."""
+    from tokenizers import Tokenizer
+
+    from runtime.embed import export_minilm
+
+    vocab = Tokenizer.from_file(str(export_minilm() / "tokenizer.json")).get_vocab()
+    by_id = sorted((i, w) for w, i in vocab.items() if w.isalpha() and w.islower() and len(w) > 3)
+    return [w for _, w in by_id][:8000]
 
 
 def _report(benchmark: Any, report: dict[str, Any]) -> None:
@@ -71,22 +83,12 @@ def test_query_at_size(benchmark: Any, embedder: Any, tmp_path: Path) -> None:
     from runtime.longterm.db import NewItem
 
     rng = random.Random(0)
-    words = [
-        "coffee",
-        "berlin",
-        "project",
-        "deadline",
-        "report",
-        "birthday",
-        "daughter",
-        "server",
-        "flight",
-        "garden",
-    ]
+    words = _vocabulary()
+    weights = [1.0 / (rank + 1) for rank in range(len(words))]  # Zipf, like natural text
     with MemoryStore(tmp_path / "mem", embedder) as store:
         items = [
             NewItem(
-                f"note {i}: {' '.join(rng.choices(words, k=6))} {rng.randrange(10**4)}",
+                f"{' '.join(rng.choices(words, weights, k=12))} {rng.randrange(10**4)}",
                 kind="turn",
                 session="big",
                 speaker=rng.choice(["Ana", "Ben"]),
@@ -96,7 +98,10 @@ def test_query_at_size(benchmark: Any, embedder: Any, tmp_path: Path) -> None:
         ]
         for i in range(0, ITEMS, 256):
             store.put(items[i : i + 256], merge=False)
-        queries = [f"what did Ana say about the {rng.choice(words)} {n}?" for n in range(64)]
+        queries = [
+            f"what did Ana say about the {' '.join(rng.choices(words, weights, k=2))}?"
+            for _ in range(64)
+        ]
         store.search(queries[0], 10, session="big", touch=False)  # warm the session's scan
         state = {"i": 0}
 

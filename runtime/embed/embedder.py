@@ -267,6 +267,9 @@ class Embedder:
             if self._threads is not None:
                 opts.intra_op_num_threads = self._threads
             opts.inter_op_num_threads = 1
+            # no busy-waiting between runs: onnxruntime's pool spins after each call by
+            # default, stealing the cores the llama.cpp decode and the search's numpy need
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             # ERROR and above only: the graph optimiser's shape-merge warnings are noise to users
             opts.log_severity_level = 3
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
