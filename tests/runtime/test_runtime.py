@@ -137,6 +137,14 @@ def _round_robin(root: Path, slots: int, embedder: object) -> list[str]:
         n_ctx=2048,
         max_resident=slots,
         embedder=embedder,
+        # flash attention (on for q8_0): its result does not depend on where in the cache a
+        # session's cells sit. Without it, f16 attention sums over the cache in SIMD blocks
+        # whose grouping follows the cells' absolute slots, so a resumed session (cells packed
+        # elsewhere) can differ from a never-evicted one by float rounding, and greedy decoding
+        # on random weights flips at such a near-tie (seen at b6628de on this machine: reply 15
+        # of 18). The restored cells themselves are byte-identical in both (test_chunks,
+        # test_snapshot_llama).
+        kv_type="q8_0",
         checkpoint=CheckpointPolicy(every_tokens=10_000, every_seconds=0),
     ) as rt:
         for turn in range(3):
