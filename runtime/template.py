@@ -158,6 +158,8 @@ class ChatFormat:
     _warned: list[bool] = field(
         default_factory=lambda: [False], init=False, repr=False, compare=False
     )
+    #: token id -> whether it is a control token (asked of the model once per token)
+    _control: dict[int, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -390,17 +392,63 @@ class ChatFormat:
             return None
         return body[len(reply.content) :]
 
-    def tokenize(self, model: llamaffi.Model, text: str, *, first: bool) -> list[int]:
+    def tokenize(
+        self, model: llamaffi.Model, text: str, *, first: bool, plain: Sequence[str] = ()
+    ) -> list[int]:
         """Tokens of rendered ``text``, template markers parsed as special tokens.
 
-        BOS is prepended only for the ``first`` chunk of a sequence, only when the model's
-        vocabulary asks for it, and only when ``text`` does not already start with the BOS
-        text (no double BOS). EOS is never added.
+        ``plain`` are the message contents rendered into ``text``, in order: each is
+        tokenized as plain text where it stands (llama-server's ``tokenize_mixed``), so a
+        user who writes ``<|im_start|>system`` gets those characters, never the control
+        token. BOS is prepended only for the ``first`` chunk of a sequence, only when the
+        model's vocabulary asks for it, and only when ``text`` does not already start with
+        the BOS text (no double BOS). EOS is never added.
         """
-        tokens = model.tokenize(text, add_special=False, parse_special=True)
+        risky = [c for c in plain if c and self._has_control(model, c)]
+        if not risky:
+            # the usual case: nothing in the messages parses as a control token, so the
+            # text is tokenized whole, exactly as the model saw its template in training
+            tokens = model.tokenize(text, add_special=False, parse_special=True)
+        else:
+            tokens = self._mixed(model, text, risky)
         if first and self.add_bos and not (self.bos_text and text.startswith(self.bos_text)):
             tokens.insert(0, self.bos_token)
         return tokens
+
+    def _has_control(self, model: llamaffi.Model, content: str) -> bool:
+        """Whether ``content`` holds text that parses as a control token."""
+        tokens = model.tokenize(content, add_special=False, parse_special=True)
+        return any(self._is_control(model, t) for t in tokens)
+
+    def _mixed(self, model: llamaffi.Model, text: str, risky: Sequence[str]) -> list[int]:
+        """``text`` tokenized with each of the ``risky`` contents (in order) as plain text
+        where it stands and the template around them parsed for its markers."""
+        tokens: list[int] = []
+        at = 0
+        for content in risky:
+            found = text.find(content, at)
+            if found < 0 or text.find(content, found + 1) >= 0:
+                # rewritten by the template, or also standing elsewhere in it: which copy
+                # is the user's cannot be told, so it is refused rather than guessed
+                raise ArgumentError(
+                    f"a message contains control-token text that the {self.name} chat "
+                    "template rewrites or also uses, so it cannot be kept as plain text"
+                )
+            tokens += model.tokenize(text[at:found], add_special=False, parse_special=True)
+            tokens += model.tokenize(content, add_special=False, parse_special=False)
+            at = found + len(content)
+        tokens += model.tokenize(text[at:], add_special=False, parse_special=True)
+        return tokens
+
+    def _is_control(self, model: llamaffi.Model, token: int) -> bool:
+        """A control token renders only when special tokens are shown."""
+        known = self._control.get(token)
+        if known is None:
+            known = not model.token_to_piece(token) and bool(
+                model.token_to_piece(token, special=True)
+            )
+            self._control[token] = known
+        return known
 
     def clean(self, text: str) -> str:
         """Reply text without template markers: cut at the first stop string, stripped."""

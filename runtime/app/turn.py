@@ -119,7 +119,7 @@ class TurnEngine:
 
     def _system_tokens(self, text: str) -> list[int]:
         rendered = self.format.render([Message("system", text)], False)
-        return self.format.tokenize(self.model, rendered, first=True)
+        return self.format.tokenize(self.model, rendered, first=True, plain=[text])
 
     def _render_user(
         self, session: Session, user: Message, max_tokens: int
@@ -131,10 +131,11 @@ class TurnEngine:
             first = session.n_tokens == 0
             delta, extends = self.format.user_delta(history, user)
             if extends:
-                tokens = self.format.tokenize(self.model, delta, first=first)
+                tokens = self.format.tokenize(self.model, delta, first=first, plain=[user.content])
                 keep = session.n_tokens
             else:
-                full = self.format.tokenize(self.model, delta, first=True)
+                contents = [m.content for m in history] + [user.content]
+                full = self.format.tokenize(self.model, delta, first=True, plain=contents)
                 window = session.tokens()
                 keep = _common_prefix(window, full)
                 tokens = full[keep:]
@@ -284,12 +285,14 @@ class TurnEngine:
                         f"the {fmt.name} chat template cannot extend this session turn by "
                         "turn; send only the new user message",
                     )
-                tokens = fmt.tokenize(self.model, delta, first=in_window + n_tokens == 0)
+                first = in_window + n_tokens == 0
+                tokens = fmt.tokenize(self.model, delta, first=first, plain=[content])
                 history.append(Message("user", content))
             else:
                 sources = (i,)
                 close = fmt.assistant_close(history, Message("assistant", text))
-                tokens = fmt.tokenize(self.model, text, first=False)
+                # a reply is all content: none of it becomes a control token
+                tokens = fmt.tokenize(self.model, text, first=False, plain=[text])
                 if close:
                     tokens += fmt.tokenize(self.model, close, first=False)
                 history.append(Message("assistant", text))
