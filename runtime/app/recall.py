@@ -308,15 +308,21 @@ class Recall:
             "archived": 0,
         }
         if self.max_items:
+            self.flush_marks()  # an archived turn must not come back by a re-ingest
             done["archived"] = self.store.archive_turns(sid, self.max_items)
         return done
 
     def durable_mark(self, session_id: str) -> int | None:
-        """The last journal seq whose ingestion is on disk (what the next process starts
-        from); ``None`` when long-term memory is off, so nothing bounds retention."""
+        """The last journal seq that long-term memory holds durably: ingested (the mark on
+        disk) and distilled into facts and summaries; journal retention drops nothing after
+        it. ``None`` when long-term memory is off, so nothing bounds retention."""
         if self.store is None:
             return None
-        return self._written_marks.get(session_id, -1)
+        return min(
+            self._written_marks.get(session_id, -1),
+            self.store.watermark(f"facts:{session_id}"),
+            self.store.watermark(f"summary:{session_id}"),
+        )
 
     def _write_mark(self, journal_path: Path, last: int) -> None:
         atomic_write_bytes(watermark_path(journal_path), f"{last}\n".encode())
@@ -336,8 +342,12 @@ class Recall:
         self._marks.pop(session_id, None)
         self._written_marks.pop(session_id, None)
         self._checked.discard(session_id)
-        if memories and self.store is not None:
+        if self.store is None:
+            return
+        if memories:
             self.store.delete_session(session_id)
+        else:
+            self.store.forget_marks(session_id)
 
     # -- the API ----------------------------------------------------------------------------------
 
@@ -395,6 +405,8 @@ class Recall:
         """Delete one long-term memory; False if there was none with this id."""
         if self.store is None:
             return False
+        # the watermarks first: a crash right after must not re-ingest a forgotten turn
+        self.flush_marks()
         return self.store.delete(item_id)
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:

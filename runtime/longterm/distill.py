@@ -56,6 +56,14 @@ def item_id(session_id: str, kind: str, *key: object) -> str:
     return str(uuid.uuid5(_ITEM_NAMESPACE, name))
 
 
+def lineage_key(sid: str, journal: JournalBackend) -> str:
+    """The session id and its journal's first time: a session deleted (its memories kept)
+    and started again under the same id names its items afresh, instead of colliding with
+    the old ones' ids."""
+    first = entry_at(journal, 0) if len(journal) else None
+    return f"{sid}@{first.created!r}" if first is not None else sid
+
+
 class Distiller:
     """Writes a session's derived items into ``store``; every method is idempotent."""
 
@@ -64,8 +72,9 @@ class Distiller:
 
     def turns(self, sid: str, journal: JournalBackend, first: int, last: int) -> int:
         """Store the user turns among entries ``first..last``; returns how many."""
+        key = lineage_key(sid, journal)
         items = [
-            turn_item(sid, journal, entry)
+            turn_item(sid, journal, entry, key)
             for seq in range(first, last + 1)
             if (entry := entry_at(journal, seq)) is not None and memorable(entry)
         ]
@@ -76,6 +85,7 @@ class Distiller:
     def facts(self, sid: str, journal: JournalBackend) -> int:
         """Facts from the user turns after the facts' watermark; returns how many."""
         key = f"facts:{sid}"
+        lineage = lineage_key(sid, journal)
         last = len(journal) - 1
         made = 0
         for start in range(self.store.watermark(key) + 1, last + 1, BATCH):
@@ -84,7 +94,7 @@ class Distiller:
                 item
                 for seq in range(start, stop + 1)
                 if (entry := entry_at(journal, seq)) is not None and memorable(entry)
-                for item in fact_items(sid, entry)
+                for item in fact_items(sid, entry, lineage)
             ]
             self.store.put(items, mark=(key, stop))
             made += len(items)
@@ -93,6 +103,7 @@ class Distiller:
     def summaries(self, sid: str, journal: JournalBackend, window: set[int]) -> int:
         """A summary of every SUMMARY_SPAN entries before the window; returns how many."""
         key = f"summary:{sid}"
+        lineage = lineage_key(sid, journal)
         end = min(window) if window else len(journal)
         made = 0
         for start in range(self.store.watermark(key) + 1, end - SUMMARY_SPAN + 1, SUMMARY_SPAN):
@@ -111,7 +122,7 @@ class Distiller:
                         said_at=said_at,
                         sources=tuple(e.seq for e in entries),
                         importance=0.6,
-                        id=item_id(sid, "summary", start),
+                        id=item_id(lineage, "summary", start),
                     )
                 )
             self.store.put(items, mark=(key, start + SUMMARY_SPAN - 1))
@@ -136,8 +147,8 @@ def memorable(entry: Entry) -> bool:
     )
 
 
-def turn_item(sid: str, journal: JournalBackend, entry: Entry) -> NewItem:
-    """The item of one user turn."""
+def turn_item(sid: str, journal: JournalBackend, entry: Entry, lineage: str) -> NewItem:
+    """The item of one user turn (``lineage``: :func:`lineage_key`)."""
     return NewItem(
         entry.text,
         kind="turn",
@@ -148,12 +159,12 @@ def turn_item(sid: str, journal: JournalBackend, entry: Entry) -> NewItem:
         context=context_of(journal, entry),
         importance=float(entry.meta.get("importance", 0.5)),
         meta={"journal_seq": entry.seq, "role": entry.role},
-        id=item_id(sid, "turn", entry.seq),
+        id=item_id(lineage, "turn", entry.seq),
     )
 
 
-def fact_items(sid: str, entry: Entry) -> list[NewItem]:
-    """The fact items of one user turn."""
+def fact_items(sid: str, entry: Entry, lineage: str) -> list[NewItem]:
+    """The fact items of one user turn (``lineage``: :func:`lineage_key`)."""
     speaker = entry.meta.get("name")
     return [
         NewItem(
@@ -167,7 +178,7 @@ def fact_items(sid: str, entry: Entry) -> list[NewItem]:
             attribute=fact.attribute,
             importance=0.6 if fact.attribute else 0.5,
             meta={"journal_seq": entry.seq, "value": fact.value},
-            id=item_id(sid, "fact", entry.seq, i),
+            id=item_id(lineage, "fact", entry.seq, i),
         )
         for i, fact in enumerate(extract(entry.text, speaker))
     ]
@@ -180,6 +191,8 @@ def context_of(journal: JournalBackend, entry: Entry) -> str:
         before = entry_at(journal, seq)
         if before is None or before.role == "system" or entry.created - before.created > SITTING_S:
             break
+        if before.meta.get("remember") is False:
+            continue  # kept out of long-term memory: not even as a neighbour's context
         parts.append(f"{before.meta.get('name') or before.role}: {before.text}")
     return " ".join(reversed(parts))
 

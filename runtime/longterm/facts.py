@@ -18,7 +18,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from runtime.longterm.lexical import normalise
+from runtime.longterm.lexical import NEGATIONS, normalise
 
 #: A fact's text is at most this long (longer values are cut at a word boundary).
 MAX_FACT_CHARS = 240
@@ -104,6 +104,8 @@ def extract(text: str, speaker: str | None) -> list[Fact]:
             facts.append(fact)
 
     for sentence in _SENTENCE.findall(text):
+        if not _asserts(sentence):
+            continue  # a question, a hypothetical or a negation states no value
         matched = False
         for pattern, attribute, template in _RULES:
             if m := pattern.search(sentence):
@@ -119,6 +121,22 @@ def extract(text: str, speaker: str | None) -> list[Fact]:
         if not matched and _is_statement(sentence):
             keep(Fact(_cut(_resolve(sentence.strip(), subject)), key))
     return facts
+
+
+_HYPOTHETICAL = re.compile(
+    r"^\s*(?:should|would|could|can|may|might|shall|will|do|does|did|is|are|am|was|were|what"
+    r"|why|how|when|where|who|which|if|whether|maybe|perhaps)\b",
+    re.IGNORECASE,
+)
+
+
+def _asserts(sentence: str) -> bool:
+    """A sentence that states something: not a question, not a hypothetical ("What if…",
+    "Should I…"), and not negated ("My name is not Bob": the value is not Bob)."""
+    s = sentence.strip()
+    if not s or s.endswith("?") or _HYPOTHETICAL.search(s):
+        return False
+    return not (set(normalise(s).split()) & NEGATIONS)
 
 
 def _is_statement(sentence: str) -> bool:

@@ -9,13 +9,17 @@ the WAL; ``secure_delete`` (set on every connection) has zeroed the freed pages.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Callable
 
 from runtime.longterm import db as sql
+from runtime.longterm import links
 
 #: (seq, tombstone number) of each deleted item, for the index.
 Deleted = list[tuple[int, int | None]]
+
+logger = logging.getLogger(__name__)
 
 
 def delete_item(db: sqlite3.Connection, seq: int) -> int | None:
@@ -35,9 +39,12 @@ def delete_id(db: sqlite3.Connection, item_id: str) -> Deleted:
 
 
 def delete_session(db: sqlite3.Connection, session: str) -> Deleted:
-    """Delete every item of ``session`` (inside the caller's transaction)."""
+    """Delete every item of ``session`` and its distiller watermarks (inside the caller's
+    transaction): a new session under the same id starts from nothing."""
     rows = db.execute("SELECT seq FROM items WHERE session = ?", (session,))
-    return [(seq, delete_item(db, seq)) for (seq,) in rows.fetchall()]
+    done = [(seq, delete_item(db, seq)) for (seq,) in rows.fetchall()]
+    links.clear_marks(db, session)
+    return done
 
 
 def archive_turns(db: sqlite3.Connection, session: str, max_items: int) -> Deleted | None:
@@ -72,7 +79,11 @@ def merge_lexical(db: sqlite3.Connection) -> None:
 
 
 def compact(db: sqlite3.Connection) -> None:
-    """Checkpoint and truncate the WAL around a VACUUM (outside any transaction)."""
+    """Checkpoint and truncate the WAL around a VACUUM (outside any transaction). A reader
+    holding old pages (a ``memory search`` process) keeps the WAL from truncating: that is
+    logged, and the next delete truncates it."""
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.execute("VACUUM")
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if busy and busy[0]:
+        logger.warning("a reader kept the memory store's WAL from truncating after a delete")

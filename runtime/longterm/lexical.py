@@ -260,8 +260,8 @@ def time_range(text: str, now: float) -> tuple[float, float] | None:
 
 
 def _is_month(word: str) -> bool:
-    """A month name, not the verb "may" (a month is written with a capital)."""
-    return word.lower() != "may" or word[0] == "M"
+    """A month name, written with a capital: not the verbs "may", "march" or "august"."""
+    return word[:1].isupper()
 
 
 def _span(start: datetime, end: datetime) -> tuple[float, float]:

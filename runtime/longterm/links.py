@@ -190,10 +190,12 @@ def _mark_superseded(db: sqlite3.Connection, seq: int, by: str) -> None:
             (row[0], source),
         ).fetchone()
         if cited is None:
+            # every turn item that came from the entry, a merged repeat included
             db.execute(
                 "UPDATE items SET superseded_by = ? WHERE session IS ? AND kind = 'turn'"
-                " AND superseded_by IS NULL AND sources = ?",
-                (by, row[0], json.dumps([source])),
+                " AND superseded_by IS NULL AND EXISTS (SELECT 1 FROM"
+                " json_each(items.sources) WHERE json_each.value = ?)",
+                (by, row[0], source),
             )
 
 
@@ -262,3 +264,12 @@ def read_mark(db: sqlite3.Connection, key: str) -> int:
     """Watermark ``key``, or -1."""
     row = db.execute("SELECT value FROM meta WHERE key = ?", (f"mark:{key}",)).fetchone()
     return -1 if row is None else int(row[0])
+
+
+def clear_marks(db: sqlite3.Connection, session: str) -> None:
+    """Forget the distiller's watermarks of ``session`` (inside the caller's transaction):
+    a new journal under the same id starts from its first entry."""
+    db.execute(
+        "DELETE FROM meta WHERE key IN (?, ?)",
+        (f"mark:facts:{session}", f"mark:summary:{session}"),
+    )

@@ -264,25 +264,29 @@ class MemoryStore:
 
     @sqlite_errors
     def delete_session(self, session: str) -> int:
-        """Delete every memory of ``session``, leaving no trace of its text on disk; returns
-        how many went.
-
-        The rows go in one transaction; then the lexical index is merged (FTS5 keeps a
-        deleted document's terms in old segments until a merge), the WAL is checkpointed
-        and truncated, and ``secure_delete`` (set on every connection) has zeroed the freed
-        pages. The index is saved, so no vector of the session stays in a saved graph.
+        """Delete every memory of ``session`` and its watermarks, leaving no trace on disk;
+        returns how many went. Then the FTS index is merged (FTS5 keeps deleted terms in old
+        segments until then), the vector index rebuilt (hnswlib keeps a deleted vector's
+        data), the database vacuumed and the WAL truncated, with ``secure_delete`` on.
         """
         with self._lock:
             with self._tx() as db:
                 done = forget.delete_session(db, session)
             self._forget(done)
-            forget.scrub(self._writable(), self._save)
+            forget.scrub(self._writable(), lambda: self._keeper().rebuild(self._conn()))
             return len(done)
 
     def _forget(self, done: forget.Deleted) -> None:
         """Tell the index what a committed delete removed."""
         for seq, op in done:
             self._keeper().deleted(seq, op)
+
+    @sqlite_errors
+    def forget_marks(self, session: str) -> None:
+        """Forget the distiller's watermarks of ``session`` (its journal was deleted and its
+        memories kept: a new journal under that id is distilled from its start)."""
+        with self._lock, self._tx() as db:
+            links.clear_marks(db, session)
 
     @sqlite_errors
     def watermark(self, key: str) -> int:
