@@ -427,7 +427,7 @@ class Runtime:
         default ``"all"``."""
         with self._lock:
             self._require_open()
-            self._recall.flush_marks()
+            self._recall.settle(self._pool.resident())  # memory covers what may be dropped
             return sum(self._retention.compact(s, force=True) for s in self._pool.resident())
 
     def stats(self) -> dict[str, Any]:

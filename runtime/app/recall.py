@@ -312,6 +312,13 @@ class Recall:
             done["archived"] = self.store.archive_turns(sid, self.max_items)
         return done
 
+    def settle(self, sessions: Sequence[Session]) -> None:
+        """Consolidate ``sessions`` and write every watermark: what journal retention may
+        then drop is covered by long-term memory on disk."""
+        for session in sessions:
+            self.consolidate(session)
+        self.flush_marks()
+
     def durable_mark(self, session_id: str) -> int | None:
         """The last journal seq that long-term memory holds durably: ingested (the mark on
         disk) and distilled into facts and summaries; journal retention drops nothing after

@@ -104,7 +104,9 @@ class Distiller:
         """A summary of every SUMMARY_SPAN entries before the window; returns how many."""
         key = f"summary:{sid}"
         lineage = lineage_key(sid, journal)
-        end = min(window) if window else len(journal)
+        # the window's first turn is pinned (it never shifts out): what left starts after it
+        ordered = sorted(window)
+        end = ordered[1] if len(ordered) > 1 else len(journal) if not ordered else ordered[0]
         made = 0
         for start in range(self.store.watermark(key) + 1, end - SUMMARY_SPAN + 1, SUMMARY_SPAN):
             entries = [
