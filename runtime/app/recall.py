@@ -124,7 +124,6 @@ class Recall:
         self.memory_k = memory_k
         self.min_similarity = min_similarity
         self.dedup_similarity = dedup_similarity
-        self._checked: set[str] = set()  # sessions whose ingestion was verified
         self._marks: dict[str, int] = {}  # sid -> last journal seq ingested
         self._written_marks: dict[str, int] = {}  # sid -> the value on disk
         #: ingests that failed (the turn itself was safe in the journal)
@@ -243,7 +242,6 @@ class Recall:
         try:
             self.ingest_journal(session_id, journal)
         except Exception as exc:
-            self._checked.discard(session_id)
             self.ingest_failures += 1
             logger.warning(
                 "session %s: long-term memory write failed (%s); it catches up later",
@@ -280,7 +278,6 @@ class Recall:
         last = len(journal) - 1
         added = Distiller(self.store).turns(sid, journal, mark + 1, last)
         self._marks[sid] = last
-        self._checked.add(sid)
         # The file is only a shortcut for the next process (entries past it are named by
         # their seq, so a re-add is a no-op), so it is written every MARK_EVERY entries and
         # on close, not with two fsyncs on every turn.
@@ -348,7 +345,6 @@ class Recall:
         """A session was deleted: drop its watermarks and (``memories``) its memories."""
         self._marks.pop(session_id, None)
         self._written_marks.pop(session_id, None)
-        self._checked.discard(session_id)
         if self.store is None:
             return
         if memories:
