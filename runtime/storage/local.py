@@ -1,17 +1,4 @@
-"""Storage behind interfaces: what the journal and the checkpoints need of a backend, and what
-each call guarantees when it returns.
-
-Two interfaces, each with one implementation today (the local data directory), so that a
-server-backed engine (PostgreSQL, S3) can be added later without touching a turn:
-
-* :class:`JournalBackend`: a session's turns, in order. :class:`runtime.journal.Journal`
-  (segment files under ``journals/``) is the local one.
-* :class:`BlobStore`: immutable, content-addressed chunks and the per-session manifests that
-  name them. :class:`LocalBlobStore` (files under ``kv/``) is the local one.
-
-The contract tests in ``tests/runtime/test_storage_contract.py`` run against every
-implementation.
-"""
+"""The local :class:`runtime.storage.BlobStore`: chunks and manifests in a directory."""
 
 from __future__ import annotations
 
@@ -22,9 +9,9 @@ import mmap
 import os
 import re
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import BinaryIO
 
 from runtime.errors import ArgumentError, ClosedError, ReadOnlyError
 from runtime.fsutil import (
@@ -41,169 +28,9 @@ from runtime.fsutil import (
 from runtime.layout import QUARANTINE_DIR, validate_session_id
 from runtime.snapshot.format import FILE_SUFFIX
 
-if TYPE_CHECKING:
-    from runtime.journal import Entry
-
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlobStore", "JournalBackend", "LocalBlobStore"]
-
-
-class JournalBackend(Protocol):
-    """A session's turns, in order: the truth both memories are rebuilt from.
-
-    Durability: when :meth:`append` returns, the entry is durable (written and, unless the
-    journal was opened without fsync for tests, fsynced) and will be read back by every later
-    reader, after any crash. A failed append keeps nothing of the entry, and the next append
-    reuses its seq.
-
-    Order: entries are numbered ``0, 1, 2, ...`` in append order, without gaps; a reader sees
-    a prefix of that order. :meth:`rotate` seals the entries so far (an immutable segment);
-    :meth:`drop_segments_before` removes sealed entries only, never the newest, and a later
-    read of a dropped entry raises :class:`runtime.errors.JournalCompactedError` (never a
-    silent skip); damage in the middle raises :class:`runtime.errors.JournalCorruptError`.
-    """
-
-    def __len__(self) -> int:
-        """Entries appended so far (dropped ones included in the numbering)."""
-        ...
-
-    def __getitem__(self, seq: int) -> Entry:
-        """Entry ``seq`` (negative: from the end)."""
-        ...
-
-    def __iter__(self) -> Iterator[Entry]:
-        """Every stored entry, in order."""
-        ...
-
-    @property
-    def closed(self) -> bool:
-        """Whether the journal was closed (or closed itself after a failure it cannot undo)."""
-        ...
-
-    @property
-    def compacted(self) -> bool:
-        """Whether retention dropped any entry."""
-        ...
-
-    @property
-    def n_segments(self) -> int:
-        """Sealed segments kept."""
-        ...
-
-    def append(
-        self,
-        role: str,
-        text: str,
-        tokens: Sequence[int],
-        meta: dict[str, Any] | None = None,
-        *,
-        created: float | None = None,
-    ) -> Entry:
-        """Append one entry; durable when this returns."""
-        ...
-
-    def iter_from(self, seq: int) -> Iterator[Entry]:
-        """The entries from ``seq`` on, in order (a range read: costs what it returns)."""
-        ...
-
-    def rotate(self) -> None:
-        """Seal the entries so far into an immutable segment (only sealed entries can be
-        dropped)."""
-
-    def drop_segments_before(self, seq: int, keep: Collection[int] = ()) -> int:
-        """Drop sealed entries older than ``seq`` (those in ``keep`` stay readable); return
-        the bytes freed."""
-        ...
-
-    def close(self) -> None:
-        """Release the backend; later calls raise."""
-
-
-class BlobStore(Protocol):
-    """Chunks (immutable blobs named by their content key) and each session's manifests.
-
-    Durability and order:
-
-    * :meth:`put_if_absent` returns only once the blob is durable; a blob is never changed
-      after that (a key names its content), so a second put of the same key is a no-op.
-    * :meth:`switch_manifest` publishes a session's new manifest atomically: a reader sees
-      the old manifests or the new one, never part of it, and it is durable when the call
-      returns. **A manifest is durable only after every chunk it names**: the caller puts
-      every chunk first (each durable on return), then switches.
-    * Deletes (:meth:`delete`, :meth:`delete_manifest`, :meth:`delete_session`) are issued
-      only after the manifest switch that stops referencing what they delete, so a crash at
-      any point leaves every chunk a live manifest names in place (at worst, orphans that the
-      next garbage collection removes).
-    * Damaged data is never deleted by a reader: it is moved aside with a reason
-      (:meth:`quarantine`, :meth:`quarantine_manifest`).
-    """
-
-    readonly: bool
-
-    def put_if_absent(self, key: str, write: Callable[[BinaryIO], int]) -> int:
-        """Store blob ``key``, whose bytes ``write(f)`` writes; durable on return. Returns
-        the stored size (the existing one if the key is already there)."""
-        ...
-
-    def get(self, key: str) -> memoryview:
-        """The bytes of blob ``key`` (``FileNotFoundError`` when absent). Valid while the
-        view lives; the local store maps the file instead of copying it."""
-        ...
-
-    def has(self, key: str) -> bool:
-        """Whether blob ``key`` is stored."""
-        ...
-
-    def list_keys(self) -> Iterator[str]:
-        """Every stored blob key (any order)."""
-        ...
-
-    def delete(self, key: str) -> None:
-        """Delete blob ``key`` (no error when it is absent); durable after
-        :meth:`sync_deletes`."""
-
-    def sync_deletes(self, keys: Collection[str]) -> None:
-        """Make the deletes of ``keys`` durable."""
-
-    def quarantine(self, key: str, reason: str) -> None:
-        """Move damaged blob ``key`` aside with ``reason``."""
-
-    def describe(self, key: str) -> str:
-        """A name for blob ``key`` in messages (the local store: its path)."""
-        ...
-
-    def describe_manifest(self, session_id: str, generation: int) -> str:
-        """A name for a manifest in messages (the local store: its path)."""
-        ...
-
-    def sessions(self) -> list[str]:
-        """The sessions with manifests, sorted."""
-        ...
-
-    def generations(self, session_id: str) -> list[int]:
-        """The session's manifest generations, newest first."""
-        ...
-
-    def get_manifest(self, session_id: str, generation: int, max_size: int) -> bytes:
-        """The bytes of one manifest (``FileNotFoundError`` when absent; ``ValueError``
-        before reading when it is larger than ``max_size``)."""
-        ...
-
-    def switch_manifest(self, session_id: str, generation: int, data: bytes) -> None:
-        """Publish manifest ``generation`` of the session atomically and durably."""
-
-    def delete_manifest(self, session_id: str, generation: int) -> None:
-        """Delete one manifest (no error when it is absent)."""
-
-    def quarantine_manifest(self, session_id: str, generation: int, reason: str) -> None:
-        """Move a damaged manifest aside with ``reason``."""
-
-    def delete_session(self, session_id: str) -> None:
-        """Delete every manifest of the session (its chunks are collected afterwards)."""
-
-    def close(self) -> None:
-        """Release the store (its lock); safe to call twice."""
+__all__ = ["CHUNK_SUFFIX", "MANIFEST_SUFFIX", "LocalBlobStore"]
 
 
 #: Suffix of chunk files (the snapshot format's) and of manifest files.
@@ -215,7 +42,7 @@ _GEN_RE = re.compile(r"(\d{12})" + re.escape(MANIFEST_SUFFIX))
 
 
 class LocalBlobStore:
-    """A :class:`BlobStore` in a local directory.
+    """A :class:`runtime.storage.BlobStore` in a local directory.
 
     Layout::
 
