@@ -1,7 +1,8 @@
 """The storage interfaces' contracts (runtime.storage), run against every implementation.
 
-Only the local directory implementations exist today; a PostgreSQL or S3 one joins the
-``params`` of the fixtures below and must pass the same tests.
+The local directory implementations and the server-backed ones (S3 on a real SeaweedFS,
+PostgreSQL on a real embedded server, both started once per session by
+``tests/runtime/cluster_fixtures.py``) pass the same tests; a server that does not start fails.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pytest
 from runtime.errors import JournalCompactedError
 from runtime.journal import Journal
 from runtime.storage import BlobStore, JournalBackend, LocalBlobStore
+from runtime.storage.s3 import S3BlobStore
+from tests.runtime.cluster_fixtures import S3_BUCKET, pg_url, s3_env  # noqa: F401 (fixtures)
 
 KEY_A = "a" * 32
 KEY_B = "b" * 32
@@ -24,16 +27,25 @@ def _local_blobs(root: Path) -> BlobStore:
     return LocalBlobStore(root / "kv")
 
 
+def _s3_blobs(root: Path) -> BlobStore:
+    # one prefix per test (tmp_path is unique), the same one for a reopen within the test
+    return S3BlobStore(f"s3://{S3_BUCKET}/contract/{root.name}")
+
+
 def _local_journal(root: Path) -> JournalBackend:
     return Journal(root / "journals" / "s.log", fsync=False, segment_entries=4)
 
 
-BLOB_STORES: dict[str, Callable[[Path], BlobStore]] = {"local": _local_blobs}
+BLOB_STORES: dict[str, Callable[[Path], BlobStore]] = {"local": _local_blobs, "s3": _s3_blobs}
+#: The server fixture each implementation needs (started on first use, once per session).
+SERVERS = {"s3": "s3_env", "postgres": "pg_url"}
 JOURNALS: dict[str, Callable[[Path], JournalBackend]] = {"local": _local_journal}
 
 
 @pytest.fixture(params=sorted(BLOB_STORES))
 def open_blobs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], BlobStore]]:
+    if request.param in SERVERS:
+        request.getfixturevalue(SERVERS[request.param])
     opened: list[BlobStore] = []
 
     def open_one() -> BlobStore:
