@@ -10,6 +10,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+import numpy.typing as npt
+
 from runtime import snapshot as snapshot_mod
 from runtime.chunks.index import ChunkIndex
 from runtime.chunks.keys import Lineage, chunk_keys
@@ -17,7 +20,7 @@ from runtime.chunks.manifest import ChunkRef, Manifest
 from runtime.chunks.pending import PendingCheckpoint, PendingChunk
 from runtime.errors import ArgumentError, ChunkError
 from runtime.layout import validate_session_id
-from runtime.snapshot import Codec
+from runtime.snapshot import Codec, layout
 
 if TYPE_CHECKING:
     from llamaffi import Context
@@ -105,17 +108,20 @@ class ChunkWriter:
         pin, durable = self.index.pin(key for key, _, _ in keys)
         pending: list[PendingChunk] = []
         try:
+            sliced = self._slice_new(ctx, seq_id, scratch_seq, keys, durable, pos_min, n)
             for key, start, end in keys:
                 known = durable[key]
                 p0 = pos_min + start
                 if known is not None:
                     pending.append(PendingChunk(key, start, end, p0, None, *known))
                     continue
-                mem.seq_cp(seq_id, scratch_seq, p0, pos_min + end)
-                try:
-                    raw = ctx.seq_state_get(scratch_seq)
-                finally:
-                    mem.seq_rm(scratch_seq, -1, -1)
+                raw = sliced.pop(0) if sliced is not None else None
+                if raw is None:
+                    mem.seq_cp(seq_id, scratch_seq, p0, pos_min + end)
+                    try:
+                        raw = ctx.seq_state_get(scratch_seq)
+                    finally:
+                        mem.seq_rm(scratch_seq, -1, -1)
                 pending.append(PendingChunk(key, start, end, p0, raw, int(raw.size)))
         except BaseException:
             self.index.unpin(pin)
@@ -135,6 +141,37 @@ class ChunkWriter:
             created_ns=time.time_ns(),
             pin_id=pin,
         )
+
+    @staticmethod
+    def _slice_new(
+        ctx: Context,
+        seq_id: int,
+        scratch_seq: int,
+        keys: Sequence[tuple[str, int, int]],
+        durable: dict[str, tuple[int, int] | None],
+        pos_min: int,
+        n: int,
+    ) -> list[npt.NDArray[np.uint8]] | None:
+        """The new chunks cut from one ``seq_state_get`` of the whole sequence, each byte for
+        byte what the scratch path gives (seq id ``scratch_seq`` included); None to copy
+        them one by one through the scratch sequence instead.
+
+        One copy of the whole sequence costs less than one scratch round trip per chunk only
+        when most of it is new (a first save, a restore's re-save, a shift near the start);
+        a +64-token checkpoint copies just its tail through the scratch sequence, as before.
+        """
+        new = [(pos_min + s, pos_min + e) for key, s, e in keys if durable[key] is None]
+        if len(new) < 2 or 2 * sum(e - s for s, e in new) < n:
+            return None
+        blob = ctx.seq_state_get(seq_id)
+        try:
+            lay = layout.parse(blob)
+            if lay.n_cells != n:  # an SWA cache leaves masked cells out of a whole-seq state
+                raise layout.LayoutError(f"{lay.n_cells} cells for {n} positions")
+            return layout.slice_ranges(blob, lay, new, seq_id=scratch_seq)
+        except layout.LayoutError as exc:
+            logger.info("chunk capture through the scratch sequence: %s", exc)
+            return None
 
     def discard(self, pending: PendingCheckpoint) -> None:
         """Drop a planned checkpoint without committing it (releases its pins)."""

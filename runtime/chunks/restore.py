@@ -1,10 +1,9 @@
 """Restoring a sequence from a manifest: chunks are read (mapped, not copied, from the local
-store), verified, decoded (ahead of the caller on worker threads) and handed to llama.cpp one
-by one."""
+store), verified, decoded (on worker threads where there are cores for them), joined into one
+sequence state and handed to llama.cpp in one call."""
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -24,7 +23,7 @@ from runtime.errors import (
     MemoryRuntimeError,
     UnsupportedVersionError,
 )
-from runtime.snapshot import Snapshot
+from runtime.snapshot import Snapshot, layout
 
 if TYPE_CHECKING:
     from llamaffi import Context
@@ -113,10 +112,13 @@ class ChunkReader:
         ``seq_id`` is emptied first. Chunks are read through a memory map, checked (identity,
         positions and token ids against the manifest; the xxh3-128 of each frame just before
         zstd decodes it straight into the chunk's buffer; zstd's content checksums where the
-        frames have them) and handed to llama.cpp one by one: ``seq_state_set(chunk,
-        scratch)``, ``seq_cp(scratch, seq_id)``, ``seq_rm(scratch)``. With ``threads > 1``
-        worker threads decode up to ``threads + 1`` chunks ahead of this thread. No byte
-        reaches llama.cpp before it is verified.
+        frames have them), then joined into the one state of the window by the sequence-state
+        layout (:mod:`runtime.snapshot.layout`) and handed to llama.cpp in one
+        ``seq_state_set(blob, seq_id)``. Where the layout is not one that module knows (it
+        logs why), the chunks go one by one through the scratch sequence instead:
+        ``seq_state_set(chunk, scratch)``, ``seq_cp(scratch, seq_id)``, ``seq_rm(scratch)``.
+        With ``threads > 1`` worker threads decode the chunks. No byte reaches llama.cpp
+        before it is verified.
 
         Raises :class:`snapshot.IncompatibleSnapshotError` (nothing touched) for another model or
         cache layout; :class:`ChunkError` (a missing chunk, or a damaged one, which is
@@ -173,33 +175,41 @@ class ChunkReader:
         seq_id: int,
         scratch_seq: int,
     ) -> None:
-        mem = ctx.memory
-        if len(refs) <= 1 or self.threads == 1:
-            for ref in refs:
-                self._set_chunk(ctx, self.load_chunk(manifest, ref), seq_id, scratch_seq)
+        if len(refs) > 1:
+            raws = self._load_all(manifest, refs)
+            try:
+                layouts = [layout.parse(raw) for raw in raws]
+                blob = layout.assemble(raws, layouts, seq_id=seq_id)
+            except layout.LayoutError as exc:
+                logger.info("chunk restore through the scratch sequence: %s", exc)
+            else:
+                del raws
+                ctx.seq_state_set(blob, seq_id)
+                return
+            for raw in raws:
+                self._set_chunk(ctx, raw, seq_id, scratch_seq)
             return
+        for ref in refs:
+            self._set_chunk(ctx, self.load_chunk(manifest, ref), seq_id, scratch_seq)
+
+    def _load_all(
+        self, manifest: Manifest, refs: Sequence[ChunkRef]
+    ) -> list[npt.NDArray[np.uint8]]:
+        """Every chunk read, verified and decoded; on ``threads`` workers when above 1."""
+        if self.threads == 1:
+            return [self.load_chunk(manifest, ref) for ref in refs]
         with self._lock:
-            if self._pool is None:  # one pool per store: starting threads per restore shows
+            if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, "kvchunk")
             pool = self._pool
-        # Decoding runs ``ahead`` chunks in front of this thread, which only hands finished
-        # chunks to llama.cpp (a ctypes call, so the GIL is free for the workers meanwhile).
-        ahead = self.threads + 1
-        futures = collections.deque(
-            pool.submit(self.load_chunk, manifest, ref) for ref in refs[:ahead]
-        )
+        futures = [pool.submit(self.load_chunk, manifest, ref) for ref in refs]
         try:
-            for i in range(len(refs)):
-                raw = futures.popleft().result()
-                if i + ahead < len(refs):
-                    futures.append(pool.submit(self.load_chunk, manifest, refs[i + ahead]))
-                self._set_chunk(ctx, raw, seq_id, scratch_seq)
+            return [f.result() for f in futures]
         finally:
             for pending in futures:
                 if not pending.cancel():
                     with contextlib.suppress(Exception):
-                        pending.result()  # let a running decode finish before we return
-        del mem
+                        pending.result()
 
     @staticmethod
     def _set_chunk(ctx: Context, raw: npt.NDArray[np.uint8], seq_id: int, scratch: int) -> None:
