@@ -10,12 +10,14 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from runtime.errors import JournalCompactedError
 from runtime.journal import Journal
 from runtime.storage import BlobStore, JournalBackend, LocalBlobStore
+from runtime.storage.postgres import PgJournal
 from runtime.storage.s3 import S3BlobStore
 from tests.runtime.cluster_fixtures import S3_BUCKET, pg_url, s3_env  # noqa: F401 (fixtures)
 
@@ -36,10 +38,19 @@ def _local_journal(root: Path) -> JournalBackend:
     return Journal(root / "journals" / "s.log", fsync=False, segment_entries=4)
 
 
+def _pg_journal(root: Path, url: str) -> JournalBackend:
+    # one session per test (tmp_path is unique), the same one for a reopen within the test
+    return PgJournal(url, root.name.replace("_", "-")[:128])
+
+
 BLOB_STORES: dict[str, Callable[[Path], BlobStore]] = {"local": _local_blobs, "s3": _s3_blobs}
 #: The server fixture each implementation needs (started on first use, once per session).
 SERVERS = {"s3": "s3_env", "postgres": "pg_url"}
-JOURNALS: dict[str, Callable[[Path], JournalBackend]] = {"local": _local_journal}
+#: Each journal factory gets the test's directory and its server's fixture value (or None).
+JOURNALS: dict[str, Callable[[Path, Any], JournalBackend]] = {
+    "local": lambda root, _server: _local_journal(root),
+    "postgres": _pg_journal,
+}
 
 
 @pytest.fixture(params=sorted(BLOB_STORES))
@@ -62,10 +73,11 @@ def open_blobs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Calla
 def open_journal(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Callable[[], JournalBackend]]:
+    server = request.getfixturevalue(SERVERS[request.param]) if request.param in SERVERS else None
     opened: list[JournalBackend] = []
 
     def open_one() -> JournalBackend:
-        journal = JOURNALS[request.param](tmp_path)
+        journal = JOURNALS[request.param](tmp_path, server)
         opened.append(journal)
         return journal
 

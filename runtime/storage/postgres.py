@@ -1,0 +1,337 @@
+"""A :class:`runtime.storage.JournalBackend` on PostgreSQL (psycopg 3; the ``cluster``
+extra).
+
+Tables (created on first use; the schema version is checked on every open)::
+
+    llamaffi_schema (component text PRIMARY KEY, version int)
+    llamaffi_journal (
+        session  text, seq bigint,      -- PRIMARY KEY (session, seq): the total order
+        segment  int,  sealed boolean,  -- rotate() seals; retention drops sealed segments
+        n_tokens int,                   -- the exact tokens are in the payload; their count here
+        payload  jsonb                  -- runtime.journal.Entry.to_payload(), tokens included
+    )
+
+Durability: an append is one transaction (a per-session advisory lock, ``max(seq) + 1``, the
+INSERT, COMMIT) on a connection with ``synchronous_commit = on``: it returns only once the
+commit's WAL is flushed on the primary, so an acknowledged entry survives a crash of the
+server. With synchronous standbys configured, ``on`` also waits for their flush; a deployment
+that must survive the loss of the primary's disk sets ``synchronous_standby_names`` (or
+``remote_apply`` for read-your-writes on a standby). ``off`` or ``local`` with standbys
+would break the contract: never lower it for this table.
+
+Order: the advisory lock serialises appends of one session across nodes and the primary key
+refuses a duplicate seq, so entries are numbered ``0, 1, 2, ...`` without gaps. Reads are one
+index range scan on the primary key from the first seq a resume replays (``seq >= $1``), so a
+resume costs what it replays, never the session's age.
+
+Retention is the local one's: :meth:`PgJournal.rotate` seals the entries so far (one segment),
+:meth:`PgJournal.drop_segments_before` deletes whole sealed segments older than a seq unless
+they hold an entry in ``keep``, and never the newest sealed segment while nothing follows it
+(the numbering resumes from its last seq). A dropped entry raises
+:class:`runtime.errors.JournalCompactedError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Collection, Iterator, Sequence
+from typing import Any
+
+from runtime.errors import ClosedError, JournalCompactedError, JournalError
+from runtime.journal.record import MAX_RECORD, Entry
+from runtime.layout import validate_session_id
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SCHEMA_VERSION", "PgJournal", "connect", "ensure_schema"]
+
+#: The version of the tables below; an open of a database with another version is refused.
+SCHEMA_VERSION = 1
+_COMPONENT = "journal"
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS llamaffi_schema (
+    component text PRIMARY KEY,
+    version   integer NOT NULL
+);
+CREATE TABLE IF NOT EXISTS llamaffi_journal (
+    session  text    NOT NULL,
+    seq      bigint  NOT NULL CHECK (seq >= 0),
+    segment  integer NOT NULL,
+    sealed   boolean NOT NULL DEFAULT false,
+    n_tokens integer NOT NULL,
+    payload  jsonb   NOT NULL,
+    PRIMARY KEY (session, seq)
+);
+"""
+
+
+def connect(url: str) -> Any:
+    """A psycopg connection to ``url`` with ``synchronous_commit = on`` (see the module's
+    docstring for why)."""
+    import psycopg  # the cluster extra; imported only when PostgreSQL is used
+
+    conn = psycopg.connect(url, autocommit=True)
+    conn.execute("SET synchronous_commit = on")
+    return conn
+
+
+def ensure_schema(conn: Any) -> None:
+    """Create the tables on first use; refuse a database whose schema version differs."""
+    with conn.transaction():
+        # one creator at a time (CREATE TABLE IF NOT EXISTS races on the catalog)
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('llamaffi_schema'))")
+        conn.execute(_DDL)
+        row = conn.execute(
+            "SELECT version FROM llamaffi_schema WHERE component = %s", (_COMPONENT,)
+        ).fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO llamaffi_schema (component, version) VALUES (%s, %s)",
+                (_COMPONENT, SCHEMA_VERSION),
+            )
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise JournalError(
+                f"the database's journal schema is version {row[0]}; this runtime reads "
+                f"version {SCHEMA_VERSION}"
+            )
+
+
+class PgJournal:
+    """One session's journal in the ``llamaffi_journal`` table.
+
+    Args:
+        url: a ``postgresql://`` URL (a connection of its own is opened).
+        session_id: the session.
+        readonly: refuse appends and retention.
+    """
+
+    def __init__(self, url: str, session_id: str, *, readonly: bool = False) -> None:
+        self.session_id = validate_session_id(session_id)
+        self.readonly = readonly
+        self._lock = threading.Lock()
+        self._conn: Any = connect(url)
+        try:
+            ensure_schema(self._conn)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._conn is None
+
+    def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> PgJournal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _db(self) -> Any:
+        if self._conn is None:
+            raise ClosedError(f"journal of session {self.session_id} is closed")
+        return self._conn
+
+    def _one(self, sql: str, *params: Any) -> tuple[Any, ...]:
+        with self._lock:
+            row: tuple[Any, ...] = self._db().execute(sql, (self.session_id, *params)).fetchone()
+            return row
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """The next entry's seq (dropped entries still count)."""
+        row = self._one("SELECT max(seq) FROM llamaffi_journal WHERE session = %s")
+        return 0 if row[0] is None else int(row[0]) + 1
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest entry still stored."""
+        row = self._one("SELECT min(seq) FROM llamaffi_journal WHERE session = %s")
+        return 0 if row[0] is None else int(row[0])
+
+    @property
+    def compacted(self) -> bool:
+        """Whether retention dropped any entry (fewer rows than the numbering)."""
+        row = self._one("SELECT count(*), max(seq) FROM llamaffi_journal WHERE session = %s")
+        return row[1] is not None and int(row[0]) < int(row[1]) + 1
+
+    @property
+    def n_segments(self) -> int:
+        """Sealed segments kept."""
+        row = self._one(
+            "SELECT count(DISTINCT segment) FROM llamaffi_journal WHERE session = %s AND sealed"
+        )
+        return int(row[0])
+
+    @property
+    def n_tokens(self) -> int:
+        """Total tokens of all stored entries."""
+        row = self._one("SELECT sum(n_tokens) FROM llamaffi_journal WHERE session = %s")
+        return 0 if row[0] is None else int(row[0])
+
+    def __getitem__(self, index: int) -> Entry:
+        n = len(self)
+        seq = index + n if index < 0 else index
+        if not 0 <= seq < n:
+            raise IndexError(f"journal entry {index} out of range (0..{n - 1})")
+        row = self._one("SELECT payload FROM llamaffi_journal WHERE session = %s AND seq = %s", seq)
+        if row is None:
+            raise self._dropped(seq)
+        return _entry(row[0])
+
+    def _dropped(self, seq: int) -> JournalCompactedError:
+        return JournalCompactedError(
+            f"journal of session {self.session_id}: entry {seq} was removed by journal retention"
+        )
+
+    def iter_from(self, seq: int) -> Iterator[Entry]:
+        """Entries ``seq``, ``seq + 1``, ... up to the end as of this call, in order: one range
+        scan of the primary key (gaps left by retention are skipped, as locally)."""
+        seq = max(seq, 0)
+        if seq < self.first_seq:
+            raise self._dropped(seq)
+        with self._lock:
+            rows = (
+                self._db()
+                .execute(
+                    "SELECT payload FROM llamaffi_journal WHERE session = %s AND seq >= %s "
+                    "ORDER BY seq",
+                    (self.session_id, seq),
+                )
+                .fetchall()
+            )
+        for row in rows:
+            yield _entry(row[0])
+
+    def __iter__(self) -> Iterator[Entry]:
+        return self.iter_from(self.first_seq)
+
+    def tokens(self) -> list[int]:
+        """All tokens of all stored entries, in order."""
+        return [t for e in self for t in e.tokens]
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def _require_writable(self) -> Any:
+        db = self._db()
+        if self.readonly:
+            raise JournalError(f"journal of session {self.session_id} was opened read-only")
+        return db
+
+    def append(
+        self,
+        role: str,
+        text: str,
+        tokens: Sequence[int],
+        meta: dict[str, Any] | None = None,
+        *,
+        created: float | None = None,
+    ) -> Entry:
+        """Append one entry; it has committed (``synchronous_commit = on``) when this
+        returns. A failed append commits nothing, and the next one reuses its seq."""
+        with self._lock:
+            db = self._require_writable()
+            with db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.session_id,))
+                row = db.execute(
+                    "SELECT max(seq), max(segment), bool_and(sealed) FILTER "
+                    "(WHERE segment = (SELECT max(segment) FROM llamaffi_journal "
+                    "WHERE session = %s)) FROM llamaffi_journal WHERE session = %s",
+                    (self.session_id, self.session_id),
+                ).fetchone()
+                seq = 0 if row[0] is None else int(row[0]) + 1
+                segment = 0 if row[1] is None else int(row[1]) + (1 if row[2] else 0)
+                entry = Entry(
+                    seq=seq,
+                    role=role,
+                    text=text,
+                    tokens=tuple(int(t) for t in tokens),
+                    created=time.time() if created is None else float(created),
+                    meta=dict(meta or {}),
+                )
+                payload = entry.to_payload()
+                if len(payload) > MAX_RECORD:
+                    raise JournalError(f"entry of {len(payload)} bytes exceeds {MAX_RECORD}")
+                db.execute(
+                    "INSERT INTO llamaffi_journal (session, seq, segment, n_tokens, payload) "
+                    "VALUES (%s, %s, %s, %s, %s::jsonb)",
+                    (self.session_id, seq, segment, len(entry.tokens), payload.decode()),
+                )
+            return entry
+
+    def rotate(self) -> None:
+        """Seal the entries so far (the next append starts a new segment)."""
+        with self._lock:
+            db = self._require_writable()
+            db.execute(
+                "UPDATE llamaffi_journal SET sealed = true WHERE session = %s AND NOT sealed",
+                (self.session_id,),
+            )
+
+    def drop_segments_before(self, seq: int, keep: Collection[int] = ()) -> int:
+        """Delete sealed segments whose every entry is older than ``seq`` and that hold no
+        entry in ``keep`` (the newest sealed one stays while nothing follows it); return the
+        payload bytes freed."""
+        with self._lock:
+            db = self._require_writable()
+            with db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.session_id,))
+                segments = db.execute(
+                    "SELECT segment, min(seq), max(seq), bool_and(sealed) FROM llamaffi_journal "
+                    "WHERE session = %s GROUP BY segment ORDER BY segment",
+                    (self.session_id,),
+                ).fetchall()
+                if not segments:
+                    return 0
+                keep_last = bool(segments[-1][3])  # no unsealed entry follows
+                sealed = [s for s in segments if s[3]]
+                gone = []
+                for i, (segment, first, last, _) in enumerate(sealed):
+                    newest = i == len(sealed) - 1
+                    needed = any(first <= k <= last for k in keep)
+                    if last + 1 > seq or needed or (keep_last and newest):
+                        continue
+                    gone.append(segment)
+                if not gone:
+                    return 0
+                row = db.execute(
+                    "WITH d AS (DELETE FROM llamaffi_journal WHERE session = %s "
+                    "AND segment = ANY(%s) RETURNING octet_length(payload::text) AS n) "
+                    "SELECT coalesce(sum(n), 0) FROM d",
+                    (self.session_id, gone),
+                ).fetchone()
+                return int(row[0])
+
+    @staticmethod
+    def delete_session(url: str, session_id: str) -> int:
+        """Delete a session's whole journal; return the entries removed."""
+        conn = connect(url)
+        try:
+            ensure_schema(conn)
+            cur = conn.execute(
+                "DELETE FROM llamaffi_journal WHERE session = %s",
+                (validate_session_id(session_id),),
+            )
+            return int(cur.rowcount)
+        finally:
+            conn.close()
+
+
+def _entry(payload: Any) -> Entry:
+    # psycopg decodes jsonb to Python objects; Entry.from_payload parses bytes
+    raw = payload if isinstance(payload, bytes | str) else json.dumps(payload)
+    return Entry.from_payload(raw.encode() if isinstance(raw, str) else raw)
