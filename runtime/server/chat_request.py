@@ -28,20 +28,18 @@ if TYPE_CHECKING:
 
 #: Request fields accepted and ignored (documented as such).
 IGNORED_FIELDS = frozenset(
-    {
-        "model",
-        "user",
-        "logit_bias",
-        "logprobs",
-        "top_logprobs",
-        "response_format",
-        "parallel_tool_calls",
-        "store",
-        "metadata",
-        "service_tier",
-        "tool_choice",
-    }
+    {"model", "user", "parallel_tool_calls", "store", "metadata", "service_tier", "tool_choice"}
 )
+#: Fields accepted only at their "off" value (what OpenAI clients send by default).
+_OFF_FIELDS = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {})}
+#: Every field a chat request may carry; any other is a 400 (a ``max_token`` typo would
+#: otherwise silently get the default).
+KNOWN_FIELDS = IGNORED_FIELDS | _OFF_FIELDS.keys() | {
+    "messages", "session_id", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+    "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop", "n",
+    "presence_penalty", "frequency_penalty", "remember", "use_memory", "importance",
+    "tools", "functions", "response_format",
+}  # fmt: skip
 #: Fields whose only supported value is the default.
 _ROLES = ("system", "developer", "user", "assistant")
 EPHEMERAL_PREFIX = "tmp-"
@@ -97,9 +95,15 @@ def check_text(value: object, param: str) -> str:
     """A non-empty string of at most :data:`runtime.app.MAX_TEXT_CHARS` characters (the
     runtime's own rule, :func:`runtime.app.options.check_text`), as a 400 naming ``param``."""
     try:
-        return runtime_check_text(value, param)
+        text = runtime_check_text(value, param)
     except RuntimeArgumentError as exc:
         raise bad_request(param, str(exc).split(": ", 1)[-1]) from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON's "\ud800" escape decodes to a lone surrogate: no text can hold it
+        raise bad_request(param, "contains a lone UTF-16 surrogate") from None
+    return text
 
 
 def check_session_id(value: object, param: str) -> str:
@@ -182,6 +186,16 @@ def parse_chat(
     body: Mapping[str, Any], header_session: str | None, defaults: Sampling, n_ctx: int
 ) -> ChatRequest:
     """Check every field of a chat request; a 400 :class:`APIError` names the first bad one."""
+    for name in body:
+        if name not in KNOWN_FIELDS:
+            raise bad_request(name, "unknown field")
+    for name, off in _OFF_FIELDS.items():
+        value = body.get(name)
+        if not any(value == v and type(value) is type(v) for v in off):
+            raise bad_request(name, f"is not supported (only {off[-1]!r})")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise bad_request("response_format", "only {'type': 'text'} is supported")
     if body.get("tools") or body.get("functions"):
         raise bad_request("tools", "tools are not supported")
     n = number(body, "n", integer=True)
@@ -333,6 +347,14 @@ def usage(reply: Reply) -> dict[str, Any]:
     }
 
 
+def finish_reason(reason: str | None) -> str | None:
+    """An OpenAI ``finish_reason``: ours when OpenAI has it, else ``"stop"`` (a cancelled
+    reply stopped; our own reason goes in the choice's ``stop_reason``)."""
+    if reason is None or reason in ("stop", "length"):
+        return reason
+    return "stop"
+
+
 def completion(cid: str, model: str, reply: Reply, session_id: str | None) -> dict[str, Any]:
     """The non-streamed response body."""
     return {
@@ -344,7 +366,8 @@ def completion(cid: str, model: str, reply: Reply, session_id: str | None) -> di
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": reply.text},
-                "finish_reason": reply.finish_reason,
+                "finish_reason": finish_reason(reply.finish_reason),
+                "stop_reason": reply.finish_reason,
                 "logprobs": None,
             }
         ],
@@ -360,19 +383,30 @@ def chunk(
     delta: dict[str, Any] | None,
     finish: str | None = None,
     *,
+    created: int,
+    include_usage: bool = False,
     usage_body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One streamed chunk (``delta=None``: the usage-only chunk with no choices)."""
+    """One streamed chunk (``delta=None``: the usage-only chunk with no choices).
+
+    Every chunk of a stream has the stream's ``created``. With ``include_usage``, every chunk
+    carries ``usage`` (``null`` but in the last), as OpenAI's do."""
+    choice: dict[str, Any] = {
+        "index": 0,
+        "delta": delta,
+        "finish_reason": finish_reason(finish),
+        "logprobs": None,
+    }
+    if finish is not None:
+        choice["stop_reason"] = finish
     body: dict[str, Any] = {
         "id": cid,
         "object": "chat.completion.chunk",
-        "created": int(time.time()),
+        "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": []
-        if delta is None
-        else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        "choices": [] if delta is None else [choice],
     }
-    if usage_body is not None:
+    if include_usage or usage_body is not None:
         body["usage"] = usage_body
     return body

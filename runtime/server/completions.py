@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -142,12 +143,20 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     task = _track(state, state.queue.start(lambda: turn.run(on_token)))
     task.add_done_callback(lambda _t: pieces.put_nowait(None))
 
+    created = int(time.time())
+
+    def chunk(delta: dict[str, Any] | None, finish: str | None = None, **kw: Any) -> str:
+        body = chatmod.chunk(
+            cid, model, delta, finish, created=created, include_usage=req.include_usage, **kw
+        )
+        return json.dumps(body)
+
     async def events() -> AsyncIterator[dict[str, str]]:
         try:
             first = {"role": "assistant", "content": ""}
-            yield {"data": json.dumps(chatmod.chunk(cid, model, first))}
+            yield {"data": chunk(first)}
             while (piece := await pieces.get()) is not None:
-                yield {"data": json.dumps(chatmod.chunk(cid, model, {"content": piece}))}
+                yield {"data": chunk({"content": piece})}
             try:
                 reply = task.result()
             except Exception as exc:
@@ -155,10 +164,9 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
                 yield {"data": json.dumps(chatmod.map_runtime_error(exc).body())}
                 yield {"data": "[DONE]"}
                 return
-            yield {"data": json.dumps(chatmod.chunk(cid, model, {}, reply.finish_reason))}
+            yield {"data": chunk({}, reply.finish_reason)}
             if req.include_usage:
-                u = chatmod.usage(reply)
-                yield {"data": json.dumps(chatmod.chunk(cid, model, None, usage_body=u))}
+                yield {"data": chunk(None, usage_body=chatmod.usage(reply))}
             yield {"data": "[DONE]"}
         finally:
             turn.flag[0] = True  # a no-op when the turn has ended; stops it when not

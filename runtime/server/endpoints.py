@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from runtime.errors import SessionNotFoundError
+from runtime.longterm.db import KINDS
 from runtime.server import chat_request as chatmod
 from runtime.server.api_errors import APIError, bad_request, not_found
 from runtime.server.state import ADMIN_KEY, ServerState, json_body
@@ -100,8 +102,8 @@ async def remember_endpoint(request: Request, state: ServerState) -> Response:
     if session is not None:
         session = chatmod.check_session_id(session, "session")
     kind = body.get("kind", "fact")
-    if not isinstance(kind, str) or not 1 <= len(kind) <= 32 or not kind.isidentifier():
-        raise bad_request("kind", "must be an identifier of 1-32 characters")
+    if kind not in KINDS:
+        raise bad_request("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
     importance = chatmod.number(body, "importance")
     if importance is None:
         importance = 0.5
@@ -110,6 +112,11 @@ async def remember_endpoint(request: Request, state: ServerState) -> Response:
     meta = body.get("meta")
     if meta is not None and not isinstance(meta, dict):
         raise bad_request("meta", "must be an object")
+    if meta is not None:
+        try:  # what the store will write: text that is valid UTF-8
+            json.dumps(meta, allow_nan=False).encode("utf-8")
+        except (ValueError, UnicodeEncodeError) as exc:
+            raise bad_request("meta", f"is not storable JSON: {exc}") from None
     rt = state.rt
     if not rt.memory_enabled:
         raise APIError(400, "long-term memory is off (--no-memory)", param="text")

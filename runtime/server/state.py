@@ -117,6 +117,9 @@ async def json_body(request: Request, limit: int) -> dict[str, Any]:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        # a few thousand nested arrays exhaust the parser's stack
+        raise APIError(400, "the body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
     return body
