@@ -281,7 +281,10 @@ class ChatFormat:
         turns: list[Message] = []
         for i in range(4):
             turns += [Message("user", f" {_P_USER}{i} "), Message("assistant", f"{_P_REPLY}{i}")]
-        for conversation in ([Message("system", _P_SYSTEM), *turns], turns):
+        # an imported multi-party history: runs of user messages between the replies
+        runs = [Message("user", f" {_P_USER}{i} ") for i in range(4, 9)]
+        runs[3:3] = [Message("assistant", f"{_P_REPLY}4")]
+        for conversation in ([Message("system", _P_SYSTEM), *turns], turns, [*turns, *runs]):
             for k, message in enumerate(conversation):
                 history = conversation[:k]
                 if message.role == "user":
@@ -300,14 +303,15 @@ class ChatFormat:
         """The part of ``history`` that a delta or a close is computed from.
 
         All of it, unless the format is ``tail_safe``: then the messages from the last turn
-        boundary (a user message right after an assistant one, at least two messages back)
-        on, if no system message is among them. This keeps the per-turn cost independent
-        of the conversation's length.
+        boundary (a user message right after an assistant or a user one, at least two
+        messages back) on, if no system message is among them. This keeps the per-turn cost
+        independent of the conversation's length, an imported multi-party history (runs of
+        user messages) included.
         """
         if not self.tail_safe or len(history) <= _TAIL_MIN:
             return history
         for j in range(len(history) - 2, 0, -1):
-            if history[j].role == "user" and history[j - 1].role == "assistant":
+            if history[j].role == "user" and history[j - 1].role in ("assistant", "user"):
                 tail = history[j:]
                 if any(m.role == "system" for m in tail):
                     return history

@@ -14,7 +14,6 @@ connection (and the directory lock), this module owns what is said through it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import sqlite3
@@ -339,6 +338,25 @@ def lexical_candidates(
     return [(int(r[0]), float(r[1])) for r in rows]
 
 
+def document_frequencies(
+    db: sqlite3.Connection, stems: Iterable[str]
+) -> tuple[int, dict[str, int]]:
+    """How many items the FTS index holds, and in how many of them each of the (already
+    stemmed) ``stems`` occurs (one absent from the index is left out). Reads FTS5's own
+    term statistics through a per-connection ``fts5vocab`` table: no scan of the items."""
+    wanted = sorted(set(stems))
+    if not wanted:
+        return 0, {}
+    db.execute(
+        "CREATE VIRTUAL TABLE IF NOT EXISTS temp.items_vocab USING fts5vocab(main, items_fts, row)"
+    )
+    marks = ", ".join("?" * len(wanted))
+    rows = db.execute(f"SELECT term, doc FROM temp.items_vocab WHERE term IN ({marks})", wanted)
+    frequencies = {str(r[0]): int(r[1]) for r in rows}
+    total = int(db.execute("SELECT count(*) FROM items").fetchone()[0])
+    return total, frequencies
+
+
 def item_by_id(db: sqlite3.Connection, item_id: str) -> MemoryItem | None:
     """The item with this id, or None."""
     row = db.execute(f"SELECT {COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
@@ -355,6 +373,34 @@ def find_by_meta(
         (session, path, value),
     ).fetchall()
     return [str(r[0]) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class RankRow:
+    """What ranking reads of a candidate: the rest of its row (text, meta, sources) is read
+    for the hits only (:func:`items_by_seq`)."""
+
+    seq: int
+    id: str
+    speaker: str | None
+    said_at: float
+    accessed: float
+    importance: float
+    superseded_by: str | None
+
+
+def rank_rows(db: sqlite3.Connection, seqs: Sequence[int]) -> list[RankRow]:
+    """The :class:`RankRow` of each of these seqs that SQLite still has, in no order."""
+    rows: list[Any] = []
+    for i in range(0, len(seqs), 500):  # stay under SQLite's bound-parameter limit
+        part = list(seqs[i : i + 500])
+        marks = ", ".join("?" * len(part))
+        rows += db.execute(
+            "SELECT seq, id, speaker, COALESCE(said_at, created), accessed, importance,"
+            f" superseded_by FROM items WHERE seq IN ({marks})",
+            part,
+        ).fetchall()
+    return [RankRow(*row) for row in rows]
 
 
 def items_by_seq(db: sqlite3.Connection, seqs: Sequence[int]) -> list[MemoryItem]:
@@ -437,12 +483,10 @@ class AccessTimes:
         if self._searches >= TOUCH_FLUSH_EVERY:
             self.flush()
 
-    def latest(self, item: MemoryItem) -> MemoryItem:
-        """``item`` with its last access including any pending (unflushed) one."""
-        pending = self._pending.get(item.id)
-        if pending is None or pending <= item.accessed:
-            return item
-        return dataclasses.replace(item, accessed=pending)
+    def latest(self, item_id: str, accessed: float) -> float:
+        """The last access of the item ``item_id`` whose row says ``accessed``, including any
+        pending (unflushed) one."""
+        return max(accessed, self._pending.get(item_id, accessed))
 
     def clear(self) -> None:
         """Forget the pending access times (a read-only store never writes them)."""

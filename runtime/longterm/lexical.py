@@ -6,17 +6,24 @@
   differ in a number, a name, a date or a negation are different facts, however close their
   embeddings are (MiniLM puts "note 124 ... shed 124" at 0.95 of "note 121 ... shed 121");
 * :func:`time_range`: the period a query names ("last week", "in May 2023", "yesterday"),
-  relative to the time of the question.
+  relative to the time of the question;
+* :class:`Stemmer`: the stems the FTS index stores for a query's words, so that their
+  document frequencies can be looked up.
 
-Pure functions over text; nothing here touches the store.
+Functions over text; nothing here touches the store (the stemmer runs FTS5's tokenizer on a
+table of its own, in memory).
 """
 
 from __future__ import annotations
 
 import calendar
 import re
+import sqlite3
 import unicodedata
 from datetime import UTC, datetime, timedelta
+
+#: The FTS5 tokenizer of the items' lexical index (and of :class:`Stemmer`).
+FTS_TOKENIZER = "porter unicode61"
 
 #: Words that carry no topic: dropped from the lexical query (they would match every item).
 STOP_WORDS = frozenset(
@@ -185,6 +192,44 @@ def query_terms(text: str) -> list[str]:
         if word not in STOP_WORDS:
             seen.setdefault(word, None)
     return list(seen)
+
+
+class Stemmer:
+    """The stems FTS5's :data:`FTS_TOKENIZER` makes of words, as the index stores them.
+
+    Runs the tokenizer on an in-memory FTS5 table of its own and reads the stems back
+    through ``fts5vocab``; SQLite has no other way to call a tokenizer. Not thread-safe:
+    the caller holds the store's lock.
+    """
+
+    def __init__(self) -> None:
+        self._db: sqlite3.Connection | None = None  # opened on first use
+
+    def stems(self, terms: list[str]) -> list[list[str]]:
+        """The stems of each term, in order (``"adopted"`` -> ``["adopt"]``)."""
+        if self._db is None:
+            db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+            db.execute(
+                f"CREATE VIRTUAL TABLE words USING fts5 (body, tokenize = '{FTS_TOKENIZER}')"
+            )
+            db.execute("CREATE VIRTUAL TABLE stems USING fts5vocab (words, instance)")
+            self._db = db
+        out: list[list[str]] = [[] for _ in terms]
+        self._db.execute("BEGIN")
+        try:
+            rows = list(enumerate(terms))
+            self._db.executemany("INSERT INTO words (rowid, body) VALUES (?, ?)", rows)
+            for doc, term in self._db.execute("SELECT doc, term FROM stems ORDER BY doc, offset"):
+                out[int(doc)].append(str(term))
+        finally:
+            self._db.execute("ROLLBACK")  # the table stays empty
+        return out
+
+    def close(self) -> None:
+        """Close the in-memory table, if it was opened."""
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
 
 
 def match_expression(terms: list[str]) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.errors import ArgumentError
-from runtime.longterm.db import MemoryItem
+from runtime.longterm.db import MemoryItem, RankRow
 from runtime.longterm.lexical import day_label
 
 
@@ -167,58 +167,75 @@ def _ranks(
     return ranks
 
 
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """How one candidate scored (see :class:`Hit` for the fields); ``accessed`` includes any
+    pending access."""
+
+    seq: int
+    id: str
+    score: float
+    similarity: float
+    recency: float
+    relevance: float
+    accessed: float
+
+    def hit(self, item: MemoryItem) -> Hit:
+        """The search result of ``item``, the candidate this scored."""
+        return Hit(
+            id=item.id,
+            text=item.text,
+            score=self.score,
+            similarity=self.similarity,
+            recency=self.recency,
+            kind=item.kind,
+            session=item.session,
+            said_at=item.said_at,
+            stored_at=item.stored_at,
+            accessed=self.accessed,
+            importance=item.importance,
+            meta=item.meta,
+            speaker=item.speaker,
+            sources=item.sources,
+            superseded_by=item.superseded_by,
+            relevance=self.relevance,
+        )
+
+
 def rank(
-    items: Iterable[MemoryItem],
+    rows: Iterable[RankRow],
     found: Candidates,
     weights: ScoringWeights,
     fusion: FusionWeights,
     now: float,
-) -> list[Hit]:
+) -> list[Scored]:
     """Fuse, blend and sort the candidates, best first.
 
     Ties are broken by similarity, then by id, so equal scores always come out in one order.
     """
-    pool = list(items)
+    pool = list(rows)
     by_speaker = frozenset(
-        i.seq for i in pool if i.speaker is not None and i.speaker.lower() in found.speakers
+        r.seq for r in pool if r.speaker is not None and r.speaker.lower() in found.speakers
     )
     w_lex = fusion.lexical if found.use_lexical else 0.0
     w_dense = fusion.dense if found.use_dense else 0.0
     lex_rank = _ranks(found.lexical, by_speaker, fusion.speaker, True)
-    dense_pool = {i.seq: found.dense.get(i.seq, -1.0) for i in pool}
+    dense_pool = {r.seq: found.dense.get(r.seq, -1.0) for r in pool}
     dense_rank = _ranks(dense_pool, by_speaker, fusion.speaker / 3, False)
     best = (w_lex + w_dense) / (fusion.k + 1)
-    hits = []
-    for item in pool:
-        fused = w_dense / (fusion.k + dense_rank[item.seq])
-        if item.seq in lex_rank:
-            fused += w_lex / (fusion.k + lex_rank[item.seq])
+    scored = []
+    for row in pool:
+        fused = w_dense / (fusion.k + dense_rank[row.seq])
+        if row.seq in lex_rank:
+            fused += w_lex / (fusion.k + lex_rank[row.seq])
         relevance = fused / best
-        if found.period is not None and found.period[0] <= item.said_at < found.period[1]:
+        if found.period is not None and found.period[0] <= row.said_at < found.period[1]:
             relevance *= fusion.in_period
-        if item.superseded_by is not None:
+        if row.superseded_by is not None:
             relevance *= fusion.superseded
-        sim = found.dense.get(item.seq, 0.0)
-        rec = weights.recency_of(max(item.accessed, item.said_at), now)
-        hits.append(
-            Hit(
-                id=item.id,
-                text=item.text,
-                score=weights.score(relevance, rec, item.importance),
-                similarity=sim,
-                recency=rec,
-                kind=item.kind,
-                session=item.session,
-                said_at=item.said_at,
-                stored_at=item.stored_at,
-                accessed=item.accessed,
-                importance=item.importance,
-                meta=item.meta,
-                speaker=item.speaker,
-                sources=item.sources,
-                superseded_by=item.superseded_by,
-                relevance=relevance,
-            )
-        )
-    hits.sort(key=lambda h: (-h.score, -h.similarity, h.id))
-    return hits
+        rec = weights.recency_of(max(row.accessed, row.said_at), now)
+        score = weights.score(relevance, rec, row.importance)
+        sim = found.dense.get(row.seq, 0.0)
+        scored.append(Scored(row.seq, row.id, score, sim, rec, relevance, row.accessed))
+    scored.sort(key=lambda s: (-s.score, -s.similarity, s.id))
+    return scored

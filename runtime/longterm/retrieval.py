@@ -9,6 +9,7 @@ The speakers a query names and the period it names go with them to
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -18,9 +19,9 @@ from typing import Any
 from runtime.embed.embedder import TextEmbedder
 from runtime.errors import ArgumentError
 from runtime.longterm import db as sql
-from runtime.longterm.db import KINDS, FloatArray, MemoryItem
+from runtime.longterm.db import KINDS, FloatArray
 from runtime.longterm.index import StoreIndex
-from runtime.longterm.lexical import match_expression, query_terms, time_range, words
+from runtime.longterm.lexical import Stemmer, match_expression, query_terms, time_range, words
 from runtime.longterm.ranking import Candidates, FusionWeights, Hit, ScoringWeights, rank
 
 
@@ -106,6 +107,26 @@ def scope(
     return where, args
 
 
+def informative_terms(db: sqlite3.Connection, stemmer: Stemmer, terms: list[str]) -> list[str]:
+    """The query terms that can lift an item in BM25.
+
+    A term whose every stem occurs in half of the items or more has an inverse document
+    frequency ``log((N - n + 0.5) / (n + 0.5))`` of at most 0, which FTS5 then weighs at
+    1e-6: it cannot reorder the items that match the other terms, and matching it alone
+    only costs a walk over most of the index (a user's own name in a one-user store, "like"
+    in a chat log). It is left out of the MATCH expression; the dense side still reads it.
+    """
+    if not terms:
+        return []
+    stems = stemmer.stems(terms)
+    total, frequency = sql.document_frequencies(db, [s for group in stems for s in group])
+    return [
+        term
+        for term, group in zip(terms, stems, strict=True)
+        if not group or any(2 * frequency.get(stem, 0) < total for stem in group)
+    ]
+
+
 def gather(
     db: sqlite3.Connection,
     index: StoreIndex,
@@ -114,6 +135,7 @@ def gather(
     dim: int,
     fusion: FusionWeights,
     speakers: Speakers,
+    stemmer: Stemmer,
 ) -> Candidates:
     """Up to ``max(4 * query.k, 50)`` candidates of each retriever for ``query`` among the
     items its scope allows (embeddings ``dim`` wide)."""
@@ -121,8 +143,10 @@ def gather(
     vector, terms, where, args = query.vector, query.terms, query.where, query.args
     dense = index.candidates(db, vector, pool, where=where, args=args)
     lexical: dict[int, float] = {}
-    if terms and fusion.lexical > 0:
-        lexical = dict(sql.lexical_candidates(db, match_expression(terms), pool, where, args))
+    informative = informative_terms(db, stemmer, terms) if fusion.lexical > 0 else []
+    if informative:
+        expression = match_expression(informative)
+        lexical = dict(sql.lexical_candidates(db, expression, pool, where, args))
     missing = [seq for seq in lexical if seq not in dense]
     dense = {**dense, **sql.cosines(db, dim, missing, vector)}
     return Candidates(
@@ -143,6 +167,11 @@ class Retriever:
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.speakers = Speakers()
+        self.stemmer = Stemmer()
+
+    def close(self) -> None:
+        """Release the stemmer's in-memory table."""
+        self.stemmer.close()
 
     def search(
         self,
@@ -151,14 +180,28 @@ class Retriever:
         query: Query,
         weights: ScoringWeights,
         fusion: FusionWeights,
-        latest: Callable[[MemoryItem], MemoryItem],
+        latest: Callable[[str, float], float],
     ) -> list[Hit]:
-        """The ``query.k`` best hits, best first; ``latest`` adds an item's pending access."""
-        found = gather(db, index, query, dim=self.dim, fusion=fusion, speakers=self.speakers)
+        """The ``query.k`` best hits, best first; ``latest(id, accessed)`` adds an item's
+        pending access. Ranking reads a few columns of each candidate; the whole row is read
+        for the hits only."""
+        found = gather(
+            db,
+            index,
+            query,
+            dim=self.dim,
+            fusion=fusion,
+            speakers=self.speakers,
+            stemmer=self.stemmer,
+        )
         seqs = set(found.dense) | set(found.lexical)
         if not seqs:
             return []
         # a label SQLite no longer has (a stale index) simply drops out
-        items = sql.items_by_seq(db, sorted(seqs))
-        hits = rank((latest(item) for item in items), found, weights, fusion, query.stamp)
-        return hits[: query.k]
+        rows = [
+            dataclasses.replace(row, accessed=latest(row.id, row.accessed))
+            for row in sql.rank_rows(db, sorted(seqs))
+        ]
+        best = rank(rows, found, weights, fusion, query.stamp)[: query.k]
+        items = {item.seq: item for item in sql.items_by_seq(db, [s.seq for s in best])}
+        return [s.hit(items[s.seq]) for s in best if s.seq in items]

@@ -19,7 +19,7 @@ from runtime.errors import DamagedStoreError, MemoryStoreError, StoreMismatchErr
 from runtime.fsutil import DirLock, ensure_dir, open_nofollow, remove_stale_temps, warn_if_exposed
 from runtime.longterm.db import DB_NAME
 from runtime.longterm.failures import sqlite_error
-from runtime.longterm.lexical import normalise
+from runtime.longterm.lexical import FTS_TOKENIZER, normalise
 
 SCHEMA_VERSION = 2
 #: Versions this code opens; version 1 (no time, sources or lexical index) is upgraded in
@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS tombstones (
 
 #: Schema version 2: when it was said and by whom, where it came from, which item replaced
 #: it, the subject/attribute of a fact, and the lexical (FTS5 BM25) index of every item.
-_SCHEMA_V2 = """
+_SCHEMA_V2 = f"""
 ALTER TABLE items ADD COLUMN said_at REAL;
 ALTER TABLE items ADD COLUMN speaker TEXT;
 ALTER TABLE items ADD COLUMN sources TEXT NOT NULL DEFAULT '[]';
@@ -61,7 +61,7 @@ ALTER TABLE items ADD COLUMN subject TEXT;
 ALTER TABLE items ADD COLUMN attribute TEXT;
 CREATE INDEX IF NOT EXISTS items_norm ON items (session, norm);
 CREATE INDEX IF NOT EXISTS items_fact ON items (session, subject, attribute);
-CREATE VIRTUAL TABLE IF NOT EXISTS items_fts USING fts5 (body, tokenize = 'porter unicode61');
+CREATE VIRTUAL TABLE IF NOT EXISTS items_fts USING fts5 (body, tokenize = '{FTS_TOKENIZER}');
 """
 
 

@@ -357,7 +357,9 @@ class MemoryStore:
         """The memory with this id, or None."""
         with self._lock:
             item = sql.item_by_id(self._conn(), item_id)
-        return None if item is None else self._touches.latest(item)
+            if item is None:
+                return None
+            return dataclasses.replace(item, accessed=self._touches.latest(item.id, item.accessed))
 
     @sqlite_errors
     def find(self, *, session: str | None, meta_key: str, value: str | int | float) -> list[str]:
@@ -484,6 +486,8 @@ class MemoryStore:
     def _release(self) -> MemoryStoreError | None:
         """Drop the index, close SQLite and release the lock; never raises (returns the error)."""
         self._index = None
+        if hasattr(self, "_retriever"):  # made once the database is open
+            self._retriever.close()
         db, self._db = self._db, None
         lock, self._dirlock = self._dirlock, None
         return schema.close_db(db, lock, self.db_path)

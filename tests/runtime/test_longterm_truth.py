@@ -15,7 +15,8 @@ from runtime.app import Runtime
 from runtime.longterm import MemoryStore
 from runtime.longterm.db import NewItem
 from runtime.longterm.facts import extract, parse_llm_facts
-from runtime.longterm.lexical import signature, time_range
+from runtime.longterm.lexical import Stemmer, signature, time_range
+from runtime.longterm.retrieval import informative_terms
 from tests.runtime.memory_helpers import HashEmbedder
 
 DAY = 86400.0
@@ -96,6 +97,46 @@ def test_codes_and_names_are_found_word_for_word(store: MemoryStore) -> None:
     for n in (1203, 1234, 1259):
         hits = store.search(f"LH {n}", 1, session="s", touch=False)
         assert hits[0].text == f"My flight LH {n} leaves from gate B{n % 40} in the morning."
+
+
+def test_the_stemmer_gives_the_stems_the_index_stores() -> None:
+    stemmer = Stemmer()
+    try:
+        assert stemmer.stems(["adopted", "cats", "lh", "1234"]) == [
+            ["adopt"],
+            ["cat"],
+            ["lh"],
+            ["1234"],
+        ]
+        assert stemmer.stems([]) == []
+        assert stemmer.stems(["running"]) == [["run"]]  # nothing is left from the last call
+    finally:
+        stemmer.close()
+
+
+def test_a_term_in_most_items_is_left_out_of_the_match_and_costs_nothing(
+    tmp_path: Path,
+) -> None:
+    # "likes" is in 9 of 10 items: its BM25 weight is nil, so only "Oscar" is matched
+    texts = [f"Ana likes walk number {i}" for i in range(9)] + ["Oscar the cat sleeps a lot"]
+    texts = [f"{t} park" if i < 4 else f"{t} river" if i < 9 else t for i, t in enumerate(texts)]
+    with MemoryStore(tmp_path / "mem", HashEmbedder()) as mem:  # type: ignore[arg-type]
+        mem.put([NewItem(t, kind="turn", session="s", sources=(i,)) for i, t in enumerate(texts)])
+        db = sqlite3.connect(mem.db_path)
+        stemmer = Stemmer()
+        try:
+            assert informative_terms(db, stemmer, ["likes", "oscar", "unknown"]) == [
+                "oscar",
+                "unknown",
+            ]
+            assert informative_terms(db, stemmer, ["walked", "number", "0"]) == ["0"]
+            # in 4 of 10 a word still weighs (it can reorder what else matched); in 5, not
+            assert informative_terms(db, stemmer, ["park", "river"]) == ["park"]
+        finally:
+            stemmer.close()
+            db.close()
+        hits = mem.search("what does Oscar like?", 3, session="s", touch=False)
+        assert hits[0].text == "Oscar the cat sleeps a lot"
 
 
 def test_items_carry_time_speaker_and_sources(store: MemoryStore) -> None:

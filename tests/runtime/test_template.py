@@ -370,6 +370,21 @@ def test_per_turn_renders_do_not_grow_with_the_conversation(
     )
 
 
+@pytest.mark.parametrize("key", FAMILIES)
+def test_a_multi_party_import_renders_in_constant_size(
+    formats: dict[str, ChatFormat], key: str
+) -> None:
+    # an imported group chat is all user messages: each delta still renders a short tail
+    fmt = formats[key]
+    spy = _Spy(**{f.name: getattr(fmt, f.name) for f in dataclasses.fields(fmt) if f.init})
+    history = [SYSTEM, *(Message("user", f"Ana: line {i}") for i in range(200))]
+    user = Message("user", "Ben: next")
+    _SIZES.clear()
+    got = spy.user_delta(history, user)
+    assert _SIZES and max(_SIZES) <= 4
+    assert got == dataclasses.replace(fmt, tail_safe=False).user_delta(history, user)
+
+
 def test_tail_renders_match_whole_renders_for_every_builtin_formatter() -> None:
     import random
 
@@ -384,7 +399,9 @@ def test_tail_renders_match_whole_renders_for_every_builtin_formatter() -> None:
         for _ in range(5):
             conv = [SYSTEM] if rng.random() < 0.6 else []
             for i in range(rng.randint(2, 6)):
-                conv.append(Message("user", rng.choice(["u", "  u ", "x\ny"]) + str(i)))
+                # runs of user messages too: an imported multi-party history
+                for j in range(rng.choice([1, 1, 2, 3])):
+                    conv.append(Message("user", rng.choice(["u", "  u ", "x\ny"]) + f"{i}.{j}"))
                 conv.append(Message("assistant", rng.choice(["a", " a ", "b\n"]) + str(i)))
             if rng.random() < 0.3:
                 conv.insert(rng.randrange(1, len(conv)), Message("system", "late"))
