@@ -40,8 +40,11 @@ logger = logging.getLogger(__name__)
 MAX_TEXTS_PER_CALL = 10_000
 #: :func:`embed_all` passes at most this many texts to one ``embed`` call.
 EMBED_ALL_CHUNK = 1024
-#: Texts are embedded in chunks of this many, so a large call never pads a huge tensor.
-DEFAULT_BATCH_SIZE = 64
+#: Texts are embedded in chunks of this many (sorted by length first), so a large call
+#: never pads a huge tensor. Padding is computed like real tokens: on LoCoMo's 2,760 turns,
+#: chunks of 64 compute 1.35 tokens per real one, chunks of 16 1.08, at the same speed per
+#: token on 2 cores.
+DEFAULT_BATCH_SIZE = 16
 # Tokenising a 100 MB string costs memory and time before truncation applies; tokenise a prefix
 # first and only fall back to the whole text when the prefix did not reach max_length tokens.
 _CHARS_PER_TOKEN_BUDGET = 32
