@@ -202,6 +202,11 @@ class RuntimeConfig:
         max_items: long-term items kept per session (0: unbounded); past it the housekeeping
             thread archives the lowest-value raw turns (they stay in the journal), never
             facts or summaries.
+        extract: ``"rules"`` (default) distils facts with the rule-based extractor;
+            ``"llm"`` asks the loaded model for JSON facts on the housekeeping thread, a few
+            turns per tick, and falls back to the rules for a turn whose answer is not valid.
+        summarize: ``"extractive"`` (default) or ``"llm"``: the summaries of what left the
+            KV window, the model's (one per tick) with the extractive one as the fallback.
         keep_snapshots: checkpoint generations kept per session (2: a damaged newest one
             falls back to the previous one).
         chunk_tokens: KV positions per checkpoint chunk. Checkpoints are content-addressed
@@ -233,6 +238,8 @@ class RuntimeConfig:
     min_similarity: float = MIN_SIMILARITY
     dedup_similarity: float = DEDUP_SIMILARITY
     max_items: int = 0
+    extract: Literal["rules", "llm"] = "rules"
+    summarize: Literal["extractive", "llm"] = "extractive"
     keep_snapshots: int = 2
     chunk_tokens: int = 256
     idle_suspend_s: float = 300.0
@@ -269,6 +276,12 @@ class RuntimeConfig:
         check_number("idle_suspend_s", self.idle_suspend_s, 0.0, 1e9)
         if self.kv_type not in ("f16", "q8_0"):
             raise RuntimeArgumentError("kv_type", f"must be 'f16' or 'q8_0', got {self.kv_type!r}")
+        if self.extract not in ("rules", "llm"):
+            raise RuntimeArgumentError("extract", f"must be 'rules' or 'llm', got {self.extract!r}")
+        if self.summarize not in ("extractive", "llm"):
+            raise RuntimeArgumentError(
+                "summarize", f"must be 'extractive' or 'llm', got {self.summarize!r}"
+            )
         if self.journal_retention not in ("all", "window"):
             raise RuntimeArgumentError(
                 "journal_retention",

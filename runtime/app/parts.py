@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Parts", "build_parts", "open_model"]
 
+#: Tokens the model may answer a distiller's question with (facts as JSON, a summary).
+ASK_MAX_TOKENS = 192
+
 
 @dataclass(frozen=True)
 class Parts:
@@ -113,6 +116,11 @@ def build_parts(
         journal_segment_entries=cfg.journal_segment_entries,
     )
     stack.callback(pool.close)
+    turns = TurnEngine(model, ctx.n_ctx, chat_format, cfg.system_prompt)
+
+    def ask(instructions: str, text: str) -> str:  # on the scratch sequence, under the lock
+        return turns.ask(ctx, scratch_seq, instructions, text, max_tokens=ASK_MAX_TOKENS)
+
     recall = Recall.open(
         root,
         root / LONGTERM_DIR,
@@ -122,6 +130,8 @@ def build_parts(
         min_similarity=cfg.min_similarity,
         dedup_similarity=cfg.dedup_similarity,
         max_items=cfg.max_items,
+        ask_facts=ask if cfg.extract == "llm" else None,
+        ask_summary=ask if cfg.summarize == "llm" else None,
     )
     stack.callback(recall.close)
     retention = Retention(cfg.journal_retention, recall)
@@ -162,7 +172,7 @@ def build_parts(
         chunks=chunks,
         pool=pool,
         recall=recall,
-        turns=TurnEngine(model, ctx.n_ctx, chat_format, cfg.system_prompt),
+        turns=turns,
         retention=retention,
         stats=stats,
         sessions=sessions,

@@ -21,7 +21,7 @@ from runtime.app.reply import MemoryUsed
 from runtime.errors import RuntimeArgumentError
 from runtime.fsutil import atomic_write_bytes
 from runtime.layout import JOURNAL_DIR, journal_path, validate_session_id, watermark_path
-from runtime.longterm.distill import Distiller
+from runtime.longterm.distill import Ask, Distiller
 from runtime.session import Session
 from runtime.storage import JournalBackend
 
@@ -104,6 +104,8 @@ class Recall:
             numbers, names and negations, is merged into it (its source kept).
         max_items: bound on a session's items (0: none); the lowest-value raw turns are
             archived first (they stay in the journal), never facts or summaries.
+        ask_facts, ask_summary: the loaded model asked for a turn's facts and for a
+            summary (``extract="llm"``, ``summarize="llm"``); ``None``: the rules.
     """
 
     def __init__(
@@ -116,9 +118,13 @@ class Recall:
         min_similarity: float,
         dedup_similarity: float,
         max_items: int = 0,
+        ask_facts: Ask | None = None,
+        ask_summary: Ask | None = None,
     ) -> None:
         self.store = store
         self.max_items = max_items
+        self.ask_facts = ask_facts
+        self.ask_summary = ask_summary
         self._embedder = embedder
         self._root = root
         self.memory_k = memory_k
@@ -142,6 +148,8 @@ class Recall:
         min_similarity: float,
         dedup_similarity: float,
         max_items: int = 0,
+        ask_facts: Ask | None = None,
+        ask_summary: Ask | None = None,
     ) -> Recall:
         """Open the store in ``directory`` with ``embedder`` (``None``: the default
         all-MiniLM-L6-v2; ``False``: no long-term memory)."""
@@ -172,6 +180,8 @@ class Recall:
             min_similarity=min_similarity,
             dedup_similarity=dedup_similarity,
             max_items=max_items,
+            ask_facts=ask_facts,
+            ask_summary=ask_summary,
         )
 
     @property
@@ -298,7 +308,7 @@ class Recall:
         """:meth:`consolidate` from a journal and the entries the KV window holds."""
         if self.store is None:
             return {"facts": 0, "summaries": 0, "archived": 0}
-        distiller = Distiller(self.store)
+        distiller = Distiller(self.store, ask_facts=self.ask_facts, ask_summary=self.ask_summary)
         done = {
             "facts": distiller.facts(sid, journal),
             "summaries": distiller.summaries(sid, journal, window),

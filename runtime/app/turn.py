@@ -22,7 +22,7 @@ from runtime.session import ResumeReport, Session
 from runtime.template import ChatFormat, Message
 
 if TYPE_CHECKING:
-    from llamaffi import Model, Sampler
+    from llamaffi import Context, Model, Sampler
 
 __all__ = ["ImportedTurn", "Prompt", "TurnEngine", "make_reply", "with_memories"]
 
@@ -222,6 +222,36 @@ class TurnEngine:
             digest = hashlib.sha256(f"{session.session_id}/{seq}".encode()).digest()
             seed = int.from_bytes(digest[:4], "little")
         return sampler.dist(seed)
+
+    # -- one-shot questions (the distiller's LLM extractor and summariser) ---------------------
+
+    def ask(self, ctx: Context, seq_id: int, instructions: str, text: str, max_tokens: int) -> str:
+        """The model's greedy answer to ``instructions`` about ``text``, on the scratch
+        sequence ``seq_id`` (cleared before and after), as a fresh two-message chat. ``text``
+        is user content: tokenized as text, never as control tokens. Returns ``""`` when the
+        context has no room for it (the caller falls back to its rules)."""
+        from llamaffi import DecodeError
+
+        if self.format.supports_system:
+            messages = [Message("system", instructions), Message("user", text)]
+        else:
+            messages = [Message("user", f"{instructions}\n\n{text}")]
+        rendered = self.format.render(messages, True)
+        plain = [m.content for m in messages]
+        tokens = self.format.tokenize(self.model, rendered, first=True, plain=plain)
+        if len(tokens) + max_tokens > self.n_ctx // 2:
+            return ""  # a question must never crowd the sessions out of the context
+        ctx.memory.seq_rm(seq_id)
+        try:
+            out = ctx.generate(tokens, max_tokens, seq_id=seq_id)
+        except DecodeError as exc:  # no KV room now (the sessions hold it): the rules answer
+            logger.info("one-shot question not asked: %s", exc)
+            return ""
+        finally:
+            ctx.memory.seq_rm(seq_id)
+        pieces = [t for t in out if not self.model.is_eog(t)]
+        answer = self.model.detokenize(pieces) if pieces else ""
+        return self.format.clean(answer)
 
     # -- imported history ---------------------------------------------------------------------
 

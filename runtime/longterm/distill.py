@@ -7,25 +7,29 @@ and misses nothing:
 * **turns**: every user turn with its speaker and time, plus (for the lexical index only)
   the turns just before it in the same sitting;
 * **facts**: short, self-contained statements from each user turn, the speaker resolved
-  (:func:`runtime.longterm.facts.extract`); a fact with an attribute supersedes the older
-  one about the same subject and attribute;
-* **summaries**: an extractive summary of every :data:`SUMMARY_SPAN` entries that have
-  left the session's KV window.
+  (:func:`runtime.longterm.facts.extract`, or the loaded model asked for JSON facts with
+  ``extract="llm"``); a fact with an attribute supersedes the older one about the same
+  subject and attribute;
+* **summaries**: a summary of every :data:`SUMMARY_SPAN` entries that have left the
+  session's KV window (extractive, or the model's with ``summarize="llm"``).
 
 The facts' and summaries' watermarks live in the store and are written in the same SQLite
-transaction as the items they cover.
+transaction as the items they cover. When the model is asked (an :data:`Ask`), a bad answer
+(not JSON, too long, no content) falls back to the rules for that turn or span, so nothing
+is lost to it; and at most :data:`LLM_TURNS_PER_CALL` turns and one summary are asked per
+call, because the housekeeping thread holds the runtime's lock while it asks.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from runtime.errors import JournalCompactedError
 from runtime.longterm.db import NewItem
-from runtime.longterm.facts import extract
+from runtime.longterm.facts import FACT_INSTRUCTIONS, extract, parse_llm_facts
 from runtime.longterm.lexical import day_label, query_terms
 
 if TYPE_CHECKING:
@@ -33,7 +37,19 @@ if TYPE_CHECKING:
     from runtime.longterm.store import MemoryStore
     from runtime.storage import JournalBackend
 
-__all__ = ["Distiller", "item_id", "summarise"]
+__all__ = ["Ask", "Distiller", "item_id", "summarise"]
+
+#: A one-shot question to the loaded model: ``(instructions, text) -> answer`` ("" when it
+#: could not be asked).
+Ask = Callable[[str, str], str]
+#: Turns whose facts one call asks the model for at most (then the lock is let go).
+LLM_TURNS_PER_CALL = 8
+#: What the LLM summariser (``summarize="llm"``) asks, and how much transcript it sends.
+SUMMARY_INSTRUCTIONS = (
+    "Summarise this part of a conversation in at most three sentences. Keep names, places, "
+    "dates and numbers. Answer with the summary only."
+)
+MAX_SUMMARY_INPUT_CHARS = 6000
 
 #: Items written per transaction (and per embedding batch).
 BATCH = 256
@@ -65,10 +81,22 @@ def lineage_key(sid: str, journal: JournalBackend) -> str:
 
 
 class Distiller:
-    """Writes a session's derived items into ``store``; every method is idempotent."""
+    """Writes a session's derived items into ``store``; every method is idempotent.
 
-    def __init__(self, store: MemoryStore) -> None:
+    ``ask_facts`` and ``ask_summary`` (an :data:`Ask` each, or ``None``: the rules) put the
+    loaded model to the facts and the summaries.
+    """
+
+    def __init__(
+        self,
+        store: MemoryStore,
+        *,
+        ask_facts: Ask | None = None,
+        ask_summary: Ask | None = None,
+    ) -> None:
         self.store = store
+        self.ask_facts = ask_facts
+        self.ask_summary = ask_summary
 
     def turns(self, sid: str, journal: JournalBackend, first: int, last: int) -> int:
         """Store the user turns among entries ``first..last``; returns how many."""
@@ -87,14 +115,19 @@ class Distiller:
         key = f"facts:{sid}"
         lineage = lineage_key(sid, journal)
         last = len(journal) - 1
+        first = self.store.watermark(key) + 1
+        step = BATCH
+        if self.ask_facts is not None:  # one short batch per call: the lock is held
+            step = LLM_TURNS_PER_CALL
+            last = min(last, first + step - 1)
         made = 0
-        for start in range(self.store.watermark(key) + 1, last + 1, BATCH):
-            stop = min(last, start + BATCH - 1)
+        for start in range(first, last + 1, step):
+            stop = min(last, start + step - 1)
             items = [
                 item
                 for seq in range(start, stop + 1)
                 if (entry := entry_at(journal, seq)) is not None and memorable(entry)
-                for item in fact_items(sid, entry, lineage)
+                for item in fact_items(sid, entry, lineage, self.ask_facts)
             ]
             self.store.put(items, mark=(key, stop))
             made += len(items)
@@ -108,12 +141,19 @@ class Distiller:
         ordered = sorted(window)
         end = ordered[1] if len(ordered) > 1 else len(journal) if not ordered else ordered[0]
         made = 0
+        asked = 0
         for start in range(self.store.watermark(key) + 1, end - SUMMARY_SPAN + 1, SUMMARY_SPAN):
+            if self.ask_summary is not None and asked:
+                break  # one question per call: the lock is held
             entries = [
                 e for seq in range(start, start + SUMMARY_SPAN) if (e := entry_at(journal, seq))
             ]
             items = []
-            summary = summarise(entries)
+            summary = None
+            if self.ask_summary is not None and entries:
+                asked += 1
+                summary = llm_summary(entries, self.ask_summary)
+            summary = summary or summarise(entries)
             if summary is not None:
                 text, said_at = summary
                 items.append(
@@ -165,9 +205,17 @@ def turn_item(sid: str, journal: JournalBackend, entry: Entry, lineage: str) -> 
     )
 
 
-def fact_items(sid: str, entry: Entry, lineage: str) -> list[NewItem]:
-    """The fact items of one user turn (``lineage``: :func:`lineage_key`)."""
+def fact_items(sid: str, entry: Entry, lineage: str, ask: Ask | None = None) -> list[NewItem]:
+    """The fact items of one user turn (``lineage``: :func:`lineage_key`): the model's, when
+    ``ask`` is given and its answer is valid JSON facts, else the rules'."""
     speaker = entry.meta.get("name")
+    facts = None
+    if ask is not None:
+        facts = parse_llm_facts(
+            ask(FACT_INSTRUCTIONS, f"{speaker or 'User'}: {entry.text}"), speaker
+        )
+    if facts is None:
+        facts = extract(entry.text, speaker)
     return [
         NewItem(
             fact.text,
@@ -182,7 +230,7 @@ def fact_items(sid: str, entry: Entry, lineage: str) -> list[NewItem]:
             meta={"journal_seq": entry.seq, "value": fact.value},
             id=item_id(lineage, "fact", entry.seq, i),
         )
-        for i, fact in enumerate(extract(entry.text, speaker))
+        for i, fact in enumerate(facts)
     ]
 
 
@@ -214,7 +262,24 @@ def summarise(entries: Sequence[Entry]) -> tuple[str, float] | None:
     if not scored:
         return None
     best = sorted(sorted(scored)[:SUMMARY_SENTENCES], key=lambda row: row[1])
-    first, last = day_label(entries[0].created), day_label(entries[-1].created)
-    span = first if first == last else f"{first[:-1]} to {last[1:]}"
-    text = f"{span} " + " ".join(text for _, _, text in best)
+    text = f"{date_span(entries)} " + " ".join(text for _, _, text in best)
     return text[:MAX_SUMMARY_CHARS], entries[0].created
+
+
+def llm_summary(entries: Sequence[Entry], ask: Ask) -> tuple[str, float] | None:
+    """The model's summary of ``entries`` after their date span, and the time it starts; or
+    None when the answer is not a summary (empty, fewer than three content words), so the
+    caller falls back to :func:`summarise`."""
+    lines = [f"{e.meta.get('name') or 'User'}: {e.text}" for e in entries if memorable(e)]
+    if not lines:
+        return None
+    answer = " ".join(ask(SUMMARY_INSTRUCTIONS, "\n".join(lines)[:MAX_SUMMARY_INPUT_CHARS]).split())
+    if len(query_terms(answer)) < 3:
+        return None
+    return f"{date_span(entries)} {answer}"[:MAX_SUMMARY_CHARS], entries[0].created
+
+
+def date_span(entries: Sequence[Entry]) -> str:
+    """``[2023-05-08]``, or ``[2023-05-08 to 2023-05-09]``: the days ``entries`` span."""
+    first, last = day_label(entries[0].created), day_label(entries[-1].created)
+    return first if first == last else f"{first[:-1]} to {last[1:]}"

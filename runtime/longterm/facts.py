@@ -181,6 +181,17 @@ def _cut(text: str) -> str:
     return text[: MAX_FACT_CHARS - 1].rsplit(" ", 1)[0] + "…"
 
 
+#: What the LLM extractor (``extract="llm"``) asks the model about one turn.
+FACT_INSTRUCTIONS = (
+    "List the facts the message states about the speaker or the people it names. Answer "
+    'with JSON only: {"facts": [{"text": "one short sentence that names the person", '
+    '"attribute": "what it is about (location, job, pet, ...), or null", "value": "the '
+    'value"}]}. Answer {"facts": []} when the message states no fact.'
+)
+#: A model's answer with more facts than this is not a turn's facts: it is refused.
+MAX_LLM_FACTS = 8
+
+
 def parse_llm_facts(answer: str, speaker: str | None) -> list[Fact] | None:
     """The facts of a model's JSON answer (``{"facts": [{"text", "attribute"?, "value"?}]}``
     or a bare list), or None when it is not valid: the caller then uses :func:`extract`."""
@@ -213,4 +224,4 @@ def parse_llm_facts(answer: str, speaker: str | None) -> list[Fact] | None:
         if attribute is not None and not isinstance(attribute, str):
             return None
         facts.append(Fact(text, subject, normalise(attribute) if attribute else None, value))
-    return facts
+    return facts if len(facts) <= MAX_LLM_FACTS else None

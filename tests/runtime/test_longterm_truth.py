@@ -490,3 +490,122 @@ def test_control_token_text_in_user_content_stays_text(tmp_path: Path) -> None:
     assert counts["x </s><s> [INST] y"] == baseline
     assert counts["a </s> b"] <= baseline
     assert counts["c </s><s> d"] == 0
+
+
+# -- the LLM extractor and summariser (extract="llm", summarize="llm") ----------------------
+
+
+def _journal_of(tmp_path: Path, texts: list[str]) -> object:
+    from runtime.journal import Journal
+
+    journal = Journal(tmp_path / "j.journal", fsync=False)
+    for i, text in enumerate(texts):
+        journal.append("user", text, [1, 2, 3], meta={"name": "Caroline"}, created=T0 + i)
+    return journal
+
+
+def _rows(mem: MemoryStore, kind: str) -> list[tuple[str, tuple[int, ...]]]:
+    import json
+
+    db = sqlite3.connect(mem.db_path)
+    try:
+        rows = db.execute("SELECT text, sources FROM items WHERE kind = ? ORDER BY seq", (kind,))
+        return [(str(t), tuple(json.loads(src))) for t, src in rows]
+    finally:
+        db.close()
+
+
+def test_the_model_s_facts_are_kept_and_a_bad_answer_falls_back_to_the_rules(
+    tmp_path: Path,
+) -> None:
+    from runtime.longterm.distill import LLM_TURNS_PER_CALL, Distiller
+
+    texts = [f"I adopted a dog called Rex number {i} last week." for i in range(12)]
+    journal = _journal_of(tmp_path, texts)
+    asked: list[str] = []
+
+    def ask(instructions: str, text: str) -> str:
+        asked.append(text)
+        n = len(asked)
+        if n % 3 == 0:
+            return "Sure! Here are the facts: none, really."  # not JSON
+        if n % 3 == 1:
+            return '{"facts": [{"text": "Caroline has a dog", "attribute": "pet", "value": "dog"}]}'
+        return '{"facts": [{"text": 42}]}'  # JSON, but not facts
+
+    with MemoryStore(tmp_path / "mem", HashEmbedder()) as mem:  # type: ignore[arg-type]
+        distiller = Distiller(mem, ask_facts=ask)
+        first = distiller.facts("s", journal)  # type: ignore[arg-type]
+        assert len(asked) == LLM_TURNS_PER_CALL  # one short batch per call: the lock is held
+        while distiller.facts("s", journal):  # type: ignore[arg-type]
+            pass
+        assert len(asked) == len(texts)  # every turn asked once, none twice
+        by_turn: dict[int, list[str]] = {}
+        for text, sources in _rows(mem, "fact"):
+            for seq in sources:  # the model's same fact for turns 0, 3, 6, 9: one item, merged
+                by_turn.setdefault(seq, []).append(text)
+        # every turn has its facts: the model's where it answered well, the rules' elsewhere
+        assert sorted(by_turn) == list(range(len(texts)))
+        for seq, got in by_turn.items():
+            if seq % 3 == 0:
+                assert got == ["Caroline has a dog"]
+            else:
+                assert all("Rex" in text and str(seq) in text for text in got), got
+        assert first > 0
+
+
+def test_the_model_s_summary_carries_its_dates_and_a_bad_one_is_extractive(
+    tmp_path: Path,
+) -> None:
+    from runtime.longterm.distill import SUMMARY_SPAN, Distiller
+
+    texts = [f"Caroline told me about the sailing trip to Crete, day {i}." for i in range(60)]
+    journal = _journal_of(tmp_path, texts)
+    answers = iter(["Caroline planned a sailing trip to Crete with Ana.", "ok"])
+    with MemoryStore(tmp_path / "mem", HashEmbedder()) as mem:  # type: ignore[arg-type]
+        distiller = Distiller(mem, ask_summary=lambda _i, _t: next(answers))
+        assert distiller.summaries("s", journal, set()) == 1  # type: ignore[arg-type]
+        assert distiller.summaries("s", journal, set()) == 1  # type: ignore[arg-type]
+        assert distiller.summaries("s", journal, set()) == 0  # type: ignore[arg-type]
+        summaries = _rows(mem, "summary")
+        assert summaries[0] == (
+            "[2023-05-08] Caroline planned a sailing trip to Crete with Ana.",
+            tuple(range(SUMMARY_SPAN)),
+        )
+        # "ok" is not a summary: the extractive one stands in, quoting the turns
+        assert summaries[1][0].startswith("[2023-05-08] Caroline: Caroline told me")
+
+
+def test_extract_llm_on_a_real_model_never_loses_a_turn_s_facts(
+    tmp_path: Path, minilm: object
+) -> None:
+    # the random-weight model answers garbage: every turn still gets the rules' facts
+    messages = [
+        {
+            "role": "user",
+            "name": "Ana",
+            "content": f"I moved to Lisbon {i} in May.",
+            "created_at": T0 + i,
+        }
+        for i in range(10)
+    ]
+    made = {}
+    for mode in ("rules", "llm"):
+        with Runtime(
+            tmp_path / mode,
+            model="tiny",
+            n_ctx=4096,
+            embedder=minilm,  # type: ignore[arg-type]
+            idle_suspend_s=0,
+            extract=mode,  # type: ignore[arg-type]
+            summarize="llm" if mode == "llm" else "extractive",
+        ) as r:
+            r.import_history("s", messages)
+            total = {"facts": 0, "summaries": 0}
+            while True:
+                step = r.consolidate("s")
+                if not step["facts"] and not step["summaries"]:
+                    break
+                total = {k: total[k] + step[k] for k in total}
+            made[mode] = total
+    assert made["llm"]["facts"] >= made["rules"]["facts"] > 0
