@@ -13,6 +13,7 @@ The data is read from a path (``LOCOMO_DIR``, default ``../shared/data/locomo-de
 the repository); LoCoMo is CC BY-NC 4.0, for evaluation only, and never copied here.
 
     python benchmarks/longmem.py [--locomo DIR] [--ablation] [--json OUT]
+    python benchmarks/longmem.py --qa 8       # end-to-end QA on SmolLM2, token F1 (a sample)
 """
 
 from __future__ import annotations
@@ -426,12 +427,74 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- end-to-end QA (information only: judge memory by retrieval, not by a 135M model) -------
+
+
+def token_f1(answer: str, gold: str) -> float:
+    """SQuAD's token F1 of ``answer`` against ``gold`` (lower-cased words, articles and
+    punctuation dropped)."""
+    from collections import Counter
+
+    def norm(text: str) -> list[str]:
+        words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
+        return [w for w in words if w not in ("a", "an", "the")]
+
+    got, want = norm(answer), norm(gold)
+    common = sum((Counter(got) & Counter(want)).values())
+    if not got or not want or not common:
+        return float(got == want)
+    precision, recall = common / len(got), common / len(want)
+    return 2 * precision * recall / (precision + recall)
+
+
+def end_to_end(locomo: Path, per_conversation: int, model: str = "smollm2") -> dict[str, Any]:
+    """Mean token F1 of ``model``'s answers to ``per_conversation`` questions of each LoCoMo
+    conversation (a fixed sample), with the memories retrieval puts into the prompt and
+    without them (the KV window only)."""
+    from runtime import Runtime
+
+    convs = load_locomo(locomo)
+    rng = random.Random(0)
+    scores: dict[str, list[float]] = {"with memories": [], "KV window only": []}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Runtime(Path(tmp) / "data", model=model, n_ctx=4096, memory_k=5, idle_suspend_s=0) as rt,
+    ):
+        import_all(rt, convs)
+        for conv in convs:
+            sid = f"bench-{conv.name}"
+            for q in rng.sample(conv.questions, min(per_conversation, len(conv.questions))):
+                for label, use in (("with memories", True), ("KV window only", False)):
+                    reply = rt.chat(
+                        sid,
+                        f"{q.text} Answer in a few words.",
+                        max_tokens=24,
+                        temperature=0.0,
+                        remember=False,
+                        use_memory=use,
+                    )
+                    scores[label].append(token_f1(reply.text, q.answer))
+    return {k: statistics.mean(v) if v else 0.0 for k, v in scores.items()} | {
+        "questions": len(scores["with memories"]),
+        "model": model,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--locomo", type=Path, default=locomo_dir())
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--qa",
+        type=int,
+        metavar="N",
+        help="only the end-to-end QA: N questions per conversation on SmolLM2, token F1",
+    )
     args = parser.parse_args(argv)
+    if args.qa:
+        print(json.dumps(end_to_end(args.locomo, args.qa), indent=1))
+        return 0
     report = run(args.locomo, do_ablation=args.ablation)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
