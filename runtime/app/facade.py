@@ -33,7 +33,7 @@ from runtime.app.parts import build_parts, open_model
 from runtime.app.reply import Reply
 from runtime.app.sessions import check_messages
 from runtime.app.turn import make_reply
-from runtime.errors import ClosedError, SessionNotFoundError
+from runtime.errors import ClosedError, RuntimeArgumentError, SessionNotFoundError
 from runtime.fsutil import DirLock, ensure_dir, warn_if_exposed
 from runtime.layout import (
     LOCK_NAME,
@@ -264,6 +264,60 @@ class Runtime:
                 self._recall.catch_up(session)
             marks.append(time.perf_counter())
             reply = make_reply(session_id, prompt, entry, finish, memories, report, marks)
+            self._stats.record_turn(reply)
+            return reply
+
+    def answer(
+        self,
+        session_id: str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repeat_penalty: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        on_token: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Reply:
+        """Reply to the session's last user turn, which no reply followed: a process killed
+        mid-reply leaves one, and a client's retry of that turn should get its answer, not
+        a second copy of the turn. The turn is neither journalled nor decoded again (its
+        memories are the ones it was asked with); the reply is journalled as :meth:`chat`'s.
+
+        Raises :class:`RuntimeArgumentError` (``session_id``) when the session's last turn
+        has its reply, or left the window; :class:`SessionNotFoundError` when there is no
+        such session.
+        """
+        validate_session_id(session_id)
+        params = self.sampling.with_overrides(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+        ).check(self.ctx.n_ctx)
+        stops = check_stop(stop)
+        with self._lock:
+            self._require_open()
+            if not self._sessions.exists(session_id):
+                raise SessionNotFoundError(f"no session {session_id!r}")
+            marks = [time.perf_counter()]
+            session, report = self._sessions.get(session_id)
+            marks += [time.perf_counter()] * 2  # resumed; nothing retrieved
+            prompt = self._turns.pending(session, params.max_tokens)
+            if prompt is None:
+                raise RuntimeArgumentError("session_id", "the last turn has its reply already")
+            marks.append(time.perf_counter())
+            entry, finish = self._turns.reply(session, prompt, params, stops, on_token, cancelled)
+            marks.append(time.perf_counter())
+            self._recall.catch_up(session)
+            marks.append(time.perf_counter())
+            reply = make_reply(session_id, prompt, entry, finish, [], report, marks)
             self._stats.record_turn(reply)
             return reply
 

@@ -104,6 +104,21 @@ class TurnEngine:
         )
         return Prompt(entry, content, len(tokens) + system_tokens, min(keep, n_before), render_ms)
 
+    def pending(self, session: Session, max_tokens: int) -> Prompt | None:
+        """The session's unanswered user turn as a decoded :class:`Prompt`, room made for
+        the reply and its logits fresh; None when the last turn is not one."""
+        start = time.perf_counter()
+        entry = session.unanswered()
+        if entry is None:
+            return None
+        session.reserve(self.reply_budget(max_tokens) + 16)
+        if session.unanswered() is None:  # the shift took the turn out of the window
+            return None
+        session.prime()
+        content = str(entry.meta.get("content", entry.text))
+        render_ms = (time.perf_counter() - start) * 1000
+        return Prompt(entry, content, 1, session.n_tokens - 1, render_ms)  # one re-decoded
+
     def _start_session(self, session: Session, created: float | None) -> int:
         """Journal the system prompt as the first turn of a new session; its token count."""
         if not session.first_turn or not self.system_prompt or not self.format.supports_system:

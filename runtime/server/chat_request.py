@@ -158,11 +158,10 @@ def _messages(body: Mapping[str, Any]) -> tuple[str | None, list[tuple[str, str]
                 raise bad_request(f"messages[{i}].role", "system messages must come first")
             system.append(text)
             continue
-        expected = "user" if not turns or turns[-1][0] == "assistant" else "assistant"
-        if role != expected:
-            raise bad_request(
-                f"messages[{i}].role", f"expected a {expected} message (turns alternate)"
-            )
+        # a reply answers a user turn; user turns may follow each other (a multi-party
+        # import, or a turn whose reply a crash cut off): any history the server produced
+        if role == "assistant" and (not turns or turns[-1][0] == "assistant"):
+            raise bad_request(f"messages[{i}].role", "an assistant message must follow a user one")
         turns.append((role, text))
     if not turns or turns[-1][0] != "user":
         raise bad_request("messages", "the last message must be from the user")
@@ -261,6 +260,19 @@ def parse_chat(
 # -- the conversation against the journal -------------------------------------------------------
 
 
+def is_retry(journal: Sequence[Mapping[str, Any]], turns: Sequence[tuple[str, str]]) -> bool:
+    """Whether ``turns`` retries the journal's last turn, a user turn whose reply never came
+    (the process died mid-reply): the history before it is the journal's, and its text is
+    that turn's. The retry is then answered (:meth:`Runtime.answer`), not added again."""
+    known = [(e["role"], e["text"]) for e in journal if e["role"] in ("user", "assistant")]
+    if not known or known[-1][0] != "user" or len(known) != len(turns):
+        return False
+    return all(
+        role == j_role and text.strip() == j_text.strip()
+        for (role, text), (j_role, j_text) in zip(turns, known, strict=True)
+    )
+
+
 def missing_turns(
     journal: Sequence[Mapping[str, Any]], turns: Sequence[tuple[str, str]]
 ) -> list[tuple[str, str]]:
@@ -268,13 +280,14 @@ def missing_turns(
 
     ``journal`` is :meth:`Runtime.history`. A single message is always new. Raises a 409
     :class:`APIError` when the two disagree, or when the journal holds turns the history
-    does not. A trailing user turn whose reply never came (the process died mid-reply) is
-    left out of the comparison: the client never saw it answered.
+    does not. Trailing user turns whose reply never came (the process died mid-reply) are
+    left out of the comparison: the client never saw them answered (:func:`is_retry`
+    tells a retry of the last one).
     """
     if len(turns) == 1:
         return []
     known = [(e["role"], e["text"]) for e in journal if e["role"] in ("user", "assistant")]
-    while known and known[-1][0] == "user":
+    while known and known[-1][0] == "user" and len(known) > len(turns) - 1:
         known.pop()
     prior = turns[:-1]
     for i, ((role, text), (j_role, j_text)) in enumerate(zip(prior, known, strict=False)):

@@ -41,6 +41,7 @@ class _Turn:
     ephemeral: bool
     cancel: asyncio.Event | None = None
     flag: list[bool] = field(default_factory=lambda: [False])
+    retry: bool = False  # the request retries the unanswered last turn: answer it
 
     def cancelled(self) -> bool:
         return self.flag[0] or self.state.stopping
@@ -60,6 +61,9 @@ class _Turn:
             return
         else:
             journal = rt.history(self.session_id)
+            if chatmod.is_retry(journal, req.turns):
+                self.retry = True
+                return
             missing = chatmod.missing_turns(journal, req.turns)
             is_new = not journal
         messages = chatmod.import_messages(req.system, missing, is_new=is_new)
@@ -69,24 +73,30 @@ class _Turn:
     def run(self, on_token: Callable[[str], None] | None) -> Reply:
         """The turn itself (worker thread); an ephemeral session is deleted after it."""
         rt, req, p = self.state.rt, self.req, self.req.sampling
+        sampling: dict[str, Any] = {
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "top_k": p.top_k,
+            "min_p": p.min_p,
+            "repeat_penalty": p.repeat_penalty,
+            "seed": p.seed,
+            "stop": req.stop,
+            "on_token": on_token,
+            "cancelled": self.cancelled,
+        }
         try:
-            reply = rt.chat(
-                self.session_id,
-                req.text,
-                max_tokens=p.max_tokens,
-                temperature=p.temperature,
-                top_p=p.top_p,
-                top_k=p.top_k,
-                min_p=p.min_p,
-                repeat_penalty=p.repeat_penalty,
-                seed=p.seed,
-                stop=req.stop,
-                on_token=on_token,
-                cancelled=self.cancelled,
-                remember=req.remember,
-                importance=req.importance,
-                use_memory=req.use_memory,
-            )
+            if self.retry:
+                reply = rt.answer(self.session_id, **sampling)
+            else:
+                reply = rt.chat(
+                    self.session_id,
+                    req.text,
+                    remember=req.remember,
+                    importance=req.importance,
+                    use_memory=req.use_memory,
+                    **sampling,
+                )
             self.state.metrics.turn(reply)  # counted even when nobody listens
             return reply
         finally:

@@ -113,6 +113,27 @@ class Session:
         renders for the KV sequence as it is now."""
         return [(span.role, span.content) for span in self.window.spans if span.role]
 
+    def unanswered(self) -> Entry | None:
+        """The window's last turn, when it is a user turn that no reply followed (a process
+        that died mid-reply leaves one): the journal entry; else None."""
+        turns = [span for span in self.window.spans if span.role in ("user", "assistant")]
+        if not turns or turns[-1].role != "user" or turns[-1].seq < 0:
+            return None
+        return self.journal[turns[-1].seq]
+
+    def prime(self) -> None:
+        """Decode the window's last token again, so that the next sample reads this
+        sequence's logits (a resumed KV has none, and another session may have decoded
+        since). The window and the journal do not change."""
+        self._require_resident()
+        n = self.n_tokens
+        if n == 0:
+            raise SessionError(f"session {self.session_id!r} has nothing decoded to continue")
+        if not self.kv.cut(n - 1):
+            self.kv.clear()
+            raise SessionError(f"llama.cpp could not remove position {n - 1}")
+        self.kv.decode(self.window.tokens[-1:])
+
     def window_seqs(self) -> set[int]:
         """Journal entries whose tokens are (at least partly) in the window now."""
         return {span.seq for span in self.window.spans}

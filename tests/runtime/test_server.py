@@ -671,11 +671,6 @@ def test_kill_loop_loses_no_acknowledged_turn(tmp_path: Path) -> None:
 # -- the red team's defects (issue 21) ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs a Runtime intent that answers a session's trailing unanswered user turn "
-    "(no second user entry); the server cannot do it through Runtime.chat",
-)
 def test_retry_of_an_unanswered_turn_answers_it_instead_of_adding_another(
     http: httpx.Client, rt: Runtime
 ) -> None:
@@ -691,8 +686,56 @@ def test_retry_of_an_unanswered_turn_answers_it_instead_of_adding_another(
     ]
     r = _chat(http, {"messages": retry, "max_tokens": 3}, **{"X-Session-Id": "retry1"})
     assert r.status_code == 200, r.text
-    roles = [h["role"] for h in _history(http, "retry1")]
+    history = _history(http, "retry1")
+    assert [h["role"] for h in history] == ["user", "assistant", "user", "assistant"]
+    assert history[-1]["text"] == r.json()["choices"][0]["message"]["content"]
+    # the server accepts the very history it returns, and the next turn extends it
+    turns = [{"role": h["role"], "content": h["text"]} for h in history]
+    nxt = _chat(http, {"messages": [*turns, {"role": "user", "content": "u3"}], "max_tokens": 3},
+                **{"X-Session-Id": "retry1"})  # fmt: skip
+    assert nxt.status_code == 200, nxt.text
+    assert [h["role"] for h in _history(http, "retry1")][-2:] == ["user", "assistant"]
+    assert len(_history(http, "retry1")) == 6
+
+
+def test_a_history_with_consecutive_user_turns_is_accepted_and_not_duplicated(
+    http: httpx.Client, rt: Runtime
+) -> None:
+    # a multi-party import leaves user turns in a row: the server returns them, and takes
+    # them back without adding any of them twice
+    rt.import_history(
+        "party",
+        [
+            {"role": "user", "name": "Ana", "content": "I am in Lisbon."},
+            {"role": "user", "name": "Ben", "content": "I am in Porto."},
+        ],
+    )
+    first = _chat(http, {"messages": [{"role": "user", "content": "Where is Ana?"}],
+                         "max_tokens": 3}, **{"X-Session-Id": "party"})  # fmt: skip
+    assert first.status_code == 200, first.text
+    turns = [{"role": h["role"], "content": h["text"]} for h in _history(http, "party")]
+    r = _chat(http, {"messages": [*turns, {"role": "user", "content": "And Ben?"}],
+                     "max_tokens": 3}, **{"X-Session-Id": "party"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    texts = [h["text"] for h in _history(http, "party") if h["role"] == "user"]
+    assert texts == ["I am in Lisbon.", "I am in Porto.", "Where is Ana?", "And Ben?"]
+
+
+def test_answer_replies_to_the_unanswered_turn_only(rt: Runtime) -> None:
+    from runtime.errors import RuntimeArgumentError
+
+    rt.chat("ans", "hello", max_tokens=2)
+    with pytest.raises(RuntimeArgumentError, match="session_id"):
+        rt.answer("ans")  # answered already: nothing to do, nothing written
+    rt.import_history("ans", [{"role": "user", "content": "still there?"}])
+    reply = rt.answer("ans", max_tokens=3, temperature=0.0)
+    roles = [h["role"] for h in rt.history("ans") if h["role"] != "system"]
     assert roles == ["user", "assistant", "user", "assistant"]
+    assert rt.history("ans")[-1]["seq"] == reply.journal_seq
+    # the same reply as a chat turn that was never cut off gives (greedy, same KV)
+    rt.chat("twin", "hello", max_tokens=2)
+    rt.import_history("twin", [{"role": "user", "content": "still there?"}])
+    assert rt.answer("twin", max_tokens=3, temperature=0.0).text == reply.text
 
 
 @pytest.mark.parametrize(
