@@ -246,17 +246,28 @@ class Runtime:
         with self._lock:
             self._require_open()
             marks = [time.perf_counter()]
+            new = not self._sessions.exists(session_id)
             session, report = self._sessions.get(session_id)
-            marks.append(time.perf_counter())
-            # "last week" in the question means the week before the turn's own time
-            memories = self._recall.retrieve(session, text, now=created) if use_memory else []
             marks.append(time.perf_counter())
             meta: dict[str, object] = {"importance": importance}
             if not remember:
                 meta["remember"] = False
-            prompt = self._turns.prompt(
-                session, text, memories, max_tokens=params.max_tokens, meta=meta, created=created
-            )
+            try:
+                # "last week" in the question means the week before the turn's own time
+                memories = self._recall.retrieve(session, text, now=created) if use_memory else []
+                marks.append(time.perf_counter())
+                prompt = self._turns.prompt(
+                    session,
+                    text,
+                    memories,
+                    max_tokens=params.max_tokens,
+                    meta=meta,
+                    created=created,
+                )
+            except Exception:
+                if new:  # a refused first turn leaves no session behind (nor its system turn)
+                    self._sessions.delete(session_id, memories=True)
+                raise
             marks.append(time.perf_counter())
             entry, finish = self._turns.reply(session, prompt, params, stops, on_token, cancelled)
             marks.append(time.perf_counter())

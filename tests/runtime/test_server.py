@@ -721,6 +721,24 @@ def test_a_history_with_consecutive_user_turns_is_accepted_and_not_duplicated(
     assert texts == ["I am in Lisbon.", "I am in Porto.", "Where is Ana?", "And Ben?"]
 
 
+def test_a_refused_first_request_leaves_nothing_behind(http: httpx.Client, rt: Runtime) -> None:
+    # too long for the 2,048-token context: refused before anything is said, so the new
+    # session, its journal and its system turn must not exist afterwards
+    body = {"messages": [{"role": "user", "content": "word " * 3000}], "max_tokens": 3}
+    r = _chat(http, body, **{"X-Session-Id": "refused1"})
+    assert 400 <= r.status_code < 500, r.text
+    assert "refused1" not in rt.sessions()
+    with pytest.raises(Exception, match="refused2"):
+        rt.chat("refused2", "word " * 3000, max_tokens=3)
+    assert "refused2" not in rt.sessions()
+    # a refused turn in an existing session writes nothing either
+    rt.chat("refused3", "hello", max_tokens=2)
+    before = rt.history("refused3")
+    with pytest.raises(Exception, match="refused3"):
+        rt.chat("refused3", "word " * 3000, max_tokens=3)
+    assert rt.history("refused3") == before
+
+
 def test_answer_replies_to_the_unanswered_turn_only(rt: Runtime) -> None:
     from runtime.errors import RuntimeArgumentError
 
