@@ -28,6 +28,8 @@ __all__ = [
     "LONGTERM_DIR",
     "QUARANTINE_DIR",
     "STATS_FILE",
+    "ephemeral_id",
+    "is_ephemeral",
     "journal_path",
     "validate_session_id",
     "watermark_path",
@@ -42,6 +44,22 @@ LONGTERM_DIR = "longterm"
 QUARANTINE_DIR = "quarantine"
 
 _SESSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: The ids of ephemeral sessions (a stateless server request's, deleted after its reply and
+#: at the server's start): ``_tmp-`` and 32 hex digits. A user's id starts with a letter or
+#: digit, so it can never be one of these and be deleted as one.
+_EPHEMERAL_RE = re.compile(r"_tmp-[0-9a-f]{32}")
+
+
+def ephemeral_id() -> str:
+    """A fresh ephemeral session id (:func:`is_ephemeral`)."""
+    import uuid
+
+    return f"_tmp-{uuid.uuid4().hex}"
+
+
+def is_ephemeral(session_id: str) -> bool:
+    """Whether ``session_id`` names an ephemeral session (never a user's)."""
+    return bool(_EPHEMERAL_RE.fullmatch(session_id))
 
 
 def validate_session_id(session_id: str) -> str:
@@ -49,8 +67,11 @@ def validate_session_id(session_id: str) -> str:
     :class:`runtime.errors.InvalidNameError`.
 
     Allowed: 1-128 characters from ``[A-Za-z0-9._-]``, starting with a letter or digit, so no
-    path separators, no ``..``, no hidden names and nothing the stores use themselves.
+    path separators, no ``..``, no hidden names and nothing the stores use themselves; and
+    the ephemeral ids (:func:`ephemeral_id`), which no user id can be.
     """
+    if isinstance(session_id, str) and is_ephemeral(session_id):
+        return session_id
     if not isinstance(session_id, str) or not _SESSION_RE.fullmatch(session_id):
         raise InvalidNameError(
             f"invalid session id {session_id!r}: use 1-128 characters from [A-Za-z0-9._-], "

@@ -13,7 +13,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runtime.errors import ArgumentError
-from runtime.server import chat_request as chatmod
+from runtime.layout import is_ephemeral
 from runtime.server.api_errors import APIError
 from runtime.server.scheduler import FairQueue
 
@@ -171,10 +171,10 @@ def serve(
 
     import uvicorn
 
-    # Stateless requests run in tmp-* sessions deleted after the reply; a crash may have
-    # left some behind, and "stateless" must not mean "kept on disk".
+    # Stateless requests run in ephemeral sessions deleted after the reply; a crash may have
+    # left some behind, and "stateless" must not mean "kept on disk". No user id is one.
     for sid in rt.sessions():
-        if sid.startswith(chatmod.EPHEMERAL_PREFIX):
+        if is_ephemeral(sid):
             rt.delete_session(sid)
     app = create_app(rt, api_key=api_key, max_body=max_body, max_queue=max_queue)
     state: ServerState = app.state.server

@@ -4,8 +4,9 @@ With a session, the server holds the conversation. The client sends either only 
 message or the whole history; a history is compared with the session's journal (user and
 assistant texts, whitespace at the ends ignored) and only what the journal lacks is added.
 A history that contradicts the journal is a 409. Without a session the request is stateless:
-it runs in an ephemeral session (``tmp-<hex>``) that is deleted, with its files, after the
-reply; none of its turns reach long-term memory.
+it runs in an ephemeral session (``_tmp-<hex>``, :func:`runtime.layout.ephemeral_id`: no user
+id can take that form) that is deleted, with its files, after the reply; none of its turns
+reach long-term memory.
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from runtime.app import MAX_STOP_STRINGS, ContextFullError, RuntimeArgumentError, Sampling
 from runtime.app.options import check_text as runtime_check_text
-from runtime.layout import validate_session_id
+from runtime.layout import is_ephemeral, validate_session_id
 from runtime.server.api_errors import APIError, bad_request
 
 if TYPE_CHECKING:
@@ -42,7 +42,6 @@ KNOWN_FIELDS = IGNORED_FIELDS | _OFF_FIELDS.keys() | {
 }  # fmt: skip
 #: Fields whose only supported value is the default.
 _ROLES = ("system", "developer", "user", "assistant")
-EPHEMERAL_PREFIX = "tmp-"
 
 
 @dataclass
@@ -110,8 +109,8 @@ def check_session_id(value: object, param: str) -> str:
     """A valid session id (``runtime.layout.validate_session_id``), as a 400 naming ``param``."""
     if not isinstance(value, str):
         raise bad_request(param, f"must be a string, got {type(value).__name__}")
-    if value.startswith(EPHEMERAL_PREFIX):
-        raise bad_request(param, f"ids starting with {EPHEMERAL_PREFIX!r} are reserved")
+    if is_ephemeral(value):
+        raise bad_request(param, "ids of the form _tmp-<32 hex> are the server's own")
     try:
         return validate_session_id(value)
     except ValueError as exc:
@@ -327,11 +326,6 @@ def import_messages(
         messages.append({"role": "system", "content": system})
     messages += [{"role": role, "content": text} for role, text in turns]
     return messages
-
-
-def ephemeral_id() -> str:
-    """A fresh id for a stateless request's session."""
-    return f"{EPHEMERAL_PREFIX}{uuid.uuid4().hex}"
 
 
 def map_runtime_error(exc: Exception) -> APIError:

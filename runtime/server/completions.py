@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from runtime.layout import ephemeral_id
 from runtime.server import chat_request as chatmod
 from runtime.server.api_errors import APIError
 from runtime.server.scheduler import QueueFullError
@@ -115,7 +116,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     body = await json_body(request, state.max_body)
     req = chatmod.parse_chat(body, request.headers.get("x-session-id"), rt.sampling, rt.n_ctx)
     ephemeral = req.session_id is None
-    sid = req.session_id or chatmod.ephemeral_id()
+    sid = req.session_id or ephemeral_id()
     turn = _Turn(state, req, sid, ephemeral)
     key = sid if not ephemeral else "\x00stateless"
     if state.stopping or state.draining:

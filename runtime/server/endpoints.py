@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from runtime.errors import SessionNotFoundError
+from runtime.layout import is_ephemeral
 from runtime.longterm.db import KINDS
 from runtime.server import chat_request as chatmod
 from runtime.server.api_errors import APIError, bad_request, not_found
@@ -167,9 +168,7 @@ async def sessions_endpoint(request: Request, state: ServerState) -> Response:
     rt = state.rt
 
     def listing() -> list[dict[str, Any]]:
-        return [
-            rt.session_info(s) for s in rt.sessions() if not s.startswith(chatmod.EPHEMERAL_PREFIX)
-        ]
+        return [rt.session_info(s) for s in rt.sessions() if not is_ephemeral(s)]
 
     data = await state.run(ADMIN_KEY, listing)
     return JSONResponse({"object": "list", "data": [{"object": "session", **i} for i in data]})

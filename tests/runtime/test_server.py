@@ -295,7 +295,7 @@ def test_oversized_body_gets_413(http: httpx.Client) -> None:
     [
         ({}, {"X-Session-Id": "../etc"}, "X-Session-Id"),
         ({"session_id": ".hidden"}, {}, "session_id"),
-        ({"session_id": "tmp-mine"}, {}, "session_id"),
+        ({"session_id": "_tmp-" + "0" * 32}, {}, "session_id"),
         ({"session_id": "a", "max_tokens": 1}, {"X-Session-Id": "b"}, "session_id"),
         ({"max_tokens": -1}, {"X-Session-Id": "badin"}, "max_tokens"),
         ({"max_completion_tokens": 0}, {"X-Session-Id": "badin"}, "max_completion_tokens"),
@@ -719,6 +719,21 @@ def test_a_history_with_consecutive_user_turns_is_accepted_and_not_duplicated(
     assert r.status_code == 200, r.text
     texts = [h["text"] for h in _history(http, "party") if h["role"] == "user"]
     assert texts == ["I am in Lisbon.", "I am in Porto.", "Where is Ana?", "And Ben?"]
+
+
+def test_a_user_session_named_tmp_survives_a_server_start(tmp_path: Path) -> None:
+    from runtime.layout import ephemeral_id
+
+    data = tmp_path / "data"
+    with Runtime(data, model="tiny", embedder=False, idle_suspend_s=0) as own:
+        own.chat("tmp-mine", "keep me", max_tokens=2)  # a user's own id, e.g. from the CLI
+        own.chat(ephemeral_id(), "a crashed stateless request", max_tokens=2)
+    with ServeProcess(data) as proc:
+        listed = httpx.get(f"{proc.base}/v1/sessions", timeout=30).json()["data"]
+        assert [s["id"] for s in listed] == ["tmp-mine"]
+        assert proc.kill(signal.SIGTERM) == 0
+    with Runtime(data, model="tiny", embedder=False, idle_suspend_s=0) as after:
+        assert after.sessions() == ["tmp-mine"]  # the leftover ephemeral one is gone
 
 
 def test_a_refused_first_request_leaves_nothing_behind(http: httpx.Client, rt: Runtime) -> None:
