@@ -159,9 +159,10 @@ def serve(
     """Serve ``rt`` until SIGTERM or SIGINT, then close it; returns the exit code (0).
 
     On the signal, uvicorn stops accepting connections and new requests on open ones get a
-    503. Non-streamed turns in flight get ``grace_s`` seconds to finish; streams are ended
-    at once (sse-starlette watches the same signal). A turn stopped either way is kept and
-    journalled as its partial reply with finish_reason ``"cancelled"``. Then the runtime is
+    503. Non-streamed turns in flight get ``grace_s`` seconds to finish; a stream stops at
+    its next token and ends as any stream does: its finish chunk (``stop_reason``
+    ``"cancelled"``) and ``[DONE]``. A turn stopped either way is kept and journalled as its
+    partial reply with finish_reason ``"cancelled"``. Then the runtime is
     closed: final checkpoints of the resident sessions and pending writes.
     """
     import contextlib
@@ -178,6 +179,7 @@ def serve(
             rt.delete_session(sid)
     app = create_app(rt, api_key=api_key, max_body=max_body, max_queue=max_queue)
     state: ServerState = app.state.server
+    state.grace_s = grace_s
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:

@@ -45,7 +45,9 @@ class _Turn:
     retry: bool = False  # the request retries the unanswered last turn: answer it
 
     def cancelled(self) -> bool:
-        return self.flag[0] or self.state.stopping
+        # a stream stops at the next token once the server drains (then ends with its
+        # finish_reason and [DONE]); a non-streamed turn gets the grace period
+        return self.flag[0] or self.state.stopping or (self.req.stream and self.state.draining)
 
     def prepare(self) -> None:
         """Check the history against the journal and import what it lacks (worker thread).
@@ -183,7 +185,11 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
             turn.flag[0] = True  # a no-op when the turn has ended; stops it when not
 
     headers = {"X-Session-Id": out_sid} if out_sid else None
-    return EventSourceResponse(events(), headers=headers, sep="\n")
+    # on SIGTERM sse-starlette would cut the stream at once; the grace lets events() see its
+    # turn stop (cancelled() above) and send the finish chunk and [DONE] first
+    return EventSourceResponse(
+        events(), headers=headers, sep="\n", shutdown_grace_period=state.grace_s
+    )
 
 
 def _track(state: ServerState, task: asyncio.Task[Any]) -> asyncio.Task[Any]:

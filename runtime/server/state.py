@@ -78,6 +78,7 @@ class ServerState:
     max_body: int
     stopping: bool = False
     draining: bool = False
+    grace_s: float = 10.0  # what in-flight turns get on SIGTERM (serve's grace_s)
     started: int = field(default_factory=lambda: int(time.time()))
     jobs: set[asyncio.Task[Any]] = field(default_factory=set)
 

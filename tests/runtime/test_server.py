@@ -736,6 +736,36 @@ def test_a_user_session_named_tmp_survives_a_server_start(tmp_path: Path) -> Non
         assert after.sessions() == ["tmp-mine"]  # the leftover ephemeral one is gone
 
 
+def test_sigterm_ends_a_stream_with_its_finish_reason_and_done(tmp_path: Path) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Count to ten thousand."}],
+        "max_tokens": 2000,  # seconds of tokens: the stream is still going when the signal lands
+        "stream": True,
+    }
+    with ServeProcess(tmp_path / "data", "--n-ctx", "8192") as proc:
+        lines: list[str] = []
+        with httpx.stream(
+            "POST",
+            f"{proc.base}/v1/chat/completions",
+            json=body,
+            headers={"X-Session-Id": "sig"},
+            timeout=60,
+        ) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                lines.append(line.removeprefix("data: "))
+                if len(lines) == 3:  # content is flowing
+                    assert proc.proc is not None
+                    proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc is not None and proc.proc.wait(timeout=60) == 0
+        proc.proc = None
+    assert lines[-1] == "[DONE]", lines[-3:]
+    last = json.loads(lines[-2])
+    assert last["choices"][0]["finish_reason"] == "stop"
+    assert last["choices"][0]["stop_reason"] == "cancelled"  # cut by the shutdown, said so
+
+
 def test_a_refused_first_request_leaves_nothing_behind(http: httpx.Client, rt: Runtime) -> None:
     # too long for the 2,048-token context: refused before anything is said, so the new
     # session, its journal and its system turn must not exist afterwards
