@@ -25,6 +25,7 @@ from runtime.app.options import (
     RuntimeConfig,
     Sampling,
     check_created,
+    check_int,
     check_number,
     check_stop,
     check_text,
@@ -382,6 +383,20 @@ class Runtime:
         with self._lock:
             self._require_open()
             return self._sessions.known()
+
+    def session_page(
+        self, limit: int = 100, after: str | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The :meth:`session_info` of at most ``limit`` (1-1000) sessions whose ids sort
+        after ``after`` (``None``: from the first), and whether more follow: a listing in
+        pages, each costing one read of the journals directory however many sessions there
+        are. The server's ephemeral sessions are left out."""
+        check_int("limit", limit, 1, 1000)
+        if after is not None:
+            validate_session_id(after)
+        with self._lock:
+            self._require_open()
+            return self._sessions.page(limit, after)
 
     def history(self, session_id: str) -> list[dict[str, Any]]:
         """The session's turns from its journal: ``role``, ``text``, ``seq``, ``created``

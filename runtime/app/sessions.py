@@ -20,8 +20,8 @@ from runtime.app.turn import ImportedTurn
 from runtime.checkpoint import CheckpointWriter
 from runtime.chunks import ChunkStore
 from runtime.errors import ContextFullError, RuntimeArgumentError, SessionNotFoundError
-from runtime.journal import Journal, journal_files
-from runtime.layout import journal_path
+from runtime.journal import Journal, journal_files, journal_files_of
+from runtime.layout import JOURNAL_DIR, is_ephemeral, journal_path
 from runtime.session import (
     IMPORTED,
     WINDOW_ROLE,
@@ -141,7 +141,20 @@ class Sessions:
 
     def info(self, session_id: str) -> dict[str, Any]:
         """A session's state (see :meth:`runtime.Runtime.session_info`)."""
-        files = journal_files(self._journal(session_id))
+        return self._info(session_id, journal_files(self._journal(session_id)))
+
+    def page(self, limit: int, after: str | None) -> tuple[list[dict[str, Any]], bool]:
+        """The states of at most ``limit`` sessions after ``after`` (by id; ``None``: from
+        the first), ephemeral ones left out, and whether more follow. One listing of the
+        journals directory for the whole page."""
+        ids = [s for s in self.known() if not is_ephemeral(s) and (after is None or s > after)]
+        page = ids[:limit]
+        names = {s: self._journal(s).name for s in page}
+        files = journal_files_of(self._root / JOURNAL_DIR, list(names.values()))
+        infos = [self._info(s, files.get(names[s], [])) for s in page]
+        return infos, len(ids) > limit
+
+    def _info(self, session_id: str, files: list[Path]) -> dict[str, Any]:
         session = self._pool.peek(session_id)
         manifest = self._chunks.latest(session_id)
         return {

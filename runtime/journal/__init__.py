@@ -48,6 +48,7 @@ from runtime.journal.segment import (
     DEFAULT_SEGMENT_BYTES,
     DEFAULT_SEGMENT_ENTRIES,
     journal_files,
+    journal_files_of,
     journal_sessions,
 )
 
@@ -61,5 +62,6 @@ __all__ = [
     "JournalCorruptError",
     "JournalError",
     "journal_files",
+    "journal_files_of",
     "journal_sessions",
 ]

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,16 +182,34 @@ def iter_segment(seg: Segment, start: int, *, writable: bool) -> Iterator[Entry]
         yield parse_entry(record_at(whole, seg.path, off), seg.path, off, seq)
 
 
+#: The files of journal ``<name>.log``: the active file, its sealed segments and indexes,
+#: its retention record and its torn-tail rescue files (group 1: the journal's name).
+_JOURNAL_FILE = re.compile(r"(.+?\.log)(\.\d{12}\.(seg|idx)|\.torn-\d+(\.\d+)?|\.dropped)?")
+
+
 def journal_files(path: str | os.PathLike[str]) -> list[Path]:
     """Every file of the journal whose active file is ``path``: the active file, its sealed
     segments and indexes, its retention record and its torn-tail rescue files."""
     p = Path(path)
-    pattern = re.compile(re.escape(p.name) + r"(\.\d{12}\.(seg|idx)|\.torn-\d+(\.\d+)?|\.dropped)?")
+    return journal_files_of(p.parent, [p.name]).get(p.name, [])
+
+
+def journal_files_of(
+    directory: str | os.PathLike[str], names: Sequence[str]
+) -> dict[str, list[Path]]:
+    """:func:`journal_files` of each active file name in ``names`` (``<id>.log``), from one
+    listing of ``directory``: a page of sessions costs one ``listdir``, not one each."""
+    wanted = set(names)
+    out: dict[str, list[Path]] = {}
     try:
-        names = os.listdir(p.parent)
+        entries = os.listdir(directory)
     except FileNotFoundError:
-        return []
-    return sorted(p.parent / name for name in names if pattern.fullmatch(name))
+        return out
+    for entry in entries:
+        m = _JOURNAL_FILE.fullmatch(entry)
+        if m and m.group(1) in wanted:
+            out.setdefault(m.group(1), []).append(Path(directory) / entry)
+    return {name: sorted(files) for name, files in out.items()}
 
 
 def journal_sessions(directory: str | os.PathLike[str]) -> list[str]:

@@ -12,7 +12,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from runtime.errors import SessionNotFoundError
-from runtime.layout import is_ephemeral
 from runtime.longterm.db import KINDS
 from runtime.server import chat_request as chatmod
 from runtime.server.api_errors import APIError, bad_request, not_found
@@ -129,15 +128,24 @@ async def remember_endpoint(request: Request, state: ServerState) -> Response:
     return JSONResponse({"id": item_id, "object": "memory", "text": text}, status_code=201)
 
 
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    """The query parameter ``name`` as an int in [low, high] (``default`` when absent), or a
+    400 naming it."""
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise bad_request(name, f"must be an integer, got {text!r}") from None
+    if not low <= value <= high:
+        raise bad_request(name, f"must be in [{low}, {high}], got {value}")
+    return value
+
+
 async def search_endpoint(request: Request, state: ServerState) -> Response:
     q = chatmod.check_text(request.query_params.get("q"), "q")
-    k_text = request.query_params.get("k", "5")
-    try:
-        k = int(k_text)
-    except ValueError:
-        raise bad_request("k", f"must be an integer, got {k_text!r}") from None
-    if not 1 <= k <= 100:
-        raise bad_request("k", f"must be in [1, 100], got {k}")
+    k = _int_param(request, "k", 5, 1, 100)
     session = request.query_params.get("session")
     if session is not None:
         session = chatmod.check_session_id(session, "session")
@@ -165,13 +173,23 @@ async def forget_endpoint(request: Request, state: ServerState) -> Response:
 
 
 async def sessions_endpoint(request: Request, state: ServerState) -> Response:
+    """``GET /v1/sessions?limit=100&after=<id>``: one page of sessions by id, OpenAI's list
+    shape (``has_more``, ``last_id``); the next page is ``after=<last_id>``."""
     rt = state.rt
-
-    def listing() -> list[dict[str, Any]]:
-        return [rt.session_info(s) for s in rt.sessions() if not is_ephemeral(s)]
-
-    data = await state.run(ADMIN_KEY, listing)
-    return JSONResponse({"object": "list", "data": [{"object": "session", **i} for i in data]})
+    limit = _int_param(request, "limit", 100, 1, 1000)
+    after = request.query_params.get("after")
+    if after is not None:
+        after = chatmod.check_session_id(after, "after")
+    data, more = await state.run(ADMIN_KEY, lambda: rt.session_page(limit, after))
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [{"object": "session", **i} for i in data],
+            "has_more": more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
+    )
 
 
 def _sid(request: Request) -> str:

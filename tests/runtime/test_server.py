@@ -149,7 +149,7 @@ def test_a_new_session_takes_a_whole_history(client: Any, http: httpx.Client) ->
 
 
 def test_stateless_request_leaves_no_session(client: Any, http: httpx.Client) -> None:
-    before = {s["id"] for s in http.get("/v1/sessions").json()["data"]}
+    before = {s["id"] for s in http.get("/v1/sessions?limit=1000").json()["data"]}
     r = client.chat.completions.create(
         model="tiny",
         messages=[
@@ -161,7 +161,7 @@ def test_stateless_request_leaves_no_session(client: Any, http: httpx.Client) ->
     )
     assert r.choices[0].message.content is not None
     assert r.usage.prompt_tokens > 0
-    after = {s["id"] for s in http.get("/v1/sessions").json()["data"]}
+    after = {s["id"] for s in http.get("/v1/sessions?limit=1000").json()["data"]}
     assert after == before
 
 
@@ -764,6 +764,36 @@ def test_sigterm_ends_a_stream_with_its_finish_reason_and_done(tmp_path: Path) -
     last = json.loads(lines[-2])
     assert last["choices"][0]["finish_reason"] == "stop"
     assert last["choices"][0]["stop_reason"] == "cancelled"  # cut by the shutdown, said so
+
+
+def test_sessions_are_listed_in_pages(tmp_path: Path) -> None:
+    from runtime.layout import ephemeral_id
+
+    data = tmp_path / "data"
+    ids = [f"page-{i:03d}" for i in range(230)]
+    with Runtime(data, model="tiny", embedder=False, idle_suspend_s=0) as own:
+        for sid in ids:
+            own.import_history(sid, [{"role": "user", "content": f"hello {sid}"}])
+        own.import_history(ephemeral_id(), [{"role": "user", "content": "not listed"}])
+        first, more = own.session_page(100)
+        assert [i["id"] for i in first] == ids[:100] and more
+        assert all(i["exists"] and i["journal_bytes"] > 0 for i in first)
+        assert first[0] == own.session_info(ids[0])  # a page says what session_info says
+        with pytest.raises(ValueError, match="limit"):
+            own.session_page(0)
+    with ServeProcess(data) as proc:
+        seen: list[str] = []
+        after = None
+        while True:
+            params = {"limit": 100, **({"after": after} if after else {})}
+            page = httpx.get(f"{proc.base}/v1/sessions", params=params, timeout=30).json()
+            seen += [s["id"] for s in page["data"]]
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        assert seen == ids  # every session once, in order, the ephemeral one left out
+        bad = httpx.get(f"{proc.base}/v1/sessions", params={"limit": 0}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "limit"
 
 
 def test_a_refused_first_request_leaves_nothing_behind(http: httpx.Client, rt: Runtime) -> None:
