@@ -400,7 +400,8 @@ class Runtime:
 
     def history(self, session_id: str) -> list[dict[str, Any]]:
         """The session's turns from its journal: ``role``, ``text``, ``seq``, ``created``
-        (and ``name`` where an imported message had one).
+        (and ``name`` where an imported message had one, ``finish`` on a reply: ``"stop"``,
+        ``"length"`` or ``"cancelled"``).
 
         Reads the journal file without resuming the session (no KV is touched).
         """

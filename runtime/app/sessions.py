@@ -136,6 +136,8 @@ class Sessions:
             turn["created"] = e.created
             if isinstance(e.meta.get("name"), str):
                 turn["name"] = e.meta["name"]
+            if e.role == "assistant" and isinstance(e.meta.get("finish"), str):
+                turn["finish"] = e.meta["finish"]  # "cancelled": cut short (a disconnect)
             turns.append(turn)
         return turns
 

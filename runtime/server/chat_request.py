@@ -259,17 +259,32 @@ def parse_chat(
 # -- the conversation against the journal -------------------------------------------------------
 
 
+def _turns_of(journal: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [e for e in journal if e["role"] in ("user", "assistant")]
+
+
+def same_turn(turn: tuple[str, str], entry: Mapping[str, Any]) -> bool:
+    """Whether the client's ``(role, text)`` is the journal's turn ``entry``: the same role
+    and text (whitespace at the ends ignored). A reply the server cut short (a client that
+    went away, a shutdown: ``finish`` ``"cancelled"``) may have been journalled a few
+    tokens past what reached the client, so there the client's text need only begin it."""
+    role, text = turn[0], turn[1].strip()
+    if role != entry["role"]:
+        return False
+    kept = str(entry["text"]).strip()
+    if entry.get("finish") == "cancelled":
+        return kept.startswith(text)
+    return text == kept
+
+
 def is_retry(journal: Sequence[Mapping[str, Any]], turns: Sequence[tuple[str, str]]) -> bool:
     """Whether ``turns`` retries the journal's last turn, a user turn whose reply never came
     (the process died mid-reply): the history before it is the journal's, and its text is
     that turn's. The retry is then answered (:meth:`Runtime.answer`), not added again."""
-    known = [(e["role"], e["text"]) for e in journal if e["role"] in ("user", "assistant")]
-    if not known or known[-1][0] != "user" or len(known) != len(turns):
+    known = _turns_of(journal)
+    if not known or known[-1]["role"] != "user" or len(known) != len(turns):
         return False
-    return all(
-        role == j_role and text.strip() == j_text.strip()
-        for (role, text), (j_role, j_text) in zip(turns, known, strict=True)
-    )
+    return all(same_turn(t, e) for t, e in zip(turns, known, strict=True))
 
 
 def missing_turns(
@@ -285,12 +300,13 @@ def missing_turns(
     """
     if len(turns) == 1:
         return []
-    known = [(e["role"], e["text"]) for e in journal if e["role"] in ("user", "assistant")]
-    while known and known[-1][0] == "user" and len(known) > len(turns) - 1:
+    known = _turns_of(journal)
+    while known and known[-1]["role"] == "user" and len(known) > len(turns) - 1:
         known.pop()
     prior = turns[:-1]
-    for i, ((role, text), (j_role, j_text)) in enumerate(zip(prior, known, strict=False)):
-        if role != j_role or text.strip() != j_text.strip():
+    for i, ((role, text), entry) in enumerate(zip(prior, known, strict=False)):
+        if not same_turn((role, text), entry):
+            j_role, j_text = entry["role"], str(entry["text"])
             raise APIError(
                 409,
                 f"messages: the history contradicts session turn {i + 1} ({j_role}: "

@@ -796,6 +796,36 @@ def test_sessions_are_listed_in_pages(tmp_path: Path) -> None:
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "limit"
 
 
+def test_a_history_with_the_part_of_a_cut_reply_the_client_saw_continues(
+    http: httpx.Client, rt: Runtime
+) -> None:
+    # a client that went away mid-stream saw less of the reply than the journal kept
+    ticks = iter(range(1000))
+    cut = rt.chat("partial", "Tell me a long story.", max_tokens=60, temperature=0.0,
+                  cancelled=lambda: next(ticks) > 12)  # fmt: skip
+    assert cut.finish_reason == "cancelled" and len(cut.text) > 4
+    seen = cut.text[: len(cut.text) // 2]
+    history = [
+        {"role": "user", "content": "Tell me a long story."},
+        {"role": "assistant", "content": seen},
+        {"role": "user", "content": "Go on."},
+    ]
+    r = _chat(http, {"messages": history, "max_tokens": 3}, **{"X-Session-Id": "partial"})
+    assert r.status_code == 200, r.text
+    turns = [(h["role"], h["text"]) for h in _history(http, "partial") if h["role"] != "system"]
+    assert [t[0] for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert turns[1][1] == cut.text and turns[2][1] == "Go on."  # nothing added twice
+    # a reply that ended normally must still match word for word
+    done = rt.chat("whole", "hello", max_tokens=8)
+    bad = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": done.text[:-1] or "x"},
+        {"role": "user", "content": "again"},
+    ]
+    conflict = _chat(http, {"messages": bad, "max_tokens": 3}, **{"X-Session-Id": "whole"})
+    assert _error(conflict, 409)["code"] == "history_conflict"
+
+
 def test_a_refused_first_request_leaves_nothing_behind(http: httpx.Client, rt: Runtime) -> None:
     # too long for the 2,048-token context: refused before anything is said, so the new
     # session, its journal and its system turn must not exist afterwards
