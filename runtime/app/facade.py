@@ -267,7 +267,7 @@ class Runtime:
                 )
             except Exception:
                 if new:  # a refused first turn leaves no session behind (nor its system turn)
-                    self._sessions.delete(session_id, memories=True)
+                    self._discard_refused(session_id)
                 raise
             marks.append(time.perf_counter())
             entry, finish = self._turns.reply(session, prompt, params, stops, on_token, cancelled)
@@ -278,6 +278,15 @@ class Runtime:
             reply = make_reply(session_id, prompt, entry, finish, memories, report, marks)
             self._stats.record_turn(reply)
             return reply
+
+    def _discard_refused(self, session_id: str) -> None:
+        """Delete the journal and KV of a session whose first turn was refused; its
+        long-term memories stay (``remember(..., session=)`` may have put some there before
+        it had a journal). Never raises: the refusal is the error the caller sees."""
+        try:
+            self._sessions.delete(session_id, memories=False)
+        except Exception:
+            logger.exception("session %s: could not remove it after its refused turn", session_id)
 
     def answer(
         self,
@@ -323,7 +332,9 @@ class Runtime:
             marks += [time.perf_counter()] * 2  # resumed; nothing retrieved
             prompt = self._turns.pending(session, params.max_tokens)
             if prompt is None:
-                raise RuntimeArgumentError("session_id", "the last turn has its reply already")
+                raise RuntimeArgumentError(
+                    "session_id", "the last turn in the window has its reply already"
+                )
             marks.append(time.perf_counter())
             entry, finish = self._turns.reply(session, prompt, params, stops, on_token, cancelled)
             marks.append(time.perf_counter())

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from runtime.errors import SessionNotFoundError
 from runtime.layout import ephemeral_id
 from runtime.server import chat_request as chatmod
 from runtime.server.api_errors import APIError
@@ -109,6 +110,8 @@ class _Turn:
     def discard(self) -> None:
         try:
             self.state.rt.delete_session(self.session_id)
+        except SessionNotFoundError:
+            pass  # a refused first turn removed it already
         except Exception:
             logger.exception("could not delete ephemeral session %s", self.session_id)
 

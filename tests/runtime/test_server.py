@@ -836,6 +836,13 @@ def test_a_refused_first_request_leaves_nothing_behind(http: httpx.Client, rt: R
     with pytest.raises(Exception, match="refused2"):
         rt.chat("refused2", "word " * 3000, max_tokens=3)
     assert "refused2" not in rt.sessions()
+    # memories a session had before its first turn are not the refused turn's to delete
+    rt.remember("Ivo is allergic to peanuts.", session="refused4")
+    with pytest.raises(Exception, match="refused4"):
+        rt.chat("refused4", "word " * 3000, max_tokens=3)
+    assert "refused4" not in rt.sessions()
+    hits = rt.search("Who is allergic to peanuts?", 3, session="refused4")
+    assert [h.text for h in hits] == ["Ivo is allergic to peanuts."]
     # a refused turn in an existing session writes nothing either
     rt.chat("refused3", "hello", max_tokens=2)
     before = rt.history("refused3")
