@@ -357,6 +357,26 @@ def document_frequencies(
     return total, frequencies
 
 
+def count_where(db: sqlite3.Connection, where: str, args: Sequence[Any]) -> int:
+    """How many items ``where`` allows (``""``: all)."""
+    clause = f" WHERE {where}" if where else ""
+    return int(db.execute(f"SELECT count(*) FROM items{clause}", tuple(args)).fetchone()[0])
+
+
+def count_matches(
+    db: sqlite3.Connection, expression: str, where: str, args: Sequence[Any], *, limit: int
+) -> int:
+    """How many items ``where`` allows match the FTS5 ``expression``, counted up to
+    ``limit`` (the walk stops there)."""
+    scope = f" AND {where}" if where else ""
+    row = db.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM items_fts f CROSS JOIN items ON items.seq = f.rowid"
+        f" WHERE items_fts MATCH ?{scope} LIMIT ?)",
+        (expression, *args, limit),
+    ).fetchone()
+    return int(row[0])
+
+
 def item_by_id(db: sqlite3.Connection, item_id: str) -> MemoryItem | None:
     """The item with this id, or None."""
     row = db.execute(f"SELECT {COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()

@@ -107,24 +107,41 @@ def scope(
     return where, args
 
 
-def informative_terms(db: sqlite3.Connection, stemmer: Stemmer, terms: list[str]) -> list[str]:
-    """The query terms that can lift an item in BM25.
+def informative_terms(
+    db: sqlite3.Connection,
+    stemmer: Stemmer,
+    terms: list[str],
+    where: str = "",
+    args: Sequence[Any] = (),
+) -> list[str]:
+    """The query terms worth a BM25 match among the items ``where`` allows.
 
-    A term whose every stem occurs in half of the items or more has an inverse document
-    frequency ``log((N - n + 0.5) / (n + 0.5))`` of at most 0, which FTS5 then weighs at
-    1e-6: it cannot reorder the items that match the other terms, and matching it alone
-    only costs a walk over most of the index (a user's own name in a one-user store, "like"
-    in a chat log). It is left out of the MATCH expression; the dense side still reads it.
+    A term whose every stem occurs in half of those items or more has an inverse document
+    frequency ``log((N - n + 0.5) / (n + 0.5))`` of at most 0, which FTS5 floors at 1e-6:
+    its lexical list would only say which items hold a word most items hold, and building it
+    walks most of the index (a user's own name in a one-user store, "like" in a chat log).
+    It is left out of the MATCH; the dense side still reads it. FTS5's own counts (through
+    ``fts5vocab``, no scan) rule out most terms; one they flag is counted inside the scope,
+    up to half of it, since a word common in the store may be rare in this session.
     """
     if not terms:
         return []
     stems = stemmer.stems(terms)
     total, frequency = sql.document_frequencies(db, [s for group in stems for s in group])
-    return [
-        term
-        for term, group in zip(terms, stems, strict=True)
-        if not group or any(2 * frequency.get(stem, 0) < total for stem in group)
-    ]
+    kept: list[str] = []
+    scope_size: int | None = None
+    for term, group in zip(terms, stems, strict=True):
+        if not group or any(2 * frequency.get(stem, 0) < total for stem in group):
+            kept.append(term)  # rare in the whole store, so rare in any scope
+            continue
+        if scope_size is None:
+            scope_size = sql.count_where(db, where, args) if where else total
+        if scope_size == total:
+            continue  # the scope is the whole store: the counts above are its own
+        half = (scope_size + 1) // 2
+        if sql.count_matches(db, match_expression([term]), where, args, limit=half) < half:
+            kept.append(term)
+    return kept
 
 
 def gather(
@@ -143,7 +160,7 @@ def gather(
     vector, terms, where, args = query.vector, query.terms, query.where, query.args
     dense = index.candidates(db, vector, pool, where=where, args=args)
     lexical: dict[int, float] = {}
-    informative = informative_terms(db, stemmer, terms) if fusion.lexical > 0 else []
+    informative = informative_terms(db, stemmer, terms, where, args) if fusion.lexical > 0 else []
     if informative:
         expression = match_expression(informative)
         lexical = dict(sql.lexical_candidates(db, expression, pool, where, args))

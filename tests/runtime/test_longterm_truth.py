@@ -139,6 +139,29 @@ def test_a_term_in_most_items_is_left_out_of_the_match_and_costs_nothing(
         assert hits[0].text == "Oscar the cat sleeps a lot"
 
 
+def test_a_word_common_in_the_store_but_rare_in_the_session_still_matches(
+    tmp_path: Path,
+) -> None:
+    # 30 pizza notes in session a, one in b: in b, "pizza" is what finds the dough
+    a = [f"We ordered pizza number {i} for the team." for i in range(30)]
+    b = [f"The cat slept on chair {i}." for i in range(7)] + ["I bought pizza dough today."]
+    with MemoryStore(tmp_path / "mem", HashEmbedder()) as mem:  # type: ignore[arg-type]
+        mem.put([NewItem(t, kind="turn", session="a", sources=(i,)) for i, t in enumerate(a)])
+        mem.put([NewItem(t, kind="turn", session="b", sources=(i,)) for i, t in enumerate(b)])
+        hits = mem.search("pizza", 3, session="b", touch=False)
+        assert hits[0].text == "I bought pizza dough today."
+        assert hits[0].relevance > 0.9  # first in the lexical list, as before the pruning
+        # in a, where it is in every item, it is left out of the match (dense only)
+        db = sqlite3.connect(mem.db_path)
+        stemmer = Stemmer()
+        try:
+            assert informative_terms(db, stemmer, ["pizza"], "session = ?", ["b"]) == ["pizza"]
+            assert informative_terms(db, stemmer, ["pizza"], "session = ?", ["a"]) == []
+        finally:
+            stemmer.close()
+            db.close()
+
+
 def test_items_carry_time_speaker_and_sources(store: MemoryStore) -> None:
     store.put(
         [
