@@ -46,7 +46,8 @@ QUARANTINE_DIR = "quarantine"
 _SESSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: The ids of ephemeral sessions (a stateless server request's, deleted after its reply and
 #: at the server's start): ``_tmp-`` and 32 hex digits. A user's id starts with a letter or
-#: digit, so it can never be one of these and be deleted as one.
+#: digit, so none is one of these by accident (the server refuses the form from a client;
+#: a library caller who passes one asks for an ephemeral session).
 _EPHEMERAL_RE = re.compile(r"_tmp-[0-9a-f]{32}")
 
 

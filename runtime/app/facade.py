@@ -498,7 +498,8 @@ class Runtime:
         """Run long-term memory's background work on one session now (the housekeeping
         thread does it by itself): distil facts from its new turns, summarise what has left
         its KV window, archive past ``max_items``. Returns how many facts, summaries and
-        archived turns it made."""
+        archived turns it made. With ``extract="llm"`` or ``summarize="llm"`` one call asks
+        at most 8 turns' facts and one summary: call it again until it makes nothing."""
         validate_session_id(session_id)
         with self._lock:
             self._require_open()

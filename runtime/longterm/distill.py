@@ -42,7 +42,7 @@ __all__ = ["Ask", "Distiller", "item_id", "summarise"]
 #: A one-shot question to the loaded model: ``(instructions, text) -> answer`` ("" when it
 #: could not be asked).
 Ask = Callable[[str, str], str]
-#: Turns whose facts one call asks the model for at most (then the lock is let go).
+#: User turns whose facts one call asks the model for at most (then the lock is let go).
 LLM_TURNS_PER_CALL = 8
 #: What the LLM summariser (``summarize="llm"``) asks, and how much transcript it sends.
 SUMMARY_INSTRUCTIONS = (
@@ -118,8 +118,8 @@ class Distiller:
         first = self.store.watermark(key) + 1
         step = BATCH
         if self.ask_facts is not None:  # one short batch per call: the lock is held
-            step = LLM_TURNS_PER_CALL
-            last = min(last, first + step - 1)
+            last = questions_end(journal, first, last, LLM_TURNS_PER_CALL)
+            step = max(1, last - first + 1)
         made = 0
         for start in range(first, last + 1, step):
             stop = min(last, start + step - 1)
@@ -170,6 +170,19 @@ class Distiller:
             self.store.put(items, mark=(key, start + SUMMARY_SPAN - 1))
             made += len(items)
         return made
+
+
+def questions_end(journal: JournalBackend, first: int, last: int, questions: int) -> int:
+    """The seq (at most ``last``) of the ``questions``-th memorable entry from ``first`` on:
+    a batch that asks the model that many questions, whatever else lies between."""
+    asked = 0
+    for seq in range(first, last + 1):
+        entry = entry_at(journal, seq)
+        if entry is not None and memorable(entry):
+            asked += 1
+            if asked == questions:
+                return seq
+    return last
 
 
 def entry_at(journal: JournalBackend, seq: int) -> Entry | None:

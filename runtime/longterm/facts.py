@@ -185,17 +185,27 @@ def _cut(text: str) -> str:
 FACT_INSTRUCTIONS = (
     "List the facts the message states about the speaker or the people it names. Answer "
     'with JSON only: {"facts": [{"text": "one short sentence that names the person", '
-    '"attribute": "what it is about (location, job, pet, ...), or null", "value": "the '
-    'value"}]}. Answer {"facts": []} when the message states no fact.'
+    '"subject": "the person it is about", "attribute": "what it is about (location, job, '
+    'pet, ...), or null", "value": "the value, or null"}]}. Answer {"facts": []} when the '
+    "message states no fact."
 )
 #: A model's answer with more facts than this is not a turn's facts: it is refused.
 MAX_LLM_FACTS = 8
+#: What a model may write as the subject of a fact about the speaker.
+_SELF = ("i", "me", "myself", "the speaker", "speaker", "the user", "user")
 
 
 def parse_llm_facts(answer: str, speaker: str | None) -> list[Fact] | None:
-    """The facts of a model's JSON answer (``{"facts": [{"text", "attribute"?, "value"?}]}``
-    or a bare list), or None when it is not valid: the caller then uses :func:`extract`."""
-    subject = normalise(speaker) if speaker else "the user"
+    """The facts of a model's JSON answer (``{"facts": [{"text", "subject"?, "attribute"?,
+    "value"?}]}`` or a bare list), or None when it is not valid: the caller then uses
+    :func:`extract`.
+
+    A fact is about the speaker unless its ``subject`` names someone else; "I", "me" and the
+    like are the speaker. A fact about someone else keeps its attribute only for that person,
+    so "my brother lives in Paris" never supersedes where the speaker lives. Within one
+    answer, a second fact with the same subject and attribute loses its attribute (one turn
+    cannot say two current values)."""
+    own = normalise(speaker) if speaker else "the user"
     start, end = answer.find("{"), answer.rfind("}")
     list_start = answer.find("[")
     try:
@@ -211,6 +221,7 @@ def parse_llm_facts(answer: str, speaker: str | None) -> list[Fact] | None:
     if not isinstance(rows, list):
         return None
     facts: list[Fact] = []
+    seen: set[tuple[str, str | None]] = set()
     for row in rows:
         if isinstance(row, str):
             row = {"text": row}
@@ -218,10 +229,20 @@ def parse_llm_facts(answer: str, speaker: str | None) -> list[Fact] | None:
             return None
         text = row["text"].strip()
         attribute = row.get("attribute")
-        value = row.get("value", "")
+        value = row.get("value") or ""
+        named = row.get("subject")
         if not text or len(text) > MAX_FACT_CHARS or not isinstance(value, str):
             return None
         if attribute is not None and not isinstance(attribute, str):
             return None
-        facts.append(Fact(text, subject, normalise(attribute) if attribute else None, value))
+        if named is not None and not isinstance(named, str):
+            return None
+        subject = own
+        if named and normalise(named) not in ("", own, *_SELF):
+            subject = normalise(named)
+        key = (subject, normalise(attribute) if attribute else None)
+        if key[1] is not None and key in seen:
+            key = (subject, None)
+        seen.add(key)
+        facts.append(Fact(text, subject, key[1], value))
     return facts if len(facts) <= MAX_LLM_FACTS else None

@@ -4,8 +4,8 @@ With a session, the server holds the conversation. The client sends either only 
 message or the whole history; a history is compared with the session's journal (user and
 assistant texts, whitespace at the ends ignored) and only what the journal lacks is added.
 A history that contradicts the journal is a 409. Without a session the request is stateless:
-it runs in an ephemeral session (``_tmp-<hex>``, :func:`runtime.layout.ephemeral_id`: no user
-id can take that form) that is deleted, with its files, after the reply; none of its turns
+it runs in an ephemeral session (``_tmp-<hex>``, :func:`runtime.layout.ephemeral_id`: a
+client may not name one) that is deleted, with its files, after the reply; none of its turns
 reach long-term memory.
 """
 

@@ -214,6 +214,24 @@ def test_llm_facts_are_validated_and_garbage_yields_none() -> None:
     assert good is not None and good[0].attribute == "location"
     for bad in ("not json", '{"facts": "x"}', '{"facts": [{"txt": 1}]}', '[{"text": ""}]'):
         assert parse_llm_facts(bad, "Ana") is None
+    # "value": null is no value, not a bad answer
+    nulls = parse_llm_facts('[{"text": "Ana has a cat", "attribute": null, "value": null}]', "Ana")
+    assert nulls is not None and nulls[0].value == "" and nulls[0].attribute is None
+
+
+def test_an_llm_fact_about_someone_else_never_supersedes_the_speaker_s() -> None:
+    answer = (
+        '{"facts": [{"text": "Ana lives in Oslo", "subject": "I", "attribute": "location"},'
+        ' {"text": "Tom lives in Paris", "subject": "Tom", "attribute": "location"},'
+        ' {"text": "Ana lives in Bergen", "subject": "Ana", "attribute": "location"}]}'
+    )
+    facts = parse_llm_facts(answer, "Ana")
+    assert facts is not None
+    assert [(f.subject, f.attribute) for f in facts] == [
+        ("ana", "location"),
+        ("tom", "location"),  # Tom's, not Ana's: it supersedes only Tom's location
+        ("ana", None),  # one answer cannot give two current values of one attribute
+    ]
 
 
 def test_a_v1_store_is_upgraded_in_place(tmp_path: Path) -> None:
@@ -613,6 +631,7 @@ def test_extract_llm_on_a_real_model_never_loses_a_turn_s_facts(
         for i in range(10)
     ]
     made = {}
+    found: dict[str, set[int]] = {}
     for mode in ("rules", "llm"):
         with Runtime(
             tmp_path / mode,
@@ -623,12 +642,17 @@ def test_extract_llm_on_a_real_model_never_loses_a_turn_s_facts(
             extract=mode,  # type: ignore[arg-type]
             summarize="llm" if mode == "llm" else "extractive",
         ) as r:
-            r.import_history("s", messages)
+            seqs = r.import_history("s", messages)
             total = {"facts": 0, "summaries": 0}
-            while True:
+            for _ in range(4):  # 10 turns: two calls of at most 8 questions, then nothing
                 step = r.consolidate("s")
-                if not step["facts"] and not step["summaries"]:
-                    break
                 total = {k: total[k] + step[k] for k in total}
             made[mode] = total
+            found[mode] = {
+                i
+                for i, seq in enumerate(seqs)
+                for h in r.search(f"Lisbon {i}", 10, session="s")
+                if h.kind == "fact" and seq in h.sources
+            }
     assert made["llm"]["facts"] >= made["rules"]["facts"] > 0
+    assert found["llm"] == found["rules"] == set(range(10))  # every turn has its facts
