@@ -635,6 +635,35 @@ def test_kvio_checkpoint_incremental(benchmark: Any, kv16: KvCase, grown: Grown)
     )
 
 
+@pytest.mark.benchmark(group="kvio-save")
+def test_kvio_save_chunks_first(benchmark: Any, kv16: KvCase) -> None:
+    """A first checkpoint into an empty chunk store: plan_capture (one seq_state_get, sliced
+    into 256-token chunks, compressed, hashed) + commit (chunk files, manifest, fsyncs);
+    against ``raw save + fsync``. Each round gets a fresh store, so nothing deduplicates."""
+    stores: list[ChunkStore] = []
+    written: list[int] = []
+
+    def fresh() -> None:
+        for old in stores:
+            old.close()
+        stores[:] = [ChunkStore(kv16.directory / f"first-{len(written)}-{time.monotonic_ns()}")]
+
+    def save() -> None:
+        store = stores[0]
+        store.commit(
+            store.plan_capture(
+                kv16.ctx, 0, kv16.tokens, scratch_seq=2, session_id="s", journal_seq=0
+            )
+        )
+        written.append(store.stats()["written_bytes"])
+
+    _pedantic(benchmark, save, setup=fresh)
+    for store in stores:
+        store.close()
+    kv16.ctx.memory.seq_rm(2, -1, -1)
+    benchmark.extra_info.update(kv16.info("ours chunked first save", bytes=written[-1]))
+
+
 @pytest.mark.benchmark(group="kvio-restore")
 def test_kvio_restore_chunks(benchmark: Any, kv16: KvCase, grown: Grown) -> None:
     """ChunkStore.restore of the newest manifest into an empty seq 1 (256-token chunks)."""
