@@ -395,6 +395,15 @@ class Runtime:
             self._require_open()
             return self._sessions.known()
 
+    def unanswered(self, session_id: str) -> str | None:
+        """The text of the session's last turn when it is a user turn that no reply
+        followed (a process killed mid-reply leaves one; :meth:`answer` replies to it), else
+        None. Reads the journal's tail; a suspended session stays suspended."""
+        validate_session_id(session_id)
+        with self._lock:
+            self._require_open()
+            return self._sessions.unanswered(session_id)
+
     def session_page(
         self, limit: int = 100, after: str | None = None
     ) -> tuple[list[dict[str, Any]], bool]:

@@ -19,7 +19,12 @@ from runtime.app.recall import Recall
 from runtime.app.turn import ImportedTurn
 from runtime.checkpoint import CheckpointWriter
 from runtime.chunks import ChunkStore
-from runtime.errors import ContextFullError, RuntimeArgumentError, SessionNotFoundError
+from runtime.errors import (
+    ContextFullError,
+    JournalCompactedError,
+    RuntimeArgumentError,
+    SessionNotFoundError,
+)
 from runtime.journal import Journal, journal_files, journal_files_of
 from runtime.layout import JOURNAL_DIR, is_ephemeral, journal_path
 from runtime.session import (
@@ -140,6 +145,26 @@ class Sessions:
                 turn["finish"] = e.meta["finish"]  # "cancelled": cut short (a disconnect)
             turns.append(turn)
         return turns
+
+    def unanswered(self, session_id: str) -> str | None:
+        """The text of the session's last turn when it is a user turn no reply followed;
+        else None. Reads the journal's tail only (a suspended session is not resumed)."""
+        resident = self._pool.peek(session_id)
+        if resident is not None:
+            entry = resident.unanswered()
+            return entry.text if entry is not None else None
+        path = self._journal(session_id)
+        if not journal_files(path):
+            return None
+        with Journal(path, readonly=True) as journal:
+            for seq in range(len(journal) - 1, -1, -1):
+                try:
+                    entry = journal[seq]
+                except JournalCompactedError:
+                    return None
+                if entry.role in ("user", "assistant"):
+                    return entry.text if entry.role == "user" else None
+        return None
 
     def info(self, session_id: str) -> dict[str, Any]:
         """A session's state (see :meth:`runtime.Runtime.session_info`)."""

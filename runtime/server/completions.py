@@ -61,7 +61,10 @@ class _Turn:
             is_new = True
         elif len(req.turns) == 1 and req.system is None:
             # only the new user message: nothing to compare, and no need to read the
-            # whole history of a long session on every request
+            # whole history of a long session on every request; but the same text as a
+            # turn a crash left unanswered is its retry (the client never saw a reply)
+            pending = rt.unanswered(self.session_id)
+            self.retry = pending is not None and pending.strip() == req.text.strip()
             return
         else:
             journal = rt.history(self.session_id)

@@ -698,6 +698,22 @@ def test_retry_of_an_unanswered_turn_answers_it_instead_of_adding_another(
     assert len(_history(http, "retry1")) == 6
 
 
+def test_a_one_message_retry_of_an_unanswered_turn_answers_it(
+    http: httpx.Client, rt: Runtime
+) -> None:
+    one = {"messages": [{"role": "user", "content": "u1"}], "max_tokens": 3}
+    assert _chat(http, one, **{"X-Session-Id": "retry2"}).status_code == 200
+    rt.import_history("retry2", [{"role": "user", "content": "u2"}])  # cut off by a crash
+    assert rt.unanswered("retry2") == "u2"
+    again = {"messages": [{"role": "user", "content": "u2"}], "max_tokens": 3}
+    assert _chat(http, again, **{"X-Session-Id": "retry2"}).status_code == 200
+    assert [h["role"] for h in _history(http, "retry2")] == ["user", "assistant"] * 2
+    assert rt.unanswered("retry2") is None
+    # once answered, the same text again is a new turn
+    assert _chat(http, again, **{"X-Session-Id": "retry2"}).status_code == 200
+    assert [h["role"] for h in _history(http, "retry2")] == ["user", "assistant"] * 3
+
+
 def test_a_history_with_consecutive_user_turns_is_accepted_and_not_duplicated(
     http: httpx.Client, rt: Runtime
 ) -> None:
