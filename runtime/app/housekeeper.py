@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from runtime.app.recall import Recall
 from runtime.errors import MemoryRuntimeError
+from runtime.longterm.distill import AskBudget
 from runtime.session import Session, SessionPool
 
 __all__ = ["Housekeeper", "Retention"]
@@ -74,7 +75,9 @@ class Housekeeper:
         retention: journal retention.
         publish: writes the stats file (rate-limited by the callee).
         consolidate: the long-term memory's background work on one session (facts,
-            summaries, the bound); a failure is logged and retried on the next tick.
+            summaries, the bound), given the tick's budget of questions to the model
+            (shared by every session of the tick); a failure is logged and retried on the
+            next tick.
         idle_checkpoint_s: checkpoint a session with unsaved tokens idle this long (0: off).
         idle_suspend_s: suspend a session idle this long (0: off).
     """
@@ -86,7 +89,7 @@ class Housekeeper:
         retention: Retention,
         publish: Callable[[], None],
         *,
-        consolidate: Callable[[Session], object],
+        consolidate: Callable[[Session, AskBudget], object],
         idle_checkpoint_s: float,
         idle_suspend_s: float,
     ) -> None:
@@ -133,9 +136,10 @@ class Housekeeper:
     def tick(self) -> None:
         """One round (the caller holds the lock)."""
         now = time.monotonic()
+        budget = AskBudget()  # the lock is held: one tick asks the model a bounded number
         for session in self._pool.resident():
             try:
-                self._consolidate(session)
+                self._consolidate(session, budget)
             except Exception as exc:  # durable in the journal: the next tick catches up
                 logger.warning(
                     "session %s: memory consolidation failed: %s", session.session_id, exc

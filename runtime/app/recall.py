@@ -21,7 +21,7 @@ from runtime.app.reply import MemoryUsed
 from runtime.errors import RuntimeArgumentError
 from runtime.fsutil import atomic_write_bytes
 from runtime.layout import JOURNAL_DIR, journal_path, validate_session_id, watermark_path
-from runtime.longterm.distill import Ask, Distiller
+from runtime.longterm.distill import Ask, AskBudget, Distiller
 from runtime.session import Session
 from runtime.storage import JournalBackend
 
@@ -295,20 +295,29 @@ class Recall:
             self._write_mark(journal_path(self._root, sid), last)
         return added
 
-    def consolidate(self, session: Session) -> dict[str, int]:
+    def consolidate(self, session: Session, budget: AskBudget | None = None) -> dict[str, int]:
         """The background work on one session's memories (the housekeeping thread runs it,
         never a turn): distil facts from its new turns, summarise what has left its KV
         window, and bound it to ``max_items``. Returns how many facts, summaries and
-        archived turns it made."""
-        return self.consolidate_journal(session.session_id, session.journal, session.window_seqs())
+        archived turns it made. ``budget``: the questions to the model this call may ask
+        (shared by a tick's sessions; ``None``: one call's worth)."""
+        return self.consolidate_journal(
+            session.session_id, session.journal, session.window_seqs(), budget
+        )
 
     def consolidate_journal(
-        self, sid: str, journal: JournalBackend, window: set[int]
+        self,
+        sid: str,
+        journal: JournalBackend,
+        window: set[int],
+        budget: AskBudget | None = None,
     ) -> dict[str, int]:
         """:meth:`consolidate` from a journal and the entries the KV window holds."""
         if self.store is None:
             return {"facts": 0, "summaries": 0, "archived": 0}
-        distiller = Distiller(self.store, ask_facts=self.ask_facts, ask_summary=self.ask_summary)
+        distiller = Distiller(
+            self.store, ask_facts=self.ask_facts, ask_summary=self.ask_summary, budget=budget
+        )
         done = {
             "facts": distiller.facts(sid, journal),
             "summaries": distiller.summaries(sid, journal, window),

@@ -17,7 +17,8 @@ The facts' and summaries' watermarks live in the store and are written in the sa
 transaction as the items they cover. When the model is asked (an :data:`Ask`), a bad answer
 (not JSON, too long, no content) falls back to the rules for that turn or span, so nothing
 is lost to it; and at most :data:`LLM_TURNS_PER_CALL` turns and one summary are asked per
-call, because the housekeeping thread holds the runtime's lock while it asks.
+call and :data:`LLM_QUESTIONS_PER_TICK` per housekeeping tick over all sessions
+(:class:`AskBudget`), because the housekeeping thread holds the runtime's lock while it asks.
 """
 
 from __future__ import annotations
@@ -37,13 +38,35 @@ if TYPE_CHECKING:
     from runtime.longterm.store import MemoryStore
     from runtime.storage import JournalBackend
 
-__all__ = ["Ask", "Distiller", "item_id", "summarise"]
+__all__ = ["Ask", "AskBudget", "Distiller", "item_id", "summarise"]
 
 #: A one-shot question to the loaded model: ``(instructions, text) -> answer`` ("" when it
 #: could not be asked).
 Ask = Callable[[str, str], str]
 #: User turns whose facts one call asks the model for at most (then the lock is let go).
 LLM_TURNS_PER_CALL = 8
+#: Questions to the model one housekeeping tick asks at most, over all its sessions: the
+#: tick holds the runtime's lock, and a turn waits for it.
+LLM_QUESTIONS_PER_TICK = LLM_TURNS_PER_CALL + 1
+
+
+class AskBudget:
+    """How many more questions the model may be asked (one housekeeping tick's, shared by
+    the sessions it consolidates)."""
+
+    def __init__(self, questions: int = LLM_QUESTIONS_PER_TICK) -> None:
+        self.left = questions
+
+    def counted(self, ask: Ask) -> Ask:
+        """``ask``, each call taking one question from the budget."""
+
+        def asking(instructions: str, text: str) -> str:
+            self.left -= 1
+            return ask(instructions, text)
+
+        return asking
+
+
 #: What the LLM summariser (``summarize="llm"``) asks, and how much transcript it sends.
 SUMMARY_INSTRUCTIONS = (
     "Summarise this part of a conversation in at most three sentences. Keep names, places, "
@@ -93,10 +116,12 @@ class Distiller:
         *,
         ask_facts: Ask | None = None,
         ask_summary: Ask | None = None,
+        budget: AskBudget | None = None,
     ) -> None:
         self.store = store
-        self.ask_facts = ask_facts
-        self.ask_summary = ask_summary
+        self.budget = budget if budget is not None else AskBudget()
+        self.ask_facts = self.budget.counted(ask_facts) if ask_facts is not None else None
+        self.ask_summary = self.budget.counted(ask_summary) if ask_summary is not None else None
 
     def turns(self, sid: str, journal: JournalBackend, first: int, last: int) -> int:
         """Store the user turns among entries ``first..last``; returns how many."""
@@ -118,8 +143,11 @@ class Distiller:
         first = self.store.watermark(key) + 1
         step = BATCH
         if self.ask_facts is not None:  # one short batch per call: the lock is held
-            last = questions_end(journal, first, last, LLM_TURNS_PER_CALL)
-            step = max(1, last - first + 1)
+            questions = min(LLM_TURNS_PER_CALL, self.budget.left)
+            if questions <= 0 or first > last:
+                return 0  # the tick's questions are spent: the next tick goes on
+            last = questions_end(journal, first, last, questions)
+            step = last - first + 1
         made = 0
         for start in range(first, last + 1, step):
             stop = min(last, start + step - 1)
@@ -143,8 +171,8 @@ class Distiller:
         made = 0
         asked = 0
         for start in range(self.store.watermark(key) + 1, end - SUMMARY_SPAN + 1, SUMMARY_SPAN):
-            if self.ask_summary is not None and asked:
-                break  # one question per call: the lock is held
+            if self.ask_summary is not None and (asked or self.budget.left <= 0):
+                break  # one question per call, within the tick's budget: the lock is held
             entries = [
                 e for seq in range(start, start + SUMMARY_SPAN) if (e := entry_at(journal, seq))
             ]

@@ -575,11 +575,10 @@ def test_the_model_s_facts_are_kept_and_a_bad_answer_falls_back_to_the_rules(
         return '{"facts": [{"text": 42}]}'  # JSON, but not facts
 
     with MemoryStore(tmp_path / "mem", HashEmbedder()) as mem:  # type: ignore[arg-type]
-        distiller = Distiller(mem, ask_facts=ask)
-        first = distiller.facts("s", journal)  # type: ignore[arg-type]
+        first = Distiller(mem, ask_facts=ask).facts("s", journal)  # type: ignore[arg-type]
         assert len(asked) == LLM_TURNS_PER_CALL  # one short batch per call: the lock is held
-        while distiller.facts("s", journal):  # type: ignore[arg-type]
-            pass
+        while Distiller(mem, ask_facts=ask).facts("s", journal):  # type: ignore[arg-type]
+            pass  # one Distiller per call, as Recall makes them (each with a call's budget)
         assert len(asked) == len(texts)  # every turn asked once, none twice
         by_turn: dict[int, list[str]] = {}
         for text, sources in _rows(mem, "fact"):
@@ -593,6 +592,28 @@ def test_the_model_s_facts_are_kept_and_a_bad_answer_falls_back_to_the_rules(
             else:
                 assert all("Rex" in text and str(seq) in text for text in got), got
         assert first > 0
+
+
+def test_one_tick_asks_the_model_a_bounded_number_of_questions_over_all_sessions(
+    tmp_path: Path,
+) -> None:
+    from runtime.longterm.distill import LLM_QUESTIONS_PER_TICK, AskBudget, Distiller
+
+    texts = [f"I adopted a dog called Rex number {i} last week." for i in range(12)]
+    one, two = _journal_of(tmp_path / "a", texts), _journal_of(tmp_path / "b", texts)
+    asked: list[str] = []
+
+    def ask(_instructions: str, text: str) -> str:
+        asked.append(text)
+        return "not json"
+
+    with MemoryStore(tmp_path / "mem", HashEmbedder()) as mem:  # type: ignore[arg-type]
+        tick = AskBudget()  # what the housekeeping thread gives every session of one tick
+        Distiller(mem, ask_facts=ask, budget=tick).facts("a", one)  # type: ignore[arg-type]
+        Distiller(mem, ask_facts=ask, budget=tick).facts("b", two)  # type: ignore[arg-type]
+        assert len(asked) == LLM_QUESTIONS_PER_TICK and tick.left == 0
+        assert Distiller(mem, ask_facts=ask, budget=tick).facts("b", two) == 0  # type: ignore[arg-type]
+        assert len(asked) == LLM_QUESTIONS_PER_TICK  # spent: the next tick goes on
 
 
 def test_the_model_s_summary_carries_its_dates_and_a_bad_one_is_extractive(
