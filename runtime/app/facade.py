@@ -508,7 +508,8 @@ class Runtime:
         thread does it by itself): distil facts from its new turns, summarise what has left
         its KV window, archive past ``max_items``. Returns how many facts, summaries and
         archived turns it made. With ``extract="llm"`` or ``summarize="llm"`` one call asks
-        at most 8 turns' facts and one summary: call it again until it makes nothing."""
+        the model about at most 8 user turns and one summary; the rest waits for the next
+        call (or the housekeeping thread's next tick)."""
         validate_session_id(session_id)
         with self._lock:
             self._require_open()

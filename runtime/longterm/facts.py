@@ -193,6 +193,27 @@ FACT_INSTRUCTIONS = (
 MAX_LLM_FACTS = 8
 #: What a model may write as the subject of a fact about the speaker.
 _SELF = ("i", "me", "myself", "the speaker", "speaker", "the user", "user")
+#: Words that name no one by themselves (a pronoun, someone else's relation).
+_NO_ONE = frozenset(["he", "she", "they", "we", "you", "him", "her", "them", "it", "us"])
+_OTHERS = frozenset(["his", "her", "their", "your"])
+#: The speaker's own relations: "my brother" is the speaker's brother.
+_POSSESSIVE = frozenset(["my", "our"])
+
+
+def _subject(named: str | None, own: str) -> tuple[str, bool]:
+    """Who a model's fact is about, and whether that is someone its attribute may belong
+    to: the speaker (no subject, or "I"); a relation of the speaker's ("my brother" said by
+    Ana is "ana my brother", never Tom's brother); a name. A pronoun ("he", "they") or
+    someone else's relation ("her sister") names no one: the fact is kept, its attribute
+    dropped."""
+    words = normalise(named or "").split()
+    if not words or " ".join(words) in (own, *_SELF):
+        return own, True
+    if (words[0] in _NO_ONE and len(words) == 1) or words[0] in _OTHERS:
+        return own, False
+    if words[0] in _POSSESSIVE:
+        return f"{own} {' '.join(words)}", True
+    return " ".join(words), True
 
 
 def parse_llm_facts(answer: str, speaker: str | None) -> list[Fact] | None:
@@ -200,11 +221,12 @@ def parse_llm_facts(answer: str, speaker: str | None) -> list[Fact] | None:
     "value"?}]}`` or a bare list), or None when it is not valid: the caller then uses
     :func:`extract`.
 
-    A fact is about the speaker unless its ``subject`` names someone else; "I", "me" and the
-    like are the speaker. A fact about someone else keeps its attribute only for that person,
-    so "my brother lives in Paris" never supersedes where the speaker lives. Within one
-    answer, a second fact with the same subject and attribute loses its attribute (one turn
-    cannot say two current values)."""
+    A fact is about the speaker unless its ``subject`` names someone else (:func:`_subject`);
+    a fact about someone else keeps its attribute only for that person, so "my brother lives
+    in Paris" never supersedes where the speaker lives. An attribute without a value is
+    dropped (it would supersede with nothing), and within one answer a second fact with the
+    same subject and attribute loses its attribute (one turn cannot say two current
+    values)."""
     own = normalise(speaker) if speaker else "the user"
     start, end = answer.find("{"), answer.rfind("}")
     list_start = answer.find("[")
@@ -228,19 +250,18 @@ def parse_llm_facts(answer: str, speaker: str | None) -> list[Fact] | None:
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             return None
         text = row["text"].strip()
-        attribute = row.get("attribute")
-        value = row.get("value") or ""
-        named = row.get("subject")
+        attribute, value, named = row.get("attribute"), row.get("value"), row.get("subject")
+        value = "" if value is None else value
         if not text or len(text) > MAX_FACT_CHARS or not isinstance(value, str):
             return None
         if attribute is not None and not isinstance(attribute, str):
             return None
         if named is not None and not isinstance(named, str):
             return None
-        subject = own
-        if named and normalise(named) not in ("", own, *_SELF):
-            subject = normalise(named)
-        key = (subject, normalise(attribute) if attribute else None)
+        subject, known = _subject(named, own)
+        # an attribute supersedes: only with a value, and only for a subject one can name
+        keep = bool(attribute) and bool(value.strip()) and known
+        key = (subject, normalise(attribute) if keep and attribute else None)
         if key[1] is not None and key in seen:
             key = (subject, None)
         seen.add(key)

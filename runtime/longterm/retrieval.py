@@ -121,8 +121,9 @@ def informative_terms(
     its lexical list would only say which items hold a word most items hold, and building it
     walks most of the index (a user's own name in a one-user store, "like" in a chat log).
     It is left out of the MATCH; the dense side still reads it. FTS5's own counts (through
-    ``fts5vocab``, no scan) rule out most terms; one they flag is counted inside the scope,
-    up to half of it, since a word common in the store may be rare in this session.
+    ``fts5vocab``, no scan) rule out most terms; one they flag is counted inside a scope
+    that holds half the store or more (up to half of the scope), since a word common in the
+    store may be rare in this session; in a smaller scope it is kept.
     """
     if not terms:
         return []
@@ -132,12 +133,17 @@ def informative_terms(
     scope_size: int | None = None
     for term, group in zip(terms, stems, strict=True):
         if not group or any(2 * frequency.get(stem, 0) < total for stem in group):
-            kept.append(term)  # rare in the whole store, so rare in any scope
+            kept.append(term)  # rare in the store (a session's own word is kept here too)
             continue
         if scope_size is None:
             scope_size = sql.count_where(db, where, args) if where else total
         if scope_size == total:
             continue  # the scope is the whole store: the counts above are its own
+        if 2 * scope_size < total:
+            # a small scope in a large store: counting would walk the word's whole posting
+            # list for few matches, the same walk the lexical search makes; keep the word
+            kept.append(term)
+            continue
         half = (scope_size + 1) // 2
         if sql.count_matches(db, match_expression([term]), where, args, limit=half) < half:
             kept.append(term)

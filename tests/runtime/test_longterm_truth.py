@@ -209,7 +209,8 @@ def test_facts_resolve_the_speaker_and_name_their_attribute() -> None:
 
 def test_llm_facts_are_validated_and_garbage_yields_none() -> None:
     good = parse_llm_facts(
-        '{"facts": [{"text": "Ana lives in Oslo", "attribute": "location"}]}', "Ana"
+        '{"facts": [{"text": "Ana lives in Oslo", "attribute": "location", "value": "Oslo"}]}',
+        "Ana",
     )
     assert good is not None and good[0].attribute == "location"
     for bad in ("not json", '{"facts": "x"}', '{"facts": [{"txt": 1}]}', '[{"text": ""}]'):
@@ -221,9 +222,10 @@ def test_llm_facts_are_validated_and_garbage_yields_none() -> None:
 
 def test_an_llm_fact_about_someone_else_never_supersedes_the_speaker_s() -> None:
     answer = (
-        '{"facts": [{"text": "Ana lives in Oslo", "subject": "I", "attribute": "location"},'
-        ' {"text": "Tom lives in Paris", "subject": "Tom", "attribute": "location"},'
-        ' {"text": "Ana lives in Bergen", "subject": "Ana", "attribute": "location"}]}'
+        '{"facts": [{"text": "Ana lives in Oslo", "subject": "I", "attribute": "location",'
+        ' "value": "Oslo"}, {"text": "Tom lives in Paris", "subject": "Tom",'
+        ' "attribute": "location", "value": "Paris"}, {"text": "Ana lives in Bergen",'
+        ' "subject": "Ana", "attribute": "location", "value": "Bergen"}]}'
     )
     facts = parse_llm_facts(answer, "Ana")
     assert facts is not None
@@ -232,6 +234,22 @@ def test_an_llm_fact_about_someone_else_never_supersedes_the_speaker_s() -> None
         ("tom", "location"),  # Tom's, not Ana's: it supersedes only Tom's location
         ("ana", None),  # one answer cannot give two current values of one attribute
     ]
+    more = parse_llm_facts(
+        '[{"text": "Her brother lives in Rome", "subject": "my brother", "attribute": "location",'
+        ' "value": "Rome"}, {"text": "He lives in Oslo", "subject": "he",'
+        ' "attribute": "location", "value": "Oslo"}, {"text": "Ana may move", "subject": "Ana",'
+        ' "attribute": "location", "value": null}, {"text": "x", "subject": "her sister",'
+        ' "attribute": "job", "value": "nurse"}]',
+        "Ana",
+    )
+    assert more is not None
+    assert [(f.subject, f.attribute) for f in more] == [
+        ("ana my brother", "location"),  # Ana's brother, never Tom's
+        ("ana", None),  # a pronoun names no one: nothing superseded
+        ("ana", None),  # no value: nothing superseded
+        ("ana", None),  # someone else's relation names no one
+    ]
+    assert parse_llm_facts('[{"text": "Ana has 0 cats", "value": 0}]', "Ana") is None
 
 
 def test_a_v1_store_is_upgraded_in_place(tmp_path: Path) -> None:
