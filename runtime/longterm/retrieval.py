@@ -116,14 +116,16 @@ def informative_terms(
 ) -> list[str]:
     """The query terms worth a BM25 match among the items ``where`` allows.
 
-    A term whose every stem occurs in half of those items or more has an inverse document
-    frequency ``log((N - n + 0.5) / (n + 0.5))`` of at most 0, which FTS5 floors at 1e-6:
-    its lexical list would only say which items hold a word most items hold, and building it
-    walks most of the index (a user's own name in a one-user store, "like" in a chat log).
-    It is left out of the MATCH; the dense side still reads it. FTS5's own counts (through
-    ``fts5vocab``, no scan) rule out most terms; one they flag is counted inside a scope
-    that holds half the store or more (up to half of the scope), since a word common in the
-    store may be rare in this session; in a smaller scope it is kept.
+    A term whose every stem occurs in more than half of those items is left out of the
+    MATCH when another term stays (the dense side still reads it). Its inverse document
+    frequency ``log((N - n + 0.5) / (n + 0.5))`` is below 0, which FTS5 floors at 1e-6, yet
+    fusion is by rank, so its matches would crowd the list the rarer words rank ("what does
+    Oscar like?" among notes that all say "likes"), and building it walks most of a large
+    index (a user's own name in a one-user store). A query of common words only keeps them
+    all: then they are the only lexical signal ("beta" in one of two notes). FTS5's own
+    counts (through ``fts5vocab``, no scan) clear most terms; one they flag is counted
+    inside a scope that holds half the store or more (up to just over half of it), since a
+    word common in the store may be rare in this session; in a smaller scope it is kept.
     """
     if not terms:
         return []
@@ -132,8 +134,8 @@ def informative_terms(
     kept: list[str] = []
     scope_size: int | None = None
     for term, group in zip(terms, stems, strict=True):
-        if not group or any(2 * frequency.get(stem, 0) < total for stem in group):
-            kept.append(term)  # rare in the store (a session's own word is kept here too)
+        if not group or any(2 * frequency.get(stem, 0) <= total for stem in group):
+            kept.append(term)  # not common in the store (a session's own word is kept too)
             continue
         if scope_size is None:
             scope_size = sql.count_where(db, where, args) if where else total
@@ -144,10 +146,10 @@ def informative_terms(
             # list for few matches, the same walk the lexical search makes; keep the word
             kept.append(term)
             continue
-        half = (scope_size + 1) // 2
-        if sql.count_matches(db, match_expression([term]), where, args, limit=half) < half:
+        need = scope_size // 2 + 1  # more than half the scope
+        if sql.count_matches(db, match_expression([term]), where, args, limit=need) < need:
             kept.append(term)
-    return kept
+    return kept or list(terms)
 
 
 def gather(

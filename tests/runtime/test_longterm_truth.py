@@ -125,13 +125,16 @@ def test_a_term_in_most_items_is_left_out_of_the_match_and_costs_nothing(
         db = sqlite3.connect(mem.db_path)
         stemmer = Stemmer()
         try:
-            assert informative_terms(db, stemmer, ["likes", "oscar", "unknown"]) == [
-                "oscar",
-                "unknown",
-            ]
-            assert informative_terms(db, stemmer, ["walked", "number", "0"]) == ["0"]
-            # in 4 of 10 a word still weighs (it can reorder what else matched); in 5, not
-            assert informative_terms(db, stemmer, ["park", "river"]) == ["park"]
+
+            def judged(words: list[str]) -> list[str]:
+                return informative_terms(db, stemmer, words)
+
+            assert judged(["likes", "oscar", "unknown"]) == ["oscar", "unknown"]
+            assert judged(["walked", "number", "0"]) == ["0"]
+            # in 5 of 10 a word is kept (not more than half); in 9 of 10 it is left out
+            assert judged(["park", "river", "ana"]) == ["park", "river"]
+            # common words only: all kept, they are the only lexical signal there is
+            assert judged(["likes", "ana"]) == ["likes", "ana"]
         finally:
             stemmer.close()
             db.close()
@@ -155,8 +158,13 @@ def test_a_word_common_in_the_store_but_rare_in_the_session_still_matches(
         db = sqlite3.connect(mem.db_path)
         stemmer = Stemmer()
         try:
-            assert informative_terms(db, stemmer, ["pizza"], "session = ?", ["b"]) == ["pizza"]
-            assert informative_terms(db, stemmer, ["pizza"], "session = ?", ["a"]) == []
+
+            def judged(session: str) -> list[str]:
+                scope = ("session = ?", [session])
+                return informative_terms(db, stemmer, ["pizza", "dough"], *scope)
+
+            assert judged("b") == ["pizza", "dough"]
+            assert judged("a") == ["dough"]
         finally:
             stemmer.close()
             db.close()
