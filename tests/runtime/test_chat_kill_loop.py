@@ -32,6 +32,9 @@ from runtime.journal import Journal
 pytestmark = pytest.mark.slow
 SESSIONS = ("s0", "s1", "s2")
 KILLS = int(os.environ.get("RUNTIME_KILL_LOOPS", "30"))
+#: Facts one process is told at most before its kill -9 (so 100 facts take 4 kills or more,
+#: however fast a turn is).
+PER_RUN = 30
 LINES = [
     "My dog is called Biscuit.",
     "I live near the river in Lisbon.",
@@ -208,14 +211,14 @@ def test_a_hundred_facts_that_differ_in_one_number_survive_kill_9(tmp_path: Path
         assert proc.stdin is not None and proc.stdout is not None
         deadline = time.monotonic() + rng.uniform(1.0, 6.0)
         try:
-            for n in numbers[len(acked) :]:
+            for i, n in enumerate(numbers[len(acked) :]):
                 proc.stdin.write(_note(n) + "\n")
                 proc.stdin.flush()
+                if i == PER_RUN or time.monotonic() > deadline:
+                    break  # killed with this turn in flight: it is not acknowledged
                 if not proc.stdout.readline():
                     break
                 acked.append(n)
-                if time.monotonic() > deadline:
-                    break
         except (BrokenPipeError, OSError):
             pass
         proc.kill()
