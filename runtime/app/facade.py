@@ -45,7 +45,10 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
+    from runtime.app.reply import MemoryUsed
+    from runtime.app.turn import Prompt
     from runtime.longterm import Hit, MemoryItem
+    from runtime.session import ResumeReport, Session
 
 __all__ = ["Runtime"]
 
@@ -232,15 +235,7 @@ class Runtime:
         """
         validate_session_id(session_id)
         text = check_text(text)
-        params = self.sampling.with_overrides(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repeat_penalty=repeat_penalty,
-            seed=seed,
-        ).check(self.ctx.n_ctx)
+        params = self._sampling(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
         stops = check_stop(stop)
         check_number("importance", importance, 0.0, 1.0)
         created = check_created(created_at)
@@ -270,14 +265,31 @@ class Runtime:
                     self._discard_refused(session_id)
                 raise
             marks.append(time.perf_counter())
-            entry, finish = self._turns.reply(session, prompt, params, stops, on_token, cancelled)
-            marks.append(time.perf_counter())
-            if remember:
-                self._recall.catch_up(session)
-            marks.append(time.perf_counter())
-            reply = make_reply(session_id, prompt, entry, finish, memories, report, marks)
-            self._stats.record_turn(reply)
-            return reply
+            return self._reply(
+                session, prompt, params, stops, on_token, cancelled, memories, report, marks,
+                ingest=remember,
+            )  # fmt: skip
+
+    def _sampling(
+        self,
+        max_tokens: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        top_k: int | None,
+        min_p: float | None,
+        repeat_penalty: float | None,
+        seed: int | None,
+    ) -> Sampling:
+        """The runtime's sampling defaults with a turn's overrides, checked for the context."""
+        return self.sampling.with_overrides(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+        ).check(self.ctx.n_ctx)
 
     def _discard_refused(self, session_id: str) -> None:
         """Delete the journal and KV of a session whose first turn was refused; its
@@ -313,15 +325,7 @@ class Runtime:
         such session.
         """
         validate_session_id(session_id)
-        params = self.sampling.with_overrides(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repeat_penalty=repeat_penalty,
-            seed=seed,
-        ).check(self.ctx.n_ctx)
+        params = self._sampling(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
         stops = check_stop(stop)
         with self._lock:
             self._require_open()
@@ -336,13 +340,36 @@ class Runtime:
                     "session_id", "the last turn in the window has its reply already"
                 )
             marks.append(time.perf_counter())
-            entry, finish = self._turns.reply(session, prompt, params, stops, on_token, cancelled)
-            marks.append(time.perf_counter())
+            return self._reply(
+                session, prompt, params, stops, on_token, cancelled, [], report, marks,
+                ingest=True,
+            )  # fmt: skip
+
+    def _reply(
+        self,
+        session: Session,
+        prompt: Prompt,
+        params: Sampling,
+        stops: tuple[str, ...],
+        on_token: Callable[[str], None] | None,
+        cancelled: Callable[[], bool] | None,
+        memories: list[MemoryUsed],
+        report: ResumeReport | None,
+        marks: list[float],
+        *,
+        ingest: bool,
+    ) -> Reply:
+        """The end of a turn whose prompt is decoded (:meth:`chat`, :meth:`answer`):
+        generate and journal the reply, catch long-term memory up (``ingest``), record it.
+        ``marks`` are the times so far (start, resume, retrieval, prompt)."""
+        entry, finish = self._turns.reply(session, prompt, params, stops, on_token, cancelled)
+        marks.append(time.perf_counter())
+        if ingest:
             self._recall.catch_up(session)
-            marks.append(time.perf_counter())
-            reply = make_reply(session_id, prompt, entry, finish, [], report, marks)
-            self._stats.record_turn(reply)
-            return reply
+        marks.append(time.perf_counter())
+        reply = make_reply(session.session_id, prompt, entry, finish, memories, report, marks)
+        self._stats.record_turn(reply)
+        return reply
 
     def import_history(
         self,
