@@ -69,7 +69,7 @@ def _installed() -> Peer | None:
         logger.warning("llama-cpp-python %s is installed, not %s: not used", version, PEER_VERSION)
         return None
     module = importlib.import_module(_PACKAGE)
-    return Peer(module, "installed", version, str(module.llama_cpp._lib._name))
+    return Peer(module, "installed", version, str(Path(module.__file__ or "").parent))
 
 
 def extract_sdist_package() -> Path:
@@ -113,9 +113,9 @@ def extract_sdist_package() -> Path:
 
 
 def _from_sdist() -> Peer:
-    import llamaffi._lib
+    import llamaffi
 
-    lib_dir = llamaffi._lib.library_path().parent
+    lib_dir = llamaffi.library_path().parent
     target = extract_sdist_package()
     for dep in ("numpy", "typing_extensions", "diskcache", "jinja2"):
         try:
@@ -140,9 +140,9 @@ def _reinstall_llamaffi_log() -> None:
     """``llama_cpp`` replaces llama.cpp's log callback at import with its own; put ours back
     (llamaffi's router into Python logging), so llamaffi keeps logging as before."""
     with contextlib.suppress(Exception):
-        from llamaffi import _backend
+        import llamaffi
 
-        _backend.backend.llama_log_set(_backend._c_log_callback, None)
+        llamaffi.install_log_router()
 
 
 _cache: list[Peer] = []
@@ -154,10 +154,7 @@ def load_peer() -> Peer:
         return _cache[0]
     import llamaffi
 
-    llamaffi.Model  # noqa: B018 - make sure llamaffi loaded libllama and its backend first
-    from llamaffi import _backend
-
-    _backend.ensure_backend()
+    llamaffi.init_backend()  # llamaffi loads libllama and its backend first
     peer = _installed() or _from_sdist()
     _reinstall_llamaffi_log()
     _cache.append(peer)

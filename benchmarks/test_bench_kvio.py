@@ -782,7 +782,7 @@ def peer(kv: KvCase) -> Iterator[PeerCase]:
         out = (lc.llama_token * (n + 1))()
         count = ctypes.c_size_t(0)
         ok = lc.llama_state_seq_load_file(
-            llm._ctx.ctx, str(kv.raw_file).encode(), 0, out, n + 1, ctypes.byref(count)
+            llm.ctx, str(kv.raw_file).encode(), 0, out, n + 1, ctypes.byref(count)
         )
         if not ok or count.value != n:
             pytest.skip(f"the peer could not load the raw state ({ok}, {count.value} tokens)")
@@ -794,7 +794,7 @@ def peer(kv: KvCase) -> Iterator[PeerCase]:
 
 
 def _peer_pos_max(p: PeerCase) -> int:
-    return int(p.module.llama_memory_seq_pos_max(p.module.llama_get_memory(p.llm._ctx.ctx), 0))
+    return int(p.module.llama_memory_seq_pos_max(p.module.llama_get_memory(p.llm.ctx), 0))
 
 
 def _peer_save(p: PeerCase) -> int:
@@ -827,7 +827,7 @@ def test_kvio_peer_load(benchmark: Any, kv16: KvCase, peer: PeerCase) -> None:
     """pickle.load of the file + Llama.load_state() (llama_state_set_data)."""
     if not peer.path.exists():
         _peer_save(peer)
-    mem = peer.module.llama_get_memory(peer.llm._ctx.ctx)
+    mem = peer.module.llama_get_memory(peer.llm.ctx)
 
     def setup() -> Any:
         peer.module.llama_memory_clear(mem, True)

@@ -11,6 +11,7 @@ before C sees them and raises typed errors from :mod:`llamaffi.errors`.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llamaffi.errors import (
@@ -69,6 +70,9 @@ __all__ = [
     "apply_template",
     "build_info",
     "builtin_templates",
+    "init_backend",
+    "install_log_router",
+    "library_path",
 ]
 
 
@@ -78,6 +82,29 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'llamaffi' has no attribute {name!r}")
+
+
+def library_path() -> Path:
+    """The libllama shared library llamaffi loads (its directory holds ggml's libraries)."""
+    from llamaffi._lib import library_path as path
+
+    return path()
+
+
+def init_backend() -> None:
+    """Load libllama, route llama.cpp's log into Python logging and call
+    ``llama_backend_init``, once per process (every model load does it by itself)."""
+    from llamaffi._backend import ensure_backend
+
+    ensure_backend()
+
+
+def install_log_router() -> None:
+    """Route llama.cpp's log into Python logging again: another binding loaded into the same
+    process (llama-cpp-python) replaces the callback with its own when it is imported."""
+    from llamaffi._backend import install_log_router as install
+
+    install()
 
 
 def build_info() -> dict[str, Any]:

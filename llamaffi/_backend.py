@@ -73,3 +73,9 @@ def ensure_backend() -> None:
         weakref.finalize(_exit_sentinel, backend.llama_log_set, _types.ggml_log_callback(), None)
         backend.llama_backend_init()
         _initialised = True
+
+
+def install_log_router() -> None:
+    """(Re)install the router of llama.cpp's log into the ``llamaffi.llama_cpp`` logger."""
+    ensure_backend()
+    backend.llama_log_set(_c_log_callback, None)

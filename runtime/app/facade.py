@@ -12,14 +12,13 @@ a check and the act it guards happen inside one call.
 from __future__ import annotations
 
 import atexit
-import contextlib
+import functools
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from runtime.app.options import (
     RuntimeConfig,
@@ -30,29 +29,41 @@ from runtime.app.options import (
     check_stop,
     check_text,
 )
-from runtime.app.parts import build_parts, open_model
+from runtime.app.parts import open_parts
 from runtime.app.reply import Reply
 from runtime.app.sessions import check_messages
-from runtime.app.turn import make_reply
-from runtime.errors import ClosedError, RuntimeArgumentError, SessionNotFoundError
-from runtime.fsutil import DirLock, ensure_dir, warn_if_exposed
+from runtime.errors import ClosedError, SessionNotFoundError
+from runtime.fsutil import ensure_dir
 from runtime.layout import (
-    LOCK_NAME,
     validate_session_id,
 )
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
+    from typing_extensions import Unpack
 
-    from runtime.app.reply import MemoryUsed
-    from runtime.app.turn import Prompt
+    from runtime.app.options import SamplingOverrides
     from runtime.longterm import Hit, MemoryItem
-    from runtime.session import ResumeReport, Session
 
 __all__ = ["Runtime"]
 
 logger = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _door(method: Callable[Concatenate[Runtime, _P], _R]) -> Callable[Concatenate[Runtime, _P], _R]:
+    """A public method of :class:`Runtime`: run under its lock, refused once it is closed."""
+
+    @functools.wraps(method)
+    def locked(self: Runtime, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            self._require_open()
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class Runtime:
@@ -94,52 +105,26 @@ class Runtime:
         self._atexit: Callable[[], None] = lambda: None
         self._lock = threading.RLock()
         self.root = ensure_dir(Path(data_dir))
-        warn_if_exposed(self.root)
-        dir_lock = DirLock(self.root, LOCK_NAME).acquire()
-        self._stack = contextlib.ExitStack()
-        self._stack.callback(dir_lock.release)
-        try:
-            self.model, self.ctx, self.model_name, chat_format = open_model(
-                cfg, self._stack, self._say
-            )
-            #: the default sampling of :meth:`chat` (checked against this context)
-            self.sampling: Sampling = cfg.sampling.check(self.ctx.n_ctx)
-            parts = build_parts(
-                cfg,
-                self.root,
-                self.model,
-                self.model_name,
-                self.ctx,
-                chat_format,
-                lock=self._lock,
-                stack=self._stack,
-                say=self._say,
-            )
-        except BaseException:
-            self._stack.close()
-            raise
-        self._scratch_seq = parts.scratch_seq
-        self._chunks = parts.chunks
-        self._pool = parts.pool
-        self._recall = parts.recall
-        self._turns = parts.turns
-        self._retention = parts.retention
-        self._stats = parts.stats
-        self._sessions = parts.sessions
+        parts = open_parts(cfg, self.root, lock=self._lock, say=self._say)
+        self._stack, self.model, self.ctx, self.model_name = (
+            parts.stack, parts.model, parts.ctx, parts.model_name
+        )  # fmt: skip
+        #: the default sampling of :meth:`chat` (checked against this context)
+        self.sampling: Sampling = parts.sampling
+        self._scratch_seq, self._chunks, self._pool = parts.scratch_seq, parts.chunks, parts.pool
+        self._recall, self._turns, self._stats = parts.recall, parts.turns, parts.stats
+        self._retention, self._sessions = parts.retention, parts.sessions
         self._housekeeper = parts.housekeeper
+        self._conversation = parts.conversation
         self._closed = False
         self._stats.publish(force=True)
         self._housekeeper.start()
         self._close_at_exit()
 
     def _close_at_exit(self) -> None:
-        # A runtime left open at interpreter exit is closed before llamaffi's finalizers free
-        # the context (atexit runs LIFO, and they registered first): its housekeeping thread
-        # would otherwise wake up on a freed context. Also writes the final checkpoints.
-        # A strong reference: a runtime dropped without close() is not freed anyway (its
-        # housekeeping and writer threads hold its parts), and with a weak one it was not
-        # closed either, so its housekeeper segfaulted on the freed context after the exit
-        # finalizers (llama_memory_seq_pos_max, tests/runtime/test_exit.py).
+        # A runtime left open at exit is closed (final checkpoints written) before llamaffi's
+        # finalizers free the context (atexit is LIFO), or its housekeeper would wake on a
+        # freed context. A strong reference: with a weak one it segfaulted (test_exit.py).
         rt = self
 
         def close_at_exit() -> None:
@@ -202,18 +187,12 @@ class Runtime:
 
     # -- the turn -----------------------------------------------------------------------------
 
+    @_door
     def chat(
         self,
         session_id: str,
         text: str,
         *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        repeat_penalty: float | None = None,
-        seed: int | None = None,
         stop: Sequence[str] | None = None,
         on_token: Callable[[str], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
@@ -221,10 +200,13 @@ class Runtime:
         importance: float = 0.5,
         use_memory: bool = True,
         created_at: float | str | None = None,
+        **sampling: Unpack[SamplingOverrides],
     ) -> Reply:
         """One user turn and the assistant's reply, in session ``session_id``.
 
-        Sampling arguments left ``None`` take the runtime's :class:`Sampling` defaults.
+        The sampling arguments (``max_tokens``, ``temperature``, ``top_p``, ``top_k``,
+        ``min_p``, ``repeat_penalty``, ``seed``) left out take the runtime's
+        :class:`Sampling` defaults.
         ``on_token`` receives the reply's text as it is generated; ``cancelled`` is polled
         between tokens (a cancelled reply is kept, shortened, with ``finish_reason``
         ``"cancelled"``). ``remember=False`` keeps this turn out of long-term memory;
@@ -235,85 +217,24 @@ class Runtime:
         """
         validate_session_id(session_id)
         text = check_text(text)
-        params = self._sampling(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
+        params = self.sampling.for_turn(sampling, self.ctx.n_ctx)
         stops = check_stop(stop)
         check_number("importance", importance, 0.0, 1.0)
         created = check_created(created_at)
-        with self._lock:
-            self._require_open()
-            marks = [time.perf_counter()]
-            new = not self._sessions.exists(session_id)
-            session, report = self._sessions.get(session_id)
-            marks.append(time.perf_counter())
-            meta: dict[str, object] = {"importance": importance}
-            if not remember:
-                meta["remember"] = False
-            try:
-                # "last week" in the question means the week before the turn's own time
-                memories = self._recall.retrieve(session, text, now=created) if use_memory else []
-                marks.append(time.perf_counter())
-                prompt = self._turns.prompt(
-                    session,
-                    text,
-                    memories,
-                    max_tokens=params.max_tokens,
-                    meta=meta,
-                    created=created,
-                )
-            except Exception:
-                if new:  # a refused first turn leaves no session behind (nor its system turn)
-                    self._discard_refused(session_id)
-                raise
-            marks.append(time.perf_counter())
-            return self._reply(
-                session, prompt, params, stops, on_token, cancelled, memories, report, marks,
-                ingest=remember,
-            )  # fmt: skip
+        return self._conversation.chat(
+            session_id, text, params, stops, on_token, cancelled,
+            remember=remember, importance=importance, use_memory=use_memory, created=created,
+        )  # fmt: skip
 
-    def _sampling(
-        self,
-        max_tokens: int | None,
-        temperature: float | None,
-        top_p: float | None,
-        top_k: int | None,
-        min_p: float | None,
-        repeat_penalty: float | None,
-        seed: int | None,
-    ) -> Sampling:
-        """The runtime's sampling defaults with a turn's overrides, checked for the context."""
-        return self.sampling.with_overrides(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repeat_penalty=repeat_penalty,
-            seed=seed,
-        ).check(self.ctx.n_ctx)
-
-    def _discard_refused(self, session_id: str) -> None:
-        """Delete the journal and KV of a session whose first turn was refused; its
-        long-term memories stay (``remember(..., session=)`` may have put some there before
-        it had a journal). Never raises: the refusal is the error the caller sees."""
-        try:
-            self._sessions.delete(session_id, memories=False)
-        except Exception:
-            logger.exception("session %s: could not remove it after its refused turn", session_id)
-
+    @_door
     def answer(
         self,
         session_id: str,
         *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        repeat_penalty: float | None = None,
-        seed: int | None = None,
         stop: Sequence[str] | None = None,
         on_token: Callable[[str], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
+        **sampling: Unpack[SamplingOverrides],
     ) -> Reply:
         """Reply to the session's last user turn, which no reply followed: a process killed
         mid-reply leaves one, and a client's retry of that turn should get its answer, not
@@ -325,52 +246,11 @@ class Runtime:
         such session.
         """
         validate_session_id(session_id)
-        params = self._sampling(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed)
+        params = self.sampling.for_turn(sampling, self.ctx.n_ctx)
         stops = check_stop(stop)
-        with self._lock:
-            self._require_open()
-            if not self._sessions.exists(session_id):
-                raise SessionNotFoundError(f"no session {session_id!r}")
-            marks = [time.perf_counter()]
-            session, report = self._sessions.get(session_id)
-            marks += [time.perf_counter()] * 2  # resumed; nothing retrieved
-            prompt = self._turns.pending(session, params.max_tokens)
-            if prompt is None:
-                raise RuntimeArgumentError(
-                    "session_id", "the last turn in the window has its reply already"
-                )
-            marks.append(time.perf_counter())
-            return self._reply(
-                session, prompt, params, stops, on_token, cancelled, [], report, marks,
-                ingest=True,
-            )  # fmt: skip
+        return self._conversation.answer(session_id, params, stops, on_token, cancelled)
 
-    def _reply(
-        self,
-        session: Session,
-        prompt: Prompt,
-        params: Sampling,
-        stops: tuple[str, ...],
-        on_token: Callable[[str], None] | None,
-        cancelled: Callable[[], bool] | None,
-        memories: list[MemoryUsed],
-        report: ResumeReport | None,
-        marks: list[float],
-        *,
-        ingest: bool,
-    ) -> Reply:
-        """The end of a turn whose prompt is decoded (:meth:`chat`, :meth:`answer`):
-        generate and journal the reply, catch long-term memory up (``ingest``), record it.
-        ``marks`` are the times so far (start, resume, retrieval, prompt)."""
-        entry, finish = self._turns.reply(session, prompt, params, stops, on_token, cancelled)
-        marks.append(time.perf_counter())
-        if ingest:
-            self._recall.catch_up(session)
-        marks.append(time.perf_counter())
-        reply = make_reply(session.session_id, prompt, entry, finish, memories, report, marks)
-        self._stats.record_turn(reply)
-        return reply
-
+    @_door
     def import_history(
         self,
         session_id: str,
@@ -398,39 +278,36 @@ class Runtime:
         """
         validate_session_id(session_id)
         items = check_messages(messages, remember=remember)
-        with self._lock:
-            self._require_open()
-            # a new session has no window to render after: nothing is opened for it until
-            # the history is known to import
-            session = None
-            if self._sessions.exists(session_id):
-                session, _report = self._sessions.get(session_id)
-            plan = self._turns.render_history(session, items)
-            seqs = self._sessions.append_history(session_id, plan, len(items), self.ctx.n_ctx)
-            # into long-term memory now, at the time each message was said (the import is
-            # durable in the journal already: a failure here catches up on the next turn);
-            # the session stays suspended, so the journal is read apart from it
-            with self._sessions.open_journal(session_id) as journal:
-                self._recall.catch_up_journal(session_id, journal)
-            return seqs
+        # a new session has no window to render after: nothing is opened for it until
+        # the history is known to import
+        session = None
+        if self._sessions.exists(session_id):
+            session, _report = self._sessions.get(session_id)
+        plan = self._turns.render_history(session, items)
+        seqs = self._sessions.append_history(session_id, plan, len(items), self.ctx.n_ctx)
+        # into long-term memory now, at the time each message was said (the import is
+        # durable in the journal already: a failure here catches up on the next turn);
+        # the session stays suspended, so the journal is read apart from it
+        with self._sessions.open_journal(session_id) as journal:
+            self._recall.catch_up_journal(session_id, journal)
+        return seqs
 
     # -- sessions -----------------------------------------------------------------------------
 
+    @_door
     def sessions(self) -> list[str]:
         """Every session in the data directory (with a journal), sorted."""
-        with self._lock:
-            self._require_open()
-            return self._sessions.known()
+        return self._sessions.known()
 
+    @_door
     def unanswered(self, session_id: str) -> str | None:
         """The text of the session's last turn when it is a user turn that no reply
         followed (a process killed mid-reply leaves one; :meth:`answer` replies to it), else
         None. Reads the journal's tail; a suspended session stays suspended."""
         validate_session_id(session_id)
-        with self._lock:
-            self._require_open()
-            return self._sessions.unanswered(session_id)
+        return self._sessions.unanswered(session_id)
 
+    @_door
     def session_page(
         self, limit: int = 100, after: str | None = None
     ) -> tuple[list[dict[str, Any]], bool]:
@@ -441,10 +318,9 @@ class Runtime:
         check_int("limit", limit, 1, 1000)
         if after is not None:
             validate_session_id(after)
-        with self._lock:
-            self._require_open()
-            return self._sessions.page(limit, after)
+        return self._sessions.page(limit, after)
 
+    @_door
     def history(self, session_id: str) -> list[dict[str, Any]]:
         """The session's turns from its journal: ``role``, ``text``, ``seq``, ``created``
         (and ``name`` where an imported message had one, ``finish`` on a reply: ``"stop"``,
@@ -453,83 +329,68 @@ class Runtime:
         Reads the journal file without resuming the session (no KV is touched).
         """
         validate_session_id(session_id)
-        with self._lock:
-            self._require_open()
-            return self._sessions.history(session_id)
+        return self._sessions.history(session_id)
 
+    @_door
     def session_info(self, session_id: str) -> dict[str, Any]:
         """A session's state: ``exists``, ``resident``, ``window_tokens`` (tokens in its
         window, ``None`` when not resident), ``kv_cells`` (KV cells it holds now: 0 once
         suspended), ``pending_tokens`` (not checkpointed yet), ``journal_bytes`` and
         ``snapshot_bytes`` (its newest checkpoint's chunks)."""
         validate_session_id(session_id)
-        with self._lock:
-            self._require_open()
-            return self._sessions.info(session_id)
+        return self._sessions.info(session_id)
 
+    @_door
     def window_seqs(self, session_id: str) -> list[int]:
         """The journal entries whose tokens are in the session's KV window now, sorted
         (empty when the session is not resident)."""
         validate_session_id(session_id)
-        with self._lock:
-            self._require_open()
-            return self._sessions.window_seqs(session_id)
+        return self._sessions.window_seqs(session_id)
 
+    @_door
     def checkpoints(self, session_id: str) -> list[dict[str, Any]]:
         """The session's kept checkpoints, newest first: ``generation``, ``journal_seq``,
         ``tokens``, ``bytes`` and ``files`` (its chunk files, in position order, the partial
         tail last)."""
         validate_session_id(session_id)
-        with self._lock:
-            self._require_open()
-            return self._sessions.checkpoints(session_id)
+        return self._sessions.checkpoints(session_id)
 
+    @_door
     def time_reprefill(self, session_id: str, n_tokens: int | None = None) -> float:
         """Seconds a from-scratch prefill of the session's first ``n_tokens`` window tokens
         takes (all by default), on the runtime's scratch sequence: what a resume from a
         checkpoint saves. The session must be resident (:class:`SessionNotFoundError`)."""
         validate_session_id(session_id)
-        with self._lock:
-            self._require_open()
-            session = self._sessions.peek(session_id)
-            if session is None:
-                raise SessionNotFoundError(f"session {session_id!r} is not resident")
-            tokens = session.tokens()[:n_tokens]
-            if not tokens:
-                return 0.0
-            start = time.perf_counter()
-            try:
-                self.ctx.decode(tokens, seq_id=self._scratch_seq)
-                return time.perf_counter() - start
-            finally:
-                self.ctx.memory.seq_rm(self._scratch_seq)
+        session = self._sessions.peek(session_id)
+        if session is None:
+            raise SessionNotFoundError(f"session {session_id!r} is not resident")
+        tokens = session.tokens()[:n_tokens]
+        return self._turns.time_prefill(self.ctx, self._scratch_seq, tokens)
 
+    @_door
     def suspend(self, session_id: str) -> None:
         """Checkpoint the session and free its KV cells now (it resumes on its next turn)."""
         validate_session_id(session_id)
-        with self._lock:
-            self._require_open()
-            self._sessions.suspend(session_id)
+        self._sessions.suspend(session_id)
 
+    @_door
     def checkpoint(self, session_id: str | None = None) -> int:
         """Checkpoint one resident session (or all) now and wait for the files; returns how
         many sessions were checkpointed (a suspended session is on disk already)."""
         if session_id is not None:
             validate_session_id(session_id)
-        with self._lock:
-            self._require_open()
-            return self._sessions.checkpoint(session_id)
+        return self._sessions.checkpoint(session_id)
 
+    @_door
     def delete_session(self, session_id: str, *, memories: bool = True) -> None:
         """Forget a session: KV, journal, checkpoints and (by default) its long-term memories.
 
         Raises :class:`~runtime.errors.SessionNotFoundError` if there is no such session.
         """
         validate_session_id(session_id)
-        with self._lock:
-            self._require_open()
-            self._sessions.delete(session_id, memories=memories)
+        self._sessions.delete(session_id, memories=memories)
 
+    @_door
     def consolidate(self, session_id: str) -> dict[str, int]:
         """Run long-term memory's background work on one session now (the housekeeping
         thread does it by itself): distil facts from its new turns, summarise what has left
@@ -538,39 +399,34 @@ class Runtime:
         the model about at most 8 user turns and one summary; the rest waits for the next
         call (or the housekeeping thread's next tick)."""
         validate_session_id(session_id)
-        with self._lock:
-            self._require_open()
-            session = self._sessions.peek(session_id)
-            if session is not None:
-                self._recall.catch_up(session)
-                return self._recall.consolidate(session)
-            if session_id not in self._sessions.known():
-                raise SessionNotFoundError(f"no session {session_id!r}")
-            with self._sessions.open_journal(session_id) as journal:
-                self._recall.catch_up_journal(session_id, journal)
-                # suspended: nothing of it is in the KV now
-                return self._recall.consolidate_journal(session_id, journal, set())
+        session = self._sessions.peek(session_id)
+        if session is not None:
+            self._recall.catch_up(session)
+            return self._recall.consolidate(session)
+        if session_id not in self._sessions.known():
+            raise SessionNotFoundError(f"no session {session_id!r}")
+        with self._sessions.open_journal(session_id) as journal:
+            self._recall.catch_up_journal(session_id, journal)
+            # suspended: nothing of it is in the KV now
+            return self._recall.consolidate_journal(session_id, journal, set())
 
+    @_door
     def compact_journals(self) -> int:
         """Apply ``journal_retention="window"`` now to every resident session (the
         housekeeping thread does it by itself); returns the bytes freed. A no-op under the
         default ``"all"``."""
-        with self._lock:
-            self._require_open()
-            self._recall.settle(self._pool.resident())  # memory covers what may be dropped
-            return sum(self._retention.compact(s, force=True) for s in self._pool.resident())
+        self._recall.settle(self._pool.resident())  # memory covers what may be dropped
+        return sum(self._retention.compact(s, force=True) for s in self._pool.resident())
 
+    @_door
     def stats(self) -> dict[str, Any]:
         """Sessions, KV cells, checkpoint and journal bytes, resumes, memory items, latencies."""
-        with self._lock:
-            self._require_open()
-            return self._stats.report()
+        return self._stats.report()
 
+    @_door
     def publish_stats(self) -> None:
         """Write ``stats.json`` now (the housekeeping thread does it every few seconds)."""
-        with self._lock:
-            self._require_open()
-            self._stats.publish(force=True)
+        self._stats.publish(force=True)
 
     # -- long-term memory ---------------------------------------------------------------------
 
@@ -579,6 +435,7 @@ class Runtime:
         """Whether long-term memory is on (``embedder=False`` turns it off)."""
         return self._recall.enabled
 
+    @_door
     def remember(
         self,
         text: str,
@@ -589,41 +446,36 @@ class Runtime:
         meta: dict[str, Any] | None = None,
     ) -> str:
         """Store a long-term memory directly (``session=None``: global, seen by every session)."""
-        with self._lock:
-            self._require_open()
-            return self._recall.remember(
-                text, session=session, kind=kind, importance=importance, meta=meta
-            )
+        return self._recall.remember(
+            text, session=session, kind=kind, importance=importance, meta=meta
+        )
 
+    @_door
     def search(
         self, query: str, k: int = 5, *, session: str | None = None, now: float | None = None
     ) -> list[Hit]:
         """Search long-term memory: all sessions, or one (with the global memories). Periods
         the query names ("last week") are read relative to ``now`` (default: the time)."""
-        with self._lock:
-            self._require_open()
-            return self._recall.search(query, k, session=session, now=now)
+        return self._recall.search(query, k, session=session, now=now)
 
+    @_door
     def memory_history(self, item_id: str) -> list[MemoryItem]:
         """The history behind a memory: every fact about the same subject and attribute,
         newest first: the current value, then the ones it superseded (kept, linked by
         ``superseded_by``). Empty when the item states no single-valued attribute."""
-        with self._lock:
-            self._require_open()
-            return self._recall.lineage(item_id)
+        return self._recall.lineage(item_id)
 
+    @_door
     def forget(self, item_id: str) -> bool:
         """Delete one long-term memory; False if there was none with this id."""
-        with self._lock:
-            self._require_open()
-            return self._recall.forget(item_id)
+        return self._recall.forget(item_id)
 
+    @_door
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Embed texts with the runtime's embedder (L2-normalised rows)."""
-        with self._lock:
-            self._require_open()
-            return self._recall.embed(texts)
+        return self._recall.embed(texts)
 
+    @_door
     def embedder_info(self) -> tuple[str, int] | None:
         """``(model id, dimensions)`` of the embedder; ``None`` when memory is off."""
         return self._recall.embedder_info()

@@ -7,15 +7,15 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from runtime.checkpoint import CheckpointPolicy
 from runtime.errors import ArgumentError, ArgumentTypeError, RuntimeArgumentError
 from runtime.journal import DEFAULT_SEGMENT_ENTRIES
-from runtime.longterm.db import MAX_TEXT_CHARS
-from runtime.longterm.db import check_text as _store_check_text
+from runtime.longterm.items import MAX_TEXT_CHARS
+from runtime.longterm.items import check_text as _store_check_text
 
 if TYPE_CHECKING:
     from runtime.embed import TextEmbedder
@@ -172,6 +172,28 @@ class Sampling:
     def with_overrides(self, **changes: Any) -> Sampling:
         """A copy with the fields given (``None`` values keep this one's)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def for_turn(self, overrides: Mapping[str, Any], n_ctx: int) -> Sampling:
+        """A turn's sampling: these defaults with the :class:`SamplingOverrides` given,
+        checked for a context of ``n_ctx``. An unknown name is a ``TypeError``, as for any
+        unexpected keyword argument."""
+        unknown = sorted(set(overrides) - set(SamplingOverrides.__annotations__))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+        return self.with_overrides(**overrides).check(n_ctx)
+
+
+class SamplingOverrides(TypedDict, total=False):
+    """The sampling keyword arguments of ``Runtime.chat`` and ``Runtime.answer``: each one
+    left out (or ``None``) takes the runtime's :class:`Sampling` default."""
+
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    min_p: float | None
+    repeat_penalty: float | None
+    seed: int | None
 
 
 @dataclass(frozen=True)

@@ -13,23 +13,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from runtime.app.conversation import Conversation
 from runtime.app.housekeeper import Housekeeper, Retention
-from runtime.app.options import RuntimeConfig
+from runtime.app.options import RuntimeConfig, Sampling
 from runtime.app.recall import Recall
 from runtime.app.sessions import Sessions
 from runtime.app.stats import Stats
 from runtime.app.turn import TurnEngine
 from runtime.checkpoint import CheckpointWriter
 from runtime.chunks import ChunkStore
-from runtime.fsutil import ensure_dir, private_dir
-from runtime.layout import CHUNK_DIR, JOURNAL_DIR, LONGTERM_DIR
+from runtime.fsutil import DirLock, ensure_dir, private_dir, warn_if_exposed
+from runtime.layout import CHUNK_DIR, JOURNAL_DIR, LOCK_NAME, LONGTERM_DIR
 from runtime.session import SessionPool
 from runtime.template import ChatFormat
 
 if TYPE_CHECKING:
     from llamaffi import Context, Model
 
-__all__ = ["Parts", "build_parts", "open_model"]
+__all__ = ["Parts", "open_parts"]
 
 #: Tokens the model may answer a distiller's question with (facts as JSON, a summary).
 ASK_MAX_TOKENS = 192
@@ -37,8 +38,13 @@ ASK_MAX_TOKENS = 192
 
 @dataclass(frozen=True)
 class Parts:
-    """A runtime's parts."""
+    """A runtime's parts; ``stack`` closes them, the model and the directory lock."""
 
+    stack: contextlib.ExitStack
+    model: Model
+    ctx: Context
+    model_name: str
+    sampling: Sampling  # the default, checked against the context
     scratch_seq: int  # the sequence the pool never uses: probes and stateless work
     chunks: ChunkStore
     pool: SessionPool
@@ -48,6 +54,29 @@ class Parts:
     stats: Stats
     sessions: Sessions
     housekeeper: Housekeeper
+    conversation: Conversation
+
+
+def open_parts(
+    cfg: RuntimeConfig, root: Path, *, lock: threading.RLock, say: Callable[[str], None]
+) -> Parts:
+    """Lock the data directory ``root`` (:class:`~runtime.errors.LockedError` when another
+    process has it), then load the model and build every part; on a failure, whatever was
+    opened is closed again."""
+    warn_if_exposed(root)
+    dir_lock = DirLock(root, LOCK_NAME).acquire()
+    stack = contextlib.ExitStack()
+    stack.callback(dir_lock.release)
+    try:
+        model, ctx, model_name, chat_format = open_model(cfg, stack, say)
+        sampling = cfg.sampling.check(ctx.n_ctx)
+        return build_parts(
+            cfg, root, model, model_name, ctx, chat_format, sampling, lock=lock, stack=stack,
+            say=say,
+        )  # fmt: skip
+    except BaseException:
+        stack.close()
+        raise
 
 
 def open_model(
@@ -88,6 +117,7 @@ def build_parts(
     model_name: str,
     ctx: Context,
     chat_format: ChatFormat,
+    sampling: Sampling,
     *,
     lock: threading.RLock,
     stack: contextlib.ExitStack,
@@ -168,6 +198,11 @@ def build_parts(
         idle_suspend_s=cfg.idle_suspend_s,
     )
     return Parts(
+        stack=stack,
+        model=model,
+        ctx=ctx,
+        model_name=model_name,
+        sampling=sampling,
         scratch_seq=scratch_seq,
         chunks=chunks,
         pool=pool,
@@ -177,4 +212,5 @@ def build_parts(
         stats=stats,
         sessions=sessions,
         housekeeper=housekeeper,
+        conversation=Conversation(sessions, recall, turns, stats),
     )

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     from runtime.embed import TextEmbedder
-    from runtime.longterm import Hit, MemoryItem, MemoryStore
+    from runtime.longterm import Hit, MemoryItem
+    from runtime.storage import MemoryBackend
 
 __all__ = ["CachedEmbedder", "Recall"]
 
@@ -110,7 +111,7 @@ class Recall:
 
     def __init__(
         self,
-        store: MemoryStore | None,
+        store: MemoryBackend | None,
         embedder: CachedEmbedder | None,
         root: Path,
         *,

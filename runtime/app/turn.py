@@ -268,6 +268,18 @@ class TurnEngine:
         answer = self.model.detokenize(pieces) if pieces else ""
         return self.format.clean(answer)
 
+    def time_prefill(self, ctx: Context, seq_id: int, tokens: Sequence[int]) -> float:
+        """Seconds a from-scratch prefill of ``tokens`` takes on the scratch sequence
+        ``seq_id`` (cleared after): what a resume from a checkpoint saves."""
+        if not tokens:
+            return 0.0
+        start = time.perf_counter()
+        try:
+            ctx.decode(tokens, seq_id=seq_id)
+            return time.perf_counter() - start
+        finally:
+            ctx.memory.seq_rm(seq_id)
+
     # -- imported history ---------------------------------------------------------------------
 
     def render_history(

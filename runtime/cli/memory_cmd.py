@@ -16,7 +16,7 @@ from typing import Any
 from runtime.cli.common import positive_int
 from runtime.embed import Embedder
 from runtime.longterm import MemoryStore
-from runtime.longterm.db import KINDS, MAX_TEXT_CHARS
+from runtime.longterm.items import KINDS, MAX_TEXT_CHARS
 
 
 def _unit_interval(value: str) -> float:
@@ -78,7 +78,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             return 2
     else:
         texts = [args.text]
-    with MemoryStore.open(_store_dir(args.dir), _embedder(args)) as store:
+    with MemoryStore(_store_dir(args.dir), _embedder(args)) as store:
         ids = store.add_many(
             texts, kind=args.kind, session=args.session, importance=args.importance, meta=args.meta
         )
@@ -89,7 +89,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Print the best memories for a query (tab-separated, or JSON with ``--json``)."""
-    with MemoryStore.open(_store_dir(args.dir), _embedder(args), read_only=True) as store:
+    with MemoryStore(_store_dir(args.dir), _embedder(args), read_only=True) as store:
         hits = store.search(args.query, args.k, session=args.session, kinds=args.kind)
     if args.json:
         _print_json([h.__dict__ for h in hits])
@@ -102,14 +102,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """Print the store's counts and settings as JSON."""
-    with MemoryStore.open(_store_dir(args.dir), _embedder(args), read_only=True) as store:
+    with MemoryStore(_store_dir(args.dir), _embedder(args), read_only=True) as store:
         _print_json(store.stats())
     return 0
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     """Rebuild the index from SQLite and save it."""
-    with MemoryStore.open(_store_dir(args.dir), _embedder(args)) as store:
+    with MemoryStore(_store_dir(args.dir), _embedder(args)) as store:
         count = store.rebuild()
     print(f"rebuilt the index: {count} items")
     return 0

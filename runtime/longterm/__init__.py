@@ -22,7 +22,7 @@
 
 from __future__ import annotations
 
-from runtime.longterm.db import MemoryItem
+from runtime.longterm.items import MemoryItem
 from runtime.longterm.ranking import Hit, ScoringWeights
 from runtime.longterm.store import MemoryStore
 

@@ -29,14 +29,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from runtime.errors import JournalCompactedError
-from runtime.longterm.db import NewItem
 from runtime.longterm.facts import FACT_INSTRUCTIONS, extract, parse_llm_facts
+from runtime.longterm.items import NewItem
 from runtime.longterm.lexical import day_label, query_terms
 
 if TYPE_CHECKING:
     from runtime.journal import Entry
-    from runtime.longterm.store import MemoryStore
-    from runtime.storage import JournalBackend
+    from runtime.storage import JournalBackend, MemoryBackend
 
 __all__ = ["Ask", "AskBudget", "Distiller", "item_id", "summarise"]
 
@@ -112,7 +111,7 @@ class Distiller:
 
     def __init__(
         self,
-        store: MemoryStore,
+        store: MemoryBackend,
         *,
         ask_facts: Ask | None = None,
         ask_summary: Ask | None = None,

@@ -22,8 +22,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from runtime.longterm import db as sql
-from runtime.longterm.db import FloatArray, MemoryItem, NewItem
+from runtime.longterm.db import FloatArray
 from runtime.longterm.hnsw import HnswIndex
+from runtime.longterm.items import COLUMNS, MemoryItem, NewItem, check_fields
 from runtime.longterm.lexical import normalise, signature
 
 #: Two items may be merged only at this cosine or above, and only when they name the same
@@ -77,7 +78,7 @@ def store_item(
     if into is not None:
         return into, 0
     item_id = item.id or str(uuid.uuid4())
-    meta = sql.check_fields(item.kind, item.session, item.importance, item.meta)
+    meta = check_fields(item.kind, item.session, item.importance, item.meta)
     (seq,) = sql.insert_items(db, [item_id], [item], stamp=stamp, metas=[meta], vectors=vectors)
     if seq and item.attribute is not None:
         supersede_older(db, seq)
@@ -205,7 +206,7 @@ def current_fact(
     """The newest fact of ``session`` about ``subject``/``attribute`` that nothing has
     superseded, or None."""
     row = db.execute(
-        f"SELECT {sql.COLUMNS} FROM items WHERE session IS ? AND kind = 'fact'"
+        f"SELECT {COLUMNS} FROM items WHERE session IS ? AND kind = 'fact'"
         " AND subject = ? AND attribute = ? AND superseded_by IS NULL"
         " ORDER BY said_at DESC, seq DESC LIMIT 1",
         (session, subject, attribute),
@@ -218,7 +219,7 @@ def history(
 ) -> list[MemoryItem]:
     """Every fact of ``session`` about ``subject``/``attribute``, newest first."""
     rows = db.execute(
-        f"SELECT {sql.COLUMNS} FROM items WHERE session IS ? AND kind = 'fact'"
+        f"SELECT {COLUMNS} FROM items WHERE session IS ? AND kind = 'fact'"
         " AND subject = ? AND attribute = ? ORDER BY said_at DESC, seq DESC",
         (session, subject, attribute),
     ).fetchall()

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.errors import ArgumentError
-from runtime.longterm.db import MemoryItem, RankRow
+from runtime.longterm.db import RankRow
+from runtime.longterm.items import MemoryItem
 from runtime.longterm.lexical import day_label
 
 

@@ -19,8 +19,9 @@ from typing import Any
 from runtime.embed.embedder import TextEmbedder
 from runtime.errors import ArgumentError
 from runtime.longterm import db as sql
-from runtime.longterm.db import KINDS, FloatArray
+from runtime.longterm.db import FloatArray
 from runtime.longterm.index import StoreIndex
+from runtime.longterm.items import KINDS, check_text, to_epoch
 from runtime.longterm.lexical import Stemmer, match_expression, query_terms, time_range, words
 from runtime.longterm.ranking import Candidates, FusionWeights, Hit, ScoringWeights, rank
 
@@ -54,13 +55,13 @@ class Query:
     ) -> Query:
         """Check the arguments of :meth:`runtime.longterm.store.MemoryStore.search` and embed
         the query with ``embedder``."""
-        text = sql.check_text(query)
+        text = check_text(query)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ArgumentError(f"k must be a positive int, got {k!r}")
         kind_list = None if kinds is None else sorted(set(kinds))
         if kind_list is not None and not set(kind_list) <= set(KINDS):
             raise ArgumentError(f"kinds must be drawn from {KINDS}, got {kind_list}")
-        stamp = sql.to_epoch(now)
+        stamp = to_epoch(now)
         where, args = scope(
             session,
             kind_list,

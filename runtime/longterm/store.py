@@ -25,10 +25,11 @@ from runtime.errors import ArgumentError, ClosedError, MemoryStoreError, ReadOnl
 from runtime.fsutil import DirLock
 from runtime.longterm import db as sql
 from runtime.longterm import forget, links, retrieval, schema
-from runtime.longterm.db import DB_NAME, MemoryItem, NewItem
+from runtime.longterm.db import DB_NAME
 from runtime.longterm.failures import final_error, sqlite_error, sqlite_errors
 from runtime.longterm.hnsw import HnswIndex, IndexParams
 from runtime.longterm.index import StoreIndex
+from runtime.longterm.items import MemoryItem, NewItem, check_item, embedded_text, notes, to_epoch
 from runtime.longterm.ranking import FusionWeights, Hit, ScoringWeights
 
 
@@ -106,11 +107,6 @@ class MemoryStore:
             self._release()
             raise
 
-    @classmethod
-    def open(cls, *args: Any, **kwargs: Any) -> MemoryStore:
-        """The same as ``MemoryStore(directory, embedder, ...)`` (kept for existing callers)."""
-        return cls(*args, **kwargs)
-
     # -- helpers --------------------------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
@@ -172,7 +168,7 @@ class MemoryStore:
             text,
             kind=kind,
             session=session,
-            said_at=None if said_at is None else sql.to_epoch(said_at),
+            said_at=None if said_at is None else to_epoch(said_at),
             speaker=speaker,
             sources=tuple(sources),
             importance=importance,
@@ -195,7 +191,7 @@ class MemoryStore:
         ``importance`` may be one value for all or one per text. Nothing is merged: these are
         explicit notes (see :meth:`put` for items that may repeat).
         """
-        items = sql.notes(texts, kind=kind, session=session, importance=importance, meta=meta)
+        items = notes(texts, kind=kind, session=session, importance=importance, meta=meta)
         return self.put(items, now=now, merge=False)
 
     @sqlite_errors
@@ -225,15 +221,15 @@ class MemoryStore:
         (key, value) is a watermark written in the same transaction (:meth:`watermark`), so
         a crash leaves both or neither.
         """
-        checked = [sql.check_item(item) for item in items]
+        checked = [check_item(item) for item in items]
         self._writable()
         if not checked:
             if mark is not None:
                 with self._lock, self._tx() as db:
                     links.write_mark(db, *mark)
             return []
-        stamp = sql.to_epoch(now)
-        vectors = embed_all(self.embedder, [sql.embedded_text(item) for item in checked])
+        stamp = to_epoch(now)
+        vectors = embed_all(self.embedder, [embedded_text(item) for item in checked])
         # one lock across the commit and the index add: a delete between the two would mark
         # a label that is not in the index yet, and the add would then make it live again
         with self._lock:
@@ -348,7 +344,7 @@ class MemoryStore:
         if self.read_only:
             return
         with self._lock:
-            self._touches.record(list(ids), sql.to_epoch(now))
+            self._touches.record(list(ids), to_epoch(now))
 
     # -- reads ----------------------------------------------------------------------------------
 

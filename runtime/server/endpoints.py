@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from runtime.errors import SessionNotFoundError
-from runtime.longterm.db import KINDS
+from runtime.longterm.items import KINDS
 from runtime.server import chat_request as chatmod
 from runtime.server.api_errors import APIError, bad_request, not_found
 from runtime.server.state import ADMIN_KEY, ServerState, json_body

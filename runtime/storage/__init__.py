@@ -1,8 +1,8 @@
 """Storage behind interfaces: what the journal and the checkpoints need of a backend, and what
 each call guarantees when it returns.
 
-Two interfaces, each with a local implementation (the data directory, the default) and
-server-backed ones:
+Three interfaces, each with a local implementation (the data directory, the default); the
+first two also have server-backed ones:
 
 * :class:`JournalBackend`: a session's turns, in order. :class:`runtime.journal.Journal`
   (segment files under ``journals/``) is the local one; :class:`runtime.storage.postgres.PgJournal`
@@ -10,6 +10,10 @@ server-backed ones:
 * :class:`BlobStore`: immutable, content-addressed chunks and the per-session manifests that
   name them. :class:`LocalBlobStore` (files under ``kv/``) is the local one;
   :class:`runtime.storage.s3.S3BlobStore` (an S3-compatible bucket) the server-backed one.
+* :class:`MemoryBackend`: the long-term memory's items, their vectors and search, what
+  :class:`runtime.app.recall.Recall` and the distiller use.
+  :class:`runtime.longterm.MemoryStore` (SQLite + FTS5 + an hnswlib index under ``memory/``)
+  is the local one.
 
 The server-backed modules import their clients (psycopg, boto3; the ``cluster`` extra) only
 when they are imported themselves, so the local runtime needs neither.
@@ -20,15 +24,19 @@ implementation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from runtime.storage.local import MANIFEST_SUFFIX, LocalBlobStore
 
 if TYPE_CHECKING:
-    from runtime.journal import Entry
+    from datetime import datetime
 
-__all__ = ["MANIFEST_SUFFIX", "BlobStore", "JournalBackend", "LocalBlobStore"]
+    from runtime.journal import Entry
+    from runtime.longterm import Hit, MemoryItem
+    from runtime.longterm.items import NewItem
+
+__all__ = ["MANIFEST_SUFFIX", "BlobStore", "JournalBackend", "LocalBlobStore", "MemoryBackend"]
 
 
 class JournalBackend(Protocol):
@@ -186,3 +194,94 @@ class BlobStore(Protocol):
 
     def close(self) -> None:
         """Release the store (its lock); safe to call twice."""
+
+
+class MemoryBackend(Protocol):
+    """Long-term memory: distilled items (turns, facts, summaries), their vectors, search.
+
+    Durability and order:
+
+    * :meth:`put` and :meth:`add` return ids only once the items are committed: an
+      acknowledged memory survives any crash. The vector index is derived and may lag; it is
+      rebuilt from the committed items on open, so a search after a crash finds every item.
+    * :meth:`put` with ``mark=(key, value)`` writes the watermark in the same transaction
+      as the items, so a crash leaves both or neither (ingest from the journal resumes after
+      :meth:`watermark` and never adds an item twice: an item whose id is stored is skipped).
+    * Distinct facts are never merged: two items merge only when they say the same thing
+      (same numbers, names, negations and speaker). A newer fact about the same subject and
+      attribute supersedes the older one, which is kept and reachable through
+      :meth:`lineage`, never deleted.
+    * Deletes (:meth:`delete`, :meth:`delete_session`) are committed on return; a search
+      after them never returns what they deleted.
+    """
+
+    def put(
+        self,
+        items: Sequence[NewItem],
+        *,
+        now: float | datetime | None = None,
+        merge: bool = True,
+        mark: tuple[str, int] | None = None,
+    ) -> list[str]:
+        """Store items in one transaction (merging repeats unless ``merge=False``); their ids."""
+        ...
+
+    def add(
+        self,
+        text: str,
+        *,
+        kind: str = "fact",
+        session: str | None = None,
+        importance: float = 0.5,
+        meta: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Store one explicit note, never merged; its id."""
+        ...
+
+    def search(
+        self,
+        query: str,
+        k: int = 10,
+        *,
+        session: str | None = None,
+        now: float | datetime | None = None,
+        touch: bool = True,
+        with_global: bool = False,
+        current_only: bool = False,
+    ) -> list[Hit]:
+        """The ``k`` best items for ``query`` in the scope (``session``, plus the global
+        items ``with_global``; ``current_only``: nothing superseded), best first."""
+        ...
+
+    def touch(self, ids: Iterable[str], now: float | datetime | None = None) -> None:
+        """Mark items as used now (recency); may be written lazily."""
+
+    def lineage(self, item_id: str) -> list[MemoryItem]:
+        """Every fact about the item's subject and attribute, current first."""
+        ...
+
+    def delete(self, item_id: str) -> bool:
+        """Delete one item; False when there was none."""
+        ...
+
+    def delete_session(self, session: str) -> int:
+        """Delete every item of a session; how many."""
+        ...
+
+    def watermark(self, key: str) -> int:
+        """The value last written with ``mark=(key, ...)`` (-1 when none)."""
+        ...
+
+    def forget_marks(self, session: str) -> None:
+        """Drop the session's watermarks (its journal is gone)."""
+
+    def archive_turns(self, session: str, max_items: int) -> int:
+        """Delete the session's least useful turn items past ``max_items``; how many."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Item counts and index figures."""
+        ...
+
+    def close(self) -> None:
+        """Write what is pending and release the backend; safe to call twice."""

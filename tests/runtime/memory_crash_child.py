@@ -18,7 +18,7 @@ from tests.runtime.memory_helpers import HashEmbedder
 def main() -> None:
     directory, start = sys.argv[1], int(sys.argv[2])
     # save often, so that kills also land in the middle of index saves
-    store = MemoryStore.open(directory, HashEmbedder(), save_every=7)  # type: ignore[arg-type]
+    store = MemoryStore(directory, HashEmbedder(), save_every=7)  # type: ignore[arg-type]
     print("ready", flush=True)
     i = start
     while True:

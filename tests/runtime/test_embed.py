@@ -229,7 +229,7 @@ def test_memory_store_warns_when_the_real_embedder_truncates(
 
     long_text = "the quick brown fox jumps over the lazy dog " * 80  # ~720 tokens
     with (
-        MemoryStore.open(tmp_path, embedder) as store,
+        MemoryStore(tmp_path, embedder) as store,
         caplog.at_level(logging.WARNING, logger="runtime.embed.embedder"),
     ):
         store.add_many(["a short note", long_text])

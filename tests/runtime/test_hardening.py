@@ -36,7 +36,7 @@ from tests.runtime.memory_helpers import HashEmbedder
 
 
 def open_store(directory: Path, **kwargs: Any) -> MemoryStore:
-    return MemoryStore.open(directory, HashEmbedder(), **kwargs)  # type: ignore[arg-type]
+    return MemoryStore(directory, HashEmbedder(), **kwargs)  # type: ignore[arg-type]
 
 
 def mode_of(path: Path) -> int:

@@ -86,7 +86,7 @@ def test_moved_errors_subclass_the_base_and_the_builtin(
 def test_memory_store_opens_in_its_constructor(tmp_path: Path) -> None:
     with MemoryStore(tmp_path, HashEmbedder()) as store:
         item = store.add("opened directly")
-    with MemoryStore.open(tmp_path, HashEmbedder(), read_only=True) as again:  # the alias
+    with MemoryStore(tmp_path, HashEmbedder(), read_only=True) as again:  # the alias
         assert [h.id for h in again.search("opened directly", 1)] == [item]
     with pytest.raises(errors.ClosedError):
         store.add("after close")

@@ -13,8 +13,8 @@ import pytest
 
 from runtime.app import Runtime
 from runtime.longterm import MemoryStore
-from runtime.longterm.db import NewItem
 from runtime.longterm.facts import extract, parse_llm_facts
+from runtime.longterm.items import NewItem
 from runtime.longterm.lexical import Stemmer, signature, time_range
 from runtime.longterm.retrieval import informative_terms
 from tests.runtime.memory_helpers import HashEmbedder

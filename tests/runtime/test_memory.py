@@ -32,7 +32,7 @@ DAY = 86400.0
 
 
 def open_store(directory: Path, **kwargs: object) -> MemoryStore:
-    return MemoryStore.open(directory, HashEmbedder(), **kwargs)  # type: ignore[arg-type]
+    return MemoryStore(directory, HashEmbedder(), **kwargs)  # type: ignore[arg-type]
 
 
 def blob_of(directory: Path) -> Path:
@@ -115,9 +115,9 @@ def test_closed_store_raises(tmp_path: Path) -> None:
 def test_reopen_with_another_model_is_refused(tmp_path: Path) -> None:
     fill(tmp_path, 3)
     with pytest.raises(StoreMismatchError):
-        MemoryStore.open(tmp_path, HashEmbedder(model_id="other"))  # type: ignore[arg-type]
+        MemoryStore(tmp_path, HashEmbedder(model_id="other"))  # type: ignore[arg-type]
     with pytest.raises(StoreMismatchError):
-        MemoryStore.open(tmp_path, HashEmbedder(dim=16))  # type: ignore[arg-type]
+        MemoryStore(tmp_path, HashEmbedder(dim=16))  # type: ignore[arg-type]
 
 
 def test_delete_and_reuse_keeps_slots_bounded(tmp_path: Path) -> None:
@@ -274,7 +274,7 @@ def test_second_writer_gets_a_clear_error(tmp_path: Path) -> None:
             "from runtime.errors import LockedError\n"
             "from tests.runtime.memory_helpers import HashEmbedder\n"
             "try:\n"
-            "    MemoryStore.open(sys.argv[1], HashEmbedder())\n"
+            "    MemoryStore(sys.argv[1], HashEmbedder())\n"
             "except LockedError as e:\n"
             "    print('locked:', e); sys.exit(3)\n"
         )
@@ -460,7 +460,7 @@ def test_add_warns_once_when_texts_are_truncated(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     embedder = TruncatingEmbedder()
-    store = MemoryStore.open(tmp_path, embedder)  # type: ignore[arg-type]
+    store = MemoryStore(tmp_path, embedder)  # type: ignore[arg-type]
     with store, caplog.at_level(logging.WARNING, logger="runtime.embed.embedder"):
         store.add_many(["short", "x" * 30, "y" * 40])
         store.add("short too")

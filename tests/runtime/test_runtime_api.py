@@ -6,6 +6,7 @@ uses (session_info kv_cells, window_seqs, checkpoints, time_reprefill)."""
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from runtime.app import MAX_TEXT_CHARS, Runtime, RuntimeArgumentError, SessionNotFoundError
 from runtime.errors import ClosedError, ContextFullError
-from runtime.longterm import db
+from runtime.longterm import items
 
 GREEDY = {"temperature": 0.0, "max_tokens": 8}
 WHEN = dt.datetime(2023, 5, 8, 13, 56, tzinfo=dt.UTC)
@@ -142,7 +143,7 @@ def test_delete_session_names_an_unknown_id(rt: Runtime) -> None:
 
 
 def test_one_text_rule(rt: Runtime) -> None:
-    assert MAX_TEXT_CHARS == db.MAX_TEXT_CHARS == 100_000
+    assert MAX_TEXT_CHARS == items.MAX_TEXT_CHARS == 100_000
     with pytest.raises(RuntimeArgumentError, match=f"at most {MAX_TEXT_CHARS}") as info:
         rt.chat("long", "x" * (MAX_TEXT_CHARS + 1))
     assert info.value.field == "text"
@@ -176,6 +177,18 @@ def test_public_methods_refuse_after_close(tmp_path: Path) -> None:
     ):
         with pytest.raises(ClosedError):
             call()
+
+
+def test_every_public_method_is_a_locked_door() -> None:
+    methods = {n for n, f in vars(Runtime).items() if inspect.isfunction(f) and n[0] != "_"}
+    doors = {n for n in methods if hasattr(vars(Runtime)[n], "__wrapped__")}
+    assert methods - doors == {"close"}  # close takes the lock in two steps by itself
+
+
+def test_an_unknown_sampling_argument_is_refused(rt: Runtime) -> None:
+    with pytest.raises(TypeError, match="max_token"):
+        rt.chat("s", "hi", max_token=3)  # type: ignore[call-arg]
+    assert rt.history("s") == []
 
 
 def test_memory_calls_take_the_runtime_lock(tmp_path: Path, embedder: object) -> None:

@@ -1,0 +1,261 @@
+"""Our server against llama.cpp's own ``llama-server``, side by side in one run, same model.
+
+Both run as their users run them: ``python -m runtime serve`` and ``llama-server``, each a
+subprocess on loopback with 2 threads. The same client code drives both: S concurrent
+sessions (threads, one ``httpx.Client`` each) send T turns one after another, OpenAI-style,
+each request carrying the whole conversation so far (what a stateless client sends; our
+server matches it to the session's journal, llama-server to its slot's prompt cache), at
+temperature 0 and ``max_tokens`` 32. Reported per server and concurrency: completion tokens
+per second over the burst, and the p50/p99 latency of a turn.
+
+llama-server comes from ``$LLAMA_SERVER``, then ``PATH``, then the build this module makes
+from the pinned source (``vendor/llama.cpp``) when ``BENCH_BUILD_LLAMA_SERVER=1`` (about 12
+minutes on 2 cores, cached under ``~/.cache/llamaffi/llama-server``); otherwise the test
+skips, saying so.
+
+    BENCH_BUILD_LLAMA_SERVER=1 .venv/bin/python -m pytest benchmarks/test_bench_server_peer.py \
+        --benchmark-enable -s
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import percentile, require_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("LLAMAFFI_CACHE", Path.home() / ".cache" / "llamaffi"))
+BUILD_DIR = CACHE / "llama-server"
+CONCURRENCY = tuple(int(n) for n in os.environ.get("BENCH_SERVER_SESSIONS", "1,4,8").split(","))
+TURNS = 4
+MAX_TOKENS = 32
+N_CTX = 8192
+THREADS = 2
+QUESTIONS = (
+    "Tell me about the weather in Paris in spring.",
+    "What about London?",
+    "And Berlin in winter?",
+    "Which of them is best for a holiday, and why?",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find_llama_server() -> Path | None:
+    """The llama-server binary to compare with, building it from the pin when asked."""
+    given = os.environ.get("LLAMA_SERVER")
+    if given:
+        return Path(given)
+    on_path = shutil.which("llama-server")
+    if on_path:
+        return Path(on_path)
+    built = BUILD_DIR / "bin" / "llama-server"
+    if built.exists():
+        return built
+    if os.environ.get("BENCH_BUILD_LLAMA_SERVER") != "1":
+        return None
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    source = ROOT / "vendor" / "llama.cpp"
+    configure = [
+        "cmake", str(source), "-B", str(BUILD_DIR), "-DCMAKE_BUILD_TYPE=Release",
+        "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+    ]  # fmt: skip
+    subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
+    build = ["cmake", "--build", str(BUILD_DIR), "--target", "llama-server", "-j", str(THREADS)]
+    subprocess.run(build, check=True, stdout=subprocess.DEVNULL)
+    return built
+
+
+@dataclass
+class Server:
+    """A server subprocess on loopback."""
+
+    name: str
+    base: str
+    proc: subprocess.Popen[bytes]
+    headers_for: Any  # session id -> extra request headers
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _wait_healthy(server: Server, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}")
+        try:
+            if httpx.get(f"{server.base}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{server.name} did not become healthy")
+
+
+def start_ours(model: str, data: Path, sessions: int) -> Server:
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "runtime", "serve", "--dir", str(data), "--model", model,
+        "--port", str(port), "--n-ctx", str(N_CTX), "--max-resident", str(max(sessions, 1)),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = Server("runtime serve", f"http://127.0.0.1:{port}", proc, lambda sid: {"X-Session-Id": sid})
+    _wait_healthy(server)
+    return server
+
+
+def start_peer(binary: Path, gguf: Path, sessions: int) -> Server:
+    port = _free_port()
+    cmd = [
+        str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+        "-t", str(THREADS), "-np", str(sessions), "-c", str(N_CTX), "--no-webui",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = Server("llama-server", f"http://127.0.0.1:{port}", proc, lambda sid: {})
+    _wait_healthy(server)
+    return server
+
+
+@dataclass
+class Burst:
+    """What one burst measured."""
+
+    wall_s: float
+    tokens: int
+    latencies_ms: list[float]
+
+    def row(self) -> dict[str, float]:
+        return {
+            "tok_per_s": round(self.tokens / self.wall_s, 2),
+            "p50_ms": round(percentile(self.latencies_ms, 50), 1),
+            "p99_ms": round(percentile(self.latencies_ms, 99), 1),
+            "turns": len(self.latencies_ms),
+        }
+
+
+def drive(server: Server, sessions: int, tag: str) -> Burst:
+    """``sessions`` clients, each ``TURNS`` turns with its whole conversation each time."""
+    start = threading.Barrier(sessions + 1)
+    latencies: list[float] = []
+    tokens = [0]
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        sid = f"{tag}-{i}"
+        history: list[dict[str, str]] = []
+        try:
+            with httpx.Client(base_url=server.base, timeout=600) as http:
+                start.wait()
+                for q in QUESTIONS[:TURNS]:
+                    history.append({"role": "user", "content": f"{q} (client {i})"})
+                    body = {
+                        "model": "bench",
+                        "messages": history,
+                        "max_tokens": MAX_TOKENS,
+                        "temperature": 0,
+                    }
+                    t0 = time.perf_counter()
+                    r = http.post("/v1/chat/completions", json=body, headers=server.headers_for(sid))
+                    ms = (time.perf_counter() - t0) * 1000
+                    r.raise_for_status()
+                    out = r.json()
+                    history.append(
+                        {"role": "assistant", "content": out["choices"][0]["message"]["content"]}
+                    )
+                    with lock:
+                        latencies.append(ms)
+                        tokens[0] += int(out["usage"]["completion_tokens"])
+        except BaseException as exc:  # re-raised on the driver's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(sessions)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return Burst(wall, tokens[0], latencies)
+
+
+@pytest.fixture(scope="module")
+def llama_server() -> Path:
+    binary = find_llama_server()
+    if binary is None:
+        pytest.skip(
+            "no llama-server: set LLAMA_SERVER, put it on PATH, or BENCH_BUILD_LLAMA_SERVER=1 "
+            "to build it from vendor/llama.cpp"
+        )
+    return binary
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Iterator[tuple[str, Path]]:
+    from runtime.models import resolve_model
+
+    name = require_model("smollm2")
+    yield name, Path(resolve_model(name).path)
+
+
+@pytest.mark.benchmark(group="server-vs-llama-server")
+@pytest.mark.parametrize("sessions", CONCURRENCY, ids=[f"{n}sessions" for n in CONCURRENCY])
+def test_server_against_llama_server(
+    benchmark: Any, llama_server: Path, smollm2: tuple[str, Path], sessions: int
+) -> None:
+    """One burst per server at this concurrency (after a warm-up burst on each)."""
+    name, gguf = smollm2
+    rows: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for start in (
+            lambda: start_ours(name, Path(tmp) / "data", sessions),
+            lambda: start_peer(llama_server, gguf, sessions),
+        ):
+            server = start()
+            try:
+                drive(server, sessions, "warm")
+                burst = drive(server, sessions, "bench")
+                rows[server.name] = burst.row()
+            finally:
+                server.stop()
+
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    ours, peer = rows["runtime serve"], rows["llama-server"]
+    benchmark.extra_info.update(
+        model=name,
+        sessions=sessions,
+        turns_per_session=TURNS,
+        max_tokens=MAX_TOKENS,
+        ours=ours,
+        llama_server=peer,
+        tok_per_s_ratio=round(ours["tok_per_s"] / peer["tok_per_s"], 3),
+        p50_ratio=round(ours["p50_ms"] / peer["p50_ms"], 3),
+    )
+    print(f"\n{sessions} sessions: ours {ours}  llama-server {peer}")

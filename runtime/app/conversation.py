@@ -1,0 +1,145 @@
+"""A turn, end to end, over the runtime's parts: resume, retrieve, render and decode the
+user turn, reply, journal, ingest, record. :class:`~runtime.app.facade.Runtime` checks the
+arguments and holds the lock; this part runs the steps in order (listed in
+:mod:`runtime.app`), never calling back into the runtime."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from runtime.app.turn import make_reply
+from runtime.errors import RuntimeArgumentError, SessionNotFoundError
+
+if TYPE_CHECKING:
+    from runtime.app.options import Sampling
+    from runtime.app.recall import Recall
+    from runtime.app.reply import MemoryUsed, Reply
+    from runtime.app.sessions import Sessions
+    from runtime.app.stats import Stats
+    from runtime.app.turn import Prompt, TurnEngine
+    from runtime.session import ResumeReport, Session
+
+__all__ = ["Conversation"]
+
+logger = logging.getLogger(__name__)
+
+OnToken = Callable[[str], None] | None
+Cancelled = Callable[[], bool] | None
+
+
+class Conversation:
+    """The steps of :meth:`Runtime.chat` and :meth:`Runtime.answer` (arguments checked,
+    the runtime's lock held)."""
+
+    def __init__(self, sessions: Sessions, recall: Recall, turns: TurnEngine, stats: Stats):
+        self._sessions = sessions
+        self._recall = recall
+        self._turns = turns
+        self._stats = stats
+
+    def chat(
+        self,
+        session_id: str,
+        text: str,
+        params: Sampling,
+        stops: tuple[str, ...],
+        on_token: OnToken,
+        cancelled: Cancelled,
+        *,
+        remember: bool,
+        importance: float,
+        use_memory: bool,
+        created: float | None,
+    ) -> Reply:
+        """One user turn and its reply (see :meth:`Runtime.chat`)."""
+        marks = [time.perf_counter()]
+        new = not self._sessions.exists(session_id)
+        session, report = self._sessions.get(session_id)
+        marks.append(time.perf_counter())
+        meta: dict[str, object] = {"importance": importance}
+        if not remember:
+            meta["remember"] = False
+        try:
+            # "last week" in the question means the week before the turn's own time
+            memories = self._recall.retrieve(session, text, now=created) if use_memory else []
+            marks.append(time.perf_counter())
+            prompt = self._turns.prompt(
+                session,
+                text,
+                memories,
+                max_tokens=params.max_tokens,
+                meta=meta,
+                created=created,
+            )
+        except Exception:
+            if new:  # a refused first turn leaves no session behind (nor its system turn)
+                self._discard_refused(session_id)
+            raise
+        marks.append(time.perf_counter())
+        return self._reply(
+            session, prompt, params, stops, on_token, cancelled, memories, report, marks,
+            ingest=remember,
+        )  # fmt: skip
+
+    def answer(
+        self,
+        session_id: str,
+        params: Sampling,
+        stops: tuple[str, ...],
+        on_token: OnToken,
+        cancelled: Cancelled,
+    ) -> Reply:
+        """The reply to the session's unanswered last user turn (see :meth:`Runtime.answer`)."""
+        if not self._sessions.exists(session_id):
+            raise SessionNotFoundError(f"no session {session_id!r}")
+        marks = [time.perf_counter()]
+        session, report = self._sessions.get(session_id)
+        marks += [time.perf_counter()] * 2  # resumed; nothing retrieved
+        prompt = self._turns.pending(session, params.max_tokens)
+        if prompt is None:
+            raise RuntimeArgumentError(
+                "session_id", "the last turn in the window has its reply already"
+            )
+        marks.append(time.perf_counter())
+        return self._reply(
+            session, prompt, params, stops, on_token, cancelled, [], report, marks,
+            ingest=True,
+        )  # fmt: skip
+
+    def _discard_refused(self, session_id: str) -> None:
+        """Delete the journal and KV of a session whose first turn was refused; its
+        long-term memories stay (``remember(..., session=)`` may have put some there before
+        it had a journal). Never raises: the refusal is the error the caller sees."""
+        try:
+            self._sessions.delete(session_id, memories=False)
+        except Exception:
+            logger.exception("session %s: could not remove it after its refused turn", session_id)
+
+    def _reply(
+        self,
+        session: Session,
+        prompt: Prompt,
+        params: Sampling,
+        stops: tuple[str, ...],
+        on_token: Callable[[str], None] | None,
+        cancelled: Callable[[], bool] | None,
+        memories: list[MemoryUsed],
+        report: ResumeReport | None,
+        marks: list[float],
+        *,
+        ingest: bool,
+    ) -> Reply:
+        """The end of a turn whose prompt is decoded (:meth:`chat`, :meth:`answer`):
+        generate and journal the reply, catch long-term memory up (``ingest``), record it.
+        ``marks`` are the times so far (start, resume, retrieval, prompt)."""
+        entry, finish = self._turns.reply(session, prompt, params, stops, on_token, cancelled)
+        marks.append(time.perf_counter())
+        if ingest:
+            self._recall.catch_up(session)
+        marks.append(time.perf_counter())
+        reply = make_reply(session.session_id, prompt, entry, finish, memories, report, marks)
+        self._stats.record_turn(reply)
+        return reply
