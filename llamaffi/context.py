@@ -270,6 +270,49 @@ class Context:
                 raise DecodeError(reason, function="llama_decode", code=rc)
             self._n_outputs = int(out_view[:n].sum())
 
+    def decode_batch(
+        self, seq_ids: Sequence[int], tokens: Sequence[int], pos: Sequence[int]
+    ) -> None:
+        """One ``llama_decode`` of one token for each of several sequences: token ``i`` goes
+        to sequence ``seq_ids[i]`` at position ``pos[i]``, and keeps its logits as output
+        ``i`` (read with :meth:`logits` or a :class:`Sampler`). At most ``n_batch`` tokens,
+        one per sequence.
+
+        Raises:
+            DecodeError: llama.cpp failed; ``code`` is its return value (on code 1, no KV
+                slot, no sequence changed).
+        """
+        ptr = self._handle()
+        n = len(tokens)
+        if not 0 < n <= self.n_batch or len(seq_ids) != n or len(pos) != n:
+            raise ArgumentError(f"need 1 to {self.n_batch} tokens, one seq id and pos each")
+        if len(set(seq_ids)) != n:
+            raise ArgumentError("one token per sequence in a batch")
+        for seq_id in seq_ids:
+            self._check_seq(seq_id)
+        arr = np.asarray(tokens)
+        if arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= self.n_vocab:
+            raise ArgumentError(f"token ids must be ints in [0, {self.n_vocab})")
+        where = np.asarray(pos)
+        if where.min() < 0 or where.max() >= self.n_ctx:
+            raise ArgumentError(f"positions must be in [0, {self.n_ctx})")
+        b = self._batch
+        np.ctypeslib.as_array(b.token, shape=(self.n_batch,))[:n] = arr
+        np.ctypeslib.as_array(b.pos, shape=(self.n_batch,))[:n] = where
+        np.ctypeslib.as_array(b.n_seq_id, shape=(self.n_batch,))[:n] = 1
+        np.ctypeslib.as_array(b.logits, shape=(self.n_batch,))[:n] = 1
+        for i, seq_id in enumerate(seq_ids):
+            b.seq_id[i][0] = seq_id
+        self._batch_seq = -1  # the slots hold several sequences now
+        b.n_tokens = n
+        rc = batch.llama_decode(ptr, b)
+        if rc != 0:
+            self._n_outputs = 0
+            raise DecodeError(
+                _DECODE_ERRORS.get(rc, "fatal error"), function="llama_decode", code=rc
+            )
+        self._n_outputs = n
+
     def check_output(self, i: int) -> None:
         """Raise IndexError unless the last decode kept output ``i`` (negative: from the end)."""
         n = self._n_outputs

@@ -14,6 +14,7 @@ from runtime.app.turn import make_reply
 from runtime.errors import RuntimeArgumentError, SessionNotFoundError
 
 if TYPE_CHECKING:
+    from runtime.app.batching import Batcher
     from runtime.app.options import Sampling
     from runtime.app.recall import Recall
     from runtime.app.reply import MemoryUsed, Reply
@@ -34,7 +35,10 @@ class Conversation:
     """The steps of :meth:`Runtime.chat` and :meth:`Runtime.answer` (arguments checked,
     the runtime's lock held)."""
 
-    def __init__(self, sessions: Sessions, recall: Recall, turns: TurnEngine, stats: Stats):
+    def __init__(
+        self, sessions: Sessions, recall: Recall, turns: TurnEngine, stats: Stats, batcher: Batcher
+    ) -> None:
+        self._batcher = batcher
         self._sessions = sessions
         self._recall = recall
         self._turns = turns
@@ -54,7 +58,28 @@ class Conversation:
         use_memory: bool,
         created: float | None,
     ) -> Reply:
-        """One user turn and its reply (see :meth:`Runtime.chat`)."""
+        """One user turn and its reply (see :meth:`Runtime.chat`): the session is held for
+        the whole turn, after any turn it is in ends."""
+        with self._batcher.turn(session_id):
+            return self._chat(
+                session_id, text, params, stops, on_token, cancelled,
+                remember=remember, importance=importance, use_memory=use_memory, created=created,
+            )  # fmt: skip
+
+    def _chat(
+        self,
+        session_id: str,
+        text: str,
+        params: Sampling,
+        stops: tuple[str, ...],
+        on_token: OnToken,
+        cancelled: Cancelled,
+        *,
+        remember: bool,
+        importance: float,
+        use_memory: bool,
+        created: float | None,
+    ) -> Reply:
         marks = [time.perf_counter()]
         new = not self._sessions.exists(session_id)
         session, report = self._sessions.get(session_id)
@@ -93,6 +118,17 @@ class Conversation:
         cancelled: Cancelled,
     ) -> Reply:
         """The reply to the session's unanswered last user turn (see :meth:`Runtime.answer`)."""
+        with self._batcher.turn(session_id):
+            return self._answer(session_id, params, stops, on_token, cancelled)
+
+    def _answer(
+        self,
+        session_id: str,
+        params: Sampling,
+        stops: tuple[str, ...],
+        on_token: OnToken,
+        cancelled: Cancelled,
+    ) -> Reply:
         if not self._sessions.exists(session_id):
             raise SessionNotFoundError(f"no session {session_id!r}")
         marks = [time.perf_counter()]

@@ -115,6 +115,7 @@ class Runtime:
         self._recall, self._turns, self._stats = parts.recall, parts.turns, parts.stats
         self._retention, self._sessions = parts.retention, parts.sessions
         self._housekeeper = parts.housekeeper
+        self._batcher = parts.batcher
         self._conversation = parts.conversation
         self._closed = False
         self._stats.publish(force=True)
@@ -164,8 +165,9 @@ class Runtime:
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
+            self._closed = True  # no new call; the turns in progress end first
             atexit.unregister(self._atexit)
+            self._batcher.close()
             self._housekeeper.stop()
         self._housekeeper.close()  # joined without the lock: a waiting tick sees the stop
         with self._lock:
@@ -278,19 +280,20 @@ class Runtime:
         """
         validate_session_id(session_id)
         items = check_messages(messages, remember=remember)
-        # a new session has no window to render after: nothing is opened for it until
-        # the history is known to import
-        session = None
-        if self._sessions.exists(session_id):
-            session, _report = self._sessions.get(session_id)
-        plan = self._turns.render_history(session, items)
-        seqs = self._sessions.append_history(session_id, plan, len(items), self.ctx.n_ctx)
-        # into long-term memory now, at the time each message was said (the import is
-        # durable in the journal already: a failure here catches up on the next turn);
-        # the session stays suspended, so the journal is read apart from it
-        with self._sessions.open_journal(session_id) as journal:
-            self._recall.catch_up_journal(session_id, journal)
-        return seqs
+        with self._batcher.turn(session_id):
+            # a new session has no window to render after: nothing is opened for it until
+            # the history is known to import
+            session = None
+            if self._sessions.exists(session_id):
+                session, _report = self._sessions.get(session_id)
+            plan = self._turns.render_history(session, items)
+            seqs = self._sessions.append_history(session_id, plan, len(items), self.ctx.n_ctx)
+            # into long-term memory now, at the time each message was said (the import is
+            # durable in the journal already: a failure here catches up on the next turn);
+            # the session stays suspended, so the journal is read apart from it
+            with self._sessions.open_journal(session_id) as journal:
+                self._recall.catch_up_journal(session_id, journal)
+            return seqs
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -371,6 +374,7 @@ class Runtime:
     def suspend(self, session_id: str) -> None:
         """Checkpoint the session and free its KV cells now (it resumes on its next turn)."""
         validate_session_id(session_id)
+        self._batcher.wait_idle(session_id)
         self._sessions.suspend(session_id)
 
     @_door
@@ -379,6 +383,7 @@ class Runtime:
         many sessions were checkpointed (a suspended session is on disk already)."""
         if session_id is not None:
             validate_session_id(session_id)
+        self._batcher.wait_idle(session_id)  # a reply being generated is not journalled yet
         return self._sessions.checkpoint(session_id)
 
     @_door
@@ -388,6 +393,7 @@ class Runtime:
         Raises :class:`~runtime.errors.SessionNotFoundError` if there is no such session.
         """
         validate_session_id(session_id)
+        self._batcher.wait_idle(session_id)
         self._sessions.delete(session_id, memories=memories)
 
     @_door
@@ -399,6 +405,7 @@ class Runtime:
         the model about at most 8 user turns and one summary; the rest waits for the next
         call (or the housekeeping thread's next tick)."""
         validate_session_id(session_id)
+        self._batcher.wait_idle(session_id)
         session = self._sessions.peek(session_id)
         if session is not None:
             self._recall.catch_up(session)
@@ -415,6 +422,7 @@ class Runtime:
         """Apply ``journal_retention="window"`` now to every resident session (the
         housekeeping thread does it by itself); returns the bytes freed. A no-op under the
         default ``"all"``."""
+        self._batcher.wait_idle()
         self._recall.settle(self._pool.resident())  # memory covers what may be dropped
         return sum(self._retention.compact(s, force=True) for s in self._pool.resident())
 

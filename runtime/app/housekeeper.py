@@ -80,6 +80,8 @@ class Housekeeper:
             next tick.
         idle_checkpoint_s: checkpoint a session with unsaved tokens idle this long (0: off).
         idle_suspend_s: suspend a session idle this long (0: off).
+        busy: whether a session is in a turn (generating between two steps): it is left
+            alone until the turn ends.
     """
 
     def __init__(
@@ -92,8 +94,10 @@ class Housekeeper:
         consolidate: Callable[[Session, AskBudget], object],
         idle_checkpoint_s: float,
         idle_suspend_s: float,
+        busy: Callable[[str], bool] = lambda _sid: False,
     ) -> None:
         self._lock = lock
+        self._busy = busy
         self._pool = pool
         self._retention = retention
         self._publish = publish
@@ -138,6 +142,8 @@ class Housekeeper:
         now = time.monotonic()
         budget = AskBudget()  # the lock is held: one tick asks the model a bounded number
         for session in self._pool.resident():
+            if self._busy(session.session_id):
+                continue
             try:
                 self._consolidate(session, budget)
             except Exception as exc:  # durable in the journal: the next tick catches up

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from runtime.app.batching import Batcher
 from runtime.app.conversation import Conversation
 from runtime.app.housekeeper import Housekeeper, Retention
 from runtime.app.options import RuntimeConfig, Sampling
@@ -54,6 +55,7 @@ class Parts:
     stats: Stats
     sessions: Sessions
     housekeeper: Housekeeper
+    batcher: Batcher
     conversation: Conversation
 
 
@@ -126,6 +128,7 @@ def build_parts(
     """Every part, each given what it needs; ``stack`` closes them in reverse order (memory,
     then the pool's final checkpoints, then the writer that writes them)."""
     scratch_seq = cfg.max_resident
+    batcher = Batcher(ctx, lock)
     private_dir(ensure_dir(root / JOURNAL_DIR))
     writer = CheckpointWriter() if cfg.checkpoint.background else None
     if writer is not None:
@@ -144,9 +147,11 @@ def build_parts(
         chunks=chunks,
         scratch_seq=scratch_seq,
         journal_segment_entries=cfg.journal_segment_entries,
+        busy=batcher.is_busy,
+        wait=batcher.wait,
     )
     stack.callback(pool.close)
-    turns = TurnEngine(model, ctx.n_ctx, chat_format, cfg.system_prompt)
+    turns = TurnEngine(model, ctx.n_ctx, chat_format, cfg.system_prompt, batcher)
 
     def ask(instructions: str, text: str) -> str:  # on the scratch sequence, under the lock
         return turns.ask(ctx, scratch_seq, instructions, text, max_tokens=ASK_MAX_TOKENS)
@@ -176,6 +181,7 @@ def build_parts(
         chunks=chunks,
         recall=recall,
         retention=retention,
+        batcher=batcher,
     )
     sessions = Sessions(
         root,
@@ -196,6 +202,7 @@ def build_parts(
         consolidate=recall.consolidate,
         idle_checkpoint_s=cfg.checkpoint.idle_seconds,
         idle_suspend_s=cfg.idle_suspend_s,
+        busy=batcher.is_busy,
     )
     return Parts(
         stack=stack,
@@ -212,5 +219,6 @@ def build_parts(
         stats=stats,
         sessions=sessions,
         housekeeper=housekeeper,
-        conversation=Conversation(sessions, recall, turns, stats),
+        batcher=batcher,
+        conversation=Conversation(sessions, recall, turns, stats, batcher),
     )

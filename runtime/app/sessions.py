@@ -189,7 +189,7 @@ class Sessions:
             "exists": bool(files),
             "resident": session is not None,
             "window_tokens": session.n_tokens if session is not None else None,
-            "kv_cells": session.n_tokens if session is not None and session.resident else 0,
+            "kv_cells": session.kv.next_pos() if session is not None and session.resident else 0,
             "pending_tokens": session.pending_tokens if session is not None else None,
             "journal_bytes": sum(f.stat().st_size for f in files),
             # the chunks its newest checkpoint names (shared ones count for each session)

@@ -26,6 +26,7 @@ from runtime.session import SessionPool
 
 if TYPE_CHECKING:
     from llamaffi import Context, Model
+    from runtime.app.batching import Batcher
 
 __all__ = ["Stats", "read_stats"]
 
@@ -52,8 +53,10 @@ class Stats:
         chunks: ChunkStore,
         recall: Recall,
         retention: Retention,
+        batcher: Batcher,
     ) -> None:
         self._root = root
+        self._batcher = batcher
         self._model_name = model_name
         self._model = model
         self._template = template
@@ -99,6 +102,8 @@ class Stats:
                 "max_resident": self._pool.n_seq,
             },
             "kv": {"cells_used": self._pool.used_cells(), "n_ctx": self._ctx.n_ctx},
+            # decode steps shared by the sessions generating together, and their widest
+            "batching": self._batcher.stats(),
             "snapshots": {
                 "bytes": _du(self._root / CHUNK_DIR),
                 "chunks": chunk_stats,

@@ -23,6 +23,7 @@ from runtime.template import ChatFormat, Message
 
 if TYPE_CHECKING:
     from llamaffi import Context, Model, Sampler
+    from runtime.app.batching import Batcher
 
 __all__ = ["ImportedTurn", "Prompt", "TurnEngine", "make_reply", "with_memories"]
 
@@ -66,9 +67,15 @@ class TurnEngine:
     """
 
     def __init__(
-        self, model: Model, n_ctx: int, chat_format: ChatFormat, system_prompt: str | None
+        self,
+        model: Model,
+        n_ctx: int,
+        chat_format: ChatFormat,
+        system_prompt: str | None,
+        batcher: Batcher,
     ) -> None:
         self.model = model
+        self._batcher = batcher
         self.n_ctx = n_ctx
         self.format = chat_format
         self.system_prompt = system_prompt
@@ -189,7 +196,7 @@ class TurnEngine:
         user = Message("user", prompt.content)
         sampler = self._make_sampler(params, session, prompt.entry.seq)
         try:
-            return session.generate(
+            gen = session.start_generation(
                 self._room(session, params.max_tokens),
                 sampler,
                 close=lambda reply: self._close_tokens(history, user, reply),
@@ -198,6 +205,8 @@ class TurnEngine:
                 on_text=on_token,
                 cancelled=cancelled,
             )
+            self._batcher.run(gen)  # stepped with every other session generating now
+            return gen.result()
         finally:
             sampler.close()
 

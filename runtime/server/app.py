@@ -102,7 +102,8 @@ def create_app(
     """
     if max_body < 1:
         raise ArgumentError("max_body must be >= 1")
-    queue = FairQueue(max_queue)
+    # as many turns at once as the runtime has sequences: their replies share each decode
+    queue = FairQueue(max_queue, slots=rt.config.max_resident)
     state = ServerState(rt, queue, Metrics(queue), max_body)
     routes = [
         Route("/v1/chat/completions", endpoint("chat", chat_completions), methods=["POST"]),

@@ -53,8 +53,8 @@ class _Turn:
     def prepare(self) -> None:
         """Check the history against the journal and import what it lacks (worker thread).
 
-        The queue runs one job at a time, so the journal read here is still the journal when
-        the import appends to it."""
+        The queue runs one job per session at a time, so the journal read here is still the
+        journal when the import appends to it."""
         rt, req = self.state.rt, self.req
         if self.ephemeral:
             missing = list(req.turns[:-1])
@@ -126,7 +126,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     ephemeral = req.session_id is None
     sid = req.session_id or ephemeral_id()
     turn = _Turn(state, req, sid, ephemeral)
-    key = sid if not ephemeral else "\x00stateless"
+    key = sid  # an ephemeral session is its own key: stateless requests run side by side
     if state.stopping or state.draining:
         raise APIError(503, "the server is shutting down", code="shutting_down")
     try:
@@ -139,14 +139,14 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     except BaseException:
         if ephemeral:
             await asyncio.shield(asyncio.ensure_future(run_in_threadpool(turn.discard)))
-        state.queue.release()
+        state.queue.release(key)
         raise
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     model = rt.model_name
     out_sid = None if ephemeral else sid
     if not req.stream:
         watcher = asyncio.ensure_future(_watch_disconnect(request, turn))
-        task = _track(state, state.queue.start(lambda: turn.run(None)))
+        task = _track(state, state.queue.start(key, lambda: turn.run(None)))
         try:
             reply: Reply = await asyncio.shield(task)
         finally:
@@ -159,7 +159,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     def on_token(piece: str) -> None:
         loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
-    task = _track(state, state.queue.start(lambda: turn.run(on_token)))
+    task = _track(state, state.queue.start(key, lambda: turn.run(on_token)))
     task.add_done_callback(lambda _t: pieces.put_nowait(None))
 
     created = int(time.time())

@@ -1,11 +1,13 @@
-"""A bounded, fair queue in front of the runtime: one job at a time, round-robin by key.
+"""A bounded, fair queue in front of the runtime: up to ``slots`` jobs at once, one per key,
+waiters served round-robin by key.
 
-The runtime serialises every context call on one lock; a plain lock would serve whichever
-thread the OS wakes first, and an unbounded one would let a burst queue without limit. Here
-each waiting request holds a ticket under its key (the session id); when the running job
-ends, the next ticket comes from the key that has waited longest since it was last served,
-so one busy session cannot starve the others. Past ``max_waiting`` tickets, :meth:`acquire`
-refuses at once (the server answers 503 with ``Retry-After``).
+The runtime batches the replies of the sessions generating together (continuous batching),
+so the server runs as many turns at once as the runtime has sequences (``max_resident``),
+but never two of one session: its turns are ordered. Each waiting request holds a ticket
+under its key (the session id); when a job ends, the next tickets come from the keys that
+have waited longest since they were last served, so one busy session cannot starve the
+others. Past ``max_waiting`` tickets, :meth:`acquire` refuses at once (the server answers
+503 with ``Retry-After``).
 
 Everything here runs on the event loop; the jobs themselves run in worker threads.
 """
@@ -29,31 +31,40 @@ class QueueFullError(MemoryRuntimeError):
 
 
 class FairQueue:
-    """One holder at a time; waiters served round-robin between keys, FIFO within a key."""
+    """Up to ``slots`` holders at a time, at most one per key; waiters served round-robin
+    between keys, FIFO within a key."""
 
-    def __init__(self, max_waiting: int) -> None:
+    def __init__(self, max_waiting: int, slots: int = 1) -> None:
         if max_waiting < 0:
             raise ArgumentError("max_waiting must be >= 0")
+        if slots < 1:
+            raise ArgumentError("slots must be >= 1")
         self.max_waiting = max_waiting
+        self.slots = slots
         self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
         self._n_waiting = 0
-        self._busy = False
+        self._running: set[str] = set()
         self.served = 0
 
     @property
     def waiting(self) -> int:
-        """Tickets waiting (not counting the running job)."""
+        """Tickets waiting (not counting the running jobs)."""
         return self._n_waiting
+
+    @property
+    def running(self) -> int:
+        """Jobs holding the queue now."""
+        return len(self._running)
 
     @property
     def busy(self) -> bool:
         """Whether a job holds the queue."""
-        return self._busy
+        return bool(self._running)
 
     async def acquire(self, key: str) -> None:
         """Wait for the turn of ``key``; raises :class:`QueueFullError` when the queue is full."""
-        if not self._busy and self._n_waiting == 0:
-            self._busy = True
+        if len(self._running) < self.slots and key not in self._running and not self._waiting:
+            self._running.add(key)
             return
         if self._n_waiting >= self.max_waiting:
             raise QueueFullError(f"{self._n_waiting} requests are waiting")
@@ -64,7 +75,7 @@ class FairQueue:
             await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
-                self.release()  # granted just as we were cancelled: pass the turn on
+                self.release(key)  # granted just as we were cancelled: pass the turn on
             else:
                 self._remove(key, fut)
             raise
@@ -77,40 +88,47 @@ class FairQueue:
             if not queue:
                 del self._waiting[key]
 
-    def release(self) -> None:
-        """End the running job's turn and hand it to the next key in line."""
+    def release(self, key: str) -> None:
+        """End the job of ``key`` and hand its slot to the next keys in line."""
+        self._running.discard(key)
         self.served += 1
-        while self._waiting:
-            key, queue = next(iter(self._waiting.items()))
-            fut = queue.popleft()
-            self._n_waiting -= 1
-            if queue:
-                self._waiting.move_to_end(key)  # the other keys go first
-            else:
-                del self._waiting[key]
-            if not fut.done():
-                fut.set_result(None)
+        for waiting in list(self._waiting):
+            if len(self._running) >= self.slots:
                 return
-        self._busy = False
+            if waiting in self._running:
+                continue  # that session's turn is running: its next one waits for it
+            queue = self._waiting[waiting]
+            while queue:
+                fut = queue.popleft()
+                self._n_waiting -= 1
+                if not fut.done():
+                    fut.set_result(None)
+                    self._running.add(waiting)
+                    break
+            if queue:
+                self._waiting.move_to_end(waiting)  # the other keys go first
+            else:
+                del self._waiting[waiting]
 
-    def start(self, fn: Callable[[], T]) -> asyncio.Task[T]:
-        """Run ``fn`` in a worker thread as the holder's job; the turn passes on when it ends.
+    def start(self, key: str, fn: Callable[[], T]) -> asyncio.Task[T]:
+        """Run ``fn`` in a worker thread as the job of ``key``; its slot passes on when it
+        ends.
 
         Call after :meth:`acquire`. The task is independent of the request that started it:
         a client that goes away cancels the job through its own flag, not by cancelling this
-        task, so the context is never left mid-call and the turn is always released.
+        task, so the context is never left mid-call and the slot is always released.
         """
 
         async def job() -> T:
             try:
                 return await run_in_threadpool(fn)
             finally:
-                self.release()
+                self.release(key)
 
         return asyncio.get_running_loop().create_task(job())
 
     async def run(self, key: str, fn: Callable[[], T]) -> T:
         """:meth:`acquire`, then :meth:`start` and wait for the result."""
         await self.acquire(key)
-        task = self.start(fn)
+        task = self.start(key, fn)
         return await asyncio.shield(task)

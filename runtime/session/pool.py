@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -59,6 +60,8 @@ class SessionPool:
         writer: CheckpointWriter | None = None,
         journal_fsync: bool = True,
         journal_segment_entries: int = DEFAULT_SEGMENT_ENTRIES,
+        busy: Callable[[str], bool] = lambda _sid: False,
+        wait: Callable[[], None] | None = None,
     ) -> None:
         if not 0 <= scratch_seq < ctx.n_seq_max:
             raise ArgumentError("chunked checkpoints need a scratch sequence of the context")
@@ -84,6 +87,10 @@ class SessionPool:
         # Hash the GGUF now (cached on disk by file identity), not inside the first turn.
         self.model_fingerprint = ctx.model.fingerprint
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # resident only, LRU first
+        #: a session in a turn (generating, maybe with others) is never suspended to make room
+        self._busy = busy
+        #: blocks until a turn ends (releasing the caller's lock), when every victim is busy
+        self._wait = wait
 
     def get(self, session_id: str) -> tuple[Session, ResumeReport | None]:
         """The session, resumed if it was not resident; the report says how, if it was."""
@@ -167,26 +174,43 @@ class SessionPool:
         return self._used_cells()
 
     def _used_cells(self, exclude: Session | None = None) -> int:
-        return sum(s.n_tokens for s in self._sessions.values() if s is not exclude)
+        # a reply being generated holds the cells it may still add
+        return sum(s.n_tokens + s.in_flight for s in self._sessions.values() if s is not exclude)
+
+    def _victim(self, session: Session | None) -> Session | None:
+        """The least recently used resident session that may be suspended now (not
+        ``session``, not in a turn); waits for a turn to end when every other one is."""
+        while True:
+            others = [s for s in self._sessions.values() if s is not session]
+            idle = next((s for s in others if not self._busy(s.session_id)), None)
+            if idle is not None or not others or self._wait is None:
+                return idle
+            self._wait()
 
     def _make_room(self, session: Session, n_tokens: int) -> None:
         """Suspend LRU sessions (never ``session``) until ``n_tokens`` more cells fit."""
-        mine = session.n_tokens if session.resident else 0
-        while self._used_cells(exclude=session) + mine + n_tokens > self.ctx.n_ctx:
-            victim = next((s for s in self._sessions.values() if s is not session), None)
+        while True:
+            mine = session.n_tokens if session.resident else 0
+            if self._used_cells(exclude=session) + mine + n_tokens <= self.ctx.n_ctx:
+                return
+            victim = self._victim(session)
             if victim is None:
-                break  # alone and still too big: Session._reserve already refused that
-            self._evict(victim)
+                return  # alone and still too big: Session._reserve already refused that
+            if self._used_cells(exclude=session) + mine + n_tokens > self.ctx.n_ctx:
+                self._evict(victim)  # (a turn that ended while we waited may have made room)
 
     def _free_seq(self) -> int:
-        used = {s.seq_id for s in self._sessions.values()}
-        free = [i for i in range(self.n_seq) if i not in used]
-        if free:
-            return free[0]
-        victim = next(iter(self._sessions.values()))
-        seq_id = victim.seq_id
-        self._evict(victim)
-        return seq_id
+        while True:
+            used = {s.seq_id for s in self._sessions.values()}
+            free = [i for i in range(self.n_seq) if i not in used]
+            if free:
+                return free[0]
+            victim = self._victim(None)
+            if victim is None:
+                raise SessionError("every KV sequence is in a turn")
+            seq_id = victim.seq_id
+            self._evict(victim)
+            return seq_id
 
     def _evict(self, victim: Session) -> None:
         logger.info("suspending idle session %s (seq %d)", victim.session_id, victim.seq_id)

@@ -28,6 +28,7 @@ from runtime.errors import ArgumentError, ContextFullError, SessionError
 from runtime.journal import Entry
 from runtime.layout import validate_session_id
 from runtime.session.checkpointer import Checkpointer
+from runtime.session.generation import Generation
 from runtime.session.kv import SequenceKV
 from runtime.session.resume import Rebuild, ResumeReport
 from runtime.session.window import WINDOW_ROLE, Window
@@ -84,6 +85,8 @@ class Session:
         self.window: Window = self._rebuild.open_window()
         #: monotonic time of the last turn (for the idle sweeper)
         self.last_active = time.monotonic()
+        #: KV cells a reply being generated may still add (the pool keeps them free)
+        self.in_flight = 0
 
     def _room(self, n_tokens: int) -> None:
         if self._make_room is not None:
@@ -254,6 +257,28 @@ class Session:
             self.checkpointer.count(len(tokens))
         return entry
 
+    def start_generation(
+        self,
+        n_predict: int,
+        sampler: Sampler,
+        *,
+        close: Callable[[str], Sequence[int]],
+        stop: Sequence[str] = (),
+        clean: Callable[[str], str] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        meta: dict[str, object] | None = None,
+    ) -> Generation:
+        """The assistant's turn after the decoded prompt, not started yet: see
+        :meth:`generate` for the arguments and :mod:`runtime.session.generation` for how it
+        is driven. Its first :meth:`Generation.sample` must read the prompt's logits, so it
+        is called before anything else decodes."""
+        self._require_resident()
+        return Generation(
+            self, n_predict, sampler, close=close, stop=stop, clean=clean, on_text=on_text,
+            cancelled=cancelled, meta=meta,
+        )  # fmt: skip
+
     def generate(
         self,
         n_predict: int,
@@ -278,58 +303,20 @@ class Session:
         the sequence. ``on_text`` receives the reply's text as it grows, never a piece of a
         stop string. The journal entry holds exactly the tokens decoded.
         """
-        self._require_resident()
-        model = self.ctx.model
-        start = self.kv.next_pos()
-        holdback = max((len(x) for x in stop), default=1) - 1
-        decoded: list[int] = []
-        raw = b""
-        text = ""
-        emitted = 0
-        finish = "length"
-        try:
-            for _ in range(n_predict):
-                if cancelled is not None and cancelled():
-                    finish = "cancelled"
-                    break
-                token = sampler.sample(self.ctx, -1)
-                if model.is_eog(token):
-                    finish = "stop"
-                    break
-                raw += model.token_to_piece(token)
-                text = raw.decode("utf-8", "ignore")
-                cut = min((i for i in (text.find(x) for x in stop if x) if i >= 0), default=-1)
-                if cut >= 0:
-                    text = text[:cut]
-                    finish = "stop"
-                    break
-                self.kv.decode([token])
-                decoded.append(token)
-                if on_text is not None:
-                    safe = len(text) - holdback
-                    if safe > emitted:
-                        on_text(text[emitted:safe])
-                        emitted = safe
-            reply = clean(text) if clean is not None else text.strip()
-            if on_text is not None and len(text.rstrip()) > emitted:
-                on_text(text.rstrip()[emitted:])
-            tail = list(close(reply))
-            if tail:
-                self.kv.decode(tail)
-            tokens = decoded + tail
-            entry_meta = dict(meta or {})
-            entry_meta["finish"] = finish
-            entry_meta["generated"] = len(decoded)
-            entry = self.journal.append("assistant", reply, tokens, entry_meta)
-            self.window.apply(entry)
-        except BaseException:
-            # Put the KV back in step with the journal (nothing of this reply is journalled);
-            # if that is impossible, drop it and let the next resume() rebuild it.
-            if not self.kv.cut(start):
-                self.kv.clear()
-            raise
-        self._after_turn(len(tokens))
-        return entry, finish
+        return self.start_generation(
+            n_predict, sampler, close=close, stop=stop, clean=clean, on_text=on_text,
+            cancelled=cancelled, meta=meta,
+        ).run_alone()  # fmt: skip
+
+    def journal_reply(self, text: str, tokens: list[int], meta: dict[str, object]) -> Entry:
+        """Journal a reply whose ``tokens`` are decoded already (:class:`Generation`)."""
+        entry = self.journal.append("assistant", text, tokens, meta)
+        self.window.apply(entry)
+        return entry
+
+    def after_reply(self, n_tokens: int) -> None:
+        """Count a journalled reply's tokens; checkpoint when the policy says so."""
+        self._after_turn(n_tokens)
 
     def _after_turn(self, n_tokens: int) -> None:
         self.checkpointer.count(n_tokens)

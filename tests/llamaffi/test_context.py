@@ -323,3 +323,40 @@ def test_float_token_ids_are_refused(ctx: Context) -> None:
         ctx.decode([1.7, 2.0])  # type: ignore[list-item]
     with pytest.raises(ArgumentError):
         ctx.decode(np.array([1, 2], dtype=np.float32))
+
+
+def test_decode_batch_gives_each_sequence_its_own_logits(ctx: Context, tokens: list[int]) -> None:
+    # three sequences with different prompts; one batch carries the next token of each
+    prompts = [tokens[:8], tokens[3:14], tokens[5:9]]
+    nexts = [tokens[8], tokens[14], tokens[9]]
+    alone = []
+    for seq, (prompt, nxt) in enumerate(zip(prompts, nexts, strict=True)):
+        ctx.decode(prompt, seq_id=seq)
+        ctx.decode([nxt], seq_id=seq)
+        alone.append(ctx.logits())
+        ctx.memory.seq_rm(seq, len(prompt), -1)  # back to the prompt only
+    ctx.decode_batch([0, 1, 2], nexts, [len(p) for p in prompts])
+    for i in range(3):
+        batched = ctx.logits(i)
+        assert int(np.argmax(batched)) == int(np.argmax(alone[i]))
+        np.testing.assert_allclose(batched, alone[i], rtol=0, atol=1e-3)
+        assert ctx.memory.pos_max(i) == len(prompts[i])
+    with pytest.raises(IndexError):
+        ctx.logits(3)
+    # a sampler reads output i of the batch
+    greedy = Sampler.greedy()
+    assert greedy.sample(ctx, 1) == int(np.argmax(alone[1]))
+    greedy.close()
+
+
+def test_decode_batch_refuses_bad_batches(ctx: Context) -> None:
+    from llamaffi.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match="one token per sequence"):
+        ctx.decode_batch([0, 0], [1, 2], [0, 1])
+    with pytest.raises(ArgumentError):
+        ctx.decode_batch([0], [1, 2], [0])
+    with pytest.raises(ArgumentError):
+        ctx.decode_batch([9], [1], [0])
+    with pytest.raises(ArgumentError):
+        ctx.decode_batch([0], [10**9], [0])

@@ -372,13 +372,14 @@ def test_history_that_contradicts_the_journal_gets_409(http: httpx.Client, rt: R
 def test_full_queue_gets_503_with_retry_after(http: httpx.Client, server: ThreadServer) -> None:
     state = server.server.config.app.state.server
     limit, state.queue.max_waiting = state.queue.max_waiting, 0
-    state.queue._busy = True  # as if a turn were running
+    held = {f"busy-{i}" for i in range(state.queue.slots)}
+    state.queue._running |= held  # as if every slot ran a turn
     try:
         r = _chat(http, {"messages": [{"role": "user", "content": "hi"}]}, **{"X-Session-Id": "q"})
         err = _error(r, 503)
         assert err["code"] == "queue_full" and r.headers["Retry-After"] == "1"
     finally:
-        state.queue._busy = False
+        state.queue._running -= held
         state.queue.max_waiting = limit
 
 
@@ -418,7 +419,7 @@ def test_fair_queue_alternates_between_sessions_and_is_bounded() -> None:
         await asyncio.sleep(0)
         with pytest.raises(QueueFullError):
             await q.acquire("d")
-        q.release()
+        q.release("first")
         await asyncio.gather(*waiters)
         assert not q.busy and q.waiting == 0
         return order
@@ -430,7 +431,30 @@ async def _wait(q: FairQueue, key: str, order: list[str]) -> None:
     await q.acquire(key)
     order.append(key)
     await asyncio.sleep(0)
-    q.release()
+    q.release(key)
+
+
+def test_slots_run_sessions_side_by_side_one_turn_each() -> None:
+    async def scenario() -> list[set[str]]:
+        q = FairQueue(max_waiting=10, slots=2)
+        running: set[str] = set()
+        seen: list[set[str]] = []
+
+        async def turn(key: str) -> None:
+            await q.acquire(key)
+            assert key not in running  # never two turns of one session at once
+            running.add(key)
+            seen.append(set(running))
+            await asyncio.sleep(0.01)
+            running.discard(key)
+            q.release(key)
+
+        await asyncio.gather(*(turn(k) for k in ["a", "a", "b", "c", "a"]))
+        assert not q.busy and q.waiting == 0
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert max(len(s) for s in seen) == 2  # two sessions at once, never three
 
 
 def test_a_cancelled_waiter_leaves_the_queue() -> None:
@@ -443,7 +467,7 @@ def test_a_cancelled_waiter_leaves_the_queue() -> None:
         waiter.cancel()
         await asyncio.sleep(0)
         assert q.waiting == 0
-        q.release()
+        q.release("x")
         assert not q.busy
 
     asyncio.run(scenario())

@@ -1,0 +1,161 @@
+"""Continuous batching: every session that is generating a reply shares each decode.
+
+A turn decodes its prompt alone (under the runtime's lock, as before), takes its first token
+from the prompt's logits, then joins the :class:`Batcher`: each *step* decodes the pending
+token of every generating session in one ``llama_decode`` (one ``llama_batch``, a sequence id
+per session), and samples each session's next token from its own output with its own
+sampler. Stop strings, ``on_token`` and cancellation stay per session
+(:class:`runtime.session.generation.Generation`). A reply that ends is journalled in the step
+that ends it, so a turn is acknowledged only once durable, as before.
+
+There is no scheduler thread: the threads whose turns are generating take turns to run a step
+(under the runtime's lock, which they release between steps, so that another turn's prompt,
+a resume or the housekeeper may run in between). A step needs no logits from before it: a
+session's state between steps is "token sampled, not decoded", so anything that decodes
+between two steps (a prompt, a resume, a distiller question) cannot disturb a reply.
+
+A session *in a turn* (from its resume to its journalled reply) is never suspended, checkpointed
+or changed by anyone else: :meth:`Batcher.turn` holds it, and :meth:`Batcher.wait_idle` is
+how other operations wait for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from runtime.errors import ClosedError
+
+if TYPE_CHECKING:
+    from llamaffi import Context
+    from runtime.session.generation import Generation
+
+__all__ = ["Batcher"]
+
+#: Seconds a generating thread leaves the lock free between two steps: long enough for a
+#: thread blocked on the lock (a new turn, the housekeeper) to take it, short beside a step.
+YIELD_S = 0.0002
+
+
+class Batcher:
+    """The generating sessions of one context, stepped together (see the module docstring).
+
+    Every method is called with the runtime's ``lock`` held.
+    """
+
+    def __init__(self, ctx: Context, lock: threading.RLock) -> None:
+        self._ctx = ctx
+        #: notified whenever a step ran or a turn ended (waits release the runtime's lock)
+        self._changed = threading.Condition(lock)
+        self._active: list[Generation] = []
+        self._busy: dict[str, int] = {}  # session id -> turns holding it (0 or 1)
+        self._closing = False
+        self.steps = 0
+        self.tokens = 0
+        self.widest = 0
+
+    # -- sessions in a turn -------------------------------------------------------------------
+
+    def is_busy(self, session_id: str) -> bool:
+        """Whether the session is in a turn now."""
+        return session_id in self._busy
+
+    @property
+    def any_busy(self) -> bool:
+        """Whether any session is in a turn."""
+        return bool(self._busy)
+
+    @contextlib.contextmanager
+    def turn(self, session_id: str) -> Iterator[None]:
+        """Hold the session for one turn, after waiting for the turn it is in to end;
+        :class:`~runtime.errors.ClosedError` once the runtime is closing."""
+        self.wait_idle(session_id)
+        if self._closing:
+            raise ClosedError("the runtime is closed")
+        self._busy[session_id] = 1
+        try:
+            yield
+        finally:
+            del self._busy[session_id]
+            self._changed.notify_all()
+
+    def wait_idle(self, session_id: str | None = None) -> None:
+        """Wait until the session (``None``: every session) is in no turn."""
+        while (session_id in self._busy) if session_id is not None else self._busy:
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait for a step or the end of a turn, with the lock released meanwhile."""
+        self._changed.wait(timeout=1.0)
+
+    # -- generating ---------------------------------------------------------------------------
+
+    def run(self, gen: Generation) -> None:
+        """Drive ``gen`` from its first sample (the prompt's logits are the last decode's)
+        to its journalled end, stepping every other generating session with it."""
+        try:
+            gen.sample(-1)
+        except BaseException as exc:
+            gen.fail(exc)
+        if gen.ending:
+            gen.finish()
+        if gen.done:
+            return
+        self._active.append(gen)
+        try:
+            while not gen.done:
+                self._step()
+                if not gen.done:
+                    self._changed.notify_all()
+                    self._changed.wait(timeout=YIELD_S)
+        finally:
+            if gen in self._active:  # interrupted (KeyboardInterrupt): leave nothing behind
+                self._active.remove(gen)
+                gen.fail(RuntimeError("the turn was interrupted"))
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        """Refuse new turns, finish the replies being generated (each is journalled), then
+        wait for the turns in progress to end (before the context closes)."""
+        self._closing = True
+        while self._active:
+            self._step()
+        self._changed.notify_all()
+        self.wait_idle()
+
+    def _step(self) -> None:
+        gens = [g for g in self._active if g.pending is not None]
+        if gens:
+            try:
+                tokens = [g.pending for g in gens if g.pending is not None]
+                self._ctx.decode_batch([g.seq_id for g in gens], tokens, [g.pos for g in gens])
+            except BaseException as exc:  # nothing of this step is in the KV: each reply fails
+                for g in gens:
+                    g.fail(exc)
+            else:
+                self.steps += 1
+                self.tokens += len(gens)
+                self.widest = max(self.widest, len(gens))
+                for i, g in enumerate(gens):
+                    try:
+                        g.decoded()
+                        if not g.ending:
+                            g.sample(i)
+                    except BaseException as exc:  # its callback, its sampler: this reply only
+                        g.fail(exc)
+        # every sample of this step is taken: a reply that ended may decode its closing tokens
+        for g in self._active:
+            if g.ending:
+                g.finish()
+        self._active = [g for g in self._active if not g.done]
+
+    def stats(self) -> dict[str, int]:
+        """Steps run, tokens decoded in them, the widest step, sessions generating now."""
+        return {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "widest": self.widest,
+            "generating": len(self._active),
+        }
