@@ -32,11 +32,41 @@ if TYPE_CHECKING:
     from llamaffi import Context
     from runtime.session.generation import Generation
 
-__all__ = ["Batcher"]
+__all__ = ["Batcher", "RuntimeLock"]
 
 #: Seconds a generating thread leaves the lock free between two steps: long enough for a
 #: thread blocked on the lock (a new turn, the housekeeper) to take it, short beside a step.
 YIELD_S = 0.0002
+
+
+class RuntimeLock:
+    """The runtime's lock: reentrant, and it knows whether a thread is waiting for it, so that
+    a generating turn leaves it free between two steps only when someone needs it."""
+
+    def __init__(self) -> None:
+        #: the lock itself (a :class:`threading.Condition` waits on it)
+        self.rlock = threading.RLock()
+        self._waiters = 0
+        self._count = threading.Lock()
+
+    def __enter__(self) -> RuntimeLock:
+        if not self.rlock.acquire(blocking=False):
+            with self._count:
+                self._waiters += 1
+            try:
+                self.rlock.acquire()
+            finally:
+                with self._count:
+                    self._waiters -= 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.rlock.release()
+
+    @property
+    def contended(self) -> bool:
+        """Whether a thread is waiting to enter."""
+        return self._waiters > 0
 
 
 class Batcher:
@@ -45,10 +75,11 @@ class Batcher:
     Every method is called with the runtime's ``lock`` held.
     """
 
-    def __init__(self, ctx: Context, lock: threading.RLock) -> None:
+    def __init__(self, ctx: Context, lock: RuntimeLock) -> None:
         self._ctx = ctx
+        self._lock = lock
         #: notified whenever a step ran or a turn ended (waits release the runtime's lock)
-        self._changed = threading.Condition(lock)
+        self._changed = threading.Condition(lock.rlock)
         self._active: list[Generation] = []
         self._busy: dict[str, int] = {}  # session id -> turns holding it (0 or 1)
         self._closing = False
@@ -106,8 +137,11 @@ class Batcher:
         self._active.append(gen)
         try:
             while not gen.done:
-                self._step()
-                if not gen.done:
+                others_ended = self._step()
+                if gen.done:
+                    break
+                # the thread of a reply that ended, or anyone else, waits for the lock
+                if others_ended or self._lock.contended:
                     self._changed.notify_all()
                     self._changed.wait(timeout=YIELD_S)
         finally:
@@ -125,7 +159,8 @@ class Batcher:
         self._changed.notify_all()
         self.wait_idle()
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One decode of every pending token; whether a reply ended (journalled or failed)."""
         gens = [g for g in self._active if g.pending is not None]
         if gens:
             try:
@@ -149,7 +184,9 @@ class Batcher:
         for g in self._active:
             if g.ending:
                 g.finish()
+        ended = any(g.done for g in self._active)
         self._active = [g for g in self._active if not g.done]
+        return ended
 
     def stats(self) -> dict[str, int]:
         """Steps run, tokens decoded in them, the widest step, sessions generating now."""

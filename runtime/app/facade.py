@@ -15,11 +15,11 @@ import atexit
 import functools
 import logging
 import os
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
+from runtime.app.batching import RuntimeLock
 from runtime.app.options import (
     RuntimeConfig,
     Sampling,
@@ -103,7 +103,7 @@ class Runtime:
         cfg = self.config = RuntimeConfig.of(config, **overrides).check()
         self._closed = True  # until everything is open
         self._atexit: Callable[[], None] = lambda: None
-        self._lock = threading.RLock()
+        self._lock = RuntimeLock()
         self.root = ensure_dir(Path(data_dir))
         parts = open_parts(cfg, self.root, lock=self._lock, say=self._say)
         self._stack, self.model, self.ctx, self.model_name = (

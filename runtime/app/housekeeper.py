@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from runtime.app.batching import RuntimeLock
 from runtime.app.recall import Recall
 from runtime.errors import MemoryRuntimeError
 from runtime.longterm.distill import AskBudget
@@ -86,7 +87,7 @@ class Housekeeper:
 
     def __init__(
         self,
-        lock: threading.RLock,
+        lock: RuntimeLock,
         pool: SessionPool,
         retention: Retention,
         publish: Callable[[], None],

@@ -6,14 +6,13 @@ touch; the exit stack closes them in reverse order."""
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.app.batching import Batcher
+from runtime.app.batching import Batcher, RuntimeLock
 from runtime.app.conversation import Conversation
 from runtime.app.housekeeper import Housekeeper, Retention
 from runtime.app.options import RuntimeConfig, Sampling
@@ -60,7 +59,7 @@ class Parts:
 
 
 def open_parts(
-    cfg: RuntimeConfig, root: Path, *, lock: threading.RLock, say: Callable[[str], None]
+    cfg: RuntimeConfig, root: Path, *, lock: RuntimeLock, say: Callable[[str], None]
 ) -> Parts:
     """Lock the data directory ``root`` (:class:`~runtime.errors.LockedError` when another
     process has it), then load the model and build every part; on a failure, whatever was
@@ -121,7 +120,7 @@ def build_parts(
     chat_format: ChatFormat,
     sampling: Sampling,
     *,
-    lock: threading.RLock,
+    lock: RuntimeLock,
     stack: contextlib.ExitStack,
     say: Callable[[str], None],
 ) -> Parts:

@@ -98,7 +98,7 @@ def test_more_sessions_than_sequences_wait_for_a_free_one(tmp_path: Path) -> Non
         together = _concurrent(rt, sessions)
         stats = rt.stats()
         assert stats["sessions"]["resident"] <= 2
-        assert stats["resumes"]["snapshot"] + stats["resumes"]["journal"] > 0  # evictions
+        assert stats["sessions"]["known"] == 4
         for sid in sessions:
             _check_in_step(rt, sid, together[sid], 2)
 
