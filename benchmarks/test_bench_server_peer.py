@@ -123,7 +123,9 @@ def start_ours(model: str, data: Path, sessions: int) -> Server:
         "--port", str(port), "--n-ctx", str(N_CTX), "--max-resident", str(max(sessions, 1)),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = Server("runtime serve", f"http://127.0.0.1:{port}", proc, lambda sid: {"X-Session-Id": sid})
+    server = Server(
+        "runtime serve", f"http://127.0.0.1:{port}", proc, lambda sid: {"X-Session-Id": sid}
+    )
     _wait_healthy(server)
     return server
 
@@ -180,7 +182,9 @@ def drive(server: Server, sessions: int, tag: str) -> Burst:
                         "temperature": 0,
                     }
                     t0 = time.perf_counter()
-                    r = http.post("/v1/chat/completions", json=body, headers=server.headers_for(sid))
+                    r = http.post(
+                        "/v1/chat/completions", json=body, headers=server.headers_for(sid)
+                    )
                     ms = (time.perf_counter() - t0) * 1000
                     r.raise_for_status()
                     out = r.json()

@@ -24,7 +24,8 @@ One turn of :meth:`Runtime.chat`, in order (the modules it passes through):
 4. **the user turn is journalled (fsynced)** (``journal``) with exactly the tokens about to
    be decoded, then only those are decoded: the prefix already in the KV is never
    re-prefilled;
-5. the reply is generated (``app.turn`` samples, ``session.session`` decodes), streaming
+5. the reply is generated (``session.generation``: sample, decode, stop), stepped by
+   ``app.batching`` in one decode with every other session generating now, streaming
    through ``on_token``, and journalled (exactly the tokens decoded);
 6. ``app.recall`` writes the user turn into long-term memory (the one ingest path, behind a
    watermark; a near-duplicate is not stored twice);
