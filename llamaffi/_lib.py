@@ -75,9 +75,15 @@ def build_info() -> dict[str, Any]:
 # ggml's CPU backend runs on OpenMP, whose idle threads spin (OMP_WAIT_POLICY=ACTIVE-like)
 # between parallel regions. For a service that shares its cores (the runtime's background
 # writer and embedder, other processes) that spinning cost 2x on a 2,000-token prefill on a
-# busy 2-core machine (36-40 s against 19.3 s passive). Passive waiting is our default; set
-# OMP_WAIT_POLICY yourself to override. It must be set before libgomp is loaded.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# busy 2-core machine (36-40 s against 19.3 s passive). Passive waiting is our default, with
+# a short spin (GOMP_SPINCOUNT, libgomp's own default when no policy is set) before a worker
+# sleeps: a decode runs hundreds of small parallel regions, and sleeping between them made
+# generation 17.5-20.9 ms/token against 11.9-14.5 with the spin (SmolLM2, 2 cores), while a
+# 2,000-token prefill beside a busy thread took the same 24.6 s. Idle, nothing spins. Set
+# OMP_WAIT_POLICY yourself to override both. It must be set before libgomp is loaded.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ.setdefault("GOMP_SPINCOUNT", "300000")
 _preload_libstdcxx()
 libllama = _load("libllama")
 libggml_base = _load("libggml-base")
