@@ -128,8 +128,11 @@ class Batcher:
         to its journalled end, stepping every other generating session with it."""
         try:
             gen.sample(-1)
+        except Exception as exc:
+            gen.fail(exc)
         except BaseException as exc:
             gen.fail(exc)
+            raise
         if gen.ending:
             gen.finish()
         if gen.done:
@@ -160,33 +163,45 @@ class Batcher:
         self.wait_idle()
 
     def _step(self) -> bool:
-        """One decode of every pending token; whether a reply ended (journalled or failed)."""
-        gens = [g for g in self._active if g.pending is not None]
-        if gens:
-            try:
-                tokens = [g.pending for g in gens if g.pending is not None]
-                self._ctx.decode_batch([g.seq_id for g in gens], tokens, [g.pos for g in gens])
-            except BaseException as exc:  # nothing of this step is in the KV: each reply fails
-                for g in gens:
-                    g.fail(exc)
-            else:
-                self.steps += 1
-                self.tokens += len(gens)
-                self.widest = max(self.widest, len(gens))
-                for i, g in enumerate(gens):
-                    try:
-                        g.decoded()
-                        if not g.ending:
-                            g.sample(i)
-                    except BaseException as exc:  # its callback, its sampler: this reply only
-                        g.fail(exc)
-        # every sample of this step is taken: a reply that ended may decode its closing tokens
-        for g in self._active:
-            if g.ending:
-                g.finish()
+        """One decode of every pending token (in batches of at most ``n_batch``); whether a
+        reply ended (journalled or failed)."""
+        try:
+            pending = [g for g in self._active if g.pending is not None]
+            width = self._ctx.n_batch
+            for start in range(0, len(pending), width):
+                self._decode(pending[start : start + width])
+            # every sample is taken: a reply that ended may decode its closing tokens
+            for g in self._active:
+                if g.ending:
+                    g.finish()
+        except BaseException:  # KeyboardInterrupt mid-step: no reply is left half-done
+            for g in self._active:
+                g.fail(RuntimeError("the reply was interrupted"))
+            self._active = []
+            raise
         ended = any(g.done for g in self._active)
         self._active = [g for g in self._active if not g.done]
         return ended
+
+    def _decode(self, gens: list[Generation]) -> None:
+        """Decode these replies' pending tokens in one batch, then sample each one's next."""
+        tokens = [g.pending for g in gens if g.pending is not None]
+        try:
+            self._ctx.decode_batch([g.seq_id for g in gens], tokens, [g.pos for g in gens])
+        except Exception as exc:  # nothing of this batch is in the KV: each of its replies fails
+            for g in gens:
+                g.fail(exc)
+            return
+        self.steps += 1
+        self.tokens += len(gens)
+        self.widest = max(self.widest, len(gens))
+        for i, g in enumerate(gens):
+            try:
+                g.decoded()
+                if not g.ending:
+                    g.sample(i)
+            except Exception as exc:  # its callback, its sampler: this reply only
+                g.fail(exc)
 
     def stats(self) -> dict[str, int]:
         """Steps run, tokens decoded in them, the widest step, sessions generating now."""

@@ -375,16 +375,22 @@ class Runtime:
         """Checkpoint the session and free its KV cells now (it resumes on its next turn)."""
         validate_session_id(session_id)
         self._batcher.wait_idle(session_id)
+        self._require_open()  # close() may have run while we waited
         self._sessions.suspend(session_id)
 
     @_door
     def checkpoint(self, session_id: str | None = None) -> int:
         """Checkpoint one resident session (or all) now and wait for the files; returns how
-        many sessions were checkpointed (a suspended session is on disk already)."""
+        many sessions were checkpointed (a suspended session is on disk already). One session
+        in a turn is waited for; with no session given, sessions in a turn are skipped."""
         if session_id is not None:
             validate_session_id(session_id)
-        self._batcher.wait_idle(session_id)  # a reply being generated is not journalled yet
-        return self._sessions.checkpoint(session_id)
+        if session_id is not None:  # a reply being generated is not journalled yet
+            self._batcher.wait_idle(session_id)
+            self._require_open()
+        # every session: those in a turn now are left to their turn's policy (their journal
+        # holds everything they acknowledged)
+        return self._sessions.checkpoint(session_id, skip=self._batcher.is_busy)
 
     @_door
     def delete_session(self, session_id: str, *, memories: bool = True) -> None:
@@ -394,6 +400,7 @@ class Runtime:
         """
         validate_session_id(session_id)
         self._batcher.wait_idle(session_id)
+        self._require_open()  # close() may have run while we waited
         self._sessions.delete(session_id, memories=memories)
 
     @_door
@@ -406,6 +413,7 @@ class Runtime:
         call (or the housekeeping thread's next tick)."""
         validate_session_id(session_id)
         self._batcher.wait_idle(session_id)
+        self._require_open()  # close() may have run while we waited
         session = self._sessions.peek(session_id)
         if session is not None:
             self._recall.catch_up(session)
@@ -422,9 +430,9 @@ class Runtime:
         """Apply ``journal_retention="window"`` now to every resident session (the
         housekeeping thread does it by itself); returns the bytes freed. A no-op under the
         default ``"all"``."""
-        self._batcher.wait_idle()
-        self._recall.settle(self._pool.resident())  # memory covers what may be dropped
-        return sum(self._retention.compact(s, force=True) for s in self._pool.resident())
+        idle = [s for s in self._pool.resident() if not self._batcher.is_busy(s.session_id)]
+        self._recall.settle(idle)  # memory covers what may be dropped
+        return sum(self._retention.compact(s, force=True) for s in idle)
 
     @_door
     def stats(self) -> dict[str, Any]:

@@ -220,10 +220,13 @@ class Sessions:
         if self._writer is not None:
             self._writer.flush(session_id)  # "suspended" means on disk
 
-    def checkpoint(self, session_id: str | None) -> int:
-        """Checkpoint one resident session (or all) now; how many were."""
+    def checkpoint(
+        self, session_id: str | None, skip: Callable[[str], bool] = lambda _sid: False
+    ) -> int:
+        """Checkpoint one resident session (or all but those ``skip`` names) now; how many
+        were."""
         targets = (
-            self._pool.resident()
+            [s for s in self._pool.resident() if not skip(s.session_id)]
             if session_id is None
             else [s for s in [self._pool.peek(session_id)] if s]
         )

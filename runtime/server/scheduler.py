@@ -63,7 +63,10 @@ class FairQueue:
 
     async def acquire(self, key: str) -> None:
         """Wait for the turn of ``key``; raises :class:`QueueFullError` when the queue is full."""
-        if len(self._running) < self.slots and key not in self._running and not self._waiting:
+        # a free slot goes to a new key at once: whoever waits, waits for its own key's turn
+        # (release hands a freed slot to the waiting keys first)
+        free = len(self._running) < self.slots
+        if free and key not in self._running and key not in self._waiting:
             self._running.add(key)
             return
         if self._n_waiting >= self.max_waiting:

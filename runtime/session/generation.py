@@ -129,9 +129,12 @@ class Generation:
             meta["finish"] = self.finish_reason
             meta["generated"] = len(self.decoded_tokens)
             self.entry = session.journal_reply(reply, self.decoded_tokens + tail, meta)
-        except BaseException as exc:
+        except Exception as exc:
             self.fail(exc)
             return
+        except BaseException as exc:  # KeyboardInterrupt: this reply fails, and it goes on up
+            self.fail(exc)
+            raise
         self.done = True
         session.in_flight = 0
         try:

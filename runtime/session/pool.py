@@ -91,6 +91,10 @@ class SessionPool:
         self._busy = busy
         #: blocks until a turn ends (releasing the caller's lock), when every victim is busy
         self._wait = wait
+        #: sequences handed to a resume still in progress (it may wait, releasing the lock)
+        self._claimed: set[int] = set()
+        #: sessions waiting in _make_room for others' turns to end
+        self._room_waiters: set[str] = set()
 
     def get(self, session_id: str) -> tuple[Session, ResumeReport | None]:
         """The session, resumed if it was not resident; the report says how, if it was."""
@@ -116,12 +120,18 @@ class SessionPool:
                     f"session {session_id!r} holds {session.n_tokens} tokens, more than "
                     f"n_ctx={self.ctx.n_ctx}: open it with a larger context"
                 )
-            # asks _make_room for the cells its replay needs
-            report = session.resume(seq_id=self._free_seq())
+            seq_id = self._free_seq()
+            self._claimed.add(seq_id)  # no other resume takes it while this one waits
+            try:
+                # asks _make_room for the cells its replay needs
+                report = session.resume(seq_id=seq_id)
+                self._sessions[session_id] = session
+            finally:
+                self._claimed.discard(seq_id)
         except BaseException:
+            self._sessions.pop(session_id, None)
             session.discard()  # no half-rebuilt cells left under a "free" seq id
             raise
-        self._sessions[session_id] = session
         self.resumes[report.source] = self.resumes.get(report.source, 0) + 1
         self.last_resume = report
         return session, report
@@ -179,13 +189,20 @@ class SessionPool:
 
     def _victim(self, session: Session | None) -> Session | None:
         """The least recently used resident session that may be suspended now (not
-        ``session``, not in a turn); waits for a turn to end when every other one is."""
-        while True:
-            others = [s for s in self._sessions.values() if s is not session]
-            idle = next((s for s in others if not self._busy(s.session_id)), None)
-            if idle is not None or not others or self._wait is None:
-                return idle
-            self._wait()
+        ``session``, not in a turn), or ``None`` after a wait for a turn to end (the caller
+        looks again). :class:`ContextFullError` when every other resident session waits
+        for room itself: none of them would ever end its turn."""
+        others = [s for s in self._sessions.values() if s is not session]
+        idle = next((s for s in others if not self._busy(s.session_id)), None)
+        if idle is not None or not others or self._wait is None:
+            return idle
+        if all(s.session_id in self._room_waiters for s in others):
+            raise ContextFullError(
+                f"the {self.ctx.n_ctx} KV cells are held by sessions that all wait for room: "
+                "try again, or use a larger n_ctx"
+            )
+        self._wait()
+        return None
 
     def _make_room(self, session: Session, n_tokens: int) -> None:
         """Suspend LRU sessions (never ``session``) until ``n_tokens`` more cells fit."""
@@ -193,24 +210,32 @@ class SessionPool:
             mine = session.n_tokens if session.resident else 0
             if self._used_cells(exclude=session) + mine + n_tokens <= self.ctx.n_ctx:
                 return
-            victim = self._victim(session)
-            if victim is None:
+            if not any(s is not session for s in self._sessions.values()):
                 return  # alone and still too big: Session._reserve already refused that
-            if self._used_cells(exclude=session) + mine + n_tokens > self.ctx.n_ctx:
-                self._evict(victim)  # (a turn that ended while we waited may have made room)
+            self._room_waiters.add(session.session_id)
+            try:
+                victim = self._victim(session)
+            finally:
+                self._room_waiters.discard(session.session_id)
+            if victim is not None:
+                self._evict(victim)
 
     def _free_seq(self) -> int:
         while True:
-            used = {s.seq_id for s in self._sessions.values()}
+            used = {s.seq_id for s in self._sessions.values()} | self._claimed
             free = [i for i in range(self.n_seq) if i not in used]
             if free:
                 return free[0]
+            if not self._sessions:  # every sequence is taken by a resume in progress
+                if self._wait is None:
+                    raise SessionError("every KV sequence is taken by a resume in progress")
+                self._wait()
+                continue
             victim = self._victim(None)
-            if victim is None:
-                raise SessionError("every KV sequence is in a turn")
-            seq_id = victim.seq_id
-            self._evict(victim)
-            return seq_id
+            if victim is not None:
+                seq_id = victim.seq_id
+                self._evict(victim)
+                return seq_id
 
     def _evict(self, victim: Session) -> None:
         logger.info("suspending idle session %s (seq %d)", victim.session_id, victim.seq_id)

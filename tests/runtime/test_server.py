@@ -457,6 +457,23 @@ def test_slots_run_sessions_side_by_side_one_turn_each() -> None:
     assert max(len(s) for s in seen) == 2  # two sessions at once, never three
 
 
+def test_a_free_slot_is_not_held_back_by_another_sessions_waiter() -> None:
+    async def scenario() -> None:
+        q = FairQueue(max_waiting=10, slots=4)
+        await q.acquire("a")  # a's turn runs
+        second_a = asyncio.ensure_future(q.acquire("a"))  # a's next turn waits for it
+        await asyncio.sleep(0)
+        await asyncio.wait_for(q.acquire("b"), 1)  # b takes a free slot at once
+        assert q.running == 2 and q.waiting == 1
+        q.release("a")
+        await asyncio.wait_for(second_a, 1)
+        q.release("a")
+        q.release("b")
+        assert not q.busy
+
+    asyncio.run(scenario())
+
+
 def test_a_cancelled_waiter_leaves_the_queue() -> None:
     async def scenario() -> None:
         q = FairQueue(max_waiting=2)
