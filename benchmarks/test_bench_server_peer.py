@@ -1,12 +1,13 @@
 """Our server against llama.cpp's own ``llama-server``, side by side in one run, same model.
 
 Both run as their users run them: ``python -m runtime serve`` and ``llama-server``, each a
-subprocess on loopback with 2 threads. The same client code drives both: S concurrent
-sessions (threads, one ``httpx.Client`` each) send T turns one after another, OpenAI-style,
-each request carrying the whole conversation so far (what a stateless client sends; our
-server matches it to the session's journal, llama-server to its slot's prompt cache), at
-temperature 0 and ``max_tokens`` 32. Reported per server and concurrency: completion tokens
-per second over the burst, and the p50/p99 latency of a turn.
+subprocess on loopback with as many threads as this process has CPUs, and the same OpenMP
+environment (llamaffi's defaults unless ``OMP_WAIT_POLICY`` is set). The same client code
+drives both: S concurrent sessions (threads, one ``httpx.Client`` each) send T turns one
+after another, OpenAI-style, each request carrying the whole conversation so far (what a
+stateless client sends; our server matches it to the session's journal, llama-server to
+its slot's prompt cache), at temperature 0 and ``max_tokens`` 32. Reported per server and
+concurrency: completion tokens per second over the burst, and the p50/p99 latency of a turn.
 
 llama-server comes from ``$LLAMA_SERVER``, then ``PATH``, then the build this module makes
 from the pinned source (``vendor/llama.cpp``) when ``BENCH_BUILD_LLAMA_SERVER=1`` (about 12
@@ -43,7 +44,8 @@ CONCURRENCY = tuple(int(n) for n in os.environ.get("BENCH_SERVER_SESSIONS", "1,4
 TURNS = 4
 MAX_TOKENS = 32
 N_CTX = 8192
-THREADS = 2
+#: both servers use every CPU this process may run on (ours does by default)
+THREADS = len(os.sched_getaffinity(0))
 QUESTIONS = (
     "Tell me about the weather in Paris in spring.",
     "What about London?",
@@ -84,6 +86,16 @@ def find_llama_server() -> Path | None:
     return built
 
 
+def _env() -> dict[str, str]:
+    """The environment both servers get: llamaffi's OpenMP defaults (``llamaffi._lib``) where
+    the caller set none, so llama-server waits the way ours does."""
+    env = dict(os.environ)
+    if "OMP_WAIT_POLICY" not in env:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        env.setdefault("GOMP_SPINCOUNT", "300000")
+    return env
+
+
 @dataclass
 class Server:
     """A server subprocess on loopback."""
@@ -122,7 +134,9 @@ def start_ours(model: str, data: Path, sessions: int) -> Server:
         sys.executable, "-m", "runtime", "serve", "--dir", str(data), "--model", model,
         "--port", str(port), "--n-ctx", str(N_CTX), "--max-resident", str(max(sessions, 1)),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     server = Server(
         "runtime serve", f"http://127.0.0.1:{port}", proc, lambda sid: {"X-Session-Id": sid}
     )
@@ -136,7 +150,7 @@ def start_peer(binary: Path, gguf: Path, sessions: int) -> Server:
         str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
         "-t", str(THREADS), "-np", str(sessions), "-c", str(N_CTX), "--no-webui",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = Server("llama-server", f"http://127.0.0.1:{port}", proc, lambda sid: {})
     _wait_healthy(server)
     return server

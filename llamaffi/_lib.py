@@ -72,15 +72,15 @@ def build_info() -> dict[str, Any]:
     return data
 
 
-# ggml's CPU backend runs on OpenMP, whose idle threads spin (OMP_WAIT_POLICY=ACTIVE-like)
-# between parallel regions. For a service that shares its cores (the runtime's background
-# writer and embedder, other processes) that spinning cost 2x on a 2,000-token prefill on a
-# busy 2-core machine (36-40 s against 19.3 s passive). Passive waiting is our default, with
-# a short spin (GOMP_SPINCOUNT, libgomp's own default when no policy is set) before a worker
-# sleeps: a decode runs hundreds of small parallel regions, and sleeping between them made
-# generation 17.5-20.9 ms/token against 11.9-14.5 with the spin (SmolLM2, 2 cores), while a
-# 2,000-token prefill beside a busy thread took the same 24.6 s. Idle, nothing spins. Set
-# OMP_WAIT_POLICY yourself to override both. It must be set before libgomp is loaded.
+# ggml's CPU backend runs on OpenMP: one parallel region per graph, a barrier per node. With
+# OMP_WAIT_POLICY=ACTIVE its waiting threads spin without end, which cost 2x on a 2,000-token
+# prefill on a busy 2-core machine (36-40 s against 19.3 s passive) and burns a core when
+# idle. PASSIVE alone sleeps at every barrier: generation took 17.5-20.9 ms/token against
+# 11.9-14.5 with a short spin first (GOMP_SPINCOUNT=300000, libgomp's default when no policy
+# is set), while a 2,000-token prefill beside a busy Python thread took 24.6 s either way and
+# an idle process spins for nothing (0.01 CPU-s in 3 s). So: PASSIVE plus that short spin,
+# unless you set OMP_WAIT_POLICY yourself (then neither is touched). They must be set before
+# libgomp is loaded.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.environ.setdefault("GOMP_SPINCOUNT", "300000")

@@ -9,8 +9,9 @@ sampler. Stop strings, ``on_token`` and cancellation stay per session
 that ends it, so a turn is acknowledged only once durable, as before.
 
 There is no scheduler thread: the threads whose turns are generating take turns to run a step
-(under the runtime's lock, which they release between steps, so that another turn's prompt,
-a resume or the housekeeper may run in between). A step needs no logits from before it: a
+(under the runtime's lock, which the stepping thread leaves free between two steps when
+another thread waits for it or another reply ended, so that another turn's prompt, a resume
+or the housekeeper may run in between). A step needs no logits from before it: a
 session's state between steps is "token sampled, not decoded", so anything that decodes
 between two steps (a prompt, a resume, a distiller question) cannot disturb a reply.
 
@@ -93,11 +94,6 @@ class Batcher:
         """Whether the session is in a turn now."""
         return session_id in self._busy
 
-    @property
-    def any_busy(self) -> bool:
-        """Whether any session is in a turn."""
-        return bool(self._busy)
-
     @contextlib.contextmanager
     def turn(self, session_id: str) -> Iterator[None]:
         """Hold the session for one turn, after waiting for the turn it is in to end;
@@ -128,11 +124,10 @@ class Batcher:
         to its journalled end, stepping every other generating session with it."""
         try:
             gen.sample(-1)
-        except Exception as exc:
-            gen.fail(exc)
         except BaseException as exc:
             gen.fail(exc)
-            raise
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt: the reply failed, and it goes on up
         if gen.ending:
             gen.finish()
         if gen.done:

@@ -1,7 +1,9 @@
 """A turn, end to end, over the runtime's parts: resume, retrieve, render and decode the
 user turn, reply, journal, ingest, record. :class:`~runtime.app.facade.Runtime` checks the
-arguments and holds the lock; this part runs the steps in order (listed in
-:mod:`runtime.app`), never calling back into the runtime."""
+arguments and takes the lock; this part runs the steps in order (listed in
+:mod:`runtime.app`), never calling back into the runtime. The reply is generated with every
+other session generating now (:mod:`runtime.app.batching`), which lets go of the lock
+between decode steps; the session itself is held for the whole turn."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ Cancelled = Callable[[], bool] | None
 
 class Conversation:
     """The steps of :meth:`Runtime.chat` and :meth:`Runtime.answer` (arguments checked,
-    the runtime's lock held)."""
+    called with the runtime's lock taken)."""
 
     def __init__(
         self, sessions: Sessions, recall: Recall, turns: TurnEngine, stats: Stats, batcher: Batcher

@@ -1,12 +1,12 @@
 """The :class:`Runtime` facade: one door, one lock, a few composed parts.
 
 ``Runtime`` is built from one :class:`~runtime.app.options.RuntimeConfig`; its parts are
-built in one place, :mod:`runtime.app.parts`: the session pool, the sessions part, the turn
-engine, long-term memory (:class:`~runtime.app.recall.Recall`), retention and the
-housekeeping thread, and the stats.
+built in one place, :mod:`runtime.app.parts`.
 
 A part never calls back into the runtime. Every public method takes the runtime's lock, so
-a check and the act it guards happen inside one call.
+a check and the act it guards happen inside one call; a generating turn leaves it free
+between decode steps when another thread waits for it (:mod:`runtime.app.batching`), and a
+call that waits for a session's turn to end releases it while it waits.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ class Runtime:
     ``Runtime(data_dir, model=..., **options)`` opens it (``Runtime.open`` is the same call;
     the options are the fields of :class:`~runtime.app.options.RuntimeConfig`, or pass
     ``config=``). Use it as a context manager or call :meth:`close`. It is thread-safe: every
-    public method holds the runtime's lock (a llama.cpp context is not thread-safe).
+    public method takes the runtime's lock (a llama.cpp context is not thread-safe); turns
+    of different sessions run at once, sharing each decode step.
 
     Raises:
         runtime.errors.LockedError: another process has the directory open; the message
@@ -156,8 +157,9 @@ class Runtime:
         return self.ctx.n_ctx
 
     def close(self) -> None:
-        """Stop the housekeeping thread, checkpoint every resident session, write what is
-        pending, release everything.
+        """Refuse new calls, finish the replies being generated (each journalled) and wait
+        for the turns in progress, stop the housekeeping thread, checkpoint every resident
+        session, write what is pending, release everything.
 
         Idempotent. The journal already holds every turn, so a close that is cut short (a
         second Ctrl-C) loses nothing either.
@@ -187,6 +189,11 @@ class Runtime:
         if self._closed:
             raise ClosedError("the runtime is closed")
 
+    def _wait_for(self, session_id: str) -> None:
+        """Wait (the lock released) for the session's turn to end; close() may run meanwhile."""
+        self._batcher.wait_idle(session_id)
+        self._require_open()
+
     # -- the turn -----------------------------------------------------------------------------
 
     @_door
@@ -207,8 +214,8 @@ class Runtime:
         """One user turn and the assistant's reply, in session ``session_id``.
 
         The sampling arguments (``max_tokens``, ``temperature``, ``top_p``, ``top_k``,
-        ``min_p``, ``repeat_penalty``, ``seed``) left out take the runtime's
-        :class:`Sampling` defaults.
+        ``min_p``, ``repeat_penalty``, ``repeat_last_n``, ``seed``: :class:`SamplingOverrides`)
+        left out take the runtime's :class:`Sampling` defaults.
         ``on_token`` receives the reply's text as it is generated; ``cancelled`` is polled
         between tokens (a cancelled reply is kept, shortened, with ``finish_reason``
         ``"cancelled"``). ``remember=False`` keeps this turn out of long-term memory;
@@ -374,8 +381,7 @@ class Runtime:
     def suspend(self, session_id: str) -> None:
         """Checkpoint the session and free its KV cells now (it resumes on its next turn)."""
         validate_session_id(session_id)
-        self._batcher.wait_idle(session_id)
-        self._require_open()  # close() may have run while we waited
+        self._wait_for(session_id)
         self._sessions.suspend(session_id)
 
     @_door
@@ -386,8 +392,7 @@ class Runtime:
         if session_id is not None:
             validate_session_id(session_id)
         if session_id is not None:  # a reply being generated is not journalled yet
-            self._batcher.wait_idle(session_id)
-            self._require_open()
+            self._wait_for(session_id)
         # every session: those in a turn now are left to their turn's policy (their journal
         # holds everything they acknowledged)
         return self._sessions.checkpoint(session_id, skip=self._batcher.is_busy)
@@ -399,8 +404,7 @@ class Runtime:
         Raises :class:`~runtime.errors.SessionNotFoundError` if there is no such session.
         """
         validate_session_id(session_id)
-        self._batcher.wait_idle(session_id)
-        self._require_open()  # close() may have run while we waited
+        self._wait_for(session_id)
         self._sessions.delete(session_id, memories=memories)
 
     @_door
@@ -412,8 +416,7 @@ class Runtime:
         the model about at most 8 user turns and one summary; the rest waits for the next
         call (or the housekeeping thread's next tick)."""
         validate_session_id(session_id)
-        self._batcher.wait_idle(session_id)
-        self._require_open()  # close() may have run while we waited
+        self._wait_for(session_id)
         session = self._sessions.peek(session_id)
         if session is not None:
             self._recall.catch_up(session)
@@ -427,8 +430,8 @@ class Runtime:
 
     @_door
     def compact_journals(self) -> int:
-        """Apply ``journal_retention="window"`` now to every resident session (the
-        housekeeping thread does it by itself); returns the bytes freed. A no-op under the
+        """Apply ``journal_retention="window"`` now to every resident session not in a turn
+        (the housekeeping thread does it by itself); returns the bytes freed. A no-op under the
         default ``"all"``."""
         idle = [s for s in self._pool.resident() if not self._batcher.is_busy(s.session_id)]
         self._recall.settle(idle)  # memory covers what may be dropped

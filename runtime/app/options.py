@@ -177,9 +177,13 @@ class Sampling:
         """A turn's sampling: these defaults with the :class:`SamplingOverrides` given,
         checked for a context of ``n_ctx``. An unknown name is a ``TypeError``, as for any
         unexpected keyword argument."""
-        unknown = sorted(set(overrides) - set(SamplingOverrides.__annotations__))
+        known = SamplingOverrides.__annotations__
+        unknown = sorted(set(overrides) - set(known))
         if unknown:
-            raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+            raise TypeError(
+                f"unexpected keyword argument {unknown[0]!r} (the sampling arguments are "
+                f"{', '.join(known)})"
+            )
         return self.with_overrides(**overrides).check(n_ctx)
 
 
@@ -193,6 +197,7 @@ class SamplingOverrides(TypedDict, total=False):
     top_k: int | None
     min_p: float | None
     repeat_penalty: float | None
+    repeat_last_n: int | None
     seed: int | None
 
 

@@ -200,7 +200,7 @@ async def session_endpoint(request: Request, state: ServerState) -> Response:
     sid, rt = _sid(request), state.rt
 
     def read() -> dict[str, Any]:
-        # the queue runs one job at a time: nothing deletes the session between the calls
+        # the queue runs one job per session at a time: nothing deletes it between the calls
         info = rt.session_info(sid)
         if not info["exists"]:
             raise not_found(f"session {sid}")

@@ -55,8 +55,8 @@ class Metrics:
         self.rejected = Counter("runtime_queue_rejected", "503s for a full queue", registry=r)
         depth = Gauge("runtime_queue_depth", "Requests waiting for the runtime", registry=r)
         depth.set_function(lambda: queue.waiting)
-        busy = Gauge("runtime_queue_busy", "1 while a job holds the runtime", registry=r)
-        busy.set_function(lambda: 1.0 if queue.busy else 0.0)
+        busy = Gauge("runtime_queue_busy", "Jobs running in the runtime now", registry=r)
+        busy.set_function(lambda: float(queue.running))
 
     def turn(self, reply: Reply) -> None:
         self.tokens.labels("prompt").inc(reply.prompt_tokens)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
     from llamaffi import Context
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a turn waits for KV room or a sequence while every other session is in a turn,
+#: before it is refused (ContextFullError) instead of waiting for ever.
+ROOM_WAIT_S = 30.0
 
 
 class SessionPool:
@@ -93,8 +98,6 @@ class SessionPool:
         self._wait = wait
         #: sequences handed to a resume still in progress (it may wait, releasing the lock)
         self._claimed: set[int] = set()
-        #: sessions waiting in _make_room for others' turns to end
-        self._room_waiters: set[str] = set()
 
     def get(self, session_id: str) -> tuple[Session, ResumeReport | None]:
         """The session, resumed if it was not resident; the report says how, if it was."""
@@ -187,40 +190,39 @@ class SessionPool:
         # a reply being generated holds the cells it may still add
         return sum(s.n_tokens + s.in_flight for s in self._sessions.values() if s is not exclude)
 
-    def _victim(self, session: Session | None) -> Session | None:
+    def _victim(self, session: Session | None, since: float) -> Session | None:
         """The least recently used resident session that may be suspended now (not
         ``session``, not in a turn), or ``None`` after a wait for a turn to end (the caller
-        looks again). :class:`ContextFullError` when every other resident session waits
-        for room itself: none of them would ever end its turn."""
+        looks again). :class:`ContextFullError` once the caller has waited
+        :data:`ROOM_WAIT_S` since ``since``: sessions that wait for room for each other
+        would otherwise wait for ever."""
         others = [s for s in self._sessions.values() if s is not session]
         idle = next((s for s in others if not self._busy(s.session_id)), None)
         if idle is not None or not others or self._wait is None:
             return idle
-        if all(s.session_id in self._room_waiters for s in others):
+        if time.monotonic() - since > ROOM_WAIT_S:
             raise ContextFullError(
-                f"the {self.ctx.n_ctx} KV cells are held by sessions that all wait for room: "
-                "try again, or use a larger n_ctx"
+                f"no room in the {self.ctx.n_ctx} KV cells after {ROOM_WAIT_S:.0f} s: every "
+                "other session is in a turn; try again, or use a larger n_ctx"
             )
         self._wait()
         return None
 
     def _make_room(self, session: Session, n_tokens: int) -> None:
         """Suspend LRU sessions (never ``session``) until ``n_tokens`` more cells fit."""
+        since = time.monotonic()
         while True:
             mine = session.n_tokens if session.resident else 0
             if self._used_cells(exclude=session) + mine + n_tokens <= self.ctx.n_ctx:
                 return
             if not any(s is not session for s in self._sessions.values()):
                 return  # alone and still too big: Session._reserve already refused that
-            self._room_waiters.add(session.session_id)
-            try:
-                victim = self._victim(session)
-            finally:
-                self._room_waiters.discard(session.session_id)
+            victim = self._victim(session, since)
             if victim is not None:
                 self._evict(victim)
 
     def _free_seq(self) -> int:
+        since = time.monotonic()
         while True:
             used = {s.seq_id for s in self._sessions.values()} | self._claimed
             free = [i for i in range(self.n_seq) if i not in used]
@@ -231,7 +233,7 @@ class SessionPool:
                     raise SessionError("every KV sequence is taken by a resume in progress")
                 self._wait()
                 continue
-            victim = self._victim(None)
+            victim = self._victim(None, since)
             if victim is not None:
                 seq_id = victim.seq_id
                 self._evict(victim)

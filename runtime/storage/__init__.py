@@ -12,14 +12,15 @@ first two also have server-backed ones:
   :class:`runtime.storage.s3.S3BlobStore` (an S3-compatible bucket) the server-backed one.
 * :class:`MemoryBackend`: the long-term memory's items, their vectors and search, what
   :class:`runtime.app.recall.Recall` and the distiller use.
-  :class:`runtime.longterm.MemoryStore` (SQLite + FTS5 + an hnswlib index under ``memory/``)
+  :class:`runtime.longterm.MemoryStore` (SQLite + FTS5 + an hnswlib index under ``longterm/``)
   is the local one.
 
 The server-backed modules import their clients (psycopg, boto3; the ``cluster`` extra) only
 when they are imported themselves, so the local runtime needs neither.
 
 The contract tests in ``tests/runtime/test_storage_contract.py`` run against every
-implementation.
+journal and blob store; the memory store's guarantees are tested in
+``tests/runtime/test_memory.py`` and ``test_longterm_truth.py``.
 """
 
 from __future__ import annotations
