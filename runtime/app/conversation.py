@@ -63,53 +63,34 @@ class Conversation:
         """One user turn and its reply (see :meth:`Runtime.chat`): the session is held for
         the whole turn, after any turn it is in ends."""
         with self._batcher.turn(session_id):
-            return self._chat(
-                session_id, text, params, stops, on_token, cancelled,
-                remember=remember, importance=importance, use_memory=use_memory, created=created,
-            )  # fmt: skip
-
-    def _chat(
-        self,
-        session_id: str,
-        text: str,
-        params: Sampling,
-        stops: tuple[str, ...],
-        on_token: OnToken,
-        cancelled: Cancelled,
-        *,
-        remember: bool,
-        importance: float,
-        use_memory: bool,
-        created: float | None,
-    ) -> Reply:
-        marks = [time.perf_counter()]
-        new = not self._sessions.exists(session_id)
-        session, report = self._sessions.get(session_id)
-        marks.append(time.perf_counter())
-        meta: dict[str, object] = {"importance": importance}
-        if not remember:
-            meta["remember"] = False
-        try:
-            # "last week" in the question means the week before the turn's own time
-            memories = self._recall.retrieve(session, text, now=created) if use_memory else []
+            marks = [time.perf_counter()]
+            new = not self._sessions.exists(session_id)
+            session, report = self._sessions.get(session_id)
             marks.append(time.perf_counter())
-            prompt = self._turns.prompt(
-                session,
-                text,
-                memories,
-                max_tokens=params.max_tokens,
-                meta=meta,
-                created=created,
-            )
-        except Exception:
-            if new:  # a refused first turn leaves no session behind (nor its system turn)
-                self._discard_refused(session_id)
-            raise
-        marks.append(time.perf_counter())
-        return self._reply(
-            session, prompt, params, stops, on_token, cancelled, memories, report, marks,
-            ingest=remember,
-        )  # fmt: skip
+            meta: dict[str, object] = {"importance": importance}
+            if not remember:
+                meta["remember"] = False
+            try:
+                # "last week" in the question means the week before the turn's own time
+                memories = self._recall.retrieve(session, text, now=created) if use_memory else []
+                marks.append(time.perf_counter())
+                prompt = self._turns.prompt(
+                    session,
+                    text,
+                    memories,
+                    max_tokens=params.max_tokens,
+                    meta=meta,
+                    created=created,
+                )
+            except Exception:
+                if new:  # a refused first turn leaves no session behind (nor its system turn)
+                    self._discard_refused(session_id)
+                raise
+            marks.append(time.perf_counter())
+            return self._reply(
+                session, prompt, params, stops, on_token, cancelled, memories, report, marks,
+                ingest=remember,
+            )  # fmt: skip
 
     def answer(
         self,
@@ -121,31 +102,21 @@ class Conversation:
     ) -> Reply:
         """The reply to the session's unanswered last user turn (see :meth:`Runtime.answer`)."""
         with self._batcher.turn(session_id):
-            return self._answer(session_id, params, stops, on_token, cancelled)
-
-    def _answer(
-        self,
-        session_id: str,
-        params: Sampling,
-        stops: tuple[str, ...],
-        on_token: OnToken,
-        cancelled: Cancelled,
-    ) -> Reply:
-        if not self._sessions.exists(session_id):
-            raise SessionNotFoundError(f"no session {session_id!r}")
-        marks = [time.perf_counter()]
-        session, report = self._sessions.get(session_id)
-        marks += [time.perf_counter()] * 2  # resumed; nothing retrieved
-        prompt = self._turns.pending(session, params.max_tokens)
-        if prompt is None:
-            raise RuntimeArgumentError(
-                "session_id", "the last turn in the window has its reply already"
-            )
-        marks.append(time.perf_counter())
-        return self._reply(
-            session, prompt, params, stops, on_token, cancelled, [], report, marks,
-            ingest=True,
-        )  # fmt: skip
+            if not self._sessions.exists(session_id):
+                raise SessionNotFoundError(f"no session {session_id!r}")
+            marks = [time.perf_counter()]
+            session, report = self._sessions.get(session_id)
+            marks += [time.perf_counter()] * 2  # resumed; nothing retrieved
+            prompt = self._turns.pending(session, params.max_tokens)
+            if prompt is None:
+                raise RuntimeArgumentError(
+                    "session_id", "the last turn in the window has its reply already"
+                )
+            marks.append(time.perf_counter())
+            return self._reply(
+                session, prompt, params, stops, on_token, cancelled, [], report, marks,
+                ingest=True,
+            )  # fmt: skip
 
     def _discard_refused(self, session_id: str) -> None:
         """Delete the journal and KV of a session whose first turn was refused; its

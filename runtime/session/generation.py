@@ -6,7 +6,7 @@ end-of-generation token, a stop string, cancellation); once the pending token is
 :meth:`~Generation.decoded` emits its text and ends the reply at the length limit;
 :meth:`~Generation.finish` decodes the template's closing tokens and journals the reply.
 Whoever drives it decides how the pending token is decoded: alone
-(:meth:`~Generation.run_alone`, what :meth:`Session.generate` does) or in one batch with
+(:meth:`~Generation.run_alone`) or in one batch with
 other sessions' pending tokens (:class:`runtime.app.batching.Batcher`). Either way the
 journal entry holds exactly the tokens decoded, and a failure leaves the KV as the journal
 says (the reply's cells are cut).
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
+
+from runtime.errors import SessionError
 
 if TYPE_CHECKING:
     from llamaffi import Sampler
@@ -30,7 +32,7 @@ CLOSE_CELLS = 16
 
 class Generation:
     """The reply to the decoded prompt of ``session``: see the module docstring and
-    :meth:`Session.generate` for the arguments. Made by :meth:`Session.start_generation`."""
+    :meth:`Session.start_generation`, which makes it, for the arguments."""
 
     def __init__(
         self,
@@ -101,7 +103,8 @@ class Generation:
     def decoded(self) -> None:
         """The pending token is in the KV now: emit the text that is safe to show (never a
         piece of a stop string), and end the reply at ``n_predict`` tokens."""
-        assert self.pending is not None
+        if self.pending is None:
+            raise SessionError("no pending token was decoded")
         self.decoded_tokens.append(self.pending)
         self.pending = None
         self.pos += 1
@@ -161,15 +164,15 @@ class Generation:
         """``(entry, finish_reason)``; raises the failure, if it failed."""
         if self.error is not None:
             raise self.error
-        assert self.entry is not None and self.finish_reason is not None
+        if self.entry is None or self.finish_reason is None:
+            raise SessionError("the reply has not finished")
         return self.entry, self.finish_reason
 
     def run_alone(self) -> tuple[Entry, str]:
         """Generate the whole reply in this sequence alone, then journal it."""
         try:
             self.sample(-1)
-            while not self.ending:
-                assert self.pending is not None
+            while self.pending is not None:
                 self.session.kv.decode([self.pending], pos=self.pos)
                 self.decoded()
                 if not self.ending:

@@ -269,44 +269,26 @@ class Session:
         cancelled: Callable[[], bool] | None = None,
         meta: dict[str, object] | None = None,
     ) -> Generation:
-        """The assistant's turn after the decoded prompt, not started yet: see
-        :meth:`generate` for the arguments and :mod:`runtime.session.generation` for how it
-        is driven. Its first :meth:`Generation.sample` must read the prompt's logits, so it
-        is called before anything else decodes."""
+        """The assistant's turn after the decoded prompt, not started yet: drive it alone
+        (:meth:`Generation.run_alone`) or with other sessions'
+        (:class:`runtime.app.batching.Batcher`); see :mod:`runtime.session.generation`. Its
+        first :meth:`Generation.sample` must read the prompt's logits, so it is started
+        before anything else decodes.
+
+        The reply stops at an end-of-generation token (sampled, never decoded), at the first
+        of the ``stop`` strings (cut from the text), after ``n_predict`` tokens, or when
+        ``cancelled()`` turns true (the reply so far is kept and journalled, so the KV and
+        the journal stay equal); its ``finish_reason`` is ``"stop"``, ``"length"`` or
+        ``"cancelled"``. ``close(text)`` gives the tokens that end the turn in the template
+        (``<|im_end|>\\n`` in ChatML); they are decoded so the next turn extends the
+        sequence. ``on_text`` receives the reply's text as it grows, never a piece of a stop
+        string. The journal entry holds exactly the tokens decoded.
+        """
         self._require_resident()
         return Generation(
             self, n_predict, sampler, close=close, stop=stop, clean=clean, on_text=on_text,
             cancelled=cancelled, meta=meta,
         )  # fmt: skip
-
-    def generate(
-        self,
-        n_predict: int,
-        sampler: Sampler,
-        *,
-        close: Callable[[str], Sequence[int]],
-        stop: Sequence[str] = (),
-        clean: Callable[[str], str] | None = None,
-        on_text: Callable[[str], None] | None = None,
-        cancelled: Callable[[], bool] | None = None,
-        meta: dict[str, object] | None = None,
-    ) -> tuple[Entry, str]:
-        """Generate the assistant's turn after the decoded prompt, journal it; return
-        ``(entry, finish_reason)`` with ``finish_reason`` ``"stop"``, ``"length"`` or
-        ``"cancelled"``.
-
-        Stops at an end-of-generation token (sampled, never decoded), at the first of the
-        ``stop`` strings (cut from the text), after ``n_predict`` tokens, or when
-        ``cancelled()`` turns true (the reply so far is kept and journalled, so the KV and the
-        journal stay equal). ``close(text)`` gives the tokens that end the turn in the
-        template (``<|im_end|>\\n`` in ChatML); they are decoded so the next turn extends
-        the sequence. ``on_text`` receives the reply's text as it grows, never a piece of a
-        stop string. The journal entry holds exactly the tokens decoded.
-        """
-        return self.start_generation(
-            n_predict, sampler, close=close, stop=stop, clean=clean, on_text=on_text,
-            cancelled=cancelled, meta=meta,
-        ).run_alone()  # fmt: skip
 
     def journal_reply(self, text: str, tokens: list[int], meta: dict[str, object]) -> Entry:
         """Journal a reply whose ``tokens`` are decoded already (:class:`Generation`)."""

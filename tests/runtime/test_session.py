@@ -71,7 +71,8 @@ def reply(session: Session, n_predict: int = 6) -> Entry:
     """A greedy reply of at most ``n_predict`` tokens, closed by a newline."""
     newline = session.ctx.model.tokenize("\n", add_special=False)
     session.reserve(n_predict + len(newline))
-    entry, _ = session.generate(n_predict, Sampler.greedy(), close=lambda _text: newline)
+    gen = session.start_generation(n_predict, Sampler.greedy(), close=lambda _text: newline)
+    entry, _ = gen.run_alone()
     return entry
 
 
