@@ -64,9 +64,20 @@ class ChunkReader:
 
         A public stage of :meth:`restore`, for profilers: what one chunk costs without
         llama.cpp."""
+        snap, source = self._open_chunk(manifest, ref)
+        out = np.empty(snap.header.raw_size, dtype=np.uint8)
+        try:
+            snapshot_mod.decode_into(snap, out, threads=1, source=source)
+        except CorruptSnapshotError as exc:
+            raise ChunkError(ref.key, exc.field, str(exc)) from None
+        return out
+
+    def _open_chunk(self, manifest: Manifest, ref: ChunkRef) -> tuple[Snapshot, str]:
+        """The chunk's file, its header checked against the manifest (digests deferred to
+        the decode, frame by frame)."""
         source = self.blobs.describe(ref.key)
         try:
-            # lives only for this call; the digests are checked frame by frame by decode_into
+            # lives only for this call; the digests are checked frame by frame when decoded
             view = self.blobs.get(ref.key)
         except FileNotFoundError:
             raise ChunkError(ref.key, "missing", f"{source} does not exist") from None
@@ -91,12 +102,7 @@ class ChunkReader:
             raise ChunkError(ref.key, "tokens", "token ids differ from the manifest's")
         if h.raw_size != ref.raw_size:
             raise ChunkError(ref.key, "raw_size", f"{h.raw_size} != {ref.raw_size}")
-        out = np.empty(h.raw_size, dtype=np.uint8)
-        try:
-            snapshot_mod.decode_into(snap, out, threads=1, source=source)
-        except CorruptSnapshotError as exc:
-            raise ChunkError(ref.key, exc.field, str(exc)) from None
-        return out
+        return snap, source
 
     def restore(
         self,
@@ -176,35 +182,59 @@ class ChunkReader:
         scratch_seq: int,
     ) -> None:
         if len(refs) > 1:
-            raws = self._load_all(manifest, refs)
             try:
-                layouts = [layout.parse(raw) for raw in raws]
-                blob = layout.assemble(raws, layouts, seq_id=seq_id)
+                blob = self._join(manifest, refs, seq_id)
             except layout.LayoutError as exc:
                 logger.info("chunk restore through the scratch sequence: %s", exc)
             else:
-                del raws
                 ctx.seq_state_set(blob, seq_id)
                 return
-            for raw in raws:
-                self._set_chunk(ctx, raw, seq_id, scratch_seq)
-            return
         for ref in refs:
             self._set_chunk(ctx, self.load_chunk(manifest, ref), seq_id, scratch_seq)
 
-    def _load_all(
-        self, manifest: Manifest, refs: Sequence[ChunkRef]
-    ) -> list[npt.NDArray[np.uint8]]:
-        """Every chunk read, verified and decoded; on ``threads`` workers when above 1."""
-        if self.threads == 1:
-            return [self.load_chunk(manifest, ref) for ref in refs]
+    def _join(
+        self, manifest: Manifest, refs: Sequence[ChunkRef], seq_id: int
+    ) -> npt.NDArray[np.uint8]:
+        """The one state of the window: the first chunk decoded and parsed (the template),
+        every other decoded straight into its places (:class:`layout.JoinPlan`), its headers
+        checked against the template's. :class:`layout.LayoutError` for a layout that module
+        does not know."""
+        first = self.load_chunk(manifest, refs[0])
+        plan = layout.JoinPlan(layout.parse(first), [ref.end - ref.start for ref in refs])
+        for ref in refs:
+            if ref.raw_size != plan.chunk_size(ref.end - ref.start):
+                raise layout.LayoutError(f"chunk {ref.key} is not of the first chunk's shape")
+        out = np.empty(plan.size, dtype=np.uint8)
+        template = plan.place(first, out, 0)
+        del first
+
+        def decode(i: int) -> None:
+            ref = refs[i]
+            snap, source = self._open_chunk(manifest, ref)
+            heads = np.empty(plan.head_bytes, dtype=np.uint8)
+            try:
+                snapshot_mod.decode_scattered(snap, plan.pieces(out, i, heads), source=source)
+            except CorruptSnapshotError as exc:
+                raise ChunkError(ref.key, exc.field, str(exc)) from None
+            plan.check(i, heads.tobytes(), template)
+
+        self._run(decode, range(1, len(refs)))
+        return plan.finish(out, template, seq_id=seq_id)
+
+    def _run(self, fn: Callable[[int], None], items: range) -> None:
+        """``fn`` over ``items``: on ``threads`` workers when above 1, else here."""
+        if self.threads == 1 or len(items) < 2:
+            for i in items:
+                fn(i)
+            return
         with self._lock:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, "kvchunk")
             pool = self._pool
-        futures = [pool.submit(self.load_chunk, manifest, ref) for ref in refs]
+        futures = [pool.submit(fn, i) for i in items]
         try:
-            return [f.result() for f in futures]
+            for f in futures:
+                f.result()
         finally:
             for pending in futures:
                 if not pending.cancel():

@@ -392,6 +392,109 @@ def decode_into(
     parallel_map(work, header.n_segments, threads)
 
 
+def decode_scattered(
+    snapshot: Snapshot,
+    pieces: Sequence[npt.NDArray[np.uint8]],
+    *,
+    source: str | None = None,
+) -> None:
+    """Decode ``snapshot``'s payload straight into ``pieces``: destinations that take its raw
+    bytes one after another (together exactly ``raw_size``), wherever they are.
+
+    Frames without a filter go from zstd into each contiguous piece with no copy; a strided
+    piece (a transposed V layer's channels) goes through a small scratch. Other codecs are
+    decoded whole and copied. The checks are :func:`decode_into`'s: declared sizes first, each
+    frame's xxh3-128 (``defer_digests``) just before it is decoded, exact output lengths.
+    """
+    header = snapshot.header
+    if sum(int(p.size) for p in pieces) != header.raw_size:
+        raise ArgumentError(f"the pieces do not add up to the snapshot's {header.raw_size} bytes")
+    if header.filter is not Filter.NONE:
+        whole = np.empty(header.raw_size, dtype=np.uint8)
+        decode_into(snapshot, whole, threads=1, source=source)
+        off = 0
+        for piece in pieces:
+            piece[...] = whole[off : off + piece.size].reshape(piece.shape)
+            off += piece.size
+        return
+    for i, chunk in enumerate(snapshot.chunks):
+        check_frame(header, i, chunk, source)
+    frames = _FrameStream(snapshot, source)
+    strided = max((int(p.size) for p in pieces if not p.flags.c_contiguous), default=0)
+    scratch = np.empty(strided, dtype=np.uint8)
+    for piece in pieces:
+        contiguous = piece.flags.c_contiguous
+        flat = piece.reshape(-1) if contiguous else scratch[: piece.size]
+        frames.read_into(flat)
+        if not contiguous:
+            piece[...] = flat.reshape(piece.shape)
+    frames.close()
+
+
+class _FrameStream:
+    """A snapshot's frames (no filter) read as one stream, frame by frame, each checked."""
+
+    def __init__(self, snapshot: Snapshot, source: str | None) -> None:
+        self.header = snapshot.header
+        self.chunks = snapshot.chunks
+        self.digests = isinstance(snapshot, DeferredSnapshot)
+        self.source = source
+        self.dctx = zstandard.ZstdDecompressor()
+        self.frame = -1
+        self.left = 0
+        self.reader: Any = None
+
+    def _error(self, what: str) -> CorruptSnapshotError:
+        return CorruptSnapshotError(f"chunk[{self.frame}].zstd_frame", what, source=self.source)
+
+    def _next(self) -> None:
+        self._end()
+        self.frame += 1
+        if self.frame >= len(self.chunks):
+            raise self._error("the frames end before the payload does")
+        chunk = self.chunks[self.frame]
+        if self.digests:
+            check_digest(self.header, self.frame, chunk, self.source)
+        try:
+            if frame_length(chunk) != len(chunk):
+                raise self._error("the zstd frame does not fill its chunk")
+        except zstandard.ZstdError as exc:
+            raise self._error(str(exc)) from None
+        self.reader = self.dctx.stream_reader(chunk, read_size=len(chunk), read_across_frames=False)
+        self.left = self.header.chunk_raw_len(self.frame)
+
+    def _end(self) -> None:
+        if self.reader is None:
+            return
+        try:
+            trailing = self.reader.read(1)
+        except zstandard.ZstdError as exc:
+            raise self._error(str(exc)) from None
+        if self.left or trailing:
+            raise self._error("the frame decodes to other than its declared length")
+        self.reader = None
+
+    def read_into(self, dst: npt.NDArray[np.uint8]) -> None:
+        got = 0
+        while got < dst.size:
+            if not self.left:
+                self._next()
+            want = min(self.left, dst.size - got)
+            try:
+                n = self.reader.readinto(dst[got : got + want])
+            except zstandard.ZstdError as exc:
+                raise self._error(str(exc)) from None
+            if not n:
+                raise self._error("the frame decodes to fewer bytes than it declares")
+            got += n
+            self.left -= n
+
+    def close(self) -> None:
+        self._end()
+        if self.frame != len(self.chunks) - 1:
+            raise self._error("frames left after the payload")
+
+
 def decode(snapshot: Snapshot, *, threads: int = 0) -> npt.NDArray[np.uint8]:
     """Return the raw llama.cpp state blob of ``snapshot`` as a new uint8 array."""
     out = np.empty(snapshot.header.raw_size, dtype=np.uint8)

@@ -205,12 +205,122 @@ def _gather(
     return out
 
 
+class JoinPlan:
+    """Where every byte of a run of chunk states goes in the one state of their union.
+
+    Built from the first chunk's layout (``template``) and every chunk's cell count, so the
+    chunks can be decoded straight into their places in the joined buffer, in any order and
+    on any thread: :meth:`pieces` gives chunk ``i``'s destinations in its own byte order (its
+    headers go to a small per-chunk buffer instead, which :meth:`check` compares with the
+    template's). :meth:`finish` writes the joined headers and the target seq id. Raises
+    :class:`LayoutError` when a chunk cannot have the template's shape.
+    """
+
+    def __init__(self, template: SeqStateLayout, counts: Sequence[int]) -> None:
+        if not counts or template.n_cells == 0 or counts[0] != template.n_cells:
+            raise LayoutError("nothing to join, or the template is not the first chunk")
+        if any(c <= 0 for c in counts):
+            raise LayoutError("a chunk without cells")
+        self.template = template
+        self.counts = tuple(int(c) for c in counts)
+        self.starts = tuple(int(x) for x in np.cumsum((0, *self.counts[:-1])))
+        self.n_cells = sum(self.counts)
+        self._sections = _sections(template)
+        if not template.v_trans:
+            self._per_cell = sum(s.row for s, _ in self._sections)
+        else:
+            self._per_cell = sum(s.row for s in template.k) + sum(s.rows for s in template.v) * (
+                template.v_el
+            )
+        self._fixed = _HEAD.size + _DATA_HEAD.size + sum(s.head_len for s, _ in self._sections)
+        #: header bytes of a chunk (its head, data head and section heads), in blob order
+        self.head_bytes = self._fixed
+        self.size = self.chunk_size(self.n_cells)
+        offsets, off = [], _HEAD.size + self.n_cells * _CELL_BYTES + _DATA_HEAD.size
+        for s, by_cell in self._sections:
+            off += s.head_len
+            offsets.append(off)
+            off += self.n_cells * (s.row if by_cell else s.rows * template.v_el)
+        self._data = tuple(offsets)
+
+    def chunk_size(self, n_cells: int) -> int:
+        """The size of a state of ``n_cells`` cells of the template's shape."""
+        return self._fixed + n_cells * (_CELL_BYTES + self._per_cell)
+
+    def pieces(
+        self, out: npt.NDArray[np.uint8], i: int, heads: npt.NDArray[np.uint8]
+    ) -> list[npt.NDArray[np.uint8]]:
+        """Chunk ``i``'s destinations, in its byte order, covering :meth:`chunk_size` bytes:
+        views of ``out`` (its cells and rows; a transposed V layer is a 2-D strided view of
+        its channels) and of ``heads`` (``head_bytes``: its headers, for :meth:`check`)."""
+        if out.size != self.size or heads.size != self.head_bytes:
+            raise LayoutError("the joined or the head buffer has the wrong size")
+        n, c = self.counts[i], self.starts[i]
+        el = self.template.v_el
+        meta = _HEAD.size + c * _CELL_BYTES
+        h = _HEAD.size + _DATA_HEAD.size
+        got = [heads[: _HEAD.size], out[meta : meta + n * _CELL_BYTES]]
+        got.append(heads[_HEAD.size : h])
+        for (s, by_cell), data in zip(self._sections, self._data, strict=True):
+            got.append(heads[h : h + s.head_len])
+            h += s.head_len
+            if by_cell:
+                got.append(out[data + c * s.row : data + (c + n) * s.row])
+            else:
+                channels = out[data : data + s.rows * self.n_cells * el].reshape(s.rows, -1)
+                got.append(channels[:, c * el : (c + n) * el])
+        return got
+
+    def place(self, blob: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], i: int) -> bytes:
+        """Copy chunk ``i``'s decoded state ``blob`` into ``out``; return its header bytes."""
+        if blob.size != self.chunk_size(self.counts[i]):
+            raise LayoutError(f"chunk {i} holds {blob.size} bytes, its shape needs more or less")
+        heads = np.empty(self.head_bytes, dtype=np.uint8)
+        off = 0
+        for piece in self.pieces(out, i, heads):
+            piece[...] = blob[off : off + piece.size].reshape(piece.shape)
+            off += piece.size
+        return heads.tobytes()
+
+    def check(self, i: int, heads: bytes, template_heads: bytes) -> None:
+        """:class:`LayoutError` unless chunk ``i``'s headers are a sequence state of its cell
+        count with the template's layers (``template_heads``: the first chunk's)."""
+        magic, _seq, n_stream, cells = _HEAD.unpack_from(heads, 0)
+        if (magic, n_stream, cells) != (SEQ_STATE_MAGIC, 1, self.counts[i]):
+            raise LayoutError(f"chunk {i}: not a one-stream state of {self.counts[i]} cells")
+        if heads[_HEAD.size :] != template_heads[_HEAD.size :]:
+            raise LayoutError(f"chunk {i} disagrees with the first on a layer's type or size")
+
+    def finish(
+        self, out: npt.NDArray[np.uint8], template_heads: bytes, *, seq_id: int
+    ) -> npt.NDArray[np.uint8]:
+        """Write the joined state's headers and ``seq_id`` into every cell; return ``out``.
+
+        :class:`LayoutError` if a cell has other than one seq id."""
+        out[: _HEAD.size] = np.frombuffer(_head(seq_id, self.n_cells), dtype=np.uint8)
+        meta = out[_HEAD.size : _HEAD.size + self.n_cells * _CELL_BYTES]
+        cells = meta.view("<i4").reshape(self.n_cells, 3)
+        if not np.all(cells[:, 1] == 1):
+            raise LayoutError("cells with other than one seq id")
+        cells[:, 2] = seq_id
+        off, h = _HEAD.size + self.n_cells * _CELL_BYTES, _HEAD.size
+        out[off : off + _DATA_HEAD.size] = np.frombuffer(
+            template_heads[h : h + _DATA_HEAD.size], dtype=np.uint8
+        )
+        h += _DATA_HEAD.size
+        for (s, _), data in zip(self._sections, self._data, strict=True):
+            out[data - s.head_len : data] = np.frombuffer(
+                template_heads[h : h + s.head_len], dtype=np.uint8
+            )
+            h += s.head_len
+        return out
+
+
 def assemble(
     blobs: Sequence[npt.NDArray[np.uint8]],
     layouts: Sequence[SeqStateLayout],
     *,
     seq_id: int,
-    out: npt.NDArray[np.uint8] | None = None,
 ) -> npt.NDArray[np.uint8]:
     """The one state of the union of ``blobs``' cells, in their order, for ``seq_id``: what
     llama.cpp writes for a sequence whose cells are those of the blobs, one after another.
@@ -218,53 +328,9 @@ def assemble(
     :class:`LayoutError` when the blobs disagree on the cache's shape (types, rows, layers)."""
     if not blobs:
         raise LayoutError("nothing to assemble")
-    first, fb = layouts[0], blobs[0]
-    sections = _sections(first)
-    for lay, blob in zip(layouts, blobs, strict=True):
-        if lay.n_cells == 0 or (lay.v_trans, lay.n_layer) != (first.v_trans, first.n_layer):
-            raise LayoutError("the chunks disagree on the cache layout")
-        for (s, _), (t, _) in zip(sections, _sections(lay), strict=True):
-            same_head = bytes(blob[t.head : t.head + 12]) == bytes(fb[s.head : s.head + 12])
-            if not same_head or (not first.v_trans and s.row != t.row):
-                raise LayoutError("the chunks disagree on a layer's type or row size")
-    n = sum(lay.n_cells for lay in layouts)
-    size = sum(lay.size for lay in layouts) - (len(blobs) - 1) * (
-        _HEAD.size + _DATA_HEAD.size + sum(s.head_len for s, _ in sections)
-    )
-    if out is None:
-        out = np.empty(size, dtype=np.uint8)
-    elif out.size < size:
-        raise LayoutError(f"buffer of {out.size} bytes < {size}")
-    out = out[:size]
-    out[: _HEAD.size] = np.frombuffer(_head(seq_id, n), dtype=np.uint8)
-    off = _HEAD.size
-    for lay, blob in zip(layouts, blobs, strict=True):
-        m = lay.n_cells * _CELL_BYTES
-        out[off : off + m] = blob[_HEAD.size : _HEAD.size + m]
-        out[off : off + m].view("<i4").reshape(lay.n_cells, 3)[:, 2] = seq_id
-        off += m
-    data_head = _HEAD.size + first.n_cells * _CELL_BYTES
-    out[off : off + _DATA_HEAD.size] = fb[data_head : data_head + _DATA_HEAD.size]
-    off += _DATA_HEAD.size
-    for i, (s, by_cell) in enumerate(sections):
-        out[off : off + s.head_len] = fb[s.head : s.head + s.head_len]
-        off += s.head_len
-        if by_cell:
-            for lay, blob in zip(layouts, blobs, strict=True):
-                t = _sections(lay)[i][0]
-                length = t.rows * t.row
-                out[off : off + length] = blob[t.data : t.data + length]
-                off += length
-        else:  # V transposed: channel by channel, every chunk's elements of it
-            el = first.v_el
-            dst = out[off : off + s.rows * n * el].reshape(s.rows, n * el)
-            col = 0
-            for lay, blob in zip(layouts, blobs, strict=True):
-                t = _sections(lay)[i][0]
-                w = lay.n_cells * el
-                dst[:, col : col + w] = blob[t.data : t.data + t.rows * w].reshape(t.rows, w)
-                col += w
-            off += dst.size
-    if off != size:
-        raise LayoutError(f"assembled {off} bytes, expected {size}")
-    return out
+    plan = JoinPlan(layouts[0], [lay.n_cells for lay in layouts])
+    out = np.empty(plan.size, dtype=np.uint8)
+    first = plan.place(blobs[0], out, 0)
+    for i, blob in enumerate(blobs):
+        plan.check(i, first if i == 0 else plan.place(blob, out, i), first)
+    return plan.finish(out, first, seq_id=seq_id)
