@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -115,8 +115,10 @@ class ChunkWriter:
                 if known is not None:
                     pending.append(PendingChunk(key, start, end, p0, None, *known))
                     continue
-                raw = sliced.pop(0) if sliced is not None else None
-                if raw is None:
+                raw: npt.NDArray[np.uint8] | layout.StateSlice
+                if sliced is not None:
+                    raw = sliced.pop(0)
+                else:
                     mem.seq_cp(seq_id, scratch_seq, p0, pos_min + end)
                     try:
                         raw = ctx.seq_state_get(scratch_seq)
@@ -151,10 +153,11 @@ class ChunkWriter:
         durable: dict[str, tuple[int, int] | None],
         pos_min: int,
         n: int,
-    ) -> list[npt.NDArray[np.uint8]] | None:
+    ) -> list[layout.StateSlice] | None:
         """The new chunks cut from one ``seq_state_get`` of the whole sequence, each byte for
-        byte what the scratch path gives (seq id ``scratch_seq`` included); None to copy
-        them one by one through the scratch sequence instead.
+        byte what the scratch path gives (seq id ``scratch_seq`` included), copied out of it
+        only when the commit encodes them; None to copy them one by one through the scratch
+        sequence instead.
 
         One copy of the whole sequence costs less than one scratch round trip per chunk only
         when most of it is new (a first save, a restore's re-save, a shift near the start);
@@ -187,41 +190,79 @@ class ChunkWriter:
             raise ArgumentError("this checkpoint was already committed or discarded")
         try:
             with self.commit_lock:
-                refs = [self._write_chunk(pending, c) for c in pending.chunks]
-                return self._publish(pending, refs)
+                return self._publish(pending, self._write_chunks(pending))
         finally:
             pending.done = True
             self.index.unpin(pending.pin_id)
 
-    def _write_chunk(self, pending: PendingCheckpoint, chunk: PendingChunk) -> ChunkRef:
-        known = self.index.sizes_of(chunk.key)
-        if chunk.raw is None:
-            if known is None or not self.blobs.has(chunk.key):
-                raise ChunkError(
-                    chunk.key, "missing", "vanished before the checkpoint was committed"
-                )
-            return ChunkRef(chunk.key, chunk.start, chunk.end, *known)
-        if known is not None and self.blobs.has(chunk.key):  # another checkpoint wrote it
-            return ChunkRef(chunk.key, chunk.start, chunk.end, *known)
-        if known is None and self.blobs.has(chunk.key):
-            # on disk but not in the index: it was unreadable when the store opened
-            self.blobs.quarantine(chunk.key, "unreadable when the store opened; written again")
-        n = chunk.end - chunk.start
-        snap = snapshot_mod.encode(
-            chunk.raw,
-            identity=pending.identity,
-            tokens=pending.tokens[chunk.start : chunk.end],
-            seq_id=0,
-            pos_min=chunk.pos0,
-            pos_max=chunk.pos0 + n - 1,
-            n_ctx=pending.n_ctx,
-            snapshot_id=chunk.key,
-            codec=self.codec,
-        )
-        size = self.blobs.put_if_absent(chunk.key, snap.write_to)
-        self.index.add_chunk(chunk.key, snap.header.raw_size, size, written=True)
-        chunk.raw = None  # the copy is durable now; let it go
-        return ChunkRef(chunk.key, chunk.start, chunk.end, snap.header.raw_size, size)
+    def _write_chunks(self, pending: PendingCheckpoint) -> list[ChunkRef]:
+        """Every chunk of ``pending`` stored: the new ones encoded and written in one
+        :meth:`BlobStore.put_all` (each encoded as its file is written, so one chunk's
+        compressed bytes are in memory at a time), the known ones checked."""
+        refs: dict[int, ChunkRef] = {}
+        jobs: list[tuple[str, Callable[[BinaryIO], int]]] = []
+        sizes = [c.raw.size for c in pending.chunks if isinstance(c.raw, layout.StateSlice)]
+        scratch = np.empty(max(sizes, default=0), dtype=np.uint8)
+        new: list[tuple[int, PendingChunk, list[int]]] = []
+        for i, chunk in enumerate(pending.chunks):
+            known = self.index.sizes_of(chunk.key)
+            if chunk.raw is None:
+                if known is None or not self.blobs.has(chunk.key):
+                    raise ChunkError(
+                        chunk.key, "missing", "vanished before the checkpoint was committed"
+                    )
+                refs[i] = ChunkRef(chunk.key, chunk.start, chunk.end, *known)
+                continue
+            if known is not None and self.blobs.has(chunk.key):  # another checkpoint wrote it
+                refs[i] = ChunkRef(chunk.key, chunk.start, chunk.end, *known)
+                continue
+            if known is None and self.blobs.has(chunk.key):
+                # on disk but not in the index: it was unreadable when the store opened
+                self.blobs.quarantine(chunk.key, "unreadable when the store opened; written again")
+            raw_size: list[int] = []
+            jobs.append((chunk.key, self._encoder(pending, chunk, scratch, raw_size)))
+            new.append((i, chunk, raw_size))
+        for (i, chunk, raw_size), size in zip(new, self.blobs.put_all(jobs), strict=True):
+            # raw_size is empty when another writer stored the key first: same content
+            raw = raw_size[0] if raw_size else chunk.raw_size
+            self.index.add_chunk(chunk.key, raw, size, written=bool(raw_size))
+            chunk.raw = None  # the copy is durable now; let it go
+            refs[i] = ChunkRef(chunk.key, chunk.start, chunk.end, raw, size)
+        return [refs[i] for i in range(len(pending.chunks))]
+
+    def _encoder(
+        self,
+        pending: PendingCheckpoint,
+        chunk: PendingChunk,
+        scratch: npt.NDArray[np.uint8],
+        raw_size: list[int],
+    ) -> Callable[[BinaryIO], int]:
+        """``write(f)`` for :meth:`BlobStore.put_all`: encode the chunk (a slice is first
+        copied into ``scratch``, one buffer for every chunk of the commit) and write its file
+        (appends its raw size to ``raw_size``)."""
+
+        def write(f: BinaryIO) -> int:
+            raw = chunk.raw
+            if raw is None:
+                raise ArgumentError(f"chunk {chunk.key} has no bytes to write")
+            if isinstance(raw, layout.StateSlice):
+                raw = raw.copy_into(scratch[: raw.size])
+            n = chunk.end - chunk.start
+            snap = snapshot_mod.encode(
+                raw,
+                identity=pending.identity,
+                tokens=pending.tokens[chunk.start : chunk.end],
+                seq_id=0,
+                pos_min=chunk.pos0,
+                pos_max=chunk.pos0 + n - 1,
+                n_ctx=pending.n_ctx,
+                snapshot_id=chunk.key,
+                codec=self.codec,
+            )
+            raw_size.append(snap.header.raw_size)
+            return snap.write_to(f)
+
+        return write
 
     def _publish(self, pending: PendingCheckpoint, refs: list[ChunkRef]) -> Manifest:
         session = pending.session_id
@@ -243,7 +284,7 @@ class ChunkWriter:
             meta=pending.meta,
         )
         data = man.to_bytes()
-        # every chunk it names is durable (put_if_absent returned): now the switch
+        # every chunk it names is durable (put_all returned): now the switch
         self.blobs.switch_manifest(session, generation, data)
         self.index.add_manifest(session, generation, man.keys, len(data))
         logger.debug(

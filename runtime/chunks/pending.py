@@ -11,18 +11,20 @@ import numpy.typing as npt
 
 from runtime.chunks.keys import Lineage
 from runtime.snapshot import CacheIdentity
+from runtime.snapshot.layout import StateSlice
 
 
 @dataclass
 class PendingChunk:
-    """One chunk of a planned checkpoint; ``raw`` is None when the chunk is already durable."""
+    """One chunk of a planned checkpoint; ``raw`` is None when the chunk is already durable,
+    else its state (a copy, or a slice of the sequence's one state, copied when encoded)."""
 
     key: str
     start: int
     end: int
     pos0: int  #: first position
-    raw: npt.NDArray[np.uint8] | None
-    raw_size: int = 0  #: known for durable chunks from the store's index
+    raw: npt.NDArray[np.uint8] | StateSlice | None
+    raw_size: int = 0  #: its state's size (durable chunks: from the store's index)
     file_size: int = 0
 
 

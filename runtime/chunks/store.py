@@ -243,9 +243,11 @@ class ChunkStore:
         ``tokens`` are the ids of the sequence's cells in position order (positions
         ``pos_min .. pos_min + len(tokens) - 1``); ``lineage`` describes window shifts
         (:func:`shift_lineage`). Only new chunks and the tail are copied, through
-        ``scratch_seq`` (which must be empty and is left empty); nothing is compressed or
-        written, and no file is touched. Pass the result to :meth:`commit` (any thread), or to
-        :meth:`discard` if it will not be committed.
+        ``scratch_seq`` (which must be empty and is left empty); when most of the sequence is
+        new (a first save), one ``seq_state_get`` of it is kept instead and the commit cuts
+        the chunks out of it (:class:`runtime.snapshot.layout.StateSlice`). Nothing is
+        compressed or written, and no file is touched. Pass the result to :meth:`commit` (any
+        thread), or to :meth:`discard` if it will not be committed.
         """
         self._require_writable()
         return self._writer.plan(
@@ -266,9 +268,10 @@ class ChunkStore:
     def commit(self, pending: PendingCheckpoint) -> Manifest:
         """ANY THREAD: write the new chunks, then the manifest, then collect garbage.
 
-        Each new chunk is compressed and stored durably; the manifest is switched only after
-        every chunk it names is durable; old manifests beyond ``keep`` and chunks no manifest
-        references are deleted only after that. Never touches a llama.cpp context. On any
+        The new chunks are encoded and stored in one :meth:`BlobStore.put_all` (the local
+        store fsyncs one chunk file while it writes the next); the manifest is switched only
+        after every chunk it names is durable; old manifests beyond ``keep`` and chunks no
+        manifest references are deleted only after that. Never touches a llama.cpp context. On any
         error nothing that an existing manifest references is touched, and :class:`OSError`
         propagates.
         """

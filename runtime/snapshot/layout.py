@@ -13,10 +13,12 @@ little-endian (``llama_context::state_seq_get_data`` and ``llama_kv_cache::state
 
 :func:`parse` checks a blob against that layout down to its last byte; :func:`slice_ranges`
 cuts one blob into the blobs llama.cpp would give for position ranges of it (what
-``seq_cp(src, tmp, p0, p1); seq_state_get(tmp)`` returns, byte for byte), and :func:`assemble`
-joins such blobs into the one blob of their union. Anything else (several streams, a cell
-extension for M-RoPE or n-gram models, recurrent or hybrid memory, a layer without V) raises
-:class:`LayoutError`, and the caller falls back to the scratch-sequence path.
+``seq_cp(src, tmp, p0, p1); seq_state_get(tmp)`` returns, byte for byte, copied lazily by
+:class:`StateSlice`), and :class:`JoinPlan` places such blobs in the one blob of their union
+(:func:`assemble` joins decoded ones; a restore decodes chunks straight into it). Anything
+else (several streams, a cell extension for M-RoPE or n-gram models, recurrent or hybrid
+memory, a layer without V) raises :class:`LayoutError`, and the caller falls back to the
+scratch-sequence path.
 """
 
 from __future__ import annotations
@@ -152,9 +154,10 @@ def slice_ranges(
     ranges: Sequence[tuple[int, int]],
     *,
     seq_id: int,
-) -> list[npt.NDArray[np.uint8]]:
+) -> list[StateSlice]:
     """For each position range ``[p0, p1)``, the state of just those cells, as llama.cpp
-    writes it for a sequence ``seq_id`` holding them (cells keep their blob order).
+    writes it for a sequence ``seq_id`` holding them (cells keep their blob order), cut
+    lazily: a :class:`StateSlice` copies its bytes out of ``blob`` when asked.
 
     :class:`LayoutError` when a range holds no cell."""
     out = []
@@ -162,47 +165,66 @@ def slice_ranges(
         sel = np.flatnonzero((lay.positions >= p0) & (lay.positions < p1))
         if sel.size == 0:
             raise LayoutError(f"no cell holds a position in [{p0}, {p1})")
-        out.append(_gather(blob, lay, sel, seq_id))
+        out.append(StateSlice(blob, lay, sel, seq_id))
     return out
 
 
-def _gather(
-    blob: npt.NDArray[np.uint8], lay: SeqStateLayout, sel: npt.NDArray[np.intp], seq_id: int
-) -> npt.NDArray[np.uint8]:
-    n = int(sel.size)
-    a, b = int(sel[0]), int(sel[-1]) + 1
-    take: slice | npt.NDArray[np.intp] = slice(a, b) if b - a == n else sel
-    sections = _sections(lay)
-    size = _HEAD.size + n * _CELL_BYTES + _DATA_HEAD.size
-    for s, by_cell in sections:
-        size += s.head_len + (n * s.row if by_cell else s.rows * n * lay.v_el)
-    out = np.empty(size, dtype=np.uint8)
-    out[: _HEAD.size] = np.frombuffer(_head(seq_id, n), dtype=np.uint8)
-    off = _HEAD.size
-    meta = np.frombuffer(blob, dtype="<i4", count=lay.n_cells * 3, offset=_HEAD.size)
-    cells = out[off : off + n * _CELL_BYTES].view("<i4").reshape(n, 3)
-    cells[:] = meta.reshape(lay.n_cells, 3)[take]
-    cells[:, 2] = seq_id
-    off += n * _CELL_BYTES
-    data_head = _HEAD.size + lay.n_cells * _CELL_BYTES
-    out[off : off + _DATA_HEAD.size] = blob[data_head : data_head + _DATA_HEAD.size]
-    off += _DATA_HEAD.size
-    for s, by_cell in sections:
-        out[off : off + s.head_len] = blob[s.head : s.head + s.head_len]
-        off += s.head_len
-        src = blob[s.data : s.data + s.rows * s.row]
-        part: npt.NDArray[np.uint8]
-        dst: npt.NDArray[np.uint8]
-        if by_cell:
-            part = src.reshape(s.rows, s.row)[take]
-            dst = out[off : off + n * s.row].reshape(n, s.row)
-        else:  # V transposed: per channel, the selected cells' elements
-            el = lay.v_el
-            part = src.reshape(s.rows, lay.n_cells, el)[:, take, :]
-            dst = out[off : off + s.rows * n * el].reshape(s.rows, n, el)
-        dst[...] = part
-        off += dst.size
-    return out
+class StateSlice:
+    """The state of some cells of ``blob`` (see :func:`slice_ranges`), not copied yet:
+    :meth:`copy_into` writes it into a caller's buffer (a writer's reused scratch), so a
+    first checkpoint holds the one state of the sequence rather than a second copy of it."""
+
+    def __init__(
+        self,
+        blob: npt.NDArray[np.uint8],
+        lay: SeqStateLayout,
+        sel: npt.NDArray[np.intp],
+        seq_id: int,
+    ) -> None:
+        self.blob, self.lay, self.seq_id = blob, lay, seq_id
+        n = self.n_cells = int(sel.size)
+        a, b = int(sel[0]), int(sel[-1]) + 1
+        self.take: slice | npt.NDArray[np.intp] = slice(a, b) if b - a == n else sel
+        size = _HEAD.size + n * _CELL_BYTES + _DATA_HEAD.size
+        for s, by_cell in _sections(lay):
+            size += s.head_len + (n * s.row if by_cell else s.rows * n * lay.v_el)
+        self.size = size
+
+    def materialize(self) -> npt.NDArray[np.uint8]:
+        """The slice as a new array."""
+        return self.copy_into(np.empty(self.size, dtype=np.uint8))
+
+    def copy_into(self, out: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+        """Write the slice into ``out`` (exactly :attr:`size` bytes); return ``out``."""
+        if out.size != self.size:
+            raise LayoutError(f"a slice of {self.size} bytes into a buffer of {out.size}")
+        blob, lay, n, take, seq_id = self.blob, self.lay, self.n_cells, self.take, self.seq_id
+        out[: _HEAD.size] = np.frombuffer(_head(seq_id, n), dtype=np.uint8)
+        off = _HEAD.size
+        meta = np.frombuffer(blob, dtype="<i4", count=lay.n_cells * 3, offset=_HEAD.size)
+        cells = out[off : off + n * _CELL_BYTES].view("<i4").reshape(n, 3)
+        cells[:] = meta.reshape(lay.n_cells, 3)[take]
+        cells[:, 2] = seq_id
+        off += n * _CELL_BYTES
+        data_head = _HEAD.size + lay.n_cells * _CELL_BYTES
+        out[off : off + _DATA_HEAD.size] = blob[data_head : data_head + _DATA_HEAD.size]
+        off += _DATA_HEAD.size
+        for s, by_cell in _sections(lay):
+            out[off : off + s.head_len] = blob[s.head : s.head + s.head_len]
+            off += s.head_len
+            src = blob[s.data : s.data + s.rows * s.row]
+            part: npt.NDArray[np.uint8]
+            dst: npt.NDArray[np.uint8]
+            if by_cell:
+                part = src.reshape(s.rows, s.row)[take]
+                dst = out[off : off + n * s.row].reshape(n, s.row)
+            else:  # V transposed: per channel, the selected cells' elements
+                el = lay.v_el
+                part = src.reshape(s.rows, lay.n_cells, el)[:, take, :]
+                dst = out[off : off + s.rows * n * el].reshape(s.rows, n, el)
+            dst[...] = part
+            off += dst.size
+        return out
 
 
 class JoinPlan:

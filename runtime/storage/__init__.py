@@ -116,12 +116,12 @@ class BlobStore(Protocol):
 
     Durability and order:
 
-    * :meth:`put_if_absent` returns only once the blob is durable; a blob is never changed
+    * :meth:`put_all` returns only once its blobs are durable; a blob is never changed
       after that (a key names its content), so a second put of the same key is a no-op.
     * :meth:`switch_manifest` publishes a session's new manifest atomically: a reader sees
       the old manifests or the new one, never part of it, and it is durable when the call
       returns. **A manifest is durable only after every chunk it names**: the caller puts
-      every chunk first (each durable on return), then switches.
+      every chunk first (durable on return), then switches.
     * Deletes (:meth:`delete`, :meth:`delete_manifest`, :meth:`delete_session`) are issued
       only after the manifest switch that stops referencing what they delete, so a crash at
       any point leaves every chunk a live manifest names in place (at worst, orphans that the
@@ -132,9 +132,11 @@ class BlobStore(Protocol):
 
     readonly: bool
 
-    def put_if_absent(self, key: str, write: Callable[[BinaryIO], int]) -> int:
-        """Store blob ``key``, whose bytes ``write(f)`` writes; durable on return. Returns
-        the stored size (the existing one if the key is already there)."""
+    def put_all(self, blobs: Sequence[tuple[str, Callable[[BinaryIO], int]]]) -> list[int]:
+        """Store each blob ``(key, write)`` that is not there yet (``write(f)`` writes its
+        bytes), all durable on return. Returns the stored sizes (the existing one where the
+        key was already there, and ``write`` is not called). The writes may overlap (the
+        local store fsyncs one file while it writes the next)."""
         ...
 
     def get(self, key: str) -> memoryview:

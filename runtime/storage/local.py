@@ -9,15 +9,15 @@ import mmap
 import os
 import re
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from runtime.errors import ArgumentError, ClosedError, ReadOnlyError
 from runtime.fsutil import (
     DirLock,
+    atomic_write_all,
     atomic_write_bytes,
-    atomic_writer,
     ensure_dir,
     fsync_dir,
     own_subdirs,
@@ -53,7 +53,7 @@ class LocalBlobStore:
         <root>/quarantine/                             damaged blobs moved aside
 
     Every file is written to a temp file in its directory, fsynced, renamed into place and the
-    directory fsynced (:func:`runtime.fsutil.atomic_writer`), so :meth:`put_if_absent` and
+    directory fsynced (:func:`runtime.fsutil.atomic_writer`), so :meth:`put_all` and
     :meth:`switch_manifest` are durable on return. The store's own directories are never
     symlinks and always 0700; nothing is ever followed through a symlink (one in place of a
     session's directory is removed itself, never its target); every file is 0600.
@@ -132,15 +132,25 @@ class LocalBlobStore:
 
     # -- blobs ----------------------------------------------------------------------------------
 
-    def put_if_absent(self, key: str, write: Callable[[BinaryIO], int]) -> int:
-        """Write blob ``key`` atomically and durably unless it is there; return its size."""
+    def put_all(self, blobs: Sequence[tuple[str, Callable[[BinaryIO], int]]]) -> list[int]:
+        """Write each blob not there yet atomically and durably (one
+        :func:`runtime.fsutil.atomic_write_all`: each file fsynced while the next is
+        written); return the stored sizes."""
         self._require_writable()
-        path = self.path(key)
-        with contextlib.suppress(FileNotFoundError):
-            return os.stat(path).st_size
-        private_dir(path.parent)
-        with atomic_writer(path) as f:
-            return write(f)
+        sizes: dict[int, int] = {}
+        jobs = []
+        for i, (key, write) in enumerate(blobs):
+            path = self.path(key)
+            try:
+                sizes[i] = os.stat(path).st_size
+                continue
+            except FileNotFoundError:
+                pass
+            private_dir(path.parent)
+            jobs.append((i, path, write))
+        written = atomic_write_all([(path, write) for _, path, write in jobs])
+        sizes.update((i, n) for (i, _, _), n in zip(jobs, written, strict=True))
+        return [sizes[i] for i in range(len(blobs))]
 
     def get(self, key: str) -> memoryview:
         """A read-only map of blob ``key`` (not copied; valid while the view lives). Files

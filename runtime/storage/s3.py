@@ -14,7 +14,7 @@ Object layout under ``s3://<bucket>/<prefix>/``::
                                                        damaged manifests moved aside
 
 Guarantees (those of the protocol): an S3 PUT is atomic per object and durable when it
-returns (read-after-write consistent on every store named above), so :meth:`put_if_absent`
+returns (read-after-write consistent on every store named above), so :meth:`put_all`
 and :meth:`switch_manifest` are durable on return and a reader sees a whole object or none.
 A chunk is put with ``If-None-Match: *`` where the store supports it (a concurrent writer of
 the same key cannot replace it), and with a HEAD then PUT where it does not; either way the
@@ -28,7 +28,7 @@ import io
 import logging
 import re
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
@@ -141,9 +141,14 @@ class S3BlobStore:
             raise
         return int(head["ContentLength"])
 
-    def put_if_absent(self, key: str, write: Callable[[BinaryIO], int]) -> int:
+    def put_all(self, blobs: Sequence[tuple[str, Callable[[BinaryIO], int]]]) -> list[int]:
+        """PUT each blob unless it is there, one after another (see :meth:`_put`); durable on
+        return. Returns the stored sizes."""
+        return [self._put(key, write) for key, write in blobs]
+
+    def _put(self, key: str, write: Callable[[BinaryIO], int]) -> int:
         """PUT blob ``key`` unless it is there (``If-None-Match: *``, or HEAD then PUT where the
-        store refuses conditional writes); durable on return. Returns the stored size."""
+        store refuses conditional writes)."""
         self._require_writable()
         object_key = self.object_key(key)
         existing = self._size(object_key)

@@ -17,6 +17,7 @@ import pytest
 from runtime.errors import DiskFullError, LockedError, PersistError, UnsafePathError
 from runtime.fsutil import (
     DirLock,
+    atomic_write_all,
     atomic_write_bytes,
     ensure_dir,
     lock_exclusive,
@@ -161,3 +162,34 @@ def test_warn_if_exposed_warns_once_per_directory(
         assert warn_if_exposed(open_dir) and warn_if_exposed(open_dir)
         assert not warn_if_exposed(closed)
     assert len([r for r in caplog.records if str(open_dir) in r.getMessage()]) == 1
+
+
+def _writes(data: bytes) -> Any:
+    def write(f: Any) -> int:
+        f.write(data)
+        return len(data)
+
+    return write
+
+
+@pytest.mark.parametrize("n", [1, 9])
+def test_atomic_write_all_writes_every_file_or_none(tmp_path: Path, n: int) -> None:
+    """Every file complete with its mode on success; after a failure in the last write,
+    no file and no temp file (the earlier ones are never renamed before all are durable)."""
+    dirs = [ensure_dir(tmp_path / f"d{i % 3}") for i in range(n)]
+    paths = [d / f"f{i}" for i, d in enumerate(dirs)]
+    sizes = atomic_write_all([(p, _writes(b"x" * i)) for i, p in enumerate(paths)])
+    assert sizes == list(range(n))
+    assert [p.read_bytes() for p in paths] == [b"x" * i for i in range(n)]
+    assert all(mode_of(p) == 0o600 for p in paths)
+
+    def broken(f: Any) -> int:
+        f.write(b"partial")
+        raise OSError(errno.EIO, "the disk went away")
+
+    others = [d / f"g{i}" for i, d in enumerate(dirs)]
+    jobs = [(p, _writes(b"new")) for p in others[:-1]] + [(others[-1], broken)]
+    with pytest.raises(OSError, match="went away"):
+        atomic_write_all(jobs)
+    assert not any(p.exists() for p in others)
+    assert sorted(q.name for d in set(dirs) for q in d.iterdir()) == sorted(p.name for p in paths)

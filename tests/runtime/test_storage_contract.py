@@ -99,18 +99,41 @@ def _writer(data: bytes) -> Callable[[io.RawIOBase], int]:
 
 def test_a_put_blob_is_there_after_a_reopen(open_blobs: Callable[[], BlobStore]) -> None:
     store = open_blobs()
-    assert store.put_if_absent(KEY_A, _writer(b"hello")) == 5
+    assert store.put_all([(KEY_A, _writer(b"hello"))]) == [5]
     assert store.has(KEY_A) and bytes(store.get(KEY_A)) == b"hello"
     store.close()
     again = open_blobs()  # durable on return: a new instance reads it back
     assert bytes(again.get(KEY_A)) == b"hello" and sorted(again.list_keys()) == [KEY_A]
 
 
-def test_put_if_absent_never_replaces_a_blob(open_blobs: Callable[[], BlobStore]) -> None:
+def test_put_all_never_replaces_a_blob(open_blobs: Callable[[], BlobStore]) -> None:
     store = open_blobs()
-    store.put_if_absent(KEY_A, _writer(b"first"))
-    assert store.put_if_absent(KEY_A, _writer(b"second, longer")) == 5
+    store.put_all([(KEY_A, _writer(b"first"))])
+
+    def never(f: io.RawIOBase) -> int:
+        raise AssertionError("write called for a stored key")
+
+    assert store.put_all([(KEY_A, never), (KEY_B, _writer(b"second, longer"))]) == [5, 14]
     assert bytes(store.get(KEY_A)) == b"first"
+    assert bytes(store.get(KEY_B)) == b"second, longer"
+    store.close()
+    again = open_blobs()  # every blob of one call durable on return
+    assert sorted(again.list_keys()) == sorted([KEY_A, KEY_B])
+
+
+def test_a_failed_write_stores_no_part_of_its_blob(open_blobs: Callable[[], BlobStore]) -> None:
+    store = open_blobs()
+
+    def half(f: io.RawIOBase) -> int:
+        f.write(b"half a blo")
+        raise OSError("the disk went away")
+
+    with pytest.raises(OSError, match="went away"):
+        store.put_all([(KEY_A, _writer(b"whole")), (KEY_B, half)])
+    assert not store.has(KEY_B)
+    assert not store.has(KEY_A) or bytes(store.get(KEY_A)) == b"whole"
+    assert store.put_all([(KEY_B, _writer(b"again"))]) == [5]
+    assert bytes(store.get(KEY_B)) == b"again"
 
 
 def test_missing_blobs_and_manifests_are_not_found(open_blobs: Callable[[], BlobStore]) -> None:
@@ -127,8 +150,7 @@ def test_missing_blobs_and_manifests_are_not_found(open_blobs: Callable[[], Blob
 
 def test_delete_and_quarantine_remove_a_blob(open_blobs: Callable[[], BlobStore]) -> None:
     store = open_blobs()
-    store.put_if_absent(KEY_A, _writer(b"a"))
-    store.put_if_absent(KEY_B, _writer(b"b"))
+    store.put_all([(KEY_A, _writer(b"a")), (KEY_B, _writer(b"b"))])
     store.delete(KEY_A)
     store.quarantine(KEY_B, "damaged in a test")
     store.sync_deletes([KEY_A])
@@ -167,7 +189,7 @@ def test_a_closed_store_refuses_writes(open_blobs: Callable[[], BlobStore]) -> N
     store = open_blobs()
     store.close()
     with pytest.raises(ValueError, match="closed"):
-        store.put_if_absent(KEY_A, _writer(b"x"))
+        store.put_all([(KEY_A, _writer(b"x"))])
     store.close()  # twice is fine
 
 
