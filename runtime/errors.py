@@ -211,7 +211,8 @@ class ChunkError(SnapshotError, ValueError):
 
     ``key`` names the chunk and ``field`` the check that failed: ``"missing"`` when the chunk
     is not in the store (nothing to move aside), else an integrity check or the slot it does
-    not fit (the chunk was quarantined). The caller falls back to an older manifest or to the
+    not fit (the chunk was quarantined, unless the manifest's own entry was out of bounds:
+    ``"raw_size"`` before anything was read). The caller falls back to an older manifest or to the
     journal; the target sequence has been left empty.
     """
 

@@ -1,9 +1,10 @@
 """Restoring a sequence from a manifest: chunks are read (mapped, not copied, from the local
-store), verified, decoded (on worker threads where there are cores for them), joined into one
-sequence state and handed to llama.cpp in one call."""
+store), verified and decoded on worker threads ahead of the caller, into a few reused
+buffers, while the caller hands each decoded chunk to llama.cpp."""
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -23,7 +24,7 @@ from runtime.errors import (
     MemoryRuntimeError,
     UnsupportedVersionError,
 )
-from runtime.snapshot import Snapshot, layout
+from runtime.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from llamaffi import Context
@@ -34,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 class ChunkReader:
     """The restore side of a chunk store: reads, verifies and decodes chunks from ``blobs``
-    and hands them to llama.cpp, decoding ahead of the caller on ``threads`` workers.
+    and hands them to llama.cpp, decoding ahead of the caller on ``threads`` workers (at
+    least one).
 
     ``quarantine(key, reason)`` is called for a damaged chunk once the sequences are empty.
     """
@@ -64,8 +66,14 @@ class ChunkReader:
 
         A public stage of :meth:`restore`, for profilers: what one chunk costs without
         llama.cpp."""
+        return self._decode(manifest, ref, np.empty(ref.raw_size, dtype=np.uint8))
+
+    def _decode(
+        self, manifest: Manifest, ref: ChunkRef, buffer: npt.NDArray[np.uint8]
+    ) -> npt.NDArray[np.uint8]:
+        """Chunk ``ref`` read, checked and decoded into the start of ``buffer``."""
         snap, source = self._open_chunk(manifest, ref)
-        out = np.empty(snap.header.raw_size, dtype=np.uint8)
+        out = buffer[: snap.header.raw_size]
         try:
             snapshot_mod.decode_into(snap, out, threads=1, source=source)
         except CorruptSnapshotError as exc:
@@ -117,14 +125,14 @@ class ChunkReader:
 
         ``seq_id`` is emptied first. Chunks are read through a memory map, checked (identity,
         positions and token ids against the manifest; the xxh3-128 of each frame just before
-        zstd decodes it straight into the chunk's buffer; zstd's content checksums where the
-        frames have them), then joined into the one state of the window by the sequence-state
-        layout (:mod:`runtime.snapshot.layout`) and handed to llama.cpp in one
-        ``seq_state_set(blob, seq_id)``. Where the layout is not one that module knows (it
-        logs why), the chunks go one by one through the scratch sequence instead:
-        ``seq_state_set(chunk, scratch)``, ``seq_cp(scratch, seq_id)``, ``seq_rm(scratch)``.
-        With ``threads > 1`` worker threads decode the chunks. No byte reaches llama.cpp
-        before it is verified.
+        zstd decodes it straight into a reused chunk buffer; zstd's content checksums where
+        the frames have them) on ``threads`` workers, up to ``threads`` chunks ahead of the
+        caller, which sets the first chunk straight into ``seq_id`` and each later one through
+        the scratch sequence (``seq_state_set(chunk, scratch)``, ``seq_cp(scratch, seq_id)``,
+        ``seq_rm(scratch)``): decoding overlaps llama.cpp's copies, and memory is
+        ``threads + 1`` chunk buffers, not a copy of the window. (Joining the chunks into one
+        state for one ``seq_state_set`` measured slower: docs/bench "KV I/O".) No byte
+        reaches llama.cpp before it is verified.
 
         Raises :class:`snapshot.IncompatibleSnapshotError` (nothing touched) for another model or
         cache layout; :class:`ChunkError` (a missing chunk, or a damaged one, which is
@@ -144,6 +152,15 @@ class ChunkReader:
             raise ArgumentError(f"scratch seq {scratch_seq} is not empty")
         mem.seq_rm(seq_id, -1, -1)
         refs = manifest.refs
+        bound = snapshot_mod.max_state_size(ctx)
+        for ref in refs:  # before any buffer is allocated; the manifest is wrong, not the chunk
+            if not 0 < ref.raw_size <= bound:
+                raise ChunkError(
+                    ref.key,
+                    "raw_size",
+                    f"the manifest says {ref.raw_size} bytes; this context's states are at "
+                    f"most {bound} (not quarantined: the chunk may be fine)",
+                )
         try:
             self._restore_refs(ctx, manifest, refs, seq_id, scratch_seq)
             got = (mem.pos_min(seq_id), mem.pos_max(seq_id))
@@ -181,65 +198,38 @@ class ChunkReader:
         seq_id: int,
         scratch_seq: int,
     ) -> None:
-        if len(refs) > 1:
-            try:
-                blob = self._join(manifest, refs, seq_id)
-            except layout.LayoutError as exc:
-                logger.info("chunk restore through the scratch sequence: %s", exc)
-            else:
-                ctx.seq_state_set(blob, seq_id)
-                return
-        for ref in refs:
-            self._set_chunk(ctx, self.load_chunk(manifest, ref), seq_id, scratch_seq)
-
-    def _join(
-        self, manifest: Manifest, refs: Sequence[ChunkRef], seq_id: int
-    ) -> npt.NDArray[np.uint8]:
-        """The one state of the window: the first chunk decoded and parsed (the template),
-        every other decoded straight into its places (:class:`layout.JoinPlan`), its headers
-        checked against the template's. :class:`layout.LayoutError` for a layout that module
-        does not know."""
-        first = self.load_chunk(manifest, refs[0])
-        plan = layout.JoinPlan(layout.parse(first), [ref.end - ref.start for ref in refs])
-        for ref in refs:
-            if ref.raw_size != plan.chunk_size(ref.end - ref.start):
-                raise layout.LayoutError(f"chunk {ref.key} is not of the first chunk's shape")
-        out = np.empty(plan.size, dtype=np.uint8)
-        template = plan.place(first, out, 0)
-        del first
-
-        def decode(i: int) -> None:
-            ref = refs[i]
-            snap, source = self._open_chunk(manifest, ref)
-            heads = np.empty(plan.head_bytes, dtype=np.uint8)
-            try:
-                snapshot_mod.decode_scattered(snap, plan.pieces(out, i, heads), source=source)
-            except CorruptSnapshotError as exc:
-                raise ChunkError(ref.key, exc.field, str(exc)) from None
-            plan.check(i, heads.tobytes(), template)
-
-        self._run(decode, range(1, len(refs)))
-        return plan.finish(out, template, seq_id=seq_id)
-
-    def _run(self, fn: Callable[[int], None], items: range) -> None:
-        """``fn`` over ``items``: on ``threads`` workers when above 1, else here."""
-        if self.threads == 1 or len(items) < 2:
-            for i in items:
-                fn(i)
+        if not refs:
             return
-        with self._lock:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, "kvchunk")
-            pool = self._pool
-        futures = [pool.submit(fn, i) for i in items]
+        depth = max(1, self.threads)
+        size = max(ref.raw_size for ref in refs)
+        buffers = [np.empty(size, dtype=np.uint8) for _ in range(depth + 1)]
+        pool = self._workers(depth)
+
+        def decode(i: int) -> npt.NDArray[np.uint8]:
+            # chunk i's buffer is free: chunk i - depth - 1 was set before i was submitted
+            return self._decode(manifest, refs[i], buffers[i % len(buffers)])
+
+        ahead = collections.deque(pool.submit(decode, i) for i in range(min(depth, len(refs))))
         try:
-            for f in futures:
-                f.result()
+            for i in range(len(refs)):
+                raw = ahead.popleft().result()
+                if i + depth < len(refs):
+                    ahead.append(pool.submit(decode, i + depth))
+                if i == 0:
+                    ctx.seq_state_set(raw, seq_id)
+                else:
+                    self._set_chunk(ctx, raw, seq_id, scratch_seq)
         finally:
-            for pending in futures:
+            for pending in ahead:
                 if not pending.cancel():
                     with contextlib.suppress(Exception):
                         pending.result()
+
+    def _workers(self, n: int) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(n, "kvchunk")
+            return self._pool
 
     @staticmethod
     def _set_chunk(ctx: Context, raw: npt.NDArray[np.uint8], seq_id: int, scratch: int) -> None:

@@ -66,10 +66,10 @@ class ChunkStore:
         readonly: no lock, no writing, no quarantine, no temp-file cleanup.
         lock: take ``<root>/.lock`` (set False when the caller already holds a lock that
             covers this directory).
-        threads: worker threads decoding chunks ahead of the caller during :meth:`restore`;
-            1 decodes on the caller's thread, between the llama.cpp calls. 0 (default): one
-            per CPU but one (kept for the caller's llama.cpp calls), at most 4; so 1 on a
-            2-core machine, where the pipeline measured slower (docs: "The codec of chunks").
+        threads: worker threads decoding chunks ahead of the caller during :meth:`restore`
+            (each holds one chunk buffer). 0 (default): one per CPU but one (kept for the
+            caller's llama.cpp calls), at least 1 and at most 4; so 1 on a 2-core machine,
+            where one worker measured faster than two (docs/bench "KV I/O").
         blobs: where the files go (default: a :class:`runtime.storage.LocalBlobStore` at
             ``root``); any :class:`runtime.storage.BlobStore` keeps the same guarantees.
 

@@ -159,3 +159,33 @@ def test_session_resume_quarantines_a_forged_chunk(model: Any, tmp_path: Path) -
         assert any("raw_size" in p.read_text() for p in reasons)
         assert report.n_tokens == len(session.journal.tokens())
         pool.close()
+
+
+def test_a_manifest_claiming_huge_chunks_is_refused_before_allocating(
+    model: Any, tmp_path: Path
+) -> None:
+    """A manifest naming a chunk of a terabyte (a bug or a forgery) is refused by size,
+    before the restore allocates its buffers, and leaves both sequences empty."""
+    from runtime.chunks import ChunkError, ChunkStore
+
+    with (
+        model.context(n_ctx=1024, n_batch=128, n_seq_max=3, n_threads=2) as c,
+        ChunkStore(tmp_path / "kv") as store,
+    ):
+        c.decode([5 + i % 50 for i in range(300)], seq_id=0, logits="none")
+        tokens = [5 + i % 50 for i in range(300)]
+        man = store.commit(
+            store.plan_capture(c, 0, tokens, scratch_seq=2, session_id="s", journal_seq=0)
+        )
+        big = dataclasses.replace(man.chunks[0], raw_size=1 << 40)
+        forged = dataclasses.replace(man, chunks=(big, *man.chunks[1:]))
+        tracemalloc.start()
+        try:
+            with pytest.raises(ChunkError) as info:
+                store.restore(c, forged, 1, scratch_seq=2)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert info.value.field == "raw_size" and peak < 64 << 20
+        assert c.memory.pos_max(1) == -1 and c.memory.pos_max(2) == -1
+        assert store.restore(c, man, 1, scratch_seq=2) == tokens

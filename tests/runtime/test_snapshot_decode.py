@@ -13,7 +13,6 @@ import pytest
 import zstandard
 
 from runtime import snapshot as S
-from runtime.errors import ArgumentError
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -47,28 +46,6 @@ def raw_blob(n: int = 60_001, seed: int = 0) -> np.ndarray:
     return np.concatenate([words, zeros])
 
 
-def scattered(snap: S.Snapshot, seed: int = 0) -> np.ndarray:
-    """``decode_scattered`` into pieces of random sizes (some crossing frame boundaries),
-    every third a strided 2-D view of a wider buffer; returns their bytes in order."""
-    rng = np.random.default_rng(seed)
-    pieces, left = [], snap.header.raw_size
-    while left:
-        n = min(left, int(rng.integers(1, 20_000)))
-        if len(pieces) % 3 == 2 and n >= 64:
-            rows = int(rng.integers(2, 9))
-            n -= n % rows
-            wide = np.full((rows, 2 * (n // rows)), 0xEE, dtype=np.uint8)
-            pieces.append(wide[:, : n // rows])
-        else:
-            pieces.append(np.full(n, 0xEE, dtype=np.uint8))
-        left -= n
-    S.decode_scattered(snap, pieces)
-    return np.concatenate([p.reshape(-1) for p in pieces])
-
-
-DECODERS = {"whole": S.decode, "scattered": scattered}
-
-
 def make(raw: np.ndarray, codec: S.Codec) -> S.Snapshot:
     return S.encode(raw, identity=IDENTITY, tokens=[1, 2, 3], seq_id=0, codec=codec)
 
@@ -90,7 +67,6 @@ def test_round_trip_every_codec(codec: S.Codec) -> None:
     snap = make(raw, codec)
     back = S.Snapshot.from_bytes(snap.to_bytes())
     assert np.array_equal(S.decode(back, threads=codec.threads), raw)
-    assert np.array_equal(scattered(back), raw)
     for frame in snap.chunks:
         assert S.frame_length(frame) == len(frame)
         has_checksum = zstandard.get_frame_parameters(bytes(frame)).has_checksum
@@ -106,15 +82,8 @@ def test_frame_length_of_empty_and_rle_frames() -> None:
         S.frame_length(b"not a zstd frame")
 
 
-def test_scattered_pieces_must_add_up() -> None:
-    snap = make(raw_blob(), S.Codec(filter=S.Filter.NONE, chunk_size=8 << 10))
-    with pytest.raises(ArgumentError):
-        S.decode_scattered(snap, [np.empty(snap.header.raw_size - 1, np.uint8)])
-
-
-@pytest.mark.parametrize("decoder", list(DECODERS))
 @pytest.mark.parametrize("checksum", [True, False])
-def test_frame_not_filling_its_chunk_is_refused(checksum: bool, decoder: str) -> None:
+def test_frame_not_filling_its_chunk_is_refused(checksum: bool) -> None:
     """Bytes after the frame, or a frame cut inside its checksum, with a valid digest: a
     streaming decode would stop at the full output and miss both."""
     snap = make(raw_blob(), S.Codec(filter=S.Filter.NONE, chunk_size=8 << 10, checksum=checksum))
@@ -122,28 +91,26 @@ def test_frame_not_filling_its_chunk_is_refused(checksum: bool, decoder: str) ->
     variants = [frame + b"\0\0\0\0", frame[:-1]] if checksum else [frame + b"\0"]
     for bad in variants:
         with pytest.raises(S.CorruptSnapshotError) as info:
-            DECODERS[decoder](forge(snap, 1, bad))
+            S.decode(forge(snap, 1, bad))
         assert info.value.field == "chunk[1].zstd_frame"
 
 
-@pytest.mark.parametrize("decoder", list(DECODERS))
-def test_forged_block_header_caught_without_content_checksum(decoder: str) -> None:
+def test_forged_block_header_caught_without_content_checksum() -> None:
     codec = S.Codec(level=-1, filter=S.Filter.NONE, chunk_size=8 << 10, checksum=False)
     snap = make(raw_blob(), codec)
     frame = bytearray(snap.chunks[0])
     frame[zstandard.frame_header_size(bytes(frame)) + 1] ^= 0x10  # the first block's size
     with pytest.raises(S.CorruptSnapshotError) as info:
-        DECODERS[decoder](forge(snap, 0, bytes(frame)))
+        S.decode(forge(snap, 0, bytes(frame)))
     assert info.value.field.startswith("chunk[0].")
 
 
-@pytest.mark.parametrize("decoder", list(DECODERS))
-def test_forged_content_caught_by_the_content_checksum(decoder: str) -> None:
+def test_forged_content_caught_by_the_content_checksum() -> None:
     snap = make(raw_blob(), S.Codec(level=-1, filter=S.Filter.NONE, chunk_size=8 << 10))
     frame = bytearray(snap.chunks[0])
     frame[len(frame) // 2] ^= 0xFF  # inside a raw block: only the content checksum sees it
     with pytest.raises(S.CorruptSnapshotError) as info:
-        DECODERS[decoder](forge(snap, 0, bytes(frame)))
+        S.decode(forge(snap, 0, bytes(frame)))
     assert info.value.field == "chunk[0].zstd_frame"
 
 
@@ -166,9 +133,6 @@ def test_deferred_digests_are_checked_while_decoding(
     out = np.zeros(raw.size, np.uint8)
     with pytest.raises(S.CorruptSnapshotError) as info:
         S.decode_into(deferred, out)
-    assert info.value.field.endswith(".checksum")
-    with pytest.raises(S.CorruptSnapshotError) as info:
-        scattered(deferred)
     assert info.value.field.endswith(".checksum")
     with pytest.raises(S.CorruptSnapshotError):  # and the eager read refuses it at once
         S.read(path, mapped=True)
