@@ -211,9 +211,10 @@ class ChunkError(SnapshotError, ValueError):
 
     ``key`` names the chunk and ``field`` the check that failed: ``"missing"`` when the chunk
     is not in the store (nothing to move aside), else an integrity check or the slot it does
-    not fit (the chunk was quarantined, unless the manifest's own entry was out of bounds:
-    ``"raw_size"`` before anything was read). The caller falls back to an older manifest or to the
-    journal; the target sequence has been left empty.
+    not fit (the chunk was quarantined), or ``"manifest_raw_size"`` when the manifest's own
+    entry was out of bounds (refused before anything was read; not quarantined). The caller
+    falls back to an older manifest or to the journal; the target sequence has been left
+    empty.
     """
 
     def __init__(self, key: str, field: str, message: str) -> None:

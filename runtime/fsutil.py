@@ -283,9 +283,10 @@ def atomic_write_all(
     fsynced on worker threads; once every file is durable they are renamed, and each
     distinct directory is fsynced once, concurrently (the filesystem commits concurrent
     fsyncs together). One fsync per file and one per directory, as before, but they overlap
-    the writing and each other instead of queueing behind it. On any exception no path is
-    replaced (every temp file is removed), except those already renamed, which are complete
-    and durable.
+    the writing and each other instead of queueing behind it; at most ``2 * SYNC_WORKERS``
+    files are in flight. On any exception no path is replaced (every temp file is removed),
+    except those already renamed, which are complete and fsynced (their directory entries
+    may not be durable yet).
     """
     if len(jobs) <= 1:
         out = []
@@ -299,7 +300,9 @@ def atomic_write_all(
     with concurrent.futures.ThreadPoolExecutor(SYNC_WORKERS, "fsync") as pool:
         synced: list[concurrent.futures.Future[None]] = []
         try:
-            for path, write in jobs:
+            for k, (path, write) in enumerate(jobs):
+                if k >= 2 * SYNC_WORKERS:  # bound the open files and dirty pages in flight
+                    synced[k - 2 * SYNC_WORKERS].result()
                 target = Path(path)
                 tmp = target.with_name(f"{TMP_PREFIX}{target.name}.{secrets.token_hex(4)}")
                 f = os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb")

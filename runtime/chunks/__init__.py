@@ -24,11 +24,11 @@ pinned llama.cpp has no range API (upstream PR #25133 is still open)::
     seq_cp(src, tmp, p0, p1); blob = seq_state_get(tmp); seq_rm(tmp)
 
 and restoring is the reverse, chunk by chunk: ``seq_state_set(blob, tmp)``,
-``seq_cp(tmp, target)``, ``seq_rm(tmp)``. Where the sequence-state layout is one
+``seq_cp(tmp, target)``, ``seq_rm(tmp)`` (the first chunk goes straight into the target),
+with the next chunk decoding on a worker meanwhile. Where the sequence-state layout is one
 :mod:`runtime.snapshot.layout` knows (a unified, non-recurrent, non-SWA cache of the pinned
 llama.cpp), a first save instead takes one ``seq_state_get`` of the whole sequence and slices
-it into chunks byte-identical to the scratch path's, and a restore joins the verified chunks
-into one state and makes one ``seq_state_set``; anything else falls back to the scratch
+it into chunks byte-identical to the scratch path's; anything else falls back to the scratch
 sequence, with the reason logged. ``seq_cp`` shares cells within one KV stream, so
 neither direction needs spare cells; it needs a unified cache (``kv_unified=True``), where all
 sequences share one stream.

@@ -177,9 +177,8 @@ class ChunkWriter:
             return None
 
     def discard(self, pending: PendingCheckpoint) -> None:
-        """Drop a planned checkpoint without committing it (releases its pins)."""
-        pending.done = True
-        self.index.unpin(pending.pin_id)
+        """Drop a planned checkpoint without committing it (releases its pins and copies)."""
+        self._release(pending)
 
     # -- any thread -----------------------------------------------------------------------------
 
@@ -188,12 +187,20 @@ class ChunkWriter:
         (see :meth:`runtime.chunks.ChunkStore.commit`)."""
         if pending.done:
             raise ArgumentError("this checkpoint was already committed or discarded")
+        new = pending.new_chunks
         try:
             with self.commit_lock:
-                return self._publish(pending, self._write_chunks(pending))
+                return self._publish(pending, self._write_chunks(pending), new)
         finally:
-            pending.done = True
-            self.index.unpin(pending.pin_id)
+            self._release(pending)
+
+    def _release(self, pending: PendingCheckpoint) -> None:
+        """Done with ``pending``: unpin its chunks and let go of its copies (a slice holds the
+        whole sequence's state), whatever happened."""
+        pending.done = True
+        for chunk in pending.chunks:
+            chunk.raw = None
+        self.index.unpin(pending.pin_id)
 
     def _write_chunks(self, pending: PendingCheckpoint) -> list[ChunkRef]:
         """Every chunk of ``pending`` stored: the new ones encoded and written in one
@@ -222,7 +229,16 @@ class ChunkWriter:
             raw_size: list[int] = []
             jobs.append((chunk.key, self._encoder(pending, chunk, scratch, raw_size)))
             new.append((i, chunk, raw_size))
-        for (i, chunk, raw_size), size in zip(new, self.blobs.put_all(jobs), strict=True):
+        try:
+            stored = self.blobs.put_all(jobs)
+        except BaseException:
+            # what was stored before the failure is complete: index it, or the next commit
+            # would take it for a chunk that was unreadable when the store opened
+            for _, chunk, raw_size in new:
+                if len(raw_size) == 2 and self.blobs.has(chunk.key):
+                    self.index.add_chunk(chunk.key, raw_size[0], raw_size[1], written=True)
+            raise
+        for (i, chunk, raw_size), size in zip(new, stored, strict=True):
             # raw_size is empty when another writer stored the key first: same content
             raw = raw_size[0] if raw_size else chunk.raw_size
             self.index.add_chunk(chunk.key, raw, size, written=bool(raw_size))
@@ -239,7 +255,7 @@ class ChunkWriter:
     ) -> Callable[[BinaryIO], int]:
         """``write(f)`` for :meth:`BlobStore.put_all`: encode the chunk (a slice is first
         copied into ``scratch``, one buffer for every chunk of the commit) and write its file
-        (appends its raw size to ``raw_size``)."""
+        (appends its raw size, then its file size, to ``raw_size``)."""
 
         def write(f: BinaryIO) -> int:
             raw = chunk.raw
@@ -260,11 +276,13 @@ class ChunkWriter:
                 codec=self.codec,
             )
             raw_size.append(snap.header.raw_size)
-            return snap.write_to(f)
+            written = snap.write_to(f)
+            raw_size.append(written)
+            return written
 
         return write
 
-    def _publish(self, pending: PendingCheckpoint, refs: list[ChunkRef]) -> Manifest:
+    def _publish(self, pending: PendingCheckpoint, refs: list[ChunkRef], new: int) -> Manifest:
         session = pending.session_id
         generation = self.index.next_generation(session)
         tail = refs[-1] if refs and refs[-1].end - refs[-1].start < pending.chunk_tokens else None
@@ -292,7 +310,7 @@ class ChunkWriter:
             session,
             generation,
             len(refs),
-            pending.new_chunks,
+            new,
         )
         self._prune(session)
         self._collect_garbage()

@@ -66,14 +66,16 @@ class ChunkReader:
 
         A public stage of :meth:`restore`, for profilers: what one chunk costs without
         llama.cpp."""
-        return self._decode(manifest, ref, np.empty(ref.raw_size, dtype=np.uint8))
+        return self._decode(manifest, ref, None)
 
     def _decode(
-        self, manifest: Manifest, ref: ChunkRef, buffer: npt.NDArray[np.uint8]
+        self, manifest: Manifest, ref: ChunkRef, buffer: npt.NDArray[np.uint8] | None
     ) -> npt.NDArray[np.uint8]:
-        """Chunk ``ref`` read, checked and decoded into the start of ``buffer``."""
+        """Chunk ``ref`` read, checked and decoded into the start of ``buffer`` (None: a new
+        array, allocated once the header is checked)."""
         snap, source = self._open_chunk(manifest, ref)
-        out = buffer[: snap.header.raw_size]
+        size = snap.header.raw_size
+        out = np.empty(size, dtype=np.uint8) if buffer is None else buffer[:size]
         try:
             snapshot_mod.decode_into(snap, out, threads=1, source=source)
         except CorruptSnapshotError as exc:
@@ -131,13 +133,15 @@ class ChunkReader:
         the scratch sequence (``seq_state_set(chunk, scratch)``, ``seq_cp(scratch, seq_id)``,
         ``seq_rm(scratch)``): decoding overlaps llama.cpp's copies, and memory is
         ``threads + 1`` chunk buffers, not a copy of the window. (Joining the chunks into one
-        state for one ``seq_state_set`` measured slower: docs/bench "KV I/O".) No byte
+        state for one ``seq_state_set`` measured slower: docs/snapshot-format.md, "The codec of
+        chunks".) No byte
         reaches llama.cpp before it is verified.
 
         Raises :class:`snapshot.IncompatibleSnapshotError` (nothing touched) for another model or
-        cache layout; :class:`ChunkError` (a missing chunk, or a damaged one, which is
-        quarantined) or :class:`snapshot.RestoreError` otherwise, with ``seq_id`` and
-        ``scratch_seq`` left empty. The caller then tries an older manifest or the journal.
+        cache layout; :class:`ChunkError` (a missing chunk, a damaged one, which is
+        quarantined, or a manifest entry larger than this context's states) or
+        :class:`snapshot.RestoreError` otherwise, with ``seq_id`` and ``scratch_seq`` left
+        empty. The caller then tries an older manifest or the journal.
         """
         mem = ctx.memory
         if scratch_seq == seq_id:
@@ -157,7 +161,7 @@ class ChunkReader:
             if not 0 < ref.raw_size <= bound:
                 raise ChunkError(
                     ref.key,
-                    "raw_size",
+                    "manifest_raw_size",
                     f"the manifest says {ref.raw_size} bytes; this context's states are at "
                     f"most {bound} (not quarantined: the chunk may be fine)",
                 )

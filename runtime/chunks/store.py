@@ -69,7 +69,8 @@ class ChunkStore:
         threads: worker threads decoding chunks ahead of the caller during :meth:`restore`
             (each holds one chunk buffer). 0 (default): one per CPU but one (kept for the
             caller's llama.cpp calls), at least 1 and at most 4; so 1 on a 2-core machine,
-            where one worker measured faster than two (docs/bench "KV I/O").
+            where two workers measured no faster (docs/snapshot-format.md, "The codec of
+            chunks").
         blobs: where the files go (default: a :class:`runtime.storage.LocalBlobStore` at
             ``root``); any :class:`runtime.storage.BlobStore` keeps the same guarantees.
 

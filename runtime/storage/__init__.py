@@ -135,8 +135,9 @@ class BlobStore(Protocol):
     def put_all(self, blobs: Sequence[tuple[str, Callable[[BinaryIO], int]]]) -> list[int]:
         """Store each blob ``(key, write)`` that is not there yet (``write(f)`` writes its
         bytes), all durable on return. Returns the stored sizes (the existing one where the
-        key was already there, and ``write`` is not called). The writes may overlap (the
-        local store fsyncs one file while it writes the next)."""
+        key was already there, and ``write`` is not called). Each ``write`` is called at most
+        once, one at a time, in order, on the caller's thread (the local store fsyncs one
+        file while the next is written). On an error the blobs stored before it stay."""
         ...
 
     def get(self, key: str) -> memoryview:

@@ -53,7 +53,8 @@ class LocalBlobStore:
         <root>/quarantine/                             damaged blobs moved aside
 
     Every file is written to a temp file in its directory, fsynced, renamed into place and the
-    directory fsynced (:func:`runtime.fsutil.atomic_writer`), so :meth:`put_all` and
+    directory fsynced (:func:`runtime.fsutil.atomic_writer`; for several chunks
+    :func:`runtime.fsutil.atomic_write_all`), so :meth:`put_all` and
     :meth:`switch_manifest` are durable on return. The store's own directories are never
     symlinks and always 0700; nothing is ever followed through a symlink (one in place of a
     session's directory is removed itself, never its target); every file is 0600.

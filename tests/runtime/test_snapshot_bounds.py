@@ -186,6 +186,6 @@ def test_a_manifest_claiming_huge_chunks_is_refused_before_allocating(
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-        assert info.value.field == "raw_size" and peak < 64 << 20
+        assert info.value.field == "manifest_raw_size" and peak < 64 << 20
         assert c.memory.pos_max(1) == -1 and c.memory.pos_max(2) == -1
         assert store.restore(c, man, 1, scratch_seq=2) == tokens
