@@ -30,6 +30,18 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grace", type=float, default=10.0, help="seconds in-flight turns get on SIGTERM (10)"
     )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=20.0,
+        help="seconds a client has to send a whole request, from its first byte (20)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=256,
+        help="open connections and requests before 503s (256)",
+    )
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level (warning)")
     parser.set_defaults(func=run)
 
@@ -59,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.grace < 0:
         raise ArgumentError(f"--grace must be >= 0, got {args.grace}")
+    if not args.request_timeout > 0:
+        raise ArgumentError(f"--request-timeout must be > 0, got {args.request_timeout}")
     api_key = read_api_key(args.api_key_file) if args.api_key_file else None
     rt = open_runtime(args)
     print(
@@ -75,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         grace_s=args.grace,
         log_level=args.log_level,
+        request_timeout=args.request_timeout,
+        max_connections=args.max_connections,
     )
     print("serve: stopped (final checkpoints written)", file=sys.stderr, flush=True)
     return rc

@@ -15,6 +15,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from runtime.errors import ArgumentError
 from runtime.layout import is_ephemeral
 from runtime.server.api_errors import APIError
+from runtime.server.connections import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    uvicorn_config,
+)
 from runtime.server.scheduler import FairQueue
 
 if TYPE_CHECKING:
@@ -156,15 +161,19 @@ def serve(
     max_queue: int = DEFAULT_MAX_QUEUE,
     grace_s: float = 10.0,
     log_level: str = "warning",
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> int:
     """Serve ``rt`` until SIGTERM or SIGINT, then close it; returns the exit code (0).
 
-    On the signal, uvicorn stops accepting connections and new requests on open ones get a
-    503. Non-streamed turns in flight get ``grace_s`` seconds to finish; a stream stops at
-    its next token and ends as any stream does: its finish chunk (``stop_reason``
-    ``"cancelled"``) and ``[DONE]``. A turn stopped either way is kept and journalled as its
-    partial reply with finish_reason ``"cancelled"``. Then the runtime is
-    closed: final checkpoints of the resident sessions and pending writes.
+    A client gets ``request_timeout`` seconds from a request's first byte to send all of it,
+    and at most ``max_connections`` connections and requests are open at once (then 503s;
+    :mod:`runtime.server.connections`). On the signal, uvicorn stops accepting connections
+    and new requests on open ones get a 503. Non-streamed turns in flight get ``grace_s``
+    seconds to finish; a stream stops at its next token and ends as any stream does: its
+    finish chunk (``stop_reason`` ``"cancelled"``) and ``[DONE]``. A turn stopped either way
+    is kept and journalled as its partial reply with finish_reason ``"cancelled"``. Then the
+    runtime is closed: final checkpoints of the resident sessions and pending writes.
     """
     import contextlib
     import signal
@@ -205,10 +214,12 @@ def serve(
                 for sig, handler in before.items():
                     signal.signal(sig, handler)
 
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
         host=host,
         port=port,
+        request_timeout=request_timeout,
+        max_connections=max_connections,
         log_level=log_level,
         timeout_graceful_shutdown=int(grace_s) + 1,
         lifespan="off",

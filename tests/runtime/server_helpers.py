@@ -45,13 +45,15 @@ def wait_healthy(
 class ThreadServer:
     """A real uvicorn server for ``app`` on a free loopback port, in a thread."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, **limits: Any) -> None:
         import uvicorn
+
+        from runtime.server.connections import uvicorn_config
 
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
+        config = uvicorn_config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", **limits
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
