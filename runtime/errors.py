@@ -191,6 +191,11 @@ class SessionNotFoundError(SessionError, LookupError):
     was required."""
 
 
+class SessionLimitError(SessionError):
+    """A new session would pass ``max_sessions``: nothing was written. Delete a session
+    (:meth:`runtime.Runtime.delete_session`) or raise the cap; existing sessions go on."""
+
+
 class ContextFullError(SessionError):
     """The turn does not fit the context window; nothing was journalled or decoded.
 

@@ -52,7 +52,12 @@ from runtime.app.options import (
 )
 from runtime.app.reply import MemoryUsed, Reply
 from runtime.app.stats import read_stats
-from runtime.errors import ContextFullError, RuntimeArgumentError, SessionNotFoundError
+from runtime.errors import (
+    ContextFullError,
+    RuntimeArgumentError,
+    SessionLimitError,
+    SessionNotFoundError,
+)
 
 __all__ = [
     "DEDUP_SIMILARITY",
@@ -71,6 +76,7 @@ __all__ = [
     "RuntimeArgumentError",
     "RuntimeConfig",
     "Sampling",
+    "SessionLimitError",
     "SessionNotFoundError",
     "read_stats",
 ]

@@ -83,6 +83,8 @@ class Housekeeper:
         idle_suspend_s: suspend a session idle this long (0: off).
         busy: whether a session is in a turn (generating between two steps): it is left
             alone until the turn ends.
+        expire: deletes the sessions idle past their time to live (see
+            :meth:`runtime.app.sessions.Sessions.expire`), called every ``expire_every_s``.
     """
 
     def __init__(
@@ -96,8 +98,13 @@ class Housekeeper:
         idle_checkpoint_s: float,
         idle_suspend_s: float,
         busy: Callable[[str], bool] = lambda _sid: False,
+        expire: Callable[[], object] | None = None,
+        expire_every_s: float = 60.0,
     ) -> None:
         self._lock = lock
+        self._expire = expire
+        self._expire_every = expire_every_s
+        self._next_expiry = 0.0
         self._busy = busy
         self._pool = pool
         self._retention = retention
@@ -108,6 +115,8 @@ class Housekeeper:
         period = min(1.0, self._idle / 2) if self._idle > 0 else 1.0
         if idle_suspend_s:
             period = min(period, max(0.05, idle_suspend_s / 2))
+        if expire is not None:
+            period = min(period, max(0.05, expire_every_s))
         self.period = period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="runtime-housekeeping", daemon=True)
@@ -158,4 +167,10 @@ class Housekeeper:
                 if self._idle > 0:
                     session.checkpoint_if_idle(self._idle)
                 self._retention.compact(session)
+        if self._expire is not None and now >= self._next_expiry:
+            self._next_expiry = now + self._expire_every
+            try:
+                self._expire()
+            except Exception as exc:  # retried at the next sweep
+                logger.warning("session expiry failed: %s", exc)
         self._publish()

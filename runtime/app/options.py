@@ -241,6 +241,12 @@ class RuntimeConfig:
             the last one, and equal prefixes are stored once.
         idle_suspend_s: a session idle this long is suspended: checkpointed, its KV cells
             freed (0: only when the cells or sequence slots are needed).
+        max_sessions: sessions kept at most (0, the default: no cap); a turn or import that
+            would start another raises :class:`SessionLimitError` and writes nothing.
+            Ephemeral sessions (stateless requests) are not counted.
+        session_ttl_s: a session whose journal was last written this long ago is deleted,
+            with its long-term memories, by the housekeeping thread (0, the default: never).
+            A session in a turn is never expired.
         journal_fsync: fsync every journal append (leave on outside tests).
         journal_retention: ``"all"`` (default) keeps every journal segment: the whole
             history stays readable and can be re-ingested. ``"window"`` (opt-in) lets the
@@ -270,6 +276,8 @@ class RuntimeConfig:
     keep_snapshots: int = 2
     chunk_tokens: int = 256
     idle_suspend_s: float = 300.0
+    max_sessions: int = 0
+    session_ttl_s: float = 0.0
     journal_fsync: bool = True
     journal_retention: Literal["all", "window"] = "all"
     journal_segment_entries: int = DEFAULT_SEGMENT_ENTRIES
@@ -301,6 +309,8 @@ class RuntimeConfig:
         check_int("chunk_tokens", self.chunk_tokens, 16, 1 << 16)
         check_int("journal_segment_entries", self.journal_segment_entries, 1, 1 << 24)
         check_number("idle_suspend_s", self.idle_suspend_s, 0.0, 1e9)
+        check_int("max_sessions", self.max_sessions, 0, 1 << 31)
+        check_number("session_ttl_s", self.session_ttl_s, 0.0, 1e10)
         if self.kv_type not in ("f16", "q8_0"):
             raise RuntimeArgumentError("kv_type", f"must be 'f16' or 'q8_0', got {self.kv_type!r}")
         if self.extract not in ("rules", "llm"):

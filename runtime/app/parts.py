@@ -191,8 +191,10 @@ def build_parts(
         retention,
         journal_fsync=cfg.journal_fsync,
         journal_segment_entries=cfg.journal_segment_entries,
+        max_sessions=cfg.max_sessions,
         say=say,
     )
+    ttl = cfg.session_ttl_s
     housekeeper = Housekeeper(
         lock,
         pool,
@@ -202,6 +204,8 @@ def build_parts(
         idle_checkpoint_s=cfg.checkpoint.idle_seconds,
         idle_suspend_s=cfg.idle_suspend_s,
         busy=batcher.is_busy,
+        expire=(lambda: sessions.expire(ttl, batcher.is_busy)) if ttl else None,
+        expire_every_s=min(60.0, ttl / 4) if ttl else 60.0,
     )
     return Parts(
         stack=stack,

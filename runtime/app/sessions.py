@@ -9,6 +9,7 @@ rendering or sampling; the runtime calls it under its lock.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from runtime.errors import (
     ContextFullError,
     JournalCompactedError,
     RuntimeArgumentError,
+    SessionLimitError,
     SessionNotFoundError,
 )
 from runtime.journal import Journal, journal_files, journal_files_of
@@ -60,6 +62,7 @@ class Sessions:
         recall: long-term memory (caught up when a session resumes; told about deletions).
         retention: journal retention (told about deletions).
         journal_fsync, journal_segment_entries: how journals are opened.
+        max_sessions: sessions kept at most (0: no cap; ephemeral ones are not counted).
         say: progress lines for long steps.
     """
 
@@ -74,9 +77,11 @@ class Sessions:
         *,
         journal_fsync: bool,
         journal_segment_entries: int,
+        max_sessions: int = 0,
         say: Callable[[str], None],
     ) -> None:
         self._root = root
+        self._max_sessions = max_sessions
         self._pool = pool
         self._chunks = chunks
         self._writer = writer
@@ -90,8 +95,10 @@ class Sessions:
         return journal_path(self._root, session_id)
 
     def get(self, session_id: str) -> tuple[Session, ResumeReport | None]:
-        """The resident session (resumed if needed); long-term memory caught up on resume."""
+        """The resident session (resumed if needed); long-term memory caught up on resume.
+        :class:`SessionLimitError` (nothing written) for a new session past the cap."""
         if self._pool.peek(session_id) is None:
+            self.admit(session_id)
             size = sum(f.stat().st_size for f in journal_files(self._journal(session_id)))
             if size > 1 << 20:
                 self._say(f"resuming session {session_id} ({size:,} B journal)")
@@ -243,6 +250,40 @@ class Sessions:
         self._retention.forget(session_id)
         self._recall.forget_session(session_id, memories=memories)
 
+    def admit(self, session_id: str) -> None:
+        """:class:`SessionLimitError` when ``session_id`` would be a new session past
+        ``max_sessions`` (an existing or ephemeral one always passes)."""
+        if not self._max_sessions or is_ephemeral(session_id) or self.exists(session_id):
+            return
+        kept = sum(1 for s in self.known() if not is_ephemeral(s))
+        if kept >= self._max_sessions:
+            raise SessionLimitError(
+                f"no new session {session_id!r}: {kept} sessions are kept, the most allowed "
+                f"(max_sessions={self._max_sessions}); delete one first"
+            )
+
+    def expire(self, ttl_s: float, skip: Callable[[str], bool]) -> list[str]:
+        """Delete, with their long-term memories, the sessions whose journal was last written
+        ``ttl_s`` seconds ago or more, but those ``skip`` names (in a turn); their ids. One
+        listing of the journals directory for all of them."""
+        now = time.time()
+        names = {s: self._journal(s).name for s in self.known()}
+        files = journal_files_of(self._root / JOURNAL_DIR, list(names.values()))
+        gone = []
+        for sid, name in names.items():
+            found = files.get(name, [])
+            if not found or skip(sid):
+                continue
+            try:
+                idle = now - max(f.stat().st_mtime for f in found)
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+            if idle >= ttl_s:
+                logger.info("session %s idle %.0f s: expired (ttl %.0f s)", sid, idle, ttl_s)
+                self.delete(sid, memories=True)
+                gone.append(sid)
+        return gone
+
     def exists(self, session_id: str) -> bool:
         """Whether the session has a journal (or is resident)."""
         return bool(journal_files(self._journal(session_id))) or (
@@ -264,6 +305,8 @@ class Sessions:
         """
         sid = session_id
         session = self._pool.peek(sid)
+        if session is None:
+            self.admit(sid)
         window = session.window.copy() if session is not None else Window()
         shifts = plan_shifts(window, plan, n_ctx)  # checks everything before any write
         if session is not None:

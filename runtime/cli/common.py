@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -44,8 +44,9 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def open_runtime(args: argparse.Namespace) -> Runtime:
-    """Open the runtime the arguments describe; progress lines go to stderr."""
+def open_runtime(args: argparse.Namespace, **options: Any) -> Runtime:
+    """Open the runtime the arguments describe (plus ``options``, more
+    :class:`runtime.app.RuntimeConfig` options); progress lines go to stderr."""
     from runtime.app import Runtime
     from runtime.checkpoint import CheckpointPolicy
 
@@ -60,4 +61,5 @@ def open_runtime(args: argparse.Namespace) -> Runtime:
         embedder=False if args.no_memory else None,
         checkpoint=policy,
         progress=lambda line: print(f"runtime: {line}", file=sys.stderr, flush=True),
+        **options,
     )

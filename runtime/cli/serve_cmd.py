@@ -42,6 +42,18 @@ def register(parser: argparse.ArgumentParser) -> None:
         default=256,
         help="open connections and requests before 503s (256)",
     )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=0,
+        help="sessions kept at most; a new one past it gets a 429 (0: no cap)",
+    )
+    parser.add_argument(
+        "--session-ttl",
+        type=float,
+        default=0.0,
+        help="delete a session (and its memories) idle this many seconds (0: never)",
+    )
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level (warning)")
     parser.set_defaults(func=run)
 
@@ -74,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.request_timeout > 0:
         raise ArgumentError(f"--request-timeout must be > 0, got {args.request_timeout}")
     api_key = read_api_key(args.api_key_file) if args.api_key_file else None
-    rt = open_runtime(args)
+    rt = open_runtime(args, max_sessions=args.max_sessions, session_ttl_s=args.session_ttl)
     print(
         f"serve: http://{args.host}:{args.port}/v1 (model {rt.model_name}, data {args.dir})",
         file=sys.stderr,

@@ -18,7 +18,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from runtime.app import MAX_STOP_STRINGS, ContextFullError, RuntimeArgumentError, Sampling
+from runtime.app import (
+    MAX_STOP_STRINGS,
+    ContextFullError,
+    RuntimeArgumentError,
+    Sampling,
+    SessionLimitError,
+)
 from runtime.app.options import check_text as runtime_check_text
 from runtime.layout import is_ephemeral, validate_session_id
 from runtime.server.api_errors import APIError, bad_request
@@ -352,6 +358,8 @@ def map_runtime_error(exc: Exception) -> APIError:
         return bad_request(exc.field, str(exc).split(": ", 1)[-1])
     if isinstance(exc, ContextFullError):
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, SessionLimitError):
+        return APIError(429, str(exc), code="session_limit")
     return APIError(500, f"the turn failed: {type(exc).__name__}", code="internal_error")
 
 

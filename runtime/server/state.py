@@ -140,8 +140,10 @@ def endpoint(name: str, handler: Handler) -> Callable[[Request], Awaitable[Respo
         except APIError as exc:
             response = exc.response()
         except Exception as exc:
-            logger.exception("%s failed", name)
-            response = chatmod.map_runtime_error(exc).response()
+            err = chatmod.map_runtime_error(exc)
+            if err.status >= 500:
+                logger.exception("%s failed", name)
+            response = err.response()
         state.metrics.requests.labels(name, str(response.status_code)).inc()
         state.metrics.latency.labels(name).observe(time.perf_counter() - start)
         return response

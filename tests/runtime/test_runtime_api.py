@@ -8,12 +8,19 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from runtime.app import MAX_TEXT_CHARS, Runtime, RuntimeArgumentError, SessionNotFoundError
+from runtime.app import (
+    MAX_TEXT_CHARS,
+    Runtime,
+    RuntimeArgumentError,
+    SessionLimitError,
+    SessionNotFoundError,
+)
 from runtime.errors import ClosedError, ContextFullError
 from runtime.longterm import items
 
@@ -227,3 +234,44 @@ def test_imported_user_turns_reach_long_term_memory(tmp_path: Path, embedder: ob
         assert not any(
             "yourself" in h.text for h in rt.search("keep to yourself", 3, session="quiet")
         )
+
+
+def test_max_sessions_refuses_a_new_session_and_writes_nothing(tmp_path: Path) -> None:
+    with Runtime.open(
+        tmp_path / "d", model="tiny", n_ctx=256, embedder=False, max_sessions=2
+    ) as rt:
+        rt.chat("a", "one", **GREEDY)
+        rt.import_history("b", [{"role": "user", "content": "two"}])
+        for refused in (
+            lambda: rt.chat("c", "three", **GREEDY),
+            lambda: rt.import_history("c", [{"role": "user", "content": "three"}]),
+        ):
+            with pytest.raises(SessionLimitError, match="max_sessions=2"):
+                refused()
+            assert rt.sessions() == ["a", "b"]  # nothing written for "c"
+        rt.chat("a", "existing sessions go on", **GREEDY)
+        rt.delete_session("b")
+        rt.chat("c", "now there is room", **GREEDY)
+        assert rt.sessions() == ["a", "c"]
+
+
+def test_session_ttl_expires_idle_sessions_with_their_memories(
+    tmp_path: Path, embedder: object
+) -> None:
+    ttl = 1.5
+    with Runtime.open(
+        tmp_path / "d", model="tiny", n_ctx=256, embedder=embedder, session_ttl_s=ttl
+    ) as rt:
+        rt.chat("old", "My locker code is 8812.", **GREEDY)
+        assert any("8812" in h.text for h in rt.search("locker code", 3, session="old"))
+        deadline = time.monotonic() + 4 * ttl
+        while time.monotonic() < deadline:
+            rt.chat("live", "still here", **GREEDY)  # written every round: never idle
+            if "old" not in rt.sessions():
+                break
+            time.sleep(0.2)
+        assert rt.sessions() == ["live"]
+        assert not any("8812" in h.text for h in rt.search("locker code", 5))
+        assert not rt.session_info("old")["exists"]
+        with pytest.raises(SessionNotFoundError):
+            rt.delete_session("old")

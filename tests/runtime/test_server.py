@@ -1004,3 +1004,24 @@ def test_embeddings_usage_counts_tokens(http: httpx.Client) -> None:
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
     assert usage["prompt_tokens"] > 2 and usage["total_tokens"] == usage["prompt_tokens"]
+
+
+def test_a_new_session_past_max_sessions_gets_429(tmp_path: Path) -> None:
+    """--max-sessions over HTTP: a 429 naming the cap, nothing written; stateless requests
+    and existing sessions are served."""
+    with (
+        Runtime.open(
+            tmp_path / "d", model="tiny", embedder=False, n_ctx=512, max_sessions=1
+        ) as capped,
+        ThreadServer(create_app(capped)) as s,
+        httpx.Client(base_url=s.base, timeout=60) as h,
+    ):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        assert h.post("/v1/chat/completions", json=body, headers={"X-Session-Id": "a"}).is_success
+        r = h.post("/v1/chat/completions", json=body, headers={"X-Session-Id": "b"})
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["code"] == "session_limit" and "max_sessions=1" in r.text
+        assert capped.sessions() == ["a"]
+        assert h.post("/v1/chat/completions", json=body).is_success  # stateless
+        assert h.post("/v1/chat/completions", json=body, headers={"X-Session-Id": "a"}).is_success
+        assert capped.sessions() == ["a"]
