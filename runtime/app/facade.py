@@ -39,11 +39,10 @@ from runtime.layout import (
 )
 
 if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
     from typing_extensions import Unpack
 
     from runtime.app.options import SamplingOverrides
+    from runtime.embed import Embeddings
     from runtime.longterm import Hit, MemoryItem
 
 __all__ = ["Runtime"]
@@ -490,8 +489,8 @@ class Runtime:
         return self._recall.forget(item_id)
 
     @_door
-    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """Embed texts with the runtime's embedder (L2-normalised rows)."""
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """Embed texts with the runtime's embedder: unit rows and the tokens it read."""
         return self._recall.embed(texts)
 
     @_door

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from runtime.app.options import MARK_EVERY, MAX_EMBED_TEXTS, check_int, check_text
 from runtime.app.reply import MemoryUsed
+from runtime.embed.embedder import Embeddings
 from runtime.errors import RuntimeArgumentError
 from runtime.fsutil import atomic_write_bytes
 from runtime.layout import JOURNAL_DIR, journal_path, validate_session_id, watermark_path
@@ -432,8 +433,9 @@ class Recall:
         self.flush_marks()
         return self.store.delete(item_id)
 
-    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """Embed texts with the runtime's embedder (L2-normalised rows)."""
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """Embed texts with the runtime's embedder (L2-normalised rows), with the tokens it
+        read (from its ``last_stats``; under the runtime's lock, so they are this call's)."""
         if self._embedder is None:
             raise RuntimeArgumentError("embedder", "long-term memory is off (embedder=False)")
         items = [check_text(t) for t in texts]
@@ -441,7 +443,11 @@ class Recall:
             raise RuntimeArgumentError("input", "at least one text is needed")
         if len(items) > MAX_EMBED_TEXTS:
             raise RuntimeArgumentError("input", f"at most {MAX_EMBED_TEXTS} texts per call")
-        return self._embedder.inner.embed(items)
+        inner = self._embedder.inner
+        vectors = inner.embed(items)
+        stats = getattr(inner, "last_stats", None)
+        tokens = getattr(stats, "tokens", None)
+        return Embeddings(vectors, int(tokens) if tokens is not None else None)
 
     def embedder_info(self) -> tuple[str, int] | None:
         """``(model id, dimensions)`` of the embedder, or ``None`` when memory is off."""

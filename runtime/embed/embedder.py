@@ -105,6 +105,15 @@ class EmbedStats:
     padded_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class Embeddings:
+    """What :meth:`runtime.Runtime.embed` returns: float32 ``(n, dim)`` unit vectors, and the
+    tokens the embedder read for the texts (its usage; None when it does not report them)."""
+
+    vectors: FloatArray
+    tokens: int | None
+
+
 class Embedder:
     """Sentence embeddings from an ONNX encoder: tokenise, run, mean-pool, L2-normalise.
 

@@ -45,9 +45,9 @@ async def embeddings_endpoint(request: Request, state: ServerState) -> Response:
     dims = body.get("dimensions")
     if dims is not None and dims != dim:
         raise bad_request("dimensions", f"this embedder only gives {dim}")
-    vectors = await state.run(ADMIN_KEY, lambda: rt.embed(texts))
+    embedded = await state.run(ADMIN_KEY, lambda: rt.embed(texts))
     data = []
-    for i, vec in enumerate(vectors):
+    for i, vec in enumerate(embedded.vectors):
         emb: Any
         if fmt == "base64":
             import base64
@@ -61,7 +61,8 @@ async def embeddings_endpoint(request: Request, state: ServerState) -> Response:
             "object": "list",
             "data": data,
             "model": model_id,
-            "usage": {"prompt_tokens": 0, "total_tokens": 0},
+            # the embedder's real tokens (special ones included, padding not)
+            "usage": {"prompt_tokens": embedded.tokens or 0, "total_tokens": embedded.tokens or 0},
         }
     )
 
