@@ -59,6 +59,7 @@ class Conversation:
         importance: float,
         use_memory: bool,
         created: float | None,
+        user: str | None = None,
     ) -> Reply:
         """One user turn and its reply (see :meth:`Runtime.chat`): the session is held for
         the whole turn, after any turn it is in ends."""
@@ -70,6 +71,8 @@ class Conversation:
             meta: dict[str, object] = {"importance": importance}
             if not remember:
                 meta["remember"] = False
+            if user is not None:
+                meta["user"] = user
             try:
                 # "last week" in the question means the week before the turn's own time
                 memories = self._recall.retrieve(session, text, now=created) if use_memory else []

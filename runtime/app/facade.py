@@ -28,6 +28,7 @@ from runtime.app.options import (
     check_number,
     check_stop,
     check_text,
+    check_user,
 )
 from runtime.app.parts import open_parts
 from runtime.app.reply import Reply
@@ -208,20 +209,20 @@ class Runtime:
         importance: float = 0.5,
         use_memory: bool = True,
         created_at: float | str | None = None,
+        user: str | None = None,
         **sampling: Unpack[SamplingOverrides],
     ) -> Reply:
         """One user turn and the assistant's reply, in session ``session_id``.
 
-        The sampling arguments (``max_tokens``, ``temperature``, ``top_p``, ``top_k``,
-        ``min_p``, ``repeat_penalty``, ``repeat_last_n``, ``seed``: :class:`SamplingOverrides`)
-        left out take the runtime's :class:`Sampling` defaults.
-        ``on_token`` receives the reply's text as it is generated; ``cancelled`` is polled
-        between tokens (a cancelled reply is kept, shortened, with ``finish_reason``
-        ``"cancelled"``). ``remember=False`` keeps this turn out of long-term memory;
-        ``use_memory=False`` skips retrieval. ``created_at`` (UNIX seconds or ISO-8601;
-        default now) is the user turn's time in the journal and in long-term memory. Bad
-        arguments raise :class:`RuntimeArgumentError` before anything is written. The steps
-        of a turn, in order, are in :mod:`runtime.app`.
+        Sampling arguments left out (:class:`SamplingOverrides`: ``max_tokens``, ``seed``...)
+        take the runtime's :class:`Sampling` defaults. ``on_token`` receives the
+        reply's text as it is generated; ``cancelled`` is polled between tokens (a cancelled
+        reply is kept, shortened, with ``finish_reason`` ``"cancelled"``). ``remember=False``
+        keeps this turn out of long-term memory; ``use_memory=False`` skips retrieval.
+        ``created_at`` (UNIX seconds or ISO-8601; default now) is the user turn's time in the
+        journal and in long-term memory; ``user`` (an end-user id, OpenAI's ``user``) goes
+        into its journal meta. Bad arguments raise :class:`RuntimeArgumentError` before
+        anything is written. The steps of a turn, in order, are in :mod:`runtime.app`.
         """
         validate_session_id(session_id)
         text = check_text(text)
@@ -230,8 +231,8 @@ class Runtime:
         check_number("importance", importance, 0.0, 1.0)
         created = check_created(created_at)
         return self._conversation.chat(
-            session_id, text, params, stops, on_token, cancelled,
-            remember=remember, importance=importance, use_memory=use_memory, created=created,
+            session_id, text, params, stops, on_token, cancelled, remember=remember,
+            importance=importance, use_memory=use_memory, created=created, user=check_user(user),
         )  # fmt: skip
 
     @_door

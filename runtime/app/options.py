@@ -36,6 +36,7 @@ __all__ = [
     "check_number",
     "check_stop",
     "check_text",
+    "check_user",
 ]
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant with a long memory. Answer briefly."
@@ -132,6 +133,24 @@ def check_created(value: object, name: str = "created_at") -> float | None:
     if not math.isfinite(seconds):
         raise RuntimeArgumentError(name, f"must be finite, got {value!r}")
     return seconds
+
+
+#: The longest end-user id (OpenAI's ``user``) a turn records.
+MAX_USER_CHARS = 256
+
+
+def check_user(value: object) -> str | None:
+    """An end-user id: ``None``, or a non-empty string of at most :data:`MAX_USER_CHARS`
+    printable characters (it is recorded, never put into a prompt)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RuntimeArgumentError("user", f"must be a string, got {type(value).__name__}")
+    if not value or len(value) > MAX_USER_CHARS or not value.isprintable():
+        raise RuntimeArgumentError(
+            "user", f"must be 1-{MAX_USER_CHARS} printable characters, got {value[:40]!r}"
+        )
+    return value
 
 
 # -- options -------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
@@ -57,12 +58,16 @@ logger = logging.getLogger(__name__)
 
 
 class _Guard:
-    """Bearer authentication (every path but /health) and the request body limit (413)."""
+    """Bearer authentication (every path but /health; the scheme's case does not matter,
+    RFC 7235) and the request body limit (413). ``failed`` counts refused credentials."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int) -> None:
+    def __init__(
+        self, app: ASGIApp, api_key: str | None, max_body: int, failed: Callable[[], None]
+    ) -> None:
         self.app = app
         self.key = api_key.encode() if api_key is not None else None
         self.max_body = max_body
+        self.failed = failed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,9 +75,9 @@ class _Guard:
             return
         headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
         if self.key is not None and scope["path"] != "/health":
-            given = headers.get("authorization", b"")
-            expected = b"Bearer " + self.key
-            if not hmac.compare_digest(given, expected):
+            scheme, _, given = headers.get("authorization", b"").strip().partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
+                self.failed()
                 err = APIError(401, "invalid or missing API key", code="invalid_api_key")
                 err.headers["WWW-Authenticate"] = "Bearer"
                 await err.response()(scope, receive, send)
@@ -147,7 +152,9 @@ def create_app(
         routes=routes, exception_handlers={404: not_found_handler, 405: not_found_handler}
     )
     app.state.server = state
-    app.add_middleware(_Guard, api_key=api_key, max_body=max_body)
+    app.add_middleware(
+        _Guard, api_key=api_key, max_body=max_body, failed=state.metrics.auth_failed.inc
+    )
     return app
 
 

@@ -26,6 +26,7 @@ from runtime.app import (
     SessionLimitError,
 )
 from runtime.app.options import check_text as runtime_check_text
+from runtime.app.options import check_user
 from runtime.layout import is_ephemeral, validate_session_id
 from runtime.server.api_errors import APIError, bad_request
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 #: Request fields accepted and ignored (documented as such).
 IGNORED_FIELDS = frozenset(
-    {"model", "user", "parallel_tool_calls", "store", "metadata", "service_tier", "tool_choice"}
+    {"model", "parallel_tool_calls", "store", "metadata", "service_tier", "tool_choice"}
 )
 #: Fields accepted only at their "off" value (what OpenAI clients send by default).
 _OFF_FIELDS = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {})}
@@ -43,7 +44,7 @@ _OFF_FIELDS = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias
 KNOWN_FIELDS = IGNORED_FIELDS | _OFF_FIELDS.keys() | {
     "messages", "session_id", "stream", "stream_options", "max_tokens", "max_completion_tokens",
     "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop", "n",
-    "presence_penalty", "frequency_penalty", "remember", "use_memory", "importance",
+    "presence_penalty", "frequency_penalty", "remember", "use_memory", "importance", "user",
     "tools", "functions", "response_format",
 }  # fmt: skip
 #: Fields whose only supported value is the default.
@@ -64,6 +65,7 @@ class ChatRequest:
     remember: bool
     use_memory: bool
     importance: float
+    user: str | None = None  #: OpenAI's end-user id, recorded in the turn's journal meta
 
     @property
     def text(self) -> str:
@@ -259,7 +261,15 @@ def parse_chat(
         remember=_bool(body, "remember", True) and session_id is not None,
         use_memory=_bool(body, "use_memory", True),
         importance=0.5 if importance is None else float(importance),
+        user=_user(body),
     )
+
+
+def _user(body: Mapping[str, Any]) -> str | None:
+    try:
+        return check_user(body.get("user"))
+    except RuntimeArgumentError as exc:
+        raise bad_request("user", str(exc).split(": ", 1)[-1]) from None
 
 
 # -- the conversation against the journal -------------------------------------------------------

@@ -102,6 +102,7 @@ class _Turn:
                     remember=req.remember,
                     importance=req.importance,
                     use_memory=req.use_memory,
+                    user=req.user,
                     **sampling,
                 )
             self.state.metrics.turn(reply)  # counted even when nobody listens

@@ -53,6 +53,9 @@ class Metrics:
             "runtime_chat_cancelled", "Replies stopped by a disconnect or shutdown", registry=r
         )
         self.rejected = Counter("runtime_queue_rejected", "503s for a full queue", registry=r)
+        self.auth_failed = Counter(
+            "runtime_auth_failed", "Requests refused for a missing or wrong API key", registry=r
+        )
         depth = Gauge("runtime_queue_depth", "Requests waiting for the runtime", registry=r)
         depth.set_function(lambda: queue.waiting)
         busy = Gauge("runtime_queue_busy", "Jobs running in the runtime now", registry=r)

@@ -274,6 +274,30 @@ def test_wrong_or_missing_key_gets_401_that_reveals_nothing(server: ThreadServer
         assert err["code"] == "invalid_api_key" and KEY not in r.text
     assert httpx.get(f"{server.base}/v1/sessions").status_code == 401
     assert httpx.get(f"{server.base}/metrics").status_code == 401
+    wrong = {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY}x"}
+    for headers in wrong:
+        assert httpx.get(f"{server.base}/v1/models", headers=headers).status_code == 401
+
+
+def test_the_auth_scheme_is_case_insensitive_and_failures_are_counted(
+    server: ThreadServer,
+) -> None:
+    """RFC 7235: ``bearer`` and ``BEARER`` are the same scheme; every refusal is counted."""
+    ok = {"Authorization": f"Bearer {KEY}"}
+
+    def failures() -> float:
+        text = httpx.get(f"{server.base}/metrics", headers=ok).text
+        lines = [ln for ln in text.splitlines() if ln.startswith("runtime_auth_failed_total")]
+        return float(lines[0].split()[-1])
+
+    before = failures()
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        r = httpx.get(f"{server.base}/v1/models", headers={"Authorization": f"{scheme} {KEY}"})
+        assert r.status_code == 200, r.text
+    assert failures() == before
+    for bad in ({"Authorization": "Bearer nope"}, {}, {"Authorization": "bearer"}):
+        assert httpx.get(f"{server.base}/v1/models", headers=bad).status_code == 401
+    assert failures() == before + 3
 
 
 def test_oversized_body_gets_413(http: httpx.Client) -> None:
@@ -1023,3 +1047,24 @@ def test_a_new_session_past_max_sessions_gets_429(tmp_path: Path) -> None:
         assert h.post("/v1/chat/completions", json=body).is_success  # stateless
         assert h.post("/v1/chat/completions", json=body, headers={"X-Session-Id": "a"}).is_success
         assert capped.sessions() == ["a"]
+
+
+def test_the_openai_user_field_is_recorded_in_the_journal(http: httpx.Client, rt: Runtime) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 4,
+        "user": "end-user-42",
+    }
+    r = http.post("/v1/chat/completions", json=body, headers={"X-Session-Id": "with-user"})
+    assert r.status_code == 200, r.text
+    from runtime.journal import Journal
+    from runtime.layout import journal_path
+
+    with Journal(journal_path(rt.root, "with-user"), readonly=True) as journal:
+        users = [e.meta.get("user") for e in journal if e.role == "user"]
+    assert users == ["end-user-42"]
+    for bad in ("", "x" * 300, "a\nb", 7):
+        r = http.post(
+            "/v1/chat/completions", json={**body, "user": bad}, headers={"X-Session-Id": "u2"}
+        )
+        assert _error(r, 400)["param"] == "user"
