@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 #: roles an imported history may hold (``developer`` is OpenAI's newer ``system``)
 IMPORT_ROLES = ("system", "developer", "user", "assistant")
 MAX_IMPORT_MESSAGES = 10_000
+#: Sessions one expiry sweep deletes at most (the sweep holds the runtime's lock).
+EXPIRE_PER_SWEEP = 64
 
 #: ``(role, text, meta, created)`` of one checked message of an imported history
 ImportMessage = tuple[str, str, dict[str, object], float | None]
@@ -82,6 +84,11 @@ class Sessions:
     ) -> None:
         self._root = root
         self._max_sessions = max_sessions
+        #: wall-clock time each session was last used in this process (expiry counts from it,
+        #: from the journal's last write, or from when this process opened, the latest of
+        #: them: a restart after a long stop does not expire everything at once)
+        self._opened = time.time()
+        self._used: dict[str, float] = {}
         self._pool = pool
         self._chunks = chunks
         self._writer = writer
@@ -97,6 +104,7 @@ class Sessions:
     def get(self, session_id: str) -> tuple[Session, ResumeReport | None]:
         """The resident session (resumed if needed); long-term memory caught up on resume.
         :class:`SessionLimitError` (nothing written) for a new session past the cap."""
+        self._used[session_id] = time.time()
         if self._pool.peek(session_id) is None:
             self.admit(session_id)
             size = sum(f.stat().st_size for f in journal_files(self._journal(session_id)))
@@ -131,6 +139,7 @@ class Sessions:
 
     def history(self, session_id: str) -> list[dict[str, Any]]:
         """The session's turns from its journal (no KV is touched)."""
+        self._used[session_id] = time.time()  # read to answer it: not idle
         resident = self._pool.peek(session_id)
         if resident is not None:
             entries = list(resident.journal)
@@ -156,6 +165,7 @@ class Sessions:
     def unanswered(self, session_id: str) -> str | None:
         """The text of the session's last turn when it is a user turn no reply followed;
         else None. Reads the journal's tail only (a suspended session is not resumed)."""
+        self._used[session_id] = time.time()  # read to answer it: not idle
         resident = self._pool.peek(session_id)
         if resident is not None:
             entry = resident.unanswered()
@@ -246,6 +256,7 @@ class Sessions:
         """Forget a session (:class:`SessionNotFoundError` if there is none)."""
         if not self.exists(session_id):
             raise SessionNotFoundError(f"no session {session_id!r}")
+        self._used.pop(session_id, None)
         self._pool.delete(session_id)
         self._retention.forget(session_id)
         self._recall.forget_session(session_id, memories=memories)
@@ -263,25 +274,32 @@ class Sessions:
             )
 
     def expire(self, ttl_s: float, skip: Callable[[str], bool]) -> list[str]:
-        """Delete, with their long-term memories, the sessions whose journal was last written
-        ``ttl_s`` seconds ago or more, but those ``skip`` names (in a turn); their ids. One
-        listing of the journals directory for all of them."""
+        """Delete, with their long-term memories, at most :data:`EXPIRE_PER_SWEEP` sessions
+        idle ``ttl_s`` seconds or more (since their journal's last write, their last use in
+        this process, or this process's start, the latest), but those ``skip`` names (in a
+        turn); their ids. One listing of the journals directory; a session that cannot be
+        checked or deleted is logged and left for the next sweep."""
         now = time.time()
         names = {s: self._journal(s).name for s in self.known()}
         files = journal_files_of(self._root / JOURNAL_DIR, list(names.values()))
-        gone = []
+        gone: list[str] = []
         for sid, name in names.items():
+            if len(gone) >= EXPIRE_PER_SWEEP:
+                break
             found = files.get(name, [])
             if not found or skip(sid):
                 continue
             try:
-                idle = now - max(f.stat().st_mtime for f in found)
+                last = max(f.stat().st_mtime for f in found)
+                idle = now - max(last, self._opened, self._used.get(sid, 0.0))
+                if idle >= ttl_s:
+                    logger.info("session %s idle %.0f s: expired (ttl %.0f s)", sid, idle, ttl_s)
+                    self.delete(sid, memories=True)
+                    gone.append(sid)
             except FileNotFoundError:  # deleted meanwhile
                 continue
-            if idle >= ttl_s:
-                logger.info("session %s idle %.0f s: expired (ttl %.0f s)", sid, idle, ttl_s)
-                self.delete(sid, memories=True)
-                gone.append(sid)
+            except Exception as exc:  # the next sweep tries again; the others go on
+                logger.warning("session %s: expiry failed: %s", sid, exc)
         return gone
 
     def exists(self, session_id: str) -> bool:

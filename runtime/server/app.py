@@ -112,6 +112,8 @@ def create_app(
     """
     if max_body < 1:
         raise ArgumentError("max_body must be >= 1")
+    if api_key is not None and not api_key.strip():
+        raise ArgumentError("api_key is empty: pass a key, or None for no authentication")
     # as many turns at once as the runtime has sequences: their replies share each decode
     queue = FairQueue(max_queue, slots=rt.config.max_resident)
     state = ServerState(rt, queue, Metrics(queue), max_body)

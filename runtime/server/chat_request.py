@@ -369,7 +369,8 @@ def map_runtime_error(exc: Exception) -> APIError:
     if isinstance(exc, ContextFullError):
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, SessionLimitError):
-        return APIError(429, str(exc), code="session_limit")
+        # not transient: the OpenAI SDK would retry a 429 without this header
+        return APIError(429, str(exc), code="session_limit", headers={"x-should-retry": "false"})
     return APIError(500, f"the turn failed: {type(exc).__name__}", code="internal_error")
 
 

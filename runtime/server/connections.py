@@ -24,12 +24,21 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a client has to send a whole request (headers and body), from its first byte.
 DEFAULT_REQUEST_TIMEOUT_S = 20.0
-#: Open connections and running requests together before new ones get a 503.
+#: Open connections (or running requests) beyond which a new request gets a 503.
 DEFAULT_MAX_CONNECTIONS = 256
 #: Seconds an idle keep-alive connection stays open between requests.
 DEFAULT_KEEP_ALIVE_S = 5
 
-_RECEIVED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
+#: client states in which its request is fully in (an Upgrade or CONNECT request waits in
+#: MIGHT_SWITCH_PROTOCOL until the response: its reply must not be cut either)
+_RECEIVED = (
+    h11.DONE,
+    h11.MUST_CLOSE,
+    h11.CLOSED,
+    h11.ERROR,
+    h11.MIGHT_SWITCH_PROTOCOL,  # type: ignore[attr-defined]  # in h11, not in its __all__
+    h11.SWITCHED_PROTOCOL,
+)
 
 
 class DeadlineProtocol(H11Protocol):
@@ -48,6 +57,15 @@ class DeadlineProtocol(H11Protocol):
         if self.conn.their_state in _RECEIVED:
             self._disarm()
         else:  # a request has begun (or goes on): its clock runs from its first byte
+            self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # a pipelined next request may be in already, in part: uvicorn has just dropped its
+        # keep-alive timer for it, so the deadline must run (an idle connection keeps
+        # uvicorn's keep-alive timer instead)
+        state = self.conn.their_state
+        if state is h11.SEND_BODY or (state is h11.IDLE and self.conn.trailing_data[0]):
             self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -82,12 +100,13 @@ def uvicorn_config(
     keep_alive: int = DEFAULT_KEEP_ALIVE_S,
     **more: Any,
 ) -> Any:
-    """The ``uvicorn.Config`` of a server of ``app``: the deadline protocol, at most
-    ``max_connections`` connections and requests (then 503), ``keep_alive`` seconds between
-    requests. ``more`` goes to ``uvicorn.Config`` as is."""
+    """The ``uvicorn.Config`` of a server of ``app``: the deadline protocol, requests served
+    while fewer than ``max_connections`` other connections are open and fewer requests run
+    (a request beyond either gets a 503; the connection itself is accepted), ``keep_alive``
+    seconds between requests, no WebSocket protocol. ``more`` goes to ``uvicorn.Config``."""
     import uvicorn
 
-    if request_timeout <= 0 or keep_alive <= 0 or max_connections < 1:
+    if not (request_timeout > 0 and keep_alive > 0 and max_connections >= 1):
         raise ArgumentError(
             "request_timeout and keep_alive must be > 0 and max_connections >= 1, got "
             f"{request_timeout}, {keep_alive}, {max_connections}"
@@ -98,7 +117,9 @@ def uvicorn_config(
         host=host,
         port=port,
         http=protocol,
-        limit_concurrency=max_connections,
+        ws="none",
+        # uvicorn counts the requesting connection itself: N connections get served at N + 1
+        limit_concurrency=max_connections + 1,
         timeout_keep_alive=keep_alive,
         **more,
     )

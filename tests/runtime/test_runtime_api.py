@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -275,3 +276,21 @@ def test_session_ttl_expires_idle_sessions_with_their_memories(
         assert not rt.session_info("old")["exists"]
         with pytest.raises(SessionNotFoundError):
             rt.delete_session("old")
+
+
+def test_a_restart_does_not_expire_old_sessions_at_once(tmp_path: Path) -> None:
+    """Idle time counts from the process's start too: a runtime reopened after a long stop
+    gives every session a full ttl before the sweep deletes it."""
+    data = tmp_path / "d"
+    with Runtime.open(data, model="tiny", n_ctx=256, embedder=False) as rt:
+        rt.chat("a", "hello", **GREEDY)
+    for f in (data / "journals").iterdir():
+        os.utime(f, (1.0, 1.0))  # last written in 1970
+    ttl = 1.5
+    with Runtime.open(data, model="tiny", n_ctx=256, embedder=False, session_ttl_s=ttl) as rt:
+        start = time.monotonic()
+        time.sleep(ttl / 2)  # a few sweeps (one per ttl / 4)
+        assert rt.sessions() == ["a"]
+        while "a" in rt.sessions() and time.monotonic() - start < 4 * ttl:
+            time.sleep(0.1)
+        assert rt.sessions() == [] and time.monotonic() - start >= ttl

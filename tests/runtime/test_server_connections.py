@@ -104,19 +104,50 @@ def test_a_slow_reply_to_a_complete_request_is_not_cut(server: ThreadServer) -> 
     # keep-alive: a second request on one connection, after a pause, gets its own deadline
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     try:
-        for _ in range(3):
+        for _ in range(4):
             conn.request("GET", "/health")
             reply = conn.getresponse()
             assert (reply.status, reply.read()) == (200, b"ok")
-            time.sleep(TIMEOUT / 2)  # 1.5 deadlines in all: each request has its own
+            time.sleep(0.6 * TIMEOUT)  # 2.4 deadlines in all: each request has its own
         assert conn.sock is not None  # one connection throughout
     finally:
         conn.close()
 
 
+def test_a_pipelined_request_left_half_sent_is_closed(server: ThreadServer) -> None:
+    """Two requests in one packet, the second's body never finished: once the first is
+    answered, the second still has a deadline (uvicorn drops its keep-alive timer then)."""
+    first = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc"
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(first + second)
+        assert _closed_by_server(sock, b"", time.monotonic() + 10 * TIMEOUT)
+
+
+def test_an_upgrade_request_is_not_cut_while_its_reply_runs(server: ThreadServer) -> None:
+    """h11 holds a request with an Upgrade header in MIGHT_SWITCH_PROTOCOL until the reply
+    starts: that is a request fully in, and its slow reply is served."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            b"POST /slow HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n"
+            b"Content-Length: 2\r\n\r\nhi"
+        )
+        sock.settimeout(10)
+        got = b""
+        while b"got 2" not in got:
+            piece = sock.recv(1024)
+            assert piece, f"closed before the reply: {got!r}"
+            got += piece
+        assert got.startswith(b"HTTP/1.1 200")
+
+
 def test_connections_beyond_the_cap_get_503() -> None:
     with ThreadServer(APP, request_timeout=30, max_connections=3) as s:
-        idle = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(3)]
+        idle = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(2)]
+        time.sleep(0.2)
+        with urllib.request.urlopen(f"{s.base}/health", timeout=5) as r:  # the third: served
+            assert r.status == 200
+        idle.append(socket.create_connection(("127.0.0.1", s.port)))
         time.sleep(0.2)
         try:
             with pytest.raises(urllib.error.HTTPError) as info:
