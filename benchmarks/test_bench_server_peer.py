@@ -277,3 +277,99 @@ def test_server_against_llama_server(
         p50_ratio=round(ours["p50_ms"] / peer["p50_ms"], 3),
     )
     print(f"\n{sessions} sessions: ours {ours}  llama-server {peer}")
+
+
+# -- time to first token after kill -9 --------------------------------------------------------
+
+#: turns of the conversation that is killed and resumed (about 2,250 tokens on SmolLM2)
+KILL_TURNS = 50
+KILL_LINE = (
+    "Note {i}: the blue notebook on the second shelf holds the receipts from March, and the "
+    "red one the letters from the bank."
+)
+
+
+def _conversation() -> list[dict[str, str]]:
+    turns: list[dict[str, str]] = []
+    for i in range(KILL_TURNS):
+        turns.append({"role": "user", "content": KILL_LINE.format(i=i)})
+        turns.append({"role": "assistant", "content": f"Noted ({i})."})
+    return turns
+
+
+def _first_token_s(server: Server, sid: str, messages: list[dict[str, str]]) -> float:
+    """Seconds from sending a streamed request to its first content chunk."""
+    body = {"model": "bench", "messages": messages, "max_tokens": 8, "temperature": 0,
+            "stream": True}  # fmt: skip
+    t0 = time.perf_counter()
+    with (
+        httpx.Client(base_url=server.base, timeout=600) as http,
+        http.stream(
+            "POST", "/v1/chat/completions", json=body, headers=server.headers_for(sid)
+        ) as r,
+    ):
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                return time.perf_counter() - t0
+    raise AssertionError("the stream ended without content")
+
+
+def _checkpointed(server: Server, sid: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Ask for a checkpoint and wait until the session's newest one is on disk."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=server.base, timeout=60) as http:
+        http.post(f"/v1/sessions/{sid}/checkpoint").raise_for_status()
+        while time.monotonic() < deadline:
+            info: dict[str, Any] = http.get(f"/v1/sessions/{sid}").json()
+            if info.get("pending_tokens") == 0 and info.get("snapshot_bytes", 0) > 0:
+                return info
+            time.sleep(0.2)
+    raise TimeoutError("the checkpoint did not reach the disk")
+
+
+@pytest.mark.benchmark(group="server-kill-9")
+def test_first_token_after_kill_9(
+    benchmark: Any, llama_server: Path, smollm2: tuple[str, Path]
+) -> None:
+    """A ~2.3k-token session: ours is killed with SIGKILL after its checkpoint and restarted,
+    then asked the next question (restore from the chunks, prefill of the new turn only);
+    llama-server, restarted too, gets the whole conversation again (it replays it)."""
+    name, gguf = smollm2
+    history = _conversation()
+    question = {"role": "user", "content": "Which notebook holds the receipts?"}
+    rows: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        ours = start_ours(name, data, 1)
+        try:
+            with httpx.Client(base_url=ours.base, timeout=600) as http:
+                http.post("/v1/sessions/kill/import", json={"messages": history}).raise_for_status()
+            _first_token_s(ours, "kill", [{"role": "user", "content": "Hello again."}])
+            info = _checkpointed(ours, "kill")
+        finally:
+            ours.proc.kill()  # kill -9: no final checkpoint, no clean shutdown
+            ours.proc.wait(30)
+        ours = start_ours(name, data, 1)
+        try:
+            rows["ours"] = _first_token_s(ours, "kill", [question])
+        finally:
+            ours.stop()
+        peer = start_peer(llama_server, gguf, 1)
+        try:
+            replay = [*history, {"role": "user", "content": "Hello again."}, question]
+            rows["llama-server"] = _first_token_s(peer, "kill", replay)
+        finally:
+            peer.stop()
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(
+        model=name,
+        window_tokens=info.get("window_tokens"),
+        ours_first_token_s=round(rows["ours"], 3),
+        llama_server_first_token_s=round(rows["llama-server"], 3),
+        ratio=round(rows["llama-server"] / rows["ours"], 1),
+    )
+    print(
+        f"\nkill -9, {info.get('window_tokens')} tokens: ours {rows['ours']:.2f} s to the first "
+        f"token, llama-server replaying {rows['llama-server']:.2f} s"
+    )
