@@ -310,6 +310,13 @@ class Runtime:
         return self._sessions.known()
 
     @_door
+    def admit(self, session_id: str) -> None:
+        """:class:`SessionLimitError` if a turn in ``session_id`` would start a session past
+        ``max_sessions`` (the server asks before it starts a stream); else nothing."""
+        validate_session_id(session_id)
+        self._sessions.admit(session_id)
+
+    @_door
     def unanswered(self, session_id: str) -> str | None:
         """The text of the session's last turn when it is a user turn that no reply
         followed (a process killed mid-reply leaves one; :meth:`answer` replies to it), else

@@ -56,6 +56,8 @@ class _Turn:
         The queue runs one job per session at a time, so the journal read here is still the
         journal when the import appends to it."""
         rt, req = self.state.rt, self.req
+        if not self.ephemeral:
+            rt.admit(self.session_id)  # a 429 now, not an error chunk after a 200
         if self.ephemeral:
             missing = list(req.turns[:-1])
             is_new = True

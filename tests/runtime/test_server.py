@@ -1044,6 +1044,10 @@ def test_a_new_session_past_max_sessions_gets_429(tmp_path: Path) -> None:
         assert r.status_code == 429, r.text
         assert r.json()["error"]["code"] == "session_limit" and "max_sessions=1" in r.text
         assert r.headers["x-should-retry"] == "false"  # the OpenAI SDK would retry a 429
+        streamed = h.post(
+            "/v1/chat/completions", json={**body, "stream": True}, headers={"X-Session-Id": "c"}
+        )
+        assert streamed.status_code == 429, streamed.text  # before the stream, not inside it
         assert capped.sessions() == ["a"]
         assert h.post("/v1/chat/completions", json=body).is_success  # stateless
         assert h.post("/v1/chat/completions", json=body, headers={"X-Session-Id": "a"}).is_success
