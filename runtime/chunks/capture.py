@@ -210,7 +210,8 @@ class ChunkWriter:
         jobs: list[tuple[str, Callable[[BinaryIO], int]]] = []
         sizes = [c.raw.size for c in pending.chunks if isinstance(c.raw, layout.StateSlice)]
         scratch = np.empty(max(sizes, default=0), dtype=np.uint8)
-        new: list[tuple[int, PendingChunk, list[int]]] = []
+        new: list[tuple[int, PendingChunk]] = []
+        written: dict[str, int] = {}  #: file size of each chunk this commit wrote
         for i, chunk in enumerate(pending.chunks):
             known = self.index.sizes_of(chunk.key)
             if chunk.raw is None:
@@ -226,24 +227,23 @@ class ChunkWriter:
             if known is None and self.blobs.has(chunk.key):
                 # on disk but not in the index: it was unreadable when the store opened
                 self.blobs.quarantine(chunk.key, "unreadable when the store opened; written again")
-            raw_size: list[int] = []
-            jobs.append((chunk.key, self._encoder(pending, chunk, scratch, raw_size)))
-            new.append((i, chunk, raw_size))
+            jobs.append((chunk.key, self._encoder(pending, chunk, scratch, written)))
+            new.append((i, chunk))
         try:
             stored = self.blobs.put_all(jobs)
         except BaseException:
             # what was stored before the failure is complete: index it, or the next commit
             # would take it for a chunk that was unreadable when the store opened
-            for _, chunk, raw_size in new:
-                if len(raw_size) == 2 and self.blobs.has(chunk.key):
-                    self.index.add_chunk(chunk.key, raw_size[0], raw_size[1], written=True)
+            for _, chunk in new:
+                if chunk.key in written and self.blobs.has(chunk.key):
+                    size = written[chunk.key]
+                    self.index.add_chunk(chunk.key, chunk.raw_size, size, written=True)
             raise
-        for (i, chunk, raw_size), size in zip(new, stored, strict=True):
-            # raw_size is empty when another writer stored the key first: same content
-            raw = raw_size[0] if raw_size else chunk.raw_size
-            self.index.add_chunk(chunk.key, raw, size, written=bool(raw_size))
+        for (i, chunk), size in zip(new, stored, strict=True):
+            # not in written when another writer stored the key first: the same content
+            self.index.add_chunk(chunk.key, chunk.raw_size, size, written=chunk.key in written)
             chunk.raw = None  # the copy is durable now; let it go
-            refs[i] = ChunkRef(chunk.key, chunk.start, chunk.end, raw, size)
+            refs[i] = ChunkRef(chunk.key, chunk.start, chunk.end, chunk.raw_size, size)
         return [refs[i] for i in range(len(pending.chunks))]
 
     def _encoder(
@@ -251,11 +251,11 @@ class ChunkWriter:
         pending: PendingCheckpoint,
         chunk: PendingChunk,
         scratch: npt.NDArray[np.uint8],
-        raw_size: list[int],
+        written: dict[str, int],
     ) -> Callable[[BinaryIO], int]:
         """``write(f)`` for :meth:`BlobStore.put_all`: encode the chunk (a slice is first
         copied into ``scratch``, one buffer for every chunk of the commit) and write its file
-        (appends its raw size, then its file size, to ``raw_size``)."""
+        (records its file size in ``written``)."""
 
         def write(f: BinaryIO) -> int:
             raw = chunk.raw
@@ -275,10 +275,9 @@ class ChunkWriter:
                 snapshot_id=chunk.key,
                 codec=self.codec,
             )
-            raw_size.append(snap.header.raw_size)
-            written = snap.write_to(f)
-            raw_size.append(written)
-            return written
+            size = snap.write_to(f)
+            written[chunk.key] = size
+            return size
 
         return write
 
