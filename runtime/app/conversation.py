@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from runtime.app.options import Sampling
     from runtime.app.recall import Recall
     from runtime.app.reply import MemoryUsed, Reply
-    from runtime.app.sessions import Sessions
+    from runtime.app.sessions import ImportMessage, Sessions
     from runtime.app.stats import Stats
     from runtime.app.turn import Prompt, TurnEngine
     from runtime.session import ResumeReport, Session
@@ -45,6 +45,37 @@ class Conversation:
         self._recall = recall
         self._turns = turns
         self._stats = stats
+
+    def import_history(self, session_id: str, items: list[ImportMessage], n_ctx: int) -> list[int]:
+        """Journal checked messages (see :meth:`Runtime.import_history`); their seqs."""
+        with self._batcher.turn(session_id):
+            # a new session has no window to render after: nothing is opened for it until
+            # the history is known to import
+            session = None
+            if self._sessions.exists(session_id):
+                session, _report = self._sessions.get(session_id)
+            plan = self._turns.render_history(session, items)
+            seqs = self._sessions.append_history(session_id, plan, len(items), n_ctx)
+            # into long-term memory now, at the time each message was said (the import is
+            # durable in the journal already: a failure here catches up on the next turn);
+            # the session stays suspended, so the journal is read apart from it
+            with self._sessions.open_journal(session_id) as journal:
+                self._recall.catch_up_journal(session_id, journal)
+            return seqs
+
+    def consolidate(self, session_id: str) -> dict[str, int]:
+        """Long-term memory's background work on one session now (see
+        :meth:`Runtime.consolidate`), resident or suspended."""
+        session = self._sessions.peek(session_id)
+        if session is not None:
+            self._recall.catch_up(session)
+            return self._recall.consolidate(session)
+        if session_id not in self._sessions.known():
+            raise SessionNotFoundError(f"no session {session_id!r}")
+        with self._sessions.open_journal(session_id) as journal:
+            self._recall.catch_up_journal(session_id, journal)
+            # suspended: nothing of it is in the KV now
+            return self._recall.consolidate_journal(session_id, journal, set())
 
     def chat(
         self,

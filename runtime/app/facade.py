@@ -35,9 +35,7 @@ from runtime.app.reply import Reply
 from runtime.app.sessions import check_messages
 from runtime.errors import ClosedError, SessionNotFoundError
 from runtime.fsutil import ensure_dir
-from runtime.layout import (
-    validate_session_id,
-)
+from runtime.layout import validate_session_id, validate_tenant
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -287,20 +285,7 @@ class Runtime:
         """
         validate_session_id(session_id)
         items = check_messages(messages, remember=remember)
-        with self._batcher.turn(session_id):
-            # a new session has no window to render after: nothing is opened for it until
-            # the history is known to import
-            session = None
-            if self._sessions.exists(session_id):
-                session, _report = self._sessions.get(session_id)
-            plan = self._turns.render_history(session, items)
-            seqs = self._sessions.append_history(session_id, plan, len(items), self.ctx.n_ctx)
-            # into long-term memory now, at the time each message was said (the import is
-            # durable in the journal already: a failure here catches up on the next turn);
-            # the session stays suspended, so the journal is read apart from it
-            with self._sessions.open_journal(session_id) as journal:
-                self._recall.catch_up_journal(session_id, journal)
-            return seqs
+        return self._conversation.import_history(session_id, items, self.ctx.n_ctx)
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -326,16 +311,18 @@ class Runtime:
 
     @_door
     def session_page(
-        self, limit: int = 100, after: str | None = None
+        self, limit: int = 100, after: str | None = None, *, tenant: str | None = None
     ) -> tuple[list[dict[str, Any]], bool]:
         """The :meth:`session_info` of at most ``limit`` (1-1000) sessions whose ids sort
         after ``after`` (``None``: from the first), and whether more follow: a listing in
         pages, each costing one read of the journals directory however many sessions there
-        are. The server's ephemeral sessions are left out."""
+        are. The server's ephemeral sessions are left out; ``tenant``: only its sessions."""
         check_int("limit", limit, 1, 1000)
         if after is not None:
             validate_session_id(after)
-        return self._sessions.page(limit, after)
+        if tenant is not None:
+            validate_tenant(tenant)
+        return self._sessions.page(limit, after, tenant)
 
     @_door
     def history(self, session_id: str) -> list[dict[str, Any]]:
@@ -424,16 +411,7 @@ class Runtime:
         call (or the housekeeping thread's next tick)."""
         validate_session_id(session_id)
         self._wait_for(session_id)
-        session = self._sessions.peek(session_id)
-        if session is not None:
-            self._recall.catch_up(session)
-            return self._recall.consolidate(session)
-        if session_id not in self._sessions.known():
-            raise SessionNotFoundError(f"no session {session_id!r}")
-        with self._sessions.open_journal(session_id) as journal:
-            self._recall.catch_up_journal(session_id, journal)
-            # suspended: nothing of it is in the KV now
-            return self._recall.consolidate_journal(session_id, journal, set())
+        return self._conversation.consolidate(session_id)
 
     @_door
     def compact_journals(self) -> int:
@@ -470,31 +448,43 @@ class Runtime:
         kind: str = "fact",
         importance: float = 0.5,
         meta: dict[str, Any] | None = None,
+        tenant: str | None = None,
     ) -> str:
-        """Store a long-term memory directly (``session=None``: global, seen by every session)."""
+        """Store a long-term memory directly. ``session=None``: global, seen by every session
+        of no tenant; with ``tenant``, the tenant's own, seen by each of its sessions
+        (:mod:`runtime.layout`). A ``session`` must then be one of the tenant's."""
         return self._recall.remember(
-            text, session=session, kind=kind, importance=importance, meta=meta
+            text, session=session, kind=kind, importance=importance, meta=meta, tenant=tenant
         )
 
     @_door
     def search(
-        self, query: str, k: int = 5, *, session: str | None = None, now: float | None = None
+        self,
+        query: str,
+        k: int = 5,
+        *,
+        session: str | None = None,
+        now: float | None = None,
+        tenant: str | None = None,
     ) -> list[Hit]:
-        """Search long-term memory: all sessions, or one (with the global memories). Periods
-        the query names ("last week") are read relative to ``now`` (default: the time)."""
-        return self._recall.search(query, k, session=session, now=now)
+        """Search long-term memory: all sessions, or one (with its global memories: its
+        tenant's own for a tenant's session). ``tenant`` keeps the search inside that
+        tenant. Periods the query names ("last week") are read relative to ``now``."""
+        return self._recall.search(query, k, session=session, now=now, tenant=tenant)
 
     @_door
-    def memory_history(self, item_id: str) -> list[MemoryItem]:
+    def memory_history(self, item_id: str, *, tenant: str | None = None) -> list[MemoryItem]:
         """The history behind a memory: every fact about the same subject and attribute,
         newest first: the current value, then the ones it superseded (kept, linked by
-        ``superseded_by``). Empty when the item states no single-valued attribute."""
-        return self._recall.lineage(item_id)
+        ``superseded_by``). Empty when the item states no single-valued attribute, or
+        (``tenant``) is not that tenant's."""
+        return self._recall.lineage(item_id, tenant)
 
     @_door
-    def forget(self, item_id: str) -> bool:
-        """Delete one long-term memory; False if there was none with this id."""
-        return self._recall.forget(item_id)
+    def forget(self, item_id: str, *, tenant: str | None = None) -> bool:
+        """Delete one long-term memory; False if there was none with this id (``tenant``:
+        none of that tenant's)."""
+        return self._recall.forget(item_id, tenant)
 
     @_door
     def embed(self, texts: Sequence[str]) -> Embeddings:

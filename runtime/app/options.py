@@ -260,9 +260,10 @@ class RuntimeConfig:
             the last one, and equal prefixes are stored once.
         idle_suspend_s: a session idle this long is suspended: checkpointed, its KV cells
             freed (0: only when the cells or sequence slots are needed).
-        max_sessions: sessions kept at most (0, the default: no cap); a turn or import that
-            would start another raises :class:`SessionLimitError` and writes nothing.
-            Ephemeral sessions (stateless requests) are not counted.
+        max_sessions: sessions kept at most per tenant (0, the default: no cap); a turn or
+            import that would start another raises :class:`SessionLimitError` and writes
+            nothing. Ephemeral sessions (stateless requests) are not counted; the sessions of
+            no tenant count as one tenant (:mod:`runtime.layout`).
         session_ttl_s: a session whose journal was last written this long ago is deleted,
             with its long-term memories, by the housekeeping thread (0, the default: never).
             A session in a turn is never expired.

@@ -21,7 +21,13 @@ from runtime.app.reply import MemoryUsed
 from runtime.embed.embedder import Embeddings
 from runtime.errors import RuntimeArgumentError
 from runtime.fsutil import atomic_write_bytes
-from runtime.layout import JOURNAL_DIR, journal_path, validate_session_id, watermark_path
+from runtime.layout import (
+    JOURNAL_DIR,
+    journal_path,
+    memory_scope,
+    tenant_of,
+    watermark_path,
+)
 from runtime.longterm.distill import Ask, AskBudget, Distiller
 from runtime.session import Session
 from runtime.storage import JournalBackend
@@ -383,14 +389,14 @@ class Recall:
         kind: str = "fact",
         importance: float = 0.5,
         meta: dict[str, Any] | None = None,
+        tenant: str | None = None,
     ) -> str:
-        """Store a long-term memory directly (``session=None``: global)."""
+        """Store a long-term memory directly (``session=None``: global, or ``tenant``'s own)."""
         if self.store is None:
             raise RuntimeArgumentError("memory", "long-term memory is off (embedder=False)")
-        if session is not None:
-            validate_session_id(session)
+        scope = memory_scope(session, tenant)
         return self.store.add(
-            check_text(text), kind=kind, session=session, importance=importance, meta=meta
+            check_text(text), kind=kind, session=scope, importance=importance, meta=meta
         )
 
     def search(
@@ -401,13 +407,14 @@ class Recall:
         session: str | None = None,
         now: float | None = None,
         current_only: bool = False,
+        tenant: str | None = None,
     ) -> list[Hit]:
-        """Search long-term memory (all sessions, or one and the global memories)."""
+        """Search long-term memory (all sessions, or one and its global memories; with
+        ``tenant``, that tenant's only)."""
         if self.store is None:
             return []
         check_int("k", k, 1, 1000)
-        if session is not None:
-            validate_session_id(session)
+        memory_scope(session, tenant)
         return self.store.search(
             check_text(query),
             k,
@@ -416,22 +423,30 @@ class Recall:
             now=now,
             touch=False,
             current_only=current_only,
+            tenant=tenant,
         )
 
-    def lineage(self, item_id: str) -> list[MemoryItem]:
+    def lineage(self, item_id: str, tenant: str | None = None) -> list[MemoryItem]:
         """What an item's subject/attribute held over time, newest first (see
-        :meth:`runtime.longterm.MemoryStore.lineage`)."""
-        if self.store is None:
+        :meth:`runtime.longterm.MemoryStore.lineage`); empty for an item not ``tenant``'s."""
+        if self.store is None or not self._owned(item_id, tenant):
             return []
         return self.store.lineage(item_id)
 
-    def forget(self, item_id: str) -> bool:
-        """Delete one long-term memory; False if there was none with this id."""
-        if self.store is None:
+    def forget(self, item_id: str, tenant: str | None = None) -> bool:
+        """Delete one long-term memory; False if there was none with this id (of ``tenant``)."""
+        if self.store is None or not self._owned(item_id, tenant):
             return False
         # the watermarks first: a crash right after must not re-ingest a forgotten turn
         self.flush_marks()
         return self.store.delete(item_id)
+
+    def _owned(self, item_id: str, tenant: str | None) -> bool:
+        """Whether ``tenant`` may see the item (any item when ``tenant`` is None)."""
+        if tenant is None:
+            return True
+        item = self.store.get(item_id) if self.store is not None else None
+        return item is not None and item.session is not None and tenant_of(item.session) == tenant
 
     def embed(self, texts: Sequence[str]) -> Embeddings:
         """Embed texts with the runtime's embedder (L2-normalised rows), with the tokens it

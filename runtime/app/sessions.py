@@ -28,7 +28,7 @@ from runtime.errors import (
     SessionNotFoundError,
 )
 from runtime.journal import Journal, journal_files, journal_files_of
-from runtime.layout import JOURNAL_DIR, is_ephemeral, journal_path
+from runtime.layout import JOURNAL_DIR, is_ephemeral, journal_path, tenant_of
 from runtime.session import (
     IMPORTED,
     WINDOW_ROLE,
@@ -64,7 +64,8 @@ class Sessions:
         recall: long-term memory (caught up when a session resumes; told about deletions).
         retention: journal retention (told about deletions).
         journal_fsync, journal_segment_entries: how journals are opened.
-        max_sessions: sessions kept at most (0: no cap; ephemeral ones are not counted).
+        max_sessions: sessions kept at most per tenant (0: no cap; ephemeral ones are not
+            counted).
         say: progress lines for long steps.
     """
 
@@ -187,11 +188,19 @@ class Sessions:
         """A session's state (see :meth:`runtime.Runtime.session_info`)."""
         return self._info(session_id, journal_files(self._journal(session_id)))
 
-    def page(self, limit: int, after: str | None) -> tuple[list[dict[str, Any]], bool]:
+    def page(
+        self, limit: int, after: str | None, tenant: str | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
         """The states of at most ``limit`` sessions after ``after`` (by id; ``None``: from
-        the first), ephemeral ones left out, and whether more follow. One listing of the
-        journals directory for the whole page."""
-        ids = [s for s in self.known() if not is_ephemeral(s) and (after is None or s > after)]
+        the first), ephemeral ones left out (``tenant``: only its sessions), and whether
+        more follow. One listing of the journals directory for the whole page."""
+        ids = [
+            s
+            for s in self.known()
+            if not is_ephemeral(s)
+            and (after is None or s > after)
+            and (tenant is None or tenant_of(s) == tenant)
+        ]
         page = ids[:limit]
         names = {s: self._journal(s).name for s in page}
         files = journal_files_of(self._root / JOURNAL_DIR, list(names.values()))
@@ -263,13 +272,16 @@ class Sessions:
 
     def admit(self, session_id: str) -> None:
         """:class:`SessionLimitError` when ``session_id`` would be a new session past
-        ``max_sessions`` (an existing or ephemeral one always passes)."""
+        ``max_sessions`` of its tenant (an existing or ephemeral one always passes; the
+        sessions of no tenant count as one tenant)."""
         if not self._max_sessions or is_ephemeral(session_id) or self.exists(session_id):
             return
-        kept = sum(1 for s in self.known() if not is_ephemeral(s))
+        tenant = tenant_of(session_id)
+        kept = sum(1 for s in self.known() if not is_ephemeral(s) and tenant_of(s) == tenant)
         if kept >= self._max_sessions:
+            whose = f"tenant {tenant!r} keeps" if tenant is not None else "are kept"
             raise SessionLimitError(
-                f"no new session {session_id!r}: {kept} sessions are kept, the most allowed "
+                f"no new session {session_id!r}: {kept} sessions {whose}, the most allowed "
                 f"(max_sessions={self._max_sessions}); delete one first"
             )
 

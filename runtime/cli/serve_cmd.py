@@ -1,8 +1,10 @@
 """``python -m runtime serve``: the OpenAI-compatible HTTP server (see :mod:`runtime.server`).
 
 Binds to 127.0.0.1 by default. ``--api-key-file`` names a file whose first line is the key
-every endpoint but ``/health`` then requires (``Authorization: Bearer <key>``). SIGTERM or
-SIGINT: stop accepting, finish or cancel what runs, write final checkpoints, exit 0.
+every endpoint but ``/health`` then requires (``Authorization: Bearer <key>``);
+``--api-keys`` instead names a file of ``tenant key`` lines, each key reaching only its
+tenant's sessions and memories (:mod:`runtime.server.tenants`). SIGTERM or SIGINT: stop
+accepting, finish or cancel what runs, write final checkpoints, exit 0.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     add_runtime_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--port", type=_port, default=8080, help="TCP port (8080)")
-    parser.add_argument("--api-key-file", default=None, help="require this Bearer key")
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument("--api-key-file", default=None, help="require this Bearer key")
+    keys.add_argument(
+        "--api-keys",
+        default=None,
+        metavar="FILE",
+        help="'tenant key' lines (or 'tenant sha256:<hex>'): a key reaches its tenant's data only",
+    )
     parser.add_argument(
         "--max-queue", type=positive_int, default=64, help="waiting requests before 503s (64)"
     )
@@ -46,7 +55,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--max-sessions",
         type=int,
         default=0,
-        help="sessions kept at most; a new one past it gets a 429 (0: no cap)",
+        help="sessions kept at most per tenant; a new one past it gets a 429 (0: no cap)",
     )
     parser.add_argument(
         "--session-ttl",
@@ -80,12 +89,14 @@ def read_api_key(path: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Open the runtime and serve it until a signal; returns the exit code."""
     from runtime.server import serve
+    from runtime.server.tenants import read_keys
 
     if args.grace < 0:
         raise ArgumentError(f"--grace must be >= 0, got {args.grace}")
     if not args.request_timeout > 0:
         raise ArgumentError(f"--request-timeout must be > 0, got {args.request_timeout}")
     api_key = read_api_key(args.api_key_file) if args.api_key_file else None
+    api_keys = read_keys(args.api_keys) if args.api_keys else None
     rt = open_runtime(args, max_sessions=args.max_sessions, session_ttl_s=args.session_ttl)
     print(
         f"serve: http://{args.host}:{args.port}/v1 (model {rt.model_name}, data {args.dir})",
@@ -97,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         api_key=api_key,
+        api_keys=api_keys,
         max_body=args.max_body,
         max_queue=args.max_queue,
         grace_s=args.grace,

@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from runtime.errors import (
-    MemoryStoreError,
-)
+from runtime.errors import MemoryStoreError
+from runtime.layout import memory_scope, tenant_of, tenant_root, validate_tenant
 from runtime.longterm.items import COLUMNS, MemoryItem, NewItem
 from runtime.longterm.lexical import normalise
 
@@ -130,16 +129,37 @@ def insert_items(
 
 
 def scope_clause(
-    session: str | None, kinds: Sequence[str] | None, *, global_only: bool, with_global: bool
+    session: str | None,
+    kinds: Sequence[str] | None,
+    *,
+    global_only: bool,
+    with_global: bool,
+    tenant: str | None = None,
 ) -> tuple[str, list[Any]]:
-    """The WHERE conditions (joined by AND, "" for none) that scope a search."""
+    """The WHERE conditions (joined by AND, "" for none) that scope a search.
+
+    The "global" memories of a session are those of its tenant's root
+    (:func:`runtime.layout.tenant_root`), or, for a session of no tenant, those stored
+    without a session. Without a session, ``tenant`` keeps that tenant's items only: its
+    sessions' and its root's (ids ``<tenant>~...``, one index range)."""
     clauses: list[str] = []
     args: list[Any] = []
+    memory_scope(session, tenant)  # the session is one of the tenant's
     if global_only:
-        clauses.append("session IS NULL")
+        clauses.append("session IS ?")
+        args.append(tenant_root(tenant) if tenant is not None else None)
     elif session is not None:
-        clauses.append("(session = ? OR session IS NULL)" if with_global else "session = ?")
-        args.append(session)
+        owner = tenant_of(session)
+        if with_global:
+            clauses.append("(session = ? OR session IS ?)")
+            args += [session, tenant_root(owner) if owner is not None else None]
+        else:
+            clauses.append("session = ?")
+            args.append(session)
+    elif tenant is not None:
+        # "~" is followed by DEL (0x7f) in ASCII: the range holds exactly "<tenant>~..."
+        clauses.append("session >= ? AND session < ?")
+        args += [tenant_root(tenant), f"{validate_tenant(tenant)}\x7f"]
     if kinds is not None:
         clauses.append(f"kind IN ({', '.join('?' * len(kinds))})")
         args.extend(kinds)

@@ -52,6 +52,7 @@ class Query:
         with_global: bool,
         current_only: bool,
         embedder: TextEmbedder,
+        tenant: str | None = None,
     ) -> Query:
         """Check the arguments of :meth:`runtime.longterm.store.MemoryStore.search` and embed
         the query with ``embedder``."""
@@ -68,6 +69,7 @@ class Query:
             global_only=global_only,
             with_global=with_global,
             current_only=current_only,
+            tenant=tenant,
         )
         vector = embedder.embed([text])[0]
         return cls(text, k, stamp, vector, query_terms(text), where, args)
@@ -99,10 +101,13 @@ def scope(
     global_only: bool,
     with_global: bool,
     current_only: bool,
+    tenant: str | None = None,
 ) -> tuple[str, list[Any]]:
     """The WHERE conditions and their arguments of a search's scope
     (:func:`runtime.longterm.db.scope_clause`; ``current_only``: nothing superseded)."""
-    where, args = sql.scope_clause(session, kinds, global_only=global_only, with_global=with_global)
+    where, args = sql.scope_clause(
+        session, kinds, global_only=global_only, with_global=with_global, tenant=tenant
+    )
     if current_only:
         where = " AND ".join(c for c in (where, "superseded_by IS NULL") if c)
     return where, args

@@ -3,9 +3,8 @@
 The store is the facade over its parts (listed in :mod:`runtime.longterm`) and holds their
 lock. A write is acknowledged only after its SQLite commit; the index follows it.
 
-Access times set by searches are held in memory and written in batches
-(:data:`~runtime.longterm.db.TOUCH_FLUSH_EVERY`, on save and on close); see
-:meth:`runtime.longterm.db.AccessTimes.flush` for why that is safe.
+Access times set by searches are written in batches (:data:`~runtime.longterm.db.TOUCH_FLUSH_EVERY`,
+on save and close; :meth:`runtime.longterm.db.AccessTimes.flush` says why that is safe).
 """
 
 from __future__ import annotations
@@ -381,6 +380,7 @@ class MemoryStore:
         global_only: bool = False,
         with_global: bool = False,
         current_only: bool = False,
+        tenant: str | None = None,
     ) -> list[Hit]:
         """The ``k`` best memories for ``query``, best first.
 
@@ -391,10 +391,9 @@ class MemoryStore:
         May", "last week", relative to ``now``), boost the items that match; a superseded
         item ranks below the fact that replaced it (``current_only`` leaves it out).
 
-        ``session`` restricts the candidates to that session (``with_global``: plus the
-        memories stored without a session); ``global_only`` keeps only the latter; ``kinds``
-        restricts the kinds. ``touch`` updates the returned items' last-access time to
-        ``now`` (skipped on a read-only store).
+        The scope (:func:`runtime.longterm.db.scope_clause`): ``session`` (``with_global``:
+        and its global memories), ``global_only``, ``tenant`` and ``kinds``. ``touch``
+        marks the hits used at ``now`` (not on a read-only store).
         """
         q = retrieval.Query.parse(
             query,
@@ -406,6 +405,7 @@ class MemoryStore:
             with_global=with_global,
             current_only=current_only,
             embedder=self.embedder,
+            tenant=tenant,
         )
         with self._lock:
             hits = self._retriever.search(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,7 @@ from runtime.server.connections import (
     uvicorn_config,
 )
 from runtime.server.scheduler import FairQueue
+from runtime.server.tenants import Keys
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
@@ -59,13 +59,14 @@ logger = logging.getLogger(__name__)
 
 class _Guard:
     """Bearer authentication (every path but /health; the scheme's case does not matter,
-    RFC 7235) and the request body limit (413). ``failed`` counts refused credentials."""
+    RFC 7235), which names the request's tenant (``scope["state"]["tenant"]``), and the
+    request body limit (413). ``failed`` counts refused credentials."""
 
     def __init__(
-        self, app: ASGIApp, api_key: str | None, max_body: int, failed: Callable[[], None]
+        self, app: ASGIApp, keys: Keys | None, max_body: int, failed: Callable[[], None]
     ) -> None:
         self.app = app
-        self.key = api_key.encode() if api_key is not None else None
+        self.keys = keys
         self.max_body = max_body
         self.failed = failed
 
@@ -74,14 +75,16 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
-        if self.key is not None and scope["path"] != "/health":
+        if self.keys is not None and scope["path"] != "/health":
             scheme, _, given = headers.get("authorization", b"").strip().partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
+            known, tenant = self.keys.tenant(given.strip())
+            if scheme.lower() != b"bearer" or not known:
                 self.failed()
                 err = APIError(401, "invalid or missing API key", code="invalid_api_key")
                 err.headers["WWW-Authenticate"] = "Bearer"
                 await err.response()(scope, receive, send)
                 return
+            scope.setdefault("state", {})["tenant"] = tenant
         length = headers.get("content-length")
         if length is not None:
             try:
@@ -98,6 +101,7 @@ def create_app(
     rt: Runtime,
     *,
     api_key: str | None = None,
+    api_keys: Keys | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> Starlette:
@@ -105,17 +109,25 @@ def create_app(
 
     Args:
         rt: the runtime; every call into it goes through one fair, bounded queue.
-        api_key: when set, every endpoint but ``/health`` needs ``Authorization: Bearer``.
+        api_key: when set, every endpoint but ``/health`` needs ``Authorization: Bearer``
+            with this key (one tenant: the data directory's own ids).
+        api_keys: instead, keys that each name a tenant (:mod:`runtime.server.tenants`):
+            a request reaches only its tenant's sessions and memories, and the tenants
+            take turns in the queue, each holding at most its share of the waiting places.
         max_body: request bodies larger than this many bytes get a 413.
         max_queue: requests waiting for the runtime at most; more get a 503 with
             ``Retry-After``.
     """
     if max_body < 1:
         raise ArgumentError("max_body must be >= 1")
-    if api_key is not None and not api_key.strip():
-        raise ArgumentError("api_key is empty: pass a key, or None for no authentication")
+    if api_key is not None and api_keys is not None:
+        raise ArgumentError("give api_key or api_keys, not both")
+    keys = Keys.single(api_key) if api_key is not None else api_keys
+    tenants = len(keys.tenants) if keys is not None else 1
     # as many turns at once as the runtime has sequences: their replies share each decode
-    queue = FairQueue(max_queue, slots=rt.config.max_resident)
+    queue = FairQueue(
+        max_queue, slots=rt.config.max_resident, tenant_share=max(1, max_queue // tenants)
+    )
     state = ServerState(rt, queue, Metrics(queue), max_body)
     routes = [
         Route("/v1/chat/completions", endpoint("chat", chat_completions), methods=["POST"]),
@@ -154,9 +166,7 @@ def create_app(
         routes=routes, exception_handlers={404: not_found_handler, 405: not_found_handler}
     )
     app.state.server = state
-    app.add_middleware(
-        _Guard, api_key=api_key, max_body=max_body, failed=state.metrics.auth_failed.inc
-    )
+    app.add_middleware(_Guard, keys=keys, max_body=max_body, failed=state.metrics.auth_failed.inc)
     return app
 
 
@@ -166,6 +176,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8080,
     api_key: str | None = None,
+    api_keys: Keys | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     max_queue: int = DEFAULT_MAX_QUEUE,
     grace_s: float = 10.0,
@@ -196,7 +207,7 @@ def serve(
     for sid in rt.sessions():
         if is_ephemeral(sid):
             rt.delete_session(sid)
-    app = create_app(rt, api_key=api_key, max_body=max_body, max_queue=max_queue)
+    app = create_app(rt, api_key=api_key, api_keys=api_keys, max_body=max_body, max_queue=max_queue)
     state: ServerState = app.state.server
     state.grace_s = grace_s
 

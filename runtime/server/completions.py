@@ -26,7 +26,8 @@ from runtime.server.scheduler import QueueFullError
 if TYPE_CHECKING:
     from runtime.app import Reply
 
-from runtime.server.state import ServerState, json_body, queue_full
+from runtime.server.state import ServerState, json_body, queue_full, request_tenant
+from runtime.server.tenants import inner
 
 logger = logging.getLogger(__name__)
 
@@ -126,14 +127,20 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     rt = state.rt
     body = await json_body(request, state.max_body)
     req = chatmod.parse_chat(body, request.headers.get("x-session-id"), rt.sampling, rt.n_ctx)
+    tenant = request_tenant(request)
     ephemeral = req.session_id is None
-    sid = req.session_id or ephemeral_id()
+    # the tenant's session (its stateless requests too: they see the tenant's memories)
+    sid = (
+        ephemeral_id(tenant)
+        if req.session_id is None
+        else inner(tenant, req.session_id, "session_id")
+    )
     turn = _Turn(state, req, sid, ephemeral)
     key = sid  # an ephemeral session is its own key: stateless requests run side by side
     if state.stopping or state.draining:
         raise APIError(503, "the server is shutting down", code="shutting_down")
     try:
-        await state.queue.acquire(key)
+        await state.queue.acquire(key, tenant)
     except QueueFullError:
         raise queue_full(state) from None
     # holding the runtime's turn from here: every path below releases it exactly once
@@ -146,7 +153,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
         raise
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     model = rt.model_name
-    out_sid = None if ephemeral else sid
+    out_sid = req.session_id  # as the client named it (None: stateless)
     if not req.stream:
         watcher = asyncio.ensure_future(_watch_disconnect(request, turn))
         task = _track(state, state.queue.start(key, lambda: turn.run(None)))

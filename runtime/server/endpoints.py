@@ -15,7 +15,8 @@ from runtime.errors import SessionNotFoundError
 from runtime.longterm.items import KINDS
 from runtime.server import chat_request as chatmod
 from runtime.server.api_errors import APIError, bad_request, not_found
-from runtime.server.state import ADMIN_KEY, ServerState, json_body
+from runtime.server.state import ServerState, admin_key, json_body, request_tenant
+from runtime.server.tenants import inner, outer
 
 if TYPE_CHECKING:
     from runtime.longterm import Hit
@@ -45,7 +46,8 @@ async def embeddings_endpoint(request: Request, state: ServerState) -> Response:
     dims = body.get("dimensions")
     if dims is not None and dims != dim:
         raise bad_request("dimensions", f"this embedder only gives {dim}")
-    embedded = await state.run(ADMIN_KEY, lambda: rt.embed(texts))
+    tenant = request_tenant(request)
+    embedded = await state.run(admin_key(tenant), lambda: rt.embed(texts), tenant)
     data = []
     for i, vec in enumerate(embedded.vectors):
         emb: Any
@@ -77,13 +79,13 @@ async def models_endpoint(request: Request, state: ServerState) -> Response:
     return JSONResponse({"object": "list", "data": [model]})
 
 
-def _hit(hit: Hit) -> dict[str, Any]:
+def _hit(hit: Hit, tenant: str | None) -> dict[str, Any]:
     return {
         "id": hit.id,
         "object": "memory",
         "text": hit.text,
         "kind": hit.kind,
-        "session": hit.session,
+        "session": outer(tenant, hit.session),  # None: global (the tenant's own)
         "score": hit.score,
         "similarity": hit.similarity,
         "importance": hit.importance,
@@ -99,9 +101,10 @@ def _hit(hit: Hit) -> dict[str, Any]:
 async def remember_endpoint(request: Request, state: ServerState) -> Response:
     body = await json_body(request, state.max_body)
     text = chatmod.check_text(body.get("text"), "text")
+    tenant = request_tenant(request)
     session = body.get("session")
     if session is not None:
-        session = chatmod.check_session_id(session, "session")
+        session = inner(tenant, chatmod.check_session_id(session, "session"), "session")
     kind = body.get("kind", "fact")
     if kind not in KINDS:
         raise bad_request("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -123,9 +126,11 @@ async def remember_endpoint(request: Request, state: ServerState) -> Response:
         raise APIError(400, "long-term memory is off (--no-memory)", param="text")
 
     def add() -> str:
-        return rt.remember(text, session=session, kind=kind, importance=importance, meta=meta)
+        return rt.remember(
+            text, session=session, kind=kind, importance=importance, meta=meta, tenant=tenant
+        )
 
-    item_id = await state.run(ADMIN_KEY, add)
+    item_id = await state.run(admin_key(tenant), add, tenant)
     return JSONResponse({"id": item_id, "object": "memory", "text": text}, status_code=201)
 
 
@@ -147,28 +152,29 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
 async def search_endpoint(request: Request, state: ServerState) -> Response:
     q = chatmod.check_text(request.query_params.get("q"), "q")
     k = _int_param(request, "k", 5, 1, 100)
+    tenant = request_tenant(request)
     session = request.query_params.get("session")
     if session is not None:
-        session = chatmod.check_session_id(session, "session")
+        session = inner(tenant, chatmod.check_session_id(session, "session"), "session")
     rt = state.rt
 
     def search() -> list[Any]:
-        return rt.search(q, k, session=session)
+        return rt.search(q, k, session=session, tenant=tenant)
 
-    hits = await state.run(ADMIN_KEY, search)
-    return JSONResponse({"object": "list", "data": [_hit(h) for h in hits]})
+    hits = await state.run(admin_key(tenant), search, tenant)
+    return JSONResponse({"object": "list", "data": [_hit(h, tenant) for h in hits]})
 
 
 async def forget_endpoint(request: Request, state: ServerState) -> Response:
     item_id = request.path_params["item_id"]
     if not 1 <= len(item_id) <= 128 or not item_id.replace("-", "").isalnum():
         raise bad_request("id", "not a memory id")
-    rt = state.rt
+    rt, tenant = state.rt, request_tenant(request)
 
     def forget() -> bool:
-        return rt.forget(item_id)
+        return rt.forget(item_id, tenant=tenant)
 
-    if not await state.run(ADMIN_KEY, forget):
+    if not await state.run(admin_key(tenant), forget, tenant):
         raise not_found(f"memory {item_id}")
     return JSONResponse({"id": item_id, "object": "memory.deleted", "deleted": True})
 
@@ -176,42 +182,48 @@ async def forget_endpoint(request: Request, state: ServerState) -> Response:
 async def sessions_endpoint(request: Request, state: ServerState) -> Response:
     """``GET /v1/sessions?limit=100&after=<id>``: one page of sessions by id, OpenAI's list
     shape (``has_more``, ``last_id``); the next page is ``after=<last_id>``."""
-    rt = state.rt
+    rt, tenant = state.rt, request_tenant(request)
     limit = _int_param(request, "limit", 100, 1, 1000)
     after = request.query_params.get("after")
     if after is not None:
-        after = chatmod.check_session_id(after, "after")
-    data, more = await state.run(ADMIN_KEY, lambda: rt.session_page(limit, after))
+        after = inner(tenant, chatmod.check_session_id(after, "after"), "after")
+    page = await state.run(
+        admin_key(tenant), lambda: rt.session_page(limit, after, tenant=tenant), tenant
+    )
+    data = [{"object": "session", **i, "id": outer(tenant, i["id"])} for i in page[0]]
     return JSONResponse(
         {
             "object": "list",
-            "data": [{"object": "session", **i} for i in data],
-            "has_more": more,
+            "data": data,
+            "has_more": page[1],
             "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None,
         }
     )
 
 
-def _sid(request: Request) -> str:
-    return chatmod.check_session_id(request.path_params["session_id"], "session_id")
+def _sid(request: Request) -> tuple[str, str, str | None]:
+    """The path's session id as the client named it, as the runtime knows it, its tenant."""
+    tenant = request_tenant(request)
+    local = chatmod.check_session_id(request.path_params["session_id"], "session_id")
+    return local, inner(tenant, local, "session_id"), tenant
 
 
 async def session_endpoint(request: Request, state: ServerState) -> Response:
-    sid, rt = _sid(request), state.rt
+    (local, sid, tenant), rt = _sid(request), state.rt
 
     def read() -> dict[str, Any]:
         # the queue runs one job per session at a time: nothing deletes it between the calls
         info = rt.session_info(sid)
         if not info["exists"]:
-            raise not_found(f"session {sid}")
-        return {"object": "session", **info, "history": rt.history(sid)}
+            raise not_found(f"session {local}")
+        return {"object": "session", **info, "id": local, "history": rt.history(sid)}
 
-    return JSONResponse(await state.run(sid, read))
+    return JSONResponse(await state.run(sid, read, tenant))
 
 
 async def delete_session_endpoint(request: Request, state: ServerState) -> Response:
-    sid, rt = _sid(request), state.rt
+    (local, sid, tenant), rt = _sid(request), state.rt
     flag = request.query_params.get("memories", "true")
     if flag not in ("true", "false"):
         raise bad_request("memories", f"must be true or false, got {flag!r}")
@@ -221,29 +233,29 @@ async def delete_session_endpoint(request: Request, state: ServerState) -> Respo
         try:
             rt.delete_session(sid, memories=memories)
         except SessionNotFoundError:
-            raise not_found(f"session {sid}") from None
+            raise not_found(f"session {local}") from None
 
-    await state.run(sid, delete)
-    return JSONResponse({"id": sid, "object": "session.deleted", "deleted": True})
+    await state.run(sid, delete, tenant)
+    return JSONResponse({"id": local, "object": "session.deleted", "deleted": True})
 
 
 async def checkpoint_endpoint(request: Request, state: ServerState) -> Response:
-    sid, rt = _sid(request), state.rt
+    (local, sid, tenant), rt = _sid(request), state.rt
 
     def checkpoint() -> int:
         if not rt.session_info(sid)["exists"]:
-            raise not_found(f"session {sid}")
+            raise not_found(f"session {local}")
         return rt.checkpoint(sid)
 
-    written = await state.run(sid, checkpoint)
+    written = await state.run(sid, checkpoint, tenant)
     # 0: the session is not resident (suspended sessions are on disk already)
-    return JSONResponse({"id": sid, "object": "session.checkpoint", "checkpointed": written})
+    return JSONResponse({"id": local, "object": "session.checkpoint", "checkpointed": written})
 
 
 async def import_endpoint(request: Request, state: ServerState) -> Response:
     """``POST /v1/sessions/{id}/import``: ``{"messages": [...]}`` appended to the session's
     journal (:meth:`Runtime.import_history`); answers ``{"seqs": [...]}``."""
-    sid, rt = _sid(request), state.rt
+    (local, sid, tenant), rt = _sid(request), state.rt
     body = await json_body(request, state.max_body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -255,8 +267,8 @@ async def import_endpoint(request: Request, state: ServerState) -> Response:
     def run() -> list[int]:
         return rt.import_history(sid, messages, remember=remember)
 
-    seqs = await state.run(sid, run)
-    return JSONResponse({"id": sid, "object": "session.import", "seqs": seqs})
+    seqs = await state.run(sid, run, tenant)
+    return JSONResponse({"id": local, "object": "session.import", "seqs": seqs})
 
 
 async def health_endpoint(request: Request, state: ServerState) -> Response:

@@ -31,6 +31,17 @@ RETRY_AFTER_S = 1
 ADMIN_KEY = "\x00admin"  # the queue key of non-chat calls (never a valid session id)
 
 
+def admin_key(tenant: str | None) -> str:
+    """The queue key of a tenant's non-chat calls (never a session id, nor another's key)."""
+    return ADMIN_KEY if tenant is None else f"{ADMIN_KEY}~{tenant}"
+
+
+def request_tenant(request: Request) -> str | None:
+    """The tenant whose key the request presented (``None``: the server has no tenants)."""
+    tenant: str | None = request.scope.get("state", {}).get("tenant")
+    return tenant
+
+
 class Metrics:
     def __init__(self, queue: FairQueue) -> None:
         self.registry = CollectorRegistry()
@@ -85,12 +96,13 @@ class ServerState:
     started: int = field(default_factory=lambda: int(time.time()))
     jobs: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    async def run(self, key: str, fn: Callable[[], Any]) -> Any:
-        """``fn`` in a worker thread, holding the runtime's turn (503 when the queue is full)."""
+    async def run(self, key: str, fn: Callable[[], Any], tenant: str | None = None) -> Any:
+        """``fn`` in a worker thread, holding the runtime's turn (503 when the queue, or the
+        tenant's share of it, is full)."""
         if self.stopping or self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
         try:
-            return await self.queue.run(key, fn)
+            return await self.queue.run(key, fn, tenant)
         except QueueFullError:
             raise queue_full(self) from None
 

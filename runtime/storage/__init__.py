@@ -242,6 +242,10 @@ class MemoryBackend(Protocol):
         """Store one explicit note, never merged; its id."""
         ...
 
+    def get(self, item_id: str) -> MemoryItem | None:
+        """The item with this id, or ``None``."""
+        ...
+
     def search(
         self,
         query: str,
@@ -252,9 +256,12 @@ class MemoryBackend(Protocol):
         touch: bool = True,
         with_global: bool = False,
         current_only: bool = False,
+        tenant: str | None = None,
     ) -> list[Hit]:
-        """The ``k`` best items for ``query`` in the scope (``session``, plus the global
-        items ``with_global``; ``current_only``: nothing superseded), best first."""
+        """The ``k`` best items for ``query`` in the scope (``session``, plus its global
+        items ``with_global``: its tenant's root's, or those stored without a session;
+        without a session, ``tenant``'s items only; ``current_only``: nothing superseded),
+        best first. A search never returns an item outside its scope."""
         ...
 
     def touch(self, ids: Iterable[str], now: float | datetime | None = None) -> None:
