@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import numpy.typing as npt
 
+from llamaffi import compute
 from llamaffi._capi import _types, backend, batch, context, memory, state
 from llamaffi.errors import (
     ArgumentError,
@@ -263,7 +264,7 @@ class Context:
             elif logits == "last" and is_last:
                 out_view[n - 1] = 1
             b.n_tokens = n
-            rc = batch.llama_decode(ptr, b)
+            rc = compute.run(batch.llama_decode, ptr, b)  # one thread decodes: see compute
             if rc != 0:
                 self._n_outputs = 0
                 reason = _DECODE_ERRORS.get(rc, "fatal error")
@@ -305,7 +306,7 @@ class Context:
             b.seq_id[i][0] = seq_id
         self._batch_seq = -1  # the slots hold several sequences now
         b.n_tokens = n
-        rc = batch.llama_decode(ptr, b)
+        rc = compute.run(batch.llama_decode, ptr, b)  # one thread decodes: see compute
         if rc != 0:
             self._n_outputs = 0
             raise DecodeError(
