@@ -155,6 +155,7 @@ class Context:
         self._batch = batch.llama_batch_init(self.n_batch, 0, 1)
         self._batch_seq = -1  # the seq id currently written into every batch slot
         self._n_outputs = 0
+        self._kept: frozenset[int] | None = None  # decode_batch(outputs=): the kept places
         self._finalizer = weakref.finalize(self, _free_context, ptr, self._batch)
         self.memory = Memory(self)
         model._adopt(self)
@@ -270,14 +271,24 @@ class Context:
                 reason = _DECODE_ERRORS.get(rc, "fatal error")
                 raise DecodeError(reason, function="llama_decode", code=rc)
             self._n_outputs = int(out_view[:n].sum())
+            self._kept = None
 
     def decode_batch(
-        self, seq_ids: Sequence[int], tokens: Sequence[int], pos: Sequence[int]
+        self,
+        seq_ids: Sequence[int],
+        tokens: Sequence[int],
+        pos: Sequence[int],
+        outputs: Sequence[bool] | None = None,
     ) -> None:
-        """One ``llama_decode`` of one token for each of several sequences: token ``i`` goes
-        to sequence ``seq_ids[i]`` at position ``pos[i]``, and keeps its logits as output
-        ``i`` (read with :meth:`logits` or a :class:`Sampler`). At most ``n_batch`` tokens,
-        one per sequence.
+        """One ``llama_decode`` of tokens of several sequences: token ``i`` goes to sequence
+        ``seq_ids[i]`` at position ``pos[i]``. At most ``n_batch`` tokens.
+
+        Without ``outputs``, one token per sequence, and each keeps its logits as output
+        ``i`` (read with :meth:`logits` or a :class:`Sampler`). With ``outputs`` (a flag per
+        token), a sequence may have several tokens at consecutive positions (a slice of a
+        prompt beside other sequences' next tokens), and only the flagged tokens keep their
+        logits: read token ``i``'s with index ``i`` (its place in the batch), or ``-1`` for
+        the last flagged one.
 
         Raises:
             DecodeError: llama.cpp failed; ``code`` is its return value (on code 1, no KV
@@ -287,9 +298,11 @@ class Context:
         n = len(tokens)
         if not 0 < n <= self.n_batch or len(seq_ids) != n or len(pos) != n:
             raise ArgumentError(f"need 1 to {self.n_batch} tokens, one seq id and pos each")
-        if len(set(seq_ids)) != n:
-            raise ArgumentError("one token per sequence in a batch")
-        for seq_id in seq_ids:
+        if outputs is None and len(set(seq_ids)) != n:
+            raise ArgumentError("one token per sequence in a batch (or give outputs)")
+        if outputs is not None and len(outputs) != n:
+            raise ArgumentError("outputs needs one flag per token")
+        for seq_id in set(seq_ids):
             self._check_seq(seq_id)
         arr = np.asarray(tokens)
         if arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= self.n_vocab:
@@ -297,11 +310,12 @@ class Context:
         where = np.asarray(pos)
         if where.min() < 0 or where.max() >= self.n_ctx:
             raise ArgumentError(f"positions must be in [0, {self.n_ctx})")
+        keep = np.ones(n, dtype=np.int8) if outputs is None else np.asarray(outputs, np.int8)
         b = self._batch
         np.ctypeslib.as_array(b.token, shape=(self.n_batch,))[:n] = arr
         np.ctypeslib.as_array(b.pos, shape=(self.n_batch,))[:n] = where
         np.ctypeslib.as_array(b.n_seq_id, shape=(self.n_batch,))[:n] = 1
-        np.ctypeslib.as_array(b.logits, shape=(self.n_batch,))[:n] = 1
+        np.ctypeslib.as_array(b.logits, shape=(self.n_batch,))[:n] = keep
         for i, seq_id in enumerate(seq_ids):
             b.seq_id[i][0] = seq_id
         self._batch_seq = -1  # the slots hold several sequences now
@@ -312,11 +326,16 @@ class Context:
             raise DecodeError(
                 _DECODE_ERRORS.get(rc, "fatal error"), function="llama_decode", code=rc
             )
-        self._n_outputs = n
+        self._n_outputs = int(keep.sum())
+        self._kept = None if outputs is None else frozenset(np.flatnonzero(keep).tolist())
 
     def check_output(self, i: int) -> None:
         """Raise IndexError unless the last decode kept output ``i`` (negative: from the end)."""
-        n = self._n_outputs
+        n, kept = self._n_outputs, self._kept
+        if kept is not None and i >= 0 and n:  # a decode_batch with outputs: batch places
+            if i not in kept:
+                raise IndexError(f"token {i} of the last decode kept no logits")
+            return
         if not -n <= i < n:
             raise IndexError(f"output index {i} out of range: the last decode kept {n} outputs")
 

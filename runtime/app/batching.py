@@ -1,9 +1,11 @@
 """Continuous batching: every session that is generating a reply shares each decode.
 
-A turn decodes its prompt alone (under the runtime's lock, as before), takes its first token
-from the prompt's logits, then joins the :class:`Batcher`: each *step* decodes the pending
-token of every generating session in one ``llama_decode`` (one ``llama_batch``, a sequence id
-per session), and samples each session's next token from its own output with its own
+A turn decodes its prompt in steps of its own that carry every generating session's pending
+token too (:meth:`Batcher.prefill`: chunked prefill, a slice of at most ``n_batch`` less the
+pending tokens per step, alone when nobody generates), takes its first token from the
+prompt's logits, then joins the :class:`Batcher`: each *step* decodes the pending token of
+every generating session in one ``llama_decode`` (one ``llama_batch``, a sequence id per
+session), and samples each session's next token from its own output with its own
 sampler. Stop strings, ``on_token`` and cancellation stay per session
 (:class:`runtime.session.generation.Generation`). A reply that ends is journalled in the step
 that ends it, so a turn is acknowledged only once durable, as before.
@@ -30,10 +32,16 @@ from typing import TYPE_CHECKING
 from runtime.errors import ClosedError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from llamaffi import Context
     from runtime.session.generation import Generation
+    from runtime.session.kv import SequenceKV
 
 __all__ = ["Batcher", "RuntimeLock"]
+
+#: A prompt's slice in a step: (seq id, tokens, first position, holds the prompt's end).
+_Slice = tuple[int, list[int], int, bool]
 
 #: Seconds a generating thread leaves the lock free between two steps: long enough for a
 #: thread blocked on the lock (a new turn, the housekeeper) to take it, short beside a step.
@@ -87,6 +95,7 @@ class Batcher:
         self.steps = 0
         self.tokens = 0
         self.widest = 0
+        self.prefilled = 0  # prompt tokens decoded in steps beside replies
 
     # -- sessions in a turn -------------------------------------------------------------------
 
@@ -148,6 +157,38 @@ class Batcher:
                 gen.fail(RuntimeError("the turn was interrupted"))
             self._changed.notify_all()
 
+    def prefill(self, kv: SequenceKV, tokens: Sequence[int]) -> None:
+        """Decode a prompt into ``kv``'s sequence after its last cell, keeping the last
+        token's logits as the last decode's last output (what :meth:`run` samples first).
+
+        Alone (one ``Context.decode``) when no reply is generating; else in steps that also
+        decode every generating reply's pending token, a slice of the prompt in each, so
+        that a prompt never stalls the others' replies. Raises what the decode raised (the
+        replies of a failed step fail too: nothing of that batch is in the KV).
+        """
+        if not self._active:
+            kv.decode(tokens)
+            return
+        start, n = kv.next_pos(), len(tokens)
+        done = 0
+        try:
+            while done < n:
+                pending = [g for g in self._active if g.pending is not None]
+                room = self._ctx.n_batch - len(pending)
+                if room < 1:  # as many replies as a batch holds: the rest goes alone
+                    kv.decode(list(tokens[done:]))
+                    break
+                part = list(tokens[done : done + room])
+                last = done + len(part) == n
+                # a reply ending in the last step is finished (its closing tokens decoded)
+                # at the next step: the prompt's logits must stay the last decode's
+                self._step((kv.seq_id, part, start + done, last), finish=not last)
+                done += len(part)
+                self.prefilled += len(part)
+        finally:
+            self._changed.notify_all()  # replies may have ended in these steps
+        kv.shift_pending = False
+
     def close(self) -> None:
         """Refuse new turns, finish the replies being generated (each is journalled), then
         wait for the turns in progress to end (before the context closes)."""
@@ -157,16 +198,19 @@ class Batcher:
         self._changed.notify_all()
         self.wait_idle()
 
-    def _step(self) -> bool:
-        """One decode of every pending token (in batches of at most ``n_batch``); whether a
-        reply ended (journalled or failed)."""
+    def _step(self, prompt: _Slice | None = None, *, finish: bool = True) -> bool:
+        """One decode of every pending token (in batches of at most ``n_batch``), the first
+        batch with ``prompt``'s slice after them (it fits: :meth:`prefill`), then (``finish``)
+        the replies that ended are finished; whether a reply ended (journalled or failed)."""
         try:
             pending = [g for g in self._active if g.pending is not None]
             width = self._ctx.n_batch
+            if not pending and prompt is not None:
+                self._decode([], prompt)
             for start in range(0, len(pending), width):
-                self._decode(pending[start : start + width])
+                self._decode(pending[start : start + width], prompt if start == 0 else None)
             # every sample is taken: a reply that ended may decode its closing tokens
-            for g in self._active:
+            for g in self._active if finish else ():
                 if g.ending:
                     g.finish()
         except BaseException:  # KeyboardInterrupt mid-step: no reply is left half-done
@@ -178,14 +222,30 @@ class Batcher:
         self._active = [g for g in self._active if not g.done]
         return ended
 
-    def _decode(self, gens: list[Generation]) -> None:
-        """Decode these replies' pending tokens in one batch, then sample each one's next."""
+    def _decode(self, gens: list[Generation], prompt: _Slice | None = None) -> None:
+        """Decode these replies' pending tokens in one batch (and ``prompt``'s slice after
+        them), then sample each reply's next token."""
+        seqs = [g.seq_id for g in gens]
         tokens = [g.pending for g in gens if g.pending is not None]
+        where = [g.pos for g in gens]
         try:
-            self._ctx.decode_batch([g.seq_id for g in gens], tokens, [g.pos for g in gens])
+            if prompt is None:
+                self._ctx.decode_batch(seqs, tokens, where)
+            else:
+                seq, part, at, last = prompt
+                keep = [True] * len(gens) + [False] * len(part)
+                keep[-1] = last  # the prompt's last token: the reply's first sample
+                self._ctx.decode_batch(
+                    seqs + [seq] * len(part),
+                    tokens + part,
+                    where + list(range(at, at + len(part))),
+                    outputs=keep,
+                )
         except Exception as exc:  # nothing of this batch is in the KV: each of its replies fails
             for g in gens:
                 g.fail(exc)
+            if prompt is not None:
+                raise  # the prompt's turn fails with it
             return
         self.steps += 1
         self.tokens += len(gens)
@@ -199,10 +259,12 @@ class Batcher:
                 g.fail(exc)
 
     def stats(self) -> dict[str, int]:
-        """Steps run, tokens decoded in them, the widest step, sessions generating now."""
+        """Steps run, reply tokens decoded in them, the widest step (replies), prompt tokens
+        decoded in steps beside replies, sessions generating now."""
         return {
             "steps": self.steps,
             "tokens": self.tokens,
             "widest": self.widest,
+            "prefilled": self.prefilled,
             "generating": len(self._active),
         }

@@ -28,7 +28,7 @@ from runtime.errors import (
     SessionNotFoundError,
 )
 from runtime.journal import Journal, journal_files, journal_files_of
-from runtime.layout import JOURNAL_DIR, is_ephemeral, journal_path, tenant_of
+from runtime.layout import JOURNAL_DIR, is_ephemeral, journal_path, local_id, tenant_of
 from runtime.session import (
     IMPORTED,
     WINDOW_ROLE,
@@ -279,10 +279,10 @@ class Sessions:
         tenant = tenant_of(session_id)
         kept = sum(1 for s in self.known() if not is_ephemeral(s) and tenant_of(s) == tenant)
         if kept >= self._max_sessions:
-            whose = f"tenant {tenant!r} keeps" if tenant is not None else "are kept"
+            # the id as its tenant knows it: the message reaches the tenant's client
             raise SessionLimitError(
-                f"no new session {session_id!r}: {kept} sessions {whose}, the most allowed "
-                f"(max_sessions={self._max_sessions}); delete one first"
+                f"no new session {local_id(session_id)!r}: {kept} sessions are kept, the most "
+                f"allowed (max_sessions={self._max_sessions}); delete one first"
             )
 
     def expire(self, ttl_s: float, skip: Callable[[str], bool]) -> list[str]:

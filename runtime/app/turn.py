@@ -107,8 +107,9 @@ class TurnEngine:
             meta["memories"] = [m.id for m in memories]
         render_ms = (time.perf_counter() - start) * 1000
         entry = session.append_tokens(
-            "user", text, tokens, meta=meta, checkpoint=False, created=created
-        )
+            "user", text, tokens, meta=meta, checkpoint=False, created=created,
+            decode=self._batcher.prefill,  # beside the replies being generated
+        )  # fmt: skip
         return Prompt(entry, content, len(tokens) + system_tokens, min(keep, n_before), render_ms)
 
     def pending(self, session: Session, max_tokens: int) -> Prompt | None:
@@ -135,8 +136,9 @@ class TurnEngine:
             return 0
         session.reserve(len(tokens))
         session.append_tokens(
-            "system", self.system_prompt, tokens, checkpoint=False, created=created
-        )
+            "system", self.system_prompt, tokens, checkpoint=False, created=created,
+            decode=self._batcher.prefill,
+        )  # fmt: skip
         return len(tokens)
 
     def _system_tokens(self, text: str) -> list[int]:

@@ -39,7 +39,9 @@ from runtime.server.api_errors import bad_request
 
 __all__ = ["NO_TENANT", "Keys", "inner", "outer", "read_keys"]
 
-_HASHED = re.compile(r"sha256:([0-9a-fA-F]{64})")
+_HASHED = re.compile(r"(?i:sha256):([0-9a-fA-F]{64})")
+#: The shortest key a keys file may hold (a hashed one is checked by whoever made it).
+MIN_KEY_CHARS = 16
 
 #: The tenant of a server with one key or none: the data directory's own ids.
 NO_TENANT: str | None = None
@@ -89,8 +91,9 @@ def read_keys(path: str | Path) -> Keys:
     """The keys file at ``path`` (see the module's documentation); an :class:`ArgumentError`
     naming the file and line for anything it cannot read."""
     pairs: list[tuple[str | None, bytes]] = []
+    names: dict[str, str] = {}  # lower-cased tenant -> as written
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a BOM is not part of a name
     except (OSError, UnicodeDecodeError) as exc:
         raise ArgumentError(f"cannot read the API keys file {path}: {exc}") from None
     for n, line in enumerate(text.splitlines(), 1):
@@ -105,9 +108,16 @@ def read_keys(path: str | Path) -> Keys:
             validate_tenant(tenant)
         except InvalidNameError as exc:
             raise ArgumentError(f"{path}:{n}: {exc}") from None
+        # tenants differing in case only would share files on a case-insensitive disk
+        if names.setdefault(tenant.lower(), tenant) != tenant:
+            raise ArgumentError(
+                f"{path}:{n}: tenant {tenant!r} differs from {names[tenant.lower()]!r} only in case"
+            )
         hashed = _HASHED.fullmatch(key)
-        if key.startswith("sha256:") and hashed is None:
+        if key.lower().startswith("sha256:") and hashed is None:
             raise ArgumentError(f"{path}:{n}: a hashed key is sha256: and 64 hex digits")
+        if hashed is None and len(key) < MIN_KEY_CHARS:
+            raise ArgumentError(f"{path}:{n}: a key has {MIN_KEY_CHARS} characters or more")
         digest = bytes.fromhex(hashed.group(1)) if hashed else _digest(key.encode())
         pairs.append((tenant, digest))
     try:

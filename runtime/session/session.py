@@ -226,8 +226,11 @@ class Session:
         meta: dict[str, object] | None = None,
         checkpoint: bool = True,
         created: float | None = None,
+        decode: Callable[[SequenceKV, Sequence[int]], None] | None = None,
     ) -> Entry:
-        """Journal a turn whose tokens the caller rendered (durable on return), then decode it.
+        """Journal a turn whose tokens the caller rendered (durable on return), then decode it
+        (with ``decode(kv, tokens)`` when given: the runtime's batcher, which decodes a prompt
+        beside the replies being generated; else alone).
 
         Room must have been made with :meth:`reserve`. ``meta["content"]`` records what the
         model saw when it differs from ``text`` (a user turn with retrieved memories).
@@ -247,7 +250,10 @@ class Session:
         entry = self.journal.append(role, text, tokens, dict(meta or {}), created=created)
         self.window.apply(entry)
         try:
-            self.kv.decode(tokens)
+            if decode is None:
+                self.kv.decode(tokens)
+            else:
+                decode(self.kv, tokens)
         except BaseException:
             self.kv.clear()  # journalled but not in the KV: the next resume replays it
             raise

@@ -349,6 +349,33 @@ def test_decode_batch_gives_each_sequence_its_own_logits(ctx: Context, tokens: l
     greedy.close()
 
 
+def test_decode_batch_carries_a_prompt_slice_beside_other_sequences(
+    ctx: Context, tokens: list[int]
+) -> None:
+    # sequence 0 generates (one token), sequence 1 gets a prompt slice in the same batch;
+    # only the flagged tokens keep logits, read by their place in the batch or -1
+    ctx.decode(tokens[:6], seq_id=0)
+    ctx.decode([tokens[6]], seq_id=0)
+    gen_alone = ctx.logits()
+    ctx.memory.seq_rm(0, 6, -1)
+    ctx.decode(tokens[:9], seq_id=1)
+    prompt_alone = ctx.logits()
+    ctx.memory.seq_rm(1)
+    slice_ = tokens[:9]
+    ctx.decode_batch(
+        [0] + [1] * len(slice_),
+        [tokens[6], *slice_],
+        [6, *range(len(slice_))],
+        outputs=[True] + [False] * (len(slice_) - 1) + [True],
+    )
+    np.testing.assert_allclose(ctx.logits(0), gen_alone, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(ctx.logits(-1), prompt_alone, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(ctx.logits(len(slice_)), prompt_alone, rtol=0, atol=1e-3)
+    with pytest.raises(IndexError):
+        ctx.logits(1)  # a prompt token without logits
+    assert ctx.memory.pos_max(1) == len(slice_) - 1 and ctx.memory.pos_max(0) == 6
+
+
 def test_decode_batch_refuses_bad_batches(ctx: Context) -> None:
     from llamaffi.errors import ArgumentError
 

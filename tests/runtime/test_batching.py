@@ -81,6 +81,40 @@ def test_concurrent_turns_share_decodes(tmp_path: Path) -> None:
             _check_in_step(rt, sid, together[sid], 3)
 
 
+def test_a_prompt_rides_the_steps_of_a_reply_being_generated(tmp_path: Path) -> None:
+    """A turn that starts while another session generates decodes its prompt in that
+    session's steps (chunked prefill), not alone; both turns come out whole."""
+    with _open(tmp_path / "d") as rt:
+        rt.chat("long", "warm up", **GREEDY)
+        rt.chat("b", "warm up", **GREEDY)
+        generating = threading.Event()
+        out: list[Any] = []
+
+        def long_reply() -> None:
+            out.append(
+                rt.chat("long", "Go on for a while.", temperature=0.0, max_tokens=400,
+                        on_token=lambda _piece: generating.set())
+            )  # fmt: skip
+
+        worker = threading.Thread(target=long_reply)
+        worker.start()
+        assert generating.wait(60)
+        before = rt.stats()["batching"]["prefilled"]
+        second = rt.chat("b", "A question asked meanwhile.", **GREEDY)
+        worker.join(120)
+        batching = rt.stats()["batching"]
+        assert out and out[0].finish_reason == "length", "the long reply ended first"
+        assert batching["prefilled"] - before >= second.prompt_tokens > 0, batching
+        _check_in_step(rt, "long", [r["text"] for r in rt.history("long")
+                                    if r["role"] == "assistant"], 2)  # fmt: skip
+        _check_in_step(rt, "b", [r["text"] for r in rt.history("b")
+                                 if r["role"] == "assistant"], 2)  # fmt: skip
+        assert rt.history("b")[-1]["text"] == second.text
+        # the next turn continues the KV the prompt was decoded into: nothing re-prefilled
+        window = rt.session_info("b")["window_tokens"]
+        assert rt.chat("b", "And again.", **GREEDY).cached_tokens == window
+
+
 def test_a_turn_alone_replies_as_before(tmp_path: Path) -> None:
     # one session at a time goes through the same steps, one token each: the same replies
     sessions = ["a", "b"]

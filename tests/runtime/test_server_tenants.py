@@ -197,6 +197,35 @@ def test_a_tenants_turn_recalls_its_own_memories_only(
     rt.delete_session("acme~carol")
 
 
+def test_a_stateless_request_runs_and_recalls_inside_its_tenant(
+    base: str, rt: Runtime, seeded: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the server: a request without a session runs in an ephemeral session of its
+    tenant, so the memories put into its prompt are the tenant's own only."""
+    turns: list[Any] = []
+    chat = rt.chat
+
+    def recording(session_id: str, *args: Any, **kwargs: Any) -> Any:
+        reply = chat(session_id, *args, **kwargs)
+        turns.append(reply)
+        return reply
+
+    monkeypatch.setattr(rt, "chat", recording)
+    question = "What is my locker code and when does the vault open?"
+    for tenant, key in (("acme", ACME), ("globex", GLOBEX)):
+        with _client(base, key) as http:
+            body = {"messages": [{"role": "user", "content": question}], "max_tokens": 2}
+            r = http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["session_id"] is None
+        reply = turns.pop()
+        assert is_ephemeral(reply.session_id) and tenant_of(reply.session_id) == tenant
+        assert reply.memories, "nothing recalled: the test would prove nothing"
+        assert all(m.session is not None and tenant_of(m.session) == tenant
+                   for m in reply.memories), reply.memories  # fmt: skip
+        assert not rt.session_info(reply.session_id)["exists"]  # deleted after the reply
+
+
 def test_keys_name_tenants_and_wrong_keys_are_refused(
     base: str, seeded: dict[str, dict[str, Any]]
 ) -> None:
@@ -230,8 +259,11 @@ def test_a_tenants_wire_ids_cannot_name_another_tenant(base: str) -> None:
         ("acme\n", ":1: expected 'tenant key'"),
         ("acme key extra\n", ":1: expected 'tenant key'"),
         ("a~b key\n", ":1: invalid tenant"),
-        ("acme k1\nglobex k1\n", "the same key is given twice"),
+        ("acme sk-0123456789abcdef\nglobex sk-0123456789abcdef\n", "the same key is given twice"),
         ("acme sha256:abc\n", ":1: a hashed key is sha256: and 64 hex digits"),
+        ("acme SHA256:abc\n", ":1: a hashed key is sha256: and 64 hex digits"),
+        ("acme short-key\n", ":1: a key has 16 characters or more"),
+        ("acme sk-acme-0123456789\nAcme sk-Acme-0123456789\n", ":2: .* only in case"),
     ],
 )
 def test_a_bad_keys_file_is_refused_naming_the_line(tmp_path: Path, text: str, error: str) -> None:
@@ -239,6 +271,13 @@ def test_a_bad_keys_file_is_refused_naming_the_line(tmp_path: Path, text: str, e
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ArgumentError, match=error):
         read_keys(path)
+
+
+def test_a_keys_file_with_a_bom_and_an_upper_case_hash_prefix_reads(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    digest = hashlib.sha256(b"sk-acme-0123456789").hexdigest().upper()
+    path.write_text(f"acme SHA256:{digest}\n", encoding="utf-8-sig")
+    assert read_keys(path).tenant(b"sk-acme-0123456789") == (True, "acme")
 
 
 def test_serve_refuses_both_kinds_of_key(rt: Runtime, keys_file: Path) -> None:
