@@ -19,6 +19,7 @@ interpreter exit, before llama.cpp's own exit hooks free anything.
 from __future__ import annotations
 
 import atexit
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -32,13 +33,32 @@ _T = TypeVar("_T")
 class _Call:
     """One call handed to the compute thread, and its outcome."""
 
-    __slots__ = ("args", "done", "error", "fn", "result")
+    __slots__ = ("args", "done", "error", "fn", "result", "state", "state_lock")
 
     def __init__(self, fn: Callable[..., object], args: tuple[object, ...]) -> None:
         self.fn, self.args = fn, args
         self.done = threading.Event()
         self.result: object = None
         self.error: BaseException | None = None
+        # "new", then "running" (the compute thread took it) or "dropped" (its caller was
+        # interrupted first: it never runs); a caller interrupted once it runs waits for it
+        self.state = "new"
+        self.state_lock = threading.Lock()
+
+    def take(self) -> bool:
+        """The compute thread: claim the call; False if its caller dropped it."""
+        with self.state_lock:
+            if self.state == "dropped":
+                return False
+            self.state = "running"
+            return True
+
+    def drop(self) -> bool:
+        """The interrupted caller: drop the call unless it runs already; whether dropped."""
+        with self.state_lock:
+            if self.state == "new":
+                self.state = "dropped"
+            return self.state == "dropped"
 
 
 class _ComputeThread:
@@ -51,6 +71,8 @@ class _ComputeThread:
 
     def _serve(self) -> None:
         while (call := self._calls.get()) is not None:
+            if not call.take():
+                continue
             try:
                 call.result = call.fn(*call.args)
             except BaseException as exc:  # handed to the caller, raised there
@@ -62,17 +84,20 @@ class _ComputeThread:
         return threading.current_thread() is self._thread
 
     def run(self, call: _Call) -> object:
-        with self._closing:
-            if self.closed:  # stopped at exit: the caller's own thread runs it
-                return call.fn(*call.args)
-            self._calls.put(call)
         interrupted: BaseException | None = None
         while True:
             try:
+                if interrupted is None:
+                    with self._closing:
+                        if self.closed:  # stopped at exit: the caller's own thread runs it
+                            return call.fn(*call.args)
+                        self._calls.put(call)
                 call.done.wait()
                 break
-            except KeyboardInterrupt as exc:  # the C call runs on: wait for it, then raise
-                interrupted = exc
+            except KeyboardInterrupt as exc:
+                if interrupted is None and call.drop():
+                    raise  # before the C call started: it never will
+                interrupted = exc  # the C call runs on: wait for it, then raise
         if interrupted is not None:
             raise interrupted
         if call.error is not None:
@@ -102,7 +127,10 @@ def run(fn: Callable[..., _T], *args: object) -> _T:
     if compute is None:
         with _lock:
             if _compute is None and not _stopped:
-                _compute = _ComputeThread()
+                try:
+                    _compute = _ComputeThread()
+                except RuntimeError:  # no new thread (inside an exit hook): run it here
+                    return fn(*args)
                 atexit.register(_stop)  # after llamaffi's own hooks: so it runs before them
             compute = _compute
     if compute is None or compute.is_current():
@@ -117,3 +145,13 @@ def _stop() -> None:
         compute = _compute
     if compute is not None:
         compute.stop()
+
+
+def _forget_in_child() -> None:
+    """After fork the compute thread is the parent's only: the child starts its own."""
+    global _compute, _stopped, _lock
+    _compute, _stopped, _lock = None, False, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)

@@ -155,7 +155,7 @@ class Context:
         self._batch = batch.llama_batch_init(self.n_batch, 0, 1)
         self._batch_seq = -1  # the seq id currently written into every batch slot
         self._n_outputs = 0
-        self._kept: frozenset[int] | None = None  # decode_batch(outputs=): the kept places
+        self._kept: frozenset[int] | None = None  # the last decode's places with logits
         self._finalizer = weakref.finalize(self, _free_context, ptr, self._batch)
         self.memory = Memory(self)
         model._adopt(self)
@@ -265,13 +265,13 @@ class Context:
             elif logits == "last" and is_last:
                 out_view[n - 1] = 1
             b.n_tokens = n
+            self._n_outputs = 0  # until this decode is known to have finished
             rc = compute.run(batch.llama_decode, ptr, b)  # one thread decodes: see compute
             if rc != 0:
-                self._n_outputs = 0
                 reason = _DECODE_ERRORS.get(rc, "fatal error")
                 raise DecodeError(reason, function="llama_decode", code=rc)
             self._n_outputs = int(out_view[:n].sum())
-            self._kept = None
+            self._kept = frozenset(np.flatnonzero(out_view[:n]).tolist())
 
     def decode_batch(
         self,
@@ -320,20 +320,22 @@ class Context:
             b.seq_id[i][0] = seq_id
         self._batch_seq = -1  # the slots hold several sequences now
         b.n_tokens = n
+        self._n_outputs = 0  # until this decode is known to have finished
         rc = compute.run(batch.llama_decode, ptr, b)  # one thread decodes: see compute
         if rc != 0:
-            self._n_outputs = 0
             raise DecodeError(
                 _DECODE_ERRORS.get(rc, "fatal error"), function="llama_decode", code=rc
             )
         self._n_outputs = int(keep.sum())
-        self._kept = None if outputs is None else frozenset(np.flatnonzero(keep).tolist())
+        self._kept = frozenset(np.flatnonzero(keep).tolist())
 
     def check_output(self, i: int) -> None:
-        """Raise IndexError unless the last decode kept output ``i`` (negative: from the end)."""
+        """Raise IndexError unless the last decode kept the logits of its token ``i`` (its place
+        in the batch, or negative: the kept outputs counted from the end). llama.cpp aborts
+        the process on a row it does not have, so every reader checks here first."""
         n, kept = self._n_outputs, self._kept
-        if kept is not None and i >= 0 and n:  # a decode_batch with outputs: batch places
-            if i not in kept:
+        if i >= 0 and n:  # a place in the last decode's batch (llama_get_logits_ith's i)
+            if kept is None or i not in kept:
                 raise IndexError(f"token {i} of the last decode kept no logits")
             return
         if not -n <= i < n:

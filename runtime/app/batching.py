@@ -213,6 +213,9 @@ class Batcher:
             for g in self._active if finish else ():
                 if g.ending:
                     g.finish()
+        except Exception:  # the prompt slice's decode failed: its turn fails, no reply does
+            self._active = [g for g in self._active if not g.done]
+            raise
         except BaseException:  # KeyboardInterrupt mid-step: no reply is left half-done
             for g in self._active:
                 g.fail(RuntimeError("the reply was interrupted"))
@@ -241,11 +244,13 @@ class Batcher:
                     where + list(range(at, at + len(part))),
                     outputs=keep,
                 )
-        except Exception as exc:  # nothing of this batch is in the KV: each of its replies fails
-            for g in gens:
-                g.fail(exc)
+        except Exception as exc:  # nothing of this batch is in the KV
             if prompt is not None:
-                raise  # the prompt's turn fails with it
+                if gens:  # the replies go on without the prompt; only its turn fails
+                    self._decode(gens)
+                raise exc
+            for g in gens:  # each of its replies fails
+                g.fail(exc)
             return
         self.steps += 1
         self.tokens += len(gens)

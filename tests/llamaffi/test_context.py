@@ -387,3 +387,17 @@ def test_decode_batch_refuses_bad_batches(ctx: Context) -> None:
         ctx.decode_batch([9], [1], [0])
     with pytest.raises(ArgumentError):
         ctx.decode_batch([0], [10**9], [0])
+
+
+def test_a_token_without_logits_is_refused_not_read(ctx: Context, tokens: list[int]) -> None:
+    # llama.cpp aborts the process on a batch place that kept no logits: check first
+    ctx.decode(tokens[:8], seq_id=0)  # logits="last": only place 7 keeps them
+    assert ctx.logits(7).shape == ctx.logits(-1).shape
+    greedy = Sampler.greedy()
+    for place in (0, 6, 8):
+        with pytest.raises(IndexError):
+            ctx.logits(place)
+        with pytest.raises(IndexError):
+            greedy.sample(ctx, place)
+    assert greedy.sample(ctx, 7) == int(np.argmax(ctx.logits(-1)))
+    greedy.close()

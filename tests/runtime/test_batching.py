@@ -115,6 +115,45 @@ def test_a_prompt_rides_the_steps_of_a_reply_being_generated(tmp_path: Path) -> 
         assert rt.chat("b", "And again.", **GREEDY).cached_tokens == window
 
 
+def test_a_prompt_that_fails_in_a_step_fails_its_turn_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llamaffi.errors import DecodeError
+
+    with _open(tmp_path / "d") as rt:
+        rt.chat("long", "warm up", **GREEDY)
+        rt.chat("b", "warm up", **GREEDY)
+        generating = threading.Event()
+        out: list[Any] = []
+        worker = threading.Thread(
+            target=lambda: out.append(
+                rt.chat("long", "Go on for a while.", temperature=0.0, max_tokens=400,
+                        on_token=lambda _piece: generating.set())
+            )
+        )  # fmt: skip
+        worker.start()
+        assert generating.wait(60)
+        real = rt.ctx.decode_batch
+
+        def failing(*args: Any, outputs: Any = None) -> None:
+            if outputs is not None:  # a step carrying a prompt slice: llama.cpp says no
+                raise DecodeError("no KV slot (injected)", function="llama_decode", code=1)
+            real(*args)
+
+        monkeypatch.setattr(rt.ctx, "decode_batch", failing)
+        with pytest.raises(DecodeError, match="injected"):
+            rt.chat("b", "This prompt fails.", **GREEDY)
+        monkeypatch.setattr(rt.ctx, "decode_batch", real)
+        worker.join(120)
+        assert out and out[0].finish_reason == "length"  # the other reply lived on
+        replies = [h["text"] for h in rt.history("long") if h["role"] == "assistant"]
+        assert replies[-1] == out[0].text
+        _check_in_step(rt, "long", replies, 2)
+        # the failed turn is journalled (the truth), and the session comes back from it
+        assert rt.history("b")[-1]["text"] == "This prompt fails."
+        assert rt.chat("b", "And now?", **GREEDY).resumed is not None
+
+
 def test_a_turn_alone_replies_as_before(tmp_path: Path) -> None:
     # one session at a time goes through the same steps, one token each: the same replies
     sessions = ["a", "b"]
