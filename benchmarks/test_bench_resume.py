@@ -26,9 +26,10 @@ import pytest
 from benchmarks.conftest import CI, FULL, rounds
 from runtime.checkpoint import CheckpointPolicy
 from runtime.chunks import ChunkStore
-from runtime.journal import Journal
+from runtime.journal import DEFAULT_SEGMENT_ENTRIES, Journal
 from runtime.layout import JOURNAL_DIR
 from runtime.session import WINDOW_ROLE, ChunkCheckpointer, Session, SessionPool
+from runtime.storage import LocalJournals
 
 SIZES = (1_000, 10_000, 100_000)
 N_CTX = 512
@@ -100,7 +101,10 @@ def test_pool_get_with_current_checkpoint(
 
     def setup() -> tuple[tuple[SessionPool], dict[str, Any]]:
         ctx.memory.clear()
-        pool = SessionPool(ctx, root, n_seq=2, chunks=ChunkStore(root / "kv"), scratch_seq=SCRATCH)
+        journals = LocalJournals(root, fsync=True, segment_entries=DEFAULT_SEGMENT_ENTRIES)
+        pool = SessionPool(
+            ctx, journals, n_seq=2, chunks=ChunkStore(root / "kv"), scratch_seq=SCRATCH
+        )
         return (pool,), {}
 
     def run(pool: SessionPool) -> None:
@@ -160,13 +164,11 @@ def test_soak_turns_stay_flat(benchmark: Any, bench_models_dir: Path, tmp_path: 
         with Model(path) as model, model.context(n_ctx=N_CTX, **CTX) as ctx:
             pool = SessionPool(
                 ctx,
-                tmp_path,
+                LocalJournals(tmp_path, fsync=False, segment_entries=256),
                 n_seq=3,
-                journal_fsync=False,
                 chunks=ChunkStore(tmp_path / "kv"),
                 scratch_seq=SCRATCH,
                 policy=CheckpointPolicy.every_turn(),
-                journal_segment_entries=256,
             )
             start, resume_s = time.perf_counter(), 0.0
             for turn in range(total):

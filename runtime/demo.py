@@ -186,7 +186,7 @@ def suspend_and_damage(args: argparse.Namespace) -> None:
         _say(f"  suspended idle session bruno: its KV cells {before} -> {after}")
         checkpoints = rt.checkpoints("bruno")
         newest = checkpoints[0]
-        path = newest["files"][-1]  # the last chunk (the partial tail, if it has one)
+        path = Path(newest["files"][-1])  # the last chunk (the partial tail, if it has one)
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0x40
         path.write_bytes(data)
@@ -199,7 +199,7 @@ def suspend_and_damage(args: argparse.Namespace) -> None:
         r = reply.resumed
         assert r is not None
         _say(
-            f"  resumed from {r.source} {r.snapshot.name if r.snapshot else ''}: "
+            f"  resumed from {r.source} {Path(r.snapshot).name if r.snapshot else ''}: "
             f"{r.restored_tokens} restored + {r.replayed_tokens} replayed in "
             f"{r.seconds * 1000:.1f} ms"
         )

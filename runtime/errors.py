@@ -45,6 +45,7 @@ __all__ = [
     "RestoreError",
     "RuntimeArgumentError",
     "SessionError",
+    "SessionLeasedError",
     "SessionNotFoundError",
     "SnapshotError",
     "StoreMismatchError",
@@ -194,6 +195,19 @@ class SessionNotFoundError(SessionError, LookupError):
 class SessionLimitError(SessionError):
     """A new session would pass ``max_sessions``: nothing was written. Delete a session
     (:meth:`runtime.Runtime.delete_session`) or raise the cap; existing sessions go on."""
+
+
+class SessionLeasedError(SessionError):
+    """Another node serves the session (it holds the session's lease in the shared
+    database), or this node lost the lease and its write was refused (fencing): nothing was
+    written. ``owner`` and ``address`` name the node that holds it (``address``: its
+    ``--advertise-url``, maybe empty); ``expires`` is the lease's expiry (Unix time)."""
+
+    def __init__(self, message: str, *, owner: str = "", address: str = "", expires: float = 0.0):
+        super().__init__(message)
+        self.owner = owner
+        self.address = address
+        self.expires = expires
 
 
 class ContextFullError(SessionError):

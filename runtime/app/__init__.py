@@ -55,6 +55,7 @@ from runtime.app.stats import read_stats
 from runtime.errors import (
     ContextFullError,
     RuntimeArgumentError,
+    SessionLeasedError,
     SessionLimitError,
     SessionNotFoundError,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "RuntimeArgumentError",
     "RuntimeConfig",
     "Sampling",
+    "SessionLeasedError",
     "SessionLimitError",
     "SessionNotFoundError",
     "read_stats",

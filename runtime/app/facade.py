@@ -339,10 +339,17 @@ class Runtime:
     def session_info(self, session_id: str) -> dict[str, Any]:
         """A session's state: ``exists``, ``resident``, ``window_tokens`` (tokens in its
         window, ``None`` when not resident), ``kv_cells`` (KV cells it holds now: 0 once
-        suspended), ``pending_tokens`` (not checkpointed yet), ``journal_bytes`` and
-        ``snapshot_bytes`` (its newest checkpoint's chunks)."""
+        suspended), ``pending_tokens`` (not checkpointed yet), ``journal_bytes``,
+        ``snapshot_bytes`` (its newest checkpoint's chunks) and, with ``db=``, ``lease``
+        (``owner``, ``address``, ``token``, ``expires``, ``live``; ``None`` locally)."""
         validate_session_id(session_id)
         return self._sessions.info(session_id)
+
+    @_door
+    def node_info(self) -> dict[str, Any] | None:
+        """With ``db=``: this node's ``node_id``, ``address``, ``lease_ttl_s`` and
+        ``leases_held``; ``None`` with local storage."""
+        return self._sessions.node()
 
     @_door
     def window_seqs(self, session_id: str) -> list[int]:
@@ -354,8 +361,8 @@ class Runtime:
     @_door
     def checkpoints(self, session_id: str) -> list[dict[str, Any]]:
         """The session's kept checkpoints, newest first: ``generation``, ``journal_seq``,
-        ``tokens``, ``bytes`` and ``files`` (its chunk files, in position order, the partial
-        tail last)."""
+        ``tokens``, ``bytes`` and ``files`` (its chunk files' paths, or URLs with ``kv=``, in
+        position order, the partial tail last)."""
         validate_session_id(session_id)
         return self._sessions.checkpoints(session_id)
 

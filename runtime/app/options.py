@@ -274,6 +274,16 @@ class RuntimeConfig:
             long-term memory has already ingested; that history then lives on only as
             long-term memories.
         journal_segment_entries: entries per sealed journal segment.
+        db: a ``postgresql://`` URL: the journals, the session leases and the KV manifest
+            pointers go there (the ``cluster`` extra), shared by every node on it; each
+            session is served by the node holding its lease. ``None``: the data directory.
+        kv: an ``s3://bucket/prefix`` URL: KV chunks and manifests go there (endpoint and
+            credentials from the standard ``AWS_*`` variables). ``None``: the data directory.
+        node_id: this node's id in the leases (default: ``<host>-<pid>-<hex>``, unique per
+            process).
+        advertise_url: the URL other nodes send this node's sessions' clients to.
+        lease_ttl_s: a session lease lasts this long unrenewed: a dead node's sessions can
+            be taken over after it.
         progress: called with a line for each long step (model load, replay, index).
     """
 
@@ -301,6 +311,11 @@ class RuntimeConfig:
     journal_fsync: bool = True
     journal_retention: Literal["all", "window"] = "all"
     journal_segment_entries: int = DEFAULT_SEGMENT_ENTRIES
+    db: str | None = None
+    kv: str | None = None
+    node_id: str | None = None
+    advertise_url: str = ""
+    lease_ttl_s: float = 10.0
     progress: Callable[[str], None] | None = None
 
     @classmethod
@@ -344,6 +359,13 @@ class RuntimeConfig:
                 "journal_retention",
                 f"must be 'all' or 'window', got {self.journal_retention!r}",
             )
+        if self.db is not None and not str(self.db).startswith(("postgresql://", "postgres://")):
+            raise RuntimeArgumentError("db", "must be a postgresql:// URL")
+        if self.kv is not None and not str(self.kv).startswith("s3://"):
+            raise RuntimeArgumentError("kv", "must be an s3://bucket/prefix URL")
+        if self.node_id is not None and not 1 <= len(self.node_id) <= 200:
+            raise RuntimeArgumentError("node_id", "must be 1-200 characters")
+        check_number("lease_ttl_s", self.lease_ttl_s, 0.5, 3600.0)
         if not isinstance(self.checkpoint, CheckpointPolicy):
             raise RuntimeArgumentError("checkpoint", "must be a CheckpointPolicy")
         if not isinstance(self.sampling, Sampling):

@@ -25,10 +25,13 @@ from runtime.chunks import ChunkStore
 from runtime.fsutil import DirLock, ensure_dir, private_dir, warn_if_exposed
 from runtime.layout import CHUNK_DIR, JOURNAL_DIR, LOCK_NAME, LONGTERM_DIR
 from runtime.session import SessionPool
+from runtime.storage import LocalJournals
 from runtime.template import ChatFormat
 
 if TYPE_CHECKING:
     from llamaffi import Context, Model
+    from runtime.storage import BlobStore, JournalStore
+    from runtime.storage.leases import Leases
 
 __all__ = ["Parts", "open_parts"]
 
@@ -41,6 +44,7 @@ class Parts:
     """A runtime's parts; ``stack`` closes them, the model and the directory lock."""
 
     stack: contextlib.ExitStack
+    leases: Leases | None  # with a shared database: this node's session leases
     model: Model
     ctx: Context
     model_name: str
@@ -111,6 +115,49 @@ def open_model(
     return model, ctx, spec.name, chat_format
 
 
+@dataclass(frozen=True)
+class Storage:
+    """Where the journals and the KV checkpoints live (the data directory, or the servers of
+    ``db=`` and ``kv=``)."""
+
+    journals: JournalStore
+    blobs: BlobStore | None  # None: the local chunk directory
+    leases: Leases | None
+    shared_kv: bool  # blobs other nodes use too
+
+
+def open_storage(cfg: RuntimeConfig, root: Path, stack: contextlib.ExitStack) -> Storage:
+    """The journal store and blob store ``cfg`` names (closed by ``stack``): PostgreSQL for
+    ``db`` (journals, leases, manifest pointers), S3 for ``kv``, else the data directory."""
+    if cfg.db is None:
+        journals: JournalStore = LocalJournals(
+            root, fsync=cfg.journal_fsync, segment_entries=cfg.journal_segment_entries
+        )
+        leases = None
+    else:
+        from runtime.storage.leases import Leases, default_node_id
+        from runtime.storage.postgres import PgDatabase, PgJournals
+
+        # this node's long-term watermarks stay beside its memory store, in the directory
+        private_dir(ensure_dir(root / JOURNAL_DIR))
+        db = PgDatabase(cfg.db)
+        stack.callback(db.close)
+        node = cfg.node_id or default_node_id()
+        leases = Leases(db, node, address=cfg.advertise_url, ttl_s=cfg.lease_ttl_s)
+        stack.callback(leases.close)
+        journals = PgJournals(db, leases)
+    blobs: BlobStore | None = None
+    if cfg.kv is not None:
+        from runtime.storage.s3 import S3BlobStore
+
+        blobs = S3BlobStore(cfg.kv)
+        if leases is not None:
+            from runtime.storage.leases import PointerBlobs
+
+            blobs = PointerBlobs(blobs, leases.db, leases)
+    return Storage(journals, blobs, leases, shared_kv=blobs is not None)
+
+
 def build_parts(
     cfg: RuntimeConfig,
     root: Path,
@@ -128,24 +175,31 @@ def build_parts(
     then the pool's final checkpoints, then the writer that writes them)."""
     scratch_seq = cfg.max_resident
     batcher = Batcher(ctx, lock)
-    private_dir(ensure_dir(root / JOURNAL_DIR))
+    storage = open_storage(cfg, root, stack)
+    journals = storage.journals
     writer = CheckpointWriter() if cfg.checkpoint.background else None
     if writer is not None:
         stack.callback(writer.close)
     # the runtime's directory lock covers the chunk store too
     chunks = ChunkStore(
-        root / CHUNK_DIR, chunk_tokens=cfg.chunk_tokens, keep=cfg.keep_snapshots, lock=False
+        root / CHUNK_DIR,
+        chunk_tokens=cfg.chunk_tokens,
+        keep=cfg.keep_snapshots,
+        lock=False,
+        blobs=storage.blobs,
+        # shared by nodes: a session's chunks are its own, so only its lease holder's
+        # garbage collection can ever drop them
+        dedup="session" if storage.shared_kv else "global",
+        shared=storage.shared_kv,
     )
     pool = SessionPool(
         ctx,
-        root,
+        journals,
         n_seq=cfg.max_resident,
         policy=cfg.checkpoint,
         writer=writer,
-        journal_fsync=cfg.journal_fsync,
         chunks=chunks,
         scratch_seq=scratch_seq,
-        journal_segment_entries=cfg.journal_segment_entries,
         busy=batcher.is_busy,
         wait=batcher.wait,
     )
@@ -171,6 +225,7 @@ def build_parts(
     retention = Retention(cfg.journal_retention, recall)
     stats = Stats(
         root,
+        journals=journals,
         model_name=model_name,
         model=model,
         template=chat_format.name,
@@ -183,15 +238,14 @@ def build_parts(
         batcher=batcher,
     )
     sessions = Sessions(
-        root,
+        journals,
         pool,
         chunks,
         writer,
         recall,
         retention,
-        journal_fsync=cfg.journal_fsync,
-        journal_segment_entries=cfg.journal_segment_entries,
         max_sessions=cfg.max_sessions,
+        leases=storage.leases,
         say=say,
     )
     ttl = cfg.session_ttl_s
@@ -209,6 +263,7 @@ def build_parts(
     )
     return Parts(
         stack=stack,
+        leases=storage.leases,
         model=model,
         ctx=ctx,
         model_name=model_name,

@@ -8,6 +8,7 @@ touches the llama.cpp context.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -372,6 +373,8 @@ class Recall:
         """A session was deleted: drop its watermarks and (``memories``) its memories."""
         self._marks.pop(session_id, None)
         self._written_marks.pop(session_id, None)
+        with contextlib.suppress(FileNotFoundError):
+            watermark_path(journal_path(self._root, session_id)).unlink()
         if self.store is None:
             return
         if memories:

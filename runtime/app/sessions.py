@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.app.housekeeper import Retention
 from runtime.app.options import check_created, check_int, check_text
@@ -27,8 +26,7 @@ from runtime.errors import (
     SessionLimitError,
     SessionNotFoundError,
 )
-from runtime.journal import Journal, journal_files, journal_files_of
-from runtime.layout import JOURNAL_DIR, is_ephemeral, journal_path, local_id, tenant_of
+from runtime.layout import is_ephemeral, local_id, tenant_of
 from runtime.session import (
     IMPORTED,
     WINDOW_ROLE,
@@ -38,6 +36,10 @@ from runtime.session import (
     Span,
     Window,
 )
+
+if TYPE_CHECKING:
+    from runtime.storage import JournalBackend, JournalStore
+    from runtime.storage.leases import Leases
 
 __all__ = ["ImportMessage", "Sessions", "check_messages"]
 
@@ -57,33 +59,33 @@ class Sessions:
     """Session-level operations over the pool.
 
     Args:
-        root: the data directory.
+        journals: every session's journal.
         pool: the resident sessions.
         chunks: the chunk store (checkpoints).
         writer: the background checkpoint writer, if checkpoints are written in the background.
         recall: long-term memory (caught up when a session resumes; told about deletions).
         retention: journal retention (told about deletions).
-        journal_fsync, journal_segment_entries: how journals are opened.
         max_sessions: sessions kept at most per tenant (0: no cap; ephemeral ones are not
             counted).
+        leases: with a shared database, this node's session leases (shown in :meth:`info`).
         say: progress lines for long steps.
     """
 
     def __init__(
         self,
-        root: Path,
+        journals: JournalStore,
         pool: SessionPool,
         chunks: ChunkStore,
         writer: CheckpointWriter | None,
         recall: Recall,
         retention: Retention,
         *,
-        journal_fsync: bool,
-        journal_segment_entries: int,
         max_sessions: int = 0,
+        leases: Leases | None = None,
         say: Callable[[str], None],
     ) -> None:
-        self._root = root
+        self._journals = journals
+        self._leases = leases
         self._max_sessions = max_sessions
         #: wall-clock time each session was last used in this process (expiry counts from it,
         #: from the journal's last write, or from when this process opened, the latest of
@@ -95,12 +97,7 @@ class Sessions:
         self._writer = writer
         self._recall = recall
         self._retention = retention
-        self._journal_fsync = journal_fsync
-        self._segment_entries = journal_segment_entries
         self._say = say
-
-    def _journal(self, session_id: str) -> Path:
-        return journal_path(self._root, session_id)
 
     def get(self, session_id: str) -> tuple[Session, ResumeReport | None]:
         """The resident session (resumed if needed); long-term memory caught up on resume.
@@ -108,7 +105,7 @@ class Sessions:
         self._used[session_id] = time.time()
         if self._pool.peek(session_id) is None:
             self.admit(session_id)
-            size = sum(f.stat().st_size for f in journal_files(self._journal(session_id)))
+            size = self._journals.usage([session_id]).get(session_id, (0, 0.0))[0]
             if size > 1 << 20:
                 self._say(f"resuming session {session_id} ({size:,} B journal)")
         session, report = self._pool.get(session_id)
@@ -121,14 +118,10 @@ class Sessions:
             self._recall.catch_up(session)
         return session, report
 
-    def open_journal(self, session_id: str) -> Journal:
+    def open_journal(self, session_id: str) -> JournalBackend:
         """The session's journal, opened apart from its resident session (to read what an
         import appended to a suspended session without resuming it); close it after use."""
-        return Journal(
-            self._journal(session_id),
-            fsync=self._journal_fsync,
-            segment_entries=self._segment_entries,
-        )
+        return self._journals.open(session_id)
 
     def peek(self, session_id: str) -> Session | None:
         """The session if it is resident (nothing resumed)."""
@@ -145,10 +138,9 @@ class Sessions:
         if resident is not None:
             entries = list(resident.journal)
         else:
-            path = self._journal(session_id)
-            if not journal_files(path):
+            if not self._journals.exists(session_id):
                 return []
-            with Journal(path, readonly=True) as journal:
+            with self._journals.open(session_id, readonly=True) as journal:
                 entries = list(journal)
         turns = []
         for e in entries:
@@ -171,10 +163,9 @@ class Sessions:
         if resident is not None:
             entry = resident.unanswered()
             return entry.text if entry is not None else None
-        path = self._journal(session_id)
-        if not journal_files(path):
+        if not self._journals.exists(session_id):
             return None
-        with Journal(path, readonly=True) as journal:
+        with self._journals.open(session_id, readonly=True) as journal:
             for seq in range(len(journal) - 1, -1, -1):
                 try:
                     entry = journal[seq]
@@ -186,7 +177,7 @@ class Sessions:
 
     def info(self, session_id: str) -> dict[str, Any]:
         """A session's state (see :meth:`runtime.Runtime.session_info`)."""
-        return self._info(session_id, journal_files(self._journal(session_id)))
+        return self._info(session_id, self._journals.usage([session_id]).get(session_id))
 
     def page(
         self, limit: int, after: str | None, tenant: str | None = None
@@ -202,24 +193,37 @@ class Sessions:
             and (tenant is None or tenant_of(s) == tenant)
         ]
         page = ids[:limit]
-        names = {s: self._journal(s).name for s in page}
-        files = journal_files_of(self._root / JOURNAL_DIR, list(names.values()))
-        infos = [self._info(s, files.get(names[s], [])) for s in page]
+        usage = self._journals.usage(page)
+        infos = [self._info(s, usage.get(s)) for s in page]
         return infos, len(ids) > limit
 
-    def _info(self, session_id: str, files: list[Path]) -> dict[str, Any]:
+    def _info(self, session_id: str, usage: tuple[int, float] | None) -> dict[str, Any]:
         session = self._pool.peek(session_id)
         manifest = self._chunks.latest(session_id)
         return {
             "id": session_id,
-            "exists": bool(files),
+            "exists": usage is not None,
             "resident": session is not None,
             "window_tokens": session.n_tokens if session is not None else None,
             "kv_cells": session.kv.next_pos() if session is not None and session.resident else 0,
             "pending_tokens": session.pending_tokens if session is not None else None,
-            "journal_bytes": sum(f.stat().st_size for f in files),
+            "journal_bytes": usage[0] if usage is not None else 0,
             # the chunks its newest checkpoint names (shared ones count for each session)
             "snapshot_bytes": manifest.file_size if manifest is not None else 0,
+            # with a shared database: which node serves it (owner, address, token, expiry)
+            "lease": self._leases.info(session_id) if self._leases is not None else None,
+        }
+
+    def node(self) -> dict[str, Any] | None:
+        """This node in a shared database: its id, advertised address, lease TTL and the
+        leases it holds; ``None`` with local storage."""
+        if self._leases is None:
+            return None
+        return {
+            "node_id": self._leases.node_id,
+            "address": self._leases.address,
+            "lease_ttl_s": self._leases.ttl_s,
+            "leases_held": len(self._leases.held()),
         }
 
     def window_seqs(self, session_id: str) -> list[int]:
@@ -235,7 +239,8 @@ class Sessions:
                 "journal_seq": m.journal_seq,
                 "tokens": m.n_tokens,
                 "bytes": m.file_size,
-                "files": [self._chunks.chunk_path(ref.key) for ref in m.refs],
+                # paths in the data directory, or URLs with kv=s3://
+                "files": [self._chunks.blobs.describe(ref.key) for ref in m.refs],
             }
             for m in self._chunks.manifests(session_id)
         ]
@@ -292,17 +297,15 @@ class Sessions:
         turn); their ids. One listing of the journals directory; a session that cannot be
         checked or deleted is logged and left for the next sweep."""
         now = time.time()
-        names = {s: self._journal(s).name for s in self.known()}
-        files = journal_files_of(self._root / JOURNAL_DIR, list(names.values()))
+        usage = self._journals.usage(self.known())
         gone: list[str] = []
-        for sid, name in names.items():
+        for sid in sorted(usage):
+            last = usage[sid][1]
             if len(gone) >= EXPIRE_PER_SWEEP:
                 break
-            found = files.get(name, [])
-            if not found or skip(sid):
+            if skip(sid):
                 continue
             try:
-                last = max(f.stat().st_mtime for f in found)
                 idle = now - max(last, self._opened, self._used.get(sid, 0.0))
                 if idle >= ttl_s:
                     logger.info("session %s idle %.0f s: expired (ttl %.0f s)", sid, idle, ttl_s)
@@ -316,9 +319,7 @@ class Sessions:
 
     def exists(self, session_id: str) -> bool:
         """Whether the session has a journal (or is resident)."""
-        return bool(journal_files(self._journal(session_id))) or (
-            self._pool.peek(session_id) is not None
-        )
+        return self._journals.exists(session_id) or (self._pool.peek(session_id) is not None)
 
     def append_history(
         self, session_id: str, plan: Sequence[ImportedTurn], n_messages: int, n_ctx: int
@@ -342,9 +343,8 @@ class Sessions:
         if session is not None:
             self.suspend(sid)
         seqs = [-1] * n_messages
-        with Journal(
-            self._journal(sid), fsync=self._journal_fsync, segment_entries=self._segment_entries
-        ) as journal:
+        journal = self._journals.open(sid)
+        try:
             for turn, drop in zip(plan, shifts, strict=True):
                 if drop is not None:
                     journal.append(WINDOW_ROLE, "", (), {"drop": list(drop), IMPORTED: True})
@@ -354,6 +354,8 @@ class Sessions:
                 )
                 for i in turn.sources:
                     seqs[i] = entry.seq
+        finally:
+            journal.close()
         return seqs
 
 

@@ -27,6 +27,7 @@ from runtime.session import SessionPool
 if TYPE_CHECKING:
     from llamaffi import Context, Model
     from runtime.app.batching import Batcher
+    from runtime.storage import JournalStore
 
 __all__ = ["Stats", "read_stats"]
 
@@ -44,6 +45,7 @@ class Stats:
         self,
         root: Path,
         *,
+        journals: JournalStore,
         model_name: str,
         model: Model,
         template: str,
@@ -56,6 +58,7 @@ class Stats:
         batcher: Batcher,
     ) -> None:
         self._root = root
+        self._journals = journals
         self._batcher = batcher
         self._model_name = model_name
         self._model = model
@@ -118,7 +121,7 @@ class Stats:
             },
             "resumes": dict(self._pool.resumes),
             "journal": {
-                "bytes": _du(self._root / JOURNAL_DIR),
+                "bytes": self._journals.total_bytes(),
                 "retention": self._retention.mode,
                 "compacted_bytes": self._retention.bytes_compacted,
             },

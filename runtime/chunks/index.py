@@ -34,6 +34,14 @@ class ChunkIndex:
             self._sizes = sizes
             self._refs = refs
 
+    def replace_session(self, session_id: str, refs: dict[int, frozenset[str]]) -> None:
+        """Take a fresh read of one session's manifests (another node wrote them)."""
+        with self.lock:
+            if refs:
+                self._refs[session_id] = refs
+            else:
+                self._refs.pop(session_id, None)
+
     # -- chunks ---------------------------------------------------------------------------------
 
     def sizes_of(self, key: str) -> tuple[int, int] | None:

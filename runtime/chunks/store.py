@@ -93,6 +93,7 @@ class ChunkStore:
         lock: bool = True,
         threads: int = 0,
         blobs: BlobStore | None = None,
+        shared: bool = False,
     ) -> None:
         if chunk_tokens < 1:
             raise ArgumentError("chunk_tokens must be >= 1")
@@ -108,6 +109,8 @@ class ChunkStore:
         self.keep = keep
         self.dedup = dedup
         self.readonly = readonly
+        #: other nodes write this store's sessions too (:meth:`refresh_session` on takeover)
+        self.shared = shared
         self.threads = threads if threads > 0 else max(1, min(4, (os.cpu_count() or 1) - 1))
         self.blobs: BlobStore = (
             blobs if blobs is not None else LocalBlobStore(self.root, readonly=readonly, lock=lock)
@@ -202,6 +205,18 @@ class ChunkStore:
                     keys = frozenset()  # keep its generation reserved; its chunks are unknown
                 refs.setdefault(session, {})[generation] = keys
         self.index.replace(sizes, refs)
+
+    def refresh_session(self, session_id: str) -> None:
+        """Read the session's manifests again, for a store other nodes write too: before a
+        node serves a session it took over, its index must name every chunk the session's
+        live manifests reference, or its garbage collection could delete one."""
+        refs: dict[int, frozenset[str]] = {}
+        for generation in self.blobs.generations(validate_session_id(session_id)):
+            try:
+                refs[generation] = self.read_manifest(session_id, generation).keys
+            except (CorruptSnapshotError, OSError):
+                refs[generation] = frozenset()  # its generation stays reserved
+        self.index.replace_session(session_id, refs)
 
     def read_manifest(self, session_id: str, generation: int) -> Manifest:
         """Read and check one manifest (:class:`CorruptSnapshotError`, ``what="manifest"``)."""

@@ -42,6 +42,29 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="checkpoint after N new tokens (default 256)",
     )
+    parser.add_argument(
+        "--db",
+        default=None,
+        metavar="URL",
+        help="postgresql://... : journals, session leases and KV manifest pointers in "
+        "PostgreSQL, shared by every node (default: the data directory)",
+    )
+    parser.add_argument(
+        "--kv",
+        default=None,
+        metavar="URL",
+        help="s3://bucket/prefix : KV chunks and manifests in an S3-compatible store "
+        "(endpoint and credentials from the AWS_* variables; default: the data directory)",
+    )
+    parser.add_argument(
+        "--node-id", default=None, help="this node's id in the leases (default: host-pid-hex)"
+    )
+    parser.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=10.0,
+        help="seconds a session lease lasts unrenewed: a dead node's sessions move after it (10)",
+    )
 
 
 def open_runtime(args: argparse.Namespace, **options: Any) -> Runtime:
@@ -60,6 +83,10 @@ def open_runtime(args: argparse.Namespace, **options: Any) -> Runtime:
         max_resident=args.max_resident,
         embedder=False if args.no_memory else None,
         checkpoint=policy,
+        db=args.db,
+        kv=args.kv,
+        node_id=args.node_id,
+        lease_ttl_s=args.lease_ttl,
         progress=lambda line: print(f"runtime: {line}", file=sys.stderr, flush=True),
         **options,
     )

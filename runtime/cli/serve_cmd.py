@@ -63,6 +63,11 @@ def register(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="delete a session (and its memories) idle this many seconds (0: never)",
     )
+    parser.add_argument(
+        "--advertise-url",
+        default="",
+        help="with --db: the URL other nodes send this node's sessions' clients to (409s)",
+    )
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level (warning)")
     parser.set_defaults(func=run)
 
@@ -97,7 +102,12 @@ def run(args: argparse.Namespace) -> int:
         raise ArgumentError(f"--request-timeout must be > 0, got {args.request_timeout}")
     api_key = read_api_key(args.api_key_file) if args.api_key_file else None
     api_keys = read_keys(args.api_keys) if args.api_keys else None
-    rt = open_runtime(args, max_sessions=args.max_sessions, session_ttl_s=args.session_ttl)
+    rt = open_runtime(
+        args,
+        max_sessions=args.max_sessions,
+        session_ttl_s=args.session_ttl,
+        advertise_url=args.advertise_url,
+    )
     print(
         f"serve: http://{args.host}:{args.port}/v1 (model {rt.model_name}, data {args.dir})",
         file=sys.stderr,

@@ -12,7 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from runtime.errors import ArgumentError
+from runtime.errors import ArgumentError, SessionLeasedError
 from runtime.layout import is_ephemeral
 from runtime.server.api_errors import APIError
 from runtime.server.connections import (
@@ -206,7 +206,10 @@ def serve(
     # left some behind, and "stateless" must not mean "kept on disk". No user id is one.
     for sid in rt.sessions():
         if is_ephemeral(sid):
-            rt.delete_session(sid)
+            try:
+                rt.delete_session(sid)
+            except SessionLeasedError:  # a live peer's request in flight (a shared --db)
+                continue
     app = create_app(rt, api_key=api_key, api_keys=api_keys, max_body=max_body, max_queue=max_queue)
     state: ServerState = app.state.server
     state.grace_s = grace_s

@@ -23,6 +23,7 @@ from runtime.app import (
     ContextFullError,
     RuntimeArgumentError,
     Sampling,
+    SessionLeasedError,
     SessionLimitError,
 )
 from runtime.app.options import check_text as runtime_check_text
@@ -368,6 +369,12 @@ def map_runtime_error(exc: Exception) -> APIError:
         return bad_request(exc.field, str(exc).split(": ", 1)[-1])
     if isinstance(exc, ContextFullError):
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, SessionLeasedError):
+        # another node serves it: the client goes there (or retries here after the lease)
+        headers = {"x-session-owner": exc.owner}
+        if exc.address:
+            headers["x-session-owner-url"] = exc.address
+        return APIError(409, str(exc), code="session_leased", headers=headers)
     if isinstance(exc, SessionLimitError):
         # not transient: the OpenAI SDK would retry a 429 without this header
         return APIError(429, str(exc), code="session_limit", headers={"x-should-retry": "false"})

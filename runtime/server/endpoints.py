@@ -278,6 +278,8 @@ async def health_endpoint(request: Request, state: ServerState) -> Response:
             "status": "stopping" if down else "ok",
             "model": state.rt.model_name,
             "queue": state.queue.waiting,
+            # with --db: this node's id, address and leases (None with local storage)
+            "node": state.rt.node_info(),
         },
         status_code=503 if down else 200,
     )

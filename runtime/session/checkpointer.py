@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
@@ -76,9 +75,8 @@ class Checkpointer(Protocol):
         """Rebuild ``seq_id`` from ``manifest`` (ChunkError, IncompatibleSnapshotError or
         RestoreError with the sequence left empty)."""
 
-    @property
-    def location(self) -> Path:
-        """Where the session's checkpoints live (for reports)."""
+    def describe(self, generation: int) -> str:
+        """Where checkpoint ``generation`` lives (a path or URL, for reports)."""
         ...
 
     def journal_needs(self, journal_len: int) -> tuple[int, set[int]] | None:
@@ -241,10 +239,9 @@ class ChunkCheckpointer:
             allow_build_mismatch=allow_build_mismatch,
         )
 
-    @property
-    def location(self) -> Path:
-        """The session's manifest directory."""
-        return self.store.manifest_dir / self.session_id
+    def describe(self, generation: int) -> str:
+        """The manifest's path (or URL) in the chunk store."""
+        return self.store.blobs.describe_manifest(self.session_id, generation)
 
     def journal_needs(self, journal_len: int) -> tuple[int, set[int]] | None:
         """What a resume can still need of a journal of ``journal_len`` entries: every entry

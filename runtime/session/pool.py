@@ -3,25 +3,23 @@ so idle sessions hold no KV memory and no open files."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
 from runtime.chunks import ChunkStore
 from runtime.errors import ArgumentError, ContextFullError, SessionError
-from runtime.journal import DEFAULT_SEGMENT_ENTRIES, Journal, journal_sessions
-from runtime.layout import JOURNAL_DIR, journal_path, validate_session_id, watermark_path
+from runtime.layout import validate_session_id
 from runtime.session.checkpointer import ChunkCheckpointer
 from runtime.session.resume import ResumeReport
 from runtime.session.session import Session
 
 if TYPE_CHECKING:
     from llamaffi import Context
+    from runtime.storage import JournalStore
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ class SessionPool:
 
     Args:
         ctx: the shared context (a unified KV cache: chunked checkpoints need one).
-        root: data directory (journals under ``root/journals``).
+        journals: where the sessions' journals are (opened on resume, closed on suspend).
         chunks: the chunk store every session checkpoints into; the pool closes it.
         scratch_seq: the sequence the chunk store copies ranges through (never a session's).
         n_seq: sequence ids ``0 .. n_seq-1`` are the pool's (default: those below
@@ -48,14 +46,12 @@ class SessionPool:
         overflow: see :class:`Session`.
         policy: when to checkpoint (default: after every turn).
         writer: the background checkpoint writer (``None``: write inline).
-        journal_fsync: fsync each journal append (leave on outside tests).
-        journal_segment_entries: the journals seal a segment every this many entries.
     """
 
     def __init__(
         self,
         ctx: Context,
-        root: str | Path,
+        journals: JournalStore,
         *,
         chunks: ChunkStore,
         scratch_seq: int,
@@ -63,18 +59,15 @@ class SessionPool:
         overflow: Literal["shift", "refuse"] = "shift",
         policy: CheckpointPolicy | None = None,
         writer: CheckpointWriter | None = None,
-        journal_fsync: bool = True,
-        journal_segment_entries: int = DEFAULT_SEGMENT_ENTRIES,
         busy: Callable[[str], bool] = lambda _sid: False,
         wait: Callable[[], None] | None = None,
     ) -> None:
         if not 0 <= scratch_seq < ctx.n_seq_max:
             raise ArgumentError("chunked checkpoints need a scratch sequence of the context")
         self.ctx = ctx
-        self.journal_segment_entries = journal_segment_entries
+        self.journals = journals
         self.chunks = chunks
         self.scratch_seq = scratch_seq
-        self.root = Path(root)
         self.overflow = overflow
         #: sequence ids 0 .. n_seq-1 are the pool's; the rest are left to the caller (scratch)
         self.n_seq = scratch_seq if n_seq is None else n_seq
@@ -85,7 +78,6 @@ class SessionPool:
             )
         self.policy = policy
         self.writer = writer
-        self.journal_fsync = journal_fsync
         #: how the sessions resumed so far came back: source -> count
         self.resumes: dict[str, int] = {"snapshot": 0, "journal": 0, "empty": 0}
         self.last_resume: ResumeReport | None = None
@@ -141,11 +133,13 @@ class SessionPool:
 
     def _open(self, session_id: str) -> Session:
         """The session with its journal open and its checkpointer, not resident yet."""
-        journal = Journal(
-            journal_path(self.root, session_id),
-            fsync=self.journal_fsync,
-            segment_entries=self.journal_segment_entries,
-        )
+        journal = self.journals.open(session_id)  # a shared store: takes the lease
+        if self.chunks.shared:
+            try:
+                self.chunks.refresh_session(session_id)  # another node may have written it
+            except BaseException:
+                journal.close()
+                raise
         checkpointer = ChunkCheckpointer(
             self.chunks,
             session_id,
@@ -176,11 +170,8 @@ class SessionPool:
         return self._sessions.get(session_id)
 
     def known(self) -> list[str]:
-        """Every session with a journal on disk, resident or not, sorted."""
-        directory = self.root / JOURNAL_DIR
-        if not directory.is_dir():
-            return []
-        return journal_sessions(directory)
+        """Every session with a journal, resident or not, sorted."""
+        return self.journals.sessions()
 
     def used_cells(self) -> int:
         """KV cells held by resident sessions."""
@@ -264,10 +255,7 @@ class SessionPool:
             self.writer.flush(session_id)
         if session is not None:
             session.discard()
-        journal = journal_path(self.root, session_id)
-        Journal.remove_files(journal)  # the active file, its segments and rescue files
-        with contextlib.suppress(FileNotFoundError):
-            watermark_path(journal).unlink()
+        self.journals.delete(session_id)
         self.chunks.delete_session(session_id)
 
     def close(self) -> None:

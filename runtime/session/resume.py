@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from runtime.chunks import ChunkError
@@ -46,12 +45,12 @@ class ResumeReport:
     restored_tokens: int
     replayed_tokens: int
     seconds: float
-    snapshot: Path | None = None
+    snapshot: str | None = None
     skipped: list[str] = field(default_factory=list)
 
 
 #: (the journal entry the KV follows, tokens restored, the checkpoint used, the window then)
-_Start = tuple[int, int, Path | None, Window]
+_Start = tuple[int, int, str | None, Window]
 
 
 class Rebuild:
@@ -240,7 +239,7 @@ class Rebuild:
                 # rebuilds the sequence instead.
                 skipped.append(f"{name}: {exc}")
                 return None
-            return after, len(tokens), self.checkpointer.location, base
+            return after, len(tokens), self.checkpointer.describe(man.generation), base
         return None
 
     def _reprefill_window(self, skipped: list[str]) -> _Start:

@@ -1,12 +1,15 @@
 """Storage behind interfaces: what the journal and the checkpoints need of a backend, and what
 each call guarantees when it returns.
 
-Three interfaces, each with a local implementation (the data directory, the default); the
-first two also have server-backed ones:
+Four interfaces, each with a local implementation (the data directory, the default); the
+first three also have server-backed ones:
 
 * :class:`JournalBackend`: a session's turns, in order. :class:`runtime.journal.Journal`
   (segment files under ``journals/``) is the local one; :class:`runtime.storage.postgres.PgJournal`
   (one PostgreSQL table) the server-backed one.
+* :class:`JournalStore`: every session's journal, what the runtime opens, lists and deletes
+  them through. :class:`LocalJournals` (the ``journals/`` directory) and
+  :class:`runtime.storage.postgres.PgJournals` (the table, with a lease per session).
 * :class:`BlobStore`: immutable, content-addressed chunks and the per-session manifests that
   name them. :class:`LocalBlobStore` (files under ``kv/``) is the local one;
   :class:`runtime.storage.s3.S3BlobStore` (an S3-compatible bucket) the server-backed one.
@@ -28,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from runtime.storage.local import MANIFEST_SUFFIX, LocalBlobStore
+from runtime.storage.local import MANIFEST_SUFFIX, LocalBlobStore, LocalJournals
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -37,7 +40,15 @@ if TYPE_CHECKING:
     from runtime.longterm import Hit, MemoryItem
     from runtime.longterm.items import NewItem
 
-__all__ = ["MANIFEST_SUFFIX", "BlobStore", "JournalBackend", "LocalBlobStore", "MemoryBackend"]
+__all__ = [
+    "MANIFEST_SUFFIX",
+    "BlobStore",
+    "JournalBackend",
+    "JournalStore",
+    "LocalBlobStore",
+    "LocalJournals",
+    "MemoryBackend",
+]
 
 
 class JournalBackend(Protocol):
@@ -109,6 +120,55 @@ class JournalBackend(Protocol):
 
     def close(self) -> None:
         """Release the backend; later calls raise."""
+
+    def __enter__(self) -> JournalBackend:
+        """The journal itself; :meth:`close` on exit."""
+        ...
+
+    def __exit__(self, *exc: object) -> None:
+        """:meth:`close`."""
+
+
+class JournalStore(Protocol):
+    """Every session's journal: where the runtime opens, lists and deletes them.
+
+    A session exists once its journal holds an entry (an open for writing creates nothing
+    until the first append). :meth:`open` of a writable journal may refuse a session that
+    another process serves (:class:`runtime.errors.SessionLeasedError`: a server-backed
+    store's lease); its appends are then refused too once that process loses it (fencing).
+    :meth:`delete` removes every entry, durable on return.
+    """
+
+    def open(self, session_id: str, *, readonly: bool = False) -> JournalBackend:
+        """The session's journal (``readonly``: never writes, takes no lease)."""
+        ...
+
+    def exists(self, session_id: str) -> bool:
+        """Whether the session has a journal."""
+        ...
+
+    def sessions(self) -> list[str]:
+        """Every session with a journal, sorted."""
+        ...
+
+    def usage(self, session_ids: Sequence[str]) -> dict[str, tuple[int, float]]:
+        """``(bytes, time of the last write)`` of each of these sessions that has a journal
+        (one listing or query for them all)."""
+        ...
+
+    def delete(self, session_id: str) -> None:
+        """Delete the session's whole journal (its writer must be closed)."""
+
+    def total_bytes(self) -> int:
+        """Bytes every journal takes."""
+        ...
+
+    def describe(self) -> str:
+        """Where the journals are, for messages."""
+        ...
+
+    def close(self) -> None:
+        """Release the store; safe to call twice."""
 
 
 class BlobStore(Protocol):

@@ -1,4 +1,5 @@
-"""The local :class:`runtime.storage.BlobStore`: chunks and manifests in a directory."""
+"""The local storage: :class:`LocalBlobStore` (chunks and manifests in a directory) and
+:class:`LocalJournals` (each session's journal files in ``journals/``)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ from runtime.fsutil import (
     remove_stale_temps,
     remove_tree,
 )
-from runtime.layout import QUARANTINE_DIR, validate_session_id
+from runtime.journal import Journal, journal_files_of, journal_sessions
+from runtime.layout import JOURNAL_DIR, QUARANTINE_DIR, journal_path, validate_session_id
 from runtime.snapshot.format import FILE_SUFFIX
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHUNK_SUFFIX", "MANIFEST_SUFFIX", "LocalBlobStore"]
+__all__ = ["CHUNK_SUFFIX", "MANIFEST_SUFFIX", "LocalBlobStore", "LocalJournals"]
 
 
 #: Suffix of chunk files (the snapshot format's) and of manifest files.
@@ -281,3 +283,74 @@ class LocalBlobStore:
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
+
+
+class LocalJournals:
+    """A :class:`runtime.storage.JournalStore` in a data directory: ``journals/<id>.log``
+    and its segments (:class:`runtime.journal.Journal`), one writer per file (flock).
+
+    Args:
+        root: the data directory (the journals are under ``root/journals``).
+        fsync: fsync every append (off only for tests).
+        segment_entries: entries per sealed segment.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool, segment_entries: int) -> None:
+        self.root = Path(root)
+        self._fsync = fsync
+        self._segment_entries = segment_entries
+        self.directory = private_dir(ensure_dir(self.root / JOURNAL_DIR))
+
+    def open(self, session_id: str, *, readonly: bool = False) -> Journal:
+        """The session's journal file (``readonly``: without the writer's lock)."""
+        path = journal_path(self.root, session_id)
+        if readonly:
+            return Journal(path, readonly=True)
+        return Journal(path, fsync=self._fsync, segment_entries=self._segment_entries)
+
+    def _files(self, session_ids: Sequence[str]) -> dict[str, list[Path]]:
+        names = {journal_path(self.root, s).name: s for s in session_ids}
+        found = journal_files_of(self.directory, list(names))
+        return {names[name]: files for name, files in found.items()}
+
+    def exists(self, session_id: str) -> bool:
+        """Whether the session has journal files."""
+        return bool(self._files([session_id]))
+
+    def sessions(self) -> list[str]:
+        """Every session with a journal file, sorted."""
+        return journal_sessions(self.directory)
+
+    def usage(self, session_ids: Sequence[str]) -> dict[str, tuple[int, float]]:
+        """Bytes and newest modification time of each session's journal files (one
+        listing)."""
+        out: dict[str, tuple[int, float]] = {}
+        for sid, files in self._files(session_ids).items():
+            size, last = 0, 0.0
+            for f in files:
+                with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                    st = f.stat()
+                    size, last = size + st.st_size, max(last, st.st_mtime)
+            out[sid] = (size, last)
+        return out
+
+    def delete(self, session_id: str) -> None:
+        """Delete the session's journal files (the active file, segments, rescue files)."""
+        Journal.remove_files(journal_path(self.root, session_id))
+
+    def total_bytes(self) -> int:
+        """Bytes under ``journals/``."""
+        total = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.directory):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+        return total
+
+    def describe(self) -> str:
+        """The journals directory."""
+        return str(self.directory)
+
+    def close(self) -> None:
+        """Nothing to release (each journal holds its own lock)."""

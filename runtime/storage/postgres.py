@@ -1,5 +1,7 @@
-"""A :class:`runtime.storage.JournalBackend` on PostgreSQL (psycopg 3; the ``cluster``
-extra).
+"""The journal on PostgreSQL (psycopg 3; the ``cluster`` extra): :class:`PgJournal` (a
+:class:`runtime.storage.JournalBackend`) and :class:`PgJournals` (the
+:class:`runtime.storage.JournalStore` of a runtime, each session's writes fenced by its lease,
+:mod:`runtime.storage.leases`).
 
 Tables (created on first use; the schema version is checked on every open)::
 
@@ -10,6 +12,17 @@ Tables (created on first use; the schema version is checked on every open)::
         n_tokens int,                   -- the exact tokens are in the payload; their count here
         payload  jsonb                  -- runtime.journal.Entry.to_payload(), tokens included
     )
+    llamaffi_lease (session text PRIMARY KEY, owner text, address text, token bigint,
+                    expires timestamptz)          -- runtime.storage.leases
+    llamaffi_manifest (session text PRIMARY KEY, generation bigint, token bigint)
+                                                  -- each session's live KV manifest
+
+Fencing: a journal opened by :class:`PgJournals` holds its session's lease token, and every
+append checks, in its own transaction, that the lease row still carries that token
+(``SELECT ... FOR SHARE``, so a takeover's ``UPDATE`` of the row waits for the append's
+commit, or the append waits for the takeover's and is refused). A node that lost the lease
+(paused, partitioned) therefore has every later append refused
+(:class:`runtime.errors.SessionLeasedError`), and its journal closes itself.
 
 Durability: an append is one transaction (a per-session advisory lock, ``max(seq) + 1``, the
 INSERT, COMMIT) on a connection with ``synchronous_commit = on``: it returns only once the
@@ -38,18 +51,21 @@ import logging
 import threading
 import time
 from collections.abc import Collection, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from runtime.errors import ClosedError, JournalCompactedError, JournalError
+from runtime.errors import ClosedError, JournalCompactedError, JournalError, SessionLeasedError
 from runtime.journal.record import MAX_RECORD, Entry
 from runtime.layout import validate_session_id
 
+if TYPE_CHECKING:
+    from runtime.storage.leases import Leases
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA_VERSION", "PgJournal", "connect", "ensure_schema"]
+__all__ = ["SCHEMA_VERSION", "PgDatabase", "PgJournal", "PgJournals", "connect", "ensure_schema"]
 
 #: The version of the tables below; an open of a database with another version is refused.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _COMPONENT = "journal"
 
 _DDL = """
@@ -65,6 +81,18 @@ CREATE TABLE IF NOT EXISTS llamaffi_journal (
     n_tokens integer NOT NULL,
     payload  jsonb   NOT NULL,
     PRIMARY KEY (session, seq)
+);
+CREATE TABLE IF NOT EXISTS llamaffi_lease (
+    session text        PRIMARY KEY,
+    owner   text        NOT NULL,
+    address text        NOT NULL DEFAULT '',
+    token   bigint      NOT NULL CHECK (token > 0),
+    expires timestamptz NOT NULL
+);
+CREATE TABLE IF NOT EXISTS llamaffi_manifest (
+    session    text   PRIMARY KEY,
+    generation bigint NOT NULL,
+    token      bigint NOT NULL
 );
 """
 
@@ -100,25 +128,74 @@ def ensure_schema(conn: Any) -> None:
             )
 
 
-class PgJournal:
-    """One session's journal in the ``llamaffi_journal`` table.
+class PgDatabase:
+    """One connection to the database (``synchronous_commit = on``), shared by a runtime's
+    journals, leases and manifest pointers; :attr:`lock` serialises its use (psycopg
+    connections are not for two threads at once). The schema is checked on open."""
 
-    Args:
-        url: a ``postgresql://`` URL (a connection of its own is opened).
-        session_id: the session.
-        readonly: refuse appends and retention.
-    """
-
-    def __init__(self, url: str, session_id: str, *, readonly: bool = False) -> None:
-        self.session_id = validate_session_id(session_id)
-        self.readonly = readonly
-        self._lock = threading.Lock()
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.lock = threading.RLock()
         self._conn: Any = connect(url)
         try:
             ensure_schema(self._conn)
         except BaseException:
             self._conn.close()
             raise
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._conn is None
+
+    def conn(self) -> Any:
+        """The connection (hold :attr:`lock`); :class:`ClosedError` after :meth:`close`."""
+        if self._conn is None:
+            raise ClosedError("the database connection is closed")
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        with self.lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+class PgJournal:
+    """One session's journal in the ``llamaffi_journal`` table.
+
+    Args:
+        db: a ``postgresql://`` URL (a connection of its own, closed with the journal) or a
+            shared :class:`PgDatabase`.
+        session_id: the session.
+        readonly: refuse appends and retention.
+        leases: check every append against the session's lease (the token held when the
+            journal was opened); ``None``: no fencing (one writer known by other means).
+    """
+
+    def __init__(
+        self,
+        db: str | PgDatabase,
+        session_id: str,
+        *,
+        readonly: bool = False,
+        leases: Leases | None = None,
+    ) -> None:
+        self.session_id = validate_session_id(session_id)
+        self.readonly = readonly
+        self._own_db = isinstance(db, str)
+        self._database = PgDatabase(db) if isinstance(db, str) else db
+        self._lock = self._database.lock
+        self._conn: Any = self._database
+        self._leases = leases
+        self._token = 0
+        if leases is not None and not readonly:
+            try:
+                self._token = leases.acquire(self.session_id)
+            except BaseException:
+                self._close_db()
+                raise
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -128,11 +205,19 @@ class PgJournal:
         return self._conn is None
 
     def close(self) -> None:
-        """Close the connection; safe to call twice."""
+        """Close the journal (release its lease; close its own connection); safe to call
+        twice."""
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            if self._conn is None:
+                return
+            self._conn = None
+        if self._token and self._leases is not None:
+            self._leases.release(self.session_id, self._token)
+        self._close_db()
+
+    def _close_db(self) -> None:
+        if self._own_db:
+            self._database.close()
 
     def __enter__(self) -> PgJournal:
         return self
@@ -143,7 +228,7 @@ class PgJournal:
     def _db(self) -> Any:
         if self._conn is None:
             raise ClosedError(f"journal of session {self.session_id} is closed")
-        return self._conn
+        return self._database.conn()
 
     def _one(self, sql: str, *params: Any) -> tuple[Any, ...]:
         with self._lock:
@@ -246,6 +331,12 @@ class PgJournal:
         with self._lock:
             db = self._require_writable()
             with db.transaction():
+                if self._leases is not None:
+                    lost = self._leases.check(db, self.session_id, self._token)
+                    if lost is not None:
+                        self._conn = None  # closed: the pool reopens it (and is refused)
+                        self._token = 0
+                        raise lost
                 db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.session_id,))
                 row = db.execute(
                     "SELECT max(seq), max(segment), bool_and(sealed) FILTER "
@@ -316,19 +407,98 @@ class PgJournal:
                 ).fetchone()
                 return int(row[0])
 
-    @staticmethod
-    def delete_session(url: str, session_id: str) -> int:
-        """Delete a session's whole journal; return the entries removed."""
-        conn = connect(url)
-        try:
-            ensure_schema(conn)
-            cur = conn.execute(
-                "DELETE FROM llamaffi_journal WHERE session = %s",
-                (validate_session_id(session_id),),
+
+class PgJournals:
+    """A :class:`runtime.storage.JournalStore` in the ``llamaffi_journal`` table, shared by
+    every node on the database: a writable journal holds its session's lease
+    (:meth:`runtime.storage.leases.Leases.acquire`, refused with
+    :class:`runtime.errors.SessionLeasedError` while another live node holds it) and fences
+    every append with it.
+
+    Args:
+        db: the shared connection.
+        leases: this node's leases.
+    """
+
+    def __init__(self, db: PgDatabase, leases: Leases) -> None:
+        self.db = db
+        self.leases = leases
+
+    def open(self, session_id: str, *, readonly: bool = False) -> PgJournal:
+        """The session's journal (writable: with its lease)."""
+        return PgJournal(self.db, session_id, readonly=readonly, leases=self.leases)
+
+    def _rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        with self.db.lock:
+            rows: list[tuple[Any, ...]] = self.db.conn().execute(sql, params).fetchall()
+            return rows
+
+    def exists(self, session_id: str) -> bool:
+        """Whether the session has an entry."""
+        return bool(
+            self._rows(
+                "SELECT 1 FROM llamaffi_journal WHERE session = %s LIMIT 1",
+                validate_session_id(session_id),
             )
-            return int(cur.rowcount)
+        )
+
+    def sessions(self) -> list[str]:
+        """Every session with an entry, sorted (one scan of the primary key's index)."""
+        rows = self._rows("SELECT DISTINCT session FROM llamaffi_journal ORDER BY session")
+        return [str(r[0]) for r in rows]
+
+    def usage(self, session_ids: Sequence[str]) -> dict[str, tuple[int, float]]:
+        """Payload bytes and the newest entry's time of each session (one query)."""
+        if not session_ids:
+            return {}
+        rows = self._rows(
+            "SELECT session, sum(octet_length(payload::text)), "
+            "max((payload->>'created')::float8) FROM llamaffi_journal "
+            "WHERE session = ANY(%s) GROUP BY session",
+            list(session_ids),
+        )
+        return {str(r[0]): (int(r[1]), float(r[2] or 0.0)) for r in rows}
+
+    def delete(self, session_id: str) -> None:
+        """Delete the session's journal, its lease and its manifest pointer, under its lease
+        (:class:`runtime.errors.SessionLeasedError` when another node serves it)."""
+        sid = validate_session_id(session_id)
+        token = self.leases.acquire(sid)
+        try:
+            with self.db.lock, self.db.conn().transaction():
+                conn = self.db.conn()
+                lost = self.leases.check(conn, sid, token)
+                if lost is not None:
+                    raise lost
+                conn.execute("DELETE FROM llamaffi_journal WHERE session = %s", (sid,))
+                conn.execute("DELETE FROM llamaffi_manifest WHERE session = %s", (sid,))
         finally:
-            conn.close()
+            self.leases.release(sid, token, forget=True)
+
+    def total_bytes(self) -> int:
+        """The journal table's size on the server (with its indexes)."""
+        return int(self._rows("SELECT pg_total_relation_size('llamaffi_journal')")[0][0])
+
+    def describe(self) -> str:
+        """The database (without credentials)."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.db.url)
+        return f"postgresql://{parts.hostname or ''}{parts.path} (table llamaffi_journal)"
+
+    def close(self) -> None:
+        """Nothing of its own (the runtime closes the database and the leases)."""
+
+
+def lease_lost(session_id: str, owner: str, address: str, expires: float) -> SessionLeasedError:
+    """The error of a write refused, or a session refused, because ``owner`` holds it."""
+    where = f" at {address}" if address else ""
+    return SessionLeasedError(
+        f"session {session_id!r} is served by node {owner!r}{where}; nothing was written",
+        owner=owner,
+        address=address,
+        expires=expires,
+    )
 
 
 def _entry(payload: Any) -> Entry:

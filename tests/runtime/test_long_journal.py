@@ -20,6 +20,7 @@ from runtime.checkpoint import CheckpointPolicy
 from runtime.chunks import ChunkStore
 from runtime.journal import JournalCorruptError
 from runtime.session import SessionError, SessionPool
+from runtime.storage import LocalJournals
 
 llamaffi = pytest.importorskip("llamaffi")
 
@@ -35,13 +36,11 @@ NEVER = CheckpointPolicy(every_tokens=0, every_seconds=0.0, idle_seconds=0.0)
 def _pool(ctx: Any, root: Path, policy: CheckpointPolicy = EVERY_TURN) -> SessionPool:
     return SessionPool(
         ctx,
-        root,
+        LocalJournals(root, fsync=False, segment_entries=8),
         policy=policy,
         n_seq=2,
-        journal_fsync=False,
         chunks=ChunkStore(root / "kv"),
         scratch_seq=SCRATCH,
-        journal_segment_entries=8,
     )
 
 

@@ -167,7 +167,7 @@ def test_suspend_shows_in_session_info_and_checkpoints(rt: Runtime) -> None:
     assert rt.session_info("bruno")["kv_cells"] == 0
     checkpoints = rt.checkpoints("bruno")
     assert checkpoints and checkpoints[0]["tokens"] == before
-    assert all(path.is_file() for path in checkpoints[0]["files"])
+    assert all(Path(path).is_file() for path in checkpoints[0]["files"])
     with pytest.raises(SessionNotFoundError):
         rt.time_reprefill("bruno")  # not resident now
 

@@ -16,7 +16,7 @@ from llamaffi import Context, Model, Sampler
 from runtime.checkpoint import CheckpointPolicy
 from runtime.chunks import MANIFEST_SUFFIX, ChunkStore
 from runtime.errors import PersistError, RestoreError
-from runtime.journal import Entry, Journal
+from runtime.journal import DEFAULT_SEGMENT_ENTRIES, Entry, Journal
 from runtime.session import (
     WINDOW_ROLE,
     ChunkCheckpointer,
@@ -25,6 +25,7 @@ from runtime.session import (
     SessionError,
     SessionPool,
 )
+from runtime.storage import LocalJournals
 
 TURNS = [
     ("user", "My dog is called Biscuit and she loves the beach."),
@@ -56,7 +57,10 @@ def make_pool(
     ctx: Context, root: Path, *, policy: CheckpointPolicy = EVERY_TURN, keep: int = 2, **kw: Any
 ) -> SessionPool:
     chunks = ChunkStore(root / "kv", keep=keep, chunk_tokens=32)
-    return SessionPool(ctx, root, chunks=chunks, scratch_seq=SCRATCH, n_seq=2, policy=policy, **kw)
+    journals = LocalJournals(root, fsync=True, segment_entries=DEFAULT_SEGMENT_ENTRIES)
+    return SessionPool(
+        ctx, journals, chunks=chunks, scratch_seq=SCRATCH, n_seq=2, policy=policy, **kw
+    )
 
 
 def say(session: Session, role: str, text: str) -> Entry:

@@ -122,12 +122,21 @@ def test_zstd_bomb_without_content_size_refused(ctx: Any, small: S.Snapshot) -> 
 def test_session_resume_quarantines_a_forged_chunk(model: Any, tmp_path: Path) -> None:
     from runtime.checkpoint import CheckpointPolicy
     from runtime.chunks import ChunkStore
+    from runtime.journal import DEFAULT_SEGMENT_ENTRIES
     from runtime.session import SessionPool
+    from runtime.storage import LocalJournals
 
     def open_pool(c: Any) -> SessionPool:
         chunks = ChunkStore(tmp_path / "kv", keep=5)
         policy = CheckpointPolicy.every_turn()
-        return SessionPool(c, tmp_path, chunks=chunks, scratch_seq=2, n_seq=1, policy=policy)
+        return SessionPool(
+            c,
+            LocalJournals(tmp_path, fsync=True, segment_entries=DEFAULT_SEGMENT_ENTRIES),
+            chunks=chunks,
+            scratch_seq=2,
+            n_seq=1,
+            policy=policy,
+        )
 
     with model.context(n_ctx=1024, n_batch=128, n_seq_max=3, n_threads=2, kv_unified=True) as c:
         pool = open_pool(c)
