@@ -185,9 +185,14 @@ class ChunkStore:
 
         The store does this once, at open; a caller that changed files behind its back (a
         benchmark removing its newest manifest to repeat a checkpoint) calls it after.
+
+        A store other nodes write too (``shared``) knows only the chunks its manifests name,
+        with the sizes the manifests record: nothing is downloaded but the manifests, and a
+        chunk another node has put for a manifest it has not switched yet is never taken for
+        garbage here.
         """
         sizes: dict[str, tuple[int, int]] = {}
-        for key in self.blobs.list_keys():
+        for key in () if self.shared else self.blobs.list_keys():
             try:
                 header = snapshot_mod.header_from_buffer(
                     self.blobs.get(key), source=self.blobs.describe(key)
@@ -200,10 +205,14 @@ class ChunkStore:
         for session in self.sessions():
             for generation in self.blobs.generations(session):
                 try:
-                    keys = self.read_manifest(session, generation).keys
+                    man = self.read_manifest(session, generation)
                 except (CorruptSnapshotError, OSError):
-                    keys = frozenset()  # keep its generation reserved; its chunks are unknown
-                refs.setdefault(session, {})[generation] = keys
+                    refs.setdefault(session, {})[generation] = frozenset()  # number reserved
+                    continue
+                refs.setdefault(session, {})[generation] = man.keys
+                if self.shared:
+                    for ref in man.refs:
+                        sizes.setdefault(ref.key, (ref.raw_size, ref.file_size))
         self.index.replace(sizes, refs)
 
     def refresh_session(self, session_id: str) -> None:
@@ -213,9 +222,13 @@ class ChunkStore:
         refs: dict[int, frozenset[str]] = {}
         for generation in self.blobs.generations(validate_session_id(session_id)):
             try:
-                refs[generation] = self.read_manifest(session_id, generation).keys
+                man = self.read_manifest(session_id, generation)
             except (CorruptSnapshotError, OSError):
                 refs[generation] = frozenset()  # its generation stays reserved
+                continue
+            refs[generation] = man.keys
+            for ref in man.refs:  # stored by the other node: no need to put them again
+                self.index.add_chunk(ref.key, ref.raw_size, ref.file_size, written=False)
         self.index.replace_session(session_id, refs)
 
     def read_manifest(self, session_id: str, generation: int) -> Manifest:

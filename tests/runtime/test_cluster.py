@@ -215,3 +215,32 @@ def test_a_node_that_lost_its_lease_cannot_switch_the_manifest(
     assert after == before
     reply = b.chat(s, "three, on B", **GREEDY)
     assert reply.cached_tokens > 0  # B's own KV, untouched
+
+
+def test_a_node_never_collects_a_chunk_it_did_not_see_named(
+    tmp_path: Path, pg_url: str, kv_url: str
+) -> None:
+    """On a shared store a chunk that no manifest names yet may be another node's, put for a
+    manifest it is about to switch: a node's garbage collection must leave it. (A copy of a
+    real chunk under a new key stands in for it.) A node's open reads the manifests only."""
+    import boto3
+
+    a = open_node(tmp_path, "A7", pg_url, kv_url)
+    s = sid()
+    a.chat(s, "a turn that leaves chunks in the bucket", **GREEDY)
+    a.close()
+    bucket, prefix = kv_url.removeprefix("s3://").split("/", 1)
+    client = boto3.client("s3")
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/chunks/")["Contents"]
+    source = listed[0]["Key"]
+    orphan = f"{'ab' * 16}"
+    orphan_key = f"{prefix}/chunks/{orphan[:2]}/{orphan}.kvsnap"
+    client.copy_object(Bucket=bucket, Key=orphan_key, CopySource={"Bucket": bucket, "Key": source})
+    b = open_node(tmp_path, "B7", pg_url, kv_url)
+    try:
+        for i in range(3):  # checkpoints of a new session, each followed by a collection
+            b.chat(sid(), f"turn {i} on B", **GREEDY)
+        b.checkpoint()
+    finally:
+        b.close()
+    client.head_object(Bucket=bucket, Key=orphan_key)  # still there
