@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
@@ -363,8 +364,21 @@ class RuntimeConfig:
             raise RuntimeArgumentError("db", "must be a postgresql:// URL")
         if self.kv is not None and not str(self.kv).startswith("s3://"):
             raise RuntimeArgumentError("kv", "must be an s3://bucket/prefix URL")
-        if self.node_id is not None and not 1 <= len(self.node_id) <= 200:
-            raise RuntimeArgumentError("node_id", "must be 1-200 characters")
+        if self.node_id is not None and not re.fullmatch(r"[A-Za-z0-9._:-]{1,200}", self.node_id):
+            raise RuntimeArgumentError(
+                "node_id", "must be 1-200 characters of letters, digits, '.', '_', '-', ':'"
+            )
+        if self.db is not None and self.journal_retention != "all":
+            raise RuntimeArgumentError(
+                "journal_retention",
+                "must be 'all' with db=: retention of a shared journal is not built yet",
+            )
+        if self.kv is not None and self.db is None:
+            logger.warning(
+                "kv=%s without db=: one node only (no leases; several nodes on one bucket "
+                "would prune each other's checkpoints)",
+                self.kv,
+            )
         check_number("lease_ttl_s", self.lease_ttl_s, 0.5, 3600.0)
         if not isinstance(self.checkpoint, CheckpointPolicy):
             raise RuntimeArgumentError("checkpoint", "must be a CheckpointPolicy")

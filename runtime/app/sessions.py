@@ -23,6 +23,7 @@ from runtime.errors import (
     ContextFullError,
     JournalCompactedError,
     RuntimeArgumentError,
+    SessionLeasedError,
     SessionLimitError,
     SessionNotFoundError,
 )
@@ -261,10 +262,18 @@ class Sessions:
             if session_id is None
             else [s for s in [self._pool.peek(session_id)] if s]
         )
-        done = [
-            s.checkpoint() for s in targets if s.resident and s.n_tokens and not s.shift_pending
-        ]
-        return len(done)
+        done = 0
+        for s in targets:
+            if not s.resident or not s.n_tokens or s.shift_pending:
+                continue
+            try:
+                s.checkpoint()
+                done += 1
+            except SessionLeasedError:
+                if session_id is not None:
+                    raise
+                logger.warning("session %s moved to another node: not checkpointed", s.session_id)
+        return done
 
     def delete(self, session_id: str, *, memories: bool) -> None:
         """Forget a session (:class:`SessionNotFoundError` if there is none)."""

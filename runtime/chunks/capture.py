@@ -302,7 +302,13 @@ class ChunkWriter:
         )
         data = man.to_bytes()
         # every chunk it names is durable (put_all returned): now the switch
-        self.blobs.switch_manifest(session, generation, data)
+        try:
+            self.blobs.switch_manifest(session, generation, data)
+        except BaseException:
+            # the number may be taken (a shared store: another node's manifest); the next
+            # checkpoint of the session takes the one after it
+            self.index.add_manifest(session, generation, frozenset())
+            raise
         self.index.add_manifest(session, generation, man.keys, len(data))
         logger.debug(
             "session %s: manifest %d, %d chunks (%d new)",

@@ -17,9 +17,14 @@ class ChunkIndex:
     planned, uncommitted checkpoints, which garbage collection must keep.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, shared: bool = False) -> None:
         #: held across a garbage collection's unlinks: a plan must not see a chunk going
         self.lock = threading.RLock()
+        #: other nodes write the store too: only chunks that lost their last reference here
+        #: (a manifest this node pruned or deleted) are garbage; a chunk never named here may
+        #: be another node's, put for a manifest it has not switched yet
+        self.shared = shared
+        self._released: set[str] = set()
         self._sizes: dict[str, tuple[int, int]] = {}
         self._refs: dict[str, dict[int, frozenset[str]]] = {}
         self._pins: dict[int, frozenset[str]] = {}
@@ -34,9 +39,18 @@ class ChunkIndex:
             self._sizes = sizes
             self._refs = refs
 
-    def replace_session(self, session_id: str, refs: dict[int, frozenset[str]]) -> None:
-        """Take a fresh read of one session's manifests (another node wrote them)."""
+    def replace_session(
+        self,
+        session_id: str,
+        refs: dict[int, frozenset[str]],
+        sizes: dict[str, tuple[int, int]],
+    ) -> None:
+        """Take a fresh read of one session's manifests and the sizes of the chunks they
+        name (another node wrote them), in one step: a collection never sees the chunks
+        without their references."""
         with self.lock:
+            for key, size in sizes.items():
+                self._sizes.setdefault(key, size)
             if refs:
                 self._refs[session_id] = refs
             else:
@@ -71,7 +85,8 @@ class ChunkIndex:
                 live |= keys
         for keys in self._pins.values():
             live |= keys
-        return [k for k in self._sizes if k not in live]
+        candidates = self._released if self.shared else self._sizes
+        return [k for k in candidates if k not in live]
 
     def collected(self, keys: Iterable[str]) -> None:
         """Garbage chunks were deleted."""
@@ -79,6 +94,7 @@ class ChunkIndex:
         with self.lock:
             for key in keys:
                 self._sizes.pop(key, None)
+                self._released.discard(key)
                 n += 1
             self.counters["gc_files"] += n
 
@@ -102,12 +118,17 @@ class ChunkIndex:
     def forget_manifest(self, session_id: str, generation: int) -> None:
         """A manifest was deleted."""
         with self.lock:
-            self._refs.get(session_id, {}).pop(generation, None)
+            keys = self._refs.get(session_id, {}).pop(generation, None)
+            if self.shared and keys:
+                self._released |= keys
 
     def forget_session(self, session_id: str) -> None:
         """Every manifest of the session was deleted."""
         with self.lock:
-            self._refs.pop(session_id, None)
+            gens = self._refs.pop(session_id, None)
+            if self.shared and gens:
+                for keys in gens.values():
+                    self._released |= keys
 
     # -- pins -----------------------------------------------------------------------------------
 

@@ -116,7 +116,7 @@ class ChunkStore:
             blobs if blobs is not None else LocalBlobStore(self.root, readonly=readonly, lock=lock)
         )
         self._closed = False
-        self.index = ChunkIndex()
+        self.index = ChunkIndex(shared=shared)
         self._writer = ChunkWriter(
             self.blobs,
             self.index,
@@ -220,6 +220,7 @@ class ChunkStore:
         node serves a session it took over, its index must name every chunk the session's
         live manifests reference, or its garbage collection could delete one."""
         refs: dict[int, frozenset[str]] = {}
+        sizes: dict[str, tuple[int, int]] = {}
         for generation in self.blobs.generations(validate_session_id(session_id)):
             try:
                 man = self.read_manifest(session_id, generation)
@@ -228,8 +229,8 @@ class ChunkStore:
                 continue
             refs[generation] = man.keys
             for ref in man.refs:  # stored by the other node: no need to put them again
-                self.index.add_chunk(ref.key, ref.raw_size, ref.file_size, written=False)
-        self.index.replace_session(session_id, refs)
+                sizes.setdefault(ref.key, (ref.raw_size, ref.file_size))
+        self.index.replace_session(session_id, refs, sizes)
 
     def read_manifest(self, session_id: str, generation: int) -> Manifest:
         """Read and check one manifest (:class:`CorruptSnapshotError`, ``what="manifest"``)."""

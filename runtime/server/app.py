@@ -12,7 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from runtime.errors import ArgumentError, SessionLeasedError
+from runtime.errors import ArgumentError, SessionLeasedError, SessionNotFoundError
 from runtime.layout import is_ephemeral
 from runtime.server.api_errors import APIError
 from runtime.server.connections import (
@@ -208,7 +208,7 @@ def serve(
         if is_ephemeral(sid):
             try:
                 rt.delete_session(sid)
-            except SessionLeasedError:  # a live peer's request in flight (a shared --db)
+            except (SessionLeasedError, SessionNotFoundError):  # a live peer's, or gone
                 continue
     app = create_app(rt, api_key=api_key, api_keys=api_keys, max_body=max_body, max_queue=max_queue)
     state: ServerState = app.state.server

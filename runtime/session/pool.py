@@ -162,12 +162,15 @@ class SessionPool:
             raise
 
     def resident(self) -> list[Session]:
-        """The resident sessions, least recently used first."""
-        return list(self._sessions.values())
+        """The resident sessions, least recently used first (not those whose journal closed
+        itself: another node took them over, or a write failed; :meth:`get` drops them)."""
+        return [s for s in self._sessions.values() if not s.journal.closed]
 
     def peek(self, session_id: str) -> Session | None:
-        """The session if it is resident, without resuming or reordering anything."""
-        return self._sessions.get(session_id)
+        """The session if it is resident, without resuming or reordering anything (``None``
+        for one whose journal closed itself: its KV may be stale, read the journal store)."""
+        session = self._sessions.get(session_id)
+        return None if session is None or session.journal.closed else session
 
     def known(self) -> list[str]:
         """Every session with a journal, resident or not, sorted."""
@@ -255,8 +258,10 @@ class SessionPool:
             self.writer.flush(session_id)
         if session is not None:
             session.discard()
-        self.journals.delete(session_id)
+        # checkpoints first: a failed journal delete (another node serves the session now)
+        # leaves a journal that still rebuilds it
         self.chunks.delete_session(session_id)
+        self.journals.delete(session_id)
 
     def close(self) -> None:
         """Suspend every session, close journals, close the chunk store."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
@@ -46,6 +47,10 @@ __all__ = ["DEFAULT_LEASE_TTL_S", "Leases", "PointerBlobs", "default_node_id"]
 
 #: Seconds a lease lasts without renewal: a dead node's sessions move after this.
 DEFAULT_LEASE_TTL_S = 10.0
+#: TTLs an unused lease is kept (and renewed) before it is let go: a suspended session's last
+#: checkpoint, written in the background, commits under it first.
+IDLE_TTLS = 1.0
+_NODE_RE = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 
 
 def default_node_id() -> str:
@@ -73,12 +78,18 @@ class Leases:
     def __init__(
         self, db: PgDatabase, node_id: str, *, address: str = "", ttl_s: float = DEFAULT_LEASE_TTL_S
     ) -> None:
-        if not node_id or len(node_id) > 200:
-            raise ArgumentError("node_id must be 1-200 characters")
+        if not _NODE_RE.fullmatch(node_id):
+            raise ArgumentError(
+                f"node_id {node_id!r}: 1-200 characters of letters, digits, '.', '_', '-', ':'"
+            )
         if not 0.5 <= ttl_s <= 3600:
             raise ArgumentError("the lease TTL must be 0.5-3600 seconds")
         self.db = db
+        #: renewals have a connection of their own: a long query of a turn never delays them
+        self._renew_db = PgDatabase(db.url)
         self.node_id = node_id
+        #: this process: a second live process with the same node id is another owner
+        self.incarnation = secrets.token_hex(8)
         self.address = address
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
@@ -101,12 +112,15 @@ class Leases:
         with self.db.lock:
             conn = self.db.conn()
             row = conn.execute(
-                "INSERT INTO llamaffi_lease AS l (session, owner, address, token, expires) "
-                "VALUES (%s, %s, %s, 1, now() + make_interval(secs => %s)) "
+                "INSERT INTO llamaffi_lease AS l "
+                "(session, owner, incarnation, address, token, expires) "
+                "VALUES (%s, %s, %s, %s, 1, now() + make_interval(secs => %s)) "
                 "ON CONFLICT (session) DO UPDATE SET owner = EXCLUDED.owner, "
-                "address = EXCLUDED.address, token = l.token + 1, expires = EXCLUDED.expires "
-                "WHERE l.expires <= now() OR l.owner = EXCLUDED.owner RETURNING token",
-                (session_id, self.node_id, self.address, self.ttl_s),
+                "incarnation = EXCLUDED.incarnation, address = EXCLUDED.address, "
+                "token = l.token + 1, expires = EXCLUDED.expires "
+                "WHERE l.expires <= now() OR l.incarnation = EXCLUDED.incarnation "
+                "RETURNING token",
+                (session_id, self.node_id, self.incarnation, self.address, self.ttl_s),
             ).fetchone()
             if row is None:
                 raise self.refusal(conn, session_id)
@@ -121,10 +135,11 @@ class Leases:
         logger.debug("lease on %s taken (token %d)", session_id, token)
         return token
 
-    def release(self, session_id: str, token: int, *, forget: bool = False) -> None:
-        """One holder of the lease is done. After the last, the lease is let go at the next
-        renewal (expiry now, token kept); ``forget``: the row is deleted now (the session
-        itself was deleted)."""
+    def release(self, session_id: str, token: int, *, now: bool = False) -> None:
+        """One holder of the lease is done. After the last, the lease is let go at the
+        renewal after :data:`IDLE_TTLS` TTLs (its session's background checkpoint commits
+        under it meanwhile), or at once with ``now`` (the session was deleted). The row stays,
+        with its token, so the next owner's token is larger."""
         with self._lock:
             held = self._held.get(session_id)
             if held is None or held.token != token:
@@ -132,25 +147,21 @@ class Leases:
             held.holders = max(0, held.holders - 1)
             if held.holders > 0:
                 return
-            if not forget:
+            if not now:
                 held.idle_since = time.monotonic()
                 return
             del self._held[session_id]
-        self._let_go(session_id, token, forget=forget)
+        self._let_go(session_id, token)
 
-    def _let_go(self, session_id: str, token: int, *, forget: bool) -> None:
+    def _let_go(self, session_id: str, token: int) -> None:
         try:
-            with self.db.lock:
-                if self.db.closed:
+            with self._renew_db.lock:
+                if self._renew_db.closed:
                     return
-                sql = (
-                    "DELETE FROM llamaffi_lease"
-                    if forget
-                    else "UPDATE llamaffi_lease SET expires = now()"
-                )
-                self.db.conn().execute(
-                    f"{sql} WHERE session = %s AND owner = %s AND token = %s",
-                    (session_id, self.node_id, token),
+                self._renew_db.conn().execute(
+                    "UPDATE llamaffi_lease SET expires = now() "
+                    "WHERE session = %s AND incarnation = %s AND token = %s",
+                    (session_id, self.incarnation, token),
                 )
         except Exception as exc:  # it expires by itself
             logger.warning("could not release the lease on %s: %s", session_id, exc)
@@ -160,9 +171,9 @@ class Leases:
         session's lease with ``token`` (the row is then locked until the caller commits), else
         the error to raise (the lease is dropped here)."""
         row = conn.execute(
-            "SELECT 1 FROM llamaffi_lease WHERE session = %s AND owner = %s AND token = %s "
-            "FOR SHARE",
-            (session_id, self.node_id, token),
+            "SELECT 1 FROM llamaffi_lease WHERE session = %s AND incarnation = %s "
+            "AND token = %s FOR SHARE",
+            (session_id, self.incarnation, token),
         ).fetchone()
         if row is not None:
             return None
@@ -187,7 +198,10 @@ class Leases:
             (session_id,),
         ).fetchone()
         if row is None:
-            return lease_lost(session_id, "", "", 0.0)
+            return SessionLeasedError(
+                f"session {session_id!r}: this node does not hold its lease any more (the "
+                "session was deleted or moved); nothing was written, retry"
+            )
         return lease_lost(session_id, str(row[0]), str(row[1]), float(row[2]))
 
     # -- reading ---------------------------------------------------------------------------------
@@ -229,15 +243,15 @@ class Leases:
         if not held:
             return []
         sids, tokens = list(held), [held[s] for s in held]
-        with self.db.lock:
+        with self._renew_db.lock:
             rows = (
-                self.db.conn()
+                self._renew_db.conn()
                 .execute(
                     "UPDATE llamaffi_lease AS l SET expires = now() + make_interval(secs => %s) "
                     "FROM unnest(%s::text[], %s::bigint[]) AS h(session, token) "
-                    "WHERE l.session = h.session AND l.token = h.token AND l.owner = %s "
-                    "RETURNING l.session",
-                    (self.ttl_s, sids, tokens, self.node_id),
+                    "WHERE l.session = h.session AND l.token = h.token "
+                    "AND l.incarnation = %s RETURNING l.session",
+                    (self.ttl_s, sids, tokens, self.incarnation),
                 )
                 .fetchall()
             )
@@ -251,13 +265,13 @@ class Leases:
                 if held_now is not None and held_now.token == held[sid]:
                     del self._held[sid]
             for sid, h in list(self._held.items()):
-                if h.holders == 0 and now - h.idle_since >= self.ttl_s / 3:
+                if h.holders == 0 and now - h.idle_since >= IDLE_TTLS * self.ttl_s:
                     del self._held[sid]
                     idle.append((sid, h.token))
         for sid in lost:
             logger.warning("lease on session %s was lost to another node", sid)
         for sid, token in idle:
-            self._let_go(sid, token, forget=False)
+            self._let_go(sid, token)
         return lost
 
     def _renew_loop(self) -> None:
@@ -275,7 +289,8 @@ class Leases:
         with self._lock:
             held, self._held = self._held, {}
         for sid, h in held.items():
-            self._let_go(sid, h.token, forget=False)
+            self._let_go(sid, h.token)
+        self._renew_db.close()
 
 
 class PointerBlobs:
@@ -311,10 +326,21 @@ class PointerBlobs:
         """Put the manifest, then point at it under this node's lease (refused when this
         node does not hold it, and never moved back to an older generation)."""
         token = self.leases.token_of(session_id)
-        if token is None:
-            with self.db.lock:
-                raise self.leases.refusal(self.db.conn(), session_id)
-        self.inner.switch_manifest(session_id, generation, data)
+        with self.db.lock:
+            conn = self.db.conn()
+            lost = (
+                self.leases.check(conn, session_id, token)
+                if token is not None
+                else self.leases.refusal(conn, session_id)
+            )
+        if lost is not None or token is None:  # before any object is written
+            raise lost or self.leases.refusal(self.db.conn(), session_id)
+        if not self.inner.create_manifest(session_id, generation, data):
+            # another writer (the node this one lost the session to) has this generation
+            raise SessionLeasedError(
+                f"manifest {generation} of session {session_id!r} was written by another "
+                "node; this node's checkpoint is not published"
+            )
         with self.db.lock, self.db.conn().transaction():
             conn = self.db.conn()
             lost = self.leases.check(conn, session_id, token)

@@ -10,10 +10,11 @@ Tables (created on first use; the schema version is checked on every open)::
         session  text, seq bigint,      -- PRIMARY KEY (session, seq): the total order
         segment  int,  sealed boolean,  -- rotate() seals; retention drops sealed segments
         n_tokens int,                   -- the exact tokens are in the payload; their count here
-        payload  jsonb                  -- runtime.journal.Entry.to_payload(), tokens included
+        payload  jsonb,                 -- runtime.journal.Entry.to_payload(), tokens included
+        written  timestamptz            -- the server's time of the append (expiry counts from it)
     )
-    llamaffi_lease (session text PRIMARY KEY, owner text, address text, token bigint,
-                    expires timestamptz)          -- runtime.storage.leases
+    llamaffi_lease (session text PRIMARY KEY, owner text, incarnation text, address text,
+                    token bigint, expires timestamptz)      -- runtime.storage.leases
     llamaffi_manifest (session text PRIMARY KEY, generation bigint, token bigint)
                                                   -- each session's live KV manifest
 
@@ -80,11 +81,13 @@ CREATE TABLE IF NOT EXISTS llamaffi_journal (
     sealed   boolean NOT NULL DEFAULT false,
     n_tokens integer NOT NULL,
     payload  jsonb   NOT NULL,
+    written  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (session, seq)
 );
 CREATE TABLE IF NOT EXISTS llamaffi_lease (
-    session text        PRIMARY KEY,
-    owner   text        NOT NULL,
+    session     text        PRIMARY KEY,
+    owner       text        NOT NULL,
+    incarnation text        NOT NULL,
     address text        NOT NULL DEFAULT '',
     token   bigint      NOT NULL CHECK (token > 0),
     expires timestamptz NOT NULL
@@ -100,7 +103,12 @@ CREATE TABLE IF NOT EXISTS llamaffi_manifest (
 def connect(url: str) -> Any:
     """A psycopg connection to ``url`` with ``synchronous_commit = on`` (see the module's
     docstring for why)."""
-    import psycopg  # the cluster extra; imported only when PostgreSQL is used
+    try:
+        import psycopg  # the cluster extra; imported only when PostgreSQL is used
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            "a postgresql:// store needs the cluster extra: pip install '.[cluster]'"
+        ) from exc
 
     conn = psycopg.connect(url, autocommit=True)
     conn.execute("SET synchronous_commit = on")
@@ -317,6 +325,18 @@ class PgJournal:
             raise JournalError(f"journal of session {self.session_id} was opened read-only")
         return db
 
+    def _fence(self, db: Any) -> None:
+        """Inside a write's transaction: refuse it unless this node still holds the
+        session's lease with the journal's token; a refused journal closes itself (the pool
+        then drops the session instead of serving its stale KV)."""
+        if self._leases is None:
+            return
+        lost = self._leases.check(db, self.session_id, self._token)
+        if lost is not None:
+            self._conn = None
+            self._token = 0
+            raise lost
+
     def append(
         self,
         role: str,
@@ -327,51 +347,74 @@ class PgJournal:
         created: float | None = None,
     ) -> Entry:
         """Append one entry; it has committed (``synchronous_commit = on``) when this
-        returns. A failed append commits nothing, and the next one reuses its seq."""
+        returns. A refused append (too large, or fenced) commits nothing. Any other failure
+        (the connection lost during ``COMMIT``) leaves the outcome unknown, so the journal
+        closes itself: its session is then read again from the table, never guessed."""
         with self._lock:
             db = self._require_writable()
-            with db.transaction():
-                if self._leases is not None:
-                    lost = self._leases.check(db, self.session_id, self._token)
-                    if lost is not None:
-                        self._conn = None  # closed: the pool reopens it (and is refused)
-                        self._token = 0
-                        raise lost
-                db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.session_id,))
-                row = db.execute(
-                    "SELECT max(seq), max(segment), bool_and(sealed) FILTER "
-                    "(WHERE segment = (SELECT max(segment) FROM llamaffi_journal "
-                    "WHERE session = %s)) FROM llamaffi_journal WHERE session = %s",
-                    (self.session_id, self.session_id),
-                ).fetchone()
-                seq = 0 if row[0] is None else int(row[0]) + 1
-                segment = 0 if row[1] is None else int(row[1]) + (1 if row[2] else 0)
-                entry = Entry(
-                    seq=seq,
-                    role=role,
-                    text=text,
-                    tokens=tuple(int(t) for t in tokens),
-                    created=time.time() if created is None else float(created),
-                    meta=dict(meta or {}),
-                )
-                payload = entry.to_payload()
-                if len(payload) > MAX_RECORD:
-                    raise JournalError(f"entry of {len(payload)} bytes exceeds {MAX_RECORD}")
-                db.execute(
-                    "INSERT INTO llamaffi_journal (session, seq, segment, n_tokens, payload) "
-                    "VALUES (%s, %s, %s, %s, %s::jsonb)",
-                    (self.session_id, seq, segment, len(entry.tokens), payload.decode()),
-                )
-            return entry
+            try:
+                return self._append(db, role, text, tokens, meta, created)
+            except (JournalError, SessionLeasedError):
+                raise
+            except BaseException:
+                self._close_broken()
+                raise
+
+    def _close_broken(self) -> None:
+        """Close after a write whose outcome is unknown, letting its lease go."""
+        self._conn = None
+        token, self._token = self._token, 0
+        if token and self._leases is not None:
+            self._leases.release(self.session_id, token)
+
+    def _append(
+        self,
+        db: Any,
+        role: str,
+        text: str,
+        tokens: Sequence[int],
+        meta: dict[str, Any] | None,
+        created: float | None,
+    ) -> Entry:
+        with db.transaction():
+            self._fence(db)
+            db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.session_id,))
+            row = db.execute(
+                "SELECT max(seq), max(segment), bool_and(sealed) FILTER "
+                "(WHERE segment = (SELECT max(segment) FROM llamaffi_journal "
+                "WHERE session = %s)) FROM llamaffi_journal WHERE session = %s",
+                (self.session_id, self.session_id),
+            ).fetchone()
+            seq = 0 if row[0] is None else int(row[0]) + 1
+            segment = 0 if row[1] is None else int(row[1]) + (1 if row[2] else 0)
+            entry = Entry(
+                seq=seq,
+                role=role,
+                text=text,
+                tokens=tuple(int(t) for t in tokens),
+                created=time.time() if created is None else float(created),
+                meta=dict(meta or {}),
+            )
+            payload = entry.to_payload()
+            if len(payload) > MAX_RECORD:
+                raise JournalError(f"entry of {len(payload)} bytes exceeds {MAX_RECORD}")
+            db.execute(
+                "INSERT INTO llamaffi_journal (session, seq, segment, n_tokens, payload) "
+                "VALUES (%s, %s, %s, %s, %s::jsonb)",
+                (self.session_id, seq, segment, len(entry.tokens), payload.decode()),
+            )
+        return entry
 
     def rotate(self) -> None:
         """Seal the entries so far (the next append starts a new segment)."""
         with self._lock:
             db = self._require_writable()
-            db.execute(
-                "UPDATE llamaffi_journal SET sealed = true WHERE session = %s AND NOT sealed",
-                (self.session_id,),
-            )
+            with db.transaction():
+                self._fence(db)
+                db.execute(
+                    "UPDATE llamaffi_journal SET sealed = true WHERE session = %s AND NOT sealed",
+                    (self.session_id,),
+                )
 
     def drop_segments_before(self, seq: int, keep: Collection[int] = ()) -> int:
         """Delete sealed segments whose every entry is older than ``seq`` and that hold no
@@ -380,6 +423,7 @@ class PgJournal:
         with self._lock:
             db = self._require_writable()
             with db.transaction():
+                self._fence(db)  # a node that lost the session must not drop what it needs
                 db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.session_id,))
                 segments = db.execute(
                     "SELECT segment, min(seq), max(seq), bool_and(sealed) FROM llamaffi_journal "
@@ -453,7 +497,7 @@ class PgJournals:
             return {}
         rows = self._rows(
             "SELECT session, sum(octet_length(payload::text)), "
-            "max((payload->>'created')::float8) FROM llamaffi_journal "
+            "extract(epoch FROM max(written)) FROM llamaffi_journal "
             "WHERE session = ANY(%s) GROUP BY session",
             list(session_ids),
         )
@@ -473,7 +517,7 @@ class PgJournals:
                 conn.execute("DELETE FROM llamaffi_journal WHERE session = %s", (sid,))
                 conn.execute("DELETE FROM llamaffi_manifest WHERE session = %s", (sid,))
         finally:
-            self.leases.release(sid, token, forget=True)
+            self.leases.release(sid, token, now=True)  # the row stays: tokens only grow
 
     def total_bytes(self) -> int:
         """The journal table's size on the server (with its indexes)."""

@@ -80,7 +80,12 @@ class S3BlobStore:
         self.readonly = readonly
         self._closed = False
         if client is None:
-            import boto3  # the cluster extra; imported only when S3 is used
+            try:
+                import boto3  # the cluster extra; imported only when S3 is used
+            except ModuleNotFoundError as exc:
+                raise ModuleNotFoundError(
+                    "an s3:// store needs the cluster extra: pip install '.[cluster]'"
+                ) from exc
 
             client = boto3.client("s3")
         self._s3 = client
@@ -290,6 +295,28 @@ class S3BlobStore:
         self._s3.put_object(
             Bucket=self.bucket, Key=self.manifest_key(session_id, generation), Body=data
         )
+
+    def create_manifest(self, session_id: str, generation: int, data: bytes) -> bool:
+        """PUT the manifest only if no object holds its generation yet (``If-None-Match: *``;
+        a HEAD first where the store refuses conditional writes, which leaves a race); False
+        when one does: a manifest of another writer is never replaced."""
+        self._require_writable()
+        key = self.manifest_key(session_id, generation)
+        if self._size(key) is not None:
+            return False
+        if self._conditional_put:
+            try:
+                self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except Exception as exc:
+                code = _error_code(exc)
+                if code in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}:
+                    return False
+                if code not in {"NotImplemented", "501", "InvalidArgument", "400"}:
+                    raise
+                self._conditional_put = False
+        self._s3.put_object(Bucket=self.bucket, Key=key, Body=data)
+        return True
 
     def delete_manifest(self, session_id: str, generation: int) -> None:
         """Delete one manifest (absent is not an error)."""

@@ -164,7 +164,8 @@ def test_a_node_that_lost_its_lease_has_every_write_refused(
             )
         ]
     assert seqs == list(range(len(seqs)))  # one gapless order
-    # A's manifest switches are fenced too: its checkpoint of the stale KV is refused
+    # A dropped its stale session: a read goes to the shared journal, a turn is refused
+    assert [h["text"] for h in a.history(s) if h["role"] == "user"] == users
     with pytest.raises(SessionLeasedError):
         a.chat(s, "A again", **GREEDY)
 
@@ -186,13 +187,15 @@ def test_the_manifest_pointer_is_switched_only_under_the_lease(
 
 
 def test_a_node_that_lost_its_lease_cannot_switch_the_manifest(
-    nodes: tuple[Runtime, Runtime], pg_url: str
+    nodes: tuple[Runtime, Runtime], pg_url: str, kv_url: str
 ) -> None:
     """A's checkpoint of its stale KV, after B took the session over, never becomes the live
-    manifest: the pointer keeps B's generation and token."""
+    manifest and never replaces B's manifest object, even where A numbers it like B's."""
+    import boto3
+
     a, b = nodes
     s = sid()
-    a.chat(s, "one", **GREEDY)
+    a.chat(s, "one", **GREEDY)  # A has no checkpoint yet: its next generation is 1, as B's
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(
             "UPDATE llamaffi_lease SET expires = now() - interval '1 second' WHERE session = %s",
@@ -205,6 +208,10 @@ def test_a_node_that_lost_its_lease_cannot_switch_the_manifest(
             "SELECT generation, token FROM llamaffi_manifest WHERE session = %s", (s,)
         ).fetchone()
     assert before is not None and before[1] == b.session_info(s)["lease"]["token"]
+    bucket, prefix = kv_url.removeprefix("s3://").split("/", 1)
+    client = boto3.client("s3")
+    key = f"{prefix}/manifests/{s}/{before[0]:012d}.kvman"
+    etag = client.head_object(Bucket=bucket, Key=key)["ETag"]
     with pytest.raises(SessionLeasedError):  # A still has it resident: its old KV is refused
         a.checkpoint(s)
     a.close()  # its final checkpoints are refused too (logged)
@@ -213,8 +220,10 @@ def test_a_node_that_lost_its_lease_cannot_switch_the_manifest(
             "SELECT generation, token FROM llamaffi_manifest WHERE session = %s", (s,)
         ).fetchone()
     assert after == before
+    assert client.head_object(Bucket=bucket, Key=key)["ETag"] == etag  # B's object, untouched
+    b.suspend(s)
     reply = b.chat(s, "three, on B", **GREEDY)
-    assert reply.cached_tokens > 0  # B's own KV, untouched
+    assert reply.resumed is not None and reply.resumed.source == "snapshot"  # B's checkpoint
 
 
 def test_a_node_never_collects_a_chunk_it_did_not_see_named(
