@@ -258,10 +258,16 @@ class SessionPool:
             self.writer.flush(session_id)
         if session is not None:
             session.discard()
-        # checkpoints first: a failed journal delete (another node serves the session now)
-        # leaves a journal that still rebuilds it
-        self.chunks.delete_session(session_id)
-        self.journals.delete(session_id)
+        # The journal opened for writing guards the whole delete: with a shared store it holds
+        # the session's lease, so nothing is deleted while another node serves the session
+        # (SessionLeasedError first). Checkpoints go first: a journal left behind by a crash
+        # in between still rebuilds the session.
+        guard = self.journals.open(session_id)
+        try:
+            self.chunks.delete_session(session_id)
+            self.journals.delete(session_id)
+        finally:
+            guard.close()
 
     def close(self) -> None:
         """Suspend every session, close journals, close the chunk store."""

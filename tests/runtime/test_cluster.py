@@ -253,3 +253,24 @@ def test_a_node_never_collects_a_chunk_it_did_not_see_named(
     finally:
         b.close()
     client.head_object(Bucket=bucket, Key=orphan_key)  # still there
+
+
+def test_a_delete_on_another_node_is_refused_before_anything_is_deleted(
+    nodes: tuple[Runtime, Runtime], pg_url: str
+) -> None:
+    a, b = nodes
+    s = sid()
+    a.chat(s, "keep me", **GREEDY)
+    a.checkpoint(s)
+    before = a.checkpoints(s)
+    with pytest.raises(SessionLeasedError):
+        b.delete_session(s)
+    assert a.checkpoints(s) == before  # A's checkpoints were not touched
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute(
+            "SELECT generation FROM llamaffi_manifest WHERE session = %s", (s,)
+        ).fetchone()
+    assert row is not None and row[0] == before[0]["generation"]
+    a.suspend(s)
+    reply = a.chat(s, "still here?", **GREEDY)
+    assert reply.resumed is not None and reply.resumed.source == "snapshot"
