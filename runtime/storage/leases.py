@@ -326,15 +326,13 @@ class PointerBlobs:
         """Put the manifest, then point at it under this node's lease (refused when this
         node does not hold it, and never moved back to an older generation)."""
         token = self.leases.token_of(session_id)
-        with self.db.lock:
+        with self.db.lock:  # checked before any object is written
             conn = self.db.conn()
-            lost = (
-                self.leases.check(conn, session_id, token)
-                if token is not None
-                else self.leases.refusal(conn, session_id)
-            )
-        if lost is not None or token is None:  # before any object is written
-            raise lost or self.leases.refusal(self.db.conn(), session_id)
+            if token is None:
+                raise self.leases.refusal(conn, session_id)
+            lost = self.leases.check(conn, session_id, token)
+        if lost is not None:
+            raise lost
         if not self.inner.create_manifest(session_id, generation, data):
             # another writer (the node this one lost the session to) has this generation
             raise SessionLeasedError(

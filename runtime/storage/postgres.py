@@ -504,8 +504,9 @@ class PgJournals:
         return {str(r[0]): (int(r[1]), float(r[2] or 0.0)) for r in rows}
 
     def delete(self, session_id: str) -> None:
-        """Delete the session's journal, its lease and its manifest pointer, under its lease
-        (:class:`runtime.errors.SessionLeasedError` when another node serves it)."""
+        """Delete the session's journal and its manifest pointer, under its lease
+        (:class:`runtime.errors.SessionLeasedError` when another node serves it). The lease
+        row stays, let go, so a new session of the id gets a larger token."""
         sid = validate_session_id(session_id)
         token = self.leases.acquire(sid)
         try:
