@@ -108,7 +108,13 @@ class Stats:
             # decode steps shared by the sessions generating together, and their widest
             "batching": self._batcher.stats(),
             "snapshots": {
-                "bytes": _du(self._root / CHUNK_DIR),
+                # a shared (S3) store: the chunks this node's index knows
+                "bytes": (
+                    chunk_stats["chunk_bytes"]
+                    if self._chunks.shared
+                    else _du(self._root / CHUNK_DIR)
+                ),
+                "shared": self._chunks.shared,
                 "chunks": chunk_stats,
                 # chunk bytes that sessions sharing a prefix (a system prompt) do not store again
                 "dedup_saved_bytes": chunk_stats["dedup_saved_bytes"] if chunk_stats else 0,
@@ -121,6 +127,7 @@ class Stats:
             },
             "resumes": dict(self._pool.resumes),
             "journal": {
+                "where": self._journals.describe(),
                 "bytes": self._journals.total_bytes(),
                 "retention": self._retention.mode,
                 "compacted_bytes": self._retention.bytes_compacted,
@@ -179,7 +186,8 @@ def read_stats(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """What ``python -m runtime stats`` shows, read-only (works while the runtime runs).
 
     The running runtime publishes ``stats.json`` every few seconds; sizes on disk are read
-    fresh. ``running`` says whether a process holds the directory's lock now.
+    fresh (with ``db=``/``kv=`` the published figures of the database and the bucket are
+    kept). ``running`` says whether a process holds the directory's lock now.
     """
     root = Path(data_dir)
     if not root.is_dir():
@@ -189,10 +197,14 @@ def read_stats(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     except (OSError, ValueError):
         published = {}
     journals = root / JOURNAL_DIR
-    known = journal_sessions(journals)
-    published.setdefault("sessions", {})["known"] = len(known)
-    published.setdefault("snapshots", {})["bytes"] = _du(root / CHUNK_DIR)
-    published.setdefault("journal", {})["bytes"] = _du(journals)
+    journal = published.setdefault("journal", {})
+    where = journal.get("where")
+    if where is None or Path(where).resolve() == journals.resolve():  # else: the database's
+        published.setdefault("sessions", {})["known"] = len(journal_sessions(journals))
+        journal["bytes"] = _du(journals)
+    snapshots = published.setdefault("snapshots", {})
+    if not snapshots.get("shared"):
+        snapshots["bytes"] = _du(root / CHUNK_DIR)
     published["running"] = _lock_holder(root) is not None
     published["data_dir"] = str(root.resolve())
     return published

@@ -274,3 +274,23 @@ def test_a_delete_on_another_node_is_refused_before_anything_is_deleted(
     a.suspend(s)
     reply = a.chat(s, "still here?", **GREEDY)
     assert reply.resumed is not None and reply.resumed.source == "snapshot"
+
+
+def test_the_stats_command_shows_the_database_s_figures(
+    tmp_path: Path, pg_url: str, kv_url: str
+) -> None:
+    from runtime.app import read_stats
+
+    rt = open_node(tmp_path, "A9", pg_url, kv_url)
+    try:
+        for i in range(2):
+            rt.chat(sid(), f"session {i}", **GREEDY)
+        rt.checkpoint()
+        rt.publish_stats()
+        known = rt.stats()["sessions"]["known"]
+    finally:
+        rt.close()
+    shown = read_stats(tmp_path / "A9")
+    assert known >= 2 and shown["sessions"]["known"] == known  # not the local directory's 0
+    assert shown["journal"]["where"].startswith("postgresql://")
+    assert shown["journal"]["bytes"] > 0 and shown["snapshots"]["bytes"] > 0
