@@ -320,7 +320,7 @@ class Sessions:
                     logger.info("session %s idle %.0f s: expired (ttl %.0f s)", sid, idle, ttl_s)
                     self.delete(sid, memories=True)
                     gone.append(sid)
-            except FileNotFoundError:  # deleted meanwhile
+            except SessionNotFoundError:  # deleted meanwhile
                 continue
             except Exception as exc:  # the next sweep tries again; the others go on
                 logger.warning("session %s: expiry failed: %s", sid, exc)

@@ -7,7 +7,6 @@ import io
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
@@ -335,17 +334,7 @@ class Journal:
         if self.readonly:
             raise JournalError(f"{self.path} was opened read-only")
         with self._lock:
-            entry = Entry(
-                seq=len(self),
-                role=role,
-                text=text,
-                tokens=tuple(int(t) for t in tokens),
-                created=time.time() if created is None else float(created),
-                meta=dict(meta or {}),
-            )
-            payload = entry.to_payload()
-            if len(payload) > MAX_RECORD:
-                raise JournalError(f"entry of {len(payload)} bytes exceeds {MAX_RECORD}")
+            entry, payload = Entry.new(len(self), role, text, tokens, meta, created)
             start = self._end
             self._write_record(self._fd, encode_record(payload), entry.seq)
             self._offsets.append(start)

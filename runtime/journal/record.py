@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,31 @@ class Entry:
     tokens: tuple[int, ...]
     created: float
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def new(
+        cls,
+        seq: int,
+        role: str,
+        text: str,
+        tokens: Any,
+        meta: dict[str, Any] | None,
+        created: float | None,
+    ) -> tuple[Entry, bytes]:
+        """An entry to append (``created``: now when ``None``) and its payload;
+        :class:`JournalError` when the payload exceeds :data:`MAX_RECORD`."""
+        entry = cls(
+            seq=seq,
+            role=role,
+            text=text,
+            tokens=tuple(int(t) for t in tokens),
+            created=time.time() if created is None else float(created),
+            meta=dict(meta or {}),
+        )
+        payload = entry.to_payload()
+        if len(payload) > MAX_RECORD:
+            raise JournalError(f"entry of {len(payload)} bytes exceeds {MAX_RECORD}")
+        return entry, payload
 
     def to_payload(self) -> bytes:
         """The record payload (JSON, UTF-8)."""

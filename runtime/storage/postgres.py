@@ -50,12 +50,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from runtime.errors import ClosedError, JournalCompactedError, JournalError, SessionLeasedError
-from runtime.journal.record import MAX_RECORD, Entry
+from runtime.journal.record import Entry
 from runtime.layout import validate_session_id
 
 if TYPE_CHECKING:
@@ -387,17 +386,7 @@ class PgJournal:
             ).fetchone()
             seq = 0 if row[0] is None else int(row[0]) + 1
             segment = 0 if row[1] is None else int(row[1]) + (1 if row[2] else 0)
-            entry = Entry(
-                seq=seq,
-                role=role,
-                text=text,
-                tokens=tuple(int(t) for t in tokens),
-                created=time.time() if created is None else float(created),
-                meta=dict(meta or {}),
-            )
-            payload = entry.to_payload()
-            if len(payload) > MAX_RECORD:
-                raise JournalError(f"entry of {len(payload)} bytes exceeds {MAX_RECORD}")
+            entry, payload = Entry.new(seq, role, text, tokens, meta, created)
             db.execute(
                 "INSERT INTO llamaffi_journal (session, seq, segment, n_tokens, payload) "
                 "VALUES (%s, %s, %s, %s, %s::jsonb)",

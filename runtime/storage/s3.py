@@ -161,22 +161,29 @@ class S3BlobStore:
             return existing
         buf = io.BytesIO()
         size = write(buf)
-        body = buf.getvalue()
+        if not self._put_new(object_key, buf.getvalue()):
+            # another writer stored the same key (the same content) first
+            return self._size(object_key) or size
+        return size
+
+    def _put_new(self, object_key: str, body: bytes) -> bool:
+        """PUT an object that must not exist (the caller HEADed it): ``If-None-Match: *``
+        where the store supports it, a plain PUT where it does not (then racy); False when
+        another writer's object is there."""
         if self._conditional_put:
             try:
                 self._s3.put_object(Bucket=self.bucket, Key=object_key, Body=body, IfNoneMatch="*")
-                return size
+                return True
             except Exception as exc:
                 code = _error_code(exc)
                 if code in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}:
-                    # another writer stored the same key (the same content) first
-                    return self._size(object_key) or size
+                    return False
                 if code not in {"NotImplemented", "501", "InvalidArgument", "400"}:
                     raise
                 logger.info("%s refuses If-None-Match; HEAD then PUT", self.describe_root())
                 self._conditional_put = False
         self._s3.put_object(Bucket=self.bucket, Key=object_key, Body=body)
-        return size
+        return True
 
     def get(self, key: str) -> memoryview:
         """The blob's bytes (read whole: an object store has nothing to map)."""
@@ -302,21 +309,7 @@ class S3BlobStore:
         when one does: a manifest of another writer is never replaced."""
         self._require_writable()
         key = self.manifest_key(session_id, generation)
-        if self._size(key) is not None:
-            return False
-        if self._conditional_put:
-            try:
-                self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
-                return True
-            except Exception as exc:
-                code = _error_code(exc)
-                if code in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}:
-                    return False
-                if code not in {"NotImplemented", "501", "InvalidArgument", "400"}:
-                    raise
-                self._conditional_put = False
-        self._s3.put_object(Bucket=self.bucket, Key=key, Body=data)
-        return True
+        return self._size(key) is None and self._put_new(key, data)
 
     def delete_manifest(self, session_id: str, generation: int) -> None:
         """Delete one manifest (absent is not an error)."""

@@ -13,6 +13,7 @@ write refused (fencing). The failover with real ``serve`` processes is in
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,15 @@ def nodes(tmp_path: Path, pg_url: str, kv_url: str) -> Iterator[tuple[Runtime, R
     finally:
         a.close()
         b.close()
+
+
+def expire_lease(pg_url: str, session: str) -> None:
+    """As if the lease holder paused past its TTL: its renewals stopped, the lease expired."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE llamaffi_lease SET expires = now() - interval '1 second' WHERE session = %s",
+            (session,),
+        )
 
 
 def sid() -> str:
@@ -112,8 +122,6 @@ def test_a_suspended_session_is_let_go_and_taken_over(nodes: tuple[Runtime, Runt
     a.chat(s, "first, on A", **GREEDY)
     a.suspend(s)  # checkpointed; the lease is let go one renewal period later
     deadline = TTL * 3
-    import time
-
     start = time.monotonic()
     while True:
         try:
@@ -143,11 +151,7 @@ def test_a_node_that_lost_its_lease_has_every_write_refused(
     s = sid()
     a.chat(s, "before the pause", **GREEDY)
     token_a = a.session_info(s)["lease"]["token"]
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(
-            "UPDATE llamaffi_lease SET expires = now() - interval '1 second' WHERE session = %s",
-            (s,),
-        )
+    expire_lease(pg_url, s)
     b.chat(s, "B took over", **GREEDY)
     token_b = b.session_info(s)["lease"]["token"]
     assert token_b > token_a
@@ -196,11 +200,7 @@ def test_a_node_that_lost_its_lease_cannot_switch_the_manifest(
     a, b = nodes
     s = sid()
     a.chat(s, "one", **GREEDY)  # A has no checkpoint yet: its next generation is 1, as B's
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(
-            "UPDATE llamaffi_lease SET expires = now() - interval '1 second' WHERE session = %s",
-            (s,),
-        )
+    expire_lease(pg_url, s)
     b.chat(s, "two, on B", **GREEDY)
     b.checkpoint(s)
     with psycopg.connect(pg_url) as conn:
