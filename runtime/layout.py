@@ -8,6 +8,8 @@ A runtime's data directory holds::
                                    segments and ``<id>.ingested`` (the long-term watermark)
     <root>/kv/                     chunked KV checkpoints (:mod:`runtime.chunks`)
     <root>/longterm/               long-term memory (:mod:`runtime.longterm`)
+    <root>/longterm-shared/        with ``db=``: this node's replica of the shared memory
+                                   (:mod:`runtime.longterm.replica`; derived, rebuilt if lost)
 
 Every name a module uses for these comes from here, so that moving a directory is a change
 of one line. Session ids become file and directory names under it, so each one is checked
@@ -34,6 +36,7 @@ __all__ = [
     "LOCK_NAME",
     "LONGTERM_DIR",
     "QUARANTINE_DIR",
+    "SHARED_LONGTERM_DIR",
     "STATS_FILE",
     "TENANT_SEP",
     "ephemeral_id",
@@ -54,6 +57,7 @@ STATS_FILE = "stats.json"
 JOURNAL_DIR = "journals"
 CHUNK_DIR = "kv"
 LONGTERM_DIR = "longterm"
+SHARED_LONGTERM_DIR = "longterm-shared"
 #: where damaged files are moved aside; never a session id
 QUARANTINE_DIR = "quarantine"
 

@@ -23,14 +23,14 @@ from runtime.app.turn import TurnEngine
 from runtime.checkpoint import CheckpointWriter
 from runtime.chunks import ChunkStore
 from runtime.fsutil import DirLock, ensure_dir, private_dir, warn_if_exposed
-from runtime.layout import CHUNK_DIR, JOURNAL_DIR, LOCK_NAME, LONGTERM_DIR
+from runtime.layout import CHUNK_DIR, JOURNAL_DIR, LOCK_NAME, LONGTERM_DIR, SHARED_LONGTERM_DIR
 from runtime.session import SessionPool
 from runtime.storage import LocalJournals
 from runtime.template import ChatFormat
 
 if TYPE_CHECKING:
     from llamaffi import Context, Model
-    from runtime.storage import BlobStore, JournalStore
+    from runtime.storage import BlobStore, JournalStore, MemoryLog
     from runtime.storage.leases import Leases
 
 __all__ = ["Parts", "open_parts"]
@@ -124,6 +124,7 @@ class Storage:
     blobs: BlobStore | None  # None: the local chunk directory
     leases: Leases | None
     shared_kv: bool  # blobs other nodes use too
+    memory_log: MemoryLog | None = None  # the long-term memory every node replicates
 
 
 def open_storage(cfg: RuntimeConfig, root: Path, stack: contextlib.ExitStack) -> Storage:
@@ -134,6 +135,7 @@ def open_storage(cfg: RuntimeConfig, root: Path, stack: contextlib.ExitStack) ->
             root, fsync=cfg.journal_fsync, segment_entries=cfg.journal_segment_entries
         )
         leases = None
+        memory_log: MemoryLog | None = None
     else:
         from runtime.storage.leases import Leases, default_node_id
         from runtime.storage.postgres import PgDatabase, PgJournals
@@ -146,6 +148,9 @@ def open_storage(cfg: RuntimeConfig, root: Path, stack: contextlib.ExitStack) ->
         leases = Leases(db, node, address=cfg.advertise_url, ttl_s=cfg.lease_ttl_s)
         stack.callback(leases.close)
         journals = PgJournals(db, leases)
+        from runtime.storage.pgmemory import PgMemoryLog
+
+        memory_log = PgMemoryLog(db, node)
     blobs: BlobStore | None = None
     if cfg.kv is not None:
         from runtime.storage.s3 import S3BlobStore
@@ -155,7 +160,7 @@ def open_storage(cfg: RuntimeConfig, root: Path, stack: contextlib.ExitStack) ->
             from runtime.storage.leases import PointerBlobs
 
             blobs = PointerBlobs(blobs, leases.db, leases)
-    return Storage(journals, blobs, leases, shared_kv=blobs is not None)
+    return Storage(journals, blobs, leases, shared_kv=blobs is not None, memory_log=memory_log)
 
 
 def build_parts(
@@ -211,7 +216,7 @@ def build_parts(
 
     recall = Recall.open(
         root,
-        root / LONGTERM_DIR,
+        root / (LONGTERM_DIR if storage.memory_log is None else SHARED_LONGTERM_DIR),
         cfg.embedder,
         say=say,
         memory_k=cfg.memory_k,
@@ -220,6 +225,7 @@ def build_parts(
         max_items=cfg.max_items,
         ask_facts=ask if cfg.extract == "llm" else None,
         ask_summary=ask if cfg.summarize == "llm" else None,
+        shared=storage.memory_log,
     )
     stack.callback(recall.close)
     retention = Retention(cfg.journal_retention, recall)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from runtime.embed import TextEmbedder
     from runtime.longterm import Hit, MemoryItem
-    from runtime.storage import MemoryBackend
+    from runtime.storage import MemoryBackend, MemoryLog
 
 __all__ = ["CachedEmbedder", "Recall"]
 
@@ -159,9 +159,11 @@ class Recall:
         max_items: int = 0,
         ask_facts: Ask | None = None,
         ask_summary: Ask | None = None,
+        shared: MemoryLog | None = None,
     ) -> Recall:
         """Open the store in ``directory`` with ``embedder`` (``None``: the default
-        all-MiniLM-L6-v2; ``False``: no long-term memory)."""
+        all-MiniLM-L6-v2; ``False``: no long-term memory); ``shared``: the store is this
+        node's replica of that log (``db=``)."""
         store: MemoryStore | None = None
         cached: CachedEmbedder | None = None
         if embedder is not False:
@@ -177,7 +179,7 @@ class Recall:
                 inner = embedder
             cached = CachedEmbedder(inner)
             start = time.perf_counter()
-            store = MemoryStore(directory, cached, dedup_similarity=dedup_similarity)
+            store = MemoryStore(directory, cached, dedup_similarity=dedup_similarity, shared=shared)
             took = time.perf_counter() - start
             if took > 1.0:
                 say(f"long-term memory opened in {took:.1f} s (index rebuilt or replayed)")

@@ -176,6 +176,17 @@ class StoreIndex:
         self.max_tomb = int(op or self.max_tomb)
         self.dirty += 1
 
+    def apply(
+        self, added: Sequence[tuple[int, bytes]], deleted: Sequence[tuple[int, int | None]]
+    ) -> None:
+        """Index what a replica's pull committed: new rows (seq, float32 embedding bytes)
+        and deletes (seq, tombstone number)."""
+        if added:
+            vectors = sql.decode_vectors([v for _, v in added], self.params.dim)
+            self.added(vectors, [seq for seq, _ in added])
+        for seq, op in deleted:
+            self.deleted(seq, op)
+
     # -- queries --------------------------------------------------------------------------------
 
     def candidates(

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.embed.embedder import TextEmbedder, embed_all
 from runtime.errors import ArgumentError, ClosedError, MemoryStoreError, ReadOnlyError
@@ -30,6 +30,10 @@ from runtime.longterm.hnsw import HnswIndex, IndexParams
 from runtime.longterm.index import StoreIndex
 from runtime.longterm.items import MemoryItem, NewItem, check_item, embedded_text, notes, to_epoch
 from runtime.longterm.ranking import FusionWeights, Hit, ScoringWeights
+from runtime.longterm.replica import Replica
+
+if TYPE_CHECKING:
+    from runtime.storage import MemoryLog
 
 
 class MemoryStore:
@@ -56,11 +60,16 @@ class MemoryStore:
         ef_search: int = 512,
         save_every: int = 5000,
         read_only: bool = False,
+        shared: MemoryLog | None = None,
     ) -> None:
         """Open (creating if needed) the store in ``directory``.
 
         ``read_only=True`` takes no lock, never writes (no index save, no access-time
         updates) and works while another process holds the store open for writing.
+
+        ``shared``: the store is a replica of this log, which every node writes through and
+        reads from (:mod:`runtime.longterm.replica`); a write is acknowledged once the log
+        has committed it.
         """
         if save_every < 1:
             raise ArgumentError(f"save_every must be positive, got {save_every}")
@@ -79,6 +88,7 @@ class MemoryStore:
         self._dirlock: DirLock | None = None
         self._db: sqlite3.Connection | None = None
         self._index: StoreIndex | None = None
+        self._replica: Replica | None = None
         self._touches = sql.AccessTimes(self._conn, read_only=read_only)  # not yet in SQLite
         self.recovered = ""  # why the index was rebuilt on open ("" if it was not)
         try:
@@ -87,6 +97,10 @@ class MemoryStore:
             )
             self._store_id, self._dim = meta.store_id, meta.dim
             self._retriever = retrieval.Retriever(self._dim)
+            if shared is not None:
+                if read_only:
+                    raise ArgumentError("a replica of a shared memory store is opened to write")
+                self._replica = Replica(self._db, shared, model_id=embedder.model_id, dim=self._dim)
             self._index = StoreIndex(
                 self._conn(),
                 self.directory,
@@ -99,6 +113,7 @@ class MemoryStore:
                 on_save=self._touches.flush,
             )
             self.recovered = self._index.recovered
+            self._fresh(strict=True)
         except sqlite3.Error as exc:
             self._release()
             raise sqlite_error(exc, self.db_path) from exc
@@ -137,8 +152,29 @@ class MemoryStore:
             raise ReadOnlyError(f"{self.directory} is open read-only")
         return db
 
-    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return sql.transaction(self._writable())
+    def _tx(self, *, scrub: bool = False) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A write transaction; on a replica, after what other nodes wrote is applied, one
+        that publishes its changes before it commits (``scrub``: a session's erasure)."""
+        if self._replica is None:
+            return sql.transaction(self._writable())
+        self._fresh(strict=True)
+        return self._replica.writing(self._writable(), scrub=scrub)
+
+    def _fresh(self, *, strict: bool = False) -> None:
+        """On a replica: apply what the shared log has that this store lacks (the caller
+        holds the lock; :meth:`Replica.sync` says what a failed read does)."""
+        if self._replica is None:
+            return
+        applied = self._replica.sync(self._conn(), strict=strict)
+        if not applied:
+            return
+        self._keeper().apply(applied.added, applied.deleted)
+        if applied.speakers:
+            self._retriever.speakers.forget()
+        if applied.scrub:
+            forget.scrub(self._writable(), lambda: self._keeper().rebuild(self._conn()))
+        else:
+            self._maybe_save()
 
     def _save(self) -> None:
         self._keeper().save(self._conn())
@@ -265,7 +301,7 @@ class MemoryStore:
         data), the database vacuumed and the WAL truncated, with ``secure_delete`` on.
         """
         with self._lock:
-            with self._tx() as db:
+            with self._tx(scrub=True) as db:
                 done = forget.delete_session(db, session)
             self._forget(done)
             forget.scrub(self._writable(), lambda: self._keeper().rebuild(self._conn()))
@@ -287,6 +323,7 @@ class MemoryStore:
     def watermark(self, key: str) -> int:
         """The value last written with ``put(..., mark=(key, value))``; -1 if none."""
         with self._lock:
+            self._fresh()
             return links.read_mark(self._conn(), key)
 
     @sqlite_errors
@@ -294,6 +331,7 @@ class MemoryStore:
         """The newest fact of ``session`` about ``subject``/``attribute`` that nothing has
         superseded, or None."""
         with self._lock:
+            self._fresh()
             return links.current_fact(self._conn(), session, subject, attribute)
 
     @sqlite_errors
@@ -303,6 +341,7 @@ class MemoryStore:
         one first and those it superseded after it. Empty for an item that states no
         single-valued attribute."""
         with self._lock:
+            self._fresh()
             session, keys = links.lineage_keys(self._conn(), item_id)
         out: list[MemoryItem] = []
         for subj, attr in keys:
@@ -314,6 +353,7 @@ class MemoryStore:
         """Every fact of ``session`` about ``subject``/``attribute``, newest first (the
         current one, then those it superseded)."""
         with self._lock:
+            self._fresh()
             return links.history(self._conn(), session, subject, attribute)
 
     @sqlite_errors
@@ -336,6 +376,7 @@ class MemoryStore:
     def count(self, session: str | None = None, kind: str | None = None) -> int:
         """How many items (of a session, of a kind) the store holds."""
         with self._lock:
+            self._fresh()
             return sql.count(self._conn(), session, kind)
 
     def touch(self, ids: Iterable[str], now: float | datetime | None = None) -> None:
@@ -351,6 +392,7 @@ class MemoryStore:
     def get(self, item_id: str) -> MemoryItem | None:
         """The memory with this id, or None."""
         with self._lock:
+            self._fresh()
             item = sql.item_by_id(self._conn(), item_id)
             if item is None:
                 return None
@@ -365,6 +407,7 @@ class MemoryStore:
         if not meta_key.replace("_", "").isalnum():
             raise ArgumentError(f"meta_key must be alphanumeric/underscore, got {meta_key!r}")
         with self._lock:
+            self._fresh()
             return sql.find_by_meta(self._conn(), session, meta_key, value)
 
     @sqlite_errors
@@ -408,6 +451,7 @@ class MemoryStore:
             tenant=tenant,
         )
         with self._lock:
+            self._fresh()
             hits = self._retriever.search(
                 self._conn(), self._keeper(), q, self.weights, self.fusion, self._touches.latest
             )
@@ -421,6 +465,7 @@ class MemoryStore:
     def stats(self) -> dict[str, Any]:
         """Counts and settings, for the CLI and for monitoring."""
         with self._lock:
+            self._fresh()
             db, keeper = self._conn(), self._keeper()
             by_kind, sessions = sql.tally(db)
             return {
@@ -497,4 +542,5 @@ class MemoryStore:
     @sqlite_errors
     def __len__(self) -> int:
         with self._lock:
+            self._fresh()
             return sql.count(self._conn())

@@ -16,7 +16,10 @@ first three also have server-backed ones:
 * :class:`MemoryBackend`: the long-term memory's items, their vectors and search, what
   :class:`runtime.app.recall.Recall` and the distiller use.
   :class:`runtime.longterm.MemoryStore` (SQLite + FTS5 + an hnswlib index under ``longterm/``)
-  is the local one.
+  is the local one. With ``db=``, each node's store is a replica of a
+  :class:`MemoryLog` (:class:`runtime.storage.pgmemory.PgMemoryLog`, a PostgreSQL table with
+  pgvector embeddings) that every node writes through and reads from
+  (:mod:`runtime.longterm.replica`).
 
 The server-backed modules import their clients (psycopg, boto3; the ``cluster`` extra) only
 when they are imported themselves, so the local runtime needs neither.
@@ -29,6 +32,7 @@ journal and blob store; the memory store's guarantees are tested in
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from runtime.storage.local import MANIFEST_SUFFIX, LocalBlobStore, LocalJournals
@@ -48,6 +52,8 @@ __all__ = [
     "LocalBlobStore",
     "LocalJournals",
     "MemoryBackend",
+    "MemoryChange",
+    "MemoryLog",
 ]
 
 
@@ -356,3 +362,58 @@ class MemoryBackend(Protocol):
 
     def close(self) -> None:
         """Write what is pending and release the backend; safe to call twice."""
+
+
+@dataclass(frozen=True)
+class MemoryChange:
+    """One change to a shared long-term memory: an item's latest image, an item's deletion,
+    or a watermark's value.
+
+    ``id`` is the item's id, or ``"mark:<key>"`` for a watermark (``kind`` ``"mark"``);
+    ``item`` is the item's stored fields (``None``: deleted, or a watermark cleared; a
+    watermark's is ``{"value": n}``); ``embedding`` its vector as little-endian float32 bytes
+    (``None`` for a deletion or a watermark). ``scrub``: the deletion is part of a session's
+    erasure, after which a replica leaves no trace of the text on its disk either.
+    """
+
+    id: str
+    session: str | None
+    kind: str | None
+    item: Mapping[str, Any] | None
+    embedding: bytes | None = None
+    scrub: bool = False
+
+
+class MemoryLog(Protocol):
+    """The shared truth of a long-term memory that several nodes replicate: the latest image
+    of every item (and watermark), each stamped with a revision.
+
+    Durability and order:
+
+    * :meth:`publish` returns once its changes have committed, all or none, and returns
+      their revisions. Revisions grow in commit order with no later gap: a reader that has
+      seen revision ``r`` has seen every change committed before it.
+    * :meth:`changes` returns the changes after a revision, in revision order; an item
+      changed twice appears once, with its latest image. Deletions stay as tombstones (the
+      id and the session, never the text), so a replica that was away applies them too.
+    * Concurrent writers of one item: the later revision's image wins. A session's items
+      have one writer at a time (its lease holder); global items may see two, and then one
+      merge of repeated sources can be lost (never an item).
+    """
+
+    def open(self, model_id: str, dim: int) -> str:
+        """Create the shared tables if needed; the store's id. A store written with another
+        embedding model or width raises :class:`runtime.errors.StoreMismatchError`."""
+        ...
+
+    def publish(self, changes: Sequence[MemoryChange]) -> list[int]:
+        """Commit ``changes`` in one transaction; their revisions, in order."""
+        ...
+
+    def changes(self, after: int, limit: int) -> list[tuple[int, MemoryChange]]:
+        """Up to ``limit`` changes with a revision above ``after``, in revision order."""
+        ...
+
+    def describe(self) -> str:
+        """Where the log lives (for messages; no secrets)."""
+        ...

@@ -1,0 +1,215 @@
+"""Long-term memory shared by nodes on PostgreSQL + pgvector: :class:`PgMemoryLog`, the
+:class:`runtime.storage.MemoryLog` every node's store publishes its changes to and replicates
+from (:mod:`runtime.longterm.replica`).
+
+Tables (created on first use, beside the journal's; the version is checked on open)::
+
+    llamaffi_memory_store (one boolean PRIMARY KEY, store_id text, model_id text, dim int)
+    llamaffi_memory (
+        id        text PRIMARY KEY,   -- the item's id, or 'mark:<key>' for a watermark
+        rev       bigint UNIQUE,      -- from llamaffi_memory_rev, at every change
+        session   text,               -- NULL: a global item
+        kind      text,               -- turn | fact | summary | mark (NULL once deleted)
+        deleted   boolean,            -- a tombstone: the id and session stay, nothing else
+        item      jsonb,              -- text, meta, said_at, speaker, sources, superseded_by ...
+        embedding vector(dim),        -- all-MiniLM-L6-v2, computed by the node that wrote it
+        writer    text,               -- the node id
+        written   timestamptz
+    )
+
+Order: :meth:`PgMemoryLog.publish` takes one advisory lock for the whole table, then draws
+its revisions and commits. Writers therefore commit in revision order, so a reader that saw
+revision ``r`` has seen everything committed before it, and reading ``rev > r`` (one index
+range scan on the UNIQUE index) never skips a change that commits later. Memory writes are a
+few items per turn, so one writer at a time costs little; the journal's appends do not take
+this lock.
+
+Vectors travel as pgvector's text form. Both ends print a float32 in its shortest exact form,
+so a replica's vectors are bit-identical to the writer's. Searches run on each node's replica
+(SQLite FTS5 BM25 fused with hnswlib cosine: the local store's ranking, unchanged), which is
+why this table has no HNSW index: nothing queries it by vector, and an index that nobody
+reads would only slow every write. ``benchmarks/test_bench_cluster.py`` measures pgvector's
+HNSW against hnswlib, for a deployment that wants to query the table directly.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from runtime.errors import MemoryStoreError, StoreMismatchError
+from runtime.storage import MemoryChange
+
+if TYPE_CHECKING:
+    from runtime.storage.postgres import PgDatabase
+
+__all__ = ["SCHEMA_VERSION", "PgMemoryLog"]
+
+#: The version of the tables below; an open of a database with another version is refused.
+SCHEMA_VERSION = 1
+_COMPONENT = "memory"
+
+
+def _ddl(dim: int) -> str:
+    return f"""
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE TABLE IF NOT EXISTS llamaffi_memory_store (
+    one      boolean PRIMARY KEY DEFAULT true CHECK (one),
+    store_id text    NOT NULL,
+    model_id text    NOT NULL,
+    dim      integer NOT NULL CHECK (dim > 0)
+);
+CREATE SEQUENCE IF NOT EXISTS llamaffi_memory_rev;
+CREATE TABLE IF NOT EXISTS llamaffi_memory (
+    id        text    PRIMARY KEY,
+    rev       bigint  NOT NULL UNIQUE,
+    session   text,
+    kind      text,
+    deleted   boolean NOT NULL DEFAULT false,
+    item      jsonb,
+    embedding vector({dim}),
+    writer    text    NOT NULL,
+    written   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS llamaffi_memory_session ON llamaffi_memory (session);
+"""
+
+
+def vector_text(embedding: bytes) -> str:
+    """pgvector's text form of little-endian float32 ``embedding`` (exact: each float32
+    printed as the shortest decimal that reads back as it)."""
+    values = np.frombuffer(embedding, dtype="<f4")
+    return "[" + ",".join(str(v) for v in values.tolist()) + "]"
+
+
+def vector_bytes(text: str) -> bytes:
+    """The little-endian float32 bytes of pgvector's text form ``text``."""
+    values = np.array(text.strip("[]").split(","), dtype=np.float32)
+    return values.astype("<f4").tobytes()
+
+
+class PgMemoryLog:
+    """The shared memory table on the runtime's :class:`runtime.storage.postgres.PgDatabase`
+    connection (its lock held around every use); ``writer`` is this node's id."""
+
+    def __init__(self, db: PgDatabase, writer: str) -> None:
+        self._db = db
+        self.writer = writer
+
+    def describe(self) -> str:
+        """The table, for messages."""
+        return "the llamaffi_memory table of the --db database"
+
+    def open(self, model_id: str, dim: int) -> str:
+        """Create the tables if needed; the store's id. Another model or width is refused."""
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise StoreMismatchError(f"an embedding width must be a positive int, got {dim!r}")
+        with self._db.lock:
+            conn = self._db.conn()
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('llamaffi_schema'))")
+                conn.execute(_ddl(dim))
+                self._check_version(conn)
+                row = conn.execute(
+                    "SELECT store_id, model_id, dim FROM llamaffi_memory_store"
+                ).fetchone()
+                if row is None:
+                    store_id = uuid.uuid4().hex
+                    conn.execute(
+                        "INSERT INTO llamaffi_memory_store (store_id, model_id, dim) "
+                        "VALUES (%s, %s, %s)",
+                        (store_id, model_id, dim),
+                    )
+                    return store_id
+        store_id, stored_model, stored_dim = str(row[0]), str(row[1]), int(row[2])
+        if (stored_model, stored_dim) != (model_id, dim):
+            raise StoreMismatchError(
+                f"the shared memory in {self.describe()} was written with {stored_model} "
+                f"({stored_dim} dims); this node embeds with {model_id} ({dim} dims)"
+            )
+        return store_id
+
+    @staticmethod
+    def _check_version(conn: Any) -> None:
+        row = conn.execute(
+            "SELECT version FROM llamaffi_schema WHERE component = %s", (_COMPONENT,)
+        ).fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO llamaffi_schema (component, version) VALUES (%s, %s)",
+                (_COMPONENT, SCHEMA_VERSION),
+            )
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise MemoryStoreError(
+                f"the database's memory schema is version {row[0]}; this runtime reads "
+                f"version {SCHEMA_VERSION}"
+            )
+
+    def publish(self, changes: Sequence[MemoryChange]) -> list[int]:
+        """Commit ``changes`` in one transaction, in revision order; their revisions."""
+        if not changes:
+            return []
+        revs: list[int] = []
+        with self._db.lock:
+            conn = self._db.conn()
+            with conn.transaction():
+                # writers commit in revision order (the module's docstring says why)
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('llamaffi_memory'))")
+                for change in changes:
+                    revs.append(self._upsert(conn, change))
+        return revs
+
+    def _upsert(self, conn: Any, change: MemoryChange) -> int:
+        deleted = change.item is None
+        item: dict[str, Any] | None = dict(change.item or {})
+        if deleted:
+            item = {"scrub": True} if change.scrub else None
+        vector = None if change.embedding is None or deleted else vector_text(change.embedding)
+        row = conn.execute(
+            "INSERT INTO llamaffi_memory AS m (id, rev, session, kind, deleted, item, embedding,"
+            " writer) VALUES (%s, nextval('llamaffi_memory_rev'), %s, %s, %s, %s::jsonb,"
+            " %s::vector, %s) ON CONFLICT (id) DO UPDATE SET rev = EXCLUDED.rev,"
+            " session = EXCLUDED.session, kind = EXCLUDED.kind, deleted = EXCLUDED.deleted,"
+            " item = EXCLUDED.item, embedding = EXCLUDED.embedding, writer = EXCLUDED.writer,"
+            " written = now() RETURNING rev",
+            (
+                change.id,
+                change.session,
+                None if deleted and change.kind != "mark" else change.kind,
+                deleted,
+                None if item is None else json.dumps(item, allow_nan=False),
+                vector,
+                self.writer,
+            ),
+        ).fetchone()
+        return int(row[0])
+
+    def changes(self, after: int, limit: int) -> list[tuple[int, MemoryChange]]:
+        """Up to ``limit`` changes after revision ``after``, in revision order."""
+        with self._db.lock:
+            rows = (
+                self._db.conn()
+                .execute(
+                    "SELECT rev, id, session, kind, deleted, item, embedding::text "
+                    "FROM llamaffi_memory WHERE rev > %s ORDER BY rev LIMIT %s",
+                    (after, limit),
+                )
+                .fetchall()
+            )
+        out: list[tuple[int, MemoryChange]] = []
+        for rev, item_id, session, kind, deleted, item, vector in rows:
+            scrub = bool(deleted and isinstance(item, dict) and item.get("scrub"))
+            change = MemoryChange(
+                id=str(item_id),
+                session=session,
+                kind=kind,
+                item=None if deleted else item,
+                embedding=None if vector is None else vector_bytes(vector),
+                scrub=scrub,
+            )
+            out.append((int(rev), change))
+        return out
