@@ -15,7 +15,9 @@ from typing import Any
 
 from runtime.cli.common import positive_int
 from runtime.embed import Embedder
+from runtime.layout import LONGTERM_DIR, SHARED_LONGTERM_DIR
 from runtime.longterm import MemoryStore
+from runtime.longterm.db import DB_NAME
 from runtime.longterm.items import KINDS, MAX_TEXT_CHARS
 
 
@@ -51,11 +53,15 @@ def _text(value: str) -> str:
 
 
 def _store_dir(directory: str) -> Path:
-    """The store directory itself, or the ``longterm/`` store inside a runtime data directory."""
+    """The store directory itself, or the store inside a runtime data directory: its
+    ``longterm/``, or else the replica of a ``--db`` runtime (``longterm-shared/``, which
+    these commands read but never write: only a runtime writes through to the database)."""
     path = Path(directory)
-    inner = path / "longterm"
-    if not (path / "memory.sqlite3").exists() and inner.is_dir():
-        return inner
+    if (path / DB_NAME).exists():
+        return path
+    for name in (LONGTERM_DIR, SHARED_LONGTERM_DIR):
+        if (path / name).is_dir():
+            return path / name
     return path
 
 

@@ -118,6 +118,17 @@ class Replica:
             self._adopt(db, of)
         self.rev = int(_meta(db, _REV_KEY) or 0)
 
+    @staticmethod
+    def refuse_local_writes(db: sqlite3.Connection, directory: object) -> None:
+        """Refuse to open a replica for writing without its log (``memory add`` on a
+        ``--db`` node's store, say): a write there would never reach the other nodes, and
+        the next pull could not tell it from the truth."""
+        if _meta(db, _OF_KEY) is not None:
+            raise MemoryStoreError(
+                f"{directory} is a replica of a shared memory store: it is written only "
+                "through a runtime opened with db= (read it with read_only=True)"
+            )
+
     def _adopt(self, db: sqlite3.Connection, of: str | None) -> None:
         """Make this store a replica of the log. A replica of another log (the database was
         replaced) is emptied first: it is derived, and the log is the truth. A store that

@@ -97,10 +97,10 @@ class MemoryStore:
             )
             self._store_id, self._dim = meta.store_id, meta.dim
             self._retriever = retrieval.Retriever(self._dim)
-            if shared is not None:
-                if read_only:
-                    raise ArgumentError("a replica of a shared memory store is opened to write")
+            if shared is not None and not read_only:
                 self._replica = Replica(self._db, shared, model_id=embedder.model_id, dim=self._dim)
+            elif not read_only:
+                Replica.refuse_local_writes(self._db, self.directory)
             self._index = StoreIndex(
                 self._conn(),
                 self.directory,

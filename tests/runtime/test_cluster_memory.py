@@ -243,3 +243,17 @@ def test_runtimes_on_one_database_share_their_memories(tmp_path: Path, db_url: s
         assert turns.count("my locker is number 31") == 1  # caught up, not stored twice
     finally:
         b.close()
+
+
+def test_a_replica_is_read_without_the_database_and_never_written_so(
+    two: tuple[Node, Node],
+) -> None:
+    a, _b = two
+    a.store.add("the boiler is serviced in March", session="s")
+    with MemoryStore(a.directory, HashEmbedder(), read_only=True) as reader:  # memory search
+        assert [h.text for h in reader.search("boiler", 1)] == ["the boiler is serviced in March"]
+    a.store.close()
+    with pytest.raises(MemoryStoreError, match="replica of a shared memory store"):
+        MemoryStore(a.directory, HashEmbedder())  # memory add without the database
+    a.store = a.open()
+    assert len(a.store) == 1
