@@ -13,6 +13,7 @@ A generated after it lost the lease.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -110,9 +111,7 @@ def test_a_paused_node_that_wakes_has_its_writes_refused_and_no_history_forks(
                 if line.startswith("data: {"):
                     events.append(json.loads(line[6:]))
         errors = [e["error"] for e in events if "error" in e]
-        finished = [
-            e for e in events if e.get("choices") and e["choices"][0].get("finish_reason")
-        ]
+        finished = [e for e in events if e.get("choices") and e["choices"][0].get("finish_reason")]
         assert finished == [], "a reply written after the lease was lost was acknowledged"
         assert len(errors) == 1 and errors[0]["code"] == "session_leased", events[-3:]
         assert "B" in errors[0]["message"]
@@ -155,8 +154,6 @@ def test_a_paused_node_that_wakes_has_its_writes_refused_and_no_history_forks(
     finally:
         for n in (a, b):
             if n.proc is not None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(n.proc.pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
                 n.kill()
