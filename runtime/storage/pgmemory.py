@@ -56,7 +56,6 @@ _COMPONENT = "memory"
 
 def _ddl(dim: int) -> str:
     return f"""
-CREATE EXTENSION IF NOT EXISTS vector;
 CREATE TABLE IF NOT EXISTS llamaffi_memory_store (
     one      boolean PRIMARY KEY DEFAULT true CHECK (one),
     store_id text    NOT NULL,
@@ -112,6 +111,7 @@ class PgMemoryLog:
             conn = self._db.conn()
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext('llamaffi_schema'))")
+                self._create_extension(conn)
                 conn.execute(_ddl(dim))
                 self._check_version(conn)
                 row = conn.execute(
@@ -132,6 +132,21 @@ class PgMemoryLog:
                 f"({stored_dim} dims); this node embeds with {model_id} ({dim} dims)"
             )
         return store_id
+
+    @staticmethod
+    def _create_extension(conn: Any) -> None:
+        """pgvector, once per database; a role that may not create it gets a clear error."""
+        if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone():
+            return
+        try:
+            with conn.transaction():
+                conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        except Exception as exc:
+            raise MemoryStoreError(
+                f"the shared memory needs the pgvector extension, and this role could not "
+                f"create it ({exc}): run CREATE EXTENSION vector; in the database as its "
+                "owner, once"
+            ) from exc
 
     @staticmethod
     def _check_version(conn: Any) -> None:

@@ -257,3 +257,20 @@ def test_a_replica_is_read_without_the_database_and_never_written_so(
         MemoryStore(a.directory, HashEmbedder())  # memory add without the database
     a.store = a.open()
     assert len(a.store) == 1
+
+
+def test_a_role_that_may_not_create_pgvector_is_told_what_to_run(
+    tmp_path: Path, db_url: str
+) -> None:
+    role = f"r_{secrets.token_hex(3)}"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {role}")
+    parts = urlsplit(db_url)
+    url = urlunsplit(parts._replace(netloc=f"{role}:@{parts.hostname or ''}"))
+    db = PgDatabase(url)
+    try:
+        with pytest.raises(MemoryStoreError, match="CREATE EXTENSION vector"):
+            MemoryStore(tmp_path / "A", HashEmbedder(), shared=PgMemoryLog(db, "A"))
+    finally:
+        db.close()
