@@ -1,12 +1,8 @@
-"""The :class:`Runtime` facade: one door, one lock, a few composed parts.
-
-``Runtime`` is built from one :class:`~runtime.app.options.RuntimeConfig`; its parts are
-built in one place, :mod:`runtime.app.parts`.
-
-A part never calls back into the runtime. Every public method takes the runtime's lock, so
-a check and the act it guards happen inside one call; a generating turn leaves it free
-between decode steps when another thread waits for it (:mod:`runtime.app.batching`), and a
-call that waits for a session's turn to end releases it while it waits.
+"""The :class:`Runtime` facade: one door, one lock, a few composed parts (built in one place
+from one :class:`~runtime.app.options.RuntimeConfig`, :mod:`runtime.app.parts`). A part never
+calls back into the runtime. Every public method takes the runtime's lock, so a check and the
+act it guards happen inside one call; a generating turn leaves it free between decode steps
+(:mod:`runtime.app.batching`), as does a call waiting for a turn to end.
 """
 
 from __future__ import annotations

@@ -146,6 +146,24 @@ def check_item(item: NewItem) -> NewItem:
     return item
 
 
+def note(
+    text: str,
+    kind: str,
+    session: str | None,
+    importance: float,
+    meta: Mapping[str, Any] | None,
+    said_at: float | datetime | None,
+    speaker: str | None,
+    sources: Sequence[int],
+) -> NewItem:
+    """The item of an ``add``: one explicit note."""
+    when = None if said_at is None else to_epoch(said_at)
+    return NewItem(
+        text, kind=kind, session=session, said_at=when, speaker=speaker,
+        sources=tuple(sources), importance=importance, meta=meta or {},
+    )  # fmt: skip
+
+
 def notes(
     texts: Sequence[str],
     *,

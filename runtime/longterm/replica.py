@@ -27,13 +27,17 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.errors import MemoryStoreError
 from runtime.longterm import db as sql
 from runtime.longterm import forget
 from runtime.longterm.lexical import normalise
 from runtime.storage import MemoryChange, MemoryLog
+
+if TYPE_CHECKING:
+    from runtime.longterm.index import StoreIndex
+    from runtime.longterm.retrieval import Retriever
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +185,22 @@ class Replica:
         db.execute("DELETE FROM temp.shared_changes")
 
     # -- reads ----------------------------------------------------------------------------------
+
+    def refresh(
+        self, db: sqlite3.Connection, index: StoreIndex, retriever: Retriever, *, strict: bool
+    ) -> None:
+        """:meth:`sync`, then what it applied told to the store's ``index`` and
+        ``retriever`` (a session's erasure scrubs the store, as it did on the writer)."""
+        applied = self.sync(db, strict=strict)
+        if not applied:
+            return
+        index.apply(applied.added, applied.deleted)
+        if applied.speakers:
+            retriever.speakers.forget()
+        if applied.scrub:
+            forget.scrub(db, lambda: index.rebuild(db))
+        else:
+            index.maybe_save(db)
 
     def sync(self, db: sqlite3.Connection, *, strict: bool) -> Applied:
         """:meth:`pull`, for a read (``strict=False``) or a write. A read whose pull fails

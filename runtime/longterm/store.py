@@ -26,9 +26,17 @@ from runtime.longterm import db as sql
 from runtime.longterm import forget, links, retrieval, schema
 from runtime.longterm.db import DB_NAME
 from runtime.longterm.failures import final_error, sqlite_error, sqlite_errors
-from runtime.longterm.hnsw import HnswIndex, IndexParams
+from runtime.longterm.hnsw import IndexParams
 from runtime.longterm.index import StoreIndex
-from runtime.longterm.items import MemoryItem, NewItem, check_item, embedded_text, notes, to_epoch
+from runtime.longterm.items import (
+    MemoryItem,
+    NewItem,
+    check_item,
+    embedded_text,
+    note,
+    notes,
+    to_epoch,
+)
 from runtime.longterm.ranking import FusionWeights, Hit, ScoringWeights
 from runtime.longterm.replica import Replica
 
@@ -39,12 +47,11 @@ if TYPE_CHECKING:
 class MemoryStore:
     """Long-term memory in one directory: ``memory.sqlite3`` + the hnswlib index files.
 
-    ``MemoryStore(directory, embedder)`` opens (creating if needed) the store; one process at
-    a time may open a directory for writing (a second gets
+    One process at a time may open a directory for writing (a second gets
     :class:`runtime.errors.LockedError`). Thread-safe: every public method holds one lock.
     Bad arguments raise :class:`runtime.errors.ArgumentError` (a ``ValueError``) or
-    :class:`runtime.errors.ArgumentTypeError` (a ``TypeError``); use after :meth:`close`
-    raises :class:`runtime.errors.ClosedError`.
+    :class:`runtime.errors.ArgumentTypeError` (a ``TypeError``); use after :meth:`close`,
+    :class:`runtime.errors.ClosedError`.
     """
 
     def __init__(
@@ -133,19 +140,6 @@ class MemoryStore:
             raise ClosedError("the memory store is closed")
         return self._index
 
-    def _idx(self) -> HnswIndex:
-        return self._keeper().hnsw
-
-    @property
-    def _dirty(self) -> int:
-        """Changes not in the saved index yet (a crash test sets it to 0: close then skips
-        the save, as a killed process would)."""
-        return self._keeper().dirty
-
-    @_dirty.setter
-    def _dirty(self, value: int) -> None:
-        self._keeper().dirty = value
-
     def _writable(self) -> sqlite3.Connection:
         db = self._conn()
         if self.read_only:
@@ -162,25 +156,9 @@ class MemoryStore:
 
     def _fresh(self, *, strict: bool = False) -> None:
         """On a replica: apply what the shared log has that this store lacks (the caller
-        holds the lock; :meth:`Replica.sync` says what a failed read does)."""
-        if self._replica is None:
-            return
-        applied = self._replica.sync(self._conn(), strict=strict)
-        if not applied:
-            return
-        self._keeper().apply(applied.added, applied.deleted)
-        if applied.speakers:
-            self._retriever.speakers.forget()
-        if applied.scrub:
-            forget.scrub(self._writable(), lambda: self._keeper().rebuild(self._conn()))
-        else:
-            self._maybe_save()
-
-    def _save(self) -> None:
-        self._keeper().save(self._conn())
-
-    def _maybe_save(self) -> None:
-        self._keeper().maybe_save(self._conn())
+        holds the lock; :meth:`Replica.refresh`)."""
+        if self._replica is not None:
+            self._replica.refresh(self._conn(), self._keeper(), self._retriever, strict=strict)
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -199,16 +177,7 @@ class MemoryStore:
     ) -> str:
         """Store one memory; returns its id once the SQLite commit is done. Nothing is merged:
         this is an explicit note (see :meth:`put` for items that may repeat)."""
-        item = NewItem(
-            text,
-            kind=kind,
-            session=session,
-            said_at=None if said_at is None else to_epoch(said_at),
-            speaker=speaker,
-            sources=tuple(sources),
-            importance=importance,
-            meta=meta or {},
-        )
+        item = note(text, kind, session, importance, meta, said_at, speaker, sources)
         return self.put([item], now=now, merge=False)[0]
 
     def add_many(
@@ -240,21 +209,14 @@ class MemoryStore:
     ) -> list[str]:
         """Store items in one transaction; returns their ids in order, once committed.
 
-        With ``merge`` (the default), a turn or fact that says the same thing as an item of
-        its session and kind already stored, or earlier in ``items``, is merged into it
-        instead of stored again: its sources join the item's and its text, if it differs, is
-        kept in the item's ``meta["merged"]``. "The same thing" is the same normalised text,
-        or a cosine of at least ``dedup_similarity`` with the same numbers, names and
-        negations, said by the same speaker: two facts that differ in one number are never
-        merged (mem0 #1674). An
-        item whose ``id`` is stored already is skipped (its id is returned): re-adding after
-        a crash is a no-op.
-
-        A fact with a ``subject`` and ``attribute`` supersedes the current fact of its
-        session about the same subject and attribute said before it (and that fact's source
-        turns): they are kept, linked by ``superseded_by`` and ranked below. ``mark``
-        (key, value) is a watermark written in the same transaction (:meth:`watermark`), so
-        a crash leaves both or neither.
+        ``merge``: a turn or fact that says the same thing as a stored item of its session
+        and kind (or one earlier in ``items``) joins it, sources and text kept: the same
+        normalised text, or a cosine of at least ``dedup_similarity`` with the same numbers,
+        names, negations and speaker, so facts that differ in one number never merge (mem0
+        #1674). An item whose ``id`` is stored is skipped (a re-add after a crash is a no-op).
+        A fact with a ``subject`` and ``attribute`` supersedes its session's older fact about
+        them (kept, linked by ``superseded_by``, ranked below). ``mark`` (key, value) is a
+        watermark written in the same transaction. Rules: docs/long-term-memory.md.
         """
         checked = [check_item(item) for item in items]
         self._writable()
@@ -268,7 +230,7 @@ class MemoryStore:
         # one lock across the commit and the index add: a delete between the two would mark
         # a label that is not in the index yet, and the add would then make it live again
         with self._lock:
-            merge_with = (self._idx(), self.dedup_similarity) if merge else None
+            merge_with = (self._keeper().hnsw, self.dedup_similarity) if merge else None
             with self._tx() as db:
                 ids, added = links.store_items(
                     db, checked, vectors, stamp=stamp, merge_with=merge_with, mark=mark
@@ -276,7 +238,7 @@ class MemoryStore:
             # committed: the ids are durable; the index follows (replay covers a crash here)
             if added:
                 self._keeper().added(vectors[[p for p, _ in added]], [q for _, q in added])
-                self._maybe_save()
+                self._keeper().maybe_save(self._conn())
             if any(item.speaker for item in checked):
                 self._retriever.speakers.forget()
         return ids
@@ -290,7 +252,7 @@ class MemoryStore:
             if not done:
                 return False
             self._forget(done)
-            self._maybe_save()
+            self._keeper().maybe_save(self._conn())
             return True
 
     @sqlite_errors
@@ -369,7 +331,7 @@ class MemoryStore:
             if done is None:
                 return 0
             self._forget(done)
-            self._maybe_save()
+            self._keeper().maybe_save(self._conn())
             return len(done)
 
     @sqlite_errors
@@ -425,18 +387,13 @@ class MemoryStore:
         current_only: bool = False,
         tenant: str | None = None,
     ) -> list[Hit]:
-        """The ``k`` best memories for ``query``, best first.
-
-        Two retrievers run inside the scope: dense (MiniLM cosine over the vector index) and
-        lexical (SQLite FTS5 BM25 over each item's text and context); their ranks are fused
-        (:class:`FusionWeights`), then blended with recency and importance
-        (:class:`ScoringWeights`). A speaker the query names, and a period it names ("in
-        May", "last week", relative to ``now``), boost the items that match; a superseded
-        item ranks below the fact that replaced it (``current_only`` leaves it out).
-
-        The scope (:func:`runtime.longterm.db.scope_clause`): ``session`` (``with_global``:
-        and its global memories), ``global_only``, ``tenant`` and ``kinds``. ``touch``
-        marks the hits used at ``now`` (not on a read-only store).
+        """The ``k`` best memories for ``query``, best first: dense (MiniLM cosine) and
+        lexical (FTS5 BM25) ranks fused (:class:`FusionWeights`), blended with recency and
+        importance (:class:`ScoringWeights`); a speaker or period the query names boosts
+        what matches; a superseded item ranks below its successor (``current_only``: left
+        out). The scope (:func:`runtime.longterm.db.scope_clause`) is ``session`` (with its
+        global memories ``with_global``), ``global_only``, ``tenant`` and ``kinds``.
+        ``touch`` marks the hits used at ``now``. Ranking: docs/long-term-memory.md.
         """
         q = retrieval.Query.parse(
             query,
@@ -498,7 +455,7 @@ class MemoryStore:
         """Save the index now (normally done every ``save_every`` changes and on close)."""
         with self._lock:
             self._writable()
-            self._save()
+            self._keeper().save(self._conn())
 
     def close(self) -> None:
         """Save the index if it changed, close SQLite and release the lock; idempotent.
@@ -522,7 +479,7 @@ class MemoryStore:
             return
         self._touches.flush()
         if self._index is not None and self._index.dirty:
-            self._save()
+            self._keeper().save(self._conn())
 
     def _release(self) -> MemoryStoreError | None:
         """Drop the index, close SQLite and release the lock; never raises (returns the error)."""
@@ -539,8 +496,5 @@ class MemoryStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @sqlite_errors
     def __len__(self) -> int:
-        with self._lock:
-            self._fresh()
-            return sql.count(self._conn())
+        return self.count()
