@@ -59,8 +59,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+import psycopg
 import pytest
 from conftest import CI, FULL, RUNTIME_MODELS, percentile, require_model, rounds
 from test_bench_runtime import long_turn, scripted_turn
@@ -568,6 +570,61 @@ def test_turn_overhead(
     for key, label in (("total", "total"), ("prefill", "prefill"), ("generation", "generation")):
         tables.add(TURN, VARIANTS, label, variant, figures[key])
     tables.add(TURN, VARIANTS, "Reply.runtime_ms", variant, own)
+
+
+MEMORY_VARIANTS = ("local", "db")
+MEMORY_TURN = (
+    "warm short turn with long-term memory on (tiny, max_tokens=8, a 384-wide hash embedder "
+    "so that only the store's cost shows), ms: median (min–max); db: the shared memory, "
+    "replicated through PostgreSQL"
+)
+
+
+@pytest.mark.benchmark(group="cluster-turn-memory")
+@pytest.mark.parametrize("variant", MEMORY_VARIANTS)
+def test_turn_memory_overhead(
+    benchmark: Any, variant: str, pg_url: str, tmp_path: Path, tables: Tables
+) -> None:
+    """Short turns that retrieve from and write to long-term memory: local, or each node's
+    replica of the shared memory (a pull before the search and the write, the write's rows
+    published to PostgreSQL before its local commit). A database of its own, so the shared
+    memory holds this run's items only."""
+    from tests.runtime.memory_helpers import HashEmbedder
+
+    kw: dict[str, Any] = {}
+    if variant == "db":
+        name = f"bench_{secrets.token_hex(4)}"
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        url = urlunsplit(urlsplit(pg_url)._replace(path=f"/{name}"))
+        kw = {"db": url, "node_id": f"mem-{secrets.token_hex(2)}", "lease_ttl_s": TTL}
+    replies: list[Any] = []
+    session = f"memory-{secrets.token_hex(4)}"
+    embedder = HashEmbedder(dim=384)
+    with Runtime.open(tmp_path / "data", model="tiny", n_ctx=N_CTX, embedder=embedder, **kw) as rt:
+        for i in range(20):  # something to retrieve
+            rt.remember(f"note {i}: {scripted_turn(i)}", session=session)
+        rt.chat(session, "Hello! " + scripted_turn(0), max_tokens=MAX_TOKENS)
+        counter = itertools.count(1)
+
+        def turn() -> None:
+            replies.append(rt.chat(session, scripted_turn(next(counter)), max_tokens=MAX_TOKENS))
+
+        warmup = 0 if CI else 2
+        benchmark.pedantic(turn, rounds=rounds(TURN_ROUNDS), warmup_rounds=warmup)
+    measured = replies[warmup:] if len(replies) > warmup else replies
+    assert all(r.memories for r in measured), "every turn retrieved from long-term memory"
+    keys = ("total", "retrieval", "memory_write")
+    figures = {k: _p([r.timings[k] for r in measured]) for k in keys}
+    benchmark.extra_info.update(
+        variant=variant,
+        turns=len(measured),
+        **figures["total"],
+        retrieval_p50_ms=figures["retrieval"]["p50_ms"],
+        memory_write_p50_ms=figures["memory_write"]["p50_ms"],
+    )
+    for key in keys:
+        tables.add(MEMORY_TURN, MEMORY_VARIANTS, key, variant, figures[key])
 
 
 @pytest.mark.benchmark(group="cluster-journal-append")
