@@ -67,7 +67,10 @@ class InvalidNameError(MemoryRuntimeError, ValueError):
 
 
 class PersistError(MemoryRuntimeError, OSError):
-    """A write to the data directory failed and left nothing partial behind.
+    """A write to the data directory failed and left nothing partial behind, or the server
+    that holds the runtime's state (PostgreSQL, S3) could not be reached: nothing was
+    acknowledged, and the same call works again once the store is back (the server answers
+    503 with ``Retry-After``).
 
     ``errno`` and ``filename`` are kept; the message says what was (not) written and what to
     do next.

@@ -8,6 +8,9 @@ from starlette.responses import JSONResponse
 
 from runtime.errors import MemoryRuntimeError
 
+#: What a 503 (a full queue, storage that is away) asks the client to wait, in seconds.
+RETRY_AFTER_S = 1
+
 _TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",

@@ -26,6 +26,7 @@ from runtime.server.tenants import Keys
 if TYPE_CHECKING:
     from runtime.app import Runtime
 
+from runtime.server.api_errors import RETRY_AFTER_S as RETRY_AFTER_S
 from runtime.server.completions import chat_completions
 from runtime.server.endpoints import (
     checkpoint_endpoint,
@@ -49,7 +50,6 @@ from runtime.server.state import (
     endpoint,
     too_big,
 )
-from runtime.server.state import RETRY_AFTER_S as RETRY_AFTER_S
 from runtime.server.state import Handler as Handler
 
 logger = logging.getLogger(__name__)

@@ -28,8 +28,9 @@ from runtime.app import (
 )
 from runtime.app.options import check_text as runtime_check_text
 from runtime.app.options import check_user
+from runtime.errors import PersistError
 from runtime.layout import is_ephemeral, validate_session_id
-from runtime.server.api_errors import APIError, bad_request
+from runtime.server.api_errors import RETRY_AFTER_S, APIError, bad_request
 
 if TYPE_CHECKING:
     from runtime.app import Reply
@@ -378,6 +379,17 @@ def map_runtime_error(exc: Exception) -> APIError:
     if isinstance(exc, SessionLimitError):
         # not transient: the OpenAI SDK would retry a 429 without this header
         return APIError(429, str(exc), code="session_limit", headers={"x-should-retry": "false"})
+    if isinstance(exc, PersistError):
+        # the journal's store could not be written or reached (a disk, PostgreSQL, S3):
+        # nothing was acknowledged, and the same request works once it is back. The details
+        # (paths, hosts) go to the log, not to the client.
+        return APIError(
+            503,
+            f"the server's storage is unavailable ({type(exc).__name__}); nothing was "
+            "acknowledged, retry",
+            code="storage_unavailable",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     return APIError(500, f"the turn failed: {type(exc).__name__}", code="internal_error")
 
 

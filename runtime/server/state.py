@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from runtime.server import chat_request as chatmod
-from runtime.server.api_errors import APIError
+from runtime.server.api_errors import RETRY_AFTER_S, APIError
 from runtime.server.scheduler import FairQueue, QueueFullError
 
 if TYPE_CHECKING:
@@ -26,8 +26,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 1 << 20
 DEFAULT_MAX_QUEUE = 64
-#: What a 503 for a full queue asks the client to wait, in seconds.
-RETRY_AFTER_S = 1
 ADMIN_KEY = "\x00admin"  # the queue key of non-chat calls (never a valid session id)
 
 

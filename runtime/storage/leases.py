@@ -7,7 +7,8 @@ that grows by one at every acquisition (Martin Kleppmann's fencing token). The p
 * :meth:`Leases.acquire` takes the row when it is free, expired, or this node's own (a new
   token each time); while another node's lease is live it raises
   :class:`runtime.errors.SessionLeasedError` naming that node.
-* A background thread renews every held lease each ``ttl / 3`` seconds; a lease whose token
+* A background thread renews every held lease each ``ttl / 3`` seconds, on a connection of
+  its own (made again by the next renewal after it was lost); a lease whose token
   changed meanwhile (another node took it over after this one paused past the expiry) is
   dropped, and later writes with its token are refused.
 * Every journal append and every manifest switch calls :meth:`Leases.check` inside its own
@@ -38,7 +39,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from runtime.errors import ArgumentError, SessionLeasedError
+from runtime.errors import ArgumentError, PersistError, SessionLeasedError
 from runtime.storage.postgres import PgDatabase, lease_lost
 
 logger = logging.getLogger(__name__)
@@ -109,8 +110,7 @@ class Leases:
             if held is not None:
                 held.holders += 1
                 return held.token
-        with self.db.lock:
-            conn = self.db.conn()
+        with self.db.use() as conn:
             row = conn.execute(
                 "INSERT INTO llamaffi_lease AS l "
                 "(session, owner, incarnation, address, token, expires) "
@@ -158,11 +158,12 @@ class Leases:
             with self._renew_db.lock:
                 if self._renew_db.closed:
                     return
-                self._renew_db.conn().execute(
-                    "UPDATE llamaffi_lease SET expires = now() "
-                    "WHERE session = %s AND incarnation = %s AND token = %s",
-                    (session_id, self.incarnation, token),
-                )
+                with self._renew_db.use() as conn:
+                    conn.execute(
+                        "UPDATE llamaffi_lease SET expires = now() "
+                        "WHERE session = %s AND incarnation = %s AND token = %s",
+                        (session_id, self.incarnation, token),
+                    )
         except Exception as exc:  # it expires by itself
             logger.warning("could not release the lease on %s: %s", session_id, exc)
 
@@ -214,16 +215,12 @@ class Leases:
     def info(self, session_id: str) -> dict[str, Any] | None:
         """The session's lease row: ``owner``, ``address``, ``token``, ``expires`` (Unix
         time) and ``live``; ``None`` when it has none."""
-        with self.db.lock:
-            row = (
-                self.db.conn()
-                .execute(
-                    "SELECT owner, address, token, extract(epoch FROM expires), "
-                    "expires > now() FROM llamaffi_lease WHERE session = %s",
-                    (session_id,),
-                )
-                .fetchone()
-            )
+        with self.db.use() as conn:
+            row = conn.execute(
+                "SELECT owner, address, token, extract(epoch FROM expires), "
+                "expires > now() FROM llamaffi_lease WHERE session = %s",
+                (session_id,),
+            ).fetchone()
         if row is None:
             return None
         return {
@@ -243,18 +240,14 @@ class Leases:
         if not held:
             return []
         sids, tokens = list(held), [held[s] for s in held]
-        with self._renew_db.lock:
-            rows = (
-                self._renew_db.conn()
-                .execute(
-                    "UPDATE llamaffi_lease AS l SET expires = now() + make_interval(secs => %s) "
-                    "FROM unnest(%s::text[], %s::bigint[]) AS h(session, token) "
-                    "WHERE l.session = h.session AND l.token = h.token "
-                    "AND l.incarnation = %s RETURNING l.session",
-                    (self.ttl_s, sids, tokens, self.incarnation),
-                )
-                .fetchall()
-            )
+        with self._renew_db.use() as conn:  # after a lost connection: a new one
+            rows = conn.execute(
+                "UPDATE llamaffi_lease AS l SET expires = now() + make_interval(secs => %s) "
+                "FROM unnest(%s::text[], %s::bigint[]) AS h(session, token) "
+                "WHERE l.session = h.session AND l.token = h.token "
+                "AND l.incarnation = %s RETURNING l.session",
+                (self.ttl_s, sids, tokens, self.incarnation),
+            ).fetchall()
         kept = {str(r[0]) for r in rows}
         lost = [s for s in sids if s not in kept]
         idle: list[tuple[str, int]] = []
@@ -303,6 +296,11 @@ class PointerBlobs:
     ``llamaffi_manifest`` at the new generation. A node that lost the lease has the switch
     refused (:class:`runtime.errors.SessionLeasedError`), and its manifest object is never
     read: :meth:`generations` lists only those at or below the pointer.
+
+    While the object store cannot be reached, a reader sees the pointer's manifest as absent
+    (a resume replays the journal instead, and nothing is quarantined), and :meth:`generations`
+    still names the pointer's generation, so that a later checkpoint never reuses its number;
+    writes raise :class:`runtime.errors.PersistError` (a checkpoint is retried later).
     """
 
     def __init__(self, inner: Any, db: PgDatabase, leases: Leases) -> None:
@@ -312,22 +310,17 @@ class PointerBlobs:
         self.readonly: bool = inner.readonly
 
     def _pointer(self, session_id: str) -> int | None:
-        with self.db.lock:
-            row = (
-                self.db.conn()
-                .execute(
-                    "SELECT generation FROM llamaffi_manifest WHERE session = %s", (session_id,)
-                )
-                .fetchone()
-            )
+        with self.db.use() as conn:
+            row = conn.execute(
+                "SELECT generation FROM llamaffi_manifest WHERE session = %s", (session_id,)
+            ).fetchone()
         return None if row is None else int(row[0])
 
     def switch_manifest(self, session_id: str, generation: int, data: bytes) -> None:
         """Put the manifest, then point at it under this node's lease (refused when this
         node does not hold it, and never moved back to an older generation)."""
         token = self.leases.token_of(session_id)
-        with self.db.lock:  # checked before any object is written
-            conn = self.db.conn()
+        with self.db.use() as conn:  # checked before any object is written
             if token is None:
                 raise self.leases.refusal(conn, session_id)
             lost = self.leases.check(conn, session_id, token)
@@ -339,8 +332,7 @@ class PointerBlobs:
                 f"manifest {generation} of session {session_id!r} was written by another "
                 "node; this node's checkpoint is not published"
             )
-        with self.db.lock, self.db.conn().transaction():
-            conn = self.db.conn()
+        with self.db.use() as conn, conn.transaction():
             lost = self.leases.check(conn, session_id, token)
             if lost is not None:
                 raise lost
@@ -353,24 +345,29 @@ class PointerBlobs:
             )
 
     def generations(self, session_id: str) -> list[int]:
-        """The session's manifest generations at or below its pointer, newest first."""
+        """The session's manifest generations at or below its pointer, newest first; the
+        pointer's alone while the object store cannot be listed (it is stored: a pointer is
+        switched only after its manifest object is)."""
         pointer = self._pointer(session_id)
         if pointer is None:
             return []
-        return [g for g in self.inner.generations(session_id) if g <= pointer]
+        try:
+            stored = self.inner.generations(session_id)
+        except PersistError as exc:
+            logger.warning("session %s: %s; only manifest %d is known", session_id, exc, pointer)
+            return [pointer]
+        return [g for g in stored if g <= pointer]
 
     def sessions(self) -> list[str]:
         """The sessions with a live manifest pointer, sorted."""
-        with self.db.lock:
-            rows = self.db.conn().execute("SELECT session FROM llamaffi_manifest").fetchall()
+        with self.db.use() as conn:
+            rows = conn.execute("SELECT session FROM llamaffi_manifest").fetchall()
         return sorted(str(r[0]) for r in rows)
 
     def delete_session(self, session_id: str) -> None:
         """Drop the pointer, then every manifest object."""
-        with self.db.lock:
-            self.db.conn().execute(
-                "DELETE FROM llamaffi_manifest WHERE session = %s", (session_id,)
-            )
+        with self.db.use() as conn:
+            conn.execute("DELETE FROM llamaffi_manifest WHERE session = %s", (session_id,))
         self.inner.delete_session(session_id)
 
     # -- the rest is the inner store's ---------------------------------------------------------
@@ -415,8 +412,14 @@ class PointerBlobs:
         return str(self.inner.describe_manifest(session_id, generation))
 
     def get_manifest(self, session_id: str, generation: int, max_size: int) -> bytes:
-        """See :meth:`runtime.storage.BlobStore.get_manifest`."""
-        return bytes(self.inner.get_manifest(session_id, generation, max_size))
+        """See :meth:`runtime.storage.BlobStore.get_manifest`; ``FileNotFoundError`` while
+        the object store cannot be reached: readers skip the manifest (the journal rebuilds
+        the session), and never take it for damage."""
+        try:
+            return bytes(self.inner.get_manifest(session_id, generation, max_size))
+        except PersistError as exc:
+            where = self.describe_manifest(session_id, generation)
+            raise FileNotFoundError(f"{where} cannot be read now: {exc}") from exc
 
     def delete_manifest(self, session_id: str, generation: int) -> None:
         """See :meth:`runtime.storage.BlobStore.delete_manifest` (never the pointed one)."""

@@ -93,7 +93,9 @@ def vector_bytes(text: str) -> bytes:
 
 class PgMemoryLog:
     """The shared memory table on the runtime's :class:`runtime.storage.postgres.PgDatabase`
-    connection (its lock held around every use); ``writer`` is this node's id."""
+    connection (:meth:`~runtime.storage.postgres.PgDatabase.use`: its lock held, a lost
+    connection a retryable :class:`runtime.errors.PersistError`); ``writer`` is this node's
+    id."""
 
     def __init__(self, db: PgDatabase, writer: str) -> None:
         self._db = db
@@ -107,24 +109,22 @@ class PgMemoryLog:
         """Create the tables if needed; the store's id. Another model or width is refused."""
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise StoreMismatchError(f"an embedding width must be a positive int, got {dim!r}")
-        with self._db.lock:
-            conn = self._db.conn()
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(hashtext('llamaffi_schema'))")
-                self._create_extension(conn)
-                conn.execute(_ddl(dim))
-                self._check_version(conn)
-                row = conn.execute(
-                    "SELECT store_id, model_id, dim FROM llamaffi_memory_store"
-                ).fetchone()
-                if row is None:
-                    store_id = uuid.uuid4().hex
-                    conn.execute(
-                        "INSERT INTO llamaffi_memory_store (store_id, model_id, dim) "
-                        "VALUES (%s, %s, %s)",
-                        (store_id, model_id, dim),
-                    )
-                    return store_id
+        with self._db.use() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('llamaffi_schema'))")
+            self._create_extension(conn)
+            conn.execute(_ddl(dim))
+            self._check_version(conn)
+            row = conn.execute(
+                "SELECT store_id, model_id, dim FROM llamaffi_memory_store"
+            ).fetchone()
+            if row is None:
+                store_id = uuid.uuid4().hex
+                conn.execute(
+                    "INSERT INTO llamaffi_memory_store (store_id, model_id, dim) "
+                    "VALUES (%s, %s, %s)",
+                    (store_id, model_id, dim),
+                )
+                return store_id
         store_id, stored_model, stored_dim = str(row[0]), str(row[1]), int(row[2])
         if (stored_model, stored_dim) != (model_id, dim):
             raise StoreMismatchError(
@@ -169,13 +169,11 @@ class PgMemoryLog:
         if not changes:
             return []
         revs: list[int] = []
-        with self._db.lock:
-            conn = self._db.conn()
-            with conn.transaction():
-                # writers commit in revision order (the module's docstring says why)
-                conn.execute("SELECT pg_advisory_xact_lock(hashtext('llamaffi_memory'))")
-                for change in changes:
-                    revs.append(self._upsert(conn, change))
+        with self._db.use() as conn, conn.transaction():
+            # writers commit in revision order (the module's docstring says why)
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('llamaffi_memory'))")
+            for change in changes:
+                revs.append(self._upsert(conn, change))
         return revs
 
     def _upsert(self, conn: Any, change: MemoryChange) -> int:
@@ -205,16 +203,12 @@ class PgMemoryLog:
 
     def changes(self, after: int, limit: int) -> list[tuple[int, MemoryChange]]:
         """Up to ``limit`` changes after revision ``after``, in revision order."""
-        with self._db.lock:
-            rows = (
-                self._db.conn()
-                .execute(
-                    "SELECT rev, id, session, kind, deleted, item, embedding::text "
-                    "FROM llamaffi_memory WHERE rev > %s ORDER BY rev LIMIT %s",
-                    (after, limit),
-                )
-                .fetchall()
-            )
+        with self._db.use() as conn:
+            rows = conn.execute(
+                "SELECT rev, id, session, kind, deleted, item, embedding::text "
+                "FROM llamaffi_memory WHERE rev > %s ORDER BY rev LIMIT %s",
+                (after, limit),
+            ).fetchall()
         out: list[tuple[int, MemoryChange]] = []
         for rev, item_id, session, kind, deleted, item, vector in rows:
             scrub = bool(deleted and isinstance(item, dict) and item.get("scrub"))

@@ -38,6 +38,14 @@ refuses a duplicate seq, so entries are numbered ``0, 1, 2, ...`` without gaps. 
 index range scan on the primary key from the first seq a resume replays (``seq >= $1``), so a
 resume costs what it replays, never the session's age.
 
+Reconnect: the database's connection is made again when it was lost (the server restarted,
+a network cut), by the next call that needs it, once per call. The call that finds it lost
+raises :class:`runtime.errors.PersistError` (retry), as does every call while the server is
+away; nothing is retried inside a call, so a request never waits on a loop. A reconnect
+never weakens fencing: each write checks the lease in its own transaction, on whichever
+connection it runs, and an append cut during its ``COMMIT`` closes its journal (its outcome is
+unknown: the session is read again from the table).
+
 Retention is the local one's: :meth:`PgJournal.rotate` seals the entries so far (one segment),
 :meth:`PgJournal.drop_segments_before` deletes whole sealed segments older than a seq unless
 they hold an entry in ``keep``, and never the newest sealed segment while nothing follows it
@@ -47,13 +55,21 @@ they hold an entry in ``keep``, and never the newest sealed segment while nothin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 from collections.abc import Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from runtime.errors import ClosedError, JournalCompactedError, JournalError, SessionLeasedError
+from runtime.errors import (
+    ClosedError,
+    JournalCompactedError,
+    JournalError,
+    PersistError,
+    SessionLeasedError,
+)
 from runtime.journal.record import Entry
 from runtime.layout import validate_session_id
 
@@ -66,6 +82,9 @@ __all__ = ["SCHEMA_VERSION", "PgDatabase", "PgJournal", "PgJournals", "connect",
 
 #: The version of the tables below; an open of a database with another version is refused.
 SCHEMA_VERSION = 2
+#: Seconds a connection attempt may take unless the URL sets ``connect_timeout``: a reconnect
+#: runs on a request's path, so it must be bounded.
+CONNECT_TIMEOUT_S = 5
 _COMPONENT = "journal"
 
 _DDL = """
@@ -101,7 +120,7 @@ CREATE TABLE IF NOT EXISTS llamaffi_manifest (
 
 def connect(url: str) -> Any:
     """A psycopg connection to ``url`` with ``synchronous_commit = on`` (see the module's
-    docstring for why)."""
+    docstring for why), made within :data:`CONNECT_TIMEOUT_S` unless the URL says otherwise."""
     try:
         import psycopg  # the cluster extra; imported only when PostgreSQL is used
     except ModuleNotFoundError as exc:
@@ -109,8 +128,14 @@ def connect(url: str) -> Any:
             "a postgresql:// store needs the cluster extra: pip install '.[cluster]'"
         ) from exc
 
+    if "connect_timeout" not in psycopg.conninfo.conninfo_to_dict(url):
+        url = psycopg.conninfo.make_conninfo(url, connect_timeout=CONNECT_TIMEOUT_S)
     conn = psycopg.connect(url, autocommit=True)
-    conn.execute("SET synchronous_commit = on")
+    try:
+        conn.execute("SET synchronous_commit = on")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -138,11 +163,20 @@ def ensure_schema(conn: Any) -> None:
 class PgDatabase:
     """One connection to the database (``synchronous_commit = on``), shared by a runtime's
     journals, leases and manifest pointers; :attr:`lock` serialises its use (psycopg
-    connections are not for two threads at once). The schema is checked on open."""
+    connections are not for two threads at once). The schema is checked on open.
+
+    A lost connection is made again by the next call that needs it (:meth:`use`,
+    :meth:`conn`), with one attempt per call; while the server is away, and in the call that
+    finds the connection lost, :meth:`use` raises :class:`runtime.errors.PersistError`
+    (retry). Nothing is retried inside a call.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.lock = threading.RLock()
+        self._closed = False
+        #: connections made again after one was lost (for logs and tests)
+        self.reconnects = 0
         self._conn: Any = connect(url)
         try:
             ensure_schema(self._conn)
@@ -153,20 +187,67 @@ class PgDatabase:
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._conn is None
+        return self._closed
+
+    def describe(self) -> str:
+        """``postgresql://host/db``: the database without credentials, for messages."""
+        parts = urlsplit(self.url)
+        return f"postgresql://{parts.hostname or ''}{parts.path}"
 
     def conn(self) -> Any:
-        """The connection (hold :attr:`lock`); :class:`ClosedError` after :meth:`close`."""
-        if self._conn is None:
+        """The connection (hold :attr:`lock`), made again first if it was lost (one attempt;
+        :class:`PersistError` when the server cannot be reached); :class:`ClosedError` after
+        :meth:`close`. Within a transaction it is the transaction's own: a connection is
+        only replaced once it is broken, and a broken one has no transaction left."""
+        if self._closed:
             raise ClosedError("the database connection is closed")
+        if self._conn is None or self._conn.broken or self._conn.closed:
+            self._reconnect()
         return self._conn
+
+    def _reconnect(self) -> None:
+        import psycopg
+
+        old, self._conn = self._conn, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.close()
+        try:
+            self._conn = connect(self.url)
+        except psycopg.OperationalError as exc:
+            raise self.unavailable(exc) from exc
+        self.reconnects += 1
+        logger.warning("reconnected to %s", self.describe())
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[Any]:
+        """Hold :attr:`lock` and yield the connection (see :meth:`conn`). A connection lost
+        meanwhile, or a server that refuses it (restarting, out of connections), raises
+        :class:`PersistError`; the next call connects again."""
+        import psycopg
+
+        with self.lock:
+            conn = self.conn()
+            try:
+                yield conn
+            except psycopg.OperationalError as exc:
+                raise self.unavailable(exc) from exc
+
+    def unavailable(self, exc: BaseException) -> PersistError:
+        """The retryable error of a call the server did not answer."""
+        detail = str(exc).strip().splitlines()
+        return PersistError(
+            f"PostgreSQL {self.describe()} is unavailable ({detail[0] if detail else exc!r}): "
+            "nothing was acknowledged; retry (the next call connects again)"
+        )
 
     def close(self) -> None:
         """Close the connection; safe to call twice."""
         with self.lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._closed = True
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
 
 
 class PgJournal:
@@ -232,14 +313,21 @@ class PgJournal:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _db(self) -> Any:
+    def _require_open(self) -> None:
         if self._conn is None:
             raise ClosedError(f"journal of session {self.session_id} is closed")
-        return self._database.conn()
+
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[Any]:
+        """The database's connection (:meth:`PgDatabase.use`) while the journal is open."""
+        with self._lock:
+            self._require_open()
+            with self._database.use() as conn:
+                yield conn
 
     def _one(self, sql: str, *params: Any) -> tuple[Any, ...]:
-        with self._lock:
-            row: tuple[Any, ...] = self._db().execute(sql, (self.session_id, *params)).fetchone()
+        with self._use() as conn:
+            row: tuple[Any, ...] = conn.execute(sql, (self.session_id, *params)).fetchone()
             return row
 
     # -- reading --------------------------------------------------------------------------------
@@ -296,16 +384,12 @@ class PgJournal:
         seq = max(seq, 0)
         if seq < self.first_seq:
             raise self._dropped(seq)
-        with self._lock:
-            rows = (
-                self._db()
-                .execute(
-                    "SELECT payload FROM llamaffi_journal WHERE session = %s AND seq >= %s "
-                    "ORDER BY seq",
-                    (self.session_id, seq),
-                )
-                .fetchall()
-            )
+        with self._use() as conn:
+            rows = conn.execute(
+                "SELECT payload FROM llamaffi_journal WHERE session = %s AND seq >= %s "
+                "ORDER BY seq",
+                (self.session_id, seq),
+            ).fetchall()
         for row in rows:
             yield _entry(row[0])
 
@@ -318,11 +402,13 @@ class PgJournal:
 
     # -- writing --------------------------------------------------------------------------------
 
-    def _require_writable(self) -> Any:
-        db = self._db()
-        if self.readonly:
-            raise JournalError(f"journal of session {self.session_id} was opened read-only")
-        return db
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Any]:
+        """:meth:`_use` for a write (refused on a read-only journal)."""
+        with self._use() as conn:
+            if self.readonly:
+                raise JournalError(f"journal of session {self.session_id} was opened read-only")
+            yield conn
 
     def _fence(self, db: Any) -> None:
         """Inside a write's transaction: refuse it unless this node still holds the
@@ -347,10 +433,13 @@ class PgJournal:
     ) -> Entry:
         """Append one entry; it has committed (``synchronous_commit = on``) when this
         returns. A refused append (too large, or fenced) commits nothing. Any other failure
-        (the connection lost during ``COMMIT``) leaves the outcome unknown, so the journal
-        closes itself: its session is then read again from the table, never guessed."""
-        with self._lock:
-            db = self._require_writable()
+        once the transaction began (the connection lost during ``COMMIT``:
+        :class:`runtime.errors.PersistError`, retry) leaves the outcome unknown, so the
+        journal closes itself: its session is then read again from the table, never
+        guessed."""
+        # a connection that cannot be made again fails before anything is sent: the journal
+        # stays open, and its session resident
+        with self._writing() as db:
             try:
                 return self._append(db, role, text, tokens, meta, created)
             except (JournalError, SessionLeasedError):
@@ -396,49 +485,45 @@ class PgJournal:
 
     def rotate(self) -> None:
         """Seal the entries so far (the next append starts a new segment)."""
-        with self._lock:
-            db = self._require_writable()
-            with db.transaction():
-                self._fence(db)
-                db.execute(
-                    "UPDATE llamaffi_journal SET sealed = true WHERE session = %s AND NOT sealed",
-                    (self.session_id,),
-                )
+        with self._writing() as db, db.transaction():
+            self._fence(db)
+            db.execute(
+                "UPDATE llamaffi_journal SET sealed = true WHERE session = %s AND NOT sealed",
+                (self.session_id,),
+            )
 
     def drop_segments_before(self, seq: int, keep: Collection[int] = ()) -> int:
         """Delete sealed segments whose every entry is older than ``seq`` and that hold no
         entry in ``keep`` (the newest sealed one stays while nothing follows it); return the
         payload bytes freed."""
-        with self._lock:
-            db = self._require_writable()
-            with db.transaction():
-                self._fence(db)  # a node that lost the session must not drop what it needs
-                db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.session_id,))
-                segments = db.execute(
-                    "SELECT segment, min(seq), max(seq), bool_and(sealed) FROM llamaffi_journal "
-                    "WHERE session = %s GROUP BY segment ORDER BY segment",
-                    (self.session_id,),
-                ).fetchall()
-                if not segments:
-                    return 0
-                keep_last = bool(segments[-1][3])  # no unsealed entry follows
-                sealed = [s for s in segments if s[3]]
-                gone = []
-                for i, (segment, first, last, _) in enumerate(sealed):
-                    newest = i == len(sealed) - 1
-                    needed = any(first <= k <= last for k in keep)
-                    if last + 1 > seq or needed or (keep_last and newest):
-                        continue
-                    gone.append(segment)
-                if not gone:
-                    return 0
-                row = db.execute(
-                    "WITH d AS (DELETE FROM llamaffi_journal WHERE session = %s "
-                    "AND segment = ANY(%s) RETURNING octet_length(payload::text) AS n) "
-                    "SELECT coalesce(sum(n), 0) FROM d",
-                    (self.session_id, gone),
-                ).fetchone()
-                return int(row[0])
+        with self._writing() as db, db.transaction():
+            self._fence(db)  # a node that lost the session must not drop what it needs
+            db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.session_id,))
+            segments = db.execute(
+                "SELECT segment, min(seq), max(seq), bool_and(sealed) FROM llamaffi_journal "
+                "WHERE session = %s GROUP BY segment ORDER BY segment",
+                (self.session_id,),
+            ).fetchall()
+            if not segments:
+                return 0
+            keep_last = bool(segments[-1][3])  # no unsealed entry follows
+            sealed = [s for s in segments if s[3]]
+            gone = []
+            for i, (segment, first, last, _) in enumerate(sealed):
+                newest = i == len(sealed) - 1
+                needed = any(first <= k <= last for k in keep)
+                if last + 1 > seq or needed or (keep_last and newest):
+                    continue
+                gone.append(segment)
+            if not gone:
+                return 0
+            row = db.execute(
+                "WITH d AS (DELETE FROM llamaffi_journal WHERE session = %s "
+                "AND segment = ANY(%s) RETURNING octet_length(payload::text) AS n) "
+                "SELECT coalesce(sum(n), 0) FROM d",
+                (self.session_id, gone),
+            ).fetchone()
+            return int(row[0])
 
 
 class PgJournals:
@@ -462,8 +547,8 @@ class PgJournals:
         return PgJournal(self.db, session_id, readonly=readonly, leases=self.leases)
 
     def _rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        with self.db.lock:
-            rows: list[tuple[Any, ...]] = self.db.conn().execute(sql, params).fetchall()
+        with self.db.use() as conn:
+            rows: list[tuple[Any, ...]] = conn.execute(sql, params).fetchall()
             return rows
 
     def exists(self, session_id: str) -> bool:
@@ -499,8 +584,7 @@ class PgJournals:
         sid = validate_session_id(session_id)
         token = self.leases.acquire(sid)
         try:
-            with self.db.lock, self.db.conn().transaction():
-                conn = self.db.conn()
+            with self.db.use() as conn, conn.transaction():
                 lost = self.leases.check(conn, sid, token)
                 if lost is not None:
                     raise lost
@@ -515,10 +599,7 @@ class PgJournals:
 
     def describe(self) -> str:
         """The database (without credentials)."""
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(self.db.url)
-        return f"postgresql://{parts.hostname or ''}{parts.path} (table llamaffi_journal)"
+        return f"{self.db.describe()} (table llamaffi_journal)"
 
     def close(self) -> None:
         """Nothing of its own (the runtime closes the database and the leases)."""

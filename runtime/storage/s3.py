@@ -20,10 +20,16 @@ A chunk is put with ``If-None-Match: *`` where the store supports it (a concurre
 the same key cannot replace it), and with a HEAD then PUT where it does not; either way the
 key names the content, so a second put writes the same bytes. The quarantine reason travels in
 the moved object's metadata (``x-amz-meta-reason``).
+
+A store that cannot be reached (no connection, a timeout, a 5xx answer after boto3's own
+retries) raises :class:`runtime.errors.PersistError`, naming the store and saying to retry;
+nothing else is taken for that, so a missing object stays ``FileNotFoundError`` and a refused
+request stays boto3's error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
@@ -32,7 +38,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-from runtime.errors import ArgumentError, ClosedError, ReadOnlyError
+from runtime.errors import ArgumentError, ClosedError, PersistError, ReadOnlyError
 from runtime.layout import validate_session_id
 from runtime.storage.local import CHUNK_SUFFIX, MANIFEST_SUFFIX
 
@@ -63,6 +69,19 @@ def _error_code(exc: Exception) -> str:
 
 def _is_missing(exc: Exception) -> bool:
     return _error_code(exc) in {"404", "NoSuchKey", "NotFound"}
+
+
+def _is_unavailable(exc: Exception) -> bool:
+    """Whether ``exc`` says the store is away (no connection, a timeout, a 5xx), rather than
+    that it refused the request."""
+    from botocore.exceptions import ConnectionError as NoConnection
+    from botocore.exceptions import HTTPClientError
+
+    if isinstance(exc, NoConnection | HTTPClientError):
+        return True
+    response: dict[str, Any] = getattr(exc, "response", None) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return isinstance(status, int) and status >= 500
 
 
 class S3BlobStore:
@@ -113,6 +132,19 @@ class S3BlobStore:
         """``s3://bucket/prefix``."""
         return f"s3://{self.bucket}/{self.prefix}"
 
+    @contextlib.contextmanager
+    def _reaching(self, what: str) -> Iterator[None]:
+        """Run requests; a store that cannot be reached raises :class:`PersistError`."""
+        try:
+            yield
+        except Exception as exc:
+            if not _is_unavailable(exc):
+                raise
+            raise PersistError(
+                f"the object store {self.describe_root()} is unavailable ({what}: {exc}); "
+                "nothing was stored or read; retry"
+            ) from exc
+
     # -- layout ---------------------------------------------------------------------------------
 
     def object_key(self, key: str) -> str:
@@ -133,17 +165,19 @@ class S3BlobStore:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         if delimiter:
             kwargs["Delimiter"] = delimiter
-        yield from paginator.paginate(**kwargs)
+        with self._reaching(f"LIST {prefix}"):
+            yield from paginator.paginate(**kwargs)
 
     # -- blobs ----------------------------------------------------------------------------------
 
     def _size(self, object_key: str) -> int | None:
-        try:
-            head = self._s3.head_object(Bucket=self.bucket, Key=object_key)
-        except Exception as exc:
-            if _is_missing(exc):
-                return None
-            raise
+        with self._reaching(f"HEAD {object_key}"):
+            try:
+                head = self._s3.head_object(Bucket=self.bucket, Key=object_key)
+            except Exception as exc:
+                if _is_missing(exc):
+                    return None
+                raise
         return int(head["ContentLength"])
 
     def put_all(self, blobs: Sequence[tuple[str, Callable[[BinaryIO], int]]]) -> list[int]:
@@ -170,30 +204,35 @@ class S3BlobStore:
         """PUT an object that must not exist (the caller HEADed it): ``If-None-Match: *``
         where the store supports it, a plain PUT where it does not (then racy); False when
         another writer's object is there."""
-        if self._conditional_put:
-            try:
-                self._s3.put_object(Bucket=self.bucket, Key=object_key, Body=body, IfNoneMatch="*")
-                return True
-            except Exception as exc:
-                code = _error_code(exc)
-                if code in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}:
-                    return False
-                if code not in {"NotImplemented", "501", "InvalidArgument", "400"}:
-                    raise
-                logger.info("%s refuses If-None-Match; HEAD then PUT", self.describe_root())
-                self._conditional_put = False
-        self._s3.put_object(Bucket=self.bucket, Key=object_key, Body=body)
-        return True
+        with self._reaching(f"PUT {object_key}"):
+            if self._conditional_put:
+                try:
+                    self._s3.put_object(
+                        Bucket=self.bucket, Key=object_key, Body=body, IfNoneMatch="*"
+                    )
+                    return True
+                except Exception as exc:
+                    code = _error_code(exc)
+                    if code in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}:
+                        return False
+                    if code not in {"NotImplemented", "501", "InvalidArgument", "400"}:
+                        raise
+                    logger.info("%s refuses If-None-Match; HEAD then PUT", self.describe_root())
+                    self._conditional_put = False
+            self._s3.put_object(Bucket=self.bucket, Key=object_key, Body=body)
+            return True
 
     def get(self, key: str) -> memoryview:
         """The blob's bytes (read whole: an object store has nothing to map)."""
-        try:
-            got = self._s3.get_object(Bucket=self.bucket, Key=self.object_key(key))
-        except Exception as exc:
-            if _is_missing(exc):
-                raise FileNotFoundError(self.describe(key)) from exc
-            raise
-        return memoryview(got["Body"].read())
+        object_key = self.object_key(key)
+        with self._reaching(f"GET {object_key}"):
+            try:
+                got = self._s3.get_object(Bucket=self.bucket, Key=object_key)
+            except Exception as exc:
+                if _is_missing(exc):
+                    raise FileNotFoundError(self.describe(key)) from exc
+                raise
+            return memoryview(got["Body"].read())
 
     def has(self, key: str) -> bool:
         """Whether blob ``key`` is stored (a HEAD)."""
@@ -219,25 +258,28 @@ class S3BlobStore:
     def delete(self, key: str) -> None:
         """Delete blob ``key`` (durable on return; absent is not an error)."""
         self._require_writable()
-        self._s3.delete_object(Bucket=self.bucket, Key=self.object_key(key))
+        object_key = self.object_key(key)
+        with self._reaching(f"DELETE {object_key}"):
+            self._s3.delete_object(Bucket=self.bucket, Key=object_key)
 
     def sync_deletes(self, keys: Collection[str]) -> None:
         """Nothing to do: an S3 DELETE is durable when it returns."""
 
     def _move_aside(self, source: str, target: str, reason: str) -> bool:
-        try:
-            self._s3.copy_object(
-                Bucket=self.bucket,
-                Key=target,
-                CopySource={"Bucket": self.bucket, "Key": source},
-                Metadata={"reason": reason.encode("ascii", "replace").decode()[:1024]},
-                MetadataDirective="REPLACE",
-            )
-        except Exception as exc:
-            if _is_missing(exc):
-                return False
-            raise
-        self._s3.delete_object(Bucket=self.bucket, Key=source)
+        with self._reaching(f"COPY {source}"):
+            try:
+                self._s3.copy_object(
+                    Bucket=self.bucket,
+                    Key=target,
+                    CopySource={"Bucket": self.bucket, "Key": source},
+                    Metadata={"reason": reason.encode("ascii", "replace").decode()[:1024]},
+                    MetadataDirective="REPLACE",
+                )
+            except Exception as exc:
+                if _is_missing(exc):
+                    return False
+                raise
+            self._s3.delete_object(Bucket=self.bucket, Key=source)
         return True
 
     def quarantine(self, key: str, reason: str) -> None:
@@ -279,29 +321,29 @@ class S3BlobStore:
 
     def get_manifest(self, session_id: str, generation: int, max_size: int) -> bytes:
         """The manifest's bytes, its size checked against ``max_size`` before reading."""
-        try:
-            got = self._s3.get_object(
-                Bucket=self.bucket, Key=self.manifest_key(session_id, generation)
-            )
-        except Exception as exc:
-            if _is_missing(exc):
-                raise FileNotFoundError(self.describe_manifest(session_id, generation)) from exc
-            raise
-        body = got["Body"]
-        size = int(got["ContentLength"])
-        if size > max_size:
-            body.close()
-            raise ValueError(f"{size} bytes is too large")
-        data: bytes = body.read()
+        object_key = self.manifest_key(session_id, generation)
+        with self._reaching(f"GET {object_key}"):
+            try:
+                got = self._s3.get_object(Bucket=self.bucket, Key=object_key)
+            except Exception as exc:
+                if _is_missing(exc):
+                    raise FileNotFoundError(self.describe_manifest(session_id, generation)) from exc
+                raise
+            body = got["Body"]
+            size = int(got["ContentLength"])
+            if size > max_size:
+                body.close()
+                raise ValueError(f"{size} bytes is too large")
+            data: bytes = body.read()
         return data
 
     def switch_manifest(self, session_id: str, generation: int, data: bytes) -> None:
         """One PUT of the manifest under its generation's key: atomic per object, durable on
         return. The caller has put every chunk it names first."""
         self._require_writable()
-        self._s3.put_object(
-            Bucket=self.bucket, Key=self.manifest_key(session_id, generation), Body=data
-        )
+        object_key = self.manifest_key(session_id, generation)
+        with self._reaching(f"PUT {object_key}"):
+            self._s3.put_object(Bucket=self.bucket, Key=object_key, Body=data)
 
     def create_manifest(self, session_id: str, generation: int, data: bytes) -> bool:
         """PUT the manifest only if no object holds its generation yet (``If-None-Match: *``;
@@ -314,7 +356,9 @@ class S3BlobStore:
     def delete_manifest(self, session_id: str, generation: int) -> None:
         """Delete one manifest (absent is not an error)."""
         self._require_writable()
-        self._s3.delete_object(Bucket=self.bucket, Key=self.manifest_key(session_id, generation))
+        object_key = self.manifest_key(session_id, generation)
+        with self._reaching(f"DELETE {object_key}"):
+            self._s3.delete_object(Bucket=self.bucket, Key=object_key)
 
     def quarantine_manifest(self, session_id: str, generation: int, reason: str) -> None:
         """Copy the manifest to ``quarantine/manifests/<session>/`` with ``reason``, then delete
@@ -339,4 +383,7 @@ class S3BlobStore:
         ]
         for i in range(0, len(keys), _DELETE_BATCH):
             batch = [{"Key": k} for k in keys[i : i + _DELETE_BATCH]]
-            self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            with self._reaching(f"DELETE {len(batch)} manifests of {session_id}"):
+                self._s3.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
