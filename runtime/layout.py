@@ -5,7 +5,7 @@ A runtime's data directory holds::
     <root>/runtime.lock            the holder's pid (flock: one process at a time)
     <root>/stats.json              what the running runtime last published
     <root>/journals/<id>.log       each session's journal (the truth), with its sealed
-                                   segments and ``<id>.ingested`` (the long-term watermark)
+                                   segments
     <root>/kv/                     chunked KV checkpoints (:mod:`runtime.chunks`)
     <root>/longterm/               long-term memory (:mod:`runtime.longterm`)
     <root>/longterm-shared/        with ``db=``: this node's replica of the shared memory
@@ -49,7 +49,6 @@ __all__ = [
     "tenant_session",
     "validate_session_id",
     "validate_tenant",
-    "watermark_path",
 ]
 
 LOCK_NAME = "runtime.lock"
@@ -176,8 +175,3 @@ def validate_session_id(session_id: str) -> str:
 def journal_path(root: str | Path, session_id: str) -> Path:
     """The active file of a session's journal (``journals/<id>.log``)."""
     return Path(root) / JOURNAL_DIR / f"{validate_session_id(session_id)}.log"
-
-
-def watermark_path(journal: str | Path) -> Path:
-    """The long-term ingestion watermark beside a journal (``journals/<id>.ingested``)."""
-    return Path(journal).with_suffix(".ingested")

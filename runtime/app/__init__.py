@@ -40,7 +40,6 @@ from runtime.app.facade import Runtime
 from runtime.app.options import (
     DEDUP_SIMILARITY,
     DEFAULT_SYSTEM_PROMPT,
-    MARK_EVERY,
     MAX_EMBED_TEXTS,
     MAX_STOP_STRINGS,
     MAX_TEXT_CHARS,
@@ -63,7 +62,6 @@ from runtime.errors import (
 __all__ = [
     "DEDUP_SIMILARITY",
     "DEFAULT_SYSTEM_PROMPT",
-    "MARK_EVERY",
     "MAX_EMBED_TEXTS",
     "MAX_STOP_STRINGS",
     "MAX_TEXT_CHARS",

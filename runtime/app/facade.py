@@ -168,7 +168,6 @@ class Runtime:
         self._housekeeper.close()  # joined without the lock: a waiting tick sees the stop
         with self._lock:
             try:
-                self._recall.flush_marks()
                 self._stats.publish(force=True)
             finally:
                 self._stack.close()

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEDUP_SIMILARITY",
     "DEFAULT_SYSTEM_PROMPT",
-    "MARK_EVERY",
     "MAX_EMBED_TEXTS",
     "MAX_STOP_STRINGS",
     "MAX_TEXT_CHARS",
@@ -54,8 +53,6 @@ DEDUP_SIMILARITY = 0.95
 MIN_SIMILARITY = 0.3
 MAX_STOP_STRINGS = 8
 MAX_EMBED_TEXTS = 256
-#: the long-term ingestion watermark file is rewritten after this many journal entries
-MARK_EVERY = 16
 
 
 logger = logging.getLogger(__name__)

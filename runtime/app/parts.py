@@ -22,8 +22,8 @@ from runtime.app.stats import Stats
 from runtime.app.turn import TurnEngine
 from runtime.checkpoint import CheckpointWriter
 from runtime.chunks import ChunkStore
-from runtime.fsutil import DirLock, ensure_dir, private_dir, warn_if_exposed
-from runtime.layout import CHUNK_DIR, JOURNAL_DIR, LOCK_NAME, LONGTERM_DIR, SHARED_LONGTERM_DIR
+from runtime.fsutil import DirLock, warn_if_exposed
+from runtime.layout import CHUNK_DIR, LOCK_NAME, LONGTERM_DIR, SHARED_LONGTERM_DIR
 from runtime.session import SessionPool
 from runtime.storage import LocalJournals
 from runtime.template import ChatFormat
@@ -140,8 +140,6 @@ def open_storage(cfg: RuntimeConfig, root: Path, stack: contextlib.ExitStack) ->
         from runtime.storage.leases import Leases, default_node_id
         from runtime.storage.postgres import PgDatabase, PgJournals
 
-        # this node's long-term watermarks stay beside its memory store, in the directory
-        private_dir(ensure_dir(root / JOURNAL_DIR))
         db = PgDatabase(cfg.db)
         stack.callback(db.close)
         node = cfg.node_id or default_node_id()
@@ -215,7 +213,6 @@ def build_parts(
         return turns.ask(ctx, scratch_seq, instructions, text, max_tokens=ASK_MAX_TOKENS)
 
     recall = Recall.open(
-        root,
         root / (LONGTERM_DIR if storage.memory_log is None else SHARED_LONGTERM_DIR),
         cfg.embedder,
         say=say,

@@ -8,7 +8,6 @@ touches the llama.cpp context.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -17,18 +16,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.app.options import MARK_EVERY, MAX_EMBED_TEXTS, check_int, check_text
+from runtime.app.options import MAX_EMBED_TEXTS, check_int, check_text
 from runtime.app.reply import MemoryUsed
 from runtime.embed.embedder import Embeddings
 from runtime.errors import RuntimeArgumentError
-from runtime.fsutil import atomic_write_bytes
-from runtime.layout import (
-    JOURNAL_DIR,
-    journal_path,
-    memory_scope,
-    tenant_of,
-    watermark_path,
-)
+from runtime.layout import memory_scope, tenant_of
 from runtime.longterm.distill import Ask, AskBudget, Distiller
 from runtime.session import Session
 from runtime.storage import JournalBackend
@@ -100,13 +92,12 @@ class Recall:
     """Long-term memory for the runtime: what a prompt recalls and what a turn leaves behind.
 
     Built with everything it needs: the store (``None``: long-term memory is off, every call
-    is a no-op or refuses), the data directory (for the watermarks beside the journals) and
-    the retrieval settings. Not thread-safe on its own: the runtime calls it under its lock.
+    is a no-op or refuses) and the retrieval settings. Not thread-safe on its own: the
+    runtime calls it under its lock.
 
     Args:
         store: the long-term memory store, or ``None``.
         embedder: the store's (cached) embedder, or ``None``.
-        root: the runtime's data directory.
         memory_k: memories put into a prompt at most.
         min_similarity: memories less similar than this to the user's text are left out.
         dedup_similarity: a new turn this similar to a stored memory, naming the same
@@ -121,7 +112,6 @@ class Recall:
         self,
         store: MemoryBackend | None,
         embedder: CachedEmbedder | None,
-        root: Path,
         *,
         memory_k: int,
         min_similarity: float,
@@ -135,12 +125,9 @@ class Recall:
         self.ask_facts = ask_facts
         self.ask_summary = ask_summary
         self._embedder = embedder
-        self._root = root
         self.memory_k = memory_k
         self.min_similarity = min_similarity
         self.dedup_similarity = dedup_similarity
-        self._marks: dict[str, int] = {}  # sid -> last journal seq ingested
-        self._written_marks: dict[str, int] = {}  # sid -> the value on disk
         #: ingests that failed (the turn itself was safe in the journal)
         self.ingest_failures = 0
         self._retrieval_ms: deque[float] = deque(maxlen=512)
@@ -148,7 +135,6 @@ class Recall:
     @classmethod
     def open(
         cls,
-        root: Path,
         directory: Path,
         embedder: TextEmbedder | bool | None,
         *,
@@ -186,7 +172,6 @@ class Recall:
         return cls(
             store,
             cached,
-            root,
             memory_k=memory_k,
             min_similarity=min_similarity,
             dedup_similarity=dedup_similarity,
@@ -278,33 +263,26 @@ class Recall:
         """Add the session's journalled user turns that long-term memory lacks (crash-safe);
         returns how many turns were ingested.
 
-        A watermark (``journals/<id>.ingested``: the last journal seq ingested) keeps this to
-        the new entries. Each turn item is named by its session and journal seq, so an entry
-        past the watermark that was added just before a crash is skipped by the store, never
-        stored twice. A turn that says what a stored item says is merged into it (sources
-        kept; see :meth:`runtime.longterm.MemoryStore.put`), never dropped. Each item carries
-        its speaker (an imported message's ``name``), the time it was said and, for the
-        lexical index only, the turns just before it in the same sitting.
+        A watermark in the store (``turns:<id>``: the last journal seq ingested), written in
+        the transaction of the turn items it covers, keeps this to the new entries, so a crash
+        leaves both or neither; with ``db=`` it is shared like the items, so a node that takes
+        a session over ingests only what no node did. Each turn item is also named by its
+        session and journal seq, so a re-add is a no-op. A turn that says what a stored item
+        says is merged into it (sources kept; see :meth:`runtime.longterm.MemoryStore.put`),
+        never dropped. Each item carries its speaker (an imported message's ``name``), the
+        time it was said and, for the lexical index only, the turns just before it in the
+        same sitting.
         """
         if self.store is None:
             return 0
-        mark_path = watermark_path(journal_path(self._root, sid))
-        try:
-            mark = int(mark_path.read_text())
-        except (OSError, ValueError):
-            mark = -1
-        mark = max(mark, self._marks.get(sid, -1))
-        if mark >= len(journal) - 1:
-            return 0
+        key = f"turns:{sid}"
+        first = self.store.watermark(key) + 1
+        if first == 0:  # nothing ingested: retention dropped only what had been
+            first = journal.first_seq
         last = len(journal) - 1
-        added = Distiller(self.store).turns(sid, journal, mark + 1, last)
-        self._marks[sid] = last
-        # The file is only a shortcut for the next process (entries past it are named by
-        # their seq, so a re-add is a no-op), so it is written every MARK_EVERY entries and
-        # on close, not with two fsyncs on every turn.
-        if last - self._written_marks.get(sid, mark) >= MARK_EVERY:
-            self._write_mark(journal_path(self._root, sid), last)
-        return added
+        if first > last:
+            return 0
+        return Distiller(self.store).turns(sid, journal, first, last, mark=key)
 
     def consolidate(self, session: Session, budget: AskBudget | None = None) -> dict[str, int]:
         """The background work on one session's memories (the housekeeping thread runs it,
@@ -335,48 +313,27 @@ class Recall:
             "archived": 0,
         }
         if self.max_items:
-            self.flush_marks()  # an archived turn must not come back by a re-ingest
             done["archived"] = self.store.archive_turns(sid, self.max_items)
         return done
 
     def settle(self, sessions: Sequence[Session]) -> None:
-        """Consolidate ``sessions`` and write every watermark: what journal retention may
-        then drop is covered by long-term memory on disk."""
+        """Consolidate ``sessions``: what journal retention may then drop is covered by
+        long-term memory on disk."""
         for session in sessions:
             self.consolidate(session)
-        self.flush_marks()
 
     def durable_mark(self, session_id: str) -> int | None:
-        """The last journal seq that long-term memory holds durably: ingested (the mark on
-        disk) and distilled into facts and summaries; journal retention drops nothing after
-        it. ``None`` when long-term memory is off, so nothing bounds retention."""
+        """The last journal seq that long-term memory holds durably: ingested and distilled
+        into facts and summaries; journal retention drops nothing after it. ``None`` when
+        long-term memory is off, so nothing bounds retention."""
         if self.store is None:
             return None
         return min(
-            self._written_marks.get(session_id, -1),
-            self.store.watermark(f"facts:{session_id}"),
-            self.store.watermark(f"summary:{session_id}"),
+            self.store.watermark(f"{name}:{session_id}") for name in ("turns", "facts", "summary")
         )
-
-    def _write_mark(self, journal_path: Path, last: int) -> None:
-        atomic_write_bytes(watermark_path(journal_path), f"{last}\n".encode())
-        self._written_marks[journal_path.stem] = last
-
-    def flush_marks(self) -> None:
-        """Write every watermark that is behind (before a compaction, and on close)."""
-        for sid, last in self._marks.items():
-            if self._written_marks.get(sid) != last:
-                try:
-                    self._write_mark(self._root / JOURNAL_DIR / f"{sid}.log", last)
-                except OSError as exc:  # only a shortcut: the next open looks entries up
-                    logger.warning("could not write the watermark of %s: %s", sid, exc)
 
     def forget_session(self, session_id: str, *, memories: bool) -> None:
         """A session was deleted: drop its watermarks and (``memories``) its memories."""
-        self._marks.pop(session_id, None)
-        self._written_marks.pop(session_id, None)
-        with contextlib.suppress(FileNotFoundError):
-            watermark_path(journal_path(self._root, session_id)).unlink()
         if self.store is None:
             return
         if memories:
@@ -442,8 +399,7 @@ class Recall:
         """Delete one long-term memory; False if there was none with this id (of ``tenant``)."""
         if self.store is None or not self._owned(item_id, tenant):
             return False
-        # the watermarks first: a crash right after must not re-ingest a forgotten turn
-        self.flush_marks()
+        # the turns watermark covers every ingested turn: a forgotten one never comes back
         return self.store.delete(item_id)
 
     def _owned(self, item_id: str, tenant: str | None) -> bool:
@@ -483,9 +439,6 @@ class Recall:
         return int(items) if items is not None else None
 
     def close(self) -> None:
-        """Write the watermarks that are behind and close the store."""
-        try:
-            self.flush_marks()
-        finally:
-            if self.store is not None:
-                self.store.close()
+        """Close the store."""
+        if self.store is not None:
+            self.store.close()

@@ -122,17 +122,25 @@ class Distiller:
         self.ask_facts = self.budget.counted(ask_facts) if ask_facts is not None else None
         self.ask_summary = self.budget.counted(ask_summary) if ask_summary is not None else None
 
-    def turns(self, sid: str, journal: JournalBackend, first: int, last: int) -> int:
-        """Store the user turns among entries ``first..last``; returns how many."""
+    def turns(
+        self, sid: str, journal: JournalBackend, first: int, last: int, *, mark: str | None = None
+    ) -> int:
+        """Store the user turns among entries ``first..last``; returns how many. ``mark``:
+        the watermark written with each batch (the last entry it covers, ``last`` with the
+        final one), so that a crash leaves a batch and its mark together."""
         key = lineage_key(sid, journal)
-        items = [
-            turn_item(sid, journal, entry, key)
+        found = [
+            (seq, turn_item(sid, journal, entry, key))
             for seq in range(first, last + 1)
             if (entry := entry_at(journal, seq)) is not None and memorable(entry)
         ]
-        for i in range(0, len(items), BATCH):
-            self.store.put(items[i : i + BATCH])
-        return len(items)
+        if not found and mark is not None:
+            self.store.put([], mark=(mark, last))
+        for i in range(0, len(found), BATCH):
+            batch = found[i : i + BATCH]
+            end = last if i + BATCH >= len(found) else batch[-1][0]
+            self.store.put([item for _, item in batch], mark=None if mark is None else (mark, end))
+        return len(found)
 
     def facts(self, sid: str, journal: JournalBackend) -> int:
         """Facts from the user turns after the facts' watermark; returns how many."""

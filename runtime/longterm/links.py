@@ -268,9 +268,9 @@ def read_mark(db: sqlite3.Connection, key: str) -> int:
 
 
 def clear_marks(db: sqlite3.Connection, session: str) -> None:
-    """Forget the distiller's watermarks of ``session`` (inside the caller's transaction):
-    a new journal under the same id starts from its first entry."""
+    """Forget the ingest and distiller watermarks of ``session`` (inside the caller's
+    transaction): a new journal under the same id starts from its first entry."""
     db.execute(
-        "DELETE FROM meta WHERE key IN (?, ?)",
-        (f"mark:facts:{session}", f"mark:summary:{session}"),
+        "DELETE FROM meta WHERE key IN (?, ?, ?)",
+        tuple(f"mark:{name}:{session}" for name in ("turns", "facts", "summary")),
     )

@@ -95,6 +95,11 @@ class JournalBackend(Protocol):
         ...
 
     @property
+    def first_seq(self) -> int:
+        """The oldest entry still stored (0 unless retention dropped the first segments)."""
+        ...
+
+    @property
     def n_segments(self) -> int:
         """Sealed segments kept."""
         ...
