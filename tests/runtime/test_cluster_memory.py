@@ -274,3 +274,43 @@ def test_a_role_that_may_not_create_pgvector_is_told_what_to_run(
             MemoryStore(tmp_path / "A", HashEmbedder(), shared=PgMemoryLog(db, "A"))
     finally:
         db.close()
+
+
+class CountingEmbedder(HashEmbedder):
+    """A hash embedder that notes every text it embeds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+
+    def embed(self, texts: list[str]) -> Any:
+        self.texts += texts
+        return super().embed(texts)
+
+
+def test_a_node_that_takes_a_session_over_ingests_only_what_no_node_did(
+    tmp_path: Path, db_url: str
+) -> None:
+    embedders = {"A": CountingEmbedder(), "B": CountingEmbedder()}
+
+    def node(name: str) -> Runtime:
+        return Runtime.open(
+            tmp_path / name,
+            model="tiny",
+            n_ctx=1024,
+            embedder=embedders[name],
+            db=db_url,
+            node_id=name,
+            lease_ttl_s=2.0,
+            journal_fsync=False,
+        )
+
+    with node("A") as a:
+        for n in range(3):
+            a.chat("s", f"turn number {n} about kites", temperature=0.0, max_tokens=2)
+        a.suspend("s")
+    with node("B") as b:
+        b.chat("s", "and one more about boats", temperature=0.0, max_tokens=2)
+        turns = [h for h in b.search("kites boats", session="s", k=10) if h.kind == "turn"]
+    assert len(turns) == 4
+    assert not [t for t in embedders["B"].texts if "turn number" in t], embedders["B"].texts
