@@ -635,7 +635,8 @@ def test_journal_append(
     """One :meth:`JournalBackend.append`: local with fsync, or PostgreSQL (lease check and
     INSERT in one transaction, acknowledged after the commit's WAL flush)."""
     from runtime.storage.leases import Leases
-    from runtime.storage.postgres import PgDatabase, PgJournals
+    from runtime.storage.pgdb import PgDatabase
+    from runtime.storage.postgres import PgJournals
 
     session = f"append-{secrets.token_hex(4)}"
     tokens = list(range(10, 50))

@@ -365,10 +365,11 @@ class RuntimeConfig:
             raise RuntimeArgumentError(
                 "node_id", "must be 1-200 characters of letters, digits, '.', '_', '-', ':'"
             )
-        if self.db is not None and self.journal_retention != "all":
+        if self.db is not None and self.kv is None and self.journal_retention != "all":
             raise RuntimeArgumentError(
                 "journal_retention",
-                "must be 'all' with db=: retention of a shared journal is not built yet",
+                "'window' with db= needs kv= too: a node that takes a session over restores "
+                "the window from the shared checkpoint, since the journal no longer holds it all",
             )
         if self.kv is not None and self.db is None:
             logger.warning(

@@ -138,14 +138,15 @@ def open_storage(cfg: RuntimeConfig, root: Path, stack: contextlib.ExitStack) ->
         memory_log: MemoryLog | None = None
     else:
         from runtime.storage.leases import Leases, default_node_id
-        from runtime.storage.postgres import PgDatabase, PgJournals
+        from runtime.storage.pgdb import PgDatabase
+        from runtime.storage.postgres import PgJournals
 
         db = PgDatabase(cfg.db)
         stack.callback(db.close)
         node = cfg.node_id or default_node_id()
         leases = Leases(db, node, address=cfg.advertise_url, ttl_s=cfg.lease_ttl_s)
         stack.callback(leases.close)
-        journals = PgJournals(db, leases)
+        journals = PgJournals(db, leases, segment_entries=cfg.journal_segment_entries)
         from runtime.storage.pgmemory import PgMemoryLog
 
         memory_log = PgMemoryLog(db, node)

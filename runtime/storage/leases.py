@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from runtime.errors import ArgumentError, PersistError, SessionLeasedError
-from runtime.storage.postgres import PgDatabase, lease_lost
+from runtime.storage.pgdb import PgDatabase
+from runtime.storage.postgres import lease_lost
 
 logger = logging.getLogger(__name__)
 

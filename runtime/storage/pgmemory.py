@@ -45,7 +45,7 @@ from runtime.errors import MemoryStoreError, StoreMismatchError
 from runtime.storage import MemoryChange
 
 if TYPE_CHECKING:
-    from runtime.storage.postgres import PgDatabase
+    from runtime.storage.pgdb import PgDatabase
 
 __all__ = ["SCHEMA_VERSION", "PgMemoryLog"]
 
@@ -92,8 +92,8 @@ def vector_bytes(text: str) -> bytes:
 
 
 class PgMemoryLog:
-    """The shared memory table on the runtime's :class:`runtime.storage.postgres.PgDatabase`
-    connection (:meth:`~runtime.storage.postgres.PgDatabase.use`: its lock held, a lost
+    """The shared memory table on the runtime's :class:`runtime.storage.pgdb.PgDatabase`
+    connection (:meth:`~runtime.storage.pgdb.PgDatabase.use`: its lock held, a lost
     connection a retryable :class:`runtime.errors.PersistError`); ``writer`` is this node's
     id."""
 

@@ -1,22 +1,7 @@
-"""The journal on PostgreSQL (psycopg 3; the ``cluster`` extra): :class:`PgJournal` (a
-:class:`runtime.storage.JournalBackend`) and :class:`PgJournals` (the
-:class:`runtime.storage.JournalStore` of a runtime, each session's writes fenced by its lease,
-:mod:`runtime.storage.leases`).
-
-Tables (created on first use; the schema version is checked on every open)::
-
-    llamaffi_schema (component text PRIMARY KEY, version int)
-    llamaffi_journal (
-        session  text, seq bigint,      -- PRIMARY KEY (session, seq): the total order
-        segment  int,  sealed boolean,  -- rotate() seals; retention drops sealed segments
-        n_tokens int,                   -- the exact tokens are in the payload; their count here
-        payload  jsonb,                 -- runtime.journal.Entry.to_payload(), tokens included
-        written  timestamptz            -- the server's time of the append (expiry counts from it)
-    )
-    llamaffi_lease (session text PRIMARY KEY, owner text, incarnation text, address text,
-                    token bigint, expires timestamptz)      -- runtime.storage.leases
-    llamaffi_manifest (session text PRIMARY KEY, generation bigint, token bigint)
-                                                  -- each session's live KV manifest
+"""The journal on PostgreSQL: :class:`PgJournal` (a :class:`runtime.storage.JournalBackend`)
+and :class:`PgJournals` (the :class:`runtime.storage.JournalStore` of a runtime, each
+session's writes fenced by its lease, :mod:`runtime.storage.leases`), in the
+``llamaffi_journal`` table of :mod:`runtime.storage.pgdb`.
 
 Fencing: a journal opened by :class:`PgJournals` holds its session's lease token, and every
 append checks, in its own transaction, that the lease row still carries that token
@@ -25,26 +10,10 @@ commit, or the append waits for the takeover's and is refused). A node that lost
 (paused, partitioned) therefore has every later append refused
 (:class:`runtime.errors.SessionLeasedError`), and its journal closes itself.
 
-Durability: an append is one transaction (a per-session advisory lock, ``max(seq) + 1``, the
-INSERT, COMMIT) on a connection with ``synchronous_commit = on``: it returns only once the
-commit's WAL is flushed on the primary, so an acknowledged entry survives a crash of the
-server. With synchronous standbys configured, ``on`` also waits for their flush; a deployment
-that must survive the loss of the primary's disk sets ``synchronous_standby_names`` (or
-``remote_apply`` for read-your-writes on a standby). ``off`` or ``local`` with standbys
-would break the contract: never lower it for this table.
-
 Order: the advisory lock serialises appends of one session across nodes and the primary key
 refuses a duplicate seq, so entries are numbered ``0, 1, 2, ...`` without gaps. Reads are one
 index range scan on the primary key from the first seq a resume replays (``seq >= $1``), so a
 resume costs what it replays, never the session's age.
-
-Reconnect: the database's connection is made again when it was lost (the server restarted,
-a network cut), by the next call that needs it, once per call. The call that finds it lost
-raises :class:`runtime.errors.PersistError` (retry), as does every call while the server is
-away; nothing is retried inside a call, so a request never waits on a loop. A reconnect
-never weakens fencing: each write checks the lease in its own transaction, on whichever
-connection it runs, and an append cut during its ``COMMIT`` closes its journal (its outcome is
-unknown: the session is read again from the table).
 
 Retention is the local one's: :meth:`PgJournal.rotate` seals the entries so far (one segment),
 :meth:`PgJournal.drop_segments_before` deletes whole sealed segments older than a seq unless
@@ -58,196 +27,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 from collections.abc import Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from runtime.errors import (
     ClosedError,
     JournalCompactedError,
     JournalError,
-    PersistError,
     SessionLeasedError,
 )
+from runtime.journal import DEFAULT_SEGMENT_ENTRIES
 from runtime.journal.record import Entry
 from runtime.layout import validate_session_id
+from runtime.storage.pgdb import PgDatabase
 
 if TYPE_CHECKING:
     from runtime.storage.leases import Leases
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA_VERSION", "PgDatabase", "PgJournal", "PgJournals", "connect", "ensure_schema"]
-
-#: The version of the tables below; an open of a database with another version is refused.
-SCHEMA_VERSION = 2
-#: Seconds a connection attempt may take unless the URL sets ``connect_timeout``: a reconnect
-#: runs on a request's path, so it must be bounded.
-CONNECT_TIMEOUT_S = 5
-_COMPONENT = "journal"
-
-_DDL = """
-CREATE TABLE IF NOT EXISTS llamaffi_schema (
-    component text PRIMARY KEY,
-    version   integer NOT NULL
-);
-CREATE TABLE IF NOT EXISTS llamaffi_journal (
-    session  text    NOT NULL,
-    seq      bigint  NOT NULL CHECK (seq >= 0),
-    segment  integer NOT NULL,
-    sealed   boolean NOT NULL DEFAULT false,
-    n_tokens integer NOT NULL,
-    payload  jsonb   NOT NULL,
-    written  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (session, seq)
-);
-CREATE TABLE IF NOT EXISTS llamaffi_lease (
-    session     text        PRIMARY KEY,
-    owner       text        NOT NULL,
-    incarnation text        NOT NULL,
-    address text        NOT NULL DEFAULT '',
-    token   bigint      NOT NULL CHECK (token > 0),
-    expires timestamptz NOT NULL
-);
-CREATE TABLE IF NOT EXISTS llamaffi_manifest (
-    session    text   PRIMARY KEY,
-    generation bigint NOT NULL,
-    token      bigint NOT NULL
-);
-"""
-
-
-def connect(url: str) -> Any:
-    """A psycopg connection to ``url`` with ``synchronous_commit = on`` (see the module's
-    docstring for why), made within :data:`CONNECT_TIMEOUT_S` unless the URL says otherwise."""
-    try:
-        import psycopg  # the cluster extra; imported only when PostgreSQL is used
-    except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError(
-            "a postgresql:// store needs the cluster extra: pip install '.[cluster]'"
-        ) from exc
-
-    if "connect_timeout" not in psycopg.conninfo.conninfo_to_dict(url):
-        url = psycopg.conninfo.make_conninfo(url, connect_timeout=CONNECT_TIMEOUT_S)
-    conn = psycopg.connect(url, autocommit=True)
-    try:
-        conn.execute("SET synchronous_commit = on")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def ensure_schema(conn: Any) -> None:
-    """Create the tables on first use; refuse a database whose schema version differs."""
-    with conn.transaction():
-        # one creator at a time (CREATE TABLE IF NOT EXISTS races on the catalog)
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('llamaffi_schema'))")
-        conn.execute(_DDL)
-        row = conn.execute(
-            "SELECT version FROM llamaffi_schema WHERE component = %s", (_COMPONENT,)
-        ).fetchone()
-        if row is None:
-            conn.execute(
-                "INSERT INTO llamaffi_schema (component, version) VALUES (%s, %s)",
-                (_COMPONENT, SCHEMA_VERSION),
-            )
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise JournalError(
-                f"the database's journal schema is version {row[0]}; this runtime reads "
-                f"version {SCHEMA_VERSION}"
-            )
-
-
-class PgDatabase:
-    """One connection to the database (``synchronous_commit = on``), shared by a runtime's
-    journals, leases and manifest pointers; :attr:`lock` serialises its use (psycopg
-    connections are not for two threads at once). The schema is checked on open.
-
-    A lost connection is made again by the next call that needs it (:meth:`use`,
-    :meth:`conn`), with one attempt per call; while the server is away, and in the call that
-    finds the connection lost, :meth:`use` raises :class:`runtime.errors.PersistError`
-    (retry). Nothing is retried inside a call.
-    """
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.lock = threading.RLock()
-        self._closed = False
-        #: connections made again after one was lost (for logs and tests)
-        self.reconnects = 0
-        self._conn: Any = connect(url)
-        try:
-            ensure_schema(self._conn)
-        except BaseException:
-            self._conn.close()
-            raise
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._closed
-
-    def describe(self) -> str:
-        """``postgresql://host/db``: the database without credentials, for messages."""
-        parts = urlsplit(self.url)
-        return f"postgresql://{parts.hostname or ''}{parts.path}"
-
-    def conn(self) -> Any:
-        """The connection (hold :attr:`lock`), made again first if it was lost (one attempt;
-        :class:`PersistError` when the server cannot be reached); :class:`ClosedError` after
-        :meth:`close`. Within a transaction it is the transaction's own: a connection is
-        only replaced once it is broken, and a broken one has no transaction left."""
-        if self._closed:
-            raise ClosedError("the database connection is closed")
-        if self._conn is None or self._conn.broken or self._conn.closed:
-            self._reconnect()
-        return self._conn
-
-    def _reconnect(self) -> None:
-        import psycopg
-
-        old, self._conn = self._conn, None
-        if old is not None:
-            with contextlib.suppress(Exception):
-                old.close()
-        try:
-            self._conn = connect(self.url)
-        except psycopg.OperationalError as exc:
-            raise self.unavailable(exc) from exc
-        self.reconnects += 1
-        logger.warning("reconnected to %s", self.describe())
-
-    @contextlib.contextmanager
-    def use(self) -> Iterator[Any]:
-        """Hold :attr:`lock` and yield the connection (see :meth:`conn`). A connection lost
-        meanwhile, or a server that refuses it (restarting, out of connections), raises
-        :class:`PersistError`; the next call connects again."""
-        import psycopg
-
-        with self.lock:
-            conn = self.conn()
-            try:
-                yield conn
-            except psycopg.OperationalError as exc:
-                raise self.unavailable(exc) from exc
-
-    def unavailable(self, exc: BaseException) -> PersistError:
-        """The retryable error of a call the server did not answer."""
-        detail = str(exc).strip().splitlines()
-        return PersistError(
-            f"PostgreSQL {self.describe()} is unavailable ({detail[0] if detail else exc!r}): "
-            "nothing was acknowledged; retry (the next call connects again)"
-        )
-
-    def close(self) -> None:
-        """Close the connection; safe to call twice."""
-        with self.lock:
-            self._closed = True
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
+__all__ = ["PgJournal", "PgJournals", "lease_lost"]
 
 
 class PgJournal:
@@ -260,6 +59,7 @@ class PgJournal:
         readonly: refuse appends and retention.
         leases: check every append against the session's lease (the token held when the
             journal was opened); ``None``: no fencing (one writer known by other means).
+        segment_entries: entries per sealed segment (the unit retention drops), as locally.
     """
 
     def __init__(
@@ -269,9 +69,11 @@ class PgJournal:
         *,
         readonly: bool = False,
         leases: Leases | None = None,
+        segment_entries: int = DEFAULT_SEGMENT_ENTRIES,
     ) -> None:
         self.session_id = validate_session_id(session_id)
         self.readonly = readonly
+        self._segment_entries = max(1, segment_entries)
         self._own_db = isinstance(db, str)
         self._database = PgDatabase(db) if isinstance(db, str) else db
         self._lock = self._database.lock
@@ -467,14 +269,7 @@ class PgJournal:
         with db.transaction():
             self._fence(db)
             db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.session_id,))
-            row = db.execute(
-                "SELECT max(seq), max(segment), bool_and(sealed) FILTER "
-                "(WHERE segment = (SELECT max(segment) FROM llamaffi_journal "
-                "WHERE session = %s)) FROM llamaffi_journal WHERE session = %s",
-                (self.session_id, self.session_id),
-            ).fetchone()
-            seq = 0 if row[0] is None else int(row[0]) + 1
-            segment = 0 if row[1] is None else int(row[1]) + (1 if row[2] else 0)
+            seq, segment = self._next_position(db)
             entry, payload = Entry.new(seq, role, text, tokens, meta, created)
             db.execute(
                 "INSERT INTO llamaffi_journal (session, seq, segment, n_tokens, payload) "
@@ -482,6 +277,30 @@ class PgJournal:
                 (self.session_id, seq, segment, len(entry.tokens), payload.decode()),
             )
         return entry
+
+    def _next_position(self, db: Any) -> tuple[int, int]:
+        """The seq and segment of the next entry (inside the append's transaction): after the
+        last entry, in its segment unless that one is sealed or holds ``segment_entries``
+        entries, which seals it. Two index lookups, whatever the journal's age."""
+        row = db.execute(
+            "WITH last AS (SELECT seq, segment, sealed FROM llamaffi_journal WHERE session = %s"
+            " ORDER BY seq DESC LIMIT 1) SELECT last.seq, last.segment, last.sealed,"
+            " (SELECT min(seq) FROM llamaffi_journal j WHERE j.session = %s"
+            " AND j.segment = last.segment) FROM last",
+            (self.session_id, self.session_id),
+        ).fetchone()
+        if row is None:
+            return 0, 0
+        last, segment, sealed, first = int(row[0]), int(row[1]), bool(row[2]), int(row[3])
+        if sealed:
+            return last + 1, segment + 1
+        if last + 1 - first >= self._segment_entries:
+            db.execute(
+                "UPDATE llamaffi_journal SET sealed = true WHERE session = %s AND segment = %s",
+                (self.session_id, segment),
+            )
+            return last + 1, segment + 1
+        return last + 1, segment
 
     def rotate(self) -> None:
         """Seal the entries so far (the next append starts a new segment)."""
@@ -536,15 +355,25 @@ class PgJournals:
     Args:
         db: the shared connection.
         leases: this node's leases.
+        segment_entries: entries per sealed segment.
     """
 
-    def __init__(self, db: PgDatabase, leases: Leases) -> None:
+    def __init__(
+        self, db: PgDatabase, leases: Leases, *, segment_entries: int = DEFAULT_SEGMENT_ENTRIES
+    ) -> None:
         self.db = db
         self.leases = leases
+        self.segment_entries = segment_entries
 
     def open(self, session_id: str, *, readonly: bool = False) -> PgJournal:
         """The session's journal (writable: with its lease)."""
-        return PgJournal(self.db, session_id, readonly=readonly, leases=self.leases)
+        return PgJournal(
+            self.db,
+            session_id,
+            readonly=readonly,
+            leases=self.leases,
+            segment_entries=self.segment_entries,
+        )
 
     def _rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         with self.db.use() as conn:

@@ -22,12 +22,17 @@ import psycopg
 import pytest
 
 from runtime.app import Runtime
-from runtime.errors import ClosedError, MemoryStoreError, StoreMismatchError
+from runtime.errors import (
+    ClosedError,
+    MemoryStoreError,
+    RuntimeArgumentError,
+    StoreMismatchError,
+)
 from runtime.longterm import MemoryStore
 from runtime.longterm.items import NewItem
+from runtime.storage.pgdb import PgDatabase
 from runtime.storage.pgmemory import PgMemoryLog
-from runtime.storage.postgres import PgDatabase
-from tests.runtime.cluster_fixtures import pg_url  # noqa: F401
+from tests.runtime.cluster_fixtures import S3_BUCKET, pg_url, s3_env  # noqa: F401
 from tests.runtime.memory_helpers import HashEmbedder
 
 NOTES = [
@@ -314,3 +319,55 @@ def test_a_node_that_takes_a_session_over_ingests_only_what_no_node_did(
         turns = [h for h in b.search("kites boats", session="s", k=10) if h.kind == "turn"]
     assert len(turns) == 4
     assert not [t for t in embedders["B"].texts if "turn number" in t], embedders["B"].texts
+
+
+def test_journal_retention_on_the_database_keeps_memory_and_the_window_for_the_next_node(
+    tmp_path: Path, db_url: str, s3_env: dict[str, str]
+) -> None:
+    kv = f"s3://{S3_BUCKET}/retention-{secrets.token_hex(4)}"
+    facts = [f"My locker number {i} is {1000 + i}." for i in range(30)]
+
+    def node(name: str) -> Runtime:
+        return Runtime.open(
+            tmp_path / name,
+            model="tiny",
+            n_ctx=256,
+            embedder=HashEmbedder(),
+            db=db_url,
+            kv=kv,
+            node_id=name,
+            lease_ttl_s=2.0,
+            journal_fsync=False,
+            journal_retention="window",
+            journal_segment_entries=8,
+        )
+
+    with node("A") as a:
+        for fact in facts:
+            a.chat("s", fact, temperature=0.0, max_tokens=4)
+        a.checkpoint("s")
+        freed = a.compact_journals()
+        kept = a.history("s")
+        a.suspend("s")
+    assert freed > 0
+    assert 0 < len([h for h in kept if h["role"] == "user"]) < len(facts)
+    with psycopg.connect(db_url) as conn:
+        rows, top = conn.execute(
+            "SELECT count(*), max(seq) FROM llamaffi_journal WHERE session = 's'"
+        ).fetchone()
+    assert rows < top + 1  # entries really left the table (the pinned first one stays)
+    with node("B") as b:
+        reply = b.chat("s", "Which locker is number 0?", temperature=0.0, max_tokens=4)
+        assert reply.resumed is not None and reply.resumed.source == "snapshot"
+        assert b.history("s")[: len(kept)] == kept
+        hits = b.search(facts[0], k=1, session="s")
+        assert hits and hits[0].text == facts[0]  # gone from the journal, not from memory
+
+
+def test_journal_retention_with_a_database_needs_shared_checkpoints(
+    tmp_path: Path, db_url: str
+) -> None:
+    with pytest.raises(RuntimeArgumentError, match="needs kv="):
+        Runtime.open(
+            tmp_path / "A", model="tiny", embedder=False, db=db_url, journal_retention="window"
+        )

@@ -40,7 +40,7 @@ def _local_journal(root: Path) -> JournalBackend:
 
 def _pg_journal(root: Path, url: str) -> JournalBackend:
     # one session per test (tmp_path is unique), the same one for a reopen within the test
-    return PgJournal(url, root.name.replace("_", "-")[:128])
+    return PgJournal(url, root.name.replace("_", "-")[:128], segment_entries=4)
 
 
 BLOB_STORES: dict[str, Callable[[Path], BlobStore]] = {"local": _local_blobs, "s3": _s3_blobs}
@@ -223,3 +223,19 @@ def test_only_sealed_entries_are_dropped(open_journal: Callable[[], JournalBacke
     assert [e.text for e in journal.iter_from(6)] == ["newest"]  # the newest stays
     with pytest.raises(JournalCompactedError):
         list(journal.iter_from(0))  # a dropped entry is an error, never a silent skip
+
+
+def test_a_segment_is_sealed_every_segment_entries(
+    open_journal: Callable[[], JournalBackend],
+) -> None:
+    journal = open_journal()
+    for i in range(10):
+        journal.append("user", f"turn {i}", [i])
+    assert journal.n_segments == 2  # 0-3 and 4-7 sealed; 8-9 in the open segment
+    assert journal.drop_segments_before(8) > 0  # retention drops whole sealed segments
+    assert journal.first_seq == 8 and len(journal) == 10
+    assert [e.text for e in journal.iter_from(8)] == ["turn 8", "turn 9"]
+    with pytest.raises(JournalCompactedError):
+        journal[3]
+    journal.append("user", "after the drop", [10])
+    assert journal[10].text == "after the drop"

@@ -11,7 +11,8 @@ import psycopg
 import pytest
 
 from runtime.errors import JournalError
-from runtime.storage.postgres import SCHEMA_VERSION, PgJournal, connect
+from runtime.storage.pgdb import SCHEMA_VERSION, connect
+from runtime.storage.postgres import PgJournal
 from tests.runtime.cluster_fixtures import pg_url  # noqa: F401 (fixture)
 
 
