@@ -149,7 +149,7 @@ def open_storage(cfg: RuntimeConfig, root: Path, stack: contextlib.ExitStack) ->
         journals = PgJournals(db, leases, segment_entries=cfg.journal_segment_entries)
         from runtime.storage.pgmemory import PgMemoryLog
 
-        memory_log = PgMemoryLog(db, node)
+        memory_log = PgMemoryLog(db, node, leases)
     blobs: BlobStore | None = None
     if cfg.kv is not None:
         from runtime.storage.s3 import S3BlobStore

@@ -126,7 +126,10 @@ class ChunkStore:
             dedup=dedup,
             collect_garbage=self.collect_garbage,
         )
-        self._reader = ChunkReader(self.blobs, threads=self.threads, quarantine=self._quarantine)
+        # a store with a round trip per read gets that many reads in flight (they wait on
+        # the network, not on a core)
+        readers = max(self.threads, self.blobs.fetch_ahead)
+        self._reader = ChunkReader(self.blobs, threads=readers, quarantine=self._quarantine)
         try:
             self.reload()
         except BaseException:

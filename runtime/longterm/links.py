@@ -255,9 +255,19 @@ def lineage_keys(db: sqlite3.Connection, item_id: str) -> tuple[str | None, list
 
 
 def write_mark(db: sqlite3.Connection, key: str, value: int) -> None:
-    """Set watermark ``key`` (in the meta table, inside the caller's transaction)."""
+    """Raise watermark ``key`` to ``value`` (inside the caller's transaction); a mark never
+    goes back (a stale writer cannot un-ingest what another ingested): only
+    :func:`clear_marks` lowers it."""
+    raise_mark(db, f"mark:{key}", value)
+
+
+def raise_mark(db: sqlite3.Connection, meta_key: str, value: int) -> None:
+    """Set the meta row ``meta_key`` to ``value`` unless it holds more already."""
     db.execute(
-        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"mark:{key}", str(value))
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET"
+        " value = excluded.value WHERE CAST(meta.value AS INTEGER) < CAST(excluded.value AS"
+        " INTEGER)",
+        (meta_key, str(value)),
     )
 
 

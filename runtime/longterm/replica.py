@@ -29,9 +29,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from runtime.errors import MemoryStoreError
+from runtime.errors import ClosedError, MemoryStoreError, PersistError
 from runtime.longterm import db as sql
-from runtime.longterm import forget
+from runtime.longterm import forget, links
 from runtime.longterm.lexical import normalise
 from runtime.storage import MemoryChange, MemoryLog
 
@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 #: Changes read from the log per query while catching up.
 PULL_PAGE = 500
+#: Seconds a read waits, after a pull failed, before it tries the log again (meanwhile it
+#: reads the replica as it is, without a connection attempt per search).
+RETRY_AFTER_S = 5.0
 #: The item columns an image carries (besides its id, session, kind and embedding).
 IMAGE_FIELDS = (
     "text",
@@ -76,6 +79,10 @@ CREATE TEMP TRIGGER IF NOT EXISTS shared_item_deleted AFTER DELETE ON main.items
     INSERT OR REPLACE INTO shared_changes VALUES (old.id, old.session, 1);
 END;
 CREATE TEMP TRIGGER IF NOT EXISTS shared_mark_set AFTER INSERT ON main.meta
+    WHEN new.key LIKE 'mark:%' BEGIN
+    INSERT OR REPLACE INTO shared_changes VALUES (new.key, NULL, 0);
+END;
+CREATE TEMP TRIGGER IF NOT EXISTS shared_mark_raised AFTER UPDATE ON main.meta
     WHEN new.key LIKE 'mark:%' BEGIN
     INSERT OR REPLACE INTO shared_changes VALUES (new.key, NULL, 0);
 END;
@@ -117,6 +124,7 @@ class Replica:
         self._own: set[int] = set()  # revisions this node published (a pull skips them)
         self._published: list[int] = []  # revisions of the transaction now committing
         self._stale_since = 0.0  # when a pull last failed (0: the last one did not)
+        self._tried_at = 0.0  # when the last pull was tried
         of = _meta(db, _OF_KEY)
         if of != self.store_id:
             self._adopt(db, of)
@@ -181,7 +189,8 @@ class Replica:
             self._published = []
             return
         changes = [_capture(db, str(i), s, bool(gone), scrub) for i, s, gone in noted]
-        self._published = self.log.publish(changes)
+        # refused if another node changed one of these rows since this store's pull
+        self._published = self.log.publish(changes, base=self.rev)
         db.execute("DELETE FROM temp.shared_changes")
 
     # -- reads ----------------------------------------------------------------------------------
@@ -206,11 +215,12 @@ class Replica:
         """:meth:`pull`, for a read (``strict=False``) or a write. A read whose pull fails
         (the database is down) goes on with what the replica holds, all of it true though
         maybe not the newest, and says so in the log once; a write raises instead."""
+        if not strict and self._stale_since and time.time() - self._tried_at < RETRY_AFTER_S:
+            return Applied()  # it was down a moment ago: no reconnect on every search
+        self._tried_at = time.time()
         try:
             applied = self.pull(db)
-        except sqlite3.Error:
-            raise
-        except Exception as exc:
+        except (PersistError, ClosedError) as exc:
             if strict:
                 raise
             if not self._stale_since:
@@ -228,26 +238,28 @@ class Replica:
         return applied
 
     def pull(self, db: sqlite3.Connection) -> Applied:
-        """Apply the log's changes since :attr:`rev` in one local transaction."""
+        """Apply the log's changes since :attr:`rev` in one local transaction; :attr:`rev`
+        moves only once it has committed (a pull that fails halfway applies nothing)."""
         applied = Applied()
-        start = self.rev
+        rev = self.rev
+        seen: set[int] = set()  # own revisions met (applied when they were written)
         with sql.transaction(db):
             while True:
-                page = self.log.changes(self.rev, PULL_PAGE)
+                page = self.log.changes(rev, PULL_PAGE)
                 for rev, change in page:
                     if rev in self._own:
-                        self._own.discard(rev)  # applied when it was written
+                        seen.add(rev)
                     else:
                         _apply(db, change, applied)
-                    self.rev = rev
                 if len(page) < PULL_PAGE:
                     break
-            if self.rev != start:
+            if rev != self.rev:
                 db.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                    (_REV_KEY, str(self.rev)),
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_REV_KEY, str(rev))
                 )
             db.execute("DELETE FROM temp.shared_changes")  # what applying noted is not news
+        self.rev = rev
+        self._own -= seen
         return applied
 
 
@@ -288,10 +300,7 @@ def _apply(db: sqlite3.Connection, change: MemoryChange, applied: Applied) -> No
         if change.item is None:
             db.execute("DELETE FROM meta WHERE key = ?", (change.id,))
         else:
-            db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                (change.id, str(int(change.item["value"]))),
-            )
+            links.raise_mark(db, change.id, int(change.item["value"]))
         return
     if change.item is None:
         applied.deleted += forget.delete_id(db, change.id)
@@ -299,7 +308,11 @@ def _apply(db: sqlite3.Connection, change: MemoryChange, applied: Applied) -> No
         return
     image = change.item
     values = _columns(change, image)
-    row = db.execute("SELECT seq FROM items WHERE id = ?", (change.id,)).fetchone()
+    row = db.execute("SELECT seq, embedding FROM items WHERE id = ?", (change.id,)).fetchone()
+    if row is not None and change.embedding is not None and bytes(row[1]) != change.embedding:
+        # deleted and stored again with another text: a new row, with its own vector
+        applied.deleted += forget.delete_id(db, change.id)
+        row = None
     if row is not None:
         seq = int(row[0])
         db.execute(

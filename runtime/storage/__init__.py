@@ -202,6 +202,9 @@ class BlobStore(Protocol):
     """
 
     readonly: bool
+    #: Chunks worth reading ahead of a restore's caller, besides the decoders: 0 for a local
+    #: disk (reads are memory maps), more for a store with a round trip per read.
+    fetch_ahead: int
 
     def put_all(self, blobs: Sequence[tuple[str, Callable[[BinaryIO], int]]]) -> list[int]:
         """Store each blob ``(key, write)`` that is not there yet (``write(f)`` writes its
@@ -396,14 +399,15 @@ class MemoryLog(Protocol):
     Durability and order:
 
     * :meth:`publish` returns once its changes have committed, all or none, and returns
-      their revisions. Revisions grow in commit order with no later gap: a reader that has
+      their revisions. It is refused (:class:`runtime.errors.PersistError`, retry after a
+      pull) when another writer changed one of its rows after revision ``base``, the
+      writer's last pull, so a change is never made to a stale image (a deleted item
+      resurrected by a merge into it, say); and for a session whose lease this node held
+      and lost. Revisions grow in commit order with no later gap: a reader that has
       seen revision ``r`` has seen every change committed before it.
     * :meth:`changes` returns the changes after a revision, in revision order; an item
       changed twice appears once, with its latest image. Deletions stay as tombstones (the
       id and the session, never the text), so a replica that was away applies them too.
-    * Concurrent writers of one item: the later revision's image wins. A session's items
-      have one writer at a time (its lease holder); global items may see two, and then one
-      merge of repeated sources can be lost (never an item).
     """
 
     def open(self, model_id: str, dim: int) -> str:
@@ -411,8 +415,9 @@ class MemoryLog(Protocol):
         embedding model or width raises :class:`runtime.errors.StoreMismatchError`."""
         ...
 
-    def publish(self, changes: Sequence[MemoryChange]) -> list[int]:
-        """Commit ``changes`` in one transaction; their revisions, in order."""
+    def publish(self, changes: Sequence[MemoryChange], *, base: int) -> list[int]:
+        """Commit ``changes`` in one transaction unless one of their rows changed after
+        revision ``base``; their revisions, in order."""
         ...
 
     def changes(self, after: int, limit: int) -> list[tuple[int, MemoryChange]]:

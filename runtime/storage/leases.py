@@ -309,6 +309,7 @@ class PointerBlobs:
         self.db = db
         self.leases = leases
         self.readonly: bool = inner.readonly
+        self.fetch_ahead: int = inner.fetch_ahead
 
     def _pointer(self, session_id: str) -> int | None:
         with self.db.use() as conn:

@@ -72,6 +72,7 @@ class LocalBlobStore:
     ) -> None:
         self.root = Path(root)
         self.readonly = readonly
+        self.fetch_ahead = 0  # reads are memory maps
         self._closed = False
         self._dirlock: DirLock | None = None
         if not readonly:

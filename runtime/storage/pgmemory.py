@@ -41,16 +41,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runtime.errors import MemoryStoreError, StoreMismatchError
+from runtime.errors import MemoryStoreError, PersistError, StoreMismatchError
 from runtime.storage import MemoryChange
 
 if TYPE_CHECKING:
+    from runtime.storage.leases import Leases
     from runtime.storage.pgdb import PgDatabase
 
 __all__ = ["SCHEMA_VERSION", "PgMemoryLog"]
 
 #: The version of the tables below; an open of a database with another version is refused.
 SCHEMA_VERSION = 1
+#: How long a publish waits for the table's write lock before it fails (retryably).
+LOCK_TIMEOUT_MS = 5000
 _COMPONENT = "memory"
 
 
@@ -97,9 +100,10 @@ class PgMemoryLog:
     connection a retryable :class:`runtime.errors.PersistError`); ``writer`` is this node's
     id."""
 
-    def __init__(self, db: PgDatabase, writer: str) -> None:
+    def __init__(self, db: PgDatabase, writer: str, leases: Leases | None = None) -> None:
         self._db = db
         self.writer = writer
+        self._leases = leases
 
     def describe(self) -> str:
         """The table, for messages."""
@@ -164,17 +168,47 @@ class PgMemoryLog:
                 f"version {SCHEMA_VERSION}"
             )
 
-    def publish(self, changes: Sequence[MemoryChange]) -> list[int]:
-        """Commit ``changes`` in one transaction, in revision order; their revisions."""
+    def publish(self, changes: Sequence[MemoryChange], *, base: int) -> list[int]:
+        """Commit ``changes`` in one transaction, in revision order; their revisions.
+
+        Refused with :class:`runtime.errors.PersistError` (nothing written; retry after a
+        pull) when another node changed one of the items after revision ``base``, and with
+        :class:`runtime.errors.SessionLeasedError` for a session whose lease this node held
+        and lost. Watermarks merge instead: a mark never goes back.
+        """
         if not changes:
             return []
         revs: list[int] = []
         with self._db.use() as conn, conn.transaction():
+            # a node stuck holding the lock (partitioned mid-publish) must not stall the rest
+            conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_MS}ms'")
             # writers commit in revision order (the module's docstring says why)
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('llamaffi_memory'))")
+            self._fence(conn, changes)
+            items = [c.id for c in changes if c.kind != "mark" and not c.id.startswith("mark:")]
+            stale = conn.execute(
+                "SELECT id FROM llamaffi_memory WHERE id = ANY(%s) AND rev > %s LIMIT 1",
+                (items, base),
+            ).fetchone()
+            if stale is not None:
+                raise PersistError(
+                    f"memory {stale[0]} was changed on another node since this one read it; "
+                    "nothing was written: retry (the next write reads it first)"
+                )
             for change in changes:
                 revs.append(self._upsert(conn, change))
         return revs
+
+    def _fence(self, conn: Any, changes: Sequence[MemoryChange]) -> None:
+        """Inside the publish: refuse it for a session whose lease this node held and lost
+        (a node that woke from a pause must not write the memories of a session another
+        node serves now)."""
+        if self._leases is None:
+            return
+        for session in sorted({c.session for c in changes if c.session is not None}):
+            token = self._leases.token_of(session)
+            if token is not None and (lost := self._leases.check(conn, session, token)):
+                raise lost
 
     def _upsert(self, conn: Any, change: MemoryChange) -> int:
         deleted = change.item is None
@@ -187,7 +221,11 @@ class PgMemoryLog:
             " writer) VALUES (%s, nextval('llamaffi_memory_rev'), %s, %s, %s, %s::jsonb,"
             " %s::vector, %s) ON CONFLICT (id) DO UPDATE SET rev = EXCLUDED.rev,"
             " session = EXCLUDED.session, kind = EXCLUDED.kind, deleted = EXCLUDED.deleted,"
-            " item = EXCLUDED.item, embedding = EXCLUDED.embedding, writer = EXCLUDED.writer,"
+            # a watermark never goes back (a stale writer's lower mark keeps the higher one)
+            " item = CASE WHEN m.kind = 'mark' AND NOT m.deleted AND NOT EXCLUDED.deleted"
+            " AND (m.item->>'value')::bigint > (EXCLUDED.item->>'value')::bigint THEN m.item"
+            " ELSE EXCLUDED.item END,"
+            " embedding = EXCLUDED.embedding, writer = EXCLUDED.writer,"
             " written = now() RETURNING rev",
             (
                 change.id,

@@ -29,10 +29,12 @@ request stays boto3's error.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any, BinaryIO
@@ -45,6 +47,11 @@ from runtime.storage.local import CHUNK_SUFFIX, MANIFEST_SUFFIX
 logger = logging.getLogger(__name__)
 
 __all__ = ["S3BlobStore", "parse_s3_url"]
+
+#: PUTs in flight at once in :meth:`S3BlobStore.put_all`, and chunks read ahead of a
+#: restore: each waits on a round trip, not on a core, and at most this many chunks' bytes
+#: are in memory.
+IN_FLIGHT = 4
 
 _KEY_RE = re.compile(r"[0-9a-f]{32}")
 _GEN_RE = re.compile(r"(\d{12})" + re.escape(MANIFEST_SUFFIX))
@@ -110,12 +117,19 @@ class S3BlobStore:
         self._s3 = client
         #: Whether the store honours ``If-None-Match: *`` on PUT (cleared on its first refusal).
         self._conditional_put = True
+        self.fetch_ahead = IN_FLIGHT
+        self._senders: concurrent.futures.ThreadPoolExecutor | None = None
+        self._senders_lock = threading.Lock()
 
     # -- lifetime -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Refuse later writes; safe to call twice."""
+        """Refuse later writes and join the PUT workers; safe to call twice."""
         self._closed = True
+        with self._senders_lock:
+            senders, self._senders = self._senders, None
+        if senders is not None:
+            senders.shutdown(wait=True)
 
     @property
     def closed(self) -> bool:
@@ -181,28 +195,51 @@ class S3BlobStore:
         return int(head["ContentLength"])
 
     def put_all(self, blobs: Sequence[tuple[str, Callable[[BinaryIO], int]]]) -> list[int]:
-        """PUT each blob unless it is there, one after another (see :meth:`_put`); durable on
-        return. Returns the stored sizes."""
-        return [self._put(key, write) for key, write in blobs]
+        """PUT each blob unless it is there; durable on return (every PUT has returned).
+        Returns the stored sizes.
 
-    def _put(self, key: str, write: Callable[[BinaryIO], int]) -> int:
-        """PUT blob ``key`` unless it is there (``If-None-Match: *``, or HEAD then PUT where the
-        store refuses conditional writes)."""
+        The keys are HEADed first, :data:`IN_FLIGHT` at once (a stored one is not encoded
+        again); then each missing blob is encoded on the caller's thread, in order, and sent
+        by a worker, up to :data:`IN_FLIGHT` at once, with ``If-None-Match: *`` where the
+        store honours it. On a failure the PUTs in flight are waited for, then the first
+        error raised: what was stored is complete.
+        """
         self._require_writable()
-        object_key = self.object_key(key)
-        existing = self._size(object_key)
-        if existing is not None:
-            return existing
-        buf = io.BytesIO()
-        size = write(buf)
-        if not self._put_new(object_key, buf.getvalue()):
+        object_keys = [self.object_key(key) for key, _ in blobs]
+        found = list(self._workers().map(self._size, object_keys))
+        sent: list[concurrent.futures.Future[int]] = []
+        try:
+            for (_, write), object_key, existing in zip(blobs, object_keys, found, strict=True):
+                if existing is not None:
+                    sent.append(_done(existing))
+                    continue
+                while sum(not f.done() for f in sent) >= IN_FLIGHT:
+                    concurrent.futures.wait(sent, return_when=concurrent.futures.FIRST_COMPLETED)
+                if any(f.done() and f.exception() is not None for f in sent):
+                    break  # raised below, once the others are in
+                buf = io.BytesIO()
+                size = write(buf)
+                sent.append(self._workers().submit(self._send, object_key, buf.getvalue(), size))
+        finally:
+            concurrent.futures.wait(sent)
+        return [f.result() for f in sent]
+
+    def _workers(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._senders_lock:
+            if self._senders is None:
+                self._senders = concurrent.futures.ThreadPoolExecutor(IN_FLIGHT, "s3put")
+            return self._senders
+
+    def _send(self, object_key: str, body: bytes, size: int) -> int:
+        """PUT one encoded blob; its stored size."""
+        if not self._put_new(object_key, body):
             # another writer stored the same key (the same content) first
             return self._size(object_key) or size
         return size
 
     def _put_new(self, object_key: str, body: bytes) -> bool:
-        """PUT an object that must not exist (the caller HEADed it): ``If-None-Match: *``
-        where the store supports it, a plain PUT where it does not (then racy); False when
+        """PUT an object that must not exist: ``If-None-Match: *`` where the store supports
+        it, a plain PUT after the caller's HEAD where it does not (then racy); False when
         another writer's object is there."""
         with self._reaching(f"PUT {object_key}"):
             if self._conditional_put:
@@ -387,3 +424,10 @@ class S3BlobStore:
                 self._s3.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
                 )
+
+
+def _done(value: int) -> concurrent.futures.Future[int]:
+    """A future that already holds ``value``."""
+    future: concurrent.futures.Future[int] = concurrent.futures.Future()
+    future.set_result(value)
+    return future

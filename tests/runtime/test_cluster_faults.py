@@ -419,3 +419,45 @@ def test_a_damaged_chunk_in_s3_is_quarantined_and_the_resume_replays_the_journal
         assert again.resumed is not None and again.resumed.source == "snapshot"
     finally:
         b.close()
+
+
+def test_an_open_journal_that_reconnected_checks_its_token_on_the_new_connection(
+    pg_server: RestartablePostgres, servers_up: None
+) -> None:
+    """Below the runtime: A's journal stays open across the restart (a read finds the
+    connection lost and the next call connects again), B takes the lease, and A's append on
+    the new connection is refused by the token check inside its own transaction."""
+    from runtime.storage.leases import Leases
+    from runtime.storage.pgdb import PgDatabase
+    from runtime.storage.postgres import PgJournals
+
+    s = sid()
+    dbs = [PgDatabase(pg_server.url) for _ in range(2)]
+    leases = [Leases(db, name, ttl_s=30.0) for db, name in zip(dbs, ("A", "B"), strict=True)]
+    try:
+        a = PgJournals(dbs[0], leases[0]).open(s)
+        a.append("user", "before the restart", [1, 2])
+        pg_server.stop()
+        pg_server.start()
+        with pytest.raises(PersistError):
+            len(a)  # finds the connection lost (a read: the journal stays open)
+        assert not a.closed and len(a) == 1  # connected again
+        with psycopg.connect(pg_server.url, autocommit=True) as conn:  # A paused past its TTL
+            conn.execute(
+                "UPDATE llamaffi_lease SET expires = now() - interval '1 second' "
+                "WHERE session = %s",
+                (s,),
+            )
+        with pytest.raises(PersistError):  # B's connection was cut by the restart too
+            PgJournals(dbs[1], leases[1]).open(s)
+        b = PgJournals(dbs[1], leases[1]).open(s)  # B takes the session: a new token
+        with pytest.raises(SessionLeasedError) as refused:
+            a.append("user", "A after the restart", [3])
+        assert refused.value.owner == "B"
+        b.append("user", "B's turn", [4])
+        assert [e.text for e in b] == ["before the restart", "B's turn"]
+    finally:
+        for lease in leases:
+            lease.close()
+        for db in dbs:
+            db.close()

@@ -371,3 +371,62 @@ def test_journal_retention_with_a_database_needs_shared_checkpoints(
         Runtime.open(
             tmp_path / "A", model="tiny", embedder=False, db=db_url, journal_retention="window"
         )
+
+
+def test_a_pull_that_fails_halfway_applies_nothing_and_the_next_gets_everything(
+    two: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime.errors import PersistError
+    from runtime.longterm import replica
+
+    a, b = two
+    monkeypatch.setattr(replica, "PULL_PAGE", 2)
+    ids = a.store.add_many(NOTES, session="s")
+    assert b.store._replica is not None
+    log = b.store._replica.log
+    real = log.changes
+    calls = {"n": 0}
+
+    def flaky(after: int, limit: int) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second page: the database went away mid-pull
+            raise PersistError("the database went away")
+        return real(after, limit)
+
+    monkeypatch.setattr(log, "changes", flaky)
+    monkeypatch.setattr(replica, "RETRY_AFTER_S", 0.0)
+    assert b.store.count(session="s") == 0  # the read went on with the replica as it was
+    assert b.store.count(session="s") == len(NOTES)  # the next pull brought every page
+    assert {b.store.get(i) is not None for i in ids} == {True}
+
+
+def test_a_change_to_an_image_another_node_changed_since_is_refused(
+    two: tuple[Node, Node],
+) -> None:
+    from runtime.errors import PersistError
+    from runtime.storage import MemoryChange
+
+    a, b = two
+    item_id = a.store.add("the shed key is under the mat", session="s")
+    assert b.store._replica is not None and a.store._replica is not None
+    assert b.store.get(item_id) is not None
+    base = a.store._replica.rev
+    assert b.store.delete(item_id)  # B deletes it; A has not read that yet
+    stale = MemoryChange(item_id, "s", "fact", {"text": "a merge into the stale image"})
+    with pytest.raises(PersistError, match="changed on another node"):
+        a.store._replica.log.publish([stale], base=base)
+    assert a.store.get(item_id) is None and b.store.get(item_id) is None  # still deleted
+
+
+def test_a_watermark_never_goes_back(two: tuple[Node, Node]) -> None:
+    a, b = two
+    a.store.put([], mark=("facts:s", 7))
+    a.store.put([], mark=("facts:s", 9))  # raised: an update of the mark travels too
+    assert b.store.watermark("facts:s") == 9
+    b.store.put([], mark=("facts:s", 5))  # a stale writer's lower mark
+    assert a.store.watermark("facts:s") == 9 and b.store.watermark("facts:s") == 9
+    with psycopg.connect(a.url) as conn:
+        row = conn.execute("SELECT item FROM llamaffi_memory WHERE id = 'mark:facts:s'").fetchone()
+    assert row is not None and row[0] == {"value": 9}
+    b.store.forget_marks("s")  # clearing is the one way down
+    assert a.store.watermark("facts:s") == -1
