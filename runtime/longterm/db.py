@@ -332,6 +332,8 @@ class AccessTimes:
         self._read_only = read_only
         self._pending: dict[str, float] = {}  # id -> latest access not yet in SQLite
         self._searches = 0
+        #: called with what a flush wrote (a replica shares it with the other nodes)
+        self.on_flush: Callable[[dict[str, float]], None] | None = None
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -377,4 +379,6 @@ class AccessTimes:
                 )
         finally:
             db.execute("PRAGMA synchronous=FULL")
+        if self.on_flush is not None:
+            self.on_flush(dict(self._pending))
         self.clear()

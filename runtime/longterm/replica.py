@@ -14,8 +14,10 @@
 * **Derived.** A replica can be deleted at any time; the next open rebuilds it from the log.
   A replica of another log (the database was replaced) is emptied and rebuilt.
 
-Access times (recency) are not shipped: each node keeps its own, so a search never turns
-into a write to the database, and no shipped access time can overwrite another node's merge.
+Access times (recency) travel apart from the images: a flush of the store's access times
+(every few dozen searches) records them in the log's own access table, and a pull applies
+the others' (each time only moves forward). A search never writes an image, so it can never
+make another node's write stale.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ END;
 """
 _OF_KEY = "replica:of"
 _REV_KEY = "replica:rev"
+_AREV_KEY = "replica:arev"
 
 
 @dataclass
@@ -129,6 +132,7 @@ class Replica:
         if of != self.store_id:
             self._adopt(db, of)
         self.rev = int(_meta(db, _REV_KEY) or 0)
+        self.arev = int(_meta(db, _AREV_KEY) or 0)  # access times applied up to here
 
     @staticmethod
     def refuse_local_writes(db: sqlite3.Connection, directory: object) -> None:
@@ -192,6 +196,14 @@ class Replica:
         # refused if another node changed one of these rows since this store's pull
         self._published = self.log.publish(changes, base=self.rev)
         db.execute("DELETE FROM temp.shared_changes")
+
+    def share_access(self, times: dict[str, float]) -> None:
+        """After the store wrote access times: record them for the other nodes. A ranking
+        hint: when the database cannot take them they are dropped (and logged)."""
+        try:
+            self.log.touch(times)
+        except (PersistError, ClosedError) as exc:
+            logger.info("long-term memory: %d access times not shared (%s)", len(times), exc)
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -257,10 +269,31 @@ class Replica:
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_REV_KEY, str(rev))
                 )
+            arev = self._pull_access(db)
             db.execute("DELETE FROM temp.shared_changes")  # what applying noted is not news
-        self.rev = rev
+        self.rev, self.arev = rev, arev
         self._own -= seen
         return applied
+
+    def _pull_access(self, db: sqlite3.Connection) -> int:
+        """Inside the pull: the other nodes' access times (each only moves forward); the
+        access revision reached."""
+        arev = self.arev
+        while True:
+            page = self.log.touches(arev, PULL_PAGE)
+            db.executemany(
+                "UPDATE items SET accessed = MAX(accessed, ?) WHERE id = ?",
+                [(accessed, item_id) for _, item_id, accessed in page],
+            )
+            if page:
+                arev = page[-1][0]
+            if len(page) < PULL_PAGE:
+                break
+        if arev != self.arev:
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_AREV_KEY, str(arev))
+            )
+        return arev
 
 
 def _meta(db: sqlite3.Connection, key: str) -> str | None:

@@ -106,6 +106,7 @@ class MemoryStore:
             self._retriever = retrieval.Retriever(self._dim)
             if shared is not None and not read_only:
                 self._replica = Replica(self._db, shared, model_id=embedder.model_id, dim=self._dim)
+                self._touches.on_flush = self._replica.share_access
             elif not read_only:
                 Replica.refuse_local_writes(self._db, self.directory)
             self._index = StoreIndex(

@@ -424,6 +424,14 @@ class MemoryLog(Protocol):
         """Up to ``limit`` changes with a revision above ``after``, in revision order."""
         ...
 
+    def touch(self, times: Mapping[str, float]) -> None:
+        """Record items' last access times (each only moves forward); a ranking hint, never
+        refused for a stale image."""
+
+    def touches(self, after: int, limit: int) -> list[tuple[int, str, float]]:
+        """Up to ``limit`` (access revision, id, time) recorded after ``after``, in order."""
+        ...
+
     def describe(self) -> str:
         """Where the log lives (for messages; no secrets)."""
         ...

@@ -26,17 +26,19 @@ this lock.
 
 Vectors travel as pgvector's text form. Both ends print a float32 in its shortest exact form,
 so a replica's vectors are bit-identical to the writer's. Searches run on each node's replica
-(SQLite FTS5 BM25 fused with hnswlib cosine: the local store's ranking, unchanged), which is
-why this table has no HNSW index: nothing queries it by vector, and an index that nobody
-reads would only slow every write. ``benchmarks/test_bench_cluster.py`` measures pgvector's
-HNSW against hnswlib, for a deployment that wants to query the table directly.
+(SQLite FTS5 BM25 fused with hnswlib cosine: the local store's ranking, unchanged, at local
+latency); the table's pgvector HNSW index (``vector_cosine_ops``) is for other tools that
+query the memories in SQL (``ORDER BY embedding <=> $1``; ``benchmarks/test_bench_cluster.py``
+measures it against hnswlib). Access times, the ranking's recency, are a table of their own
+(``llamaffi_memory_access``: id, time, ``arev``), written in batches and read like the items,
+so that a search never writes an item's image and never conflicts with another node's write.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -78,6 +80,14 @@ CREATE TABLE IF NOT EXISTS llamaffi_memory (
     written   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS llamaffi_memory_session ON llamaffi_memory (session);
+CREATE INDEX IF NOT EXISTS llamaffi_memory_hnsw ON llamaffi_memory
+    USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 200);
+CREATE SEQUENCE IF NOT EXISTS llamaffi_memory_arev;
+CREATE TABLE IF NOT EXISTS llamaffi_memory_access (
+    id       text             PRIMARY KEY,
+    accessed double precision NOT NULL,
+    arev     bigint           NOT NULL UNIQUE
+);
 """
 
 
@@ -238,6 +248,33 @@ class PgMemoryLog:
             ),
         ).fetchone()
         return int(row[0])
+
+    def touch(self, times: Mapping[str, float]) -> None:
+        """Record items' last access times (each only moves forward), in one transaction."""
+        if not times:
+            return
+        rows = sorted(times.items())
+        with self._db.use() as conn, conn.transaction():
+            conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_MS}ms'")
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('llamaffi_memory_access'))")
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO llamaffi_memory_access AS a (id, accessed, arev) VALUES"
+                    " (%s, %s, nextval('llamaffi_memory_arev')) ON CONFLICT (id) DO UPDATE SET"
+                    " accessed = EXCLUDED.accessed, arev = EXCLUDED.arev"
+                    " WHERE a.accessed < EXCLUDED.accessed",
+                    rows,
+                )
+
+    def touches(self, after: int, limit: int) -> list[tuple[int, str, float]]:
+        """Up to ``limit`` access times recorded after access revision ``after``, in order."""
+        with self._db.use() as conn:
+            rows = conn.execute(
+                "SELECT arev, id, accessed FROM llamaffi_memory_access WHERE arev > %s"
+                " ORDER BY arev LIMIT %s",
+                (after, limit),
+            ).fetchall()
+        return [(int(r), str(i), float(a)) for r, i, a in rows]
 
     def changes(self, after: int, limit: int) -> list[tuple[int, MemoryChange]]:
         """Up to ``limit`` changes after revision ``after``, in revision order."""

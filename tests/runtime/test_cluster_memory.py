@@ -430,3 +430,36 @@ def test_a_watermark_never_goes_back(two: tuple[Node, Node]) -> None:
     assert row is not None and row[0] == {"value": 9}
     b.store.forget_marks("s")  # clearing is the one way down
     assert a.store.watermark("facts:s") == -1
+
+
+def test_access_times_travel_apart_from_the_images(two: tuple[Node, Node]) -> None:
+    a, b = two
+    item_id = a.store.add("the piano tuner comes on Fridays", session="s", now=1_000.0)
+    assert b.store.get(item_id) is not None
+    a.store.touch([item_id], now=2_000_000_000.0)
+    a.store.save_index()  # writes the pending access times, and shares them
+    got = b.store.get(item_id)
+    assert got is not None and got.accessed == 2_000_000_000.0
+    b.store.touch([item_id], now=1_500.0)  # an older access never moves it back
+    b.store.save_index()
+    got = a.store.get(item_id)
+    assert got is not None and got.accessed == 2_000_000_000.0
+    b.store.delete(item_id)  # a search's access time never conflicts with a write
+    assert a.store.get(item_id) is None
+
+
+def test_the_shared_table_has_a_cosine_hnsw_index_for_sql_readers(two: tuple[Node, Node]) -> None:
+    a, _b = two
+    a.store.add_many(NOTES, session="s")
+    with psycopg.connect(a.url) as conn:
+        indexes = conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = 'llamaffi_memory'"
+        ).fetchall()
+        nearest = conn.execute(
+            "SELECT item->>'text' FROM llamaffi_memory WHERE NOT deleted AND session = 's'"
+            " ORDER BY embedding <=> (SELECT embedding FROM llamaffi_memory"
+            " WHERE item->>'text' = %s) LIMIT 1",
+            (NOTES[3],),
+        ).fetchone()
+    assert any("hnsw" in d[0] and "vector_cosine_ops" in d[0] for d in indexes), indexes
+    assert nearest == (NOTES[3],)
