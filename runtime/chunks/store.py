@@ -29,6 +29,7 @@ from runtime.errors import (
     ChunkError,
     ClosedError,
     CorruptSnapshotError,
+    PersistError,
     ReadOnlyError,
     UnsupportedVersionError,
 )
@@ -328,8 +329,12 @@ class ChunkStore:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def manifests(self, session_id: str) -> list[Manifest]:
-        """The session's readable manifests, newest first (damaged ones are quarantined)."""
+    def manifests(self, session_id: str, *, strict: bool = False) -> list[Manifest]:
+        """The session's readable manifests, newest first (damaged ones are quarantined).
+
+        A manifest the store cannot reach now is skipped (a resume replays the journal
+        instead), unless ``strict``: then its :class:`runtime.errors.PersistError` is raised
+        (a caller with nothing else to rebuild from says "retry", not "lost")."""
         out = []
         for generation in self.blobs.generations(validate_session_id(session_id)):
             try:
@@ -340,7 +345,9 @@ class ChunkStore:
                     self.blobs.quarantine_manifest(session_id, generation, f"{exc.field}: {exc}")
                     # keep the generation number reserved so a new manifest never reuses it
                     self.index.add_manifest(session_id, generation, frozenset())
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                if strict and isinstance(exc.__cause__, PersistError):
+                    raise exc.__cause__ from exc
                 continue
         return out
 

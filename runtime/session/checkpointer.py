@@ -66,6 +66,10 @@ class Checkpointer(Protocol):
         """The readable checkpoints, newest first (read once, until :meth:`forget`)."""
         ...
 
+    def require_reachable(self) -> None:
+        """Raise :class:`runtime.errors.PersistError` when a checkpoint exists that the store
+        cannot reach now (a resume with nothing else to rebuild from must say "retry")."""
+
     def forget(self) -> None:
         """Read the manifests again next time (the store moved on)."""
 
@@ -222,6 +226,10 @@ class ChunkCheckpointer:
         if self._manifests is None:
             self._manifests = self.store.manifests(self.session_id)
         return self._manifests
+
+    def require_reachable(self) -> None:
+        """See :meth:`Checkpointer.require_reachable`."""
+        self.store.manifests(self.session_id, strict=True)
 
     def forget(self) -> None:
         """Read the manifests again next time (the store moved on)."""

@@ -91,6 +91,7 @@ class Rebuild:
                 return base
         if self.journal.compacted:
             # retention removed old entries: the window is only known from a checkpoint
+            self.checkpointer.require_reachable()  # unreachable now: retry, not lost
             raise SessionError(
                 f"session {self.session_id!r}: journal retention removed old entries and no "
                 "checkpoint's window checks out against the rest"
@@ -264,6 +265,7 @@ class Rebuild:
             )
             logger.warning("session %s: %s", self.session_id, skipped[-1])
             return man.journal_seq, 0, None, base
+        self.checkpointer.require_reachable()  # unreachable now: retry, not lost
         raise SessionError(
             f"session {self.session_id!r} cannot be rebuilt: journal retention removed old "
             "entries and no checkpoint of its window is readable (its long-term memories "

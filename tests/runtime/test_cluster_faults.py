@@ -41,6 +41,7 @@ from tests.runtime.cluster_fixtures import (  # noqa: F401 (fixtures)
     pg_server,
     s3_server,
 )
+from tests.runtime.memory_helpers import HashEmbedder
 
 GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 6}
 TTL = 2.0
@@ -461,3 +462,44 @@ def test_an_open_journal_that_reconnected_checks_its_token_on_the_new_connection
             lease.close()
         for db in dbs:
             db.close()
+
+
+def test_with_s3_down_a_compacted_session_is_refused_retryably_not_lost(
+    tmp_path: Path,
+    pg_server: RestartablePostgres,
+    s3_server: SeaweedS3,
+    kv_url: str,
+    servers_up: None,
+) -> None:
+    """With journal retention the journal alone no longer rebuilds the window: a node that
+    takes the session over while S3 is down must say "retry" (503), never that the session
+    cannot be rebuilt, and serve it once S3 is back."""
+    s = sid()
+    # the turns must be in long-term memory for retention to drop them: an embedder
+    kw: dict[str, Any] = {"n_ctx": 256, "journal_retention": "window", "journal_segment_entries": 8}
+
+    a = Runtime.open(
+        tmp_path / "A", model="tiny", embedder=HashEmbedder(), db=pg_server.url, kv=kv_url,
+        node_id="A", lease_ttl_s=TTL, journal_fsync=False, **kw,
+    )  # fmt: skip
+    try:
+        for i in range(30):
+            a.chat(s, f"My locker number {i} is {1000 + i}.", **GREEDY)
+        a.checkpoint(s)
+        assert a.compact_journals() > 0
+    finally:
+        a.close()
+    s3_server.stop()
+    b = Runtime.open(
+        tmp_path / "B", model="tiny", embedder=HashEmbedder(), db=pg_server.url, kv=kv_url,
+        node_id="B", lease_ttl_s=TTL, journal_fsync=False, **kw,
+    )  # fmt: skip
+    try:
+        with pytest.raises(PersistError, match="retry") as refused:
+            b.chat(s, "Which locker is number 0?", **GREEDY)
+        assert map_runtime_error(refused.value).status == 503
+        s3_server.start()
+        reply = b.chat(s, "Which locker is number 0?", **GREEDY)
+        assert reply.resumed is not None and reply.resumed.source == "snapshot"
+    finally:
+        b.close()
