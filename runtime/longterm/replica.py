@@ -96,6 +96,8 @@ END;
 _OF_KEY = "replica:of"
 _REV_KEY = "replica:rev"
 _AREV_KEY = "replica:arev"
+#: The highest revision this replica holds, pulled or published (own writes are not pulled).
+_TOP_KEY = "replica:top"
 
 
 @dataclass
@@ -133,6 +135,21 @@ class Replica:
             self._adopt(db, of)
         self.rev = int(_meta(db, _REV_KEY) or 0)
         self.arev = int(_meta(db, _AREV_KEY) or 0)  # access times applied up to here
+        top = log.top()
+        held = max(self.rev, int(_meta(db, _TOP_KEY) or 0))
+        if held > top[0] or self.arev > top[1]:
+            # the database went back in time (restored from a backup): what this replica
+            # holds past its revisions may be gone from the truth, and new revisions would
+            # be taken for old ones
+            logger.warning(
+                "the memory replica is ahead of %s (revision %d, the table's newest %d): "
+                "rebuilding it",
+                log.describe(),
+                held,
+                top[0],
+            )
+            self._adopt(db, self.store_id)
+            self.rev = self.arev = 0
 
     @staticmethod
     def refuse_local_writes(db: sqlite3.Connection, directory: object) -> None:
@@ -195,6 +212,7 @@ class Replica:
         changes = [_capture(db, str(i), s, bool(gone), scrub) for i, s, gone in noted]
         # refused if another node changed one of these rows since this store's pull
         self._published = self.log.publish(changes, base=self.rev)
+        raise_top(db, max(self._published, default=0))
         db.execute("DELETE FROM temp.shared_changes")
 
     def share_access(self, times: dict[str, float]) -> None:
@@ -269,6 +287,7 @@ class Replica:
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_REV_KEY, str(rev))
                 )
+                raise_top(db, rev)
             arev = self._pull_access(db)
             db.execute("DELETE FROM temp.shared_changes")  # what applying noted is not news
         self.rev, self.arev = rev, arev
@@ -294,6 +313,11 @@ class Replica:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_AREV_KEY, str(arev))
             )
         return arev
+
+
+def raise_top(db: sqlite3.Connection, rev: int) -> None:
+    """Note (in the caller's transaction) that the replica holds revision ``rev``."""
+    links.raise_mark(db, _TOP_KEY, rev)
 
 
 def _meta(db: sqlite3.Connection, key: str) -> str | None:

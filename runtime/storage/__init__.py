@@ -432,6 +432,11 @@ class MemoryLog(Protocol):
         """Up to ``limit`` (access revision, id, time) recorded after ``after``, in order."""
         ...
 
+    def top(self) -> tuple[int, int]:
+        """The newest revision and access revision stored (0 when none): a replica ahead of
+        them is of a database restored from a backup, and is rebuilt."""
+        ...
+
     def describe(self) -> str:
         """Where the log lives (for messages; no secrets)."""
         ...

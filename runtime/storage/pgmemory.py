@@ -266,6 +266,15 @@ class PgMemoryLog:
                     rows,
                 )
 
+    def top(self) -> tuple[int, int]:
+        """The newest item revision and access revision stored (0 when none)."""
+        with self._db.use() as conn:
+            row = conn.execute(
+                "SELECT (SELECT coalesce(max(rev), 0) FROM llamaffi_memory),"
+                " (SELECT coalesce(max(arev), 0) FROM llamaffi_memory_access)"
+            ).fetchone()
+        return int(row[0]), int(row[1])
+
     def touches(self, after: int, limit: int) -> list[tuple[int, str, float]]:
         """Up to ``limit`` access times recorded after access revision ``after``, in order."""
         with self._db.use() as conn:

@@ -463,3 +463,30 @@ def test_the_shared_table_has_a_cosine_hnsw_index_for_sql_readers(two: tuple[Nod
         ).fetchone()
     assert any("hnsw" in d[0] and "vector_cosine_ops" in d[0] for d in indexes), indexes
     assert nearest == (NOTES[3],)
+
+
+def test_a_replica_ahead_of_a_database_restored_from_a_backup_is_rebuilt(
+    tmp_path: Path, db_url: str
+) -> None:
+    a = Node(tmp_path, "A", db_url)
+    try:
+        kept = a.store.add("written before the backup", session="s")
+        with psycopg.connect(db_url, autocommit=True) as conn:  # the backup
+            saved = conn.execute("SELECT max(rev) FROM llamaffi_memory").fetchone()[0]
+        lost = a.store.add("written after the backup", session="s")
+        a.store.close()
+        with psycopg.connect(db_url, autocommit=True) as conn:  # restored: later rows gone
+            conn.execute("DELETE FROM llamaffi_memory WHERE rev > %s", (saved,))
+            conn.execute("SELECT setval('llamaffi_memory_rev', %s)", (saved,))
+        a.store = a.open()
+        assert a.store.get(kept) is not None
+        assert a.store.get(lost) is None  # the truth is the database's
+        again = a.store.add("written after the restore", session="s")
+        b = Node(tmp_path, "B", db_url)
+        try:
+            assert b.store.get(again) is not None and b.store.get(kept) is not None
+            assert b.store.get(lost) is None
+        finally:
+            b.close()
+    finally:
+        a.close()
