@@ -36,8 +36,6 @@ __all__ = [
     "LockedError",
     "MemoryRuntimeError",
     "MemoryStoreError",
-    "MemoryStoreFullError",
-    "MemoryStoreIOError",
     "ModelFileError",
     "ModelNotFoundError",
     "PersistError",
@@ -138,14 +136,6 @@ class StoreMismatchError(MemoryStoreError, ValueError):
 class DamagedStoreError(MemoryStoreError, DamagedFileError):
     """``memory.sqlite3`` is garbage, truncated or not a memory store (the message says what
     to do: move it aside to start empty, or restore it from a backup)."""
-
-
-class MemoryStoreIOError(MemoryStoreError, PersistError):
-    """SQLite (or an index save) could not write; ``filename`` is the file."""
-
-
-class MemoryStoreFullError(MemoryStoreIOError, DiskFullError):
-    """The disk is full: the write was rolled back; retry once space is freed."""
 
 
 # -- long-term memory: the derived hnswlib index (runtime.longterm.index) ------------------------

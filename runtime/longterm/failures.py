@@ -15,12 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
-from runtime.errors import (
-    DamagedStoreError,
-    MemoryStoreError,
-    MemoryStoreFullError,
-    MemoryStoreIOError,
-)
+from runtime.errors import DamagedStoreError, DiskFullError, MemoryStoreError, PersistError
 
 # SQLite primary result codes (sqlite3.h) that this module tells apart
 _SQLITE_CORRUPT = 11
@@ -55,13 +50,15 @@ def sqlite_errors(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concate
     return wrapper  # type: ignore[return-value]  # functools' _Wrapped is not a Callable here
 
 
-def sqlite_error(exc: sqlite3.Error, path: Path) -> MemoryStoreError:
-    """The runtime error for a raw SQLite error on the store at ``path`` (the db file)."""
+def sqlite_error(exc: sqlite3.Error, path: Path) -> MemoryStoreError | PersistError:
+    """The runtime error for a raw SQLite error on the store at ``path`` (the db file): a
+    full disk is a :class:`DiskFullError` and an I/O error a :class:`PersistError` (both
+    retryable, as for any other write of the runtime), damage a :class:`DamagedStoreError`."""
     code = getattr(exc, "sqlite_errorcode", None)
     primary = None if code is None else int(code) & 0xFF
     text = str(exc)
     if primary == _SQLITE_FULL or "disk is full" in text:
-        return MemoryStoreFullError(
+        return DiskFullError(
             errno.ENOSPC,
             f"disk full: SQLite could not write ({text}); the change was rolled back, retry "
             "once space is freed",
@@ -78,24 +75,26 @@ def sqlite_error(exc: sqlite3.Error, path: Path) -> MemoryStoreError:
             "is rebuilt from it on open"
         )
     if primary in (_SQLITE_IOERR, _SQLITE_CANTOPEN) or "disk I/O" in text:
-        return MemoryStoreIOError(errno.EIO, f"SQLite I/O error: {text}", str(path))
+        return PersistError(errno.EIO, f"SQLite I/O error: {text}", str(path))
     return MemoryStoreError(f"{path}: SQLite error: {text}")
 
 
-def final_error(writes: Callable[[], None], path: Path, directory: Path) -> MemoryStoreError | None:
-    """Run a closing store's final ``writes``; returns what they raised as a
-    :class:`MemoryStoreError` (None if they succeeded) for the SQLite file ``path`` of the
-    store in ``directory``. Any other exception propagates."""
+def final_error(
+    writes: Callable[[], None], path: Path, directory: Path
+) -> MemoryStoreError | PersistError | None:
+    """Run a closing store's final ``writes``; returns what they raised as a runtime error
+    (None if they succeeded) for the SQLite file ``path`` of the store in ``directory``. Any
+    other exception propagates."""
     try:
         writes()
     except sqlite3.Error as exc:
         error = sqlite_error(exc, path)
         error.__cause__ = exc
         return error
-    except MemoryStoreError as exc:
+    except (MemoryStoreError, PersistError) as exc:
         return exc
     except (OSError, RuntimeError) as exc:
-        error = MemoryStoreIOError(
+        error = PersistError(
             getattr(exc, "errno", None) or errno.EIO,
             f"could not save the index on close: {exc}",
             str(directory),

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import DamagedStoreError, MemoryStoreError, StoreMismatchError
+from runtime.errors import DamagedStoreError, MemoryStoreError, PersistError, StoreMismatchError
 from runtime.fsutil import DirLock, ensure_dir, open_nofollow, remove_stale_temps, warn_if_exposed
 from runtime.longterm.db import DB_NAME
 from runtime.longterm.failures import sqlite_error
@@ -112,10 +112,10 @@ def open_db(
 
 def close_db(
     db: sqlite3.Connection | None, lock: DirLock | None, path: Path
-) -> MemoryStoreError | None:
+) -> MemoryStoreError | PersistError | None:
     """Close the connection (if any) to the database at ``path``, then release the lock (if
     any); never raises: returns the error closing raised."""
-    error: MemoryStoreError | None = None
+    error: MemoryStoreError | PersistError | None = None
     if db is not None:
         try:
             db.close()

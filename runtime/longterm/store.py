@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime.embed.embedder import TextEmbedder, embed_all
-from runtime.errors import ArgumentError, ClosedError, MemoryStoreError, ReadOnlyError
+from runtime.errors import ArgumentError, ClosedError, MemoryStoreError, PersistError, ReadOnlyError
 from runtime.fsutil import DirLock
 from runtime.longterm import db as sql
 from runtime.longterm import forget, links, retrieval, schema
@@ -74,9 +74,8 @@ class MemoryStore:
         ``read_only=True`` takes no lock, never writes (no index save, no access-time
         updates) and works while another process holds the store open for writing.
 
-        ``shared``: the store is a replica of this log, which every node writes through and
-        reads from (:mod:`runtime.longterm.replica`); a write is acknowledged once the log
-        has committed it.
+        ``shared``: the store is a replica of this log, written through and read from by
+        every node (:mod:`runtime.longterm.replica`); a write is acknowledged once it commits.
         """
         if save_every < 1:
             raise ArgumentError(f"save_every must be positive, got {save_every}")
@@ -462,8 +461,8 @@ class MemoryStore:
         """Save the index if it changed, close SQLite and release the lock; idempotent.
 
         Everything (the connection, the lock, the index) is released even when the final
-        writes fail (a full disk); then one :class:`MemoryStoreError` says what was not saved.
-        Nothing acknowledged is lost by that: SQLite has every committed item.
+        writes fail (a full disk); then one error says what was not saved. Nothing
+        acknowledged is lost by that: SQLite has every committed item.
         """
         with self._lock:
             try:
@@ -482,7 +481,7 @@ class MemoryStore:
         if self._index is not None and self._index.dirty:
             self._keeper().save(self._conn())
 
-    def _release(self) -> MemoryStoreError | None:
+    def _release(self) -> MemoryStoreError | PersistError | None:
         """Drop the index, close SQLite and release the lock; never raises (returns the error)."""
         self._index = None
         if hasattr(self, "_retriever"):  # made once the database is open

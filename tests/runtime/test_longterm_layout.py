@@ -73,7 +73,7 @@ def test_shared_errors_are_llamaffis() -> None:
         (errors.IndexFileError, ValueError),
         (errors.StoreMismatchError, ValueError),
         (errors.ReadOnlyError, PermissionError),
-        (errors.MemoryStoreFullError, OSError),
+        (errors.DiskFullError, OSError),
         (errors.DamagedStoreError, ValueError),
     ],
 )
