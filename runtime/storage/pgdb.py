@@ -90,9 +90,22 @@ CREATE TABLE IF NOT EXISTS llamaffi_manifest (
 """
 
 
+#: libpq settings a URL gets unless it names them: a bounded connection attempt (a reconnect
+#: runs on a request's path), and TCP keepalives, so that a server that vanished (a cut
+#: network, a dead host) fails the call waiting on it within about a minute, not the
+#: kernel's two hours. A Unix socket ignores the keepalives.
+CONNECTION_DEFAULTS: dict[str, int] = {
+    "connect_timeout": CONNECT_TIMEOUT_S,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+
 def connect(url: str) -> Any:
     """A psycopg connection to ``url`` with ``synchronous_commit = on`` (see the module's
-    docstring for why), made within :data:`CONNECT_TIMEOUT_S` unless the URL says otherwise."""
+    docstring for why) and :data:`CONNECTION_DEFAULTS` unless the URL says otherwise."""
     try:
         import psycopg  # the cluster extra; imported only when PostgreSQL is used
     except ModuleNotFoundError as exc:
@@ -100,8 +113,10 @@ def connect(url: str) -> Any:
             "a postgresql:// store needs the cluster extra: pip install '.[cluster]'"
         ) from exc
 
-    if "connect_timeout" not in psycopg.conninfo.conninfo_to_dict(url):
-        url = psycopg.conninfo.make_conninfo(url, connect_timeout=CONNECT_TIMEOUT_S)
+    given = psycopg.conninfo.conninfo_to_dict(url)
+    defaults = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
+    if defaults:
+        url = psycopg.conninfo.make_conninfo(url, **defaults)
     conn = psycopg.connect(url, autocommit=True)
     try:
         conn.execute("SET synchronous_commit = on")

@@ -93,3 +93,21 @@ def test_a_resume_reads_only_what_it_replays(pg_url: str) -> None:
     # the primary key bounds the scan to the replayed range (no filter over the whole session)
     assert "llamaffi_journal_pkey" in plan
     assert "Index Cond: ((session = 'range-read'::text) AND (seq >= 197))" in plan
+
+
+def test_a_connection_is_bounded_and_kept_alive_unless_the_url_says_otherwise(
+    pg_url: str,
+) -> None:
+    conn = connect(pg_url)
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(conn.info.dsn)
+        assert params["connect_timeout"] == "5" and params["keepalives"] == "1"
+        assert params["keepalives_idle"] == "30"
+    finally:
+        conn.close()
+    own = psycopg.conninfo.make_conninfo(pg_url, connect_timeout=9)
+    conn = connect(own)
+    try:
+        assert psycopg.conninfo.conninfo_to_dict(conn.info.dsn)["connect_timeout"] == "9"
+    finally:
+        conn.close()
