@@ -6,7 +6,7 @@ A's reply must then be refused by the database (its lease's token is stale): the
 a retryable ``session_leased`` error naming B instead of a finished reply, A logs that it lost
 the lease and drops the session from its KV, and no history forks: each session's journal is
 numbered without a gap, holds every acknowledged turn once and in order, and never the reply
-A generated after it lost the lease.
+A generated after it lost the lease; B's KV holds exactly the journal's tokens.
 """
 
 # ruff: noqa: F811 (pg_url and s3_env are fixtures imported from cluster_fixtures)
@@ -149,8 +149,12 @@ def test_a_paused_node_that_wakes_has_its_writes_refused_and_no_history_forks(
             if sid == sids[0]:
                 i = turns.index(("user", paused_text))
                 assert turns[i + 1] == ("user", f"{sid} turn on B"), turns[i:]
-            history = httpx.get(f"{b.base}/v1/sessions/{sid}", timeout=30).json()["history"]
-            assert [(h["role"], h["text"]) for h in history] == turns
+            info = httpx.get(f"{b.base}/v1/sessions/{sid}", timeout=30).json()
+            assert [(h["role"], h["text"]) for h in info["history"]] == turns
+            # B's KV is the journal's tokens exactly (restored and replayed): none of the
+            # reply A generated without its lease, nothing twice
+            journalled = sum(len(p["tokens"]) for _, p in rows)
+            assert info["window_tokens"] == info["kv_cells"] == journalled, info
     finally:
         for n in (a, b):
             if n.proc is not None:
