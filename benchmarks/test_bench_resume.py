@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 
 from benchmarks.conftest import CI, FULL, rounds
-from runtime.checkpoint import CheckpointPolicy
 from runtime.chunks import ChunkStore
 from runtime.journal import DEFAULT_SEGMENT_ENTRIES, Journal
 from runtime.layout import JOURNAL_DIR
 from runtime.session import WINDOW_ROLE, ChunkCheckpointer, Session, SessionPool
+from runtime.session.checkpointer import CheckpointPolicy
 from runtime.storage import LocalJournals
 
 SIZES = (1_000, 10_000, 100_000)

@@ -23,7 +23,7 @@ SmolLM2 (and ``tiny``), as reported::
    piece. ``restore`` resumes from the session's snapshot; ``reprefill`` is the same
    directory without snapshots, so the resume decodes the journal again.
 3. ``test_turn_latency_by_policy``: the same scripted turns with the default
-   :class:`runtime.checkpoint.CheckpointPolicy` and with ``every_turn()``; p50 of
+   :class:`runtime.session.checkpointer.CheckpointPolicy` and with ``every_turn()``; p50 of
    ``timings["total"]``.
 """
 
@@ -39,8 +39,8 @@ import pytest
 from conftest import FULL, RUNTIME_MODELS, percentile, require_model
 
 from runtime.app import Reply, Runtime
-from runtime.checkpoint import CheckpointPolicy
 from runtime.layout import CHUNK_DIR
+from runtime.session.checkpointer import CheckpointPolicy
 
 #: Measured turns per benchmark (each a pedantic round of one turn).
 TURN_ROUNDS = 30 if FULL else 8

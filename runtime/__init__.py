@@ -2,8 +2,8 @@
 
 An application uses one object, :class:`runtime.Runtime` (:mod:`runtime.app`). One
 module or package per concept below it: :mod:`runtime.journal` (the fsynced turn journal,
-the truth), :mod:`runtime.session` (journal-first sessions and the pool),
-:mod:`runtime.checkpoint` (policy and background writer), :mod:`runtime.chunks` (chunked,
+the truth), :mod:`runtime.session` (journal-first sessions, their checkpoints' policy and background
+writer, and the pool), :mod:`runtime.chunks` (chunked,
 content-addressed KV checkpoints), :mod:`runtime.snapshot` (the KV file format),
 :mod:`runtime.storage` (the journal and blob store interfaces and the local blob store),
 :mod:`runtime.layout` (the data directory's names), :mod:`runtime.template` (chat

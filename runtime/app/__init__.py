@@ -49,8 +49,8 @@ from runtime.app.options import (
     RuntimeConfig,
     Sampling,
 )
-from runtime.app.reply import MemoryUsed, Reply
 from runtime.app.stats import read_stats
+from runtime.app.turn import MemoryUsed, Reply
 from runtime.errors import (
     ContextFullError,
     RuntimeArgumentError,

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from llamaffi import Context
     from runtime.session.generation import Generation
-    from runtime.session.kv import SequenceKV
+    from runtime.session.window import SequenceKV
 
 __all__ = ["Batcher", "RuntimeLock"]
 

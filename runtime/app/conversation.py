@@ -19,10 +19,9 @@ if TYPE_CHECKING:
     from runtime.app.batching import Batcher
     from runtime.app.options import Sampling
     from runtime.app.recall import Recall
-    from runtime.app.reply import MemoryUsed, Reply
     from runtime.app.sessions import ImportMessage, Sessions
     from runtime.app.stats import Stats
-    from runtime.app.turn import Prompt, TurnEngine
+    from runtime.app.turn import MemoryUsed, Prompt, Reply, TurnEngine
     from runtime.session import ResumeReport, Session
 
 __all__ = ["Conversation"]

@@ -27,8 +27,8 @@ from runtime.app.options import (
     check_user,
 )
 from runtime.app.parts import open_parts
-from runtime.app.reply import Reply
 from runtime.app.sessions import check_messages
+from runtime.app.turn import Reply
 from runtime.errors import ClosedError, SessionNotFoundError
 from runtime.fsutil import ensure_dir
 from runtime.layout import validate_session_id, validate_tenant

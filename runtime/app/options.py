@@ -12,11 +12,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-from runtime.checkpoint import CheckpointPolicy
 from runtime.errors import ArgumentError, ArgumentTypeError, RuntimeArgumentError
 from runtime.journal import DEFAULT_SEGMENT_ENTRIES
 from runtime.longterm.items import MAX_TEXT_CHARS
 from runtime.longterm.items import check_text as _store_check_text
+from runtime.session.checkpointer import CheckpointPolicy
 
 if TYPE_CHECKING:
     from runtime.embed import TextEmbedder
@@ -232,7 +232,7 @@ class RuntimeConfig:
             others are suspended to disk (their cells freed).
         embedder: the long-term memory embedder; ``None`` (default) uses all-MiniLM-L6-v2,
             ``False`` turns long-term memory off.
-        checkpoint: when to checkpoint (:class:`runtime.checkpoint.CheckpointPolicy`).
+        checkpoint: when to checkpoint (:class:`runtime.session.checkpointer.CheckpointPolicy`).
         system_prompt: the first turn of every new session (``None``: none).
         sampling: default :class:`Sampling` for ``chat``.
         kv_type: ``"f16"`` or ``"q8_0"`` (half the KV memory and checkpoint bytes; needs

@@ -20,11 +20,11 @@ from runtime.app.recall import Recall
 from runtime.app.sessions import Sessions
 from runtime.app.stats import Stats
 from runtime.app.turn import TurnEngine
-from runtime.checkpoint import CheckpointWriter
 from runtime.chunks import ChunkStore
 from runtime.fsutil import DirLock, warn_if_exposed
 from runtime.layout import CHUNK_DIR, LOCK_NAME, LONGTERM_DIR, SHARED_LONGTERM_DIR
 from runtime.session import SessionPool
+from runtime.session.checkpointer import CheckpointWriter
 from runtime.storage import LocalJournals
 from runtime.template import ChatFormat
 

@@ -17,7 +17,6 @@ from runtime.app.housekeeper import Retention
 from runtime.app.options import check_created, check_int, check_text
 from runtime.app.recall import Recall
 from runtime.app.turn import ImportedTurn
-from runtime.checkpoint import CheckpointWriter
 from runtime.chunks import ChunkStore
 from runtime.errors import (
     ContextFullError,
@@ -37,6 +36,7 @@ from runtime.session import (
     Span,
     Window,
 )
+from runtime.session.checkpointer import CheckpointWriter
 
 if TYPE_CHECKING:
     from runtime.storage import JournalBackend, JournalStore
@@ -327,8 +327,9 @@ class Sessions:
         return gone
 
     def exists(self, session_id: str) -> bool:
-        """Whether the session has a journal (or is resident)."""
-        return self._journals.exists(session_id) or (self._pool.peek(session_id) is not None)
+        """Whether the session is resident or has a journal (a resident one is asked no
+        storage)."""
+        return self._pool.peek(session_id) is not None or self._journals.exists(session_id)
 
     def append_history(
         self, session_id: str, plan: Sequence[ImportedTurn], n_messages: int, n_ctx: int

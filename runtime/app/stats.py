@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from runtime.app.housekeeper import Retention
 from runtime.app.recall import Recall
-from runtime.app.reply import Reply
-from runtime.checkpoint import CheckpointWriter
+from runtime.app.turn import Reply
 from runtime.chunks import ChunkStore
 from runtime.fsutil import atomic_write_bytes
 from runtime.journal import journal_sessions
 from runtime.layout import CHUNK_DIR, JOURNAL_DIR, LOCK_NAME, STATS_FILE
 from runtime.session import SessionPool
+from runtime.session.checkpointer import CheckpointWriter
 
 if TYPE_CHECKING:
     from llamaffi import Context, Model

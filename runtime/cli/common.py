@@ -71,7 +71,7 @@ def open_runtime(args: argparse.Namespace, **options: Any) -> Runtime:
     """Open the runtime the arguments describe (plus ``options``, more
     :class:`runtime.app.RuntimeConfig` options); progress lines go to stderr."""
     from runtime.app import Runtime
-    from runtime.checkpoint import CheckpointPolicy
+    from runtime.session.checkpointer import CheckpointPolicy
 
     policy = CheckpointPolicy()
     if args.checkpoint_tokens is not None:

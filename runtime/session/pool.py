@@ -9,11 +9,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
-from runtime.checkpoint import CheckpointPolicy, CheckpointWriter
 from runtime.chunks import ChunkStore
 from runtime.errors import ArgumentError, ContextFullError, SessionError
 from runtime.layout import validate_session_id
-from runtime.session.checkpointer import ChunkCheckpointer
+from runtime.session.checkpointer import CheckpointPolicy, CheckpointWriter, ChunkCheckpointer
 from runtime.session.resume import ResumeReport
 from runtime.session.session import Session
 

@@ -12,10 +12,10 @@ from typing import Literal
 from runtime.chunks import ChunkError
 from runtime.errors import IncompatibleSnapshotError, RestoreError, SessionError
 from runtime.session.checkpointer import Checkpointer
-from runtime.session.kv import SequenceKV
 from runtime.session.window import (
     IMPORTED,
     WINDOW_ROLE,
+    SequenceKV,
     Window,
     window_after,
     window_from_manifest,

@@ -13,7 +13,7 @@ A :class:`Session` is composed of three parts, each with its own module: the
 :class:`~runtime.journal.Journal`, the :class:`~runtime.session.window.Window` (the tokens in
 the KV sequence, span by span) and one injected
 :class:`~runtime.session.checkpointer.Checkpointer`; its KV sequence is a
-:class:`~runtime.session.kv.SequenceKV`, and :class:`~runtime.session.resume.Rebuild` rebuilds
+:class:`~runtime.session.window.SequenceKV`, and :class:`~runtime.session.resume.Rebuild` rebuilds
 it.
 """
 
@@ -29,9 +29,8 @@ from runtime.journal import Entry
 from runtime.layout import validate_session_id
 from runtime.session.checkpointer import Checkpointer
 from runtime.session.generation import Generation
-from runtime.session.kv import SequenceKV
 from runtime.session.resume import Rebuild, ResumeReport
-from runtime.session.window import WINDOW_ROLE, Window
+from runtime.session.window import WINDOW_ROLE, SequenceKV, Window
 from runtime.storage import JournalBackend
 
 if TYPE_CHECKING:

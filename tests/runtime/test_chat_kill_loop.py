@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from runtime.app import Runtime
-from runtime.checkpoint import CheckpointPolicy
 from runtime.journal import Journal
+from runtime.session.checkpointer import CheckpointPolicy
 
 pytestmark = pytest.mark.slow
 SESSIONS = ("s0", "s1", "s2")

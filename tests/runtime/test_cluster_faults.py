@@ -31,9 +31,9 @@ import psycopg
 import pytest
 
 from runtime.app import Runtime, SessionLeasedError
-from runtime.checkpoint import CheckpointPolicy
 from runtime.errors import PersistError
 from runtime.server.chat_request import map_runtime_error
+from runtime.session.checkpointer import CheckpointPolicy
 from tests.runtime.cluster_fixtures import (  # noqa: F401 (fixtures)
     S3_BUCKET,
     RestartablePostgres,

@@ -32,7 +32,7 @@ atexit.register(last_hook)
 
 import gc, sys
 from runtime.app import Runtime
-from runtime.checkpoint import CheckpointPolicy
+from runtime.session.checkpointer import CheckpointPolicy
 from runtime.snapshot import Codec, compress_chunks
 
 mode = sys.argv[2]

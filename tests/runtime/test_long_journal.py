@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from runtime.checkpoint import CheckpointPolicy
 from runtime.chunks import ChunkStore
 from runtime.journal import JournalCorruptError
 from runtime.session import SessionError, SessionPool
+from runtime.session.checkpointer import CheckpointPolicy
 from runtime.storage import LocalJournals
 
 llamaffi = pytest.importorskip("llamaffi")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from runtime.app import Runtime, RuntimeArgumentError, RuntimeConfig, read_stats
-from runtime.checkpoint import CheckpointPolicy
 from runtime.errors import LockedError
+from runtime.session.checkpointer import CheckpointPolicy
 
 GREEDY = {"temperature": 0.0, "max_tokens": 8}
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from llamaffi import Context, Model, Sampler
-from runtime.checkpoint import CheckpointPolicy
 from runtime.chunks import MANIFEST_SUFFIX, ChunkStore
 from runtime.errors import PersistError, RestoreError
 from runtime.journal import DEFAULT_SEGMENT_ENTRIES, Entry, Journal
@@ -25,6 +24,7 @@ from runtime.session import (
     SessionError,
     SessionPool,
 )
+from runtime.session.checkpointer import CheckpointPolicy
 from runtime.storage import LocalJournals
 
 TURNS = [

@@ -120,10 +120,10 @@ def test_zstd_bomb_without_content_size_refused(ctx: Any, small: S.Snapshot) -> 
 
 
 def test_session_resume_quarantines_a_forged_chunk(model: Any, tmp_path: Path) -> None:
-    from runtime.checkpoint import CheckpointPolicy
     from runtime.chunks import ChunkStore
     from runtime.journal import DEFAULT_SEGMENT_ENTRIES
     from runtime.session import SessionPool
+    from runtime.session.checkpointer import CheckpointPolicy
     from runtime.storage import LocalJournals
 
     def open_pool(c: Any) -> SessionPool:
