@@ -1,6 +1,7 @@
 """Restoring a sequence from a manifest: chunks are read (mapped, not copied, from the local
-store), verified and decoded on worker threads ahead of the caller, into a few reused
-buffers, while the caller hands each decoded chunk to llama.cpp."""
+store), verified and decoded on worker threads ahead of the caller, while the caller hands each
+chunk to llama.cpp: a stored chunk (:attr:`runtime.snapshot.CodecId.STORED`) straight from its
+verified file bytes, a compressed one from one of a few reused buffers."""
 
 from __future__ import annotations
 
@@ -69,20 +70,27 @@ class ChunkReader:
         return self._decode(manifest, ref, None)
 
     def _decode(
-        self, manifest: Manifest, ref: ChunkRef, buffer: npt.NDArray[np.uint8] | None
+        self,
+        manifest: Manifest,
+        ref: ChunkRef,
+        buffer: Callable[[], npt.NDArray[np.uint8]] | None,
     ) -> npt.NDArray[np.uint8]:
-        """Chunk ``ref`` read, checked and decoded into the start of ``buffer`` (None: a new
+        """Chunk ``ref`` read and checked: a stored chunk's verified bytes as they are mapped
+        (no copy), a compressed one decoded into the start of ``buffer()`` (None: a new
         array, allocated once the header is checked)."""
-        snap, source = self._open_chunk(manifest, ref)
+        snap, view, source = self._open_chunk(manifest, ref)
         size = snap.header.raw_size
-        out = np.empty(size, dtype=np.uint8) if buffer is None else buffer[:size]
         try:
+            stored = snapshot_mod.stored_payload(snap, view, source)
+            if stored is not None:
+                return stored
+            out = np.empty(size, dtype=np.uint8) if buffer is None else buffer()[:size]
             snapshot_mod.decode_into(snap, out, threads=1, source=source)
         except CorruptSnapshotError as exc:
             raise ChunkError(ref.key, exc.field, str(exc)) from None
         return out
 
-    def _open_chunk(self, manifest: Manifest, ref: ChunkRef) -> tuple[Snapshot, str]:
+    def _open_chunk(self, manifest: Manifest, ref: ChunkRef) -> tuple[Snapshot, memoryview, str]:
         """The chunk's file, its header checked against the manifest (digests deferred to
         the decode, frame by frame)."""
         source = self.blobs.describe(ref.key)
@@ -112,7 +120,7 @@ class ChunkReader:
             raise ChunkError(ref.key, "tokens", "token ids differ from the manifest's")
         if h.raw_size != ref.raw_size:
             raise ChunkError(ref.key, "raw_size", f"{h.raw_size} != {ref.raw_size}")
-        return snap, source
+        return snap, view, source
 
     def restore(
         self,
@@ -206,12 +214,21 @@ class ChunkReader:
             return
         depth = max(1, self.threads)
         size = max(ref.raw_size for ref in refs)
-        buffers = [np.empty(size, dtype=np.uint8) for _ in range(depth + 1)]
+        # allocated when a compressed chunk first needs one (stored chunks need none)
+        buffers: list[npt.NDArray[np.uint8] | None] = [None] * (depth + 1)
         pool = self._workers(depth)
 
         def decode(i: int) -> npt.NDArray[np.uint8]:
             # chunk i's buffer is free: chunk i - depth - 1 was set before i was submitted
-            return self._decode(manifest, refs[i], buffers[i % len(buffers)])
+            slot = i % len(buffers)
+
+            def buffer() -> npt.NDArray[np.uint8]:
+                got = buffers[slot]
+                if got is None:
+                    got = buffers[slot] = np.empty(size, dtype=np.uint8)
+                return got
+
+            return self._decode(manifest, refs[i], buffer)
 
         ahead = collections.deque(pool.submit(decode, i) for i in range(min(depth, len(refs))))
         try:

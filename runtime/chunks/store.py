@@ -34,7 +34,7 @@ from runtime.errors import (
     UnsupportedVersionError,
 )
 from runtime.layout import validate_session_id
-from runtime.snapshot import Codec, Filter
+from runtime.snapshot import Codec, CodecId, Filter
 from runtime.storage import BlobStore, LocalBlobStore
 
 if TYPE_CHECKING:
@@ -42,12 +42,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: The codec of chunk files unless the store is given another: zstd level -1, no filter, no
-#: zstd content checksum (the chunk table's xxh3-128 still covers every stored byte and is
-#: checked before a frame is decoded). It stores KV almost as is (0.98-0.99 of raw) and
-#: restores at 0.9-1.4x llama.cpp's raw load, where level 1 with byte planes saves 20% of the
-#: bytes for 3.5-4x; see docs/snapshot-format.md ("The codec of chunks").
-CHUNK_CODEC = Codec(level=-1, filter=Filter.NONE, checksum=False)
+#: The codec of chunk files unless the store is given another: the state's bytes stored as
+#: they are, each 1 MiB segment with its xxh3-128 in the chunk table, checked before a byte
+#: reaches llama.cpp. zstd -1 kept 0.98-0.99 of KV's bytes for a pass to write and one to
+#: read; a stored chunk is handed to llama.cpp straight from its mapped file. Level 1 with
+#: byte planes saves 20% of the bytes for 3.5-4x the restore time; see
+#: docs/snapshot-format.md ("The codec of chunks").
+CHUNK_CODEC = Codec(level=0, filter=Filter.NONE, checksum=False, codec_id=CodecId.STORED)
 #: Manifests kept per session: the newest, and one to fall back to if it is damaged.
 DEFAULT_KEEP = 2
 

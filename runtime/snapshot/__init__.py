@@ -59,6 +59,7 @@ from runtime.snapshot.codec import (
     parallel_map,
     shuffle2,
     split_planes,
+    stored_payload,
     unshuffle2,
 )
 from runtime.snapshot.container import (
@@ -179,6 +180,7 @@ __all__ = [
     "seq_positions",
     "shuffle2",
     "split_planes",
+    "stored_payload",
     "unshuffle2",
     "verify",
     "verify_digests",

@@ -11,14 +11,20 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import zstandard
 
-from runtime.errors import CorruptSnapshotError
-from runtime.snapshot.container import DeferredSnapshot, Snapshot, check_digest, chunk_digest
+from runtime.errors import ArgumentError, CorruptSnapshotError
+from runtime.snapshot.container import (
+    DeferredSnapshot,
+    Snapshot,
+    check_digest,
+    chunk_digest,
+    verify_digests,
+)
 from runtime.snapshot.format import (
     DIGEST_LEN,
     MAX_CHUNK_SIZE,
@@ -28,16 +34,12 @@ from runtime.snapshot.format import (
     ZSTD_MAX_LEVEL,
     ZSTD_MIN_LEVEL,
     ChunkEntry,
+    CodecId,
     Filter,
     SnapshotHeader,
     StateKind,
 )
 from runtime.snapshot.identity import CacheIdentity
-
-if TYPE_CHECKING:
-    pass
-
-from runtime.errors import ArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +59,14 @@ class Codec:
     #: itself, for about half the time of a level -1 decode. Decoding needs no setting: a
     #: frame says whether it has one.
     checksum: bool = True
+    #: ``CodecId.STORED``: each segment as it is, with its digest (no filter; level unused).
+    codec_id: CodecId = CodecId.ZSTD
 
     def __post_init__(self) -> None:
         if not ZSTD_MIN_LEVEL <= self.level <= ZSTD_MAX_LEVEL:
             raise ArgumentError(f"zstd level {self.level} out of range")
+        if self.codec_id is CodecId.STORED and self.filter is not Filter.NONE:
+            raise ArgumentError("stored chunks take no filter")
         if not (2 <= self.chunk_size <= MAX_CHUNK_SIZE and self.chunk_size % 2 == 0):
             raise ArgumentError(f"chunk_size must be even and in [2, {MAX_CHUNK_SIZE}]")
         if self.threads < 0:
@@ -225,16 +231,20 @@ def _compress_segment(seg: npt.NDArray[np.uint8], filt: Filter, state: WorkerSta
     return [cctx.compress(low.data), cctx.compress(high.data)]
 
 
-def compress_chunks(raw: Any, codec: Codec) -> tuple[list[bytes], list[ChunkEntry]]:
+def compress_chunks(raw: Any, codec: Codec) -> tuple[list[bytes | memoryview], list[ChunkEntry]]:
     """Compress ``raw`` (any contiguous buffer) into independent zstd frames.
 
     The blob is cut into ``codec.chunk_size`` segments; each becomes one frame, or two with
     :attr:`Filter.PLANES2`. Each frame records its content size and an xxh64 content checksum.
     Memory: the input, one segment-sized scratch buffer per worker and the compressed output.
+    A :attr:`CodecId.STORED` codec returns views of ``raw`` itself (valid while it is).
     """
     data = _as_u8(raw)
     size = codec.chunk_size
     n_segments = -(-data.size // size)
+    if codec.codec_id is CodecId.STORED:  # views of ``raw``, not copies
+        frames = [data[k * size : (k + 1) * size].data for k in range(n_segments)]
+        return list(frames), [ChunkEntry(len(f), chunk_digest(f)) for f in frames]
     state = WorkerState(codec.level, min(size, data.size), codec.checksum)
 
     def work(k: int) -> list[tuple[bytes, ChunkEntry]]:
@@ -248,7 +258,10 @@ def compress_chunks(raw: Any, codec: Codec) -> tuple[list[bytes], list[ChunkEntr
 def check_frame(
     header: SnapshotHeader, i: int, chunk: bytes | memoryview, source: str | None
 ) -> None:
-    """Check chunk ``i``'s zstd frame header declares exactly the raw length we expect."""
+    """Check chunk ``i``'s zstd frame header declares exactly the raw length we expect (a
+    stored chunk's length was checked with the header)."""
+    if header.codec is CodecId.STORED:
+        return
     try:
         declared = zstandard.frame_content_size(chunk)
     except zstandard.ZstdError as exc:
@@ -340,11 +353,14 @@ def decode_segment(
     cache for zstd.
     """
     filt = header.filter
-    dctx = state.dctx
     if digests:
         per = filt.frames_per_segment
         for i in range(per * k, per * (k + 1)):
             check_digest(header, i, chunks[i], source)
+    if header.codec is CodecId.STORED:  # its length was checked with the header
+        dst[:] = np.frombuffer(chunks[k], dtype=np.uint8)
+        return
+    dctx = state.dctx
     if filt is Filter.NONE:
         decompress_frame_into(header, k, chunks[k], dst, dctx, source)
         return
@@ -390,6 +406,20 @@ def decode_into(
         decode_segment(header, k, snapshot.chunks, dst, state, source, digests)
 
     parallel_map(work, header.n_segments, threads)
+
+
+def stored_payload(
+    snapshot: Snapshot, file_view: memoryview, source: str | None = None
+) -> npt.NDArray[np.uint8] | None:
+    """The raw state of a :attr:`CodecId.STORED` snapshot read from ``file_view`` (the whole
+    file, as :meth:`Snapshot.from_buffer` parsed it), as a read-only array over those bytes:
+    no copy, and every digest checked first. None for a compressed snapshot (decode it)."""
+    header = snapshot.header
+    if header.codec is not CodecId.STORED:
+        return None
+    if isinstance(snapshot, DeferredSnapshot):
+        verify_digests(header, snapshot.chunks, source)
+    return np.frombuffer(file_view, dtype=np.uint8, count=header.raw_size, offset=header.header_len)
 
 
 def decode(snapshot: Snapshot, *, threads: int = 0) -> npt.NDArray[np.uint8]:
@@ -457,6 +487,7 @@ def encode(
         parent_id=parent_id,
         level=codec.level,
         filter=codec.filter,
+        codec=codec.codec_id,
         chunk_size=codec.chunk_size,
         raw_size=int(data.size),
         compressed_size=sum(e.size for e in entries),

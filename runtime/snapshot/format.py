@@ -1,8 +1,8 @@
 """The snapshot file format: the struct tables, the header and its binary form, versions.
 
 The layout is described field by field in ``docs/snapshot-format.md``; the tables here are
-the single source of truth. Version 2 (written now) adds ``journal_seq`` to the fixed body;
-version 1 files still read (:data:`READER_SUPPORTED_VERSIONS`, a whitelist as gguf-py's).
+the single source of truth. Version 2 adds ``journal_seq`` to the fixed body; version 3
+(written now) adds the stored codec. Older files still read (:data:`READER_SUPPORTED_VERSIONS`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ logger = logging.getLogger(__name__)
 
 #: 8 bytes; the high bit catches 7-bit transports, the CR/LF pair catches newline translation.
 MAGIC = b"\x89KVSNP\r\n"
-#: The version this module writes (2 adds ``journal_seq`` to the fixed body).
-FORMAT_VERSION = 2
+#: The version this module writes (2 adds ``journal_seq`` to the body, 3 the stored codec).
+FORMAT_VERSION = 3
 #: The versions this module reads; anything else is refused with :class:`UnsupportedVersionError`.
-READER_SUPPORTED_VERSIONS: frozenset[int] = frozenset({1, 2})
+READER_SUPPORTED_VERSIONS: frozenset[int] = frozenset({1, 2, 3})
 #: File name suffix used by the store and the CLI's directory walk.
 FILE_SUFFIX = ".kvsnap"
 
@@ -90,6 +90,7 @@ _BODY_V2 = struct.Struct("<" + "".join(code for _, code in BODY_FIELDS_V2))
 _BODIES: dict[int, tuple[struct.Struct, tuple[tuple[str, str], ...]]] = {
     1: (_BODY, BODY_FIELDS_V1),
     2: (_BODY_V2, BODY_FIELDS_V2),
+    3: (_BODY_V2, BODY_FIELDS_V2),
 }
 #: ``journal_seq`` of a v2 header that follows no journal entry (a snapshot made elsewhere).
 NO_JOURNAL_SEQ = -(1 << 63)
@@ -145,9 +146,11 @@ def count_chunks(raw_size: int, chunk_size: int, filt: Filter) -> int:
 
 
 class CodecId(enum.IntEnum):
-    """The compressor; only zstd exists."""
+    """The compressor: zstd frames, or each segment's bytes as they are (``STORED``: chunks of
+    KV, which zstd does not shrink; docs/snapshot-format.md, "The codec of chunks")."""
 
     ZSTD = 1
+    STORED = 2
 
 
 @dataclass(frozen=True)
@@ -317,18 +320,14 @@ class SnapshotHeader:
         """
         header_len = check_prefix(bytes(buf[: HEADER_PREFIX.size]), source=source)
         if len(buf) != header_len:
-            raise CorruptSnapshotError(
-                "header_len", f"have {len(buf)} header bytes, expected {header_len}", source=source
-            )
+            msg = f"have {len(buf)} header bytes, expected {header_len}"
+            raise CorruptSnapshotError("header_len", msg, source=source)
         stored = bytes(buf[_CHECKSUM_OFFSET:_BODY_OFFSET])
         h = hashlib.sha256(buf[:_CHECKSUM_OFFSET])
         h.update(buf[_BODY_OFFSET:])
         if h.digest() != stored:
-            raise CorruptSnapshotError(
-                "header_checksum",
-                "header SHA-256 does not match; the header is damaged",
-                source=source,
-            )
+            msg = "header SHA-256 does not match; the header is damaged"
+            raise CorruptSnapshotError("header_checksum", msg, source=source)
         version = HEADER_PREFIX.unpack_from(buf)[1]
         return _parse_body(buf, header_len, version, source)
 
@@ -351,15 +350,13 @@ def check_prefix(prefix: bytes, *, source: str | None = None) -> int:
         )
     magic, version, flags, header_len = HEADER_PREFIX.unpack(prefix[: HEADER_PREFIX.size])
     if magic != MAGIC:
-        raise CorruptSnapshotError(
-            "magic", f"bad magic {magic!r}: not a KV snapshot", source=source
-        )
+        msg = f"bad magic {magic!r}: not a KV snapshot"
+        raise CorruptSnapshotError("magic", msg, source=source)
     if version not in READER_SUPPORTED_VERSIONS:
         raise UnsupportedVersionError(version, supported=READER_SUPPORTED_VERSIONS, source=source)
     if flags != 0:
-        raise CorruptSnapshotError(
-            "flags", f"reserved flags are {flags:#x}, expected 0", source=source
-        )
+        msg = f"reserved flags are {flags:#x}, expected 0"
+        raise CorruptSnapshotError("flags", msg, source=source)
     low = min_header_len(version)
     if not low <= header_len <= MAX_HEADER_LEN:
         raise CorruptSnapshotError(
@@ -417,11 +414,8 @@ def _parse_body(
     if not (2 <= chunk_size <= MAX_CHUNK_SIZE and chunk_size % 2 == 0):
         raise bad("chunk_size", f"chunk size {chunk_size} is not an even size <= {MAX_CHUNK_SIZE}")
     if n_chunks != count_chunks(raw_size, chunk_size, filt):
-        raise bad(
-            "n_chunks",
-            f"{n_chunks} chunks do not fit {raw_size} bytes in segments of {chunk_size} "
-            f"with filter {filt.name.lower()}",
-        )
+        msg = f"{n_chunks} chunks do not fit {raw_size} bytes in segments of {chunk_size}"
+        raise bad("n_chunks", f"{msg} with filter {filt.name.lower()}")
     id_lens = (values["snapshot_id_len"], values["session_id_len"], values["parent_id_len"])
     if max(id_lens) > MAX_ID_LEN:
         raise bad("id_len", f"an id is longer than {MAX_ID_LEN} bytes")
@@ -451,6 +445,11 @@ def _parse_body(
     offset += n_chunks * _CHUNK_ENTRY.size
     if any(c.size == 0 for c in chunks):
         raise bad("chunk_table", "a chunk has size 0")
+    stored_sizes = [min(chunk_size, raw_size - i * chunk_size) for i in range(len(chunks))]
+    if codec is CodecId.STORED and (
+        version < 3 or (filt, [c.size for c in chunks]) != (Filter.NONE, stored_sizes)
+    ):
+        raise bad("codec", "stored chunks are version 3, unfiltered segments of raw length")
     if sum(c.size for c in chunks) != values["compressed_size"]:
         raise bad("compressed_size", "does not equal the sum of the chunk table")
     tokens_arr = np.frombuffer(buf, dtype=_TOKEN_DTYPE, count=values["n_tokens"], offset=offset)

@@ -155,40 +155,54 @@ def test_bit_identical_at_4k_tokens_on_smollm2(store: ChunkStore) -> None:
 
 
 def test_chunk_codec_and_older_chunks(model: Any, tmp_path: Path) -> None:
-    """New chunks use CHUNK_CODEC; chunks written with the former default (zstd 1, byte
-    planes, content checksums) still restore, mixed in one manifest, bit for bit."""
+    """New chunks use CHUNK_CODEC (stored: the state's own bytes, a digest per segment);
+    chunks written with the two former defaults (zstd 1 with byte planes and content
+    checksums; zstd -1 without) still restore, mixed in one manifest, bit for bit. A damaged
+    chunk of either kind is a typed error before any of its bytes reach llama.cpp."""
     tokens = make_tokens(model, 900, seed=17)
     root = tmp_path / "store"
+    former = S.Codec(level=-1, filter=S.Filter.NONE, checksum=False)
     with model.context(n_ctx=1024, **CTX_ARGS) as ctx:
-        build(ctx, tokens[:600])
-        with ChunkStore(root, level=1) as old:
-            first = checkpoint(old, ctx, tokens[:600], "s")
+        build(ctx, tokens[:300])
+        with ChunkStore(root, level=1) as oldest:
+            first = checkpoint(oldest, ctx, tokens[:300], "s")
+        build(ctx, tokens[300:600])
+        with ChunkStore(root, codec=former) as old:
+            second = checkpoint(old, ctx, tokens[:600], "s")
         build(ctx, tokens[600:])
         live = ctx.seq_state_get(SRC).tobytes()
         with ChunkStore(root, threads=2) as store:  # the pipelined restore (2 workers)
             assert store.codec == CHUNK_CODEC
             man = checkpoint(store, ctx, tokens, "s")
             assert man.chunks[0].key == first.chunks[0].key  # reused, not rewritten
-            old_header = S.inspect(store.chunk_path(man.chunks[0].key))
-            new_header = S.inspect(store.chunk_path(man.chunks[2].key))
-            assert (old_header.filter, old_header.level) == (S.Filter.PLANES2, 1)
-            assert (new_header.filter, new_header.level) == (S.Filter.NONE, -1)
-            frame = S.read(store.chunk_path(man.chunks[2].key)).chunks[0]
+            assert man.chunks[1].key == second.chunks[1].key
+            headers = [S.inspect(store.chunk_path(c.key)) for c in man.chunks]
+            got = [(h.codec, h.filter, h.level) for h in headers]
+            assert got == [
+                (S.CodecId.ZSTD, S.Filter.PLANES2, 1),
+                (S.CodecId.ZSTD, S.Filter.NONE, -1),
+                (S.CodecId.STORED, S.Filter.NONE, 0),
+            ]
+            frame = S.read(store.chunk_path(man.chunks[1].key)).chunks[0]
             assert not zstandard.get_frame_parameters(bytes(frame)).has_checksum
+            stored = S.read(store.chunk_path(man.chunks[2].key))
+            assert b"".join(bytes(c) for c in stored.chunks) == S.decode(stored).tobytes()
             assert store.verify().ok
             with model.context(n_ctx=1024, **CTX_ARGS) as fresh:
                 store.restore(fresh, man, SRC, scratch_seq=SCRATCH)
                 assert fresh.seq_state_get(SRC).tobytes() == live
                 # a damaged chunk in the middle of the pipeline: typed error, both seqs empty
-                victim = store.chunk_path(man.chunks[1].key)
-                data = bytearray(victim.read_bytes())
-                data[len(data) // 2] ^= 0x01
-                victim.write_bytes(bytes(data))
-                with pytest.raises(ChunkError) as info:
-                    store.restore(fresh, man, SRC, scratch_seq=SCRATCH)
-                assert info.value.key == man.chunks[1].key and not info.value.missing
-                assert info.value.field.endswith(".checksum")
-                assert fresh.memory.pos_max(SRC) == -1 and fresh.memory.pos_max(SCRATCH) == -1
+                for k in (2, 1):  # the later first: a quarantined chunk is then missing
+                    victim = store.chunk_path(man.chunks[k].key)
+                    data = bytearray(victim.read_bytes())
+                    data[len(data) // 2] ^= 0x01
+                    victim.write_bytes(bytes(data))
+                    with pytest.raises(ChunkError) as info:
+                        store.restore(fresh, man, SRC, scratch_seq=SCRATCH)
+                    assert info.value.key == man.chunks[k].key and not info.value.missing
+                    assert info.value.field.endswith(".checksum")
+                    assert fresh.memory.pos_max(SRC) == -1
+                    assert fresh.memory.pos_max(SCRATCH) == -1
 
 
 def test_q8_0_cache_restores_bit_exactly_through_chunks(model: Any, store: ChunkStore) -> None:

@@ -26,11 +26,16 @@ def ctx(model: Any) -> Iterator[Any]:
 
 def _forge(header: S.SnapshotHeader, frames: list[bytes], **changes: Any) -> S.Snapshot:
     """A snapshot with valid checksums around ``frames`` (whatever they hold)."""
+    return S.Snapshot.from_bytes(_forged_bytes(header, frames, **changes))
+
+
+def _forged_bytes(header: S.SnapshotHeader, frames: list[bytes], **changes: Any) -> bytes:
+    """:func:`_forge`'s file, not parsed back (a reader may refuse its header)."""
     entries = tuple(S.ChunkEntry(len(f), S.chunk_digest(f)) for f in frames)
     forged = dataclasses.replace(
         header, chunks=entries, compressed_size=sum(e.size for e in entries), **changes
     )
-    return S.Snapshot.from_bytes(S.Snapshot(forged, tuple(frames)).to_bytes())
+    return S.Snapshot(forged, tuple(frames)).to_bytes()
 
 
 def _zero_frame(size: int, *, content_size: bool) -> bytes:
@@ -119,7 +124,16 @@ def test_zstd_bomb_without_content_size_refused(ctx: Any, small: S.Snapshot) -> 
     assert peak < 32 << 20
 
 
-def test_session_resume_quarantines_a_forged_chunk(model: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("codec", "field"),
+    [
+        (S.CodecId.ZSTD, "raw_size"),  # refused by size before anything is allocated
+        (S.CodecId.STORED, "codec"),  # a stored chunk's frames must be its raw segments
+    ],
+)
+def test_session_resume_quarantines_a_forged_chunk(
+    model: Any, tmp_path: Path, codec: S.CodecId, field: str
+) -> None:
     from runtime.chunks import ChunkStore
     from runtime.journal import DEFAULT_SEGMENT_ENTRIES
     from runtime.session import SessionPool
@@ -153,19 +167,23 @@ def test_session_resume_quarantines_a_forged_chunk(model: Any, tmp_path: Path) -
         pool.chunks.close()
         real = S.read(victim)
         n = S.count_chunks(1 << 40, S.MAX_CHUNK_SIZE, real.header.filter)
-        forged = _forge(
-            real.header, [b"\x01" * 2] * n, raw_size=1 << 40, chunk_size=S.MAX_CHUNK_SIZE
+        forged = _forged_bytes(
+            real.header,
+            [b"\x01" * 2] * n,
+            raw_size=1 << 40,
+            chunk_size=S.MAX_CHUNK_SIZE,
+            codec=codec,
         )
-        victim.write_bytes(forged.to_bytes())
+        victim.write_bytes(forged)
         c.memory.clear()
 
         pool = open_pool(c)
         session, report = pool.get("alice")
         assert report is not None and report.source == "snapshot"
-        assert any("raw_size" in s for s in report.skipped)
+        assert any(field in s for s in report.skipped)
         assert not victim.exists()
         reasons = list((tmp_path / "kv" / "quarantine").glob("*.reason"))
-        assert any("raw_size" in p.read_text() for p in reasons)
+        assert any(field in p.read_text() for p in reasons)
         assert report.n_tokens == len(session.journal.tokens())
         pool.close()
 

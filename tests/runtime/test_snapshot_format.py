@@ -16,7 +16,7 @@ import pytest
 import zstandard
 
 from runtime import snapshot as S
-from runtime.errors import MemoryRuntimeError
+from runtime.errors import ArgumentError, MemoryRuntimeError
 from runtime.snapshot import format as snapshot_format
 
 REPO = Path(__file__).resolve().parents[2]
@@ -227,7 +227,7 @@ def _with_version(blob: bytes, version: int) -> bytes:
     return blob[:8] + struct.pack("<H", version) + blob[10:]
 
 
-@pytest.mark.parametrize("version", [0, 3, 7, 0xFFFF])  # 1 and 2 are read (v2 since 2026-12)
+@pytest.mark.parametrize("version", [0, 4, 7, 0xFFFF])  # 1, 2 and 3 are read (v3: 2026-12)
 def test_unknown_version_refused(blob: bytes, version: int) -> None:
     with pytest.raises(S.UnsupportedVersionError, match=f"version {version}"):
         S.Snapshot.from_bytes(_with_version(blob, version))
@@ -441,10 +441,10 @@ def test_verify_runs_zstd(tmp_path: Path, snap: S.Snapshot) -> None:
 # -- version 2: the journal entry in the header ------------------------------------------------
 
 
-def test_new_files_are_version_2_and_record_the_journal_seq() -> None:
+def test_new_files_are_version_3_and_record_the_journal_seq() -> None:
     raw = synthetic_raw(5_001, seed=4)
     snap = make(raw, journal_seq=41)
-    assert snap.header.version == S.FORMAT_VERSION == 2
+    assert snap.header.version == S.FORMAT_VERSION == 3
     back = S.Snapshot.from_bytes(snap.to_bytes())
     assert back.header.journal_seq == 41 and back.header == snap.header
     assert make(raw).header.journal_seq is None  # none given: NO_JOURNAL_SEQ on disk
@@ -476,3 +476,62 @@ def test_docs_describe_the_v2_field() -> None:
     for name, _code in S.BODY_FIELDS_V2:
         assert re.search(rf"`{name}`", text), f"docs/snapshot-format.md lacks field {name}"
     assert snapshot_format._BODY_V2.size == snapshot_format._BODY.size + 8
+
+
+# -- version 3: stored segments -----------------------------------------------------------------
+
+STORED = S.Codec(
+    level=0, filter=S.Filter.NONE, checksum=False, chunk_size=4096, codec_id=S.CodecId.STORED
+)
+
+
+def test_a_stored_snapshot_holds_the_raw_bytes_and_reads_back() -> None:
+    raw = synthetic_raw(10_001, seed=8)
+    snap = make(raw, codec=STORED)
+    assert snap.header.codec is S.CodecId.STORED and len(snap.header.chunks) == 3
+    data = snap.to_bytes()
+    assert data[snap.header.header_len :] == raw.tobytes()  # the payload is the state itself
+    back = S.Snapshot.from_bytes(data)
+    assert back.header == snap.header
+    assert S.decode(back).tobytes() == raw.tobytes()
+    deferred = S.Snapshot.from_buffer(memoryview(data), defer_digests=True)
+    view = S.stored_payload(deferred, memoryview(data))
+    assert view is not None and view.tobytes() == raw.tobytes() and not view.flags.writeable
+    assert S.stored_payload(make(raw), memoryview(make(raw).to_bytes())) is None  # zstd
+
+
+def test_a_damaged_stored_segment_never_comes_back() -> None:
+    raw = synthetic_raw(10_001, seed=9)
+    snap = make(raw, codec=STORED)
+    data = bytearray(snap.to_bytes())
+    data[snap.header.header_len + 5_000] ^= 0x10  # inside segment 1
+    with pytest.raises(S.CorruptSnapshotError) as info:
+        S.Snapshot.from_bytes(bytes(data))
+    assert info.value.field == "chunk[1].checksum"
+    deferred = S.Snapshot.from_buffer(memoryview(bytes(data)), defer_digests=True)
+    with pytest.raises(S.CorruptSnapshotError) as info:
+        S.stored_payload(deferred, memoryview(bytes(data)))
+    assert info.value.field == "chunk[1].checksum"
+    out = np.empty(raw.size, dtype=np.uint8)
+    with pytest.raises(S.CorruptSnapshotError):
+        S.decode_into(deferred, out)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"version": 2},  # version 2 readers know no stored codec
+        {"filter": S.Filter.SHUFFLE2},  # a stored segment is the state as it is
+    ],
+)
+def test_a_stored_header_must_be_version_3_and_unfiltered(change: dict[str, object]) -> None:
+    header = make(synthetic_raw(10_001, seed=10), codec=STORED).header
+    forged = dataclasses.replace(header, **change)  # type: ignore[arg-type]
+    with pytest.raises(S.CorruptSnapshotError) as info:
+        S.SnapshotHeader.unpack(forged.pack())
+    assert info.value.field == "codec"
+
+
+def test_a_stored_codec_takes_no_filter() -> None:
+    with pytest.raises(ArgumentError):
+        S.Codec(filter=S.Filter.PLANES2, codec_id=S.CodecId.STORED)
