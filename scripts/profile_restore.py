@@ -16,12 +16,13 @@ digests, zstd, the plane merge, ``seq_state_set`` of the whole blob, and per chu
 Usage::
 
     .venv/bin/python scripts/profile_restore.py [--preset tinyllama-geometry|smollm2] \
-        [--sizes 1024,4096] [--rounds 7] [--codecs 1:planes,-1:none,-1:none:nock]
+        [--sizes 1024,4096] [--rounds 7] [--codecs 1:planes,-1:none:nock,stored]
 
-Each ``--codecs`` entry (``LEVEL:FILTER[:nock]``) gets its own snapshot file and chunk store of
-the same state, and the variants run round-robin. Prints one JSON object per size (medians, min
-and max in milliseconds); ``ratio_*`` is a median over the raw load's median, ``*_paired`` the
-median of the per-round ratios, ``*_min`` the minimum over the raw load's minimum.
+Each ``--codecs`` entry (``LEVEL:FILTER[:nock]`` or ``stored``) gets its own snapshot file and
+chunk store of the same state, and the variants run round-robin. Prints one JSON object per
+size (medians, min and max in milliseconds); ``ratio_*`` is a median over the raw load's
+median, ``*_paired`` the median of the per-round ratios, ``*_min`` the minimum over the raw
+load's minimum.
 """
 
 from __future__ import annotations
@@ -94,7 +95,10 @@ def _steps_file(ctx: Any, path: Path, times: dict[str, list[float]]) -> None:
     pos = 0
     for i, c in enumerate(chunks):
         length = header.chunk_raw_len(i)
-        S.decompress_frame_into(header, i, c, planes[pos : pos + length], dctx, None)
+        if header.codec is S.CodecId.STORED:  # no zstd: the copy decode_into makes
+            planes[pos : pos + length] = np.frombuffer(c, dtype=np.uint8)
+        else:
+            S.decompress_frame_into(header, i, c, planes[pos : pos + length], dctx, None)
         spans.append((pos, length))
         pos += length
     t3 = time.perf_counter()
@@ -148,7 +152,9 @@ FILTERS = {"planes": S.Filter.PLANES2, "none": S.Filter.NONE, "shuffle": S.Filte
 
 def parse_codec(text: str) -> S.Codec:
     """``LEVEL:FILTER[:nock]``, e.g. ``1:planes`` (the snapshot default) or ``-1:none:nock``
-    (``nock``: frames without zstd's content checksum)."""
+    (``nock``: frames without zstd's content checksum); ``stored`` (the chunk default)."""
+    if text == "stored":
+        return S.Codec(level=0, filter=S.Filter.NONE, checksum=False, codec_id=S.CodecId.STORED)
     level, _, rest = text.partition(":")
     filt, _, flag = rest.partition(":")
     return S.Codec(level=int(level), filter=FILTERS[filt or "planes"], checksum=flag != "nock")
@@ -264,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument(
         "--codecs",
-        default="1:planes,-1:none,-1:none:nock",
-        help="LEVEL:FILTER[:nock],... side by side",
+        default="1:planes,-1:none:nock,stored",
+        help="LEVEL:FILTER[:nock] or stored,... side by side",
     )
     parser.add_argument(
         "--models-dir", type=Path, default=Path.home() / ".cache/llamaffi/bench-models"

@@ -63,7 +63,8 @@ class ChunkReader:
             pool.shutdown(wait=True)
 
     def load_chunk(self, manifest: Manifest, ref: ChunkRef) -> npt.NDArray[np.uint8]:
-        """Read, verify and decode one chunk (on a worker thread; never touches a context).
+        """Read, verify and decode one chunk (on a worker thread; never touches a context):
+        for a stored chunk, a read-only array over its mapped file.
 
         A public stage of :meth:`restore`, for profilers: what one chunk costs without
         llama.cpp."""
@@ -95,7 +96,7 @@ class ChunkReader:
         the decode, frame by frame)."""
         source = self.blobs.describe(ref.key)
         try:
-            # lives only for this call; the digests are checked frame by frame when decoded
+            # a stored chunk's array keeps this map alive until llama.cpp has read it
             view = self.blobs.get(ref.key)
         except FileNotFoundError:
             raise ChunkError(ref.key, "missing", f"{source} does not exist") from None
@@ -133,17 +134,17 @@ class ChunkReader:
     ) -> list[int]:
         """CALLER THREAD: rebuild ``seq_id`` from ``manifest``; return its token ids.
 
-        ``seq_id`` is emptied first. Chunks are read through a memory map, checked (identity,
-        positions and token ids against the manifest; the xxh3-128 of each frame just before
-        zstd decodes it straight into a reused chunk buffer; zstd's content checksums where
-        the frames have them) on ``threads`` workers, up to ``threads`` chunks ahead of the
-        caller, which sets the first chunk straight into ``seq_id`` and each later one through
-        the scratch sequence (``seq_state_set(chunk, scratch)``, ``seq_cp(scratch, seq_id)``,
-        ``seq_rm(scratch)``): decoding overlaps llama.cpp's copies, and memory is
-        ``threads + 1`` chunk buffers, not a copy of the window. (Joining the chunks into one
-        state for one ``seq_state_set`` measured slower: docs/snapshot-format.md, "The codec of
-        chunks".) No byte
-        reaches llama.cpp before it is verified.
+        ``seq_id`` is emptied first. Chunks are read through a memory map and checked on
+        ``threads`` workers, up to ``threads`` chunks ahead of the caller: identity, positions
+        and token ids against the manifest, then every segment's xxh3-128. A stored chunk
+        (:data:`runtime.chunks.CHUNK_CODEC`) is then handed over as its verified mapped bytes;
+        a zstd chunk of an older store is decoded into one of ``threads + 1`` reused buffers.
+        The caller sets the first chunk straight into ``seq_id`` and each later one through the
+        scratch sequence (``seq_state_set(chunk, scratch)``, ``seq_cp(scratch, seq_id)``,
+        ``seq_rm(scratch)``), so checking overlaps llama.cpp's copies. No byte reaches
+        llama.cpp before it is verified. The store's files are trusted not to change in place
+        between that check and llama.cpp's read (they are only ever replaced by rename), as
+        with any mapped file; a process that could write them could write this one's memory.
 
         Raises :class:`snapshot.IncompatibleSnapshotError` (nothing touched) for another model or
         cache layout; :class:`ChunkError` (a missing chunk, a damaged one, which is
@@ -188,7 +189,8 @@ class ChunkReader:
             for seq in (scratch_seq, seq_id):
                 with contextlib.suppress(Exception):
                     mem.seq_rm(seq, -1, -1)
-            if isinstance(exc, ChunkError) and not exc.missing:
+            # a chunk of a newer format may be fine (another node wrote it): never moved aside
+            if isinstance(exc, ChunkError) and not exc.missing and exc.field != "version":
                 self._quarantine_chunk(exc.key, str(exc))
             if isinstance(exc, Exception) and not isinstance(exc, MemoryRuntimeError):
                 raise snapshot_mod.RestoreError(f"llama.cpp refused a chunk: {exc}") from exc

@@ -436,8 +436,9 @@ class ChunkStore:
     def verify(self, *, deep: bool = True) -> VerifyReport:
         """Check every manifest, every chunk and every reference (works read-only).
 
-        ``deep`` decompresses every chunk (zstd checksums) rather than checking headers and
-        digests only. Orphans (chunks no manifest names) are listed, not treated as damage.
+        ``deep`` also decodes every chunk (zstd's checks; a stored chunk has only its
+        digests), rather than checking headers and digests only.
+        Orphans (chunks no manifest names) are listed, not treated as damage.
         """
         return verify_store(self.blobs, self.read_manifest, deep=deep)
 

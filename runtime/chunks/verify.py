@@ -24,8 +24,9 @@ def verify_store(
     """Check every manifest (``read_manifest(session, generation)``), every chunk and every
     reference.
 
-    ``deep`` decompresses every chunk (zstd checksums) rather than checking headers and
-    digests only. Orphans (chunks no manifest names) are listed, not treated as damage.
+    ``deep`` also decodes every chunk (zstd's checks; a stored chunk has only its digests),
+    rather than checking headers and digests only.
+    Orphans (chunks no manifest names) are listed, not treated as damage.
     """
     report = VerifyReport()
     referenced: dict[str, list[str]] = {}

@@ -41,9 +41,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     verify_p = commands.add_parser(
         "verify",
-        help="check snapshot files completely (header, checksums, zstd frames); "
+        help="check snapshot files completely (header, checksums, any zstd frames); "
         "exit 1 on any damage, 2 if a path does not exist",
-        description="Check snapshot files completely (header, checksums, zstd frames); a "
+        description="Check snapshot files completely (header, checksums, any zstd frames); a "
         "chunk store directory is checked as one (manifests, chunks, references; missing "
         "chunks are damage, orphans are reported). "
         "Exit 0 if every file is sound, 1 if any is damaged or unreadable, 2 if a path does "

@@ -77,10 +77,6 @@ class Codec:
 DEFAULT_CODEC = Codec()
 
 
-# --------------------------------------------------------------------------------------------
-# Codec: byte planes or 2-byte shuffle, chunked zstd frames, parallel workers
-# --------------------------------------------------------------------------------------------
-
 _executor_lock = threading.Lock()
 _executors: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 
@@ -232,7 +228,7 @@ def _compress_segment(seg: npt.NDArray[np.uint8], filt: Filter, state: WorkerSta
 
 
 def compress_chunks(raw: Any, codec: Codec) -> tuple[list[bytes | memoryview], list[ChunkEntry]]:
-    """Compress ``raw`` (any contiguous buffer) into independent zstd frames.
+    """Compress ``raw`` (any contiguous buffer) into independent zstd frames (or store it).
 
     The blob is cut into ``codec.chunk_size`` segments; each becomes one frame, or two with
     :attr:`Filter.PLANES2`. Each frame records its content size and an xxh64 content checksum.
@@ -411,15 +407,18 @@ def decode_into(
 def stored_payload(
     snapshot: Snapshot, file_view: memoryview, source: str | None = None
 ) -> npt.NDArray[np.uint8] | None:
-    """The raw state of a :attr:`CodecId.STORED` snapshot read from ``file_view`` (the whole
-    file, as :meth:`Snapshot.from_buffer` parsed it), as a read-only array over those bytes:
-    no copy, and every digest checked first. None for a compressed snapshot (decode it)."""
-    header = snapshot.header
-    if header.codec is not CodecId.STORED:
+    """The raw state of a :attr:`CodecId.STORED` snapshot as a read-only array over the bytes
+    of ``file_view`` (its whole file): no copy, and every segment's digest checked on those
+    very bytes first. None for a compressed snapshot (decode it)."""
+    h = snapshot.header
+    if h.codec is not CodecId.STORED:
         return None
-    if isinstance(snapshot, DeferredSnapshot):
-        verify_digests(header, snapshot.chunks, source)
-    return np.frombuffer(file_view, dtype=np.uint8, count=header.raw_size, offset=header.header_len)
+    if len(file_view) != h.file_size:
+        raise CorruptSnapshotError("file_size", f"{len(file_view)} bytes, not {h.file_size}")
+    raw = np.frombuffer(file_view, dtype=np.uint8, count=h.raw_size, offset=h.header_len)
+    size = h.chunk_size
+    verify_digests(h, [raw[k * size : (k + 1) * size].data for k in range(h.n_segments)], source)
+    return raw
 
 
 def decode(snapshot: Snapshot, *, threads: int = 0) -> npt.NDArray[np.uint8]:

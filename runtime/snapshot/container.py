@@ -41,7 +41,7 @@ def check_digest(
     if chunk_digest(chunk) != header.chunks[i].digest:
         raise CorruptSnapshotError(
             f"chunk[{i}].checksum",
-            f"xxh3-128 of compressed chunk {i} (of {len(header.chunks)}) does not match the header",
+            f"xxh3-128 of chunk {i} (of {len(header.chunks)}) does not match the header",
             source=source,
         )
 

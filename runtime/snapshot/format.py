@@ -445,9 +445,10 @@ def _parse_body(
     offset += n_chunks * _CHUNK_ENTRY.size
     if any(c.size == 0 for c in chunks):
         raise bad("chunk_table", "a chunk has size 0")
-    stored_sizes = [min(chunk_size, raw_size - i * chunk_size) for i in range(len(chunks))]
     if codec is CodecId.STORED and (
-        version < 3 or (filt, [c.size for c in chunks]) != (Filter.NONE, stored_sizes)
+        version < 3
+        or filt is not Filter.NONE
+        or any(c.size != min(chunk_size, raw_size - i * chunk_size) for i, c in enumerate(chunks))
     ):
         raise bad("codec", "stored chunks are version 3, unfiltered segments of raw length")
     if sum(c.size for c in chunks) != values["compressed_size"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import struct
 import subprocess
 import sys
 import time
@@ -203,6 +204,29 @@ def test_chunk_codec_and_older_chunks(model: Any, tmp_path: Path) -> None:
                     assert info.value.field.endswith(".checksum")
                     assert fresh.memory.pos_max(SRC) == -1
                     assert fresh.memory.pos_max(SCRATCH) == -1
+
+
+def test_a_chunk_of_a_newer_format_is_refused_but_never_moved_aside(
+    model: Any, store: ChunkStore
+) -> None:
+    """A chunk another node wrote in a format this reader does not know may be fine: the
+    restore fails with field ``version`` (the caller falls back to the journal) and leaves
+    the file where it is, so a node not yet upgraded cannot delete a newer node's chunks."""
+    tokens = make_tokens(model, 300, seed=23)
+    with model.context(n_ctx=1024, **CTX_ARGS) as ctx:
+        build(ctx, tokens)
+        man = checkpoint(store, ctx, tokens, "s")
+        path = store.chunk_path(man.chunks[0].key)
+        data = bytearray(path.read_bytes())
+        data[8:10] = struct.pack("<H", S.FORMAT_VERSION + 1)
+        path.write_bytes(bytes(data))
+        with model.context(n_ctx=1024, **CTX_ARGS) as fresh:
+            with pytest.raises(ChunkError) as info:
+                store.restore(fresh, man, SRC, scratch_seq=SCRATCH)
+            assert info.value.field == "version"
+            assert fresh.memory.pos_max(SRC) == -1 and fresh.memory.pos_max(SCRATCH) == -1
+        assert path.read_bytes() == bytes(data)
+        assert not list((store.root / "quarantine").glob("*"))
 
 
 def test_q8_0_cache_restores_bit_exactly_through_chunks(model: Any, store: ChunkStore) -> None:

@@ -512,6 +512,13 @@ def test_a_damaged_stored_segment_never_comes_back() -> None:
     with pytest.raises(S.CorruptSnapshotError) as info:
         S.stored_payload(deferred, memoryview(bytes(data)))
     assert info.value.field == "chunk[1].checksum"
+    # the digests are checked on the bytes handed out, whatever was parsed or checked before
+    clean = S.Snapshot.from_bytes(snap.to_bytes())
+    with pytest.raises(S.CorruptSnapshotError) as info:
+        S.stored_payload(clean, memoryview(bytes(data)))
+    assert info.value.field == "chunk[1].checksum"
+    with pytest.raises(S.CorruptSnapshotError):
+        S.stored_payload(clean, memoryview(bytes(data))[:-1])
     out = np.empty(raw.size, dtype=np.uint8)
     with pytest.raises(S.CorruptSnapshotError):
         S.decode_into(deferred, out)
@@ -535,3 +542,10 @@ def test_a_stored_header_must_be_version_3_and_unfiltered(change: dict[str, obje
 def test_a_stored_codec_takes_no_filter() -> None:
     with pytest.raises(ArgumentError):
         S.Codec(filter=S.Filter.PLANES2, codec_id=S.CodecId.STORED)
+
+
+def test_the_docs_name_the_versions_written_and_read() -> None:
+    text = " ".join(DOCS.read_text().split())
+    *older, newest = sorted(S.READER_SUPPORTED_VERSIONS)
+    read = f"{', '.join(map(str, older))} and {newest}"
+    assert f"Writers write version {S.FORMAT_VERSION}; readers read versions {read}" in text
