@@ -248,7 +248,7 @@ class SnapshotHeader:
             "session_id": self.session_id,
             "parent_id": self.parent_id,
             "codec": self.codec.name.lower(),
-            "level": self.level,
+            "level": self.level if self.codec is CodecId.ZSTD else None,
             "filter": self.filter.name.lower(),
             "chunk_size": self.chunk_size,
             "n_chunks": len(self.chunks),
