@@ -231,16 +231,16 @@ def compress_chunks(raw: Any, codec: Codec) -> tuple[list[bytes | memoryview], l
     """Compress ``raw`` (any contiguous buffer) into independent zstd frames (or store it).
 
     The blob is cut into ``codec.chunk_size`` segments; each becomes one frame, or two with
-    :attr:`Filter.PLANES2`. Each frame records its content size and an xxh64 content checksum.
-    Memory: the input, one segment-sized scratch buffer per worker and the compressed output.
-    A :attr:`CodecId.STORED` codec returns views of ``raw`` itself (valid while it is).
+    :attr:`Filter.PLANES2`, with its content size and (``codec.checksum``) an xxh64 content
+    checksum. Memory: the input, one segment-sized scratch buffer per worker and the
+    compressed output. A :attr:`CodecId.STORED` codec returns views of ``raw`` itself.
     """
     data = _as_u8(raw)
     size = codec.chunk_size
     n_segments = -(-data.size // size)
     if codec.codec_id is CodecId.STORED:  # views of ``raw``, not copies
-        frames = [data[k * size : (k + 1) * size].data for k in range(n_segments)]
-        return list(frames), [ChunkEntry(len(f), chunk_digest(f)) for f in frames]
+        views: list[bytes | memoryview] = [data[k * size :][:size].data for k in range(n_segments)]
+        return views, [ChunkEntry(len(f), chunk_digest(f)) for f in views]
     state = WorkerState(codec.level, min(size, data.size), codec.checksum)
 
     def work(k: int) -> list[tuple[bytes, ChunkEntry]]:
