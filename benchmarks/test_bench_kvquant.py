@@ -4,8 +4,9 @@ saves in snapshot bytes, chunk bytes and KV RAM.
 On SmolLM2 (``BENCH_KVQUANT_MODEL``, default ``smollm2``; ``tiny`` in CI mode), three caches
 decode the same text one token at a time for ``POSITIONS`` (200) positions:
 
-* ``f16``: f16 K and V without flash attention, the runtime's default (the reference);
-* ``f16-fa``: f16 with flash attention, to tell flash attention's own rounding from q8_0's;
+* ``f16``: f16 K and V without flash attention (plain attention, the reference);
+* ``f16-fa``: f16 with flash attention (the runtime's default), to tell flash attention's own
+  rounding from q8_0's;
 * ``q8_0``: q8_0 K and V, which needs flash attention (the runtime's ``kv_type="q8_0"``).
 
 ``test_kvquant_decode`` times that decode and records, against the reference, the largest

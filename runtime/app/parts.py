@@ -105,7 +105,7 @@ def open_model(
             n_threads=cfg.n_threads,
             type_k=cfg.kv_type,
             type_v=cfg.kv_type,
-            flash_attn=cfg.kv_type != "f16",  # a quantized V cache needs flash attention
+            flash_attn=cfg.flash_attn,
         )
     )
     say(

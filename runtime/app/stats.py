@@ -97,6 +97,7 @@ class Stats:
                 "template": self._template,
                 "n_ctx": self._ctx.n_ctx,
                 "kv_type": self._ctx.type_k,
+                "flash_attn": self._ctx.flash_attn,
             },
             "sessions": {
                 "known": len(known),

@@ -37,6 +37,11 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
         "--no-memory", action="store_true", help="no long-term memory (no embedder)"
     )
     parser.add_argument(
+        "--no-flash-attn",
+        action="store_true",
+        help="plain attention (V stored transposed); flash attention is the default",
+    )
+    parser.add_argument(
         "--checkpoint-tokens",
         type=positive_int,
         default=None,
@@ -82,6 +87,7 @@ def open_runtime(args: argparse.Namespace, **options: Any) -> Runtime:
         n_ctx=args.n_ctx,
         max_resident=args.max_resident,
         embedder=False if args.no_memory else None,
+        flash_attn=not args.no_flash_attn,
         checkpoint=policy,
         db=args.db,
         kv=args.kv,

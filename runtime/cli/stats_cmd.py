@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     lines = [
         f"data dir        {stats['data_dir']} ({'running' if stats['running'] else 'not running'})",
         f"model           {model.get('name', '-')} ({model.get('template', '-')}, "
-        f"n_ctx {model.get('n_ctx', '-')}, kv {model.get('kv_type', '-')})",
+        f"n_ctx {model.get('n_ctx', '-')}, kv {model.get('kv_type', '-')}, "
+        f"flash attention {'on' if model.get('flash_attn') else 'off'})",
         f"sessions        {s.get('known', 0)} known, {_fmt(s.get('resident'))} resident, "
         f"{_fmt(s.get('suspended'))} suspended",
         f"kv cells        {_fmt(kv.get('cells_used'))} of {_fmt(kv.get('n_ctx'))}",

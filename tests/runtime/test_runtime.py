@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,7 +130,7 @@ def test_close_is_idempotent_and_resume_comes_from_a_snapshot(
         assert stats["sessions"]["known"] == 1
 
 
-def _round_robin(root: Path, slots: int, embedder: object) -> list[str]:
+def _round_robin(root: Path, slots: int, embedder: object, kv_type: str) -> list[str]:
     replies = []
     with Runtime.open(
         root,
@@ -137,14 +138,14 @@ def _round_robin(root: Path, slots: int, embedder: object) -> list[str]:
         n_ctx=2048,
         max_resident=slots,
         embedder=embedder,
-        # flash attention (on for q8_0): its result does not depend on where in the cache a
-        # session's cells sit. Without it, f16 attention sums over the cache in SIMD blocks
-        # whose grouping follows the cells' absolute slots, so a resumed session (cells packed
-        # elsewhere) can differ from a never-evicted one by float rounding, and greedy decoding
-        # on random weights flips at such a near-tie (seen at b6628de on this machine: reply 15
-        # of 18). The restored cells themselves are byte-identical in both (test_chunks,
-        # test_snapshot_llama).
-        kv_type="q8_0",
+        # flash attention (the default, and q8_0 needs it): its result does not depend on
+        # where in the cache a session's cells sit. Without it, f16 attention sums over the
+        # cache in SIMD blocks whose grouping follows the cells' absolute slots, so a resumed
+        # session (cells packed elsewhere) can differ from a never-evicted one by float
+        # rounding, and greedy decoding on random weights flips at such a near-tie (seen at
+        # b6628de on this machine: reply 15 of 18). The restored cells themselves are
+        # byte-identical in both (test_chunks, test_snapshot_llama).
+        kv_type=kv_type,
         checkpoint=CheckpointPolicy(every_tokens=10_000, every_seconds=0),
     ) as rt:
         for turn in range(3):
@@ -156,10 +157,11 @@ def _round_robin(root: Path, slots: int, embedder: object) -> list[str]:
     return replies
 
 
-def test_eviction_keeps_replies_identical(tmp_path: Path, embedder: object) -> None:
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+def test_eviction_keeps_replies_identical(tmp_path: Path, embedder: object, kv_type: str) -> None:
     """2 sequence slots and 6 sessions round-robin give the same replies as 6 slots."""
-    assert _round_robin(tmp_path / "two", 2, embedder) == _round_robin(
-        tmp_path / "six", 6, embedder
+    assert _round_robin(tmp_path / "two", 2, embedder, kv_type) == _round_robin(
+        tmp_path / "six", 6, embedder, kv_type
     )
 
 
@@ -329,3 +331,32 @@ def test_config_is_frozen_and_overrides_apply(tmp_path: Path) -> None:
     with Runtime(tmp_path / "d", config=config, max_resident=2) as rt:
         assert rt.config.max_resident == 2 and rt.config.n_ctx == 256
         assert rt.n_ctx == 256
+
+
+def test_flash_attention_is_the_default_and_a_quantized_cache_needs_it(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeArgumentError, match="flash_attn") as info:
+        Runtime(tmp_path / "q", model="tiny", embedder=False, kv_type="q8_0", flash_attn=False)
+    assert info.value.field == "flash_attn"
+    assert not (tmp_path / "q").exists()  # refused before anything was written
+    with pytest.raises(RuntimeArgumentError, match="flash_attn"):
+        Runtime(tmp_path / "s", model="tiny", embedder=False, flash_attn="yes")
+    with Runtime(tmp_path / "d", model="tiny", n_ctx=256, embedder=False) as rt:
+        assert rt.stats()["model"]["flash_attn"] is True
+
+
+def test_a_checkpoint_of_the_other_attention_layout_resumes_from_the_journal(
+    tmp_path: Path,
+) -> None:
+    """Plain attention stores V transposed: its checkpoint is another cache layout, so a
+    runtime with flash attention rebuilds the session from the journal instead (the chunks
+    stay), and the history is whole."""
+    opts: dict[str, Any] = {"model": "tiny", "n_ctx": 512, "embedder": False}
+    with Runtime(tmp_path / "d", flash_attn=False, **opts) as rt:
+        rt.chat("s", "My name is Ann and I live in Oslo.", **GREEDY)
+        rt.suspend("s")
+        before = rt.history("s")
+    with Runtime(tmp_path / "d", **opts) as rt:
+        reply = rt.chat("s", "Where do I live?", **GREEDY)
+        assert reply.resumed is not None and reply.resumed.source == "journal"
+        assert any("flash_attn" in why for why in reply.resumed.skipped), reply.resumed.skipped
+        assert rt.history("s")[: len(before)] == before
