@@ -15,8 +15,9 @@ journal, and long-term memory catches up with any turn a crash kept from it.
 
 One turn of :meth:`Runtime.chat`, in order (the modules it passes through):
 
-1. ``app.facade`` takes the lock; ``session.pool`` resumes the session if it is not
-   resident (``session.resume`` from ``chunks`` plus the ``journal``);
+1. ``app.facade`` takes the lock and checks the arguments (``arguments``);
+   ``session.pool`` resumes the session if it is not resident (``session.resume`` from
+   ``chunks`` plus the ``journal``);
 2. ``app.recall`` retrieves long-term memories (``longterm``) for this session and global
    ones, skipping items whose turns are still in the session's KV window;
 3. ``app.turn`` renders the user turn with the GGUF's own chat template (``template``), the
@@ -24,13 +25,13 @@ One turn of :meth:`Runtime.chat`, in order (the modules it passes through):
 4. **the user turn is journalled (fsynced)** (``journal``) with exactly the tokens about to
    be decoded, then only those are decoded: the prefix already in the KV is never
    re-prefilled;
-5. the reply is generated (``session.generation``: sample, decode, stop), stepped by
-   ``app.batching`` in one decode with every other session generating now, streaming
-   through ``on_token``, and journalled (exactly the tokens decoded);
+5. the reply is generated (an ``app.batching.Generation``: sample, decode, stop), stepped
+   by ``app.batching``'s batcher in one decode with every other session generating now,
+   streaming through ``on_token``, and journalled (exactly the tokens decoded);
 6. ``app.recall`` writes the user turn into long-term memory (the one ingest path, behind a
    watermark; a near-duplicate is not stored twice);
-7. ``session.capture`` checkpoints by policy: only the KV state copy happens on this
-   thread, the write goes to the background writer (``checkpoint``).
+7. ``session.checkpointer`` checkpoints by policy: only the KV state copy happens on this
+   thread, the write goes to the background writer.
 
 Retrieval and rendering read only, so journalling after them loses nothing: what the user
 was told is saved is always in the journal, and the journal is the truth for both memories.
@@ -41,16 +42,14 @@ from runtime.app.options import (
     DEDUP_SIMILARITY,
     DEFAULT_SYSTEM_PROMPT,
     MAX_EMBED_TEXTS,
-    MAX_STOP_STRINGS,
-    MAX_TEXT_CHARS,
     MEMORY_PREFIX,
     MIN_SIMILARITY,
     QUESTION_PREFIX,
     RuntimeConfig,
-    Sampling,
 )
 from runtime.app.stats import read_stats
 from runtime.app.turn import MemoryUsed, Reply
+from runtime.arguments import MAX_STOP_STRINGS, MAX_TEXT_CHARS, Sampling
 from runtime.errors import (
     ContextFullError,
     RuntimeArgumentError,

@@ -1,5 +1,5 @@
 """A turn, end to end, over the runtime's parts: resume, retrieve, render and decode the
-user turn, reply, journal, ingest, record. :class:`~runtime.app.facade.Runtime` checks the
+user turn, reply, journal, ingest, count. :class:`~runtime.app.facade.Runtime` checks the
 arguments and takes the lock; this part runs the steps in order (listed in
 :mod:`runtime.app`), never calling back into the runtime. The reply is generated with every
 other session generating now (:mod:`runtime.app.batching`), which lets go of the lock
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -17,11 +18,10 @@ from runtime.errors import RuntimeArgumentError, SessionNotFoundError
 
 if TYPE_CHECKING:
     from runtime.app.batching import Batcher
-    from runtime.app.options import Sampling
     from runtime.app.recall import Recall
     from runtime.app.sessions import ImportMessage, Sessions
-    from runtime.app.stats import Stats
     from runtime.app.turn import MemoryUsed, Prompt, Reply, TurnEngine
+    from runtime.arguments import Sampling
     from runtime.session import ResumeReport, Session
 
 __all__ = ["Conversation"]
@@ -34,16 +34,21 @@ Cancelled = Callable[[], bool] | None
 
 class Conversation:
     """The steps of :meth:`Runtime.chat` and :meth:`Runtime.answer` (arguments checked,
-    called with the runtime's lock taken)."""
+    called with the runtime's lock taken).
+
+    It counts what it ran, for :class:`runtime.app.stats.Stats` to read: ``turns`` finished
+    and the ``runtime_ms`` of the last 512.
+    """
 
     def __init__(
-        self, sessions: Sessions, recall: Recall, turns: TurnEngine, stats: Stats, batcher: Batcher
+        self, sessions: Sessions, recall: Recall, turns: TurnEngine, batcher: Batcher
     ) -> None:
         self._batcher = batcher
         self._sessions = sessions
         self._recall = recall
         self._turns = turns
-        self._stats = stats
+        self.turns = 0
+        self.runtime_ms: deque[float] = deque(maxlen=512)
 
     def import_history(self, session_id: str, items: list[ImportMessage], n_ctx: int) -> list[int]:
         """Journal checked messages (see :meth:`Runtime.import_history`); their seqs."""
@@ -183,5 +188,6 @@ class Conversation:
             self._recall.catch_up(session)
         marks.append(time.perf_counter())
         reply = make_reply(session.session_id, prompt, entry, finish, memories, report, marks)
-        self._stats.record_turn(reply)
+        self.turns += 1
+        self.runtime_ms.append(reply.runtime_ms)
         return reply

@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from runtime.app.batching import RuntimeLock
-from runtime.app.options import (
-    RuntimeConfig,
+from runtime.app.options import RuntimeConfig
+from runtime.app.parts import open_parts
+from runtime.app.sessions import check_messages
+from runtime.app.turn import Reply
+from runtime.arguments import (
     Sampling,
     check_created,
     check_int,
@@ -26,9 +29,6 @@ from runtime.app.options import (
     check_text,
     check_user,
 )
-from runtime.app.parts import open_parts
-from runtime.app.sessions import check_messages
-from runtime.app.turn import Reply
 from runtime.errors import ClosedError, SessionNotFoundError
 from runtime.fsutil import ensure_dir
 from runtime.layout import validate_session_id, validate_tenant
@@ -36,7 +36,7 @@ from runtime.layout import validate_session_id, validate_tenant
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from runtime.app.options import SamplingOverrides
+    from runtime.arguments import SamplingOverrides
     from runtime.embed import Embeddings
     from runtime.longterm import Hit, MemoryItem
 

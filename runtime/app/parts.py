@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 from runtime.app.batching import Batcher, RuntimeLock
 from runtime.app.conversation import Conversation
 from runtime.app.housekeeper import Housekeeper, Retention
-from runtime.app.options import RuntimeConfig, Sampling
+from runtime.app.options import RuntimeConfig
 from runtime.app.recall import Recall
 from runtime.app.sessions import Sessions
 from runtime.app.stats import Stats
 from runtime.app.turn import TurnEngine
+from runtime.arguments import Sampling
 from runtime.chunks import ChunkStore
 from runtime.fsutil import DirLock, warn_if_exposed
 from runtime.layout import CHUNK_DIR, LOCK_NAME, LONGTERM_DIR, SHARED_LONGTERM_DIR
@@ -227,6 +228,18 @@ def build_parts(
     )
     stack.callback(recall.close)
     retention = Retention(cfg.journal_retention, recall)
+    sessions = Sessions(
+        journals,
+        pool,
+        chunks,
+        writer,
+        recall,
+        retention,
+        max_sessions=cfg.max_sessions,
+        leases=storage.leases,
+        say=say,
+    )
+    conversation = Conversation(sessions, recall, turns, batcher)
     stats = Stats(
         root,
         journals=journals,
@@ -240,17 +253,7 @@ def build_parts(
         recall=recall,
         retention=retention,
         batcher=batcher,
-    )
-    sessions = Sessions(
-        journals,
-        pool,
-        chunks,
-        writer,
-        recall,
-        retention,
-        max_sessions=cfg.max_sessions,
-        leases=storage.leases,
-        say=say,
+        conversation=conversation,
     )
     ttl = cfg.session_ttl_s
     housekeeper = Housekeeper(
@@ -282,5 +285,5 @@ def build_parts(
         sessions=sessions,
         housekeeper=housekeeper,
         batcher=batcher,
-        conversation=Conversation(sessions, recall, turns, stats, batcher),
+        conversation=conversation,
     )

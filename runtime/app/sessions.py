@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from runtime.app.housekeeper import Retention
-from runtime.app.options import check_created, check_int, check_text
 from runtime.app.recall import Recall
 from runtime.app.turn import ImportedTurn
+from runtime.arguments import check_created, check_int, check_text
 from runtime.chunks import ChunkStore
 from runtime.errors import (
     ContextFullError,

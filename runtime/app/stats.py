@@ -1,4 +1,4 @@
-"""What a runtime reports: :class:`Stats` (the counters, :meth:`Runtime.stats` and the
+"""What a runtime reports: :class:`Stats` (:meth:`Runtime.stats` and the
 ``stats.json`` it publishes), and :func:`read_stats` for another process."""
 
 from __future__ import annotations
@@ -9,14 +9,13 @@ import logging
 import os
 import statistics
 import time
-from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runtime.app.conversation import Conversation
 from runtime.app.housekeeper import Retention
 from runtime.app.recall import Recall
-from runtime.app.turn import Reply
 from runtime.chunks import ChunkStore
 from runtime.fsutil import atomic_write_bytes
 from runtime.journal import journal_sessions
@@ -35,10 +34,12 @@ logger = logging.getLogger(__name__)
 
 
 class Stats:
-    """The runtime's figures: turn counters, and a read of every part for :meth:`report`.
+    """The runtime's figures: a read of every part for :meth:`report`, never a part of the
+    turn (each part counts its own work; this reads the counts).
 
     Built with the parts it reads (never changes): the model and its context, the pool, the
-    checkpoint writer and chunk store, long-term memory and retention.
+    checkpoint writer and chunk store, long-term memory, retention, the batcher and the
+    conversation (turns and their times).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class Stats:
         recall: Recall,
         retention: Retention,
         batcher: Batcher,
+        conversation: Conversation,
     ) -> None:
         self._root = root
         self._journals = journals
@@ -69,16 +71,10 @@ class Stats:
         self._chunks = chunks
         self._recall = recall
         self._retention = retention
-        self._turn_ms: deque[float] = deque(maxlen=512)
-        self.turns = 0
+        self._conversation = conversation
         self._key: tuple[int, ...] = ()
         self._opened = time.time()
         self._last_write = 0.0
-
-    def record_turn(self, reply: Reply) -> None:
-        """Count a finished turn."""
-        self.turns += 1
-        self._turn_ms.append(reply.runtime_ms)
 
     def report(self) -> dict[str, Any]:
         """Sessions, KV cells, checkpoint and journal bytes, resumes, memory items, latencies."""
@@ -137,7 +133,10 @@ class Stats:
                 "items": self._recall.items(),
                 "retrieval_p50_ms": _p50(self._recall.retrieval_ms),
             },
-            "turns": {"count": self.turns, "runtime_p50_ms": _p50(self._turn_ms)},
+            "turns": {
+                "count": self._conversation.turns,
+                "runtime_p50_ms": _p50(self._conversation.runtime_ms),
+            },
         }
 
     def publish(self, force: bool = False) -> None:
@@ -148,7 +147,7 @@ class Stats:
             return
         writer = self._writer.stats if self._writer is not None else None
         key = (
-            self.turns,
+            self._conversation.turns,
             writer.written if writer else 0,
             len(self._pool.resident()),
             sum(self._pool.resumes.values()),

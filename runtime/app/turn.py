@@ -15,7 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from runtime.app.options import MEMORY_PREFIX, QUESTION_PREFIX, Sampling
+from runtime.app.batching import Generation
+from runtime.app.options import MEMORY_PREFIX, QUESTION_PREFIX
+from runtime.arguments import Sampling
 from runtime.errors import RuntimeArgumentError
 from runtime.journal import Entry
 from runtime.session import ResumeReport, Session
@@ -262,7 +264,8 @@ class TurnEngine:
         user = Message("user", prompt.content)
         sampler = self._make_sampler(params, session, prompt.entry.seq)
         try:
-            gen = session.start_generation(
+            gen = Generation(
+                session,
                 self._room(session, params.max_tokens),
                 sampler,
                 close=lambda reply: self._close_tokens(history, user, reply),

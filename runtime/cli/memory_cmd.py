@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from runtime.arguments import MAX_TEXT_CHARS
 from runtime.cli.common import positive_int
 from runtime.embed import Embedder
 from runtime.layout import LONGTERM_DIR, SHARED_LONGTERM_DIR
 from runtime.longterm import MemoryStore
 from runtime.longterm.db import DB_NAME
-from runtime.longterm.items import KINDS, MAX_TEXT_CHARS
+from runtime.longterm.items import KINDS
 
 
 def _unit_interval(value: str) -> float:

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from runtime.arguments import stored_text
 from runtime.errors import ArgumentError, ArgumentTypeError
 
 KINDS: tuple[str, ...] = ("turn", "fact", "summary")
-#: Texts longer than this (in characters) are refused: memories are notes, not documents.
-MAX_TEXT_CHARS = 100_000
 
 #: The columns of an item row, in :class:`MemoryItem`'s field order (seq first).
 COLUMNS = (
@@ -120,22 +119,11 @@ def to_epoch(now: float | datetime | None) -> float:
     raise ArgumentTypeError(f"now must be a float timestamp or a datetime, got {now!r}")
 
 
-def check_text(text: object) -> str:
-    """``text`` if it may be stored (a non-blank str of at most :data:`MAX_TEXT_CHARS`)."""
-    if not isinstance(text, str):
-        raise ArgumentTypeError(f"text must be str, not {type(text).__name__}")
-    if not text.strip():
-        raise ArgumentError("text must not be empty")
-    if len(text) > MAX_TEXT_CHARS:
-        raise ArgumentError(f"text is {len(text)} characters; at most {MAX_TEXT_CHARS}")
-    return text
-
-
 def check_item(item: NewItem) -> NewItem:
     """``item`` if it may be stored: a :class:`NewItem` whose every field is valid."""
     if not isinstance(item, NewItem):
         raise ArgumentTypeError(f"items must be NewItem, not {type(item).__name__}")
-    check_text(item.text)
+    stored_text(item.text)
     check_fields(item.kind, item.session, item.importance, item.meta)
     if item.speaker is not None and not isinstance(item.speaker, str):
         raise ArgumentTypeError("speaker must be str or None")

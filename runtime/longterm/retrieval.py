@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from runtime.arguments import stored_text
 from runtime.embed.embedder import TextEmbedder
 from runtime.errors import ArgumentError
 from runtime.longterm import db as sql
 from runtime.longterm.db import FloatArray
 from runtime.longterm.index import StoreIndex
-from runtime.longterm.items import KINDS, check_text, to_epoch
+from runtime.longterm.items import KINDS, to_epoch
 from runtime.longterm.lexical import Stemmer, match_expression, query_terms, time_range, words
 from runtime.longterm.ranking import Candidates, FusionWeights, Hit, ScoringWeights, rank
 
@@ -56,7 +57,7 @@ class Query:
     ) -> Query:
         """Check the arguments of :meth:`runtime.longterm.store.MemoryStore.search` and embed
         the query with ``embedder``."""
-        text = check_text(query)
+        text = stored_text(query)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ArgumentError(f"k must be a positive int, got {k!r}")
         kind_list = None if kinds is None else sorted(set(kinds))

@@ -26,8 +26,8 @@ from runtime.app import (
     SessionLeasedError,
     SessionLimitError,
 )
-from runtime.app.options import check_text as runtime_check_text
-from runtime.app.options import check_user
+from runtime.arguments import check_text as runtime_check_text
+from runtime.arguments import check_user
 from runtime.errors import PersistError
 from runtime.layout import is_ephemeral, validate_session_id
 from runtime.server.api_errors import RETRY_AFTER_S, APIError, bad_request
@@ -102,7 +102,7 @@ def _bool(body: Mapping[str, Any], name: str, default: bool) -> bool:
 
 def check_text(value: object, param: str) -> str:
     """A non-empty string of at most :data:`runtime.app.MAX_TEXT_CHARS` characters (the
-    runtime's own rule, :func:`runtime.app.options.check_text`), as a 400 naming ``param``."""
+    runtime's own rule, :func:`runtime.arguments.check_text`), as a 400 naming ``param``."""
     try:
         text = runtime_check_text(value, param)
     except RuntimeArgumentError as exc:

@@ -28,13 +28,12 @@ from runtime.errors import ArgumentError, ContextFullError, SessionError
 from runtime.journal import Entry
 from runtime.layout import validate_session_id
 from runtime.session.checkpointer import Checkpointer
-from runtime.session.generation import Generation
 from runtime.session.resume import Rebuild, ResumeReport
 from runtime.session.window import WINDOW_ROLE, SequenceKV, Window
 from runtime.storage import JournalBackend
 
 if TYPE_CHECKING:
-    from llamaffi import Context, Sampler
+    from llamaffi import Context
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ class Session:
         """Decode the window's last token again, so that the next sample reads this
         sequence's logits (a resumed KV has none, and another session may have decoded
         since). The window and the journal do not change."""
-        self._require_resident()
+        self.require_resident()
         n = self.n_tokens
         if n == 0:
             raise SessionError(f"session {self.session_id!r} has nothing decoded to continue")
@@ -145,7 +144,8 @@ class Session:
         """Whether nothing has been journalled yet (the next tokens start the sequence)."""
         return len(self.journal) == 0
 
-    def _require_resident(self) -> None:
+    def require_resident(self) -> None:
+        """Raise :class:`SessionError` unless the session is open and its KV resident."""
         if self.journal.closed:
             raise SessionError(
                 f"session {self.session_id!r} is closed (suspended by its pool to free memory, "
@@ -159,7 +159,7 @@ class Session:
     def reserve(self, n_tokens: int) -> None:
         """Make room for ``n_tokens`` more tokens now: shift the window (journalled) if
         allowed, and let the pool free shared cells. Raises :class:`ContextFullError`."""
-        self._require_resident()
+        self.require_resident()
         limit = self.ctx.n_ctx
         if self.n_tokens + n_tokens > limit:
             if self.overflow != "shift" or n_tokens > limit:
@@ -202,7 +202,7 @@ class Session:
         For a chat template that does not render N+1 messages as an extension of N: the
         caller re-renders, keeps the common token prefix and decodes the rest.
         """
-        self._require_resident()
+        self.require_resident()
         n = self.n_tokens
         if not 0 <= keep <= n:
             raise SessionError(f"rewind({keep}) outside the window of {n} tokens")
@@ -237,7 +237,7 @@ class Session:
         the end of the reply (so a prompt is never delayed by a state copy). ``created`` is
         the turn's UNIX time (default: now; an imported history keeps its own).
         """
-        self._require_resident()
+        self.require_resident()
         tokens = list(tokens)
         if not tokens:
             raise SessionError("a turn needs at least one token")
@@ -262,41 +262,9 @@ class Session:
             self.checkpointer.count(len(tokens))
         return entry
 
-    def start_generation(
-        self,
-        n_predict: int,
-        sampler: Sampler,
-        *,
-        close: Callable[[str], Sequence[int]],
-        stop: Sequence[str] = (),
-        clean: Callable[[str], str] | None = None,
-        on_text: Callable[[str], None] | None = None,
-        cancelled: Callable[[], bool] | None = None,
-        meta: dict[str, object] | None = None,
-    ) -> Generation:
-        """The assistant's turn after the decoded prompt, not started yet: drive it alone
-        (:meth:`Generation.run_alone`) or with other sessions'
-        (:class:`runtime.app.batching.Batcher`); see :mod:`runtime.session.generation`. Its
-        first :meth:`Generation.sample` must read the prompt's logits, so it is started
-        before anything else decodes.
-
-        The reply stops at an end-of-generation token (sampled, never decoded), at the first
-        of the ``stop`` strings (cut from the text), after ``n_predict`` tokens, or when
-        ``cancelled()`` turns true (the reply so far is kept and journalled, so the KV and
-        the journal stay equal); its ``finish_reason`` is ``"stop"``, ``"length"`` or
-        ``"cancelled"``. ``close(text)`` gives the tokens that end the turn in the template
-        (``<|im_end|>\\n`` in ChatML); they are decoded so the next turn extends the
-        sequence. ``on_text`` receives the reply's text as it grows, never a piece of a stop
-        string. The journal entry holds exactly the tokens decoded.
-        """
-        self._require_resident()
-        return Generation(
-            self, n_predict, sampler, close=close, stop=stop, clean=clean, on_text=on_text,
-            cancelled=cancelled, meta=meta,
-        )  # fmt: skip
-
     def journal_reply(self, text: str, tokens: list[int], meta: dict[str, object]) -> Entry:
-        """Journal a reply whose ``tokens`` are decoded already (:class:`Generation`)."""
+        """Journal a reply whose ``tokens`` are decoded already (by a
+        :class:`runtime.app.batching.Generation`)."""
         entry = self.journal.append("assistant", text, tokens, meta)
         self.window.apply(entry)
         return entry
@@ -340,7 +308,7 @@ class Session:
 
     def checkpoint(self) -> object:
         """Checkpoint the KV sequence now and wait for it; returns what was written."""
-        self._require_resident()
+        self.require_resident()
         if self.kv.shift_pending:
             raise SessionError(
                 f"session {self.session_id!r}: a window shift is not applied until the next "

@@ -295,8 +295,10 @@ def test_journal_retention_window_keeps_memory_and_the_window(
             rt.chat("s", fact, **GREEDY)
         rt.checkpoint("s")
         window = rt._pool.peek("s").tokens()  # type: ignore[union-attr]
+        # the housekeeping thread may have compacted some already, during the turns
+        before = rt.stats()["journal"]["compacted_bytes"]
         freed = rt.compact_journals()
-        assert freed > 0 and rt.stats()["journal"]["compacted_bytes"] == freed
+        assert freed > 0 and rt.stats()["journal"]["compacted_bytes"] == before + freed
         kept = rt.history("s")
         assert 0 < len([h for h in kept if h["role"] == "user"]) < len(facts)
         assert kept[0]["role"] == "system"  # the pinned first turn stays

@@ -22,7 +22,7 @@ from runtime.app import (
     SessionLimitError,
     SessionNotFoundError,
 )
-from runtime.errors import ClosedError, ContextFullError
+from runtime.errors import ArgumentError, ClosedError, ContextFullError
 from runtime.longterm import items
 
 GREEDY = {"temperature": 0.0, "max_tokens": 8}
@@ -151,11 +151,16 @@ def test_delete_session_names_an_unknown_id(rt: Runtime) -> None:
 
 
 def test_one_text_rule(rt: Runtime) -> None:
-    assert MAX_TEXT_CHARS == items.MAX_TEXT_CHARS == 100_000
+    """A turn and a stored memory pass the same rule (``runtime.arguments``)."""
+    assert MAX_TEXT_CHARS == 100_000
     with pytest.raises(RuntimeArgumentError, match=f"at most {MAX_TEXT_CHARS}") as info:
         rt.chat("long", "x" * (MAX_TEXT_CHARS + 1))
     assert info.value.field == "text"
     assert rt.history("long") == []
+    item = items.NewItem("x" * (MAX_TEXT_CHARS + 1), kind="fact")
+    with pytest.raises(ArgumentError, match=f"at most {MAX_TEXT_CHARS}"):
+        items.check_item(item)
+    items.check_item(items.NewItem("x" * MAX_TEXT_CHARS, kind="fact"))
 
 
 def test_suspend_shows_in_session_info_and_checkpoints(rt: Runtime) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from llamaffi import Context, Model, Sampler
+from runtime.app.batching import Generation
 from runtime.chunks import MANIFEST_SUFFIX, ChunkStore
 from runtime.errors import PersistError, RestoreError
 from runtime.journal import DEFAULT_SEGMENT_ENTRIES, Entry, Journal
@@ -75,7 +76,7 @@ def reply(session: Session, n_predict: int = 6) -> Entry:
     """A greedy reply of at most ``n_predict`` tokens, closed by a newline."""
     newline = session.ctx.model.tokenize("\n", add_special=False)
     session.reserve(n_predict + len(newline))
-    gen = session.start_generation(n_predict, Sampler.greedy(), close=lambda _text: newline)
+    gen = Generation(session, n_predict, Sampler.greedy(), close=lambda _text: newline)
     entry, _ = gen.run_alone()
     return entry
 

@@ -72,15 +72,16 @@ def test_the_walk_sees_a_call_back_up(
     tmp_path: Path, tiny_model_path: Path, monkeypatch: Any
 ) -> None:
     """The probe itself: a part that asks the facade for something during a turn is seen (the
-    planted call is compiled as if it were in ``app/stats.py``)."""
+    planted call is compiled as if it were in ``app/recall.py``)."""
     with Runtime.open(tmp_path / "data", tiny_model_path, embedder=False) as rt:
         rt.chat("s", "Hello there.", max_tokens=4)
-        stats = type(rt._stats)  # the test reaches in to plant the call
-        scope: dict[str, Any] = {"record": stats.record_turn, "rt": rt}
+        recall = type(rt._recall)  # the test reaches in to plant the call
+        scope: dict[str, Any] = {"retrieve": recall.retrieve, "rt": rt}
         source = (
-            "def calling_up(self, *a, **k):\n    rt.sessions()\n    return record(self, *a, **k)\n"
+            "def calling_up(self, *a, **k):\n    rt.sessions()\n"
+            "    return retrieve(self, *a, **k)\n"
         )
-        exec(compile(source, ROOT + "app/stats.py", "exec"), scope)
-        monkeypatch.setattr(stats, "record_turn", scope["calling_up"])
+        exec(compile(source, ROOT + "app/recall.py", "exec"), scope)
+        monkeypatch.setattr(recall, "retrieve", scope["calling_up"])
         _, up = _walk(rt, "And again.")
-    assert up and up[0].startswith("app/stats.py:"), up
+    assert up and up[0].startswith("app/recall.py:"), up
