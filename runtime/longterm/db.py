@@ -180,6 +180,18 @@ def lexical_candidates(
     return [(int(r[0]), float(r[1])) for r in rows]
 
 
+def exact_matches(
+    db: sqlite3.Connection, norm: str, where: str, args: Sequence[Any], limit: int = 50
+) -> list[int]:
+    """The seqs of the items ``where`` allows whose own text, reduced to its words
+    (:func:`runtime.longterm.lexical.normalise`), is ``norm`` (the ``items_norm`` index)."""
+    scope = f" AND {where}" if where else ""
+    rows = db.execute(
+        f"SELECT seq FROM items WHERE norm = ?{scope} LIMIT ?", (norm, *args, limit)
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
 def document_frequencies(
     db: sqlite3.Connection, stems: Iterable[str]
 ) -> tuple[int, dict[str, int]]:

@@ -100,11 +100,13 @@ class Candidates:
     """What the two retrievers found for one query, before fusion.
 
     ``dense`` maps seq -> cosine (every candidate of either list has one); ``lexical`` maps
-    seq -> BM25 score (only the items that share a term with the query).
+    seq -> BM25 score (only the items that share a term with the query); ``exact`` holds the
+    items whose own text is the query's, word for word (case, spacing and punctuation aside).
     """
 
     dense: Mapping[int, float]
     lexical: Mapping[int, float]
+    exact: frozenset[int] = frozenset()
     speakers: frozenset[str] = frozenset()
     period: tuple[float, float] | None = None
     use_dense: bool = True
@@ -212,7 +214,12 @@ def rank(
 ) -> list[Scored]:
     """Fuse, blend and sort the candidates, best first.
 
-    Ties are broken by similarity, then by id, so equal scores always come out in one order.
+    An item whose own text is the query, word for word, and that nothing superseded comes
+    first, whatever its score: a turn's lexical text holds the turns before it too (its
+    context), so a neighbour that repeats the query's words can outscore the item that says
+    them ("note 742", said after "note 745", for the text of "note 745"), and a user who
+    searches for what they said must find it. Ties are broken by similarity, then by id, so
+    equal scores always come out in one order.
     """
     pool = list(rows)
     by_speaker = frozenset(
@@ -238,5 +245,6 @@ def rank(
         score = weights.score(relevance, rec, row.importance)
         sim = found.dense.get(row.seq, 0.0)
         scored.append(Scored(row.seq, row.id, score, sim, rec, relevance, row.accessed))
-    scored.sort(key=lambda s: (-s.score, -s.similarity, s.id))
+    first = {r.seq for r in pool if r.seq in found.exact and r.superseded_by is None}
+    scored.sort(key=lambda s: (s.seq not in first, -s.score, -s.similarity, s.id))
     return scored

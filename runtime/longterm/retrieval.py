@@ -23,7 +23,14 @@ from runtime.longterm import db as sql
 from runtime.longterm.db import FloatArray
 from runtime.longterm.index import StoreIndex
 from runtime.longterm.items import KINDS, to_epoch
-from runtime.longterm.lexical import Stemmer, match_expression, query_terms, time_range, words
+from runtime.longterm.lexical import (
+    Stemmer,
+    match_expression,
+    normalise,
+    query_terms,
+    time_range,
+    words,
+)
 from runtime.longterm.ranking import Candidates, FusionWeights, Hit, ScoringWeights, rank
 
 
@@ -179,11 +186,14 @@ def gather(
     if informative:
         expression = match_expression(informative)
         lexical = dict(sql.lexical_candidates(db, expression, pool, where, args))
-    missing = [seq for seq in lexical if seq not in dense]
+    # the items whose own words are the query's, however the lists ranked them
+    exact = sql.exact_matches(db, normalise(query.text), where, args)
+    missing = [seq for seq in {*lexical, *exact} if seq not in dense]
     dense = {**dense, **sql.cosines(db, dim, missing, vector)}
     return Candidates(
         dense=dense,
         lexical=lexical,
+        exact=frozenset(exact),
         speakers=speakers.named(db, terms),
         period=time_range(query.text, query.stamp) if fusion.in_period != 1.0 else None,
         use_dense=fusion.dense > 0,
