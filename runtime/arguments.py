@@ -14,6 +14,7 @@ from typing import Any, TypedDict
 from runtime.errors import ArgumentError, ArgumentTypeError, RuntimeArgumentError
 
 __all__ = [
+    "MAX_EMBED_TEXTS",
     "MAX_STOP_STRINGS",
     "MAX_TEXT_CHARS",
     "MAX_USER_CHARS",
@@ -31,6 +32,8 @@ __all__ = [
 #: Texts longer than this (in characters) are refused: a turn, a memory, a message.
 MAX_TEXT_CHARS = 100_000
 MAX_STOP_STRINGS = 8
+#: Texts one embeddings call takes at most.
+MAX_EMBED_TEXTS = 256
 
 
 # -- argument checks ---------------------------------------------------------------------------

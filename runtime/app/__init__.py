@@ -41,7 +41,6 @@ from runtime.app.facade import Runtime
 from runtime.app.options import (
     DEDUP_SIMILARITY,
     DEFAULT_SYSTEM_PROMPT,
-    MAX_EMBED_TEXTS,
     MEMORY_PREFIX,
     MIN_SIMILARITY,
     QUESTION_PREFIX,
@@ -49,7 +48,7 @@ from runtime.app.options import (
 )
 from runtime.app.stats import read_stats
 from runtime.app.turn import MemoryUsed, Reply
-from runtime.arguments import MAX_STOP_STRINGS, MAX_TEXT_CHARS, Sampling
+from runtime.arguments import MAX_EMBED_TEXTS, MAX_STOP_STRINGS, MAX_TEXT_CHARS, Sampling
 from runtime.errors import (
     ContextFullError,
     RuntimeArgumentError,

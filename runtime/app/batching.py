@@ -88,7 +88,6 @@ class Generation:
         cancelled: Callable[[], bool] | None = None,
         meta: dict[str, object] | None = None,
     ) -> None:
-        session.require_resident()
         self.session = session
         self.seq_id = session.seq_id
         self.n_predict = n_predict
@@ -96,7 +95,7 @@ class Generation:
         self._close, self._stop, self._clean = close, tuple(stop), clean
         self._on_text, self._cancelled, self._meta = on_text, cancelled, dict(meta or {})
         self._holdback = max((len(x) for x in self._stop), default=1) - 1
-        self.start = session.kv.next_pos()
+        self.start = session.begin_reply(n_predict + CLOSE_CELLS)
         #: the position of the pending token
         self.pos = self.start
         #: the token sampled and not decoded yet (``None``: none)
@@ -112,7 +111,6 @@ class Generation:
         self.done = False
         self.entry: Entry | None = None
         self.error: BaseException | None = None
-        session.in_flight = n_predict + CLOSE_CELLS  # cells the pool must keep for it
 
     @property
     def ending(self) -> bool:
@@ -150,7 +148,7 @@ class Generation:
         self.decoded_tokens.append(self.pending)
         self.pending = None
         self.pos += 1
-        self.session.kv.shift_pending = False
+        self.session.reply_decoded()
         if self._on_text is not None:
             safe = len(self._text) - self._holdback
             if safe > self._emitted:
@@ -169,7 +167,7 @@ class Generation:
                 self._on_text(self._text.rstrip()[self._emitted :])
             tail = list(self._close(reply))
             if tail:
-                session.kv.decode(tail)
+                session.decode_reply(tail)
             meta = dict(self._meta)
             meta["finish"] = self.finish_reason
             meta["generated"] = len(self.decoded_tokens)
@@ -181,7 +179,7 @@ class Generation:
             self.fail(exc)
             raise
         self.done = True
-        session.in_flight = 0
+        session.end_reply()
         try:
             session.after_reply(len(self.entry.tokens))
         except BaseException as exc:  # journalled: the caller still learns of the failure
@@ -194,13 +192,7 @@ class Generation:
             return
         self.done = True
         self.error = exc
-        self.session.in_flight = 0
-        kv = self.session.kv
-        try:
-            if not kv.cut(self.start):
-                kv.clear()
-        except Exception:
-            kv.clear()
+        self.session.abandon_reply(self.start)
 
     def result(self) -> tuple[Entry, str]:
         """``(entry, finish_reason)``; raises the failure, if it failed."""
@@ -215,7 +207,7 @@ class Generation:
         try:
             self.sample(-1)
             while self.pending is not None:
-                self.session.kv.decode([self.pending], pos=self.pos)
+                self.session.decode_reply([self.pending], pos=self.pos)
                 self.decoded()
                 if not self.ending:
                     self.sample(-1)

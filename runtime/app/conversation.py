@@ -47,8 +47,18 @@ class Conversation:
         self._sessions = sessions
         self._recall = recall
         self._turns = turns
-        self.turns = 0
-        self.runtime_ms: deque[float] = deque(maxlen=512)
+        self._turns_run = 0
+        self._runtime_ms: deque[float] = deque(maxlen=512)
+
+    @property
+    def turns(self) -> int:
+        """Turns finished since the runtime opened."""
+        return self._turns_run
+
+    @property
+    def runtime_ms(self) -> tuple[float, ...]:
+        """The runtime's own milliseconds of each of the last 512 turns."""
+        return tuple(self._runtime_ms)
 
     def import_history(self, session_id: str, items: list[ImportMessage], n_ctx: int) -> list[int]:
         """Journal checked messages (see :meth:`Runtime.import_history`); their seqs."""
@@ -188,6 +198,6 @@ class Conversation:
             self._recall.catch_up(session)
         marks.append(time.perf_counter())
         reply = make_reply(session.session_id, prompt, entry, finish, memories, report, marks)
-        self.turns += 1
-        self.runtime_ms.append(reply.runtime_ms)
+        self._turns_run += 1
+        self._runtime_ms.append(reply.runtime_ms)
         return reply

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEDUP_SIMILARITY",
     "DEFAULT_SYSTEM_PROMPT",
-    "MAX_EMBED_TEXTS",
     "MEMORY_PREFIX",
     "MIN_SIMILARITY",
     "QUESTION_PREFIX",
@@ -41,7 +40,6 @@ QUESTION_PREFIX = "Question: "
 DEDUP_SIMILARITY = 0.95
 #: Memories below this cosine similarity to the user's text are not put into the prompt.
 MIN_SIMILARITY = 0.3
-MAX_EMBED_TEXTS = 256
 
 
 logger = logging.getLogger(__name__)

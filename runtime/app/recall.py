@@ -16,9 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.app.options import MAX_EMBED_TEXTS
 from runtime.app.turn import MemoryUsed
-from runtime.arguments import check_int, check_text
+from runtime.arguments import MAX_EMBED_TEXTS, check_int, check_text
 from runtime.embed.embedder import Embeddings
 from runtime.errors import RuntimeArgumentError
 from runtime.layout import memory_scope, tenant_of

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.app.conversation import Conversation
 from runtime.app.housekeeper import Retention
 from runtime.app.recall import Recall
 from runtime.chunks import ChunkStore
@@ -26,6 +25,7 @@ from runtime.session.checkpointer import CheckpointWriter
 if TYPE_CHECKING:
     from llamaffi import Context, Model
     from runtime.app.batching import Batcher
+    from runtime.app.conversation import Conversation
     from runtime.storage import JournalStore
 
 __all__ = ["Stats", "read_stats"]

@@ -39,7 +39,9 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-flash-attn",
         action="store_true",
-        help="plain attention (V stored transposed); flash attention is the default",
+        help="plain attention (V stored transposed), as before flash attention was the "
+        "default: checkpoints written under it restore; under the other setting a session is "
+        "rebuilt from its journal once",
     )
     parser.add_argument(
         "--checkpoint-tokens",

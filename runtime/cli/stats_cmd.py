@@ -18,6 +18,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
+def _on_off(value: object) -> str:
+    """``on``/``off`` for a flag, ``-`` when the stats file has none (an older runtime's)."""
+    return "-" if value is None else "on" if value else "off"
+
+
 def _fmt(value: Any, unit: str = "") -> str:
     if value is None:
         return "-"
@@ -43,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         f"data dir        {stats['data_dir']} ({'running' if stats['running'] else 'not running'})",
         f"model           {model.get('name', '-')} ({model.get('template', '-')}, "
         f"n_ctx {model.get('n_ctx', '-')}, kv {model.get('kv_type', '-')}, "
-        f"flash attention {'on' if model.get('flash_attn') else 'off'})",
+        f"flash attention {_on_off(model.get('flash_attn'))})",
         f"sessions        {s.get('known', 0)} known, {_fmt(s.get('resident'))} resident, "
         f"{_fmt(s.get('suspended'))} suspended",
         f"kv cells        {_fmt(kv.get('cells_used'))} of {_fmt(kv.get('n_ctx'))}",

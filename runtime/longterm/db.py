@@ -181,13 +181,17 @@ def lexical_candidates(
 
 
 def exact_matches(
-    db: sqlite3.Connection, norm: str, where: str, args: Sequence[Any], limit: int = 50
+    db: sqlite3.Connection, norm: str, where: str, args: Sequence[Any], limit: int
 ) -> list[int]:
-    """The seqs of the items ``where`` allows whose own text, reduced to its words
-    (:func:`runtime.longterm.lexical.normalise`), is ``norm`` (the ``items_norm`` index)."""
+    """The seqs of the newest ``limit`` items ``where`` allows whose own text, reduced to
+    its words (:func:`runtime.longterm.lexical.normalise`), is ``norm`` (the ``items_exact``
+    index); none for an empty ``norm`` (a text of no words: emoji, punctuation)."""
+    if not norm:
+        return []
     scope = f" AND {where}" if where else ""
     rows = db.execute(
-        f"SELECT seq FROM items WHERE norm = ?{scope} LIMIT ?", (norm, *args, limit)
+        f"SELECT seq FROM items WHERE norm = ?{scope} ORDER BY seq DESC LIMIT ?",
+        (norm, *args, limit),
     ).fetchall()
     return [int(r[0]) for r in rows]
 

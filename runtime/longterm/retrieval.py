@@ -187,7 +187,11 @@ def gather(
         expression = match_expression(informative)
         lexical = dict(sql.lexical_candidates(db, expression, pool, where, args))
     # the items whose own words are the query's, however the lists ranked them
-    exact = sql.exact_matches(db, normalise(query.text), where, args)
+    exact = (
+        sql.exact_matches(db, normalise(query.text), where, args, pool)
+        if fusion.lexical > 0  # a word-for-word match is a lexical signal
+        else []
+    )
     missing = [seq for seq in {*lexical, *exact} if seq not in dense]
     dense = {**dense, **sql.cosines(db, dim, missing, vector)}
     return Candidates(

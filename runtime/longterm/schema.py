@@ -187,6 +187,8 @@ def create_schema(db: sqlite3.Connection, *, model_id: str, dim: int) -> None:
         if fresh is None or fresh[0] == "1":
             _upgrade_to_v2(db)
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', '2')")
+        # an exact-text lookup in any scope (items_norm serves one session's)
+        db.execute("CREATE INDEX IF NOT EXISTS items_exact ON items (norm, session)")
         defaults = {
             "schema_version": str(SCHEMA_VERSION),
             "store_id": uuid.uuid4().hex,

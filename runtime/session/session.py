@@ -126,7 +126,7 @@ class Session:
         """Decode the window's last token again, so that the next sample reads this
         sequence's logits (a resumed KV has none, and another session may have decoded
         since). The window and the journal do not change."""
-        self.require_resident()
+        self._require_resident()
         n = self.n_tokens
         if n == 0:
             raise SessionError(f"session {self.session_id!r} has nothing decoded to continue")
@@ -144,7 +144,7 @@ class Session:
         """Whether nothing has been journalled yet (the next tokens start the sequence)."""
         return len(self.journal) == 0
 
-    def require_resident(self) -> None:
+    def _require_resident(self) -> None:
         """Raise :class:`SessionError` unless the session is open and its KV resident."""
         if self.journal.closed:
             raise SessionError(
@@ -159,7 +159,7 @@ class Session:
     def reserve(self, n_tokens: int) -> None:
         """Make room for ``n_tokens`` more tokens now: shift the window (journalled) if
         allowed, and let the pool free shared cells. Raises :class:`ContextFullError`."""
-        self.require_resident()
+        self._require_resident()
         limit = self.ctx.n_ctx
         if self.n_tokens + n_tokens > limit:
             if self.overflow != "shift" or n_tokens > limit:
@@ -202,7 +202,7 @@ class Session:
         For a chat template that does not render N+1 messages as an extension of N: the
         caller re-renders, keeps the common token prefix and decodes the rest.
         """
-        self.require_resident()
+        self._require_resident()
         n = self.n_tokens
         if not 0 <= keep <= n:
             raise SessionError(f"rewind({keep}) outside the window of {n} tokens")
@@ -237,7 +237,7 @@ class Session:
         the end of the reply (so a prompt is never delayed by a state copy). ``created`` is
         the turn's UNIX time (default: now; an imported history keeps its own).
         """
-        self.require_resident()
+        self._require_resident()
         tokens = list(tokens)
         if not tokens:
             raise SessionError("a turn needs at least one token")
@@ -261,6 +261,39 @@ class Session:
         else:
             self.checkpointer.count(len(tokens))
         return entry
+
+    # -- a reply being generated (by a runtime.app.batching.Generation) ------------------------
+
+    def begin_reply(self, cells: int) -> int:
+        """Start a reply that may hold ``cells`` cells (the pool keeps room for them); the
+        position of its first token."""
+        self._require_resident()
+        self.in_flight = cells
+        return self.kv.next_pos()
+
+    def decode_reply(self, tokens: Sequence[int], pos: int | None = None) -> None:
+        """Decode the reply's ``tokens`` in this sequence alone (at ``pos``, or after its last
+        cell)."""
+        self.kv.decode(tokens, pos=pos)
+
+    def reply_decoded(self) -> None:
+        """A token of the reply is in the KV now (decoded with other sessions' in one batch):
+        no window shift waits for a decode any more."""
+        self.kv.shift_pending = False
+
+    def end_reply(self) -> None:
+        """The reply is journalled: it keeps no cells aside any more."""
+        self.in_flight = 0
+
+    def abandon_reply(self, start: int) -> None:
+        """The reply failed: nothing of it is journalled, so its cells from position
+        ``start`` are cut (or the sequence dropped, for the next turn to resume it)."""
+        self.in_flight = 0
+        try:
+            if not self.kv.cut(start):
+                self.kv.clear()
+        except Exception:
+            self.kv.clear()
 
     def journal_reply(self, text: str, tokens: list[int], meta: dict[str, object]) -> Entry:
         """Journal a reply whose ``tokens`` are decoded already (by a
@@ -308,7 +341,7 @@ class Session:
 
     def checkpoint(self) -> object:
         """Checkpoint the KV sequence now and wait for it; returns what was written."""
-        self.require_resident()
+        self._require_resident()
         if self.kv.shift_pending:
             raise SessionError(
                 f"session {self.session_id!r}: a window shift is not applied until the next "

@@ -196,3 +196,21 @@ def test_llamaffi_generate_refuses_what_cannot_fit_before_generating(
     assert llamaffi_main(["generate", "--model", str(tiny_model_path), *extra, "hi"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("error: ") and message in captured.err
+
+
+def test_no_flash_attn_reaches_the_runtime_and_stats_shows_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from runtime.cli.common import add_runtime_args, open_runtime
+
+    parser = argparse.ArgumentParser()
+    add_runtime_args(parser)
+    for flag, shown in (["--no-flash-attn"], "off"), ([], "on"):
+        data = tmp_path / (flag[0][2:] if flag else "default")
+        args = parser.parse_args(["--dir", str(data), "--model", "tiny", "--no-memory", *flag])
+        with open_runtime(args) as rt:
+            assert rt.config.flash_attn is (not flag)
+            assert rt.ctx.flash_attn is (not flag)
+        capsys.readouterr()
+        assert main(["stats", "--dir", str(data)]) == 0
+        assert f"flash attention {shown}" in capsys.readouterr().out

@@ -5,13 +5,15 @@ own words are the query."""
 from __future__ import annotations
 
 import random
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from runtime.longterm import MemoryStore
-from runtime.longterm.db import RankRow
+from runtime.longterm import db as sql
+from runtime.longterm.db import DB_NAME, RankRow
 from runtime.longterm.items import NewItem
 from runtime.longterm.ranking import Candidates, FusionWeights, ScoringWeights, rank
 
@@ -120,3 +122,30 @@ def test_an_exact_text_comes_first_unless_it_was_superseded() -> None:
     plain = Candidates(dense=found.dense, lexical=found.lexical)
     ranked = rank(rows, plain, ScoringWeights(), FusionWeights(), now=0.0)
     assert ranked[0].seq == 2  # without the rule the neighbour's fused score wins
+
+
+def test_the_exact_lookup_skips_a_query_of_no_words_and_takes_the_newest(
+    tmp_path: Path, minilm: object
+) -> None:
+    directory = tmp_path / "mem"
+    with MemoryStore(directory, minilm) as s:  # type: ignore[arg-type]
+        s.put([NewItem("?!", kind="turn", session="s")])  # no words: its norm is ""
+        for i in range(3):
+            s.put([NewItem("The same words.", kind="turn", session=f"s{i}")])
+    db = sqlite3.connect(directory / DB_NAME)
+    try:
+        # a query of no words (emoji, punctuation) pins nothing, not every wordless item
+        assert sql.exact_matches(db, "", "", [], 50) == []
+        every = sql.exact_matches(db, "the same words", "", [], 50)
+        assert len(every) == 3
+        assert sql.exact_matches(db, "the same words", "", [], 2) == sorted(every)[-1:-3:-1]
+        plan = " ".join(
+            str(r[-1])
+            for r in db.execute(
+                "EXPLAIN QUERY PLAN SELECT seq FROM items WHERE norm = ? ORDER BY seq DESC",
+                ("x",),
+            )
+        )
+        assert "items_exact" in plan, plan  # a store-wide lookup is an index search
+    finally:
+        db.close()

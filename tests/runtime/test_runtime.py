@@ -295,10 +295,10 @@ def test_journal_retention_window_keeps_memory_and_the_window(
             rt.chat("s", fact, **GREEDY)
         rt.checkpoint("s")
         window = rt._pool.peek("s").tokens()  # type: ignore[union-attr]
-        # the housekeeping thread may have compacted some already, during the turns
+        # the housekeeping thread may compact too, during the turns and between two calls
         before = rt.stats()["journal"]["compacted_bytes"]
         freed = rt.compact_journals()
-        assert freed > 0 and rt.stats()["journal"]["compacted_bytes"] == before + freed
+        assert freed > 0 and rt.stats()["journal"]["compacted_bytes"] >= before + freed
         kept = rt.history("s")
         assert 0 < len([h for h in kept if h["role"] == "user"]) < len(facts)
         assert kept[0]["role"] == "system"  # the pinned first turn stays
@@ -350,8 +350,8 @@ def test_a_checkpoint_of_the_other_attention_layout_resumes_from_the_journal(
     tmp_path: Path,
 ) -> None:
     """Plain attention stores V transposed: its checkpoint is another cache layout, so a
-    runtime with flash attention rebuilds the session from the journal instead (the chunks
-    stay), and the history is whole."""
+    runtime with flash attention rebuilds the session from the journal instead, once, and
+    the history is whole."""
     opts: dict[str, Any] = {"model": "tiny", "n_ctx": 512, "embedder": False}
     with Runtime(tmp_path / "d", flash_attn=False, **opts) as rt:
         rt.chat("s", "My name is Ann and I live in Oslo.", **GREEDY)
@@ -362,3 +362,6 @@ def test_a_checkpoint_of_the_other_attention_layout_resumes_from_the_journal(
         assert reply.resumed is not None and reply.resumed.source == "journal"
         assert any("flash_attn" in why for why in reply.resumed.skipped), reply.resumed.skipped
         assert rt.history("s")[: len(before)] == before
+    with Runtime(tmp_path / "d", **opts) as rt:  # once: its close checkpointed the new layout
+        reply = rt.chat("s", "And my name?", **GREEDY)
+        assert reply.resumed is not None and reply.resumed.source == "snapshot"
