@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from runtime.longterm import MemoryStore
 from runtime.longterm import db as sql
@@ -33,7 +30,7 @@ def sitting() -> list[tuple[str, str]]:
     ]
 
 
-def put_sitting(store: MemoryStore, turns: list[tuple[str, str]]) -> None:
+def put_sitting(memstore: MemoryStore, turns: list[tuple[str, str]]) -> None:
     """Store each user turn as the distiller does: one put each, with the up to 3 turns
     before it as its context (``role: text``, as :func:`runtime.longterm.distill.context_of`
     writes it)."""
@@ -41,29 +38,16 @@ def put_sitting(store: MemoryStore, turns: list[tuple[str, str]]) -> None:
         if role != "user":
             continue
         context = " ".join(f"{r}: {t}" for r, t in turns[max(0, seq - 3) : seq])
-        store.put([NewItem(text, kind="turn", session="s", sources=(seq,), context=context)])
+        memstore.put([NewItem(text, kind="turn", session="s", sources=(seq,), context=context)])
 
 
-@pytest.fixture(scope="module")
-def minilm() -> object:
-    from runtime.embed import Embedder
-
-    return Embedder.default()
-
-
-@pytest.fixture
-def store(tmp_path: Path, minilm: object) -> Iterator[MemoryStore]:
-    with MemoryStore(tmp_path / "mem", minilm) as s:  # type: ignore[arg-type]
-        yield s
-
-
-def test_an_item_outranks_the_neighbours_whose_context_repeats_it(store: MemoryStore) -> None:
+def test_an_item_outranks_the_neighbours_whose_context_repeats_it(memstore: MemoryStore) -> None:
     # "note 742", said after "note 745", came first for the exact text of "note 745": its
     # lexical text holds 745's words too (the kill -9 loop's failure, without its timing)
-    put_sitting(store, sitting())
-    assert store.count(session="s") == len(NUMBERS)
+    put_sitting(memstore, sitting())
+    assert memstore.count(session="s") == len(NUMBERS)
     for n in NUMBERS:
-        hits = store.search(note(n), 1, session="s", touch=False)
+        hits = memstore.search(note(n), 1, session="s", touch=False)
         assert hits[0].text == note(n), (n, hits[0].text)
 
 

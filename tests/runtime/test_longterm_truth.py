@@ -34,68 +34,59 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def minilm() -> object:
-    from runtime.embed import Embedder
-
-    return Embedder.default()
-
-
-@pytest.fixture
-def store(tmp_path: Path, minilm: object) -> Iterator[MemoryStore]:
-    with MemoryStore(tmp_path / "mem", minilm) as s:  # type: ignore[arg-type]
-        yield s
-
-
 def test_signature_tells_numbers_names_dates_and_negations_apart() -> None:
     for a, b in PAIRS:
         assert signature(a) != signature(b), (a, b)
     assert signature("I may go.") == signature("I might go.")  # "may" the verb is no month
 
 
-def test_pairs_that_differ_in_one_detail_are_both_kept(store: MemoryStore, minilm: object) -> None:
+def test_pairs_that_differ_in_one_detail_are_both_kept(
+    memstore: MemoryStore, minilm: object
+) -> None:
     import numpy as np
 
     vectors = minilm.embed([PAIRS[0][0], PAIRS[0][1]])  # type: ignore[attr-defined]
     # the pair the old cosine-only rule merged: this test would pass vacuously without it
-    assert float(np.dot(vectors[0], vectors[1])) >= store.dedup_similarity
+    assert float(np.dot(vectors[0], vectors[1])) >= memstore.dedup_similarity
     seq = 0
     for a, b in PAIRS:
         # one put each: the second must see the first in the index (a batch would not)
-        first = store.put([NewItem(a, kind="turn", session="s", sources=(seq,))])
-        second = store.put([NewItem(b, kind="turn", session="s", sources=(seq + 1,))])
+        first = memstore.put([NewItem(a, kind="turn", session="s", sources=(seq,))])
+        second = memstore.put([NewItem(b, kind="turn", session="s", sources=(seq + 1,))])
         seq += 2
         assert first != second, (a, b)
-    assert store.count(session="s") == 2 * len(PAIRS)
+    assert memstore.count(session="s") == 2 * len(PAIRS)
     for a, b in PAIRS:
         for text in (a, b):
-            assert store.search(text, 1, session="s", touch=False)[0].text == text
+            assert memstore.search(text, 1, session="s", touch=False)[0].text == text
 
 
-def test_the_same_thing_said_twice_is_merged_with_both_sources(store: MemoryStore) -> None:
-    first = store.put(
+def test_the_same_thing_said_twice_is_merged_with_both_sources(memstore: MemoryStore) -> None:
+    first = memstore.put(
         [NewItem("I love hiking in the Alps.", kind="turn", session="s", sources=(3,))]
     )
-    again = store.put(
+    again = memstore.put(
         [NewItem("i love hiking in the alps", kind="turn", session="s", sources=(9,))]
     )
     assert first == again
-    item = store.get(first[0])
+    item = memstore.get(first[0])
     assert item is not None and item.sources == (3, 9)
     assert item.meta["merged"] == ["i love hiking in the alps"]  # the dropped text is kept
     # an id given twice (a re-run after a crash) adds nothing
-    again = store.put([NewItem("x y z w", kind="turn", session="s", sources=(11,), id="fixed")])
-    assert store.put([NewItem("x y z w", kind="turn", session="s", sources=(11,), id="fixed")])
-    assert store.count(session="s") == 2
+    again = memstore.put([NewItem("x y z w", kind="turn", session="s", sources=(11,), id="fixed")])
+    assert memstore.put([NewItem("x y z w", kind="turn", session="s", sources=(11,), id="fixed")])
+    assert memstore.count(session="s") == 2
 
 
-def test_codes_and_names_are_found_word_for_word(store: MemoryStore) -> None:
+def test_codes_and_names_are_found_word_for_word(memstore: MemoryStore) -> None:
     flights = [
         f"My flight LH {n} leaves from gate B{n % 40} in the morning." for n in range(1200, 1260)
     ]
-    store.put([NewItem(t, kind="turn", session="s", sources=(i,)) for i, t in enumerate(flights)])
+    memstore.put(
+        [NewItem(t, kind="turn", session="s", sources=(i,)) for i, t in enumerate(flights)]
+    )
     for n in (1203, 1234, 1259):
-        hits = store.search(f"LH {n}", 1, session="s", touch=False)
+        hits = memstore.search(f"LH {n}", 1, session="s", touch=False)
         assert hits[0].text == f"My flight LH {n} leaves from gate B{n % 40} in the morning."
 
 
@@ -170,8 +161,8 @@ def test_a_word_common_in_the_store_but_rare_in_the_session_still_matches(
             db.close()
 
 
-def test_items_carry_time_speaker_and_sources(store: MemoryStore) -> None:
-    store.put(
+def test_items_carry_time_speaker_and_sources(memstore: MemoryStore) -> None:
+    memstore.put(
         [
             NewItem("I went to a support group yesterday.", kind="turn", session="s",
                     said_at=T0, speaker="Caroline", sources=(2,)),
@@ -179,12 +170,12 @@ def test_items_carry_time_speaker_and_sources(store: MemoryStore) -> None:
                     said_at=T0 + 40 * DAY, speaker="Melanie", sources=(7,)),
         ]
     )  # fmt: skip
-    hits = store.search("When did Caroline go to the support group?", 2, session="s")
+    hits = memstore.search("When did Caroline go to the support group?", 2, session="s")
     assert hits[0].speaker == "Caroline" and hits[0].sources == (2,)
     assert hits[0].said_at == T0 and hits[0].stored_at != T0
     assert hits[0].render().startswith("[2023-05-08] Caroline: I went")
     # a period the query names ranks what was said in it first, relative to its "now"
-    june = store.search("What happened in June 2023?", 1, session="s", now=T0 + 60 * DAY)
+    june = memstore.search("What happened in June 2023?", 1, session="s", now=T0 + 60 * DAY)
     assert june[0].speaker == "Melanie"
 
 
@@ -267,7 +258,7 @@ def test_a_v1_store_is_upgraded_in_place(tmp_path: Path) -> None:
             "the blue bicycle is in the garage", kind="turn", session="s", meta={"journal_seq": 4}
         )
     db = sqlite3.connect(directory / "memory.sqlite3")
-    for index in ("items_norm", "items_fact"):
+    for index in ("items_norm", "items_fact", "items_exact"):  # none is in a v1 store
         db.execute(f"DROP INDEX {index}")
     db.execute("DROP TABLE items_fts")
     for column in (
