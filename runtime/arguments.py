@@ -34,9 +34,8 @@ MAX_TEXT_CHARS = 100_000
 MAX_STOP_STRINGS = 8
 #: Texts one embeddings call takes at most.
 MAX_EMBED_TEXTS = 256
-
-
-# -- argument checks ---------------------------------------------------------------------------
+#: The longest end-user id (OpenAI's ``user``) a turn records.
+MAX_USER_CHARS = 256
 
 
 def check_int(name: str, value: object, low: int, high: int) -> int:
@@ -119,10 +118,6 @@ def check_created(value: object, name: str = "created_at") -> float | None:
     if not math.isfinite(seconds):
         raise RuntimeArgumentError(name, f"must be finite, got {value!r}")
     return seconds
-
-
-#: The longest end-user id (OpenAI's ``user``) a turn records.
-MAX_USER_CHARS = 256
 
 
 def check_user(value: object) -> str | None:

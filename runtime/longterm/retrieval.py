@@ -192,7 +192,7 @@ def gather(
         if fusion.lexical > 0  # a word-for-word match is a lexical signal
         else []
     )
-    missing = [seq for seq in {*lexical, *exact} if seq not in dense]
+    missing = [seq for seq in dict.fromkeys([*lexical, *exact]) if seq not in dense]
     dense = {**dense, **sql.cosines(db, dim, missing, vector)}
     return Candidates(
         dense=dense,
