@@ -9,6 +9,10 @@ stateless client sends; our server matches it to the session's journal, llama-se
 its slot's prompt cache), at temperature 0 and ``max_tokens`` 32. Reported per server and
 concurrency: completion tokens per second over the burst, and the p50/p99 latency of a turn.
 
+``test_server_turn_against_in_process`` needs no llama-server: it runs the same one-session
+turns through ``runtime serve`` and through ``Runtime.chat`` in this process, session by
+session in turn, and reports the server's turn against the in-process one (p50 and mean).
+
 llama-server comes from ``$LLAMA_SERVER``, then ``PATH``, then the build this module makes
 from the pinned source (``vendor/llama.cpp``) when ``BENCH_BUILD_LLAMA_SERVER=1`` (about 12
 minutes on 2 cores, cached under ``~/.cache/llamaffi/llama-server``); otherwise the test
@@ -277,6 +281,58 @@ def test_server_against_llama_server(
         p50_ratio=round(ours["p50_ms"] / peer["p50_ms"], 3),
     )
     print(f"\n{sessions} sessions: ours {ours}  llama-server {peer}")
+
+
+# -- a server turn against the same turn in process -------------------------------------------
+
+#: sessions of ``TURNS`` turns each side measures (after one warm-up session each)
+INPROC_SESSIONS = 3
+
+
+def _in_process_turns(rt: Any, tag: str) -> list[float]:
+    """One session's ``TURNS`` turns through ``Runtime.chat``: the milliseconds of each."""
+    out = []
+    for q in QUESTIONS[:TURNS]:
+        t0 = time.perf_counter()
+        rt.chat(f"{tag}-0", f"{q} (client 0)", max_tokens=MAX_TOKENS, temperature=0)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+@pytest.mark.benchmark(group="server-vs-in-process")
+def test_server_turn_against_in_process(benchmark: Any, smollm2: tuple[str, Path]) -> None:
+    """The same one-session turns through ``runtime serve`` (the client sends the whole
+    conversation each time, as the llama-server comparison does) and through
+    ``Runtime.chat`` in this process (only the new message), each on its own data directory
+    with the same settings, session by session in turn so that both see the same machine:
+    the server's own cost per turn (target: at most 1.1x the in-process turn)."""
+    from runtime import Runtime
+
+    name, _gguf = smollm2
+    inproc: list[float] = []
+    served: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_ours(name, Path(tmp) / "served", 1)
+        try:
+            with Runtime.open(Path(tmp) / "inproc", name, n_ctx=N_CTX, max_resident=1) as rt:
+                _in_process_turns(rt, "warm")
+                drive(server, 1, "warm")
+                for k in range(INPROC_SESSIONS):
+                    inproc += _in_process_turns(rt, f"bench{k}")
+                    served += drive(server, 1, f"bench{k}").latencies_ms
+        finally:
+            server.stop()
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    row = {
+        "in_process_p50_ms": round(percentile(inproc, 50), 1),
+        "server_p50_ms": round(percentile(served, 50), 1),
+        "in_process_mean_ms": round(sum(inproc) / len(inproc), 1),
+        "server_mean_ms": round(sum(served) / len(served), 1),
+    }
+    row["p50_ratio"] = round(row["server_p50_ms"] / row["in_process_p50_ms"], 3)
+    row["mean_ratio"] = round(row["server_mean_ms"] / row["in_process_mean_ms"], 3)
+    benchmark.extra_info.update(model=name, turns=len(served), max_tokens=MAX_TOKENS, **row)
+    print(f"\nserver turn against the in-process turn, {len(served)} turns each: {row}")
 
 
 # -- time to first token after kill -9 --------------------------------------------------------
