@@ -138,13 +138,18 @@ def _round_robin(root: Path, slots: int, embedder: object, kv_type: str) -> list
         n_ctx=2048,
         max_resident=slots,
         embedder=embedder,
-        # flash attention (the default, and q8_0 needs it): its result does not depend on
-        # where in the cache a session's cells sit. Without it, f16 attention sums over the
-        # cache in SIMD blocks whose grouping follows the cells' absolute slots, so a resumed
-        # session (cells packed elsewhere) can differ from a never-evicted one by float
-        # rounding, and greedy decoding on random weights flips at such a near-tie (seen at
-        # b6628de on this machine: reply 15 of 18). The restored cells themselves are
-        # byte-identical in both (test_chunks, test_snapshot_llama).
+        # flash attention (the default, and q8_0 needs it) skips the other sessions' masked
+        # cells, so a session's sums follow its own cells in cell order. Without it, f16
+        # attention sums over the cache in SIMD blocks whose grouping follows the cells'
+        # absolute slots, so a resumed session (cells packed elsewhere) can differ from a
+        # never-evicted one by float rounding, and greedy decoding on random weights flips at
+        # such a near-tie (seen at b6628de on this machine: reply 15 of 18). Flash attention is
+        # not wholly free of the slots either: a one-token f16 decode over 512 cells or more
+        # splits the cells between the threads by slot, and a layout that puts a session's
+        # first cells far from its later ones (tried on 2026-12-07: new sessions sharing the
+        # system prompt's cells) flipped reply 15 again. The turns here keep each session's
+        # cells together in both runs. The restored cells themselves are byte-identical in
+        # both (test_chunks, test_snapshot_llama).
         kv_type=kv_type,
         checkpoint=CheckpointPolicy(every_tokens=10_000, every_seconds=0),
     ) as rt:
