@@ -35,8 +35,9 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="python -m runtime",
-        description="Inspect and maintain the memory runtime's files: KV snapshots "
-        "(short-term memory) and the long-term memory store.",
+        description="Chat with a local LLM that keeps its memory, serve it over HTTP, and "
+        "inspect and maintain the runtime's files: KV snapshots (short-term memory) and the "
+        "long-term memory store.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")

@@ -53,8 +53,9 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
         "--db",
         default=None,
         metavar="URL",
-        help="postgresql://... : journals, session leases and KV manifest pointers in "
-        "PostgreSQL, shared by every node (default: the data directory)",
+        help="postgresql://... : journals, session leases, KV manifest pointers and "
+        "long-term memories in PostgreSQL, shared by every node (default: the data "
+        "directory)",
     )
     parser.add_argument(
         "--kv",
