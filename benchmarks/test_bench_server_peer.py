@@ -177,6 +177,11 @@ class Burst:
         }
 
 
+def _turns(tag: str, i: int) -> tuple[str, list[str]]:
+    """Client ``i``'s session id and its ``TURNS`` user messages (the same on every side)."""
+    return f"{tag}-{i}", [f"{q} (client {i})" for q in QUESTIONS[:TURNS]]
+
+
 def drive(server: Server, sessions: int, tag: str) -> Burst:
     """``sessions`` clients, each ``TURNS`` turns with its whole conversation each time."""
     start = threading.Barrier(sessions + 1)
@@ -186,13 +191,13 @@ def drive(server: Server, sessions: int, tag: str) -> Burst:
     lock = threading.Lock()
 
     def client(i: int) -> None:
-        sid = f"{tag}-{i}"
+        sid, texts = _turns(tag, i)
         history: list[dict[str, str]] = []
         try:
             with httpx.Client(base_url=server.base, timeout=600) as http:
                 start.wait()
-                for q in QUESTIONS[:TURNS]:
-                    history.append({"role": "user", "content": f"{q} (client {i})"})
+                for text in texts:
+                    history.append({"role": "user", "content": text})
                     body = {
                         "model": "bench",
                         "messages": history,
@@ -292,9 +297,10 @@ INPROC_SESSIONS = 3
 def _in_process_turns(rt: Any, tag: str) -> list[float]:
     """One session's ``TURNS`` turns through ``Runtime.chat``: the milliseconds of each."""
     out = []
-    for q in QUESTIONS[:TURNS]:
+    sid, texts = _turns(tag, 0)
+    for text in texts:
         t0 = time.perf_counter()
-        rt.chat(f"{tag}-0", f"{q} (client 0)", max_tokens=MAX_TOKENS, temperature=0)
+        rt.chat(sid, text, max_tokens=MAX_TOKENS, temperature=0)
         out.append((time.perf_counter() - t0) * 1000)
     return out
 
