@@ -7,7 +7,9 @@ drives both: S concurrent sessions (threads, one ``httpx.Client`` each) send T t
 after another, OpenAI-style, each request carrying the whole conversation so far (what a
 stateless client sends; our server matches it to the session's journal, llama-server to
 its slot's prompt cache), at temperature 0 and ``max_tokens`` 32. Reported per server and
-concurrency: completion tokens per second over the burst, and the p50/p99 latency of a turn.
+concurrency: completion tokens per second over the burst, and the p50/p99 latency of a turn;
+the comparison repeats ``BENCH_SERVER_ROUNDS`` times (default 3), both servers started fresh
+each round, and reports the medians and every round's ratio.
 
 ``test_server_turn_against_in_process`` needs no llama-server: it runs the same one-session
 turns through ``runtime serve`` and through ``Runtime.chat`` in this process, session by
@@ -252,40 +254,68 @@ def smollm2() -> Iterator[tuple[str, Path]]:
     yield name, Path(resolve_model(name).path)
 
 
+#: rounds of the comparison: each starts both servers in turn, fresh, and measures one burst
+#: on each; the table reports the medians, so that one noisy burst does not decide a ratio
+ROUNDS = int(os.environ.get("BENCH_SERVER_ROUNDS", "3"))
+
+
+def _median(values: list[float]) -> float:
+    return round(percentile(values, 50), 3)
+
+
+def _measure(server: Server, sessions: int) -> dict[str, float]:
+    """A warm-up burst, then the measured one, of ``sessions`` clients; stops the server."""
+    try:
+        drive(server, sessions, "warm")
+        return drive(server, sessions, "bench").row()
+    finally:
+        server.stop()
+
+
 @pytest.mark.benchmark(group="server-vs-llama-server")
 @pytest.mark.parametrize("sessions", CONCURRENCY, ids=[f"{n}sessions" for n in CONCURRENCY])
 def test_server_against_llama_server(
     benchmark: Any, llama_server: Path, smollm2: tuple[str, Path], sessions: int
 ) -> None:
-    """One burst per server at this concurrency (after a warm-up burst on each)."""
+    """``ROUNDS`` rounds at this concurrency; in each, both servers start fresh, one after
+    the other, and each runs a warm-up burst and then the measured one. Reported: each
+    server's median tok/s and p50 over the rounds, and the median of the rounds' ratios."""
     name, gguf = smollm2
-    rows: dict[str, dict[str, float]] = {}
+    rounds: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for start in (
-            lambda: start_ours(name, Path(tmp) / "data", sessions),
-            lambda: start_peer(llama_server, gguf, sessions),
-        ):
-            server = start()
-            try:
-                drive(server, sessions, "warm")
-                burst = drive(server, sessions, "bench")
-                rows[server.name] = burst.row()
-            finally:
-                server.stop()
+        for k in range(ROUNDS):
+            rows = {
+                "runtime serve": _measure(
+                    start_ours(name, Path(tmp) / f"data{k}", sessions), sessions
+                ),
+                "llama-server": _measure(start_peer(llama_server, gguf, sessions), sessions),
+            }
+            rounds.append(rows)
+            print(f"\n{sessions} sessions, round {k + 1}: {rows}")
 
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    ours, peer = rows["runtime serve"], rows["llama-server"]
+    ours = {m: _median([r["runtime serve"][m] for r in rounds]) for m in ("tok_per_s", "p50_ms")}
+    peer = {m: _median([r["llama-server"][m] for r in rounds]) for m in ("tok_per_s", "p50_ms")}
+    tok = [r["runtime serve"]["tok_per_s"] / r["llama-server"]["tok_per_s"] for r in rounds]
+    p50 = [r["runtime serve"]["p50_ms"] / r["llama-server"]["p50_ms"] for r in rounds]
     benchmark.extra_info.update(
         model=name,
         sessions=sessions,
         turns_per_session=TURNS,
         max_tokens=MAX_TOKENS,
+        rounds=rounds,
         ours=ours,
         llama_server=peer,
-        tok_per_s_ratio=round(ours["tok_per_s"] / peer["tok_per_s"], 3),
-        p50_ratio=round(ours["p50_ms"] / peer["p50_ms"], 3),
+        tok_per_s_ratio=_median(tok),
+        tok_per_s_ratios=[round(x, 3) for x in tok],
+        p50_ratio=_median(p50),
+        p50_ratios=[round(x, 3) for x in p50],
     )
-    print(f"\n{sessions} sessions: ours {ours}  llama-server {peer}")
+    print(
+        f"\n{sessions} sessions, medians of {ROUNDS}: ours {ours}  llama-server {peer}  "
+        f"tok/s ratio {_median(tok)} {[round(x, 3) for x in tok]}  "
+        f"p50 ratio {_median(p50)} {[round(x, 3) for x in p50]}"
+    )
 
 
 # -- a server turn against the same turn in process -------------------------------------------
