@@ -64,14 +64,25 @@ def check_number(
 
 def stored_text(text: object) -> str:
     """``text`` if it may be stored or said: a non-blank str of at most
-    :data:`MAX_TEXT_CHARS` characters (:class:`ArgumentTypeError` for another type,
-    :class:`ArgumentError` otherwise). Long-term memory checks every item with it."""
+    :data:`MAX_TEXT_CHARS` characters that UTF-8 can encode (no lone UTF-16 surrogate: a
+    JSON ``"\\ud800"`` escape or undecodable input read with ``surrogateescape``) and that
+    holds no NUL (llama.cpp's C strings end at one) (:class:`ArgumentTypeError` for another
+    type, :class:`ArgumentError` otherwise). Long-term memory checks every item with it."""
     if not isinstance(text, str):
         raise ArgumentTypeError(f"text must be str, not {type(text).__name__}")
     if not text.strip():
         raise ArgumentError("text must not be empty")
     if len(text) > MAX_TEXT_CHARS:
         raise ArgumentError(f"text is {len(text)} characters; at most {MAX_TEXT_CHARS}")
+    if "\x00" in text:
+        raise ArgumentError(f"text contains a NUL character (at {text.index(chr(0))})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ArgumentError(
+            f"text is not valid Unicode: a lone surrogate at {exc.start} (bytes that are not "
+            "UTF-8, or an escape such as \\ud800)"
+        ) from None
     return text
 
 

@@ -11,7 +11,12 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from runtime.errors import ArgumentError, ArgumentTypeError, MemoryRuntimeError
+from runtime.errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    InvalidNameError,
+    MemoryRuntimeError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         rc: int = handler(args)
-    except (ArgumentError, ArgumentTypeError) as exc:
-        # the API's typed argument checks: runtime errors, but about the input, not the files
+    except (ArgumentError, ArgumentTypeError, InvalidNameError) as exc:
+        # the API's typed argument checks (a session id among them): runtime errors, but
+        # about the input, not the files
         return _fail(exc, 2)
     except MemoryRuntimeError as exc:
         # before ValueError: several runtime errors (a store written by another model) are

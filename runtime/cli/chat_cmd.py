@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import signal
 import sys
@@ -53,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     from runtime.layout import validate_session_id
 
     validate_session_id(args.session)  # before the model loads
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        # a line that is not UTF-8 is refused with its reason (the runtime's text rule sees a
+        # lone surrogate), and the chat goes on; strict decoding would end it mid-stream
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     stop = threading.Event()
     # "reading": blocked in readline(), the only place a signal may unwind the loop

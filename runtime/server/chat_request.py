@@ -101,18 +101,13 @@ def _bool(body: Mapping[str, Any], name: str, default: bool) -> bool:
 
 
 def check_text(value: object, param: str) -> str:
-    """A non-empty string of at most :data:`runtime.app.MAX_TEXT_CHARS` characters (the
-    runtime's own rule, :func:`runtime.arguments.check_text`), as a 400 naming ``param``."""
+    """A text the runtime takes (its own rule, :func:`runtime.arguments.check_text`: not
+    blank, at most :data:`runtime.arguments.MAX_TEXT_CHARS` characters, valid Unicode, no
+    NUL), as a 400 naming ``param``."""
     try:
-        text = runtime_check_text(value, param)
+        return runtime_check_text(value, param)
     except RuntimeArgumentError as exc:
         raise bad_request(param, str(exc).split(": ", 1)[-1]) from None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        # JSON's "\ud800" escape decodes to a lone surrogate: no text can hold it
-        raise bad_request(param, "contains a lone UTF-16 surrogate") from None
-    return text
 
 
 def check_session_id(value: object, param: str) -> str:

@@ -163,6 +163,42 @@ def test_one_text_rule(rt: Runtime) -> None:
     items.check_item(items.NewItem("x" * MAX_TEXT_CHARS, kind="fact"))
 
 
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [("a\x00b", "NUL character"), ("caf\udce9 latte", "not valid Unicode")],
+    ids=["nul", "surrogate"],
+)
+def test_the_text_rule_refuses_what_no_text_can_hold(
+    tmp_path: Path, embedder: object, bad: str, why: str
+) -> None:
+    """A NUL (llama.cpp's strings end at one) and a lone surrogate (a JSON "\\udce9" escape,
+    or a byte that is not UTF-8 read with ``surrogateescape``) are refused by every call that
+    takes a text, naming the argument, with nothing written: no bare ``ArgumentError`` from
+    the tokenizer, no ``TypeError`` from the embedder."""
+    with Runtime.open(tmp_path / "d", model="tiny", n_ctx=256, embedder=embedder) as rt:
+        _refuses_everywhere(rt, bad, why)
+
+
+def _refuses_everywhere(rt: Runtime, bad: str, why: str) -> None:
+    with pytest.raises(RuntimeArgumentError, match=why) as info:
+        rt.chat("odd", bad, **GREEDY)
+    assert info.value.field == "text"
+    with pytest.raises(RuntimeArgumentError, match=why) as info:
+        rt.import_history("odd", [{"role": "user", "content": bad}])
+    assert info.value.field == "messages[0].content"
+    assert rt.history("odd") == [] and "odd" not in rt.sessions()
+    for call in (
+        lambda: rt.remember(bad),
+        lambda: rt.search(bad),
+        lambda: rt.embed([bad]),
+    ):
+        with pytest.raises(RuntimeArgumentError, match=why):
+            call()
+    assert rt.search("latte") == []
+    with pytest.raises(ArgumentError, match=why):
+        items.check_item(items.NewItem(bad, kind="fact"))
+
+
 def test_suspend_shows_in_session_info_and_checkpoints(rt: Runtime) -> None:
     rt.chat("bruno", "Thanks, that is all for now.", **GREEDY)
     before = rt.session_info("bruno")["kv_cells"]

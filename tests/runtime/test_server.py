@@ -959,6 +959,19 @@ def test_answer_replies_to_the_unanswered_turn_only(rt: Runtime) -> None:
         ("/v1/memories", b'{"text": "a note", "meta": {"x": NaN}}', "meta"),
         ("/v1/memories", b'{"text": "\\udfff"}', "text"),
         ("/v1/embeddings", b'{"input": "\\ud800"}', "input[0]"),
+        # a NUL ends llama.cpp's C strings: it was a 500 ("the turn failed: ArgumentError")
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\u0000b"}]}',
+         "messages[0].content"),
+        ("/v1/chat/completions",
+         b'{"stream": true, "messages": [{"role": "user", "content": "a\\u0000b"}]}',
+         "messages[0].content"),
+        ("/v1/memories", b'{"text": "a\\u0000b"}', "text"),
+        ("/v1/embeddings", b'{"input": "a\\u0000b"}', "input[0]"),
+        # an import checked its messages' surrogates nowhere: a 500 (UnicodeEncodeError)
+        ("/v1/sessions/imp-sur/import",
+         b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content"),
+        ("/v1/sessions/imp-nul/import",
+         b'{"messages": [{"role": "user", "content": "a\\u0000b"}]}', "messages[0].content"),
     ],
 )  # fmt: skip
 def test_bad_input_is_a_400_never_a_500(
