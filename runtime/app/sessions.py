@@ -29,12 +29,14 @@ from runtime.errors import (
 from runtime.layout import is_ephemeral, local_id, tenant_of
 from runtime.session import (
     IMPORTED,
+    MODEL_TAG,
     WINDOW_ROLE,
     ResumeReport,
     Session,
     SessionPool,
     Span,
     Window,
+    model_tag,
 )
 from runtime.session.checkpointer import CheckpointWriter
 
@@ -353,12 +355,13 @@ class Sessions:
         if session is not None:
             self.suspend(sid)
         seqs = [-1] * n_messages
+        tag = model_tag(self._pool.ctx.model)  # the model the plan was tokenized with
         journal = self._journals.open(sid)
         try:
             for turn, drop in zip(plan, shifts, strict=True):
                 if drop is not None:
                     journal.append(WINDOW_ROLE, "", (), {"drop": list(drop), IMPORTED: True})
-                meta = {**turn.meta, IMPORTED: True}
+                meta = {**turn.meta, IMPORTED: True, MODEL_TAG: tag}
                 entry = journal.append(
                     turn.role, turn.text, turn.tokens, meta, created=turn.created
                 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from runtime.app import (
 )
 from runtime.arguments import check_text as runtime_check_text
 from runtime.arguments import check_user
-from runtime.errors import PersistError
+from runtime.errors import PersistError, SessionError
 from runtime.layout import is_ephemeral, validate_session_id
 from runtime.server.api_errors import RETRY_AFTER_S, APIError, bad_request
 
@@ -357,23 +358,40 @@ def import_messages(
     return messages
 
 
+#: a tenant's prefix on a quoted session id in a runtime message (``'acme~a1'``): ``~`` is in
+#: no id but between a tenant and its session (:func:`runtime.layout.tenant_session`)
+_TENANT_PREFIX = re.compile(r"(?<=')[A-Za-z0-9][A-Za-z0-9._-]{0,63}~(?=[A-Za-z0-9])")
+
+
+def wire_ids(message: str) -> str:
+    """A runtime message with every quoted session id as the client sends it: the runtime
+    knows a tenant's session ``a1`` as ``acme~a1``; the tenant's name is the operator's."""
+    return _TENANT_PREFIX.sub("", message)
+
+
 def map_runtime_error(exc: Exception) -> APIError:
     """A runtime exception raised during a turn, as an API error."""
     if isinstance(exc, APIError):
         return exc
+    message = wire_ids(str(exc))
     if isinstance(exc, RuntimeArgumentError):
-        return bad_request(exc.field, str(exc).split(": ", 1)[-1])
+        return bad_request(exc.field, message.split(": ", 1)[-1])
     if isinstance(exc, ContextFullError):
-        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+        return APIError(400, message, param="messages", code="context_length_exceeded")
     if isinstance(exc, SessionLeasedError):
         # another node serves it: the client goes there (or retries here after the lease)
         headers = {"x-session-owner": exc.owner}
         if exc.address:
             headers["x-session-owner-url"] = exc.address
-        return APIError(409, str(exc), code="session_leased", headers=headers)
+        return APIError(409, message, code="session_leased", headers=headers)
     if isinstance(exc, SessionLimitError):
         # not transient: the OpenAI SDK would retry a 429 without this header
-        return APIError(429, str(exc), code="session_limit", headers={"x-should-retry": "false"})
+        return APIError(429, message, code="session_limit", headers={"x-should-retry": "false"})
+    if isinstance(exc, SessionError):
+        # the session cannot go on as it is (its journal is another model's, or retention
+        # left nothing to rebuild it from): the message says what to do, and the same
+        # request gets the same answer, so the SDK must not retry it
+        return APIError(409, message, code="session_unusable", headers={"x-should-retry": "false"})
     if isinstance(exc, PersistError):
         # the journal's store could not be written or reached (a disk, PostgreSQL, S3):
         # nothing was acknowledged, and the same request works once it is back. The details

@@ -15,16 +15,19 @@ from runtime.session.resume import Rebuild, ResumeReport
 from runtime.session.session import Session
 from runtime.session.window import (
     IMPORTED,
+    MODEL_TAG,
     WINDOW_ROLE,
     SequenceKV,
     Span,
     Window,
+    model_tag,
     window_after,
     window_from_manifest,
 )
 
 __all__ = [
     "IMPORTED",
+    "MODEL_TAG",
     "WINDOW_ROLE",
     "Checkpointer",
     "ChunkCheckpointer",
@@ -37,6 +40,7 @@ __all__ = [
     "SessionPool",
     "Span",
     "Window",
+    "model_tag",
     "window_after",
     "window_from_manifest",
 ]

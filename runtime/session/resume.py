@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,9 +14,11 @@ from runtime.errors import IncompatibleSnapshotError, RestoreError, SessionError
 from runtime.session.checkpointer import Checkpointer
 from runtime.session.window import (
     IMPORTED,
+    MODEL_TAG,
     WINDOW_ROLE,
     SequenceKV,
     Window,
+    model_tag,
     window_after,
     window_from_manifest,
 )
@@ -152,6 +154,8 @@ class Rebuild:
         replayed = 0
         before_import: Window | None = None  # the KV's window before a run of imported entries
         for entry in self.journal.iter_from(after + 1):
+            if entry.tokens:
+                self._own_tokens(entry.meta.get(MODEL_TAG), entry.tokens)
             if entry.meta.get(IMPORTED):
                 before_import = before_import or window.copy()
                 window.apply(entry)
@@ -169,6 +173,26 @@ class Rebuild:
         if before_import is not None:
             replayed += self._decode_import(before_import, window)
         return replayed
+
+    def _own_tokens(self, tag: object, tokens: Sequence[int]) -> None:
+        """Refuse token ids another model journalled (:data:`MODEL_TAG`), or ids this model
+        does not have (an entry journalled before entries were tagged): decoded here, they
+        would mean other tokens, and the session would go on from nonsense."""
+        mine = model_tag(self.kv.ctx.model)
+        if isinstance(tag, str) and tag != mine:
+            raise SessionError(self._foreign(f"model {tag}", mine))
+        if tokens and max(tokens) >= self.kv.ctx.n_vocab:
+            raise SessionError(self._foreign("another model", mine))
+
+    def _foreign(self, theirs: str, mine: str) -> str:
+        return (
+            f"session {self.session_id!r} was journalled with {theirs}, not this runtime's "
+            f"model {mine}, and its token ids are that model's: open the data directory with "
+            "that model to go on with the session, or carry its history into a new session "
+            "(import_history(new_id, ...) with the messages history() returns; on the "
+            "server, GET /v1/sessions/{id}, then POST /v1/sessions/{new_id}/import). Nothing "
+            "was changed."
+        )
 
     def _decode_import(self, before: Window, after: Window) -> int:
         """Bring the KV from ``before`` to ``after`` across a run of imported entries (and the
@@ -237,7 +261,15 @@ class Rebuild:
             except (IncompatibleSnapshotError, RestoreError) as exc:
                 # Another model or cache layout, or llama.cpp could not take it now (e.g. the
                 # cache is short of cells): the files may be fine, so they stay; the journal
-                # rebuilds the sequence instead.
+                # rebuilds the sequence instead, unless the checkpoint says another model
+                # journalled its tokens (entries from before they were tagged).
+                if isinstance(exc, IncompatibleSnapshotError):
+                    for field_name, theirs, _mine in exc.differences:
+                        if field_name == "model_fingerprint":
+                            mine = model_tag(self.kv.ctx.model)
+                            raise SessionError(
+                                self._foreign(f"model {str(theirs)[:16]}", mine)
+                            ) from None
                 skipped.append(f"{name}: {exc}")
                 return None
             return after, len(tokens), self.checkpointer.describe(man.generation), base
@@ -256,6 +288,11 @@ class Rebuild:
             if base is None:
                 continue
             base.lineage = ()
+            theirs = man.identity.model_fingerprint
+            if theirs != self.kv.ctx.model.fingerprint:
+                raise SessionError(
+                    self._foreign(f"model {theirs[:16]}", model_tag(self.kv.ctx.model))
+                )
             self._room_for_replay(man.journal_seq, base)
             if base.tokens:
                 self.kv.decode(base.tokens, pos=0)

@@ -29,7 +29,7 @@ from runtime.journal import Entry
 from runtime.layout import validate_session_id
 from runtime.session.checkpointer import Checkpointer
 from runtime.session.resume import Rebuild, ResumeReport
-from runtime.session.window import WINDOW_ROLE, SequenceKV, Window
+from runtime.session.window import MODEL_TAG, WINDOW_ROLE, SequenceKV, Window, model_tag
 from runtime.storage import JournalBackend
 
 if TYPE_CHECKING:
@@ -246,7 +246,8 @@ class Session:
                 f"session {self.session_id!r}: {len(tokens)} more tokens exceed "
                 f"n_ctx={self.ctx.n_ctx}; reserve() first"
             )
-        entry = self.journal.append(role, text, tokens, dict(meta or {}), created=created)
+        meta = {**(meta or {}), MODEL_TAG: model_tag(self.ctx.model)}  # whose ids these are
+        entry = self.journal.append(role, text, tokens, meta, created=created)
         self.window.apply(entry)
         try:
             if decode is None:
@@ -298,6 +299,7 @@ class Session:
     def journal_reply(self, text: str, tokens: list[int], meta: dict[str, object]) -> Entry:
         """Journal a reply whose ``tokens`` are decoded already (by a
         :class:`runtime.app.batching.Generation`)."""
+        meta = {**meta, MODEL_TAG: model_tag(self.ctx.model)}
         entry = self.journal.append("assistant", text, tokens, meta)
         self.window.apply(entry)
         return entry

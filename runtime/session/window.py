@@ -19,10 +19,19 @@ WINDOW_ROLE = "window"
 #: The ``meta`` key of journal entries an import wrote (its turns and its window shifts): a
 #: resume decodes only what of them the final window keeps (resume.py ``_decode_import``).
 IMPORTED = "imported"
+#: The ``meta`` key of the model whose token ids an entry holds (:func:`model_tag`): a resume
+#: refuses to decode another model's ids, which would mean other tokens to this one.
+MODEL_TAG = "model"
+
 
 if TYPE_CHECKING:
-    from llamaffi import Context
+    from llamaffi import Context, Model
     from runtime.chunks import Manifest
+
+
+def model_tag(model: Model) -> str:
+    """The tag a journal entry records for ``model``: its GGUF's sha256, 16 hex digits."""
+    return model.fingerprint[:16]
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +23,8 @@ from runtime.app import (
     SessionLimitError,
     SessionNotFoundError,
 )
-from runtime.errors import ArgumentError, ClosedError, ContextFullError
+from runtime.errors import ArgumentError, ClosedError, ContextFullError, SessionError
+from runtime.journal import Journal
 from runtime.longterm import items
 
 GREEDY = {"temperature": 0.0, "max_tokens": 8}
@@ -335,3 +337,63 @@ def test_a_restart_does_not_expire_old_sessions_at_once(tmp_path: Path) -> None:
         while "a" in rt.sessions() and time.monotonic() - start < 4 * ttl:
             time.sleep(0.1)
         assert rt.sessions() == [] and time.monotonic() - start >= ttl
+
+
+def _user_turns(rt: Runtime, sid: str) -> list[dict[str, object]]:
+    return [
+        {"role": h["role"], "content": h["text"]} for h in rt.history(sid) if h["role"] != "system"
+    ]
+
+
+def test_a_session_another_model_journalled_is_refused_not_garbled(
+    tmp_path: Path, tiny_model_path: Path, other_model_path: Path
+) -> None:
+    """Its token ids are the other model's: decoded by this one they meant other tokens, and
+    the session went on from nonsense (or, with a smaller vocabulary, failed on an id). Now
+    the resume refuses, saying what to do, and changes nothing; the history carries over into
+    a new session, and the first model goes on with the old one."""
+    data = tmp_path / "data"
+    with Runtime.open(data, tiny_model_path, embedder=False) as rt:
+        rt.chat("zed", "My name is Zed.", **GREEDY)
+        before = rt.history("zed")
+    shutil.rmtree(data / "kv")  # no checkpoint names the model: the entries' own tags do
+    with Runtime.open(data, other_model_path, embedder=False) as rt:
+        for _ in range(2):  # refused again, not half-resumed
+            with pytest.raises(SessionError, match=r"journalled with model .* open the data"):
+                rt.chat("zed", "What is my name?", **GREEDY)
+        assert rt.history("zed") == before  # nothing was changed
+        rt.import_history("zed-2", _user_turns(rt, "zed"))
+        reply = rt.chat("zed-2", "What is my name?", **GREEDY)
+        assert reply.resumed is not None and reply.resumed.replayed_tokens > 0
+        rt.chat("new", "hello", **GREEDY)
+    with Runtime.open(data, tiny_model_path, embedder=False) as rt:
+        assert rt.chat("zed", "Again?", **GREEDY).resumed is not None
+        with pytest.raises(SessionError, match="journalled with model"):
+            rt.chat("zed-2", "and you?", **GREEDY)  # the other model's tokens now
+
+
+def test_an_untagged_journal_is_refused_by_its_checkpoints_model(
+    tmp_path: Path, tiny_model_path: Path, other_model_path: Path
+) -> None:
+    """A journal from before entries recorded their model: its newest checkpoint names the
+    model that made its tokens."""
+    data = tmp_path / "data"
+    with Runtime.open(data, tiny_model_path, embedder=False) as rt:
+        rt.chat("old", "My name is Zed.", **GREEDY)
+    path = data / "journals" / "old.log"
+    with Journal(path, readonly=True) as journal:
+        entries = list(journal)
+    assert all("model" in e.meta for e in entries if e.tokens)
+    for f in data.glob("journals/old.log*"):
+        f.unlink()
+    with Journal(path) as journal:  # the same entries, untagged
+        for e in entries:
+            meta = {k: v for k, v in e.meta.items() if k != "model"}
+            journal.append(e.role, e.text, e.tokens, meta, created=e.created)
+    with (
+        Runtime.open(data, other_model_path, embedder=False) as rt,
+        pytest.raises(SessionError, match="journalled with model"),
+    ):
+        rt.chat("old", "What is my name?", **GREEDY)
+    with Runtime.open(data, tiny_model_path, embedder=False) as rt:
+        assert rt.chat("old", "Again?", **GREEDY).resumed.source == "snapshot"

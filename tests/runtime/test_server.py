@@ -1086,3 +1086,15 @@ def test_the_openai_user_field_is_recorded_in_the_journal(http: httpx.Client, rt
             "/v1/chat/completions", json={**body, "user": bad}, headers={"X-Session-Id": "u2"}
         )
         assert _error(r, 400)["param"] == "user"
+
+
+def test_a_session_that_cannot_go_on_is_a_409_not_a_500() -> None:
+    """A SessionError the runtime raises for a session it cannot use as it is (its journal
+    is another model's, say) says what to do: the client sees it, told not to retry."""
+    from runtime.errors import SessionError
+    from runtime.server.chat_request import map_runtime_error
+
+    err = map_runtime_error(SessionError("session 'acme~a1' was journalled with model x"))
+    assert err.status == 409 and err.code == "session_unusable"
+    assert err.headers == {"x-should-retry": "false"}
+    assert "'a1'" in err.body()["error"]["message"]

@@ -338,3 +338,21 @@ def test_tenant_ids_in_the_layout() -> None:
     for bad in ("acme~", "~alice", "a~b~c", "acme~..x", "ac me~x", "acme~_tmp-x", "x" * 65 + "~a"):
         with pytest.raises(InvalidNameError):
             validate_session_id(bad)
+
+
+def test_errors_name_a_session_as_its_tenant_sent_it(base: str) -> None:
+    """The runtime knows acme's session ``wire1`` as ``acme~wire1``; the tenant's name is the
+    operator's label, and the client sent ``wire1``."""
+    long = " ".join(f"word{i}" for i in range(3000))  # past n_ctx=2048
+    with _client(base, ACME) as http:
+        assert http.post(
+            "/v1/chat/completions", headers={"X-Session-Id": "wire1"},
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        ).status_code == 200  # fmt: skip
+        r = http.post(
+            "/v1/chat/completions", headers={"X-Session-Id": "wire1"},
+            json={"messages": [{"role": "user", "content": long}], "max_tokens": 2},
+        )  # fmt: skip
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert "'wire1'" in message and "acme" not in message, message
