@@ -332,14 +332,15 @@ class Recall:
             self.store.watermark(f"{name}:{session_id}") for name in ("turns", "facts", "summary")
         )
 
-    def forget_session(self, session_id: str, *, memories: bool) -> None:
-        """A session was deleted: drop its watermarks and (``memories``) its memories."""
+    def forget_session(self, session_id: str, *, memories: bool) -> int:
+        """A session was deleted: drop its watermarks and (``memories``) its memories; how
+        many memories went."""
         if self.store is None:
-            return
+            return 0
         if memories:
-            self.store.delete_session(session_id)
-        else:
-            self.store.forget_marks(session_id)
+            return self.store.delete_session(session_id)
+        self.store.forget_marks(session_id)
+        return 0
 
     # -- the API ----------------------------------------------------------------------------------
 

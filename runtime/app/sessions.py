@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 #: roles an imported history may hold (``developer`` is OpenAI's newer ``system``)
 IMPORT_ROLES = ("system", "developer", "user", "assistant")
 MAX_IMPORT_MESSAGES = 10_000
+#: the fields an imported message may have
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "created_at"})
 #: Sessions one expiry sweep deletes at most (the sweep holds the runtime's lock).
 EXPIRE_PER_SWEEP = 64
 
@@ -278,8 +280,12 @@ class Sessions:
         return done
 
     def delete(self, session_id: str, *, memories: bool) -> None:
-        """Forget a session (:class:`SessionNotFoundError` if there is none)."""
+        """Forget a session (:class:`SessionNotFoundError` if there is none). A session with
+        no journal but memories (``remember(..., session=)`` before its first turn) is
+        deleted with them."""
         if not self.exists(session_id):
+            if memories and self._recall.forget_session(session_id, memories=True):
+                return
             raise SessionNotFoundError(f"no session {session_id!r}")
         self._used.pop(session_id, None)
         self._pool.delete(session_id)
@@ -413,6 +419,9 @@ def check_messages(messages: Sequence[Mapping[str, Any]], *, remember: bool) -> 
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise RuntimeArgumentError(f"messages[{i}]", "must be an object")
+        for key in message:
+            if key not in MESSAGE_FIELDS:  # a typo ("contnt") is not dropped silently
+                raise RuntimeArgumentError(f"messages[{i}].{key}", "unknown field")
         role = message.get("role")
         if role not in IMPORT_ROLES:
             raise RuntimeArgumentError(

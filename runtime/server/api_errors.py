@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from starlette.responses import JSONResponse
 
@@ -66,3 +66,11 @@ def bad_request(param: str, message: str, code: str | None = None) -> APIError:
 def not_found(what: str) -> APIError:
     """A 404."""
     return APIError(404, f"{what} not found", code="not_found")
+
+
+def known_fields(body: Mapping[str, object], fields: Collection[str]) -> None:
+    """A 400 naming the first field of ``body`` not in ``fields``: a typo (``"sesion"``) must
+    not be dropped silently, storing a memory under no session."""
+    for name in body:
+        if name not in fields:
+            raise bad_request(name, "unknown field")

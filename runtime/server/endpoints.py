@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from runtime.errors import SessionNotFoundError
 from runtime.longterm.items import KINDS
 from runtime.server import chat_request as chatmod
-from runtime.server.api_errors import APIError, bad_request, not_found
+from runtime.server.api_errors import APIError, bad_request, known_fields, not_found
 from runtime.server.state import ServerState, admin_key, json_body, request_tenant
 from runtime.server.tenants import inner, outer
 
@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 async def embeddings_endpoint(request: Request, state: ServerState) -> Response:
     body = await json_body(request, state.max_body)
+    known_fields(body, ("input", "model", "encoding_format", "dimensions", "user"))
     raw = body.get("input")
     items = [raw] if isinstance(raw, str) else raw
     if not isinstance(items, list) or not items:
@@ -100,6 +101,7 @@ def _hit(hit: Hit, tenant: str | None) -> dict[str, Any]:
 
 async def remember_endpoint(request: Request, state: ServerState) -> Response:
     body = await json_body(request, state.max_body)
+    known_fields(body, ("text", "session", "kind", "importance", "meta"))
     text = chatmod.check_text(body.get("text"), "text")
     tenant = request_tenant(request)
     session = body.get("session")
@@ -257,6 +259,7 @@ async def import_endpoint(request: Request, state: ServerState) -> Response:
     journal (:meth:`Runtime.import_history`); answers ``{"seqs": [...]}``."""
     (local, sid, tenant), rt = _sid(request), state.rt
     body = await json_body(request, state.max_body)
+    known_fields(body, ("messages", "remember"))
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages", "must be a non-empty array")

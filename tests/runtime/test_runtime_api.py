@@ -397,3 +397,22 @@ def test_an_untagged_journal_is_refused_by_its_checkpoints_model(
         rt.chat("old", "What is my name?", **GREEDY)
     with Runtime.open(data, tiny_model_path, embedder=False) as rt:
         assert rt.chat("old", "Again?", **GREEDY).resumed.source == "snapshot"
+
+
+def test_memories_stored_for_a_session_before_it_spoke_go_with_it(
+    tmp_path: Path, embedder: object
+) -> None:
+    """``remember(..., session=)`` may seed a session before its first turn; deleting that
+    session raised SessionNotFoundError and left the memories for ever (searchable, and no
+    expiry reached them)."""
+    with Runtime.open(tmp_path / "d", model="tiny", n_ctx=256, embedder=embedder) as rt:
+        rt.remember("Kim's locker code is 2718.", session="kim")
+        assert [h.text for h in rt.search("locker code", session="kim")]
+        rt.delete_session("kim")
+        assert rt.search("locker code", session="kim") == []
+        with pytest.raises(SessionNotFoundError):
+            rt.delete_session("kim")  # gone now
+        rt.remember("Lee's code is 3141.", session="lee")
+        with pytest.raises(SessionNotFoundError):  # nothing but memories, which stay
+            rt.delete_session("lee", memories=False)
+        assert [h.text for h in rt.search("code", session="lee")] == ["Lee's code is 3141."]

@@ -1098,3 +1098,30 @@ def test_a_session_that_cannot_go_on_is_a_409_not_a_500() -> None:
     assert err.status == 409 and err.code == "session_unusable"
     assert err.headers == {"x-should-retry": "false"}
     assert "'a1'" in err.body()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/memories", {"text": "a typo'd note", "sesion": "alice"}, "sesion"),
+        ("/v1/sessions/typo1/import",
+         {"messages": [{"role": "user", "content": "a typo'd import"}], "rememer": False},
+         "rememer"),
+        ("/v1/sessions/typo2/import",
+         {"messages": [{"role": "user", "content": "x", "contnt": "a typo'd import"}]},
+         "messages[0].contnt"),
+        ("/v1/embeddings", {"input": "x", "dimension": 384}, "dimension"),
+    ],
+)  # fmt: skip
+def test_a_typo_in_any_body_is_a_400_naming_it(
+    http: httpx.Client, rt: Runtime, path: str, body: dict[str, Any], param: str
+) -> None:
+    """As in a chat request: the typo was dropped, so the note was stored under no session
+    (tenant-global) and the import went ahead with the default."""
+    err = _error(http.post(path, json=body), 400)
+    assert err["param"] == param, err
+    assert not {"typo1", "typo2"} & set(rt.sessions())
+    assert all("typo'd" not in hit.text for hit in rt.search("a typo'd note import"))
+    # the fields OpenAI clients send are accepted
+    ok = {"input": "x", "model": "m", "encoding_format": "float", "user": "u"}
+    assert http.post("/v1/embeddings", json=ok).status_code == 200
