@@ -16,12 +16,14 @@ with ``-q``), so that a wrong directory does not pass silently.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from runtime import snapshot
-from runtime.chunks import ChunkStore
+from runtime.chunks import MANIFEST_MAGIC, ChunkStore, Manifest
 from runtime.snapshot import CorruptSnapshotError, UnsupportedVersionError
 
 _SHOWN_TOKENS = 16
@@ -32,9 +34,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect_p = commands.add_parser(
-        "inspect", help="print a snapshot's header (the payload is not read)"
+        "inspect", help="print a snapshot's or a chunk manifest's header (the payload is not read)"
     )
-    inspect_p.add_argument("file", type=Path, help="a .kvsnap file")
+    inspect_p.add_argument("file", type=Path, help="a .kvsnap or .kvman file")
     inspect_p.add_argument("--json", action="store_true", help="print the header as JSON")
     inspect_p.add_argument("--tokens", action="store_true", help="print every token id")
     inspect_p.set_defaults(func=cmd_inspect)
@@ -58,17 +60,22 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Print the header of ``args.file``; exit 1 if it is unreadable or damaged."""
+    """Print the header of ``args.file`` (a snapshot, a chunk, or a chunk store's manifest);
+    exit 1 if it is unreadable or damaged."""
     try:
-        header = snapshot.inspect(args.file)
+        with open(args.file, "rb") as f:
+            is_manifest = f.read(len(MANIFEST_MAGIC)) == MANIFEST_MAGIC
+        if is_manifest:
+            info, tokens = _manifest_info(args.file)
+        else:
+            header = snapshot.inspect(args.file)
+            info, tokens = header.to_dict(), list(header.tokens)
     except FileNotFoundError:
         print(f"error: {args.file}: no such file", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: {args.file}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    info = header.to_dict()
-    tokens = list(header.tokens)
     if args.json:
         if args.tokens:
             info["tokens"] = tokens
@@ -83,6 +90,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         shown = " ".join(map(str, tokens[:_SHOWN_TOKENS])) + f" ... ({len(tokens)} in all)"
     print(f"{'tokens':<{width}}  {shown}")
     return 0
+
+
+def _manifest_info(path: Path) -> tuple[dict[str, Any], list[int]]:
+    """What a chunk store's manifest records (its chunk files are not read: ``verify`` on the
+    store checks them)."""
+    man = Manifest.from_bytes(path.read_bytes(), source=str(path))
+    info: dict[str, Any] = {
+        "kind": "chunk store manifest",
+        "session_id": man.session_id,
+        "generation": man.generation,
+        "journal_seq": man.journal_seq,
+        "pos_min": man.pos_min,
+        "n_tokens": man.n_tokens,
+        "chunk_tokens": man.chunk_tokens,
+        "chunks": len(man.refs),
+        "bytes": man.file_size,
+        "created_ns": man.created_ns,
+        **{f"identity.{k}": v for k, v in dataclasses.asdict(man.identity).items()},
+    }
+    return info, list(man.tokens)
 
 
 def _is_chunk_store(path: Path) -> bool:

@@ -168,6 +168,26 @@ def test_inspect_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "no such file" in capsys.readouterr().err
 
 
+def test_inspect_reads_a_chunk_manifest(
+    tmp_path: Path, tiny_model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It called a valid manifest a corrupt snapshot ("bad magic ... not a KV snapshot")."""
+    import json
+
+    from runtime import Runtime
+
+    with Runtime.open(tmp_path / "d", tiny_model_path, embedder=False) as rt:
+        rt.chat("s1", "Hello there.", max_tokens=4)
+        n_tokens = rt.session_info("s1")["window_tokens"]
+    manifest = max((tmp_path / "d" / "kv" / "manifests").rglob("*.kvman"))
+    assert main(["snapshot", "inspect", "--json", str(manifest)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "chunk store manifest" and info["session_id"] == "s1"
+    assert info["n_tokens"] == n_tokens and info["chunks"] >= 1
+    assert main(["snapshot", "inspect", str(manifest)]) == 0
+    assert "session_id" in capsys.readouterr().out
+
+
 # -- python -m llamaffi generate ------------------------------------------------------------
 
 
