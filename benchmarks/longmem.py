@@ -384,6 +384,12 @@ def run(locomo: Path | None, *, do_ablation: bool, model: str = "tiny") -> dict[
     sets: list[tuple[str, list[Conversation]]] = [("synthetic", synthetic())]
     if locomo is not None and any(locomo.glob("*.json")):
         sets.insert(0, ("locomo", load_locomo(locomo)))
+    else:  # say so: the synthetic set alone reads as a perfect score
+        print(
+            f"longmem: no LoCoMo files (*.json) in {locomo}: the synthetic set only; set "
+            "LOCOMO_DIR or --locomo",
+            file=sys.stderr,
+        )
     for name, convs in sets:
         with tempfile.TemporaryDirectory() as tmp:
             with Runtime(

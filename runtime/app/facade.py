@@ -30,7 +30,6 @@ from runtime.arguments import (
     check_user,
 )
 from runtime.errors import ClosedError, SessionNotFoundError
-from runtime.fsutil import ensure_dir
 from runtime.layout import validate_session_id, validate_tenant
 
 if TYPE_CHECKING:
@@ -99,7 +98,7 @@ class Runtime:
         self._closed = True  # until everything is open
         self._atexit: Callable[[], None] = lambda: None
         self._lock = RuntimeLock()
-        self.root = ensure_dir(Path(data_dir))
+        self.root = Path(data_dir)  # made by open_parts, removed again if it fails
         parts = open_parts(cfg, self.root, lock=self._lock, say=self._say)
         self._stack, self.model, self.ctx, self.model_name = (
             parts.stack, parts.model, parts.ctx, parts.model_name

@@ -69,8 +69,9 @@ def open_parts(
     """Lock the data directory ``root`` (:class:`~runtime.errors.LockedError` when another
     process has it), then load the model and build every part; on a failure, whatever was
     opened is closed again."""
+    created = not root.exists()
+    dir_lock = DirLock(root, LOCK_NAME).acquire()  # makes the directory (0700) if needed
     warn_if_exposed(root)
-    dir_lock = DirLock(root, LOCK_NAME).acquire()
     stack = contextlib.ExitStack()
     stack.callback(dir_lock.release)
     try:
@@ -82,6 +83,11 @@ def open_parts(
         )  # fmt: skip
     except BaseException:
         stack.close()
+        if created and {p.name for p in root.iterdir()} <= {LOCK_NAME}:
+            # a directory this call made and nothing but its lock (a bad model, say): gone
+            # again, as the caller had it
+            (root / LOCK_NAME).unlink(missing_ok=True)
+            root.rmdir()
         raise
 
 

@@ -23,7 +23,13 @@ from runtime.app import (
     SessionLimitError,
     SessionNotFoundError,
 )
-from runtime.errors import ArgumentError, ClosedError, ContextFullError, SessionError
+from runtime.errors import (
+    ArgumentError,
+    ClosedError,
+    ContextFullError,
+    ModelFileError,
+    SessionError,
+)
 from runtime.journal import Journal
 from runtime.longterm import items
 
@@ -416,3 +422,18 @@ def test_memories_stored_for_a_session_before_it_spoke_go_with_it(
         with pytest.raises(SessionNotFoundError):  # nothing but memories, which stay
             rt.delete_session("lee", memories=False)
         assert [h.text for h in rt.search("code", session="lee")] == ["Lee's code is 3141."]
+
+
+def test_a_bad_model_leaves_no_new_data_directory(tmp_path: Path) -> None:
+    """The error was clear, but the directory (with runtime.lock) was made first and left."""
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model at all")
+    with pytest.raises(ModelFileError):
+        Runtime.open(tmp_path / "new", model=bad)
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("x")
+    with pytest.raises(ModelFileError):
+        Runtime.open(kept, model=bad)
+    assert (kept / "mine.txt").read_text() == "x"  # a directory that was there stays
