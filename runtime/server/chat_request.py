@@ -123,7 +123,9 @@ def check_session_id(value: object, param: str) -> str:
         raise bad_request(param, str(exc)) from None
 
 
-def _content(message: Mapping[str, Any], i: int) -> str:
+def message_content(message: Mapping[str, Any], i: int) -> str:
+    """Message ``i``'s text: a string, or OpenAI's text parts joined; a 400 naming the part
+    that is not text."""
     param = f"messages[{i}].content"
     content = message.get("content")
     if isinstance(content, list):
@@ -157,7 +159,7 @@ def _messages(body: Mapping[str, Any]) -> tuple[str | None, list[tuple[str, str]
             )
         if message.get("tool_calls"):
             raise bad_request(f"messages[{i}].tool_calls", "tools are not supported")
-        text = _content(message, i)
+        text = message_content(message, i)
         if role in ("system", "developer"):
             if turns:
                 raise bad_request(f"messages[{i}].role", "system messages must come first")

@@ -263,6 +263,13 @@ async def import_endpoint(request: Request, state: ServerState) -> Response:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages", "must be a non-empty array")
+    # text parts, as a chat request may send them (the runtime checks everything else)
+    messages = [
+        {**m, "content": chatmod.message_content(m, i)}
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        else m
+        for i, m in enumerate(messages)
+    ]
     remember = body.get("remember", True)
     if not isinstance(remember, bool):
         raise bad_request("remember", f"must be a boolean, got {type(remember).__name__}")

@@ -1125,3 +1125,18 @@ def test_a_typo_in_any_body_is_a_400_naming_it(
     # the fields OpenAI clients send are accepted
     ok = {"input": "x", "model": "m", "encoding_format": "float", "user": "u"}
     assert http.post("/v1/embeddings", json=ok).status_code == 200
+
+
+def test_an_import_takes_text_parts_as_a_chat_request_does(http: httpx.Client) -> None:
+    """It refused them ('must be str, not list') where a chat request joins them."""
+    parts = [{"type": "text", "text": "I moved "}, {"type": "text", "text": "to Lisbon."}]
+    r = http.post(
+        "/v1/sessions/parts1/import", json={"messages": [{"role": "user", "content": parts}]}
+    )
+    assert r.status_code == 200, r.text
+    assert [t["text"] for t in _history(http, "parts1")] == ["I moved to Lisbon."]
+    bad = [{"type": "image_url", "image_url": {"url": "x"}}]
+    r = http.post(
+        "/v1/sessions/parts2/import", json={"messages": [{"role": "user", "content": bad}]}
+    )
+    assert _error(r, 400)["param"] == "messages[0].content[0]"
