@@ -256,7 +256,7 @@ def smollm2() -> Iterator[tuple[str, Path]]:
 
 #: rounds of the comparison: each starts both servers in turn, fresh, and measures one burst
 #: on each; the table reports the medians, so that one noisy burst does not decide a ratio
-ROUNDS = int(os.environ.get("BENCH_SERVER_ROUNDS", "3"))
+ROUNDS = max(1, int(os.environ.get("BENCH_SERVER_ROUNDS", "3")))
 
 
 def _median(values: list[float]) -> float:
@@ -278,18 +278,21 @@ def test_server_against_llama_server(
     benchmark: Any, llama_server: Path, smollm2: tuple[str, Path], sessions: int
 ) -> None:
     """``ROUNDS`` rounds at this concurrency; in each, both servers start fresh, one after
-    the other, and each runs a warm-up burst and then the measured one. Reported: each
+    the other (which goes first alternates), and each runs a warm-up burst and then the
+    measured one. Reported: each
     server's median tok/s and p50 over the rounds, and the median of the rounds' ratios."""
     name, gguf = smollm2
     rounds: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(ROUNDS):
-            rows = {
-                "runtime serve": _measure(
-                    start_ours(name, Path(tmp) / f"data{k}", sessions), sessions
-                ),
-                "llama-server": _measure(start_peer(llama_server, gguf, sessions), sessions),
-            }
+            rows: dict[str, dict[str, float]] = {}
+            for which in ("ours", "peer") if k % 2 == 0 else ("peer", "ours"):  # first in turn
+                server = (
+                    start_ours(name, Path(tmp) / f"data{k}", sessions)
+                    if which == "ours"
+                    else start_peer(llama_server, gguf, sessions)
+                )
+                rows[server.name] = _measure(server, sessions)
             rounds.append(rows)
             print(f"\n{sessions} sessions, round {k + 1}: {rows}")
 

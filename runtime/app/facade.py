@@ -395,7 +395,7 @@ class Runtime:
     @_door
     def delete_session(self, session_id: str, *, memories: bool = True) -> None:
         """Forget a session: KV, journal, checkpoints and (by default) its long-term memories,
-        those ``remember(..., session=)`` stored before its first turn too.
+        those ``remember(..., session=)`` stored before its first turn too. Raises
         :class:`~runtime.errors.SessionNotFoundError` if there is no such session."""
         validate_session_id(session_id)
         self._wait_for(session_id)

@@ -74,6 +74,19 @@ def open_parts(
     warn_if_exposed(root)
     stack = contextlib.ExitStack()
     stack.callback(dir_lock.release)
+    failed = False
+
+    def remove_if_new() -> None:
+        # a failed open leaves no directory it made (a bad model, say), if it holds nothing
+        # but the lock; done before the lock is released (another process may take it then),
+        # and never instead of the error that failed the open. Only the leaf goes.
+        if failed and created:
+            with contextlib.suppress(OSError):
+                if {p.name for p in root.iterdir()} <= {LOCK_NAME}:
+                    (root / LOCK_NAME).unlink()
+                    root.rmdir()
+
+    stack.callback(remove_if_new)  # runs before the release (last in, first out)
     try:
         model, ctx, model_name, chat_format = open_model(cfg, stack, say)
         sampling = cfg.sampling.check(ctx.n_ctx)
@@ -82,12 +95,8 @@ def open_parts(
             say=say,
         )  # fmt: skip
     except BaseException:
+        failed = True
         stack.close()
-        if created and {p.name for p in root.iterdir()} <= {LOCK_NAME}:
-            # a directory this call made and nothing but its lock (a bad model, say): gone
-            # again, as the caller had it
-            (root / LOCK_NAME).unlink(missing_ok=True)
-            root.rmdir()
         raise
 
 

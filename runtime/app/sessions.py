@@ -36,7 +36,6 @@ from runtime.session import (
     SessionPool,
     Span,
     Window,
-    model_tag,
 )
 from runtime.session.checkpointer import CheckpointWriter
 
@@ -53,6 +52,8 @@ IMPORT_ROLES = ("system", "developer", "user", "assistant")
 MAX_IMPORT_MESSAGES = 10_000
 #: the fields an imported message may have
 MESSAGE_FIELDS = frozenset({"role", "content", "name", "created_at"})
+#: fields of an OpenAI response's message, taken (and ignored) when empty or null
+OPENAI_EXTRAS = frozenset({"refusal", "tool_calls", "annotations", "audio", "function_call"})
 #: Sessions one expiry sweep deletes at most (the sweep holds the runtime's lock).
 EXPIRE_PER_SWEEP = 64
 
@@ -361,7 +362,7 @@ class Sessions:
         if session is not None:
             self.suspend(sid)
         seqs = [-1] * n_messages
-        tag = model_tag(self._pool.ctx.model)  # the model the plan was tokenized with
+        tag = self._pool.model_tag  # the vocabulary the plan was tokenized with
         journal = self._journals.open(sid)
         try:
             for turn, drop in zip(plan, shifts, strict=True):
@@ -419,8 +420,9 @@ def check_messages(messages: Sequence[Mapping[str, Any]], *, remember: bool) -> 
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise RuntimeArgumentError(f"messages[{i}]", "must be an object")
-        for key in message:
-            if key not in MESSAGE_FIELDS:  # a typo ("contnt") is not dropped silently
+        for key, value in message.items():
+            # a typo ("contnt") is not dropped silently; OpenAI's empty extras may pass
+            if key not in MESSAGE_FIELDS and not (key in OPENAI_EXTRAS and not value):
                 raise RuntimeArgumentError(f"messages[{i}].{key}", "unknown field")
         role = message.get("role")
         if role not in IMPORT_ROLES:
@@ -433,7 +435,7 @@ def check_messages(messages: Sequence[Mapping[str, Any]], *, remember: bool) -> 
         if name is not None:
             if not isinstance(name, str) or not 1 <= len(name) <= 64:
                 raise RuntimeArgumentError(f"messages[{i}].name", "must be 1-64 characters")
-            meta["name"] = name
+            meta["name"] = check_text(name, f"messages[{i}].name")  # no NUL, valid Unicode
         if role == "user" and not remember:
             meta["remember"] = False
         created = check_created(message.get("created_at"), f"messages[{i}].created_at")

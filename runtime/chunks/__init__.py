@@ -23,8 +23,9 @@ pinned llama.cpp has no range API (upstream PR #25133 is still open)::
 
     seq_cp(src, tmp, p0, p1); blob = seq_state_get(tmp); seq_rm(tmp)
 
-and restoring is the reverse, chunk by chunk: ``seq_state_set(blob, tmp)``,
-``seq_cp(tmp, target)``, ``seq_rm(tmp)`` (the first chunk goes straight into the target),
+and restoring is the reverse, chunk by chunk: ``seq_state_set(blob, tmp)`` (which first
+empties ``tmp``), ``seq_cp(tmp, target)``, and one ``seq_rm(tmp)`` after the last chunk (the
+first chunk goes straight into the target),
 with the next chunk decoding on a worker meanwhile. Where the sequence-state layout is one
 :mod:`runtime.snapshot.layout` knows (a unified, non-recurrent, non-SWA cache of the pinned
 llama.cpp), a first save instead takes one ``seq_state_get`` of the whole sequence and slices

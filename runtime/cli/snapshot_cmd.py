@@ -107,7 +107,7 @@ def _manifest_info(path: Path) -> tuple[dict[str, Any], list[int]]:
         "chunks": len(man.refs),
         "bytes": man.file_size,
         "created_ns": man.created_ns,
-        **{f"identity.{k}": v for k, v in dataclasses.asdict(man.identity).items()},
+        **dataclasses.asdict(man.identity),  # flat, as a snapshot's header prints it
     }
     return info, list(man.tokens)
 

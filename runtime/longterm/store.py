@@ -258,15 +258,15 @@ class MemoryStore:
     @sqlite_errors
     def delete_session(self, session: str) -> int:
         """Delete every memory of ``session`` and its watermarks, leaving no trace on disk;
-        returns how many went. Then the FTS index is merged (FTS5 keeps deleted terms in old
-        segments until then), the vector index rebuilt (hnswlib keeps a deleted vector's
-        data), the database vacuumed and the WAL truncated, with ``secure_delete`` on.
-        """
+        how many went. Then (if any did) the FTS index is merged (FTS5 keeps deleted terms),
+        the vector index rebuilt (hnswlib keeps a deleted vector's data), the database
+        vacuumed and the WAL truncated, with ``secure_delete`` on."""
         with self._lock:
             with self._tx(scrub=True) as db:
                 done = forget.delete_session(db, session)
-            self._forget(done)
-            forget.scrub(self._writable(), lambda: self._keeper().rebuild(self._conn()))
+            if done:  # else nothing to scrub (an unknown session, or one of no memories)
+                self._forget(done)
+                forget.scrub(self._writable(), lambda: self._keeper().rebuild(self._conn()))
             return len(done)
 
     def _forget(self, done: forget.Deleted) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ from runtime.app import (
 )
 from runtime.arguments import check_text as runtime_check_text
 from runtime.arguments import check_user
-from runtime.errors import PersistError, SessionError
-from runtime.layout import is_ephemeral, validate_session_id
-from runtime.server.api_errors import RETRY_AFTER_S, APIError, bad_request
+from runtime.errors import PersistError, SessionError, SessionNotFoundError
+from runtime.layout import TENANT_SEP, is_ephemeral, validate_session_id
+from runtime.server.api_errors import RETRY_AFTER_S, APIError, bad_request, known_fields
 
 if TYPE_CHECKING:
     from runtime.app import Reply
@@ -192,9 +191,7 @@ def parse_chat(
     body: Mapping[str, Any], header_session: str | None, defaults: Sampling, n_ctx: int
 ) -> ChatRequest:
     """Check every field of a chat request; a 400 :class:`APIError` names the first bad one."""
-    for name in body:
-        if name not in KNOWN_FIELDS:
-            raise bad_request(name, "unknown field")
+    known_fields(body, KNOWN_FIELDS)
     for name, off in _OFF_FIELDS.items():
         value = body.get(name)
         if not any(value == v and type(value) is type(v) for v in off):
@@ -360,22 +357,20 @@ def import_messages(
     return messages
 
 
-#: a tenant's prefix on a quoted session id in a runtime message (``'acme~a1'``): ``~`` is in
-#: no id but between a tenant and its session (:func:`runtime.layout.tenant_session`)
-_TENANT_PREFIX = re.compile(r"(?<=')[A-Za-z0-9][A-Za-z0-9._-]{0,63}~(?=[A-Za-z0-9])")
+def wire_ids(message: str, tenant: str | None) -> str:
+    """A runtime message with the tenant's quoted session ids as the tenant sends them: the
+    runtime knows tenant ``acme``'s session ``a1`` as ``'acme~a1'`` (an ephemeral one as
+    ``'acme~_tmp-...'``); the tenant's name is the operator's. Without a tenant, as it is."""
+    return message if tenant is None else message.replace(f"'{tenant}{TENANT_SEP}", "'")
 
 
-def wire_ids(message: str) -> str:
-    """A runtime message with every quoted session id as the client sends it: the runtime
-    knows a tenant's session ``a1`` as ``acme~a1``; the tenant's name is the operator's."""
-    return _TENANT_PREFIX.sub("", message)
-
-
-def map_runtime_error(exc: Exception) -> APIError:
-    """A runtime exception raised during a turn, as an API error."""
+def map_runtime_error(exc: Exception, tenant: str | None = None) -> APIError:
+    """A runtime exception raised during a turn of ``tenant``'s, as an API error."""
     if isinstance(exc, APIError):
         return exc
-    message = wire_ids(str(exc))
+    message = wire_ids(str(exc), tenant)
+    if isinstance(exc, SessionNotFoundError):
+        return APIError(404, message, code="not_found")
     if isinstance(exc, RuntimeArgumentError):
         return bad_request(exc.field, message.split(": ", 1)[-1])
     if isinstance(exc, ContextFullError):

@@ -190,7 +190,8 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
                 reply = task.result()
             except Exception as exc:
                 logger.warning("streamed turn failed: %s", exc)
-                yield {"data": json.dumps(chatmod.map_runtime_error(exc).body())}
+                err = chatmod.map_runtime_error(exc, request_tenant(request))
+                yield {"data": json.dumps(err.body())}
                 yield {"data": "[DONE]"}
                 return
             yield {"data": chunk({}, reply.finish_reason)}

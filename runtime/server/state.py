@@ -153,7 +153,7 @@ def endpoint(name: str, handler: Handler) -> Callable[[Request], Awaitable[Respo
         except APIError as exc:
             response = exc.response()
         except Exception as exc:
-            err = chatmod.map_runtime_error(exc)
+            err = chatmod.map_runtime_error(exc, request_tenant(request))
             if err.status >= 500:
                 logger.exception("%s failed", name)
             response = err.response()

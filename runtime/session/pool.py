@@ -15,6 +15,7 @@ from runtime.layout import validate_session_id
 from runtime.session.checkpointer import CheckpointPolicy, CheckpointWriter, ChunkCheckpointer
 from runtime.session.resume import ResumeReport
 from runtime.session.session import Session
+from runtime.session.window import model_tag
 
 if TYPE_CHECKING:
     from llamaffi import Context
@@ -82,6 +83,8 @@ class SessionPool:
         self.last_resume: ResumeReport | None = None
         # Hash the GGUF now (cached on disk by file identity), not inside the first turn.
         self.model_fingerprint = ctx.model.fingerprint
+        #: what journal entries record of this model's vocabulary (:func:`model_tag`)
+        self.model_tag = model_tag(ctx.model)
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # resident only, LRU first
         #: a session in a turn (generating, maybe with others) is never suspended to make room
         self._busy = busy

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from runtime.chunks import ChunkError
-from runtime.errors import IncompatibleSnapshotError, RestoreError, SessionError
+from runtime.chunks import ChunkError, Manifest
+from runtime.errors import IncompatibleSnapshotError, JournalError, RestoreError, SessionError
 from runtime.session.checkpointer import Checkpointer
 from runtime.session.window import (
     IMPORTED,
@@ -18,10 +18,10 @@ from runtime.session.window import (
     WINDOW_ROLE,
     SequenceKV,
     Window,
-    model_tag,
     window_after,
     window_from_manifest,
 )
+from runtime.session.window import model_tag as tag_of
 from runtime.storage import JournalBackend
 
 logger = logging.getLogger(__name__)
@@ -74,12 +74,16 @@ class Rebuild:
         kv: SequenceKV,
         checkpointer: Checkpointer,
         make_room: Callable[[int], None] | None = None,
+        *,
+        model_tag: str | None = None,
     ) -> None:
         self.session_id = session_id
         self.journal = journal
         self.kv = kv
         self.checkpointer = checkpointer
         self.make_room = make_room
+        #: this model's vocabulary (:func:`~runtime.session.window.model_tag`)
+        self.model_tag = model_tag if model_tag is not None else tag_of(kv.ctx.model)
 
     def open_window(self) -> Window:
         """The window now: the newest checkpoint's window plus the entries after it, so that
@@ -178,20 +182,37 @@ class Rebuild:
         """Refuse token ids another model journalled (:data:`MODEL_TAG`), or ids this model
         does not have (an entry journalled before entries were tagged): decoded here, they
         would mean other tokens, and the session would go on from nonsense."""
-        mine = model_tag(self.kv.ctx.model)
+        mine = self.model_tag
         if isinstance(tag, str) and tag != mine:
             raise SessionError(self._foreign(f"model {tag}", mine))
         if tokens and max(tokens) >= self.kv.ctx.n_vocab:
             raise SessionError(self._foreign("another model", mine))
+
+    def _check_checkpoint_model(self, man: Manifest) -> None:
+        """Refuse the journal behind a checkpoint another model file wrote when its entries
+        do not say their vocabulary (journalled before entries were tagged): their ids are
+        that model's, and its vocabulary cannot be compared without the file. Tagged entries
+        are checked as they are replayed; another file of the same vocabulary reads them."""
+        theirs = man.identity.model_fingerprint
+        if theirs == self.kv.ctx.model.fingerprint:
+            return
+        try:
+            tag = self.journal[man.journal_seq].meta.get(MODEL_TAG)
+        except (IndexError, JournalError):
+            tag = None
+        if isinstance(tag, str):
+            self._own_tokens(tag, ())
+        else:
+            raise SessionError(self._foreign(f"model {theirs[:16]}", self.model_tag))
 
     def _foreign(self, theirs: str, mine: str) -> str:
         return (
             f"session {self.session_id!r} was journalled with {theirs}, not this runtime's "
             f"model {mine}, and its token ids are that model's: open the data directory with "
             "that model to go on with the session, or carry its history into a new session "
-            "(import_history(new_id, ...) with the messages history() returns; on the "
-            "server, GET /v1/sessions/{id}, then POST /v1/sessions/{new_id}/import). Nothing "
-            "was changed."
+            "(import_history(new_id, [{'role': t['role'], 'content': t['text']} for t in "
+            "history(old_id)]); on the server, GET /v1/sessions/{id}, then POST "
+            "/v1/sessions/{new_id}/import). The session's files are as they were."
         )
 
     def _decode_import(self, before: Window, after: Window) -> int:
@@ -264,12 +285,7 @@ class Rebuild:
                 # rebuilds the sequence instead, unless the checkpoint says another model
                 # journalled its tokens (entries from before they were tagged).
                 if isinstance(exc, IncompatibleSnapshotError):
-                    for field_name, theirs, _mine in exc.differences:
-                        if field_name == "model_fingerprint":
-                            mine = model_tag(self.kv.ctx.model)
-                            raise SessionError(
-                                self._foreign(f"model {str(theirs)[:16]}", mine)
-                            ) from None
+                    self._check_checkpoint_model(man)
                 skipped.append(f"{name}: {exc}")
                 return None
             return after, len(tokens), self.checkpointer.describe(man.generation), base
@@ -288,11 +304,7 @@ class Rebuild:
             if base is None:
                 continue
             base.lineage = ()
-            theirs = man.identity.model_fingerprint
-            if theirs != self.kv.ctx.model.fingerprint:
-                raise SessionError(
-                    self._foreign(f"model {theirs[:16]}", model_tag(self.kv.ctx.model))
-                )
+            self._check_checkpoint_model(man)
             self._room_for_replay(man.journal_seq, base)
             if base.tokens:
                 self.kv.decode(base.tokens, pos=0)

@@ -79,7 +79,11 @@ class Session:
         self.checkpointer = checkpointer
         self.kv = SequenceKV(ctx, seq_id)
         self._make_room = make_room
-        self._rebuild = Rebuild(self.session_id, journal, self.kv, checkpointer, self._room)
+        #: what each entry records of the vocabulary its ids are (once: it reads the model)
+        self.model_tag = model_tag(ctx.model)
+        self._rebuild = Rebuild(
+            self.session_id, journal, self.kv, checkpointer, self._room, model_tag=self.model_tag
+        )
         self.window: Window = self._rebuild.open_window()
         #: monotonic time of the last turn (for the idle sweeper)
         self.last_active = time.monotonic()
@@ -246,7 +250,7 @@ class Session:
                 f"session {self.session_id!r}: {len(tokens)} more tokens exceed "
                 f"n_ctx={self.ctx.n_ctx}; reserve() first"
             )
-        meta = {**(meta or {}), MODEL_TAG: model_tag(self.ctx.model)}  # whose ids these are
+        meta = {**(meta or {}), MODEL_TAG: self.model_tag}  # whose ids these are
         entry = self.journal.append(role, text, tokens, meta, created=created)
         self.window.apply(entry)
         try:
@@ -299,7 +303,7 @@ class Session:
     def journal_reply(self, text: str, tokens: list[int], meta: dict[str, object]) -> Entry:
         """Journal a reply whose ``tokens`` are decoded already (by a
         :class:`runtime.app.batching.Generation`)."""
-        meta = {**meta, MODEL_TAG: model_tag(self.ctx.model)}
+        meta = {**meta, MODEL_TAG: self.model_tag}
         entry = self.journal.append("assistant", text, tokens, meta)
         self.window.apply(entry)
         return entry

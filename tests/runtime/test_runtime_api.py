@@ -119,8 +119,12 @@ def test_import_history_starts_a_new_session_with_the_system_prompt(rt: Runtime)
         ),
         ([{"role": "user", "content": "x", "created_at": "yesterday"}], "messages[0].created_at"),
         ([{"role": "user", "content": "x", "name": ""}], "messages[0].name"),
+        # a surrogate in a name failed in the journal's JSON: after earlier messages were in
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y",
+          "name": "a\ud800"}], "messages[1].name"),
+        ([{"role": "user", "content": "x", "refusal": "no"}], "messages[0].refusal"),
     ],
-)
+)  # fmt: skip
 def test_import_history_refuses_bad_messages(
     rt: Runtime, messages: list[dict[str, object]], field: str
 ) -> None:
@@ -129,6 +133,14 @@ def test_import_history_refuses_bad_messages(
     assert info.value.field == field
     assert rt.history("bad") == []  # nothing journalled
     assert "bad" not in rt.sessions()
+
+
+def test_import_history_takes_an_openai_response_message(rt: Runtime) -> None:
+    """A message copied from an OpenAI response carries empty extras; they are no typo."""
+    reply = {"role": "assistant", "content": "Hi.", "refusal": None, "tool_calls": [],
+             "annotations": [], "audio": None, "function_call": None}  # fmt: skip
+    assert len(rt.import_history("oai", [{"role": "user", "content": "Hello."}, reply])) == 2
+    assert [h["text"] for h in rt.history("oai") if h["role"] != "system"] == ["Hello.", "Hi."]
 
 
 def test_import_history_refuses_what_does_not_fit(rt: Runtime) -> None:
@@ -354,16 +366,22 @@ def _user_turns(rt: Runtime, sid: str) -> list[dict[str, object]]:
 def test_a_session_another_model_journalled_is_refused_not_garbled(
     tmp_path: Path, tiny_model_path: Path, other_model_path: Path
 ) -> None:
-    """Its token ids are the other model's: decoded by this one they meant other tokens, and
-    the session went on from nonsense (or, with a smaller vocabulary, failed on an id). Now
-    the resume refuses, saying what to do, and changes nothing; the history carries over into
-    a new session, and the first model goes on with the old one."""
+    """A journal's token ids are its vocabulary's, rendered with its chat template: decoded
+    under another, the session went on from nonsense (or failed on an id past the
+    vocabulary). Now the resume refuses, saying what to do, and changes nothing; the history
+    carries over into a new session; the first model goes on with the old one. Another file
+    of the same vocabulary and template (other weights: a re-quantisation, say) reads it."""
+    from llamaffi.testing import LLAMA3_CHAT_TEMPLATE, make_model
+
+    foreign = make_model(
+        tmp_path / "llama3.gguf", preset="tiny", chat_template=LLAMA3_CHAT_TEMPLATE
+    )
     data = tmp_path / "data"
     with Runtime.open(data, tiny_model_path, embedder=False) as rt:
         rt.chat("zed", "My name is Zed.", **GREEDY)
         before = rt.history("zed")
     shutil.rmtree(data / "kv")  # no checkpoint names the model: the entries' own tags do
-    with Runtime.open(data, other_model_path, embedder=False) as rt:
+    with Runtime.open(data, foreign, embedder=False) as rt:
         for _ in range(2):  # refused again, not half-resumed
             with pytest.raises(SessionError, match=r"journalled with model .* open the data"):
                 rt.chat("zed", "What is my name?", **GREEDY)
@@ -371,18 +389,21 @@ def test_a_session_another_model_journalled_is_refused_not_garbled(
         rt.import_history("zed-2", _user_turns(rt, "zed"))
         reply = rt.chat("zed-2", "What is my name?", **GREEDY)
         assert reply.resumed is not None and reply.resumed.replayed_tokens > 0
-        rt.chat("new", "hello", **GREEDY)
+    with Runtime.open(data, other_model_path, embedder=False) as rt:
+        resumed = rt.chat("zed", "Again?", **GREEDY).resumed
+        assert resumed is not None and resumed.source == "journal"  # same vocabulary: read
     with Runtime.open(data, tiny_model_path, embedder=False) as rt:
-        assert rt.chat("zed", "Again?", **GREEDY).resumed is not None
+        assert rt.chat("zed", "And again?", **GREEDY).resumed is not None
         with pytest.raises(SessionError, match="journalled with model"):
-            rt.chat("zed-2", "and you?", **GREEDY)  # the other model's tokens now
+            rt.chat("zed-2", "and you?", **GREEDY)  # the llama3 template's tokens now
 
 
 def test_an_untagged_journal_is_refused_by_its_checkpoints_model(
     tmp_path: Path, tiny_model_path: Path, other_model_path: Path
 ) -> None:
-    """A journal from before entries recorded their model: its newest checkpoint names the
-    model that made its tokens."""
+    """A journal from before entries recorded their vocabulary: its newest checkpoint names
+    the model file that made its tokens, and another file is refused (its vocabulary cannot
+    be compared without that file)."""
     data = tmp_path / "data"
     with Runtime.open(data, tiny_model_path, embedder=False) as rt:
         rt.chat("old", "My name is Zed.", **GREEDY)
@@ -406,15 +427,24 @@ def test_an_untagged_journal_is_refused_by_its_checkpoints_model(
 
 
 def test_memories_stored_for_a_session_before_it_spoke_go_with_it(
-    tmp_path: Path, embedder: object
+    tmp_path: Path, embedder: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``remember(..., session=)`` may seed a session before its first turn; deleting that
     session raised SessionNotFoundError and left the memories for ever (searchable, and no
     expiry reached them)."""
+    import runtime.longterm.forget as forget
+
+    scrubs: list[object] = []
+    scrub = forget.scrub
+    monkeypatch.setattr(forget, "scrub", lambda *a: (scrubs.append(a), scrub(*a)))
     with Runtime.open(tmp_path / "d", model="tiny", n_ctx=256, embedder=embedder) as rt:
+        with pytest.raises(SessionNotFoundError):
+            rt.delete_session("nobody")
+        assert scrubs == []  # nothing went: no vacuum, no index rebuild under the lock
         rt.remember("Kim's locker code is 2718.", session="kim")
         assert [h.text for h in rt.search("locker code", session="kim")]
         rt.delete_session("kim")
+        assert len(scrubs) == 1  # its memory went: scrubbed
         assert rt.search("locker code", session="kim") == []
         with pytest.raises(SessionNotFoundError):
             rt.delete_session("kim")  # gone now

@@ -1091,13 +1091,18 @@ def test_the_openai_user_field_is_recorded_in_the_journal(http: httpx.Client, rt
 def test_a_session_that_cannot_go_on_is_a_409_not_a_500() -> None:
     """A SessionError the runtime raises for a session it cannot use as it is (its journal
     is another model's, say) says what to do: the client sees it, told not to retry."""
-    from runtime.errors import SessionError
+    from runtime.errors import SessionError, SessionNotFoundError
     from runtime.server.chat_request import map_runtime_error
 
-    err = map_runtime_error(SessionError("session 'acme~a1' was journalled with model x"))
+    err = map_runtime_error(SessionError("session 'acme~a1' was journalled with model x"), "acme")
     assert err.status == 409 and err.code == "session_unusable"
     assert err.headers == {"x-should-retry": "false"}
-    assert "'a1'" in err.body()["error"]["message"]
+    assert err.body()["error"]["message"] == "session 'a1' was journalled with model x"
+    # only the tenant's own prefix goes, and only with a tenant
+    assert map_runtime_error(SessionError("'acme~a1' 'x~y'")).message == "'acme~a1' 'x~y'"
+    eph = map_runtime_error(SessionError("'acme~_tmp-0a' 'x~y'"), "acme")
+    assert eph.message == "'_tmp-0a' 'x~y'"
+    assert map_runtime_error(SessionNotFoundError("no session 'acme~a1'"), "acme").status == 404
 
 
 @pytest.mark.parametrize(
