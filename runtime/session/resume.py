@@ -21,7 +21,6 @@ from runtime.session.window import (
     window_after,
     window_from_manifest,
 )
-from runtime.session.window import model_tag as tag_of
 from runtime.storage import JournalBackend
 
 logger = logging.getLogger(__name__)
@@ -65,6 +64,8 @@ class Rebuild:
         checkpointer: its checkpoints.
         make_room: called with the most cells a replay will hold, before it starts, so that a
             pool can suspend other sessions.
+        model_tag: this model's vocabulary (:func:`~runtime.session.window.model_tag`): an
+            entry of another is refused.
     """
 
     def __init__(
@@ -75,15 +76,14 @@ class Rebuild:
         checkpointer: Checkpointer,
         make_room: Callable[[int], None] | None = None,
         *,
-        model_tag: str | None = None,
+        model_tag: str,
     ) -> None:
         self.session_id = session_id
         self.journal = journal
         self.kv = kv
         self.checkpointer = checkpointer
         self.make_room = make_room
-        #: this model's vocabulary (:func:`~runtime.session.window.model_tag`)
-        self.model_tag = model_tag if model_tag is not None else tag_of(kv.ctx.model)
+        self.model_tag = model_tag
 
     def open_window(self) -> Window:
         """The window now: the newest checkpoint's window plus the entries after it, so that
